@@ -1,0 +1,41 @@
+# konnectivity-fast. `make run` and `make test` are the two commands of the README; each
+# sets up what it needs (scripts/bootstrap.sh) on a fresh Debian machine.
+PY := .venv/bin/python
+BUILD_LOCK := /tmp/konnectivity-fast-build.lock
+
+.PHONY: bootstrap build run test test-quick lint fuzz fuzz-long bench bench-micro clean
+
+bootstrap:
+	scripts/bootstrap.sh
+
+# In-place build of the compiled core. flock: parallel builds share ./build.
+build:
+	flock $(BUILD_LOCK) $(PY) setup.py -q build_ext --inplace
+
+run: bootstrap
+	$(PY) -m konnectivity_fast.cli.main demo
+
+test: bootstrap
+	scripts/test.sh
+
+test-quick: build
+	$(PY) -m pytest -q -x
+
+lint:
+	$(PY) -m ruff check konnectivity_fast tests bench
+	$(PY) -m mypy
+
+fuzz: build
+	$(PY) tests/fuzz/run.py --seconds 30
+
+fuzz-long: build
+	$(PY) tests/fuzz/run.py --seconds 3600
+
+bench: bootstrap
+	$(PY) -m bench.echo
+
+bench-micro: build
+	$(PY) -m pytest bench/micro --benchmark-only -q
+
+clean:
+	rm -rf build konnectivity_fast/_wire.c konnectivity_fast/_wire*.so

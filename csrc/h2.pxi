@@ -1,0 +1,1 @@
+# H2Connection over libnghttp2.
