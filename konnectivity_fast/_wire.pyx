@@ -15,4 +15,5 @@ cdef extern from *:
 SOURCE_DIGEST = KF_SOURCE_DIGEST.decode("ascii")
 
 include "codec.pxi"
+include "framing.pxi"
 include "h2.pxi"

@@ -1,0 +1,740 @@
+# The H2Connection class (see h2.pxi for the invariants).
+
+
+cdef class H2Connection:
+    """One HTTP/2 connection carrying gRPC calls, server or client role, sans-IO.
+
+    Server role: h2c with prior knowledge (Unix sockets) or h2 after TLS ALPN; the first
+    bytes received must be the client preface. Client role: the preface is the first output.
+    """
+
+    cdef nghttp2_session *_session
+    cdef readonly bint server
+    cdef dict _streams
+    cdef list _events
+    cdef bytearray _out
+    cdef set _to_consume
+    cdef Py_ssize_t _orphan_bytes
+    cdef object _error
+    cdef readonly Py_ssize_t max_message_size
+    cdef readonly Py_ssize_t max_header_list_size
+    cdef readonly bint terminated
+    cdef bytes _user_agent
+    # Keepalive (both roles): ping after keepalive_time without receiving anything, and
+    # give up when the ACK is not back within keepalive_timeout. 0 disables.
+    cdef double _now
+    cdef double _last_recv
+    cdef double _ka_time
+    cdef double _ka_timeout
+    cdef bint _ka_without_streams
+    cdef double _ka_ping_sent      # < 0: no keepalive ping outstanding
+    # Ping enforcement (server role, grpc-go's EnforcementPolicy). _min_ping < 0 disables.
+    cdef double _min_ping
+    cdef bint _ping_without_streams
+    cdef double _last_ping_at
+    cdef int _ping_strikes
+    cdef bint _reset_strikes
+
+    def __cinit__(self):
+        self._session = NULL
+
+    def __init__(self, bint server, *, max_message_size=None,
+                 int max_concurrent_streams=DEFAULT_MAX_CONCURRENT_STREAMS,
+                 int stream_window=DEFAULT_STREAM_WINDOW,
+                 int connection_window=DEFAULT_CONNECTION_WINDOW,
+                 Py_ssize_t max_header_list_size=DEFAULT_MAX_HEADER_LIST_SIZE,
+                 double keepalive_time=0.0, double keepalive_timeout=DEFAULT_KEEPALIVE_TIMEOUT,
+                 bint keepalive_without_streams=True,
+                 double min_ping_interval=-1.0, bint ping_without_streams=False,
+                 str user_agent="konnectivity-fast", double now=0.0):
+        cdef nghttp2_option *opt = NULL
+        cdef nghttp2_settings_entry iv[4]
+        cdef int rv, niv = 0
+        self.server = server
+        self._streams = {}
+        self._events = []
+        self._out = bytearray()
+        self._to_consume = set()
+        self.max_message_size = (DEFAULT_MAX_RECEIVE_MESSAGE_SIZE
+                                 if max_message_size is None else max_message_size)
+        self.max_header_list_size = max_header_list_size
+        self._user_agent = user_agent.encode("ascii")
+        self._now = now
+        self._last_recv = now
+        self._ka_time = keepalive_time
+        self._ka_timeout = keepalive_timeout
+        self._ka_without_streams = keepalive_without_streams
+        self._ka_ping_sent = -1.0
+        self._min_ping = min_ping_interval
+        self._ping_without_streams = ping_without_streams
+        self._last_ping_at = -1e18
+        if nghttp2_option_new(&opt) != 0:
+            raise MemoryError()
+        try:
+            nghttp2_option_set_no_auto_window_update(opt, 1)
+            nghttp2_option_set_max_outbound_ack(opt, MAX_OUTBOUND_ACK)
+            if server:
+                rv = nghttp2_session_server_new2(&self._session, _CALLBACKS, <void *>self, opt)
+            else:
+                rv = nghttp2_session_client_new2(&self._session, _CALLBACKS, <void *>self, opt)
+        finally:
+            nghttp2_option_del(opt)
+        if rv != 0:
+            raise MemoryError(nghttp2_strerror(rv).decode())
+        iv[niv].settings_id = NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE
+        iv[niv].value = stream_window
+        niv += 1
+        iv[niv].settings_id = NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE
+        iv[niv].value = <uint32_t>max_header_list_size
+        niv += 1
+        if server:
+            iv[niv].settings_id = NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS
+            iv[niv].value = max_concurrent_streams
+        else:
+            iv[niv].settings_id = NGHTTP2_SETTINGS_ENABLE_PUSH
+            iv[niv].value = 0
+        niv += 1
+        _check(nghttp2_submit_settings(self._session, NGHTTP2_FLAG_NONE, iv, niv))
+        _check(nghttp2_session_set_local_window_size(
+            self._session, NGHTTP2_FLAG_NONE, 0, connection_window))
+
+    def __dealloc__(self):
+        if self._session is not NULL:
+            nghttp2_session_del(self._session)
+            self._session = NULL
+
+    # ---- input ------------------------------------------------------------------------
+
+    def receive_data(self, data, now=None):
+        """Feed bytes read from the transport; returns the events they caused."""
+        cdef Py_buffer view
+        cdef ssize_t rv
+        if now is not None:
+            self._now = now
+        self._last_recv = self._now
+        self._ka_ping_sent = -1.0  # any traffic proves the peer alive (grpc-go: activity)
+        if self.terminated:
+            return self.take_events()
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            rv = nghttp2_session_mem_recv(self._session, <const uint8_t *>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+        self._raise_callback_error()
+        if rv < 0:
+            self._terminate(f"http2: {nghttp2_strerror(<int>rv).decode()}")
+        return self.take_events()
+
+    def take_events(self):
+        """Events queued since the last call (sending can close streams, too)."""
+        cdef list events = self._events
+        self._events = []
+        return events
+
+    # ---- output -----------------------------------------------------------------------
+
+    def data_to_send(self):
+        """All bytes ready to go out, as one buffer (b"" when none). Gives back the flow
+        control window of consumed, unpaused streams first."""
+        cdef int rv
+        cdef bytearray out
+        if self._session is NULL:
+            return b""
+        self._consume()
+        rv = nghttp2_session_send(self._session)
+        self._raise_callback_error()
+        if rv < 0:
+            self._terminate(f"http2: {nghttp2_strerror(rv).decode()}")
+        if PyByteArray_GET_SIZE(self._out) == 0:
+            return b""
+        out = self._out
+        self._out = bytearray()
+        return out
+
+    @property
+    def want_close(self):
+        """True once the connection has nothing left to read or write."""
+        return self.terminated or (not nghttp2_session_want_read(self._session)
+                                   and not nghttp2_session_want_write(self._session))
+
+    @property
+    def open_streams(self):
+        return len(self._streams)
+
+    def outbound_pending(self, int32_t stream_id):
+        """Bytes queued on a stream and not yet framed (flow control or not sent yet)."""
+        cdef _Stream s = self._streams.get(stream_id)
+        return 0 if s is None else s.out_pending
+
+    # ---- server role ------------------------------------------------------------------
+
+    def send_headers(self, int32_t stream_id, metadata=()):
+        """Response headers with custom metadata (e.g. serverid, servercount)."""
+        cdef _Stream s = self._live(stream_id)
+        if s.provider:
+            raise RuntimeError(f"stream {stream_id}: headers already sent")
+        headers = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+        headers += _metadata_out(metadata)
+        self._submit_response(s, headers, True)
+
+    def send_trailers(self, int32_t stream_id, int status=0, str message="", metadata=()):
+        """End the call with a status. Trailers-Only when no headers went out yet."""
+        cdef _Stream s = self._live(stream_id)
+        trailers = [(b"grpc-status", str(status).encode())]
+        if message:
+            trailers.append((b"grpc-message", _percent_encode(message)))
+        trailers += _metadata_out(metadata)
+        s.local_done = True
+        if not s.provider:
+            self._submit_response(
+                s, [(b":status", b"200"), (b"content-type", b"application/grpc")] + trailers,
+                False)
+            return
+        s.trailers = trailers
+        self._resume(s)
+
+    # ---- client role ------------------------------------------------------------------
+
+    def start_request(self, str path, metadata=(), str authority="localhost",
+                      str scheme="http", timeout=None):
+        """Open a call; returns its stream ID. Messages may be sent at once."""
+        cdef _Stream s = _Stream.__new__(_Stream)
+        if self.server:
+            raise RuntimeError("start_request needs the client role")
+        headers = [(b":method", b"POST"), (b":scheme", scheme.encode()),
+                   (b":path", path.encode()), (b":authority", authority.encode()),
+                   (b"content-type", b"application/grpc"),
+                   (b"user-agent", self._user_agent), (b"te", b"trailers")]
+        if timeout is not None:
+            headers.append((b"grpc-timeout", b"%dm" % max(1, int(timeout * 1000))))
+        headers += _metadata_out(metadata)
+        s.provider = True
+        s.id = self._submit(headers, s, 0, True)
+        self._streams[s.id] = s
+        return s.id
+
+    def end_stream(self, int32_t stream_id):
+        """Half-close: no more messages from us on this call."""
+        cdef _Stream s = self._live(stream_id)
+        s.local_done = True
+        s.end_queued = True
+        self._resume(s)
+
+    # ---- both roles -------------------------------------------------------------------
+
+    def send_message(self, int32_t stream_id, message):
+        """Queue one gRPC message (the serialized Packet; the 5-byte prefix is added here).
+        The buffer is referenced, not copied, until it is framed: do not mutate it."""
+        cdef _Stream s = self._writable(stream_id)
+        s.queue(message_prefix(len(message)))
+        s.queue(message)
+        self._resume(s)
+
+    def send_framed(self, int32_t stream_id, framed):
+        """Queue bytes that already hold whole gRPC messages, prefixes included."""
+        cdef _Stream s = self._writable(stream_id)
+        s.queue(framed)
+        self._resume(s)
+
+    def send_data_packet(self, int32_t stream_id, long long connect_id, payload):
+        """Queue a DATA Packet for `connect_id` around `payload`, without copying it."""
+        cdef _Stream s = self._writable(stream_id)
+        s.queue(data_header(connect_id, len(payload)))
+        s.queue(payload)
+        self._resume(s)
+
+    def reset_stream(self, int32_t stream_id, unsigned int error_code=NGHTTP2_CANCEL):
+        """RST_STREAM (CANCEL by default: the peer sees CANCELLED)."""
+        cdef _Stream s = self._streams.get(stream_id)
+        if s is None:
+            return
+        s.local_done = True
+        s.finished = True
+        _check(nghttp2_submit_rst_stream(self._session, NGHTTP2_FLAG_NONE, stream_id,
+                                         error_code))
+
+    def pause_reading(self, int32_t stream_id):
+        """Stop giving the peer window on this stream: it can send at most its window."""
+        cdef _Stream s = self._streams.get(stream_id)
+        if s is not None:
+            s.paused = True
+
+    def resume_reading(self, int32_t stream_id):
+        cdef _Stream s = self._streams.get(stream_id)
+        if s is not None and s.paused:
+            s.paused = False
+            if s.unconsumed:
+                self._to_consume.add(s)
+
+    def ping(self, bytes opaque=_KEEPALIVE_OPAQUE):
+        if len(opaque) != 8:
+            raise ValueError("PING payload must be 8 bytes")
+        _check(nghttp2_submit_ping(self._session, NGHTTP2_FLAG_NONE, opaque))
+
+    def goaway(self, unsigned int error_code=NGHTTP2_NO_ERROR, bytes debug=b""):
+        """Final GOAWAY: streams up to the last one we processed may finish."""
+        _check(nghttp2_submit_goaway(
+            self._session, NGHTTP2_FLAG_NONE,
+            nghttp2_session_get_last_proc_stream_id(self._session), error_code, debug,
+            len(debug)))
+
+    def shutdown_notice(self):
+        """Server: first GOAWAY of a graceful shutdown (no new streams, please)."""
+        _check(nghttp2_submit_shutdown_notice(self._session))
+
+    # ---- time -------------------------------------------------------------------------
+
+    def get_timer(self):
+        """When handle_timer next has work, or None."""
+        if self._ka_time <= 0 or self.terminated:
+            return None
+        if self._ka_ping_sent >= 0:
+            return self._ka_ping_sent + self._ka_timeout
+        return self._last_recv + self._ka_time
+
+    def handle_timer(self, double now):
+        """Run keepalive at `now`: send a ping after keepalive_time of silence, fail the
+        connection when its ACK is late. Returns the events caused."""
+        self._now = now
+        if self._ka_time <= 0 or self.terminated:
+            return self.take_events()
+        if self._ka_ping_sent >= 0:
+            if now >= self._ka_ping_sent + self._ka_timeout:
+                self._terminate("keepalive ping failed to receive ACK within timeout")
+        elif now >= self._last_recv + self._ka_time:
+            if self._streams or self._ka_without_streams:
+                self.ping()
+                self._ka_ping_sent = now
+            else:
+                self._last_recv = now
+        return self.take_events()
+
+    # ---- internals: output ------------------------------------------------------------
+
+    cdef int _append_out(self, const uint8_t *p, Py_ssize_t n) except -1:
+        cdef Py_ssize_t old = PyByteArray_GET_SIZE(self._out)
+        PyByteArray_Resize(self._out, old + n)
+        memcpy(PyByteArray_AS_STRING(self._out) + old, p, n)
+        return 0
+
+    cdef ssize_t _read_outbound(self, _Stream s, size_t length, uint32_t *flags) except? -1:
+        """nghttp2 asks for up to `length` bytes of DATA on `s` (data source callback)."""
+        cdef Py_ssize_t n = min(<Py_ssize_t>length, s.out_pending)
+        if n == 0 and not (s.end_queued or s.trailers is not None):
+            s.deferred = True
+            return NGHTTP2_ERR_DEFERRED
+        if n:
+            flags[0] |= NGHTTP2_DATA_FLAG_NO_COPY
+        if n == s.out_pending:
+            if s.trailers is not None:
+                flags[0] |= NGHTTP2_DATA_FLAG_EOF | NGHTTP2_DATA_FLAG_NO_END_STREAM
+                self._submit_trailer(s)
+            elif s.end_queued:
+                flags[0] |= NGHTTP2_DATA_FLAG_EOF
+        return n
+
+    cdef int _resume(self, _Stream s) except -1:
+        if s.deferred:
+            s.deferred = False
+            _check(nghttp2_session_resume_data(self._session, s.id))
+        return 0
+
+    cdef _Stream _live(self, int32_t stream_id):
+        cdef _Stream s = self._streams.get(stream_id)
+        if s is None:
+            raise KeyError(f"stream {stream_id} is not open")
+        return s
+
+    cdef _Stream _writable(self, int32_t stream_id):
+        cdef _Stream s = self._live(stream_id)
+        if s.local_done:
+            raise RuntimeError(f"stream {stream_id} is closed for sending")
+        if not s.provider:
+            self.send_headers(stream_id)
+        return s
+
+    cdef int32_t _submit(self, list headers, _Stream s, int32_t stream_id,
+                         bint with_data) except -1:
+        """Submit a request (stream_id 0) or a response header block."""
+        cdef Py_ssize_t i, n = len(headers)
+        cdef nghttp2_nv *nva = <nghttp2_nv *>malloc(max(n, 1) * sizeof(nghttp2_nv))
+        cdef nghttp2_data_provider prd
+        cdef int32_t rv
+        if nva is NULL:
+            raise MemoryError()
+        try:
+            for i in range(n):
+                name, value = headers[i]
+                nva[i].name = <uint8_t *><char *>name
+                nva[i].namelen = len(name)
+                nva[i].value = <uint8_t *><char *>value
+                nva[i].valuelen = len(value)
+                nva[i].flags = NGHTTP2_NV_FLAG_NONE
+            prd.source.ptr = <void *>s
+            prd.read_callback = _cb_read
+            if stream_id == 0:
+                rv = nghttp2_submit_request(self._session, NULL, nva, n,
+                                            &prd if with_data else NULL, NULL)
+            else:
+                rv = nghttp2_submit_response(self._session, stream_id, nva, n,
+                                             &prd if with_data else NULL)
+        finally:
+            free(nva)
+        _check(rv)
+        return rv
+
+    cdef int _submit_response(self, _Stream s, list headers, bint with_data) except -1:
+        s.provider = True
+        self._submit(headers, s, s.id, with_data)
+        return 0
+
+    cdef int _submit_trailer(self, _Stream s) except -1:
+        cdef list trailers = s.trailers
+        cdef Py_ssize_t i, n = len(trailers)
+        cdef nghttp2_nv *nva = <nghttp2_nv *>malloc(n * sizeof(nghttp2_nv))
+        if nva is NULL:
+            raise MemoryError()
+        try:
+            for i in range(n):
+                name, value = trailers[i]
+                nva[i].name = <uint8_t *><char *>name
+                nva[i].namelen = len(name)
+                nva[i].value = <uint8_t *><char *>value
+                nva[i].valuelen = len(value)
+                nva[i].flags = NGHTTP2_NV_FLAG_NONE
+            _check(nghttp2_submit_trailer(self._session, s.id, nva, n))
+        finally:
+            free(nva)
+        s.trailers = None
+        return 0
+
+    cdef int _consume(self) except -1:
+        cdef _Stream s
+        cdef set keep = set()
+        for s in self._to_consume:
+            if s.paused:
+                keep.add(s)
+            elif s.unconsumed:
+                _check(nghttp2_session_consume(self._session, s.id, s.unconsumed))
+                s.unconsumed = 0
+        self._to_consume = keep
+        if self._orphan_bytes:
+            _check(nghttp2_session_consume_connection(self._session, self._orphan_bytes))
+            self._orphan_bytes = 0
+        return 0
+
+    cdef int _terminate(self, str why) except -1:
+        """The connection cannot go on: queue GOAWAY (if nghttp2 has not) and EV_ERROR."""
+        cdef H2Event ev
+        if self.terminated:
+            return 0
+        self.terminated = True
+        nghttp2_submit_goaway(self._session, NGHTTP2_FLAG_NONE,
+                              nghttp2_session_get_last_proc_stream_id(self._session),
+                              NGHTTP2_NO_ERROR, NULL, 0)
+        ev = _event(_EV_ERROR, 0)
+        ev.message = why
+        self._events.append(ev)
+        return 0
+
+    cdef int _raise_callback_error(self) except -1:
+        if self._error is not None:
+            err = self._error
+            self._error = None
+            raise err
+        return 0
+
+    # ---- internals: input -------------------------------------------------------------
+
+    cdef int _on_begin_headers(self, int32_t stream_id, int cat) except -1:
+        cdef _Stream s
+        if self.server and cat == NGHTTP2_HCAT_REQUEST:
+            s = _Stream.__new__(_Stream)
+            s.id = stream_id
+            self._streams[stream_id] = s
+        else:
+            s = self._streams.get(stream_id)
+            if s is None:
+                return 0
+            s.headers = []
+            s.header_bytes = 0
+        return 0
+
+    cdef int _on_header(self, int32_t stream_id, const uint8_t *name, size_t namelen,
+                        const uint8_t *value, size_t valuelen) except -1:
+        cdef _Stream s = self._streams.get(stream_id)
+        if s is None or s.header_overflow:
+            return 0
+        # RFC 7541 §4.1 size: name + value + 32 per field.
+        s.header_bytes += namelen + valuelen + 32
+        if s.header_bytes > self.max_header_list_size:
+            s.header_overflow = True
+            s.headers = []
+            return 0
+        s.headers.append((PyBytes_FromStringAndSize(<const char *>name, namelen),
+                          PyBytes_FromStringAndSize(<const char *>value, valuelen)))
+        return 0
+
+    cdef int _on_frame_recv(self, const nghttp2_frame *frame) except -1:
+        cdef int t = frame.hd.type
+        cdef _Stream s
+        cdef H2Event ev
+        if t == NGHTTP2_DATA:
+            if frame.hd.flags & NGHTTP2_FLAG_END_STREAM:
+                s = self._streams.get(frame.hd.stream_id)
+                if s is not None:
+                    self._on_remote_end(s)
+        elif t == NGHTTP2_HEADERS:
+            s = self._streams.get(frame.hd.stream_id)
+            if s is not None:
+                s.header_blocks += 1
+                if self.server:
+                    self._on_request_headers(s, frame.hd.flags & NGHTTP2_FLAG_END_STREAM)
+                else:
+                    self._on_response_headers(s, frame.hd.flags & NGHTTP2_FLAG_END_STREAM)
+        elif t == NGHTTP2_PING:
+            if frame.hd.flags & NGHTTP2_FLAG_ACK:
+                ev = _event(_EV_PING_ACK, 0)
+                ev.data = PyBytes_FromStringAndSize(<const char *>frame.ping.opaque_data, 8)
+                self._events.append(ev)
+            elif self.server and self._min_ping >= 0:
+                self._enforce_ping_policy()
+        elif t == NGHTTP2_GOAWAY:
+            ev = _event(_EV_GOAWAY, frame.goaway.last_stream_id)
+            ev.error_code = frame.goaway.error_code
+            ev.data = PyBytes_FromStringAndSize(<const char *>frame.goaway.opaque_data,
+                                                frame.goaway.opaque_data_len)
+            self._events.append(ev)
+        return 0
+
+    cdef int _on_frame_send(self, const nghttp2_frame *frame) except -1:
+        cdef int t = frame.hd.type
+        cdef _Stream s
+        if t == NGHTTP2_HEADERS or t == NGHTTP2_DATA:
+            # grpc-go forgives a client's earlier pings once the server has sent something.
+            self._reset_strikes = True
+            if (self.server and t == NGHTTP2_HEADERS
+                    and frame.hd.flags & NGHTTP2_FLAG_END_STREAM):
+                s = self._streams.get(frame.hd.stream_id)
+                if s is not None and not s.remote_ended:
+                    # The call is over but the client still sends: tell it to stop, as
+                    # grpc-go does (RST_STREAM NO_ERROR after the trailers).
+                    _check(nghttp2_submit_rst_stream(self._session, NGHTTP2_FLAG_NONE,
+                                                     s.id, NGHTTP2_NO_ERROR))
+        return 0
+
+    cdef int _on_data_chunk(self, int32_t stream_id, const uint8_t *data,
+                            size_t length) except -1:
+        cdef _Stream s = self._streams.get(stream_id)
+        if s is None:
+            self._orphan_bytes += length
+            return 0
+        s.unconsumed += length
+        self._to_consume.add(s)
+        if not s.failed:
+            s.feed(self, data, length)
+        return 0
+
+    cdef int _on_stream_close(self, int32_t stream_id, uint32_t error_code) except -1:
+        cdef _Stream s = self._streams.pop(stream_id, None)
+        cdef H2Event ev
+        if s is None:
+            return 0
+        if not self.server and not s.finished:
+            if error_code == NGHTTP2_CANCEL:
+                status = 1
+            elif error_code == NGHTTP2_REFUSED_STREAM:
+                status = 14
+            else:
+                status = 13
+            self._finish(s, status, f"stream terminated by RST_STREAM with error code: "
+                                    f"{error_code}", [])
+        self._to_consume.discard(s)
+        self._orphan_bytes += s.unconsumed
+        s.unconsumed = 0
+        ev = _event(_EV_CLOSED, stream_id)
+        ev.error_code = error_code
+        self._events.append(ev)
+        return 0
+
+    cdef int _on_remote_end(self, _Stream s) except -1:
+        s.remote_ended = True
+        if s.failed or s.finished:
+            return 0
+        if s.partial():
+            self._fail_stream(s, 13, "grpc: received an incomplete message before the "
+                                     "end of the stream")
+            return 0
+        if self.server:
+            self._events.append(_event(_EV_END, s.id))
+        else:
+            self._finish(s, 13, "server closed the stream without sending trailers", [])
+        return 0
+
+    cdef int _emit_message(self, int32_t stream_id, bytes msg) except -1:
+        cdef H2Event ev = _event(_EV_MESSAGE, stream_id)
+        ev.data = msg
+        self._events.append(ev)
+        return 0
+
+    cdef int _fail_stream(self, _Stream s, int status, str message) except -1:
+        """Our side cannot accept this call's input: end it with `status`."""
+        cdef H2Event ev
+        s.failed = True
+        s.body = None
+        s.prefix_len = 0
+        if self.server:
+            s.outq = []
+            s.out_pending = 0
+            self.send_trailers(s.id, status, message)
+            ev = _event(_EV_ABORTED, s.id)
+            ev.status = status
+            ev.message = message
+            self._events.append(ev)
+        else:
+            self._finish(s, status, message, [])
+            self.reset_stream(s.id, NGHTTP2_CANCEL)
+        return 0
+
+    cdef int _finish(self, _Stream s, int status, str message, list metadata) except -1:
+        """Client role: report the call's outcome once."""
+        cdef H2Event ev
+        if s.finished:
+            return 0
+        s.finished = True
+        ev = _event(_EV_TRAILERS, s.id)
+        ev.status = status
+        ev.message = message
+        ev.metadata = metadata
+        self._events.append(ev)
+        return 0
+
+    cdef int _on_request_headers(self, _Stream s, bint end_stream) except -1:
+        cdef H2Event ev
+        cdef dict pseudo = {}
+        cdef list metadata = []
+        if s.header_overflow:
+            s.failed = True
+            _check(nghttp2_submit_rst_stream(self._session, NGHTTP2_FLAG_NONE, s.id,
+                                             NGHTTP2_FRAME_SIZE_ERROR))
+            return 0
+        if s.header_blocks > 1:
+            # Request trailers: gRPC clients send none; END_STREAM is all that matters.
+            if end_stream:
+                self._on_remote_end(s)
+            return 0
+        for name, value in s.headers:
+            if name[:1] == b":" or name in (b"content-type", b"te", b"grpc-timeout"):
+                pseudo[name] = value
+            else:
+                metadata.append((name.decode("latin-1"), value.decode("latin-1")))
+        s.headers = []
+        method = pseudo.get(b":method", b"")
+        ctype = pseudo.get(b"content-type", b"")
+        if method != b"POST":
+            self._early_abort(s, b"405", 13,
+                              f"invalid gRPC request method {method.decode('latin-1')!r}")
+        elif not (ctype == b"application/grpc" or ctype.startswith(b"application/grpc+")
+                  or ctype.startswith(b"application/grpc;")):
+            self._early_abort(s, b"415", 3,
+                              f"invalid gRPC request content-type {ctype.decode('latin-1')!r}")
+        else:
+            ev = _event(_EV_REQUEST, s.id)
+            ev.path = pseudo.get(b":path", b"").decode("latin-1")
+            ev.authority = pseudo.get(b":authority", b"").decode("latin-1")
+            ev.metadata = metadata
+            if b"grpc-timeout" in pseudo:
+                try:
+                    ev.timeout = parse_grpc_timeout(pseudo[b"grpc-timeout"])
+                except ValueError as exc:
+                    self._early_abort(s, b"200", 13, str(exc))
+                    return 0
+            self._events.append(ev)
+        if end_stream:
+            self._on_remote_end(s)
+        return 0
+
+    cdef int _early_abort(self, _Stream s, bytes http_status, int status,
+                          str message) except -1:
+        """Refuse a request before the application sees it (grpc-go's early abort)."""
+        s.failed = True
+        s.local_done = True
+        self._submit_response(s, [
+            (b":status", http_status), (b"content-type", b"application/grpc"),
+            (b"grpc-status", str(status).encode()),
+            (b"grpc-message", _percent_encode(message))], False)
+        return 0
+
+    cdef int _on_response_headers(self, _Stream s, bint end_stream) except -1:
+        cdef H2Event ev
+        cdef dict special = {}
+        cdef list metadata = []
+        if s.header_overflow:
+            self._fail_stream(s, 13, "header list size exceeded")
+            return 0
+        for name, value in s.headers:
+            if name[:1] == b":" or name in (b"content-type", b"grpc-status", b"grpc-message"):
+                special[name] = value
+            else:
+                metadata.append((name.decode("latin-1"), value.decode("latin-1")))
+        s.headers = []
+        if s.header_blocks == 1 and not end_stream:
+            http_status = special.get(b":status", b"")
+            if http_status != b"200":
+                code = int(http_status) if http_status.isdigit() else 0
+                self._fail_stream(s, _HTTP_TO_GRPC.get(code, 2),
+                                  f"unexpected HTTP status code received from server: "
+                                  f"{http_status.decode('latin-1')}")
+                return 0
+            ev = _event(_EV_HEADERS, s.id)
+            ev.metadata = metadata
+            self._events.append(ev)
+            return 0
+        # Trailers (or Trailers-Only): the call's outcome.
+        s.remote_ended = True
+        raw_status = special.get(b"grpc-status")
+        if raw_status is None or not raw_status.isdigit():
+            code = int(special.get(b":status", b"0") or 0) if s.header_blocks == 1 else 200
+            status = _HTTP_TO_GRPC.get(code, 2) if code != 200 else 13
+            message = ("server closed the stream without sending trailers"
+                       if raw_status is None else f"malformed grpc-status {raw_status!r}")
+        else:
+            status = int(raw_status)
+            message = _percent_decode(special.get(b"grpc-message", b""))
+        if s.partial():
+            status, message = 13, "grpc: received an incomplete message before the trailers"
+        self._finish(s, status, message, metadata)
+        if not s.local_done:
+            # The server ended the call while we could still send: as grpc-go, reset.
+            self.reset_stream(s.id, NGHTTP2_NO_ERROR)
+        return 0
+
+    cdef int _enforce_ping_policy(self) except -1:
+        """grpc-go's server-side EnforcementPolicy for a PING received at self._now."""
+        cdef double interval
+        if self._reset_strikes:
+            self._reset_strikes = False
+            self._ping_strikes = 0
+            self._last_ping_at = self._now
+            return 0
+        interval = (PING_IDLE_INTERVAL if not self._streams and not self._ping_without_streams
+                    else self._min_ping)
+        if self._last_ping_at + interval > self._now:
+            self._ping_strikes += 1
+        self._last_ping_at = self._now
+        if self._ping_strikes > MAX_PING_STRIKES and not self.terminated:
+            self.terminated = True
+            _check(nghttp2_submit_goaway(
+                self._session, NGHTTP2_FLAG_NONE,
+                nghttp2_session_get_last_proc_stream_id(self._session),
+                NGHTTP2_ENHANCE_YOUR_CALM, b"too_many_pings", 14))
+            ev = _event(_EV_ERROR, 0)
+            ev.message = "got too many pings from the client"
+            self._events.append(ev)
+        return 0
+
+
+cdef inline int _check(int rv) except -1:
+    if rv < 0:
+        raise RuntimeError(f"nghttp2: {nghttp2_strerror(rv).decode()}")
+    return 0

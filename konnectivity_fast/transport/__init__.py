@@ -1,0 +1,5 @@
+"""asyncio adapters over the compiled HTTP/2 engine, shared by server/, agent/ and client/.
+
+``grpc``: ``GrpcProtocol`` (one connection) and ``GrpcCall`` (one stream), plus helpers to
+listen and connect. ``tls``: SSL contexts with ALPN ``h2``.
+"""

@@ -1,0 +1,447 @@
+"""asyncio adapter for the compiled HTTP/2 engine: one ``GrpcProtocol`` per connection.
+
+``GrpcProtocol`` is an ``asyncio.BufferedProtocol``: the loop reads straight into a buffer
+this object owns, which is handed whole to ``H2Connection.receive_data``; the events come
+back and are dispatched to ``GrpcCall`` objects; output from every call is written in one
+``transport.write`` per loop turn (``_schedule_flush``). The code runs on uvloop and on the
+stdlib loop alike; nothing here imports uvloop.
+
+Invariants:
+- A ``GrpcCall`` exists from the stream's first event until ``EV_CLOSED``; its ``closed``
+  future is then done and it is forgotten.
+- Each call buffers received messages up to ``CALL_RECV_HIGH_WATER`` bytes; beyond that its
+  HTTP/2 stream is paused (no window given back), so a slow reader stalls only its own
+  stream, never the connection.
+- Keepalive and ping enforcement run in the engine; this adapter only arms one timer at
+  ``H2Connection.get_timer()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, cast
+
+from konnectivity_fast._compiled import require_compiled
+from konnectivity_fast.wire.errors import StatusCode
+
+_w = require_compiled()
+
+log = logging.getLogger(__name__)
+
+# Bytes a call may hold in received-but-unread messages before its stream is paused. It is
+# the per-call share of inbound memory on top of the HTTP/2 window.
+CALL_RECV_HIGH_WATER = 1 << 20
+# Bytes of application output queued on one call above which ``GrpcCall.drain()`` waits.
+CALL_SEND_HIGH_WATER = 1 << 20
+# Size of the buffer the loop reads into: large reads mean fewer engine calls per byte.
+READ_BUFFER_SIZE = 256 << 10
+
+Metadata = list[tuple[str, str]]
+
+
+class GrpcError(Exception):
+    """A call that ended with a non-OK status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{StatusCode(status).name if status in StatusCode._value2member_map_ else status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class GrpcCall:
+    """One gRPC call (one HTTP/2 stream), either role."""
+
+    def __init__(self, proto: GrpcProtocol, stream_id: int, path: str, metadata: Metadata) -> None:
+        self._proto = proto
+        self.stream_id = stream_id
+        self.path = path
+        #: Server role: the request metadata. Client role: the response headers, once there.
+        self.metadata = metadata
+        #: Client role: the call's outcome, once known.
+        self.status: int | None = None
+        self.message = ""
+        self.trailers: Metadata = []
+        self._inbox: collections.deque[bytes] = collections.deque()
+        self._inbox_bytes = 0
+        self._paused = False
+        self._eof = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self.headers_received: asyncio.Future[Metadata] = proto.loop.create_future()
+        self.closed: asyncio.Future[int] = proto.loop.create_future()
+
+    # -- receiving --
+
+    async def recv(self) -> bytes | None:
+        """The next message, or None once the peer finished sending."""
+        while not self._inbox:
+            if self._eof:
+                return None
+            self._waiter = self._proto.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        msg = self._inbox.popleft()
+        self._inbox_bytes -= len(msg)
+        if self._paused and self._inbox_bytes < CALL_RECV_HIGH_WATER // 2:
+            self._paused = False
+            self._proto.conn.resume_reading(self.stream_id)
+            self._proto.schedule_flush()
+        return msg
+
+    def _deliver(self, msg: bytes) -> None:
+        self._inbox.append(msg)
+        self._inbox_bytes += len(msg)
+        if not self._paused and self._inbox_bytes >= CALL_RECV_HIGH_WATER:
+            self._paused = True
+            self._proto.conn.pause_reading(self.stream_id)
+        self._wake()
+
+    def _end(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # -- sending --
+
+    def send(self, message: bytes | bytearray | memoryview) -> None:
+        """Queue one message; it goes out with the next flush."""
+        self._proto.conn.send_message(self.stream_id, message)
+        self._proto.schedule_flush()
+
+    async def drain(self) -> None:
+        """Wait until this call's queued output is below ``CALL_SEND_HIGH_WATER``."""
+        while (
+            not self.closed.done()
+            and self._proto.conn.outbound_pending(self.stream_id) >= CALL_SEND_HIGH_WATER
+        ):
+            self._drain_waiter = self._proto.loop.create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+
+    def _check_drained(self) -> None:
+        w = self._drain_waiter
+        if w is not None and not w.done():
+            if self._proto.conn.outbound_pending(self.stream_id) < CALL_SEND_HIGH_WATER:
+                w.set_result(None)
+
+    def send_headers(self, metadata: Iterable[tuple[str, str]]) -> None:
+        """Server role: response headers carrying metadata."""
+        self._proto.conn.send_headers(self.stream_id, metadata)
+        self._proto.schedule_flush()
+
+    def finish(self, status: int = 0, message: str = "") -> None:
+        """Server role: end the call with a status."""
+        if not self.closed.done():
+            with contextlib.suppress(KeyError, RuntimeError):
+                self._proto.conn.send_trailers(self.stream_id, status, message)
+            self._proto.schedule_flush()
+
+    def done_writing(self) -> None:
+        """Client role: half-close."""
+        with contextlib.suppress(KeyError, RuntimeError):
+            self._proto.conn.end_stream(self.stream_id)
+        self._proto.schedule_flush()
+
+    def cancel(self) -> None:
+        """RST_STREAM CANCEL: the peer sees CANCELLED."""
+        self._proto.conn.reset_stream(self.stream_id)
+        self._proto.schedule_flush()
+
+    async def wait_status(self) -> int:
+        """Client role: wait for the outcome; the status code."""
+        await self.closed
+        assert self.status is not None
+        return self.status
+
+
+Handler = Callable[[GrpcCall], Awaitable[None]]
+
+
+class GrpcProtocol(asyncio.BufferedProtocol):
+    """Drives one ``H2Connection`` over one transport."""
+
+    def __init__(
+        self,
+        server: bool,
+        handler: Handler | None = None,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        require_alpn_h2: bool = False,
+        **engine_options: Any,
+    ) -> None:
+        self.loop = loop or asyncio.get_running_loop()
+        self.conn = _w.H2Connection(server, now=self.loop.time(), **engine_options)
+        self._handler = handler
+        self._require_alpn = require_alpn_h2
+        self._buf = bytearray(READ_BUFFER_SIZE)
+        self._view = memoryview(self._buf)
+        self.transport: asyncio.Transport | None = None
+        self.calls: dict[int, GrpcCall] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._flush_scheduled = False
+        self._write_paused = False
+        self._timer: asyncio.TimerHandle | None = None
+        self.connected: asyncio.Future[None] = self.loop.create_future()
+        self.lost: asyncio.Future[None] = self.loop.create_future()
+        self.goaway: tuple[int, int, bytes] | None = None
+        self.error: str | None = None
+
+    # -- asyncio.BufferedProtocol --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, but implement it.
+        self.transport = cast(asyncio.Transport, transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None and self._require_alpn:
+            # grpc-go refuses TLS connections that did not negotiate h2 by ALPN.
+            if ssl_object.selected_alpn_protocol() != "h2":
+                log.info("closing TLS connection without ALPN h2 from %s",
+                         transport.get_extra_info("peername"))
+                transport.abort()
+                return
+        self._flush()
+        if not self.connected.done():
+            self.connected.set_result(None)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._dispatch(self.conn.receive_data(self._view[:nbytes], self.loop.time()))
+        self._flush()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for call in list(self.calls.values()):
+            if call.status is None:
+                call.status = StatusCode.UNAVAILABLE
+                call.message = self.error or "connection lost"
+            call._end()
+            call._wake()
+            if not call.closed.done():
+                call.closed.set_result(-1)
+            if not call.headers_received.done():
+                call.headers_received.set_exception(GrpcError(StatusCode.UNAVAILABLE, call.message))
+                call.headers_received.exception()  # retrieved: nobody may be waiting
+        self.calls.clear()
+        if not self.connected.done():
+            self.connected.set_exception(ConnectionError("connection lost before set-up"))
+            self.connected.exception()
+        if not self.lost.done():
+            self.lost.set_result(None)
+        self._buf = bytearray(0)
+        self._view = memoryview(self._buf)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._flush()
+
+    # -- client role --
+
+    def start_call(
+        self, path: str, metadata: Iterable[tuple[str, str]] = (), authority: str = "localhost",
+        scheme: str = "http", timeout: float | None = None,
+    ) -> GrpcCall:
+        stream_id = self.conn.start_request(path, metadata, authority, scheme, timeout)
+        call = GrpcCall(self, stream_id, path, [])
+        self.calls[stream_id] = call
+        self.schedule_flush()
+        return call
+
+    def close(self) -> None:
+        """Graceful: GOAWAY, flush, close the transport."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.conn.goaway()
+            self._flush()
+            self.transport.close()
+
+    # -- plumbing --
+
+    def schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._write_paused:
+            return
+        data = self.conn.data_to_send()
+        while True:
+            if data:
+                transport.write(data)
+            events = self.conn.take_events()
+            if not events:
+                break
+            self._dispatch(events)
+            data = self.conn.data_to_send()
+        for call in self.calls.values():
+            if call._drain_waiter is not None:
+                call._check_drained()
+        if self.conn.want_close:
+            transport.close()
+        else:
+            self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        when = self.conn.get_timer()
+        if self._timer is not None:
+            if when is not None and self._timer.when() == when:
+                return
+            self._timer.cancel()
+            self._timer = None
+        if when is not None:
+            self._timer = self.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch(self.conn.handle_timer(self.loop.time()))
+        self._flush()
+
+    def _dispatch(self, events: list[Any]) -> None:
+        for ev in events:
+            kind = ev.kind
+            if kind == _w.EV_MESSAGE:
+                call = self.calls.get(ev.stream_id)
+                if call is not None:
+                    call._deliver(ev.data)
+            elif kind == _w.EV_REQUEST:
+                self._on_request(ev)
+            elif kind == _w.EV_HEADERS:
+                call = self.calls.get(ev.stream_id)
+                if call is not None:
+                    call.metadata = ev.metadata
+                    if not call.headers_received.done():
+                        call.headers_received.set_result(ev.metadata)
+            elif kind == _w.EV_END:
+                call = self.calls.get(ev.stream_id)
+                if call is not None:
+                    call._end()
+            elif kind in (_w.EV_TRAILERS, _w.EV_ABORTED):
+                self._on_outcome(ev)
+            elif kind == _w.EV_CLOSED:
+                self._on_closed(ev)
+            elif kind == _w.EV_GOAWAY:
+                self.goaway = (ev.stream_id, ev.error_code, ev.data)
+            elif kind == _w.EV_ERROR:
+                self.error = ev.message
+                log.info("HTTP/2 connection error: %s", ev.message)
+
+    def _on_request(self, ev: Any) -> None:
+        call = GrpcCall(self, ev.stream_id, ev.path, ev.metadata)
+        self.calls[ev.stream_id] = call
+        if self._handler is None:
+            call.finish(StatusCode.UNIMPLEMENTED, f"unknown service {ev.path}")
+            return
+        task = self.loop.create_task(self._run_handler(call))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_handler(self, call: GrpcCall) -> None:
+        assert self._handler is not None
+        try:
+            await self._handler(call)
+        except GrpcError as exc:
+            call.finish(exc.status, exc.message)
+        except Exception as exc:  # a handler bug must end its call, not the connection
+            log.exception("handler for %s failed", call.path)
+            call.finish(StatusCode.UNKNOWN, str(exc))
+        else:
+            call.finish(StatusCode.OK)
+
+    def _on_outcome(self, ev: Any) -> None:
+        call = self.calls.get(ev.stream_id)
+        if call is None:
+            return
+        call.status = ev.status
+        call.message = ev.message or ""
+        call.trailers = ev.metadata or []
+        if not call.headers_received.done():
+            call.headers_received.set_result([])
+        call._end()
+
+    def _on_closed(self, ev: Any) -> None:
+        call = self.calls.pop(ev.stream_id, None)
+        if call is None:
+            return
+        if call.status is None and self.conn.server:
+            # Server role: the client reset the call (CANCEL -> CANCELLED).
+            call.status = StatusCode.CANCELLED if ev.error_code == 8 else (
+                StatusCode.OK if ev.error_code == 0 else StatusCode.INTERNAL)
+        call._end()
+        if not call.headers_received.done():
+            call.headers_received.set_result([])
+        if not call.closed.done():
+            call.closed.set_result(ev.error_code)
+        if call._drain_waiter is not None and not call._drain_waiter.done():
+            call._drain_waiter.set_result(None)
+
+
+async def serve(
+    handler: Handler,
+    *,
+    path: str | None = None,
+    host: str | None = None,
+    port: int = 0,
+    ssl: Any = None,
+    **engine_options: Any,
+) -> asyncio.Server:
+    """Listen for gRPC on a Unix socket (h2c) or TCP (h2 over ``ssl``, or h2c without)."""
+    loop = asyncio.get_running_loop()
+
+    def factory() -> GrpcProtocol:
+        return GrpcProtocol(
+            True, handler, loop=loop, require_alpn_h2=ssl is not None, **engine_options
+        )
+
+    if path is not None:
+        return await loop.create_unix_server(factory, path, ssl=ssl)
+    return await loop.create_server(factory, host, port, ssl=ssl)
+
+
+async def connect(
+    *,
+    path: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    ssl: Any = None,
+    server_hostname: str | None = None,
+    **engine_options: Any,
+) -> GrpcProtocol:
+    """Open a client connection; returns once the transport is up."""
+    loop = asyncio.get_running_loop()
+
+    def factory() -> GrpcProtocol:
+        return GrpcProtocol(
+            False, None, loop=loop, require_alpn_h2=ssl is not None, **engine_options
+        )
+
+    if path is not None:
+        _, proto = await loop.create_unix_connection(
+            factory, path, ssl=ssl, server_hostname=server_hostname
+        )
+    else:
+        _, proto = await loop.create_connection(
+            factory, host, port, ssl=ssl, server_hostname=server_hostname
+        )
+    await proto.connected
+    return proto
