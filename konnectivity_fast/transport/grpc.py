@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 CALL_RECV_HIGH_WATER = 1 << 20
 # Bytes of application output queued on one call above which ``GrpcCall.drain()`` waits.
 CALL_SEND_HIGH_WATER = 1 << 20
+# Seconds a closing connection may take to flush before it is aborted.
+CLOSE_TIMEOUT = 5.0
+# Seconds to wait for the peer's TLS close_notify on close. Go closes the socket right
+# after sending its own; waiting long for a reply only delays teardown.
+SSL_SHUTDOWN_TIMEOUT = 1.0
 # Size of the buffer the loop reads into: large reads mean fewer engine calls per byte.
 READ_BUFFER_SIZE = 256 << 10
 
@@ -114,6 +119,8 @@ class GrpcCall:
 
     def send(self, message: bytes | bytearray | memoryview) -> None:
         """Queue one message; it goes out with the next flush."""
+        if self.closed.done():
+            raise GrpcError(self.status or StatusCode.CANCELLED, "the call is closed")
         self._proto.conn.send_message(self.stream_id, message)
         self._proto.schedule_flush()
 
@@ -154,7 +161,9 @@ class GrpcCall:
         self._proto.schedule_flush()
 
     def cancel(self) -> None:
-        """RST_STREAM CANCEL: the peer sees CANCELLED."""
+        """RST_STREAM CANCEL: the peer sees CANCELLED, and so do we."""
+        if self.status is None:
+            self.status, self.message = StatusCode.CANCELLED, "cancelled by this side"
         self._proto.conn.reset_stream(self.stream_id)
         self._proto.schedule_flush()
 
@@ -272,6 +281,17 @@ class GrpcProtocol(asyncio.BufferedProtocol):
             self.conn.goaway()
             self._flush()
             self.transport.close()
+
+    async def aclose(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """``close()`` and wait until the connection is gone (aborting it after
+        ``timeout``: a peer that stops reading must not hold us)."""
+        self.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.lost), timeout)
+        except TimeoutError:
+            if self.transport is not None:
+                self.transport.abort()
+            await self.lost
 
     # -- plumbing --
 
@@ -396,6 +416,51 @@ class GrpcProtocol(asyncio.BufferedProtocol):
             call._drain_waiter.set_result(None)
 
 
+def _ssl_args(ssl: Any) -> dict[str, Any]:
+    if ssl is None:
+        return {}
+    return {"ssl": ssl, "ssl_shutdown_timeout": SSL_SHUTDOWN_TIMEOUT}
+
+
+class GrpcServer:
+    """A listening socket and the connections it accepted. ``close()`` ends both: Python
+    3.11's ``asyncio.Server.close`` leaves accepted connections open."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self.connections: set[GrpcProtocol] = set()
+
+    @property
+    def sockets(self) -> tuple[Any, ...]:
+        assert self.server is not None
+        return tuple(self.server.sockets)
+
+    def _track(self, proto: GrpcProtocol) -> GrpcProtocol:
+        self.connections.add(proto)
+        proto.lost.add_done_callback(lambda _: self.connections.discard(proto))
+        return proto
+
+    def close(self) -> None:
+        """Stop listening; send GOAWAY on every connection and close it."""
+        if self.server is not None:
+            self.server.close()
+        for proto in list(self.connections):
+            proto.close()
+
+    async def wait_closed(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Wait for every connection to go, aborting those still there after ``timeout``."""
+        pending = [p.lost for p in self.connections]
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=timeout)
+            for proto in list(self.connections):
+                if proto.transport is not None:
+                    proto.transport.abort()
+            if late:
+                await asyncio.wait(late, timeout=timeout)
+        if self.server is not None:
+            await self.server.wait_closed()
+
+
 async def serve(
     handler: Handler,
     *,
@@ -404,18 +469,21 @@ async def serve(
     port: int = 0,
     ssl: Any = None,
     **engine_options: Any,
-) -> asyncio.Server:
+) -> GrpcServer:
     """Listen for gRPC on a Unix socket (h2c) or TCP (h2 over ``ssl``, or h2c without)."""
     loop = asyncio.get_running_loop()
+    result = GrpcServer()
 
     def factory() -> GrpcProtocol:
-        return GrpcProtocol(
+        return result._track(GrpcProtocol(
             True, handler, loop=loop, require_alpn_h2=ssl is not None, **engine_options
-        )
+        ))
 
     if path is not None:
-        return await loop.create_unix_server(factory, path, ssl=ssl)
-    return await loop.create_server(factory, host, port, ssl=ssl)
+        result.server = await loop.create_unix_server(factory, path, **_ssl_args(ssl))
+    else:
+        result.server = await loop.create_server(factory, host, port, **_ssl_args(ssl))
+    return result
 
 
 async def connect(
@@ -437,11 +505,11 @@ async def connect(
 
     if path is not None:
         _, proto = await loop.create_unix_connection(
-            factory, path, ssl=ssl, server_hostname=server_hostname
+            factory, path, server_hostname=server_hostname, **_ssl_args(ssl)
         )
     else:
         _, proto = await loop.create_connection(
-            factory, host, port, ssl=ssl, server_hostname=server_hostname
+            factory, host, port, server_hostname=server_hostname, **_ssl_args(ssl)
         )
     await proto.connected
     return proto

@@ -241,28 +241,33 @@ def test_grpcio_client_unknown_method(run: RunFn, sock_dir: str, certs: Certs) -
 @dataclass
 class ServerLog:
     metadata: list[tuple[str, str]] = field(default_factory=list)
-    cancelled: list[bool] = field(default_factory=list)
+    outcome: list[str] = field(default_factory=list)
 
 
 async def grpcio_echo(request_iterator: Any, context: Any, log: ServerLog) -> AsyncIterator[bytes]:
     log.metadata = list(context.invocation_metadata())
-    context.add_done_callback(lambda ctx: log.cancelled.append(ctx.cancelled()))
     await context.send_initial_metadata((("serverid", "grpcio-1"), ("servercount", "2")))
-    async for msg in request_iterator:
-        if msg == CANCEL_ME:
-            await context.abort(grpc.StatusCode.CANCELLED, "server cancelled")
-        if msg == b"too-big":
-            yield b"y" * (LIMIT + 1)
-            continue
-        yield msg
+    try:
+        async for msg in request_iterator:
+            if msg == CANCEL_ME:
+                await context.abort(grpc.StatusCode.CANCELLED, "server cancelled")
+            if msg == b"too-big":
+                yield b"y" * (LIMIT + 1)
+                continue
+            yield msg
+    except BaseException as exc:
+        log.outcome.append(type(exc).__name__)
+        raise
+    log.outcome.append("ended")
 
 
 @contextlib.asynccontextmanager
 async def grpcio_server(kind: str, sock_dir: str, certs: Certs, log: ServerLog) -> AsyncIterator[Endpoint]:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", LIMIT)])
 
-    def handler(request_iterator: Any, context: Any) -> AsyncIterator[bytes]:
-        return grpcio_echo(request_iterator, context, log)
+    async def handler(request_iterator: Any, context: Any) -> AsyncIterator[bytes]:
+        async for msg in grpcio_echo(request_iterator, context, log):
+            yield msg
 
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(
@@ -311,7 +316,7 @@ def test_our_client_echo_sizes(run: RunFn, transport_kind: str, sock_dir: str, c
             call.done_writing()
             assert await call.recv() is None
             assert await call.wait_status() == StatusCode.OK
-            proto.close()
+            await proto.aclose()
         assert headers["serverid"] == "grpcio-1"
         assert headers["servercount"] == "2"
         assert ("agentid", "agent-9") in log.metadata
@@ -336,17 +341,54 @@ def test_our_client_100_concurrent_streams(run: RunFn, transport_kind: str, sock
         async with grpcio_server(transport_kind, sock_dir, certs, ServerLog()) as ep:
             proto = await our_client(ep)
             done = await asyncio.gather(*(one(proto, i) for i in range(100)))
-            proto.close()
+            await proto.aclose()
         assert sorted(done) == list(range(100))
 
     run(main())
 
 
 def test_our_client_cancels(run: RunFn, transport_kind: str, sock_dir: str, certs: Certs) -> None:
-    log = ServerLog()
+    """The grpcio server must see our RST_STREAM CANCEL as it sees grpcio's own client
+    cancelling: its handler stops, either by the request stream ending or by its task being
+    cancelled (which of the two depends on where the handler was; both are seen with
+    grpcio's own client). That it is a CANCEL on the wire is pinned by the next test."""
+    theirs, ours = ServerLog(), ServerLog()
+
+    async def wait_outcome(log: ServerLog) -> None:
+        for _ in range(500):
+            if log.outcome:
+                return
+            await asyncio.sleep(0.01)
 
     async def main() -> None:
-        async with grpcio_server(transport_kind, sock_dir, certs, log) as ep:
+        async with grpcio_server(transport_kind, sock_dir, certs, theirs) as ep:
+            async with grpcio_channel(ep) as channel:
+                ref = stub(channel)()
+                await ref.write(b"hi")
+                assert await ref.read() == b"hi"
+                ref.cancel()
+                await wait_outcome(theirs)
+        async with grpcio_server(transport_kind, sock_dir, certs, ours) as ep:
+            proto = await our_client(ep)
+            call = proto.start_call(PATH)
+            call.send(b"hi")
+            assert await call.recv() == b"hi"
+            call.cancel()
+            assert await call.wait_status() == StatusCode.CANCELLED
+            await wait_outcome(ours)
+            await proto.aclose()
+        stopped = {"ended", "CancelledError"}
+        assert len(theirs.outcome) == 1 and theirs.outcome[0] in stopped, theirs.outcome
+        assert len(ours.outcome) == 1 and ours.outcome[0] in stopped, ours.outcome
+
+    run(main())
+
+
+def test_our_client_cancel_reaches_our_server(run: RunFn, transport_kind: str, sock_dir: str, certs: Certs) -> None:
+    seen = EchoLog()
+
+    async def main() -> None:
+        async with our_server(transport_kind, sock_dir, certs, seen) as ep:
             proto = await our_client(ep)
             call = proto.start_call(PATH)
             call.send(b"hi")
@@ -354,11 +396,11 @@ def test_our_client_cancels(run: RunFn, transport_kind: str, sock_dir: str, cert
             call.cancel()
             assert await call.wait_status() == StatusCode.CANCELLED
             for _ in range(200):
-                if log.cancelled:
+                if seen.closed_codes:
                     break
                 await asyncio.sleep(0.01)
-            proto.close()
-        assert log.cancelled == [True]
+            await proto.aclose()
+        assert seen.closed_codes == [8]  # RST_STREAM CANCEL
 
     run(main())
 
@@ -372,7 +414,7 @@ def test_grpcio_server_cancels(run: RunFn, transport_kind: str, sock_dir: str, c
             assert await call.recv() is None
             assert await call.wait_status() == StatusCode.CANCELLED
             assert call.message == "server cancelled"
-            proto.close()
+            await proto.aclose()
 
     run(main())
 
@@ -385,7 +427,7 @@ def test_our_client_sends_over_limit(run: RunFn, transport_kind: str, sock_dir: 
             call.send(b"x" * (LIMIT + 1))
             assert await call.wait_status() == StatusCode.RESOURCE_EXHAUSTED
             assert "larger than max" in call.message
-            proto.close()
+            await proto.aclose()
 
     run(main())
 
@@ -404,6 +446,6 @@ def test_our_client_receives_over_limit(run: RunFn, transport_kind: str, sock_di
             assert await again.recv() == b"still here"
             again.done_writing()
             assert await again.wait_status() == StatusCode.OK
-            proto.close()
+            await proto.aclose()
 
     run(main())
