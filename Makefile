@@ -6,16 +6,20 @@ BUILD_LOCK := /tmp/konnectivity-fast-build.lock
 .PHONY: bootstrap build run test test-quick lint fuzz fuzz-long bench bench-micro clean
 
 bootstrap:
-	scripts/bootstrap.sh
+	scripts/bootstrap.sh test
+
+bootstrap-runtime:
+	scripts/bootstrap.sh runtime
 
 # In-place build of the compiled core. flock: parallel builds share ./build.
 build:
 	flock $(BUILD_LOCK) $(PY) setup.py -q build_ext --inplace
 
-run: bootstrap
+run:
+	scripts/bootstrap.sh runtime
 	$(PY) -m konnectivity_fast.cli.main demo
 
-test: bootstrap
+test:
 	scripts/test.sh
 
 test-quick: build

@@ -18,6 +18,7 @@ import subprocess
 import sys
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "konnectivity_fast"))
 from _build import source_digest  # noqa: E402  (a stdlib-only helper shared with the package)
@@ -75,4 +76,24 @@ def extensions() -> list[Extension]:
     )
 
 
-setup(ext_modules=extensions())
+DIGEST_STAMP = os.path.join("build", "kf-source-digest")
+
+
+class BuildExt(build_ext):
+    """Rebuild whenever the sources' digest changed, even when no file is newer than the
+    generated C (a deleted or reverted part would otherwise leave a stale build)."""
+
+    def run(self) -> None:
+        digest = source_digest()
+        try:
+            with open(DIGEST_STAMP) as f:
+                self.force = self.force or f.read().strip() != digest
+        except OSError:
+            self.force = True
+        super().run()
+        os.makedirs("build", exist_ok=True)
+        with open(DIGEST_STAMP, "w") as f:
+            f.write(digest)
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Set up everything konnectivity-fast needs on a fresh Debian machine, idempotently:
-# system packages (libnghttp2-dev for the compiled core), a virtualenv in .venv with the
-# runtime and test dependencies, and an in-place build of the compiled extension.
-# Usage: scripts/bootstrap.sh            (runtime + test dependencies)
+# Set up konnectivity-fast on a fresh Debian machine, idempotently:
+#   system packages (libnghttp2-dev for the compiled core, a C compiler),
+#   a virtualenv in .venv with the Python dependencies,
+#   an in-place build of the compiled extension, and an editable install (console scripts).
+# Usage: scripts/bootstrap.sh [runtime|test]   (default: runtime)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+profile=${1:-runtime}
 
-APT_PACKAGES=(libnghttp2-dev pkg-config gcc make)
+APT_PACKAGES=(libnghttp2-dev pkg-config gcc make python3-venv)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -21,15 +23,34 @@ fi
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
-  echo "bootstrap: creating .venv"
+  echo "bootstrap: creating .venv with $($PY --version)"
   "$PY" -m venv .venv
 fi
-stamp=.venv/.deps-$(sha256sum pyproject.toml | cut -c1-16)
+
+# Dependencies straight from pyproject.toml, so this list cannot drift from it.
+deps=$(.venv/bin/python - "$profile" <<'PYEOF'
+import sys, tomllib
+meta = tomllib.load(open("pyproject.toml", "rb"))
+deps = list(meta["build-system"]["requires"]) + list(meta["project"]["dependencies"])
+if sys.argv[1] == "test":
+    deps += meta["project"]["optional-dependencies"]["test"]
+print("\n".join(deps))
+PYEOF
+)
+stamp=.venv/.deps-$profile-$(printf '%s' "$deps" | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
-  echo "bootstrap: installing Python packages"
+  echo "bootstrap: installing Python packages ($profile)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[test]'
+  printf '%s\n' "$deps" > .venv/requirements-$profile.txt
+  .venv/bin/python -m pip install -q -r .venv/requirements-$profile.txt
   touch "$stamp"
 fi
+
 echo "bootstrap: building the compiled core"
-.venv/bin/python setup.py -q build_ext --inplace
+flock /tmp/konnectivity-fast-build.lock .venv/bin/python setup.py -q build_ext --inplace 2>&1 \
+  | grep -v -E '^(running|copying|building|creating)' || true
+.venv/bin/python -c "import konnectivity_fast._wire" \
+  || { echo "bootstrap: the compiled core does not import" >&2; exit 1; }
+if ! .venv/bin/python -m pip show -q konnectivity-fast >/dev/null 2>&1; then
+  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+fi
