@@ -21,7 +21,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "konnectivity_fast"))
-from _build import source_digest  # noqa: E402  (a stdlib-only helper shared with the package)
+from _build import source_digest
 
 
 def pkg_config(*args: str) -> list[str]:

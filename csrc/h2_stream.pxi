@@ -179,9 +179,11 @@ _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b
 
 def parse_grpc_timeout(bytes value):
     """Seconds of a grpc-timeout header value; ValueError when malformed."""
-    unit = _TIMEOUT_UNITS.get(value[-1:])
-    digits = value[:-1]
-    if unit is None or not digits or len(digits) > 8 or not digits.isdigit():
+    cdef Py_ssize_t n = len(value)
+    # Explicit bounds: this module is compiled with wraparound=False.
+    unit = _TIMEOUT_UNITS.get(value[n - 1:n]) if n >= 2 else None
+    digits = value[:n - 1] if n >= 2 else b""
+    if unit is None or len(digits) > 8 or not digits.isdigit():
         raise ValueError(f"transport: malformed grpc-timeout: {value.decode('latin-1')!r}")
     return int(digits) * unit
 

@@ -1,8 +1,11 @@
 """Type stub of the compiled core (konnectivity_fast/_wire.pyx + csrc/)."""
 
-from collections.abc import Buffer, Iterable
+from collections.abc import Iterable
+from typing import TypeAlias
 
 from konnectivity_fast.wire.packets import Packet
+
+Buffer: TypeAlias = bytes | bytearray | memoryview
 
 SOURCE_DIGEST: str
 DEFAULT_MAX_RECEIVE_MESSAGE_SIZE: int

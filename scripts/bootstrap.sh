@@ -52,5 +52,6 @@ flock /tmp/konnectivity-fast-build.lock .venv/bin/python setup.py -q build_ext -
 .venv/bin/python -c "import konnectivity_fast._wire" \
   || { echo "bootstrap: the compiled core does not import" >&2; exit 1; }
 if ! .venv/bin/python -m pip show -q konnectivity-fast >/dev/null 2>&1; then
-  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
+    || .venv/bin/python -m pip install --no-deps --no-build-isolation -e .
 fi

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 import tempfile
@@ -45,7 +44,9 @@ async def _demo_server(call: kgrpc.GrpcCall) -> None:
             continue
         pkt = decode_packet(msg)
         if pkt.type == PacketType.DIAL_REQ and isinstance(pkt.payload, DialRequest):
-            reply = Packet(PacketType.DIAL_RSP, DialResponse(connect_id=1, random=pkt.payload.random))
+            reply = Packet(
+                PacketType.DIAL_RSP, DialResponse(connect_id=1, random=pkt.payload.random)
+            )
         elif pkt.type == PacketType.CLOSE_REQ and isinstance(pkt.payload, CloseRequest):
             reply = Packet(PacketType.CLOSE_RSP, CloseResponse(connect_id=pkt.payload.connect_id))
         else:

@@ -52,7 +52,8 @@ class GrpcError(Exception):
     """A call that ended with a non-OK status."""
 
     def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"{StatusCode(status).name if status in StatusCode._value2member_map_ else status}: {message}")
+        known = status in StatusCode._value2member_map_
+        super().__init__(f"{StatusCode(status).name if known else status}: {message}")
         self.status = status
         self.message = message
 
@@ -138,9 +139,9 @@ class GrpcCall:
 
     def _check_drained(self) -> None:
         w = self._drain_waiter
-        if w is not None and not w.done():
-            if self._proto.conn.outbound_pending(self.stream_id) < CALL_SEND_HIGH_WATER:
-                w.set_result(None)
+        pending = self._proto.conn.outbound_pending(self.stream_id)
+        if w is not None and not w.done() and pending < CALL_SEND_HIGH_WATER:
+            w.set_result(None)
 
     def send_headers(self, metadata: Iterable[tuple[str, str]]) -> None:
         """Server role: response headers carrying metadata."""
@@ -212,13 +213,18 @@ class GrpcProtocol(asyncio.BufferedProtocol):
         # uvloop's transports do not subclass asyncio.Transport, but implement it.
         self.transport = cast(asyncio.Transport, transport)
         ssl_object = transport.get_extra_info("ssl_object")
-        if ssl_object is not None and self._require_alpn:
-            # grpc-go refuses TLS connections that did not negotiate h2 by ALPN.
-            if ssl_object.selected_alpn_protocol() != "h2":
-                log.info("closing TLS connection without ALPN h2 from %s",
-                         transport.get_extra_info("peername"))
-                transport.abort()
-                return
+        # grpc-go refuses TLS connections that did not negotiate h2 by ALPN.
+        if (
+            ssl_object is not None
+            and self._require_alpn
+            and ssl_object.selected_alpn_protocol() != "h2"
+        ):
+            log.info(
+                "closing TLS connection without ALPN h2 from %s",
+                transport.get_extra_info("peername"),
+            )
+            self.transport.abort()
+            return
         self._flush()
         if not self.connected.done():
             self.connected.set_result(None)
@@ -266,8 +272,12 @@ class GrpcProtocol(asyncio.BufferedProtocol):
     # -- client role --
 
     def start_call(
-        self, path: str, metadata: Iterable[tuple[str, str]] = (), authority: str = "localhost",
-        scheme: str = "http", timeout: float | None = None,
+        self,
+        path: str,
+        metadata: Iterable[tuple[str, str]] = (),
+        authority: str = "localhost",
+        scheme: str = "http",
+        timeout: float | None = None,
     ) -> GrpcCall:
         stream_id = self.conn.start_request(path, metadata, authority, scheme, timeout)
         call = GrpcCall(self, stream_id, path, [])
@@ -405,8 +415,11 @@ class GrpcProtocol(asyncio.BufferedProtocol):
             return
         if call.status is None and self.conn.server:
             # Server role: the client reset the call (CANCEL -> CANCELLED).
-            call.status = StatusCode.CANCELLED if ev.error_code == 8 else (
-                StatusCode.OK if ev.error_code == 0 else StatusCode.INTERNAL)
+            call.status = (
+                StatusCode.CANCELLED
+                if ev.error_code == 8
+                else (StatusCode.OK if ev.error_code == 0 else StatusCode.INTERNAL)
+            )
         call._end()
         if not call.headers_received.done():
             call.headers_received.set_result([])
@@ -475,9 +488,11 @@ async def serve(
     result = GrpcServer()
 
     def factory() -> GrpcProtocol:
-        return result._track(GrpcProtocol(
-            True, handler, loop=loop, require_alpn_h2=ssl is not None, **engine_options
-        ))
+        return result._track(
+            GrpcProtocol(
+                True, handler, loop=loop, require_alpn_h2=ssl is not None, **engine_options
+            )
+        )
 
     if path is not None:
         result.server = await loop.create_unix_server(factory, path, **_ssl_args(ssl))
@@ -508,6 +523,8 @@ async def connect(
             factory, path, server_hostname=server_hostname, **_ssl_args(ssl)
         )
     else:
+        if host is None or port is None:
+            raise ValueError("connect() needs path, or host and port")
         _, proto = await loop.create_connection(
             factory, host, port, server_hostname=server_hostname, **_ssl_args(ssl)
         )

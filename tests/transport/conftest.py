@@ -59,8 +59,14 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
         (d / name).write_bytes(blob)
         paths[name] = str(d / name)
     return Certs(
-        paths["ca.pem"], paths["server.pem"], paths["server.key"], paths["client.pem"],
-        paths["client.key"], ca.cert_pem.bytes(), server.cert_chain_pems[0].bytes(),
-        server.private_key_pem.bytes(), client.cert_chain_pems[0].bytes(),
+        paths["ca.pem"],
+        paths["server.pem"],
+        paths["server.key"],
+        paths["client.pem"],
+        paths["client.key"],
+        ca.cert_pem.bytes(),
+        server.cert_chain_pems[0].bytes(),
+        server.private_key_pem.bytes(),
+        client.cert_chain_pems[0].bytes(),
         client.private_key_pem.bytes(),
     )

@@ -91,7 +91,9 @@ def make_echo_handler(seen: EchoLog) -> kgrpc.Handler:
 
 
 @contextlib.asynccontextmanager
-async def our_server(kind: str, sock_dir: str, certs: Certs, seen: EchoLog) -> AsyncIterator[Endpoint]:
+async def our_server(
+    kind: str, sock_dir: str, certs: Certs, seen: EchoLog
+) -> AsyncIterator[Endpoint]:
     handler = make_echo_handler(seen)
     if kind == "uds":
         path = os.path.join(sock_dir, "s.sock")
@@ -124,13 +126,17 @@ def stub(channel: grpc.aio.Channel) -> Any:
     return channel.stream_stream(PATH)  # no serializers: raw bytes
 
 
-def test_grpcio_client_echo_sizes(run: RunFn, transport_kind: str, sock_dir: str, certs: Certs) -> None:
+def test_grpcio_client_echo_sizes(
+    run: RunFn, transport_kind: str, sock_dir: str, certs: Certs
+) -> None:
     seen = EchoLog()
 
     async def main() -> None:
         async with our_server(transport_kind, sock_dir, certs, seen) as ep:
             async with grpcio_channel(ep) as channel:
-                call = stub(channel)(metadata=(("agentid", "agent-7"), ("agentidentifiers", "host=a")))
+                call = stub(channel)(
+                    metadata=(("agentid", "agent-7"), ("agentidentifiers", "host=a"))
+                )
                 headers = dict(await call.initial_metadata())
                 for size in SIZES:
                     payload = os.urandom(size)
@@ -147,7 +153,9 @@ def test_grpcio_client_echo_sizes(run: RunFn, transport_kind: str, sock_dir: str
     run(main())
 
 
-def test_grpcio_client_100_concurrent_streams(run: RunFn, transport_kind: str, sock_dir: str, certs: Certs) -> None:
+def test_grpcio_client_100_concurrent_streams(
+    run: RunFn, transport_kind: str, sock_dir: str, certs: Certs
+) -> None:
     seen = EchoLog()
 
     async def one(channel: grpc.aio.Channel, i: int) -> int:
@@ -170,7 +178,9 @@ def test_grpcio_client_100_concurrent_streams(run: RunFn, transport_kind: str, s
     run(main())
 
 
-def test_grpcio_client_cancels(run: RunFn, transport_kind: str, sock_dir: str, certs: Certs) -> None:
+def test_grpcio_client_cancels(
+    run: RunFn, transport_kind: str, sock_dir: str, certs: Certs
+) -> None:
     seen = EchoLog()
 
     async def main() -> None:
@@ -202,7 +212,9 @@ def test_our_server_cancels(run: RunFn, transport_kind: str, sock_dir: str, cert
     run(main())
 
 
-def test_grpcio_client_message_over_limit(run: RunFn, transport_kind: str, sock_dir: str, certs: Certs) -> None:
+def test_grpcio_client_message_over_limit(
+    run: RunFn, transport_kind: str, sock_dir: str, certs: Certs
+) -> None:
     async def main() -> None:
         async with our_server(transport_kind, sock_dir, certs, EchoLog()) as ep:
             async with grpcio_channel(ep) as channel:
@@ -262,7 +274,9 @@ async def grpcio_echo(request_iterator: Any, context: Any, log: ServerLog) -> As
 
 
 @contextlib.asynccontextmanager
-async def grpcio_server(kind: str, sock_dir: str, certs: Certs, log: ServerLog) -> AsyncIterator[Endpoint]:
+async def grpcio_server(
+    kind: str, sock_dir: str, certs: Certs, log: ServerLog
+) -> AsyncIterator[Endpoint]:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", LIMIT)])
 
     async def handler(request_iterator: Any, context: Any) -> AsyncIterator[bytes]:
@@ -270,8 +284,11 @@ async def grpcio_server(kind: str, sock_dir: str, certs: Certs, log: ServerLog) 
             yield msg
 
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(
-            SERVICE, {METHOD: grpc.stream_stream_rpc_method_handler(handler)}),)
+        (
+            grpc.method_handlers_generic_handler(
+                SERVICE, {METHOD: grpc.stream_stream_rpc_method_handler(handler)}
+            ),
+        )
     )
     if kind == "uds":
         path = os.path.join(sock_dir, "g.sock")
@@ -296,12 +313,15 @@ async def our_client(ep: Endpoint) -> kgrpc.GrpcProtocol:
     if ep.uds:
         return await kgrpc.connect(path=ep.uds)
     assert ep.certs is not None
-    ctx = tls.client_context(ep.certs.ca, ep.certs.client_cert, ep.certs.client_key,
-                             extra_alpn=["konnectivity-test"])
+    ctx = tls.client_context(
+        ep.certs.ca, ep.certs.client_cert, ep.certs.client_key, extra_alpn=["konnectivity-test"]
+    )
     return await kgrpc.connect(host="127.0.0.1", port=ep.port, ssl=ctx, server_hostname="localhost")
 
 
-def test_our_client_echo_sizes(run: RunFn, transport_kind: str, sock_dir: str, certs: Certs) -> None:
+def test_our_client_echo_sizes(
+    run: RunFn, transport_kind: str, sock_dir: str, certs: Certs
+) -> None:
     log = ServerLog()
 
     async def main() -> None:
@@ -325,7 +345,9 @@ def test_our_client_echo_sizes(run: RunFn, transport_kind: str, sock_dir: str, c
     run(main())
 
 
-def test_our_client_100_concurrent_streams(run: RunFn, transport_kind: str, sock_dir: str, certs: Certs) -> None:
+def test_our_client_100_concurrent_streams(
+    run: RunFn, transport_kind: str, sock_dir: str, certs: Certs
+) -> None:
     async def one(proto: kgrpc.GrpcProtocol, i: int) -> int:
         call = proto.start_call(PATH)
         for j in range(10):
@@ -384,7 +406,9 @@ def test_our_client_cancels(run: RunFn, transport_kind: str, sock_dir: str, cert
     run(main())
 
 
-def test_our_client_cancel_reaches_our_server(run: RunFn, transport_kind: str, sock_dir: str, certs: Certs) -> None:
+def test_our_client_cancel_reaches_our_server(
+    run: RunFn, transport_kind: str, sock_dir: str, certs: Certs
+) -> None:
     seen = EchoLog()
 
     async def main() -> None:
@@ -405,7 +429,9 @@ def test_our_client_cancel_reaches_our_server(run: RunFn, transport_kind: str, s
     run(main())
 
 
-def test_grpcio_server_cancels(run: RunFn, transport_kind: str, sock_dir: str, certs: Certs) -> None:
+def test_grpcio_server_cancels(
+    run: RunFn, transport_kind: str, sock_dir: str, certs: Certs
+) -> None:
     async def main() -> None:
         async with grpcio_server(transport_kind, sock_dir, certs, ServerLog()) as ep:
             proto = await our_client(ep)
@@ -419,7 +445,9 @@ def test_grpcio_server_cancels(run: RunFn, transport_kind: str, sock_dir: str, c
     run(main())
 
 
-def test_our_client_sends_over_limit(run: RunFn, transport_kind: str, sock_dir: str, certs: Certs) -> None:
+def test_our_client_sends_over_limit(
+    run: RunFn, transport_kind: str, sock_dir: str, certs: Certs
+) -> None:
     async def main() -> None:
         async with grpcio_server(transport_kind, sock_dir, certs, ServerLog()) as ep:
             proto = await our_client(ep)
@@ -432,14 +460,18 @@ def test_our_client_sends_over_limit(run: RunFn, transport_kind: str, sock_dir: 
     run(main())
 
 
-def test_our_client_receives_over_limit(run: RunFn, transport_kind: str, sock_dir: str, certs: Certs) -> None:
+def test_our_client_receives_over_limit(
+    run: RunFn, transport_kind: str, sock_dir: str, certs: Certs
+) -> None:
     async def main() -> None:
         async with grpcio_server(transport_kind, sock_dir, certs, ServerLog()) as ep:
             proto = await our_client(ep)
             call = proto.start_call(PATH)
             call.send(b"too-big")
             assert await call.wait_status() == StatusCode.RESOURCE_EXHAUSTED
-            assert call.message == f"grpc: received message larger than max ({LIMIT + 1} vs. {LIMIT})"
+            assert (
+                call.message == f"grpc: received message larger than max ({LIMIT + 1} vs. {LIMIT})"
+            )
             # Only that call failed: the connection carries a new one.
             again = proto.start_call(PATH)
             again.send(b"still here")

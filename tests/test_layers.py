@@ -1,0 +1,63 @@
+"""Dependencies point down only (ARCHITECTURE.md, "Layers"), checked on the source.
+
+Each layer lists the project packages it may import; sans-IO layers may not import I/O or
+clock modules at all.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "konnectivity_fast"
+
+# layer -> project modules it may import (prefixes); "" is the package root's own modules.
+ALLOWED: dict[str, tuple[str, ...]] = {
+    "wire": ("konnectivity_fast.wire", "konnectivity_fast._compiled", "konnectivity_fast._build"),
+    "tunnel": ("konnectivity_fast.wire", "konnectivity_fast.tunnel"),
+    "transport": ("konnectivity_fast.wire", "konnectivity_fast.transport",
+                  "konnectivity_fast._compiled"),
+    "server": ("konnectivity_fast.wire", "konnectivity_fast.tunnel", "konnectivity_fast.transport",
+               "konnectivity_fast.server", "konnectivity_fast._compiled"),
+    "agent": ("konnectivity_fast.wire", "konnectivity_fast.tunnel", "konnectivity_fast.transport",
+              "konnectivity_fast.agent", "konnectivity_fast._compiled"),
+    "client": ("konnectivity_fast.wire", "konnectivity_fast.transport", "konnectivity_fast.client",
+               "konnectivity_fast._compiled"),
+}
+# Sans-IO layers: no sockets, no event loop, no clock.
+NO_IO = {"wire", "tunnel"}
+IO_MODULES = {"asyncio", "socket", "ssl", "time", "uvloop", "selectors", "threading"}
+
+
+def imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def layer_files() -> list[tuple[str, Path]]:
+    return [
+        (layer, path)
+        for layer in ALLOWED
+        if (PACKAGE / layer).is_dir()
+        for path in sorted((PACKAGE / layer).rglob("*.py"))
+    ]
+
+
+@pytest.mark.parametrize(("layer", "path"), layer_files(), ids=lambda v: str(v).split("/")[-1])
+def test_layer_imports(layer: str, path: Path) -> None:
+    for name in imports(path):
+        if name.startswith("konnectivity_fast"):
+            assert name.startswith(ALLOWED[layer]), f"{path.name} ({layer}/) imports {name}"
+        if layer in NO_IO:
+            assert name.split(".")[0] not in IO_MODULES, f"{path.name} ({layer}/) imports {name}"
+
+
+def test_layers_exist() -> None:
+    assert layer_files(), "no layer found: the checker would pass vacuously"
