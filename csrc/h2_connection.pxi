@@ -586,7 +586,11 @@ cdef class H2Connection:
         if self.server:
             s.outq = []
             s.out_pending = 0
-            self.send_trailers(s.id, status, message)
+            if s.local_done:
+                # Our trailers are already on their way: only a reset can stop the input.
+                self.reset_stream(s.id, NGHTTP2_CANCEL)
+            else:
+                self.send_trailers(s.id, status, message)
             ev = _event(_EV_ABORTED, s.id)
             ev.status = status
             ev.message = message

@@ -120,9 +120,13 @@ class GrpcCall:
 
     def send(self, message: bytes | bytearray | memoryview) -> None:
         """Queue one message; it goes out with the next flush."""
-        if self.closed.done():
-            raise GrpcError(self.status or StatusCode.CANCELLED, "the call is closed")
-        self._proto.conn.send_message(self.stream_id, message)
+        try:
+            if self.closed.done():
+                raise KeyError(self.stream_id)
+            self._proto.conn.send_message(self.stream_id, message)
+        except (KeyError, RuntimeError):
+            # The stream is gone or finished (perhaps in events not yet dispatched).
+            raise GrpcError(self.status or StatusCode.CANCELLED, "the call is closed") from None
         self._proto.schedule_flush()
 
     async def drain(self) -> None:
