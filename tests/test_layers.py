@@ -15,16 +15,36 @@ PACKAGE = Path(__file__).resolve().parent.parent / "konnectivity_fast"
 
 # layer -> project modules it may import (prefixes); "" is the package root's own modules.
 ALLOWED: dict[str, tuple[str, ...]] = {
+    "metrics": ("konnectivity_fast.metrics",),
     "wire": ("konnectivity_fast.wire", "konnectivity_fast._compiled", "konnectivity_fast._build"),
     "tunnel": ("konnectivity_fast.wire", "konnectivity_fast.tunnel"),
-    "transport": ("konnectivity_fast.wire", "konnectivity_fast.transport",
-                  "konnectivity_fast._compiled"),
-    "server": ("konnectivity_fast.wire", "konnectivity_fast.tunnel", "konnectivity_fast.transport",
-               "konnectivity_fast.server", "konnectivity_fast._compiled"),
-    "agent": ("konnectivity_fast.wire", "konnectivity_fast.tunnel", "konnectivity_fast.transport",
-              "konnectivity_fast.agent", "konnectivity_fast._compiled"),
-    "client": ("konnectivity_fast.wire", "konnectivity_fast.transport", "konnectivity_fast.client",
-               "konnectivity_fast._compiled"),
+    "transport": (
+        "konnectivity_fast.wire",
+        "konnectivity_fast.transport",
+        "konnectivity_fast._compiled",
+    ),
+    "server": (
+        "konnectivity_fast.wire",
+        "konnectivity_fast.tunnel",
+        "konnectivity_fast.transport",
+        "konnectivity_fast.server",
+        "konnectivity_fast.metrics",
+        "konnectivity_fast._compiled",
+    ),
+    "agent": (
+        "konnectivity_fast.wire",
+        "konnectivity_fast.tunnel",
+        "konnectivity_fast.transport",
+        "konnectivity_fast.agent",
+        "konnectivity_fast.metrics",
+        "konnectivity_fast._compiled",
+    ),
+    "client": (
+        "konnectivity_fast.wire",
+        "konnectivity_fast.transport",
+        "konnectivity_fast.client",
+        "konnectivity_fast._compiled",
+    ),
 }
 # Sans-IO layers: no sockets, no event loop, no clock.
 NO_IO = {"wire", "tunnel"}
