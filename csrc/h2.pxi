@@ -34,7 +34,8 @@ DEFAULT_MAX_CONCURRENT_STREAMS = 10000
 # Bytes a peer may send on one stream before we consume them. This is the most a paused
 # stream buffers, so it is the per-tunnel buffer of a gRPC frontend tunnel.
 DEFAULT_STREAM_WINDOW = 1 << 20
-# Bytes a peer may send on the whole connection before we consume them.
+# Connection-level window. It is given back as soon as bytes arrive (as grpc-go does), so it
+# only paces the transport; the per-stream windows bound what paused streams hold.
 DEFAULT_CONNECTION_WINDOW = 16 << 20
 # Request/response header lists above this are refused (RST_STREAM FRAME_SIZE_ERROR, as
 # grpc-go does for a truncated header block). Konnectivity metadata, a bearer token
@@ -180,7 +181,8 @@ cdef int _cb_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
     except BaseException as exc:
         conn._error = exc
         return NGHTTP2_ERR_CALLBACK_FAILURE
-    return 0
+    # A refused peer (e.g. too_many_pings): stop parsing the rest of this read.
+    return NGHTTP2_ERR_CALLBACK_FAILURE if conn._stop_input else 0
 
 
 cdef int _cb_frame_send(nghttp2_session *session, const nghttp2_frame *frame,

@@ -14,7 +14,7 @@ cdef class H2Connection:
     cdef list _events
     cdef bytearray _out
     cdef set _to_consume
-    cdef Py_ssize_t _orphan_bytes
+    cdef Py_ssize_t _conn_unconsumed
     cdef object _error
     cdef readonly Py_ssize_t max_message_size
     cdef readonly Py_ssize_t max_header_list_size
@@ -34,6 +34,8 @@ cdef class H2Connection:
     cdef double _last_ping_at
     cdef int _ping_strikes
     cdef bint _reset_strikes
+    # Set when we refuse the peer: the rest of the current read is not processed.
+    cdef bint _stop_input
 
     def __cinit__(self):
         self._session = NULL
@@ -73,6 +75,11 @@ cdef class H2Connection:
         try:
             nghttp2_option_set_no_auto_window_update(opt, 1)
             nghttp2_option_set_max_outbound_ack(opt, MAX_OUTBOUND_ACK)
+            # We ACK pings ourselves, after the ping policy: the ping that breaks it gets
+            # GOAWAY, not an ACK (as grpc-go).
+            nghttp2_option_set_no_auto_ping_ack(opt, 1)
+            # grpc-go sends grpc-message values with edge spaces unencoded: accept them.
+            nghttp2_option_set_no_rfc9113_leading_and_trailing_ws_validation(opt, 1)
             if server:
                 rv = nghttp2_session_server_new2(&self._session, _CALLBACKS, <void *>self, opt)
             else:
@@ -122,7 +129,8 @@ cdef class H2Connection:
             PyBuffer_Release(&view)
         self._raise_callback_error()
         if rv < 0:
-            self._terminate(f"http2: {nghttp2_strerror(<int>rv).decode()}")
+            self._terminate(f"http2: {nghttp2_strerror(<int>rv).decode()}",
+                            NGHTTP2_PROTOCOL_ERROR)
         return self.take_events()
 
     def take_events(self):
@@ -201,12 +209,14 @@ cdef class H2Connection:
         cdef _Stream s = _Stream.__new__(_Stream)
         if self.server:
             raise RuntimeError("start_request needs the client role")
+        if self.terminated:
+            raise RuntimeError("the connection is closed")
         headers = [(b":method", b"POST"), (b":scheme", scheme.encode()),
                    (b":path", path.encode()), (b":authority", authority.encode()),
                    (b"content-type", b"application/grpc"),
                    (b"user-agent", self._user_agent), (b"te", b"trailers")]
         if timeout is not None:
-            headers.append((b"grpc-timeout", b"%dm" % max(1, int(timeout * 1000))))
+            headers.append((b"grpc-timeout", encode_grpc_timeout(timeout)))
         headers += _metadata_out(metadata)
         s.provider = True
         s.id = self._submit(headers, s, 0, True)
@@ -409,21 +419,25 @@ cdef class H2Connection:
         return 0
 
     cdef int _consume(self) except -1:
+        """Give window back. The connection window is returned for every byte received at
+        once, as grpc-go does, so a paused stream cannot stall its neighbours; the stream
+        window only for unpaused streams, which is the per-stream backpressure. Memory held
+        is thus bounded per stream by its window."""
         cdef _Stream s
         cdef set keep = set()
         for s in self._to_consume:
             if s.paused:
                 keep.add(s)
             elif s.unconsumed:
-                _check(nghttp2_session_consume(self._session, s.id, s.unconsumed))
+                _check(nghttp2_session_consume_stream(self._session, s.id, s.unconsumed))
                 s.unconsumed = 0
         self._to_consume = keep
-        if self._orphan_bytes:
-            _check(nghttp2_session_consume_connection(self._session, self._orphan_bytes))
-            self._orphan_bytes = 0
+        if self._conn_unconsumed:
+            _check(nghttp2_session_consume_connection(self._session, self._conn_unconsumed))
+            self._conn_unconsumed = 0
         return 0
 
-    cdef int _terminate(self, str why) except -1:
+    cdef int _terminate(self, str why, uint32_t code=NGHTTP2_NO_ERROR) except -1:
         """The connection cannot go on: queue GOAWAY (if nghttp2 has not) and EV_ERROR."""
         cdef H2Event ev
         if self.terminated:
@@ -431,7 +445,7 @@ cdef class H2Connection:
         self.terminated = True
         nghttp2_submit_goaway(self._session, NGHTTP2_FLAG_NONE,
                               nghttp2_session_get_last_proc_stream_id(self._session),
-                              NGHTTP2_NO_ERROR, NULL, 0)
+                              code, NULL, 0)
         ev = _event(_EV_ERROR, 0)
         ev.message = why
         self._events.append(ev)
@@ -497,8 +511,15 @@ cdef class H2Connection:
                 ev = _event(_EV_PING_ACK, 0)
                 ev.data = PyBytes_FromStringAndSize(<const char *>frame.ping.opaque_data, 8)
                 self._events.append(ev)
-            elif self.server and self._min_ping >= 0:
-                self._enforce_ping_policy()
+            else:
+                if self.server and self._min_ping >= 0:
+                    self._enforce_ping_policy()
+                if not self.terminated and nghttp2_submit_ping(
+                        self._session, NGHTTP2_FLAG_ACK, frame.ping.opaque_data) < 0:
+                    # nghttp2 refuses to queue more ACKs for a peer that does not read.
+                    self._terminate("http2: ping flood from a peer that does not read",
+                                    NGHTTP2_ENHANCE_YOUR_CALM)
+                    self._stop_input = True
         elif t == NGHTTP2_GOAWAY:
             ev = _event(_EV_GOAWAY, frame.goaway.last_stream_id)
             ev.error_code = frame.goaway.error_code
@@ -510,6 +531,16 @@ cdef class H2Connection:
     cdef int _on_frame_send(self, const nghttp2_frame *frame) except -1:
         cdef int t = frame.hd.type
         cdef _Stream s
+        cdef H2Event ev
+        if t == NGHTTP2_GOAWAY and frame.goaway.error_code != NGHTTP2_NO_ERROR:
+            if not self.terminated:
+                # nghttp2 found a protocol error in the peer's input and is closing.
+                self.terminated = True
+                ev = _event(_EV_ERROR, 0)
+                ev.message = f"http2: peer violated the protocol (GOAWAY error code " \
+                             f"{frame.goaway.error_code} sent)"
+                self._events.append(ev)
+            return 0
         if t == NGHTTP2_HEADERS or t == NGHTTP2_DATA:
             # grpc-go forgives a client's earlier pings once the server has sent something.
             self._reset_strikes = True
@@ -526,8 +557,8 @@ cdef class H2Connection:
     cdef int _on_data_chunk(self, int32_t stream_id, const uint8_t *data,
                             size_t length) except -1:
         cdef _Stream s = self._streams.get(stream_id)
+        self._conn_unconsumed += length
         if s is None:
-            self._orphan_bytes += length
             return 0
         s.unconsumed += length
         self._to_consume.add(s)
@@ -550,7 +581,6 @@ cdef class H2Connection:
             self._finish(s, status, f"stream terminated by RST_STREAM with error code: "
                                     f"{error_code}", [])
         self._to_consume.discard(s)
-        self._orphan_bytes += s.unconsumed
         s.unconsumed = 0
         ev = _event(_EV_CLOSED, stream_id)
         ev.error_code = error_code
@@ -569,6 +599,8 @@ cdef class H2Connection:
             self._events.append(_event(_EV_END, s.id))
         else:
             self._finish(s, 13, "server closed the stream without sending trailers", [])
+            if not s.local_done:
+                self.reset_stream(s.id, NGHTTP2_NO_ERROR)
         return 0
 
     cdef int _emit_message(self, int32_t stream_id, bytes msg) except -1:
@@ -637,11 +669,10 @@ cdef class H2Connection:
         ctype = pseudo.get(b"content-type", b"")
         if method != b"POST":
             self._early_abort(s, b"405", 13,
-                              f"invalid gRPC request method {method.decode('latin-1')!r}")
-        elif not (ctype == b"application/grpc" or ctype.startswith(b"application/grpc+")
-                  or ctype.startswith(b"application/grpc;")):
+                              f"invalid gRPC request method {_echoed(method)!r}")
+        elif not _is_grpc_content_type(ctype):
             self._early_abort(s, b"415", 3,
-                              f"invalid gRPC request content-type {ctype.decode('latin-1')!r}")
+                              f"invalid gRPC request content-type {_echoed(ctype)!r}")
         else:
             ev = _event(_EV_REQUEST, s.id)
             ev.path = pseudo.get(b":path", b"").decode("latin-1")
@@ -682,6 +713,9 @@ cdef class H2Connection:
             else:
                 metadata.append((name.decode("latin-1"), value.decode("latin-1")))
         s.headers = []
+        if s.header_blocks == 1 and special.get(b":status", b"")[:1] == b"1":
+            s.header_blocks = 0  # informational (1xx): grpc-go ignores it, so do we
+            return 0
         if s.header_blocks == 1 and not end_stream:
             http_status = special.get(b":status", b"")
             if http_status != b"200":
@@ -690,6 +724,11 @@ cdef class H2Connection:
                                   f"unexpected HTTP status code received from server: "
                                   f"{http_status.decode('latin-1')}")
                 return 0
+            ctype = special.get(b"content-type", b"")
+            if not _is_grpc_content_type(ctype):
+                self._fail_stream(s, 13, f"transport: received unexpected content-type "
+                                         f"{_echoed(ctype)!r}")
+                return 0
             ev = _event(_EV_HEADERS, s.id)
             ev.metadata = metadata
             self._events.append(ev)
@@ -697,7 +736,7 @@ cdef class H2Connection:
         # Trailers (or Trailers-Only): the call's outcome.
         s.remote_ended = True
         raw_status = special.get(b"grpc-status")
-        if raw_status is None or not raw_status.isdigit():
+        if raw_status is None or not _valid_status(raw_status):
             code = int(special.get(b":status", b"0") or 0) if s.header_blocks == 1 else 200
             status = _HTTP_TO_GRPC.get(code, 2) if code != 200 else 13
             message = ("server closed the stream without sending trailers"
@@ -728,6 +767,7 @@ cdef class H2Connection:
         self._last_ping_at = self._now
         if self._ping_strikes > MAX_PING_STRIKES and not self.terminated:
             self.terminated = True
+            self._stop_input = True
             _check(nghttp2_submit_goaway(
                 self._session, NGHTTP2_FLAG_NONE,
                 nghttp2_session_get_last_proc_stream_id(self._session),
@@ -736,6 +776,25 @@ cdef class H2Connection:
             ev.message = "got too many pings from the client"
             self._events.append(ev)
         return 0
+
+
+# Bytes of a peer's header value quoted back in an error message: bounds the reply a short
+# request can cause (HPACK lets a peer send a long value in a few bytes).
+MAX_ECHOED_VALUE = 64
+
+
+cdef str _echoed(bytes value):
+    return value[:MAX_ECHOED_VALUE].decode("latin-1")
+
+
+cdef inline bint _is_grpc_content_type(bytes ctype):
+    return (ctype == b"application/grpc" or ctype.startswith(b"application/grpc+")
+            or ctype.startswith(b"application/grpc;"))
+
+
+cdef inline bint _valid_status(bytes raw):
+    # grpc-go parses grpc-status as a uint32 and rejects larger values; codes are int32.
+    return raw.isdigit() and len(raw) <= 10 and int(raw) <= 0x7FFFFFFF
 
 
 cdef inline int _check(int rv) except -1:

@@ -2,6 +2,7 @@
 # small gRPC header helpers (grpc-message percent-encoding, grpc-timeout).
 
 from libc.stdint cimport int32_t, uint8_t, uint32_t
+from libc.math cimport ceil
 from libc.string cimport memcpy
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 
@@ -135,18 +136,23 @@ cdef str _flag_error(uint8_t flag):
 
 
 # grpc-message: percent-encode bytes outside printable ASCII, and '%' itself (gRPC spec).
+# A leading or trailing space is encoded too: HTTP/2 forbids it at a field value's edges
+# (RFC 9113 §8.2.1), and nghttp2 peers reject such a field.
 cdef bytes _percent_encode(str message):
     cdef bytes raw = message.encode("utf-8", "surrogateescape")
     cdef bytearray out
     cdef uint8_t c
-    for c in raw:
-        if c < 0x20 or c > 0x7E or c == 0x25:
+    cdef Py_ssize_t i, n = len(raw)
+    for i in range(n):
+        c = raw[i]
+        if c < 0x20 or c > 0x7E or c == 0x25 or (c == 0x20 and (i == 0 or i == n - 1)):
             break
     else:
         return raw
     out = bytearray()
-    for c in raw:
-        if c < 0x20 or c > 0x7E or c == 0x25:
+    for i in range(n):
+        c = raw[i]
+        if c < 0x20 or c > 0x7E or c == 0x25 or (c == 0x20 and (i == 0 or i == n - 1)):
             out += b"%%%02X" % c
         else:
             out.append(c)
@@ -175,6 +181,24 @@ cdef inline bint _is_hex(uint8_t c):
 
 # grpc-timeout: up to 8 ASCII digits and a unit (gRPC over HTTP/2 spec).
 _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+# Units from finest to coarsest, in nanoseconds, for encoding.
+_TIMEOUT_ENCODE = ((1, b"n"), (1000, b"u"), (1000000, b"m"), (1000000000, b"S"),
+                   (60000000000, b"M"), (3600000000000, b"H"))
+_TIMEOUT_MAX_DIGITS_VALUE = 99999999
+
+
+def encode_grpc_timeout(double seconds):
+    """grpc-timeout for `seconds`: the finest unit whose value fits 8 digits, rounded up
+    (as grpc-go encodes it), so a deadline is never shortened."""
+    cdef long long ns
+    if seconds <= 0:
+        return b"0n"
+    ns = <long long>ceil(seconds * 1e9)
+    for unit, letter in _TIMEOUT_ENCODE:
+        value = -(-ns // unit)
+        if value <= _TIMEOUT_MAX_DIGITS_VALUE:
+            return b"%d%s" % (value, letter)
+    return b"%d%s" % (_TIMEOUT_MAX_DIGITS_VALUE, b"H")
 
 
 def parse_grpc_timeout(bytes value):

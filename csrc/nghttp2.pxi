@@ -157,6 +157,9 @@ cdef extern from "nghttp2/nghttp2.h":
     void nghttp2_option_set_max_send_header_block_length(nghttp2_option *option, size_t val)
     void nghttp2_option_set_max_outbound_ack(nghttp2_option *option, size_t val)
     void nghttp2_option_set_max_settings(nghttp2_option *option, size_t val)
+    void nghttp2_option_set_no_auto_ping_ack(nghttp2_option *option, int val)
+    void nghttp2_option_set_no_rfc9113_leading_and_trailing_ws_validation(
+        nghttp2_option *option, int val)
 
     int nghttp2_session_server_new2(
         nghttp2_session **session_ptr, const nghttp2_session_callbacks *callbacks,
@@ -172,6 +175,7 @@ cdef extern from "nghttp2/nghttp2.h":
     int nghttp2_session_want_write(nghttp2_session *session)
     int nghttp2_session_consume(nghttp2_session *session, int32_t stream_id, size_t size)
     int nghttp2_session_consume_connection(nghttp2_session *session, size_t size)
+    int nghttp2_session_consume_stream(nghttp2_session *session, int32_t stream_id, size_t size)
     int nghttp2_session_resume_data(nghttp2_session *session, int32_t stream_id)
     int nghttp2_session_set_local_window_size(
         nghttp2_session *session, uint8_t flags, int32_t stream_id, int32_t window_size)

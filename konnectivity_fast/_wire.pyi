@@ -34,6 +34,7 @@ MAX_PING_STRIKES: int
 PING_IDLE_INTERVAL: float
 DEFAULT_KEEPALIVE_TIMEOUT: float
 MAX_OUTBOUND_ACK: int
+MAX_ECHOED_VALUE: int
 
 EV_REQUEST: int
 EV_HEADERS: int
@@ -47,6 +48,7 @@ EV_GOAWAY: int
 EV_ERROR: int
 
 def parse_grpc_timeout(value: bytes) -> float: ...
+def encode_grpc_timeout(seconds: float) -> bytes: ...
 
 class H2Event:
     @property

@@ -283,7 +283,10 @@ class GrpcProtocol(asyncio.BufferedProtocol):
         scheme: str = "http",
         timeout: float | None = None,
     ) -> GrpcCall:
-        stream_id = self.conn.start_request(path, metadata, authority, scheme, timeout)
+        try:
+            stream_id = self.conn.start_request(path, metadata, authority, scheme, timeout)
+        except RuntimeError as exc:
+            raise GrpcError(StatusCode.UNAVAILABLE, str(exc)) from None
         call = GrpcCall(self, stream_id, path, [])
         self.calls[stream_id] = call
         self.schedule_flush()

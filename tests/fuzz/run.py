@@ -20,13 +20,32 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent
-HARNESSES = {"codec": HERE / "fuzz_codec.py"}
-SEED_DIRS = [(HERE / "corpus", "*"), (TESTS / "data" / "wire", "*.bin")]
-MAX_LEN = 4096  # bytes per input: the codec's paths are all reachable well below this
+
+
+@dataclass(frozen=True)
+class Harness:
+    script: Path
+    seed_dirs: tuple[tuple[Path, str], ...]
+    max_len: int  # bytes per input
+    label: str  # what is compared with what, for the summary line
+
+
+HARNESSES = {
+    # The codec's paths are all reachable well below 4 KiB.
+    "codec": Harness(
+        HERE / "fuzz_codec.py",
+        ((HERE / "corpus", "*"), (TESTS / "data" / "wire", "*.bin")),
+        4096,
+        "pure vs {against}",
+    ),
+    # HTTP/2 inputs are frame sequences: a preface, SETTINGS and a few frames.
+    "h2": Harness(HERE / "fuzz_h2.py", ((HERE / "corpus_h2", "*"),), 8192, "engine"),
+}
 
 
 def compiled_status() -> str | None:
@@ -53,10 +72,10 @@ def compiled_status() -> str | None:
     return lines[-1] if lines else f"exit status {proc.returncode}"
 
 
-def seed(corpus: Path) -> int:
+def seed(corpus: Path, harness: Harness) -> int:
     corpus.mkdir(parents=True)
     count = 0
-    for directory, pattern in SEED_DIRS:
+    for directory, pattern in harness.seed_dirs:
         for path in sorted(directory.glob(pattern)):
             if path.is_file():
                 shutil.copyfile(path, corpus / f"{directory.name}-{path.name}")
@@ -65,19 +84,20 @@ def seed(corpus: Path) -> int:
 
 
 def run(harness: str, seconds: int, against: str) -> int:
+    spec = HARNESSES[harness]
     note = ""
-    if against == "auto":
+    if against == "auto" and harness == "codec":
         why_not = compiled_status()
         against = "compiled" if why_not is None else "official"
         note = "" if why_not is None else f" (compiled twin unavailable: {why_not})"
     work = Path(tempfile.mkdtemp(prefix=f"kf-fuzz-{harness}-"))
-    seeds = seed(work / "corpus")
+    seeds = seed(work / "corpus", spec)
     cmd = [
         sys.executable,
-        str(HARNESSES[harness]),
+        str(spec.script),
         str(work / "corpus"),
         f"-max_total_time={seconds}",
-        f"-max_len={MAX_LEN}",
+        f"-max_len={spec.max_len}",
         f"-artifact_prefix={work}/",
         "-timeout=30",
         "-rss_limit_mb=4096",
@@ -105,7 +125,7 @@ def run(harness: str, seconds: int, against: str) -> int:
     crashes = sorted(work.glob("crash-*")) + sorted(work.glob("timeout-*"))
     corpus_size = len(list((work / "corpus").iterdir()))
     head = (
-        f"fuzz {harness}: pure vs {against}{note}, {seconds} s, "
+        f"fuzz {harness}: {spec.label.format(against=against)}{note}, {seconds} s, "
         f"{runs[-1] if runs else '?'} runs, {seeds} seeds, corpus {corpus_size}"
     )
     if status == 0 and not crashes:
@@ -130,12 +150,13 @@ def run(harness: str, seconds: int, against: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=30)
-    parser.add_argument("--harness", choices=sorted(HARNESSES), default="codec")
+    parser.add_argument("--harness", choices=[*sorted(HARNESSES), "all"], default="all")
     parser.add_argument(
         "--against", choices=["auto", "compiled", "official", "mutant"], default="auto"
     )
     args = parser.parse_args(argv)
-    return run(args.harness, args.seconds, args.against)
+    names = sorted(HARNESSES) if args.harness == "all" else [args.harness]
+    return max(run(name, args.seconds, args.against) for name in names)
 
 
 if __name__ == "__main__":

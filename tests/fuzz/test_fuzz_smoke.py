@@ -19,7 +19,16 @@ SECONDS = int(os.environ.get("KF_FUZZ_SECONDS", "10"))
 
 def run_harness(against: str, seconds: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(RUN), "--seconds", str(seconds), "--against", against],
+        [
+            sys.executable,
+            str(RUN),
+            "--harness",
+            "codec",
+            "--seconds",
+            str(seconds),
+            "--against",
+            against,
+        ],
         check=False,
         capture_output=True,
         text=True,
