@@ -1,0 +1,1 @@
+"""Process-level benchmarks (``python -m bench.echo``) and micro-benchmarks (``bench/micro``)."""
