@@ -16,7 +16,7 @@ Two ways to drive a call (``--client``):
 
 - ``lean`` (default): the load process must cost less CPU than the server it measures, and
   both share a 2-core machine. Echoes are counted in a per-call callback installed over
-  ``GrpcCall._deliver`` (a private hook of ``konnectivity_fast.transport.grpc``), and
+  ``GrpcCall.set_sink`` (callbacks instead of ``recv``), and
   messages go out in batches of pre-framed bytes through ``H2Connection.send_framed``: no
   coroutine switch and no per-message send call. The bytes on the wire are the same.
 - ``api``: only the public ``GrpcCall.send``/``recv``, one message at a time. About 1.5x
@@ -102,8 +102,9 @@ def _check_status(call: kgrpc.GrpcCall, status: int, tally: Tally) -> None:
         tally.errors.append(f"stream {call.stream_id}: status {status} {call.message}")
 
 
-async def pump_api(call: kgrpc.GrpcCall, payloads: list[bytes], window: int, tally: Tally,
-                   run: Run) -> None:
+async def pump_api(
+    call: kgrpc.GrpcCall, payloads: list[bytes], window: int, tally: Tally, run: Run
+) -> None:
     """Public API only: keep ``window`` messages in flight while ``run.active``; drain."""
     k = len(payloads)
     sent = received = 0
@@ -132,11 +133,11 @@ async def pump_api(call: kgrpc.GrpcCall, payloads: list[bytes], window: int, tal
     _check_status(call, await call.wait_status(), tally)
 
 
-async def pump_lean(call: kgrpc.GrpcCall, payloads: list[bytes], window: int, tally: Tally,
-                    run: Run) -> None:
-    """Echoes counted in a callback; refills of ``window // 2`` pre-framed messages."""
-    if not callable(getattr(call, "_deliver", None)):
-        raise RuntimeError("GrpcCall._deliver is gone: update pump_lean or use --client api")
+async def pump_lean(
+    call: kgrpc.GrpcCall, payloads: list[bytes], window: int, tally: Tally, run: Run
+) -> None:
+    """Echoes counted in a callback (``GrpcCall.set_sink``); refills of ``window // 2``
+    pre-framed messages."""
     prefix = require_compiled().message_prefix
     k, size = len(payloads), len(payloads[0])
     step = size + 5
@@ -159,6 +160,16 @@ async def pump_lean(call: kgrpc.GrpcCall, payloads: list[bytes], window: int, ta
             i = 0
         proto.schedule_flush()
 
+    class Sink:
+        def on_message(self, call: kgrpc.GrpcCall, msg: bytes) -> None:
+            deliver(msg)
+
+        def on_end(self, call: kgrpc.GrpcCall) -> None:
+            pass
+
+        def on_closed(self, call: kgrpc.GrpcCall, error_code: int) -> None:
+            pass
+
     def deliver(msg: bytes) -> None:
         nonlocal received
         if msg != payloads[received % k]:
@@ -169,7 +180,7 @@ async def pump_lean(call: kgrpc.GrpcCall, payloads: list[bytes], window: int, ta
         if run.active and sent - received <= window - batch:
             send(batch)
 
-    call._deliver = deliver  # type: ignore[method-assign]
+    call.set_sink(Sink())
     send(window)
     ends: list[asyncio.Future[Any]] = [run.stopped, call.closed]
     await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
@@ -248,8 +259,9 @@ async def idle(path: str, streams: int) -> Tally:
     while len(calls) < streams:
         batch = [proto.start_call(PATH) for _ in range(min(IDLE_BATCH, streams - len(calls)))]
         calls += batch
-        await asyncio.wait_for(asyncio.gather(*(echo_once(c) for c in batch)),
-                               max(0.1, deadline - time.monotonic()))
+        await asyncio.wait_for(
+            asyncio.gather(*(echo_once(c) for c in batch)), max(0.1, deadline - time.monotonic())
+        )
     _say("OPENED", str(sum(1 for c in calls if not c.closed.done())))
     if await _read_line() != "CLOSE":
         raise SystemExit("expected CLOSE")
@@ -265,13 +277,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--path", required=True)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--streams", type=int, default=4)
-    parser.add_argument("--inflight", type=int, default=256 << 10,
-                        help="bytes kept in flight per stream (at least one message)")
+    parser.add_argument(
+        "--inflight",
+        type=int,
+        default=256 << 10,
+        help="bytes kept in flight per stream (at least one message)",
+    )
     parser.add_argument("--client", choices=["lean", "api"], default="lean")
     args = parser.parse_args(argv)
     if args.mode == "throughput":
-        tally = uvloop.run(throughput(args.path, max(1, args.size), args.streams,
-                                      args.inflight, args.client))
+        tally = uvloop.run(
+            throughput(args.path, max(1, args.size), args.streams, args.inflight, args.client)
+        )
     else:
         tally = uvloop.run(idle(args.path, args.streams))
     _say("RESULT", json.dumps(asdict(tally)))

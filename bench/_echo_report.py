@@ -50,9 +50,14 @@ class Cell:
 
     @property
     def ok(self) -> bool:
-        return (self.window_msgs > 0 and self.mismatches == 0 and self.bad_statuses == 0
-                and not self.errors and self.recv_msgs == self.sent_msgs
-                and self.recv_bytes == self.sent_bytes)
+        return (
+            self.window_msgs > 0
+            and self.mismatches == 0
+            and self.bad_statuses == 0
+            and not self.errors
+            and self.recv_msgs == self.sent_msgs
+            and self.recv_bytes == self.sent_bytes
+        )
 
     @property
     def other_cpu_pct(self) -> float:
@@ -73,10 +78,12 @@ class Cell:
 
     def line(self) -> str:
         m = self.metrics()
-        return (f"{m['msgs_per_s']:9.0f} msgs/s {m['mb_per_s']:7.1f} MB/s, server "
-                f"{m['server_us_per_msg']:6.1f} µs/msg ({m['server_cpu_pct']:3.0f} % CPU), "
-                f"load {m['load_cpu_pct']:3.0f} %, others {m['other_cpu_pct']:3.0f} %"
-                f"{'' if self.ok else '  CHECK FAILED'}")
+        return (
+            f"{m['msgs_per_s']:9.0f} msgs/s {m['mb_per_s']:7.1f} MB/s, server "
+            f"{m['server_us_per_msg']:6.1f} µs/msg ({m['server_cpu_pct']:3.0f} % CPU), "
+            f"load {m['load_cpu_pct']:3.0f} %, others {m['other_cpu_pct']:3.0f} %"
+            f"{'' if self.ok else '  CHECK FAILED'}"
+        )
 
 
 @dataclass
@@ -98,38 +105,77 @@ class Idle:
 
     @property
     def ok(self) -> bool:
-        return (self.echoed == self.streams and self.open_streams >= self.streams
-                and self.mismatches == 0 and self.bad_statuses == 0 and not self.errors)
+        return (
+            self.echoed == self.streams
+            and self.open_streams >= self.streams
+            and self.mismatches == 0
+            and self.bad_statuses == 0
+            and not self.errors
+        )
 
     def line(self) -> str:
-        return (f"{self.kib_per_stream:6.2f} KiB/stream (RSS {self.rss_before_kib / 1024:.1f}"
-                f" -> {self.rss_after_kib / 1024:.1f} MiB){'' if self.ok else '  CHECK FAILED'}")
+        return (
+            f"{self.kib_per_stream:6.2f} KiB/stream (RSS {self.rss_before_kib / 1024:.1f}"
+            f" -> {self.rss_after_kib / 1024:.1f} MiB){'' if self.ok else '  CHECK FAILED'}"
+        )
 
 
-METRICS = ("msgs_per_s", "mb_per_s", "server_us_per_msg", "server_cpu_pct", "load_cpu_pct",
-           "server_rss_mib", "other_cpu_pct")
+METRICS = (
+    "msgs_per_s",
+    "mb_per_s",
+    "server_us_per_msg",
+    "server_cpu_pct",
+    "load_cpu_pct",
+    "server_rss_mib",
+    "other_cpu_pct",
+)
 STAT_KEYS = ("median", "min", "max", "runs")
 REQUIRED_KEYS: dict[str, Any] = {
     "machine": ("date", "nproc", "cpu_model", "kernel", "python", "uvloop", "grpcio"),
-    "config": ("duration", "warmup", "runs", "sizes", "servers", "streams", "inflight",
-               "load_procs", "idle_streams", "grpcio_style", "client", "settle", "retries"),
+    "config": (
+        "duration",
+        "warmup",
+        "runs",
+        "sizes",
+        "servers",
+        "streams",
+        "inflight",
+        "load_procs",
+        "idle_streams",
+        "grpcio_style",
+        "ours_style",
+        "client",
+        "settle",
+        "retries",
+    ),
     "servers.<server>.sizes.<size>": (*METRICS, "ok", "runs"),
     "servers.<server>.idle": ("kib_per_stream", "ok", "runs"),
     "ratios.<size>": ("msgs_per_s", "server_us_per_msg", "target_msgs_per_s", "meets_target"),
-    "ratios.idle": ("ours_kib_per_stream", "grpcio_kib_per_stream", "target_kib_per_stream",
-                    "meets_target"),
+    "ratios.idle": (
+        "ours_kib_per_stream",
+        "grpcio_kib_per_stream",
+        "target_kib_per_stream",
+        "meets_target",
+    ),
     "ok": (),
 }
 
 
 def _stat(values: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "runs": values}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "runs": values,
+    }
 
 
-def summarize(config: dict[str, Any], machine: dict[str, Any],
-              cells: dict[str, dict[int, list[Cell]]],
-              idles: dict[str, list[Idle]]) -> dict[str, Any]:
+def summarize(
+    config: dict[str, Any],
+    machine: dict[str, Any],
+    cells: dict[str, dict[int, list[Cell]]],
+    idles: dict[str, list[Idle]],
+) -> dict[str, Any]:
     servers: dict[str, Any] = {}
     for kind, by_size in cells.items():
         sizes: dict[str, Any] = {}
@@ -147,8 +193,9 @@ def summarize(config: dict[str, Any], machine: dict[str, Any],
             "idle": {
                 "kib_per_stream": _stat([i.kib_per_stream for i in idle_runs]),
                 "ok": all(i.ok for i in idle_runs),
-                "runs": [{**asdict(i), "kib_per_stream": i.kib_per_stream, "ok": i.ok}
-                         for i in idle_runs],
+                "runs": [
+                    {**asdict(i), "kib_per_stream": i.kib_per_stream, "ok": i.ok} for i in idle_runs
+                ],
             },
         }
     ratios: dict[str, Any] = {}
@@ -160,8 +207,9 @@ def summarize(config: dict[str, Any], machine: dict[str, Any],
             target = TARGET_SPEEDUP.get(int(size_key))
             ratios[size_key] = {
                 "msgs_per_s": speedup,
-                "server_us_per_msg": (a["server_us_per_msg"]["median"]
-                                      / b["server_us_per_msg"]["median"]),
+                "server_us_per_msg": (
+                    a["server_us_per_msg"]["median"] / b["server_us_per_msg"]["median"]
+                ),
                 "target_msgs_per_s": target,
                 "meets_target": None if target is None else speedup >= target,
             }
@@ -172,10 +220,10 @@ def summarize(config: dict[str, Any], machine: dict[str, Any],
             "target_kib_per_stream": TARGET_IDLE_KIB,
             "meets_target": ours_kib <= TARGET_IDLE_KIB,
         }
-    ok = all(s["idle"]["ok"] and all(c["ok"] for c in s["sizes"].values())
-             for s in servers.values())
-    return {"machine": machine, "config": config, "servers": servers, "ratios": ratios,
-            "ok": ok}
+    ok = all(
+        s["idle"]["ok"] and all(c["ok"] for c in s["sizes"].values()) for s in servers.values()
+    )
+    return {"machine": machine, "config": config, "servers": servers, "ratios": ratios, "ok": ok}
 
 
 def missing_keys(results: dict[str, Any]) -> list[str]:
@@ -203,8 +251,13 @@ def missing_keys(results: dict[str, Any]) -> list[str]:
         for where, node in expand(results, path.split("."), ""):
             missing += [f"{where}.{k}" for k in keys if not isinstance(node, dict) or k not in node]
             if path.startswith("servers.") and "runs" in keys and isinstance(node, dict):
-                missing += [f"{where}.{m}.{s}" for m in METRICS if m in node
-                            for s in STAT_KEYS if s not in node[m]]
+                missing += [
+                    f"{where}.{m}.{s}"
+                    for m in METRICS
+                    if m in node
+                    for s in STAT_KEYS
+                    if s not in node[m]
+                ]
     return missing
 
 
@@ -229,8 +282,9 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def fmt(r: list[str]) -> str:
-        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:],
-                                                                        strict=True)]
+        cells = [r[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)
+        ]
         return "  ".join(cells).rstrip()
 
     return [fmt(header), "  ".join("-" * w for w in widths), *map(fmt, rows)]
@@ -256,25 +310,52 @@ def render(results: dict[str, Any]) -> str:
     for size in c["sizes"]:
         for s in servers.values():
             e = s["sizes"][str(size)]
-            rows.append([
-                s["label"], f"{size // 1024} KiB" if size % 1024 == 0 else f"{size} B",
-                _spread(e["msgs_per_s"], num=_n), f"{e['mb_per_s']['median']:.0f}",
-                _spread(e["server_us_per_msg"]), f"{e['server_cpu_pct']['median']:.0f} %",
-                f"{e['load_cpu_pct']['median']:.0f} %", f"{e['other_cpu_pct']['max']:.0f} %",
-                f"{e['server_rss_mib']['median']:.0f}",
-                "ok" if e["ok"] else "FAILED",
-            ])
-    out += table(["server", "size", "msgs/s", "MB/s", "srv µs/msg", "srv CPU", "load CPU",
-                  "others max", "RSS MiB", "check"], rows)
-    out += ["", f"RSS per idle stream: {c['idle_streams']} bidi streams on one connection, "
-                "each echoed once, server RSS growth / streams"]
+            rows.append(
+                [
+                    s["label"],
+                    f"{size // 1024} KiB" if size % 1024 == 0 else f"{size} B",
+                    _spread(e["msgs_per_s"], num=_n),
+                    f"{e['mb_per_s']['median']:.0f}",
+                    _spread(e["server_us_per_msg"]),
+                    f"{e['server_cpu_pct']['median']:.0f} %",
+                    f"{e['load_cpu_pct']['median']:.0f} %",
+                    f"{e['other_cpu_pct']['max']:.0f} %",
+                    f"{e['server_rss_mib']['median']:.0f}",
+                    "ok" if e["ok"] else "FAILED",
+                ]
+            )
+    out += table(
+        [
+            "server",
+            "size",
+            "msgs/s",
+            "MB/s",
+            "srv µs/msg",
+            "srv CPU",
+            "load CPU",
+            "others max",
+            "RSS MiB",
+            "check",
+        ],
+        rows,
+    )
+    out += [
+        "",
+        f"RSS per idle stream: {c['idle_streams']} bidi streams on one connection, "
+        "each echoed once, server RSS growth / streams",
+    ]
     rows = []
     for s in servers.values():
         i = s["idle"]
         first = i["runs"][0]
-        rows.append([s["label"], _spread(i["kib_per_stream"], ".2f"),
-                     f"{first['rss_before_kib'] / 1024:.1f} -> {first['rss_after_kib'] / 1024:.1f}",
-                     "ok" if i["ok"] else "FAILED"])
+        rows.append(
+            [
+                s["label"],
+                _spread(i["kib_per_stream"], ".2f"),
+                f"{first['rss_before_kib'] / 1024:.1f} -> {first['rss_after_kib'] / 1024:.1f}",
+                "ok" if i["ok"] else "FAILED",
+            ]
+        )
     out += table(["server", "KiB/stream", "RSS MiB (run 1)", "check"], rows)
     r = results["ratios"]
     if r:
@@ -283,15 +364,22 @@ def render(results: dict[str, Any]) -> str:
         for size in c["sizes"]:
             x = r[str(size)]
             tgt = x["target_msgs_per_s"]
-            rows.append([f"{size // 1024} KiB" if size % 1024 == 0 else f"{size} B",
-                         f"{x['msgs_per_s']:.1f}x", f">= {tgt:g}x" if tgt else "-",
-                         _verdict(x["meets_target"]),
-                         f"{x['server_us_per_msg']:.3f} ({1 / x['server_us_per_msg']:.0f}x less)"])
+            rows.append(
+                [
+                    f"{size // 1024} KiB" if size % 1024 == 0 else f"{size} B",
+                    f"{x['msgs_per_s']:.1f}x",
+                    f">= {tgt:g}x" if tgt else "-",
+                    _verdict(x["meets_target"]),
+                    f"{x['server_us_per_msg']:.3f} ({1 / x['server_us_per_msg']:.0f}x less)",
+                ]
+            )
         out += table(["size", "msgs/s", "target", "", "srv CPU per msg"], rows)
         x = r["idle"]
-        out.append(f"RSS per idle stream: ours {x['ours_kib_per_stream']:.2f} KiB, grpc.aio "
-                   f"{x['grpcio_kib_per_stream']:.2f} KiB; target <= "
-                   f"{x['target_kib_per_stream']:g} KiB: {_verdict(x['meets_target'])}")
+        out.append(
+            f"RSS per idle stream: ours {x['ours_kib_per_stream']:.2f} KiB, grpc.aio "
+            f"{x['grpcio_kib_per_stream']:.2f} KiB; target <= "
+            f"{x['target_kib_per_stream']:g} KiB: {_verdict(x['meets_target'])}"
+        )
     if not results["ok"]:
         out += ["", "CORRECTNESS CHECK FAILED: see the runs in the JSON (mismatches, statuses)"]
     if "elapsed_s" in results:

@@ -45,7 +45,7 @@ def _ready() -> None:
     sys.stdout.flush()
 
 
-async def serve_ours(path: str) -> None:
+async def serve_ours(path: str, style: str) -> None:
     from konnectivity_fast.transport import grpc as kgrpc
     from konnectivity_fast.wire.errors import StatusCode
 
@@ -56,7 +56,25 @@ async def serve_ours(path: str) -> None:
             call.send(msg)
             await call.drain()
 
-    server = await kgrpc.serve(echo, path=path)
+    class CallbackEcho:
+        """The callback style (no task per call) that the proxy's frontends use."""
+
+        def open_call(self, call: kgrpc.GrpcCall) -> CallbackEcho:
+            if call.path != PATH:
+                call.finish(StatusCode.UNIMPLEMENTED, f"unknown method {call.path}")
+            return self
+
+        def on_message(self, call: kgrpc.GrpcCall, message: bytes) -> None:
+            call.send(message)
+
+        def on_end(self, call: kgrpc.GrpcCall) -> None:
+            call.finish(StatusCode.OK)
+
+        def on_closed(self, call: kgrpc.GrpcCall, error_code: int) -> None:
+            pass
+
+    handler: kgrpc.Handler = CallbackEcho() if style == "callback" else echo
+    server = await kgrpc.serve(handler, path=path)
     _ready()
     try:
         await _wait_for_term()
@@ -79,10 +97,12 @@ async def serve_grpcio(path: str, style: str) -> None:
 
     behaviour = echo_gen if style == "gen" else echo_rw
     handler = grpc.stream_stream_rpc_method_handler(behaviour)  # no (de)serializers: bytes
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE),
-        ("grpc.max_send_message_length", MAX_MESSAGE),
-    ])
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+        ]
+    )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler}),)
     )
@@ -100,9 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("kind", choices=["ours", "grpcio"])
     parser.add_argument("--path", required=True, help="Unix socket to listen on")
     parser.add_argument("--grpcio-style", choices=["gen", "rw"], default="gen")
+    parser.add_argument("--ours-style", choices=["callback", "task"], default="callback")
     args = parser.parse_args(argv)
     if args.kind == "ours":
-        uvloop.run(serve_ours(args.path))
+        uvloop.run(serve_ours(args.path, args.ours_style))
     else:
         uvloop.run(serve_grpcio(args.path, args.grpcio_style))
 

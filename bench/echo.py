@@ -77,6 +77,7 @@ class Config:
     load_procs: int = 1
     idle_streams: int = 2000
     grpcio_style: str = "gen"
+    ours_style: str = "callback"
     client: str = "lean"
     settle: float = 10.0
     retries: int = 2
@@ -119,8 +120,17 @@ class Bench:
     def start_server(self, kind: str) -> tuple[Child, str]:
         self._socks += 1
         path = str(self.dir / f"{kind}-{self._socks}.sock")
-        args = ["-m", "bench._echo_servers", kind, "--path", path,
-                "--grpcio-style", self.config.grpcio_style]
+        args = [
+            "-m",
+            "bench._echo_servers",
+            kind,
+            "--path",
+            path,
+            "--grpcio-style",
+            self.config.grpcio_style,
+            "--ours-style",
+            self.config.ours_style,
+        ]
         server = self.children.start(f"server-{kind}", args)
         server.expect("READY", START_TIMEOUT)
         return server, path
@@ -153,9 +163,18 @@ class Bench:
     def throughput(self, server: Child, path: str, size: int) -> Cell:
         c = self.config
         loads = [
-            self.start_load("throughput", path, "--size", str(size), "--streams",
-                            str(c.streams), "--inflight", str(c.inflight),
-                            "--client", c.client)
+            self.start_load(
+                "throughput",
+                path,
+                "--size",
+                str(size),
+                "--streams",
+                str(c.streams),
+                "--inflight",
+                str(c.inflight),
+                "--client",
+                c.client,
+            )
             for _ in range(c.load_procs)
         ]
         for load in loads:
@@ -210,8 +229,12 @@ class Bench:
         finally:
             self.children.stop(server)
         return Idle(
-            streams=n, open_streams=opened, rss_before_kib=before, rss_after_kib=after,
-            echoed=tally["recv_msgs"] - 1, mismatches=tally["mismatches"],
+            streams=n,
+            open_streams=opened,
+            rss_before_kib=before,
+            rss_after_kib=after,
+            echoed=tally["recv_msgs"] - 1,
+            mismatches=tally["mismatches"],
             bad_statuses=sum(1 for s in tally["statuses"] if s != 0),
             errors=tally["errors"][:10],
         )
@@ -242,7 +265,8 @@ class Bench:
                         self.progress(
                             f"[{step:2d}/{total}] {SERVER_LABELS[kind]:8s} {size // 1024:2d} KiB "
                             f"run {run + 1}: {cell.line()}{note}"
-                            + (" -> machine busy, again" if busy else ""))
+                            + (" -> machine busy, again" if busy else "")
+                        )
                         if not busy:
                             break
                     cells[kind][size].append(cell)
@@ -304,8 +328,11 @@ def run_benchmark(config: Config, progress: Progress = _stderr) -> dict[str, Any
 
 def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="python -m bench.echo", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true",
-                   help="short cells (2 s, 0.5 s warm-up, settle 3 s): about a minute in all")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="short cells (2 s, 0.5 s warm-up, settle 3 s): about a minute in all",
+    )
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--duration", type=float, help="seconds measured per run (default 5, quick 2)")
     p.add_argument("--warmup", type=float, help="seconds before measuring (default 1, quick 0.5)")
@@ -313,35 +340,73 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="message sizes")
     p.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     p.add_argument("--streams", type=int, default=4, help="streams per load process")
-    p.add_argument("--inflight", type=int, default=256 << 10,
-                   help="bytes in flight per stream (at least one message)")
+    p.add_argument(
+        "--inflight",
+        type=int,
+        default=256 << 10,
+        help="bytes in flight per stream (at least one message)",
+    )
     p.add_argument("--load-procs", type=int, default=1, help="load processes per run")
     p.add_argument("--idle-streams", type=int, default=2000)
-    p.add_argument("--grpcio-style", choices=["gen", "rw"], default="gen",
-                   help="grpc.aio handler: async generator (gen) or context.read/write (rw)")
-    p.add_argument("--settle", type=float,
-                   help="seconds to wait, before each run, for other CPU use on the machine "
-                        f"to fall below {QUIET_PCT:g} %% of a core (default 10, quick 3)")
-    p.add_argument("--retries", type=int,
-                   help="times a run is done again when other processes used more than "
-                        f"{BUSY_RETRY_PCT:g} %% of a core during it (default 2, quick 0)")
-    p.add_argument("--client", choices=["lean", "api"], default="lean",
-                   help="how the load process drives its calls (see bench/_echo_load.py)")
+    p.add_argument(
+        "--grpcio-style",
+        choices=["gen", "rw"],
+        default="gen",
+        help="grpc.aio handler: async generator (gen) or context.read/write (rw)",
+    )
+    p.add_argument(
+        "--ours-style",
+        choices=["callback", "task"],
+        default="callback",
+        help="our handler: callback style, as the proxy uses (callback), or a task "
+        "per call awaiting recv() (task)",
+    )
+    p.add_argument(
+        "--settle",
+        type=float,
+        help="seconds to wait, before each run, for other CPU use on the machine "
+        f"to fall below {QUIET_PCT:g} %% of a core (default 10, quick 3)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        help="times a run is done again when other processes used more than "
+        f"{BUSY_RETRY_PCT:g} %% of a core during it (default 2, quick 0)",
+    )
+    p.add_argument(
+        "--client",
+        choices=["lean", "api"],
+        default="lean",
+        help="how the load process drives its calls (see bench/_echo_load.py)",
+    )
     a = p.parse_args(argv)
     config = Config(
         duration=a.duration if a.duration is not None else (2.0 if a.quick else 5.0),
         warmup=a.warmup if a.warmup is not None else (0.5 if a.quick else 1.0),
-        runs=a.runs, sizes=tuple(a.sizes), servers=tuple(a.servers), streams=a.streams,
-        inflight=a.inflight, load_procs=a.load_procs, idle_streams=a.idle_streams,
-        grpcio_style=a.grpcio_style, client=a.client,
+        runs=a.runs,
+        sizes=tuple(a.sizes),
+        servers=tuple(a.servers),
+        streams=a.streams,
+        inflight=a.inflight,
+        load_procs=a.load_procs,
+        idle_streams=a.idle_streams,
+        grpcio_style=a.grpcio_style,
+        ours_style=a.ours_style,
+        client=a.client,
         settle=a.settle if a.settle is not None else (3.0 if a.quick else 10.0),
         retries=a.retries if a.retries is not None else (0 if a.quick else 2),
     )
-    if not (0 < config.duration <= 600 and 0 <= config.warmup <= 60 and 1 <= config.runs <= 20
-            and 1 <= config.streams <= 1000 and 1 <= config.load_procs <= 8
-            and 1 <= config.idle_streams <= 10000 and 0 <= config.settle <= 600
-            and 0 <= config.retries <= 10
-            and all(0 < s <= 4 << 20 for s in config.sizes)):
+    if not (
+        0 < config.duration <= 600
+        and 0 <= config.warmup <= 60
+        and 1 <= config.runs <= 20
+        and 1 <= config.streams <= 1000
+        and 1 <= config.load_procs <= 8
+        and 1 <= config.idle_streams <= 10000
+        and 0 <= config.settle <= 600
+        and 0 <= config.retries <= 10
+        and all(0 < s <= 4 << 20 for s in config.sizes)
+    ):
         p.error("a parameter is out of its range")
     return config, a
 
@@ -349,9 +414,11 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_args(argv)
     start = time.monotonic()
-    _stderr(f"echo benchmark: {len(config.servers)} servers x {len(config.sizes)} sizes x "
-            f"{config.runs} runs of {config.duration:g} s (+{config.warmup:g} s warm-up), "
-            f"then {config.idle_streams} idle streams x {config.runs}")
+    _stderr(
+        f"echo benchmark: {len(config.servers)} servers x {len(config.sizes)} sizes x "
+        f"{config.runs} runs of {config.duration:g} s (+{config.warmup:g} s warm-up), "
+        f"then {config.idle_streams} idle streams x {config.runs}"
+    )
     try:
         results = run_benchmark(config)
     except KeyboardInterrupt:

@@ -23,7 +23,7 @@ import collections
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from konnectivity_fast._compiled import require_compiled
 from konnectivity_fast.wire.errors import StatusCode
@@ -58,8 +58,41 @@ class GrpcError(Exception):
         self.message = message
 
 
+class CallSink(Protocol):
+    """Callback-style receiver of one call's input, for services that keep no task per
+    call (a proxy holds thousands of idle tunnels). ``GrpcCall.recv`` is not used then."""
+
+    def on_message(self, call: GrpcCall, message: bytes) -> None: ...
+    def on_end(self, call: GrpcCall) -> None: ...
+    def on_closed(self, call: GrpcCall, error_code: int) -> None: ...
+
+
 class GrpcCall:
-    """One gRPC call (one HTTP/2 stream), either role."""
+    """One gRPC call (one HTTP/2 stream), either role.
+
+    Memory matters here (one per tunnel): slots, and the inbox and futures are made only
+    when something waits on them."""
+
+    __slots__ = (
+        "_closed_code",
+        "_closed_fut",
+        "_drain_waiter",
+        "_eof",
+        "_headers_fut",
+        "_headers_seen",
+        "_inbox",
+        "_inbox_bytes",
+        "_paused",
+        "_proto",
+        "_sink",
+        "_waiter",
+        "message",
+        "metadata",
+        "path",
+        "status",
+        "stream_id",
+        "trailers",
+    )
 
     def __init__(self, proto: GrpcProtocol, stream_id: int, path: str, metadata: Metadata) -> None:
         self._proto = proto
@@ -71,27 +104,68 @@ class GrpcCall:
         self.status: int | None = None
         self.message = ""
         self.trailers: Metadata = []
-        self._inbox: collections.deque[bytes] = collections.deque()
+        self._inbox: collections.deque[bytes] | None = None
         self._inbox_bytes = 0
         self._paused = False
         self._eof = False
         self._waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
-        self.headers_received: asyncio.Future[Metadata] = proto.loop.create_future()
-        self.closed: asyncio.Future[int] = proto.loop.create_future()
+        self._headers_fut: asyncio.Future[Metadata] | None = None
+        self._headers_seen = False
+        self._closed_fut: asyncio.Future[int] | None = None
+        self._closed_code: int | None = None
+        self._sink: CallSink | None = None
+
+    @property
+    def headers_received(self) -> asyncio.Future[Metadata]:
+        """Client role: done with the response headers (``metadata``; [] when the call
+        ended without any)."""
+        if self._headers_fut is None:
+            self._headers_fut = self._proto.loop.create_future()
+            if self._headers_seen:
+                self._headers_fut.set_result(self.metadata)
+        return self._headers_fut
+
+    @property
+    def closed(self) -> asyncio.Future[int]:
+        """Done when the stream is gone, with its RST_STREAM code (0: clean; -1: lost)."""
+        if self._closed_fut is None:
+            self._closed_fut = self._proto.loop.create_future()
+            if self._closed_code is not None:
+                self._closed_fut.set_result(self._closed_code)
+        return self._closed_fut
+
+    def _set_closed(self, code: int) -> None:
+        if self._closed_code is None:
+            self._closed_code = code
+            fut = self._closed_fut
+            if fut is not None and not fut.done():
+                fut.set_result(code)
+
+    def _set_headers(self) -> None:
+        self._headers_seen = True
+        fut = self._headers_fut
+        if fut is not None and not fut.done():
+            fut.set_result(self.metadata)
 
     # -- receiving --
+
+    def set_sink(self, sink: CallSink) -> None:
+        """Receive this call's input by callbacks instead of ``recv()`` (client role; a
+        callback-style service's calls get their sink from ``open_call``)."""
+        self._sink = sink
 
     async def recv(self) -> bytes | None:
         """The next message, or None once the peer finished sending."""
         while not self._inbox:
-            if self._eof:
+            if self._eof or self._closed_code is not None:
                 return None
             self._waiter = self._proto.loop.create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
+        assert self._inbox is not None
         msg = self._inbox.popleft()
         self._inbox_bytes -= len(msg)
         if self._paused and self._inbox_bytes < CALL_RECV_HIGH_WATER // 2:
@@ -101,6 +175,8 @@ class GrpcCall:
         return msg
 
     def _deliver(self, msg: bytes) -> None:
+        if self._inbox is None:
+            self._inbox = collections.deque()
         self._inbox.append(msg)
         self._inbox_bytes += len(msg)
         if not self._paused and self._inbox_bytes >= CALL_RECV_HIGH_WATER:
@@ -121,7 +197,7 @@ class GrpcCall:
     def send(self, message: bytes | bytearray | memoryview) -> None:
         """Queue one message; it goes out with the next flush."""
         try:
-            if self.closed.done():
+            if self._closed_code is not None:
                 raise KeyError(self.stream_id)
             self._proto.conn.send_message(self.stream_id, message)
         except (KeyError, RuntimeError):
@@ -132,7 +208,7 @@ class GrpcCall:
     async def drain(self) -> None:
         """Wait until this call's queued output is below ``CALL_SEND_HIGH_WATER``."""
         while (
-            not self.closed.done()
+            self._closed_code is None
             and self._proto.conn.outbound_pending(self.stream_id) >= CALL_SEND_HIGH_WATER
         ):
             self._drain_waiter = self._proto.loop.create_future()
@@ -154,7 +230,7 @@ class GrpcCall:
 
     def finish(self, status: int = 0, message: str = "") -> None:
         """Server role: end the call with a status."""
-        if not self.closed.done():
+        if self._closed_code is None:
             with contextlib.suppress(KeyError, RuntimeError):
                 self._proto.conn.send_trailers(self.stream_id, status, message)
             self._proto.schedule_flush()
@@ -179,7 +255,14 @@ class GrpcCall:
         return self.status
 
 
-Handler = Callable[[GrpcCall], Awaitable[None]]
+class CallbackService(Protocol):
+    """A service in callback style: ``open_call`` returns the call's sink."""
+
+    def open_call(self, call: GrpcCall) -> CallSink: ...
+
+
+#: A coroutine run as a task per call, or a callback-style service.
+Handler = Callable[[GrpcCall], Awaitable[None]] | CallbackService
 
 
 class GrpcProtocol(asyncio.BufferedProtocol):
@@ -251,12 +334,14 @@ class GrpcProtocol(asyncio.BufferedProtocol):
                 call.status = StatusCode.UNAVAILABLE
                 call.message = self.error or "connection lost"
             call._end()
-            call._wake()
-            if not call.closed.done():
-                call.closed.set_result(-1)
-            if not call.headers_received.done():
-                call.headers_received.set_exception(GrpcError(StatusCode.UNAVAILABLE, call.message))
-                call.headers_received.exception()  # retrieved: nobody may be waiting
+            fut = call._headers_fut
+            if fut is not None and not fut.done():
+                fut.set_exception(GrpcError(StatusCode.UNAVAILABLE, call.message))
+                fut.exception()  # retrieved: nobody may be waiting
+            call._headers_seen = True
+            call._set_closed(-1)
+            if call._sink is not None:
+                call._sink.on_closed(call, -1)
         self.calls.clear()
         if not self.connected.done():
             self.connected.set_exception(ConnectionError("connection lost before set-up"))
@@ -360,19 +445,23 @@ class GrpcProtocol(asyncio.BufferedProtocol):
             if kind == _w.EV_MESSAGE:
                 call = self.calls.get(ev.stream_id)
                 if call is not None:
-                    call._deliver(ev.data)
+                    if call._sink is not None:
+                        call._sink.on_message(call, ev.data)
+                    else:
+                        call._deliver(ev.data)
             elif kind == _w.EV_REQUEST:
                 self._on_request(ev)
             elif kind == _w.EV_HEADERS:
                 call = self.calls.get(ev.stream_id)
                 if call is not None:
                     call.metadata = ev.metadata
-                    if not call.headers_received.done():
-                        call.headers_received.set_result(ev.metadata)
+                    call._set_headers()
             elif kind == _w.EV_END:
                 call = self.calls.get(ev.stream_id)
                 if call is not None:
                     call._end()
+                    if call._sink is not None:
+                        call._sink.on_end(call)
             elif kind in (_w.EV_TRAILERS, _w.EV_ABORTED):
                 self._on_outcome(ev)
             elif kind == _w.EV_CLOSED:
@@ -389,14 +478,19 @@ class GrpcProtocol(asyncio.BufferedProtocol):
         if self._handler is None:
             call.finish(StatusCode.UNIMPLEMENTED, f"unknown service {ev.path}")
             return
+        open_call = getattr(self._handler, "open_call", None)
+        if open_call is not None:
+            call._sink = open_call(call)  # callback style: no task per call
+            return
         task = self.loop.create_task(self._run_handler(call))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _run_handler(self, call: GrpcCall) -> None:
-        assert self._handler is not None
+        handler = self._handler
+        assert handler is not None and not hasattr(handler, "open_call")
         try:
-            await self._handler(call)
+            await handler(call)
         except GrpcError as exc:
             call.finish(exc.status, exc.message)
         except Exception as exc:  # a handler bug must end its call, not the connection
@@ -412,8 +506,7 @@ class GrpcProtocol(asyncio.BufferedProtocol):
         call.status = ev.status
         call.message = ev.message or ""
         call.trailers = ev.metadata or []
-        if not call.headers_received.done():
-            call.headers_received.set_result([])
+        call._set_headers()
         call._end()
 
     def _on_closed(self, ev: Any) -> None:
@@ -428,10 +521,10 @@ class GrpcProtocol(asyncio.BufferedProtocol):
                 else (StatusCode.OK if ev.error_code == 0 else StatusCode.INTERNAL)
             )
         call._end()
-        if not call.headers_received.done():
-            call.headers_received.set_result([])
-        if not call.closed.done():
-            call.closed.set_result(ev.error_code)
+        call._set_headers()
+        call._set_closed(ev.error_code)
+        if call._sink is not None:
+            call._sink.on_closed(call, ev.error_code)
         if call._drain_waiter is not None and not call._drain_waiter.done():
             call._drain_waiter.set_result(None)
 

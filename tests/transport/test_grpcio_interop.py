@@ -481,3 +481,66 @@ def test_our_client_receives_over_limit(
             await proto.aclose()
 
     run(main())
+
+
+# ---- callback-style service ------------------------------------------------------------
+
+
+class CallbackEcho:
+    """An echo in callback style (no task per call), as the proxy's frontends are built."""
+
+    def __init__(self) -> None:
+        self.closed: list[int] = []
+
+    def open_call(self, call: kgrpc.GrpcCall) -> CallbackEcho:
+        call.send_headers([("serverid", "callback")])
+        return self
+
+    def on_message(self, call: kgrpc.GrpcCall, message: bytes) -> None:
+        call.send(message)
+
+    def on_end(self, call: kgrpc.GrpcCall) -> None:
+        call.finish(StatusCode.OK)
+
+    def on_closed(self, call: kgrpc.GrpcCall, error_code: int) -> None:
+        self.closed.append(error_code)
+
+
+def test_callback_service_with_grpcio_client(
+    run: RunFn, transport_kind: str, sock_dir: str, certs: Certs
+) -> None:
+    service = CallbackEcho()
+
+    async def main() -> None:
+        if transport_kind == "uds":
+            path = os.path.join(sock_dir, "cb.sock")
+            server = await kgrpc.serve(service, path=path)
+            ep = Endpoint(uds=path)
+        else:
+            ctx = tls.server_context(certs.server_cert, certs.server_key, certs.ca)
+            server = await kgrpc.serve(service, host="127.0.0.1", port=0, ssl=ctx)
+            ep = Endpoint(port=server.sockets[0].getsockname()[1], certs=certs)
+        try:
+            async with grpcio_channel(ep) as channel:
+                call = stub(channel)()
+                assert dict(await call.initial_metadata())["serverid"] == "callback"
+                for size in SIZES:
+                    payload = os.urandom(size)
+                    await call.write(payload)
+                    assert await call.read() == payload, size
+                await call.done_writing()
+                assert await call.code() == grpc.StatusCode.OK
+                cancelled = stub(channel)()
+                await cancelled.write(b"x")
+                assert await cancelled.read() == b"x"
+                cancelled.cancel()
+                for _ in range(200):
+                    if len(service.closed) == 2:
+                        break
+                    await asyncio.sleep(0.01)
+        finally:
+            server.close()
+            await server.wait_closed()
+        assert service.closed == [0, 8]
+
+    run(main())
