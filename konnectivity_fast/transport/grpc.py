@@ -9,9 +9,6 @@ stdlib loop alike; nothing here imports uvloop.
 Invariants:
 - A ``GrpcCall`` exists from the stream's first event until ``EV_CLOSED``; its ``closed``
   future is then done and it is forgotten.
-- Each call buffers received messages up to ``CALL_RECV_HIGH_WATER`` bytes; beyond that its
-  HTTP/2 stream is paused (no window given back), so a slow reader stalls only its own
-  stream, never the connection.
 - Keepalive and ping enforcement run in the engine; this adapter only arms one timer at
   ``H2Connection.get_timer()``.
 """
@@ -19,24 +16,42 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Protocol, cast
+from collections.abc import Iterable
+from typing import Any, cast
 
 from konnectivity_fast._compiled import require_compiled
+from konnectivity_fast.transport.call import (
+    CALL_RECV_HIGH_WATER,
+    CALL_SEND_HIGH_WATER,
+    CallbackService,
+    CallSink,
+    GrpcCall,
+    GrpcError,
+    Handler,
+    Metadata,
+)
 from konnectivity_fast.wire.errors import StatusCode
+
+__all__ = [
+    "CALL_RECV_HIGH_WATER",
+    "CALL_SEND_HIGH_WATER",
+    "CallSink",
+    "CallbackService",
+    "GrpcCall",
+    "GrpcError",
+    "GrpcProtocol",
+    "GrpcServer",
+    "Handler",
+    "Metadata",
+    "connect",
+    "serve",
+]
 
 _w = require_compiled()
 
 log = logging.getLogger(__name__)
 
-# Bytes a call may hold in received-but-unread messages before its stream is paused. It is
-# the per-call share of inbound memory on top of the HTTP/2 window.
-CALL_RECV_HIGH_WATER = 1 << 20
-# Bytes of application output queued on one call above which ``GrpcCall.drain()`` waits.
-CALL_SEND_HIGH_WATER = 1 << 20
 # Seconds a closing connection may take to flush before it is aborted.
 CLOSE_TIMEOUT = 5.0
 # Seconds to wait for the peer's TLS close_notify on close. Go closes the socket right
@@ -44,225 +59,6 @@ CLOSE_TIMEOUT = 5.0
 SSL_SHUTDOWN_TIMEOUT = 1.0
 # Size of the buffer the loop reads into: large reads mean fewer engine calls per byte.
 READ_BUFFER_SIZE = 256 << 10
-
-Metadata = list[tuple[str, str]]
-
-
-class GrpcError(Exception):
-    """A call that ended with a non-OK status."""
-
-    def __init__(self, status: int, message: str) -> None:
-        known = status in StatusCode._value2member_map_
-        super().__init__(f"{StatusCode(status).name if known else status}: {message}")
-        self.status = status
-        self.message = message
-
-
-class CallSink(Protocol):
-    """Callback-style receiver of one call's input, for services that keep no task per
-    call (a proxy holds thousands of idle tunnels). ``GrpcCall.recv`` is not used then."""
-
-    def on_message(self, call: GrpcCall, message: bytes) -> None: ...
-    def on_end(self, call: GrpcCall) -> None: ...
-    def on_closed(self, call: GrpcCall, error_code: int) -> None: ...
-
-
-class GrpcCall:
-    """One gRPC call (one HTTP/2 stream), either role.
-
-    Memory matters here (one per tunnel): slots, and the inbox and futures are made only
-    when something waits on them."""
-
-    __slots__ = (
-        "_closed_code",
-        "_closed_fut",
-        "_drain_waiter",
-        "_eof",
-        "_headers_fut",
-        "_headers_seen",
-        "_inbox",
-        "_inbox_bytes",
-        "_paused",
-        "_proto",
-        "_sink",
-        "_waiter",
-        "message",
-        "metadata",
-        "path",
-        "status",
-        "stream_id",
-        "trailers",
-    )
-
-    def __init__(self, proto: GrpcProtocol, stream_id: int, path: str, metadata: Metadata) -> None:
-        self._proto = proto
-        self.stream_id = stream_id
-        self.path = path
-        #: Server role: the request metadata. Client role: the response headers, once there.
-        self.metadata = metadata
-        #: Client role: the call's outcome, once known.
-        self.status: int | None = None
-        self.message = ""
-        self.trailers: Metadata = []
-        self._inbox: collections.deque[bytes] | None = None
-        self._inbox_bytes = 0
-        self._paused = False
-        self._eof = False
-        self._waiter: asyncio.Future[None] | None = None
-        self._drain_waiter: asyncio.Future[None] | None = None
-        self._headers_fut: asyncio.Future[Metadata] | None = None
-        self._headers_seen = False
-        self._closed_fut: asyncio.Future[int] | None = None
-        self._closed_code: int | None = None
-        self._sink: CallSink | None = None
-
-    @property
-    def headers_received(self) -> asyncio.Future[Metadata]:
-        """Client role: done with the response headers (``metadata``; [] when the call
-        ended without any)."""
-        if self._headers_fut is None:
-            self._headers_fut = self._proto.loop.create_future()
-            if self._headers_seen:
-                self._headers_fut.set_result(self.metadata)
-        return self._headers_fut
-
-    @property
-    def closed(self) -> asyncio.Future[int]:
-        """Done when the stream is gone, with its RST_STREAM code (0: clean; -1: lost)."""
-        if self._closed_fut is None:
-            self._closed_fut = self._proto.loop.create_future()
-            if self._closed_code is not None:
-                self._closed_fut.set_result(self._closed_code)
-        return self._closed_fut
-
-    def _set_closed(self, code: int) -> None:
-        if self._closed_code is None:
-            self._closed_code = code
-            fut = self._closed_fut
-            if fut is not None and not fut.done():
-                fut.set_result(code)
-
-    def _set_headers(self) -> None:
-        self._headers_seen = True
-        fut = self._headers_fut
-        if fut is not None and not fut.done():
-            fut.set_result(self.metadata)
-
-    # -- receiving --
-
-    def set_sink(self, sink: CallSink) -> None:
-        """Receive this call's input by callbacks instead of ``recv()`` (client role; a
-        callback-style service's calls get their sink from ``open_call``)."""
-        self._sink = sink
-
-    async def recv(self) -> bytes | None:
-        """The next message, or None once the peer finished sending."""
-        while not self._inbox:
-            if self._eof or self._closed_code is not None:
-                return None
-            self._waiter = self._proto.loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        assert self._inbox is not None
-        msg = self._inbox.popleft()
-        self._inbox_bytes -= len(msg)
-        if self._paused and self._inbox_bytes < CALL_RECV_HIGH_WATER // 2:
-            self._paused = False
-            self._proto.conn.resume_reading(self.stream_id)
-            self._proto.schedule_flush()
-        return msg
-
-    def _deliver(self, msg: bytes) -> None:
-        if self._inbox is None:
-            self._inbox = collections.deque()
-        self._inbox.append(msg)
-        self._inbox_bytes += len(msg)
-        if not self._paused and self._inbox_bytes >= CALL_RECV_HIGH_WATER:
-            self._paused = True
-            self._proto.conn.pause_reading(self.stream_id)
-        self._wake()
-
-    def _end(self) -> None:
-        self._eof = True
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    # -- sending --
-
-    def send(self, message: bytes | bytearray | memoryview) -> None:
-        """Queue one message; it goes out with the next flush."""
-        try:
-            if self._closed_code is not None:
-                raise KeyError(self.stream_id)
-            self._proto.conn.send_message(self.stream_id, message)
-        except (KeyError, RuntimeError):
-            # The stream is gone or finished (perhaps in events not yet dispatched).
-            raise GrpcError(self.status or StatusCode.CANCELLED, "the call is closed") from None
-        self._proto.schedule_flush()
-
-    async def drain(self) -> None:
-        """Wait until this call's queued output is below ``CALL_SEND_HIGH_WATER``."""
-        while (
-            self._closed_code is None
-            and self._proto.conn.outbound_pending(self.stream_id) >= CALL_SEND_HIGH_WATER
-        ):
-            self._drain_waiter = self._proto.loop.create_future()
-            try:
-                await self._drain_waiter
-            finally:
-                self._drain_waiter = None
-
-    def _check_drained(self) -> None:
-        w = self._drain_waiter
-        pending = self._proto.conn.outbound_pending(self.stream_id)
-        if w is not None and not w.done() and pending < CALL_SEND_HIGH_WATER:
-            w.set_result(None)
-
-    def send_headers(self, metadata: Iterable[tuple[str, str]]) -> None:
-        """Server role: response headers carrying metadata."""
-        self._proto.conn.send_headers(self.stream_id, metadata)
-        self._proto.schedule_flush()
-
-    def finish(self, status: int = 0, message: str = "") -> None:
-        """Server role: end the call with a status."""
-        if self._closed_code is None:
-            with contextlib.suppress(KeyError, RuntimeError):
-                self._proto.conn.send_trailers(self.stream_id, status, message)
-            self._proto.schedule_flush()
-
-    def done_writing(self) -> None:
-        """Client role: half-close."""
-        with contextlib.suppress(KeyError, RuntimeError):
-            self._proto.conn.end_stream(self.stream_id)
-        self._proto.schedule_flush()
-
-    def cancel(self) -> None:
-        """RST_STREAM CANCEL: the peer sees CANCELLED, and so do we."""
-        if self.status is None:
-            self.status, self.message = StatusCode.CANCELLED, "cancelled by this side"
-        self._proto.conn.reset_stream(self.stream_id)
-        self._proto.schedule_flush()
-
-    async def wait_status(self) -> int:
-        """Client role: wait for the outcome; the status code."""
-        await self.closed
-        assert self.status is not None
-        return self.status
-
-
-class CallbackService(Protocol):
-    """A service in callback style: ``open_call`` returns the call's sink."""
-
-    def open_call(self, call: GrpcCall) -> CallSink: ...
-
-
-#: A coroutine run as a task per call, or a callback-style service.
-Handler = Callable[[GrpcCall], Awaitable[None]] | CallbackService
 
 
 class GrpcProtocol(asyncio.BufferedProtocol):
