@@ -17,6 +17,8 @@
 #   the public method that drove nghttp2: callbacks never swallow errors.
 
 include "nghttp2.pxi"
+include "grpc_headers.pxi"
+include "h2_keepalive.pxi"
 include "h2_stream.pxi"
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
@@ -78,10 +80,6 @@ cdef enum:
     _EV_PING_ACK = 8
     _EV_GOAWAY = 9
     _EV_ERROR = 10
-
-# HTTP status of a non-gRPC response -> gRPC status (the gRPC "HTTP to gRPC status" table).
-_HTTP_TO_GRPC = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
-
 
 cdef class H2Event:
     """One thing that happened on the connection. Fields not meaningful for a kind are
@@ -237,3 +235,4 @@ cdef nghttp2_session_callbacks *_CALLBACKS = _make_callbacks()
 
 
 include "h2_connection.pxi"
+include "h2_headers.pxi"

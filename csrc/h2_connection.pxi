@@ -20,20 +20,8 @@ cdef class H2Connection:
     cdef readonly Py_ssize_t max_header_list_size
     cdef readonly bint terminated
     cdef bytes _user_agent
-    # Keepalive (both roles): ping after keepalive_time without receiving anything, and
-    # give up when the ACK is not back within keepalive_timeout. 0 disables.
     cdef double _now
-    cdef double _last_recv
-    cdef double _ka_time
-    cdef double _ka_timeout
-    cdef bint _ka_without_streams
-    cdef double _ka_ping_sent      # < 0: no keepalive ping outstanding
-    # Ping enforcement (server role, grpc-go's EnforcementPolicy). _min_ping < 0 disables.
-    cdef double _min_ping
-    cdef bint _ping_without_streams
-    cdef double _last_ping_at
-    cdef int _ping_strikes
-    cdef bint _reset_strikes
+    cdef _Keepalive _ka
     # Set when we refuse the peer: the rest of the current read is not processed.
     cdef bint _stop_input
 
@@ -62,14 +50,14 @@ cdef class H2Connection:
         self.max_header_list_size = max_header_list_size
         self._user_agent = user_agent.encode("ascii")
         self._now = now
-        self._last_recv = now
-        self._ka_time = keepalive_time
-        self._ka_timeout = keepalive_timeout
-        self._ka_without_streams = keepalive_without_streams
-        self._ka_ping_sent = -1.0
-        self._min_ping = min_ping_interval
-        self._ping_without_streams = ping_without_streams
-        self._last_ping_at = -1e18
+        self._ka = _Keepalive.__new__(_Keepalive)
+        self._ka.time = keepalive_time
+        self._ka.timeout = keepalive_timeout
+        self._ka.without_streams = keepalive_without_streams
+        self._ka.min_ping = min_ping_interval if server else -1.0
+        self._ka.ping_without_streams = ping_without_streams
+        self._ka.last_ping_at = -1e18
+        self._ka.on_receive(now)
         if nghttp2_option_new(&opt) != 0:
             raise MemoryError()
         try:
@@ -118,8 +106,7 @@ cdef class H2Connection:
         cdef ssize_t rv
         if now is not None:
             self._now = now
-        self._last_recv = self._now
-        self._ka_ping_sent = -1.0  # any traffic proves the peer alive (grpc-go: activity)
+        self._ka.on_receive(self._now)
         if self.terminated:
             return self.take_events()
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
@@ -296,27 +283,19 @@ cdef class H2Connection:
 
     def get_timer(self):
         """When handle_timer next has work, or None."""
-        if self._ka_time <= 0 or self.terminated:
-            return None
-        if self._ka_ping_sent >= 0:
-            return self._ka_ping_sent + self._ka_timeout
-        return self._last_recv + self._ka_time
+        return None if self.terminated else self._ka.deadline()
 
     def handle_timer(self, double now):
         """Run keepalive at `now`: send a ping after keepalive_time of silence, fail the
         connection when its ACK is late. Returns the events caused."""
+        cdef int due
         self._now = now
-        if self._ka_time <= 0 or self.terminated:
-            return self.take_events()
-        if self._ka_ping_sent >= 0:
-            if now >= self._ka_ping_sent + self._ka_timeout:
-                self._terminate("keepalive ping failed to receive ACK within timeout")
-        elif now >= self._last_recv + self._ka_time:
-            if self._streams or self._ka_without_streams:
+        if not self.terminated:
+            due = self._ka.due(now, bool(self._streams))
+            if due == _KA_PING:
                 self.ping()
-                self._ka_ping_sent = now
-            else:
-                self._last_recv = now
+            elif due == _KA_DEAD:
+                self._terminate("keepalive ping failed to receive ACK within timeout")
         return self.take_events()
 
     # ---- internals: output ------------------------------------------------------------
@@ -503,17 +482,17 @@ cdef class H2Connection:
             if s is not None:
                 s.header_blocks += 1
                 if self.server:
-                    self._on_request_headers(s, frame.hd.flags & NGHTTP2_FLAG_END_STREAM)
+                    _on_request_headers(self, s, frame.hd.flags & NGHTTP2_FLAG_END_STREAM)
                 else:
-                    self._on_response_headers(s, frame.hd.flags & NGHTTP2_FLAG_END_STREAM)
+                    _on_response_headers(self, s, frame.hd.flags & NGHTTP2_FLAG_END_STREAM)
         elif t == NGHTTP2_PING:
             if frame.hd.flags & NGHTTP2_FLAG_ACK:
                 ev = _event(_EV_PING_ACK, 0)
                 ev.data = PyBytes_FromStringAndSize(<const char *>frame.ping.opaque_data, 8)
                 self._events.append(ev)
             else:
-                if self.server and self._min_ping >= 0:
-                    self._enforce_ping_policy()
+                if self._ka.ping_breaks_policy(self._now, bool(self._streams)):
+                    self._refuse_pings()
                 if not self.terminated and nghttp2_submit_ping(
                         self._session, NGHTTP2_FLAG_ACK, frame.ping.opaque_data) < 0:
                     # nghttp2 refuses to queue more ACKs for a peer that does not read.
@@ -543,7 +522,7 @@ cdef class H2Connection:
             return 0
         if t == NGHTTP2_HEADERS or t == NGHTTP2_DATA:
             # grpc-go forgives a client's earlier pings once the server has sent something.
-            self._reset_strikes = True
+            self._ka.forgive = True
             if (self.server and t == NGHTTP2_HEADERS
                     and frame.hd.flags & NGHTTP2_FLAG_END_STREAM):
                 s = self._streams.get(frame.hd.stream_id)
@@ -645,127 +624,10 @@ cdef class H2Connection:
         self._events.append(ev)
         return 0
 
-    cdef int _on_request_headers(self, _Stream s, bint end_stream) except -1:
+    cdef int _refuse_pings(self) except -1:
+        """The peer broke the ping policy: GOAWAY ENHANCE_YOUR_CALM "too_many_pings"."""
         cdef H2Event ev
-        cdef dict pseudo = {}
-        cdef list metadata = []
-        if s.header_overflow:
-            s.failed = True
-            _check(nghttp2_submit_rst_stream(self._session, NGHTTP2_FLAG_NONE, s.id,
-                                             NGHTTP2_FRAME_SIZE_ERROR))
-            return 0
-        if s.header_blocks > 1:
-            # Request trailers: gRPC clients send none; END_STREAM is all that matters.
-            if end_stream:
-                self._on_remote_end(s)
-            return 0
-        for name, value in s.headers:
-            if name[:1] == b":" or name in (b"content-type", b"te", b"grpc-timeout"):
-                pseudo[name] = value
-            else:
-                metadata.append((name.decode("latin-1"), value.decode("latin-1")))
-        s.headers = []
-        method = pseudo.get(b":method", b"")
-        ctype = pseudo.get(b"content-type", b"")
-        if method != b"POST":
-            self._early_abort(s, b"405", 13,
-                              f"invalid gRPC request method {_echoed(method)!r}")
-        elif not _is_grpc_content_type(ctype):
-            self._early_abort(s, b"415", 3,
-                              f"invalid gRPC request content-type {_echoed(ctype)!r}")
-        else:
-            ev = _event(_EV_REQUEST, s.id)
-            ev.path = pseudo.get(b":path", b"").decode("latin-1")
-            ev.authority = pseudo.get(b":authority", b"").decode("latin-1")
-            ev.metadata = metadata
-            if b"grpc-timeout" in pseudo:
-                try:
-                    ev.timeout = parse_grpc_timeout(pseudo[b"grpc-timeout"])
-                except ValueError as exc:
-                    self._early_abort(s, b"200", 13, str(exc))
-                    return 0
-            self._events.append(ev)
-        if end_stream:
-            self._on_remote_end(s)
-        return 0
-
-    cdef int _early_abort(self, _Stream s, bytes http_status, int status,
-                          str message) except -1:
-        """Refuse a request before the application sees it (grpc-go's early abort)."""
-        s.failed = True
-        s.local_done = True
-        self._submit_response(s, [
-            (b":status", http_status), (b"content-type", b"application/grpc"),
-            (b"grpc-status", str(status).encode()),
-            (b"grpc-message", _percent_encode(message))], False)
-        return 0
-
-    cdef int _on_response_headers(self, _Stream s, bint end_stream) except -1:
-        cdef H2Event ev
-        cdef dict special = {}
-        cdef list metadata = []
-        if s.header_overflow:
-            self._fail_stream(s, 13, "header list size exceeded")
-            return 0
-        for name, value in s.headers:
-            if name[:1] == b":" or name in (b"content-type", b"grpc-status", b"grpc-message"):
-                special[name] = value
-            else:
-                metadata.append((name.decode("latin-1"), value.decode("latin-1")))
-        s.headers = []
-        if s.header_blocks == 1 and special.get(b":status", b"")[:1] == b"1":
-            s.header_blocks = 0  # informational (1xx): grpc-go ignores it, so do we
-            return 0
-        if s.header_blocks == 1 and not end_stream:
-            http_status = special.get(b":status", b"")
-            if http_status != b"200":
-                code = int(http_status) if http_status.isdigit() else 0
-                self._fail_stream(s, _HTTP_TO_GRPC.get(code, 2),
-                                  f"unexpected HTTP status code received from server: "
-                                  f"{http_status.decode('latin-1')}")
-                return 0
-            ctype = special.get(b"content-type", b"")
-            if not _is_grpc_content_type(ctype):
-                self._fail_stream(s, 13, f"transport: received unexpected content-type "
-                                         f"{_echoed(ctype)!r}")
-                return 0
-            ev = _event(_EV_HEADERS, s.id)
-            ev.metadata = metadata
-            self._events.append(ev)
-            return 0
-        # Trailers (or Trailers-Only): the call's outcome.
-        s.remote_ended = True
-        raw_status = special.get(b"grpc-status")
-        if raw_status is None or not _valid_status(raw_status):
-            code = int(special.get(b":status", b"0") or 0) if s.header_blocks == 1 else 200
-            status = _HTTP_TO_GRPC.get(code, 2) if code != 200 else 13
-            message = ("server closed the stream without sending trailers"
-                       if raw_status is None else f"malformed grpc-status {raw_status!r}")
-        else:
-            status = int(raw_status)
-            message = _percent_decode(special.get(b"grpc-message", b""))
-        if s.partial():
-            status, message = 13, "grpc: received an incomplete message before the trailers"
-        self._finish(s, status, message, metadata)
-        if not s.local_done:
-            # The server ended the call while we could still send: as grpc-go, reset.
-            self.reset_stream(s.id, NGHTTP2_NO_ERROR)
-        return 0
-
-    cdef int _enforce_ping_policy(self) except -1:
-        """grpc-go's server-side EnforcementPolicy for a PING received at self._now."""
-        cdef double interval
-        if self._reset_strikes:
-            self._reset_strikes = False
-            self._ping_strikes = 0
-            self._last_ping_at = self._now
-            return 0
-        interval = (PING_IDLE_INTERVAL if not self._streams and not self._ping_without_streams
-                    else self._min_ping)
-        if self._last_ping_at + interval > self._now:
-            self._ping_strikes += 1
-        self._last_ping_at = self._now
-        if self._ping_strikes > MAX_PING_STRIKES and not self.terminated:
+        if not self.terminated:
             self.terminated = True
             self._stop_input = True
             _check(nghttp2_submit_goaway(
@@ -776,25 +638,6 @@ cdef class H2Connection:
             ev.message = "got too many pings from the client"
             self._events.append(ev)
         return 0
-
-
-# Bytes of a peer's header value quoted back in an error message: bounds the reply a short
-# request can cause (HPACK lets a peer send a long value in a few bytes).
-MAX_ECHOED_VALUE = 64
-
-
-cdef str _echoed(bytes value):
-    return value[:MAX_ECHOED_VALUE].decode("latin-1")
-
-
-cdef inline bint _is_grpc_content_type(bytes ctype):
-    return (ctype == b"application/grpc" or ctype.startswith(b"application/grpc+")
-            or ctype.startswith(b"application/grpc;"))
-
-
-cdef inline bint _valid_status(bytes raw):
-    # grpc-go parses grpc-status as a uint32 and rejects larger values; codes are int32.
-    return raw.isdigit() and len(raw) <= 10 and int(raw) <= 0x7FFFFFFF
 
 
 cdef inline int _check(int rv) except -1:
