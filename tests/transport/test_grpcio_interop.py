@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,13 +32,6 @@ PATH = f"/{SERVICE}/{METHOD}"
 LIMIT = 4 * 1024 * 1024
 SIZES = [0, 1, 1024, 32 * 1024, 1024 * 1024, LIMIT]
 CANCEL_ME = b"please-cancel"
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[str]:
-    # Unix socket paths must be short (108 bytes); pytest's tmp_path can be longer.
-    with tempfile.TemporaryDirectory(prefix="kf-") as d:
-        yield d
 
 
 @dataclass

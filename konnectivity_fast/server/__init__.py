@@ -1,0 +1,31 @@
+"""The proxy-server's asyncio adapters (ARCHITECTURE.md, "Layers").
+
+``proxy``: ``ProxyServer`` (the gRPC frontend and agent services around one
+``tunnel.Router``) and ``start`` helpers for its listeners.
+"""
+
+from __future__ import annotations
+
+from konnectivity_fast.server.proxy import (
+    AGENT_SERVICE,
+    CONNECT_PATH,
+    PROXY_PATH,
+    PROXY_SERVICE,
+    ProxyServer,
+    ServerHandle,
+    start,
+    start_agent_listener,
+    start_frontend_uds,
+)
+
+__all__ = [
+    "AGENT_SERVICE",
+    "CONNECT_PATH",
+    "PROXY_PATH",
+    "PROXY_SERVICE",
+    "ProxyServer",
+    "ServerHandle",
+    "start",
+    "start_agent_listener",
+    "start_frontend_uds",
+]

@@ -1,0 +1,439 @@
+"""The proxy-server's gRPC adapter: ``ProxyServer`` drives one ``tunnel.Router``.
+
+Two callback-style services (``transport.grpc``: ``open_call`` returns the call's sink, no
+task per call) feed the router:
+
+- ``ProxyServer.frontend_service``: ``/ProxyService/Proxy`` streams (kube-apiserver's
+  konnectivity-client), served on a Unix socket (h2c) or TCP+mTLS;
+- ``ProxyServer.agent_service``: ``/AgentService/Connect`` streams, served on TCP+TLS.
+
+Each received message is peeked at with the codec: DATA takes the router's fast path
+(``route_frontend_data``/``route_agent_data``) and its bytes are forwarded unchanged on the
+target's call; anything else is decoded and given to ``receive_from_frontend`` /
+``receive_from_agent``, whose effects (``tunnel.events``) are carried out in order. One
+loop timer follows ``Router.get_timer()`` (``--backend-dial-timeout``).
+
+Invariants:
+- ``Frontend.conn`` and ``Backend.conn`` are the ``GrpcCall`` to write to.
+- A send on a call that already ended is dropped (upstream logs it and carries on).
+- A stream's end is reported to the router once (``remove_*`` are idempotent), after every
+  message received on it was processed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from random import Random
+from typing import Any
+
+from konnectivity_fast.metrics import server as metrics
+from konnectivity_fast.transport import tls
+from konnectivity_fast.transport.grpc import CallSink, GrpcCall, GrpcError, GrpcServer, serve
+from konnectivity_fast.tunnel import (
+    AgentMetadataError,
+    Backend,
+    ConnectionDuration,
+    DialDuration,
+    DialFailure,
+    Effect,
+    Frontend,
+    FrontendMode,
+    Message,
+    RetireBackend,
+    Router,
+    SendToAgent,
+    SendToFrontend,
+    agent_from_metadata,
+)
+from konnectivity_fast.wire.codec import decode_packet, encode_packet, peek_packet
+from konnectivity_fast.wire.errors import CodecError, StatusCode
+from konnectivity_fast.wire.packets import Packet, PacketType
+
+__all__ = [
+    "AGENT_SERVICE",
+    "CONNECT_PATH",
+    "PROXY_PATH",
+    "PROXY_SERVICE",
+    "ProxyServer",
+    "ServerHandle",
+    "start",
+    "start_agent_listener",
+    "start_frontend_uds",
+]
+
+log = logging.getLogger(__name__)
+
+PROXY_SERVICE = "ProxyService"
+AGENT_SERVICE = "AgentService"
+PROXY_PATH = f"/{PROXY_SERVICE}/Proxy"
+CONNECT_PATH = f"/{AGENT_SERVICE}/Connect"
+
+# Metadata keys (§1.3, §1.4): lowercase on the wire.
+MD_AGENT_ID = "agentid"
+MD_AGENT_IDENTIFIERS = "agentidentifiers"
+MD_SERVER_ID = "serverid"
+MD_SERVER_COUNT = "servercount"
+
+_DATA = int(PacketType.DATA)
+
+
+def _unknown_path(path: str, service: str) -> str:
+    """grpc-go's UNIMPLEMENTED message for a path this server does not serve."""
+    svc, _, method = path.lstrip("/").rpartition("/")
+    if svc == service:
+        return f"unknown method {method} for service {svc}"
+    return f"unknown service {svc or method}"
+
+
+def _unmarshal_error(exc: Exception) -> str:
+    return f"grpc: failed to unmarshal the received message: {exc}"
+
+
+class _NullSink:
+    """The sink of a call that was refused: input is ignored."""
+
+    __slots__ = ("_method",)
+
+    def __init__(self, method: str | None = None) -> None:
+        self._method = method
+
+    def on_message(self, call: GrpcCall, message: bytes) -> None:
+        pass
+
+    def on_end(self, call: GrpcCall) -> None:
+        pass
+
+    def on_closed(self, call: GrpcCall, error_code: int) -> None:
+        if self._method is not None:
+            metrics.grpc_connection_closed(self._method)
+
+
+class _FrontendStream:
+    """The sink of one ``Proxy`` call."""
+
+    __slots__ = ("frontend", "server")
+
+    def __init__(self, server: ProxyServer, frontend: Frontend) -> None:
+        self.server = server
+        self.frontend = frontend
+
+    def on_message(self, call: GrpcCall, message: bytes) -> None:
+        server = self.server
+        frontend = self.frontend
+        try:
+            ptype, connect_id = peek_packet(message)
+        except CodecError as exc:
+            server._frontend_failed(frontend, StatusCode.INTERNAL, _unmarshal_error(exc))
+            return
+        metrics.observe_packet(metrics.SEGMENT_FROM_CLIENT, ptype)
+        if ptype == _DATA:
+            backend = server.router.route_frontend_data(frontend, connect_id)
+            if backend is not None:
+                server._send(backend.conn, message, metrics.SEGMENT_TO_AGENT, _DATA)
+                return
+        try:
+            packet = decode_packet(message)
+        except CodecError as exc:
+            server._frontend_failed(frontend, StatusCode.INTERNAL, _unmarshal_error(exc))
+            return
+        server._apply(server.router.receive_from_frontend(
+            frontend, packet, server.loop.time(), message))
+
+    def on_end(self, call: GrpcCall) -> None:
+        # Client half-close: the handler returns OK (§2.6), then the stream's cleanup.
+        call.finish(StatusCode.OK)
+        self.server._remove_frontend(self.frontend)
+
+    def on_closed(self, call: GrpcCall, error_code: int) -> None:
+        self.server._remove_frontend(self.frontend)
+        metrics.grpc_connection_closed(metrics.PROXY)
+
+
+class _AgentStream:
+    """The sink of one ``Connect`` call."""
+
+    __slots__ = ("backend", "server")
+
+    def __init__(self, server: ProxyServer, backend: Backend) -> None:
+        self.server = server
+        self.backend = backend
+
+    def on_message(self, call: GrpcCall, message: bytes) -> None:
+        server = self.server
+        backend = self.backend
+        try:
+            ptype, connect_id = peek_packet(message)
+        except CodecError as exc:
+            server._backend_failed(backend, StatusCode.INTERNAL, _unmarshal_error(exc))
+            return
+        metrics.observe_packet(metrics.SEGMENT_FROM_AGENT, ptype)
+        if ptype == _DATA:
+            frontend = server.router.route_agent_data(backend, connect_id)
+            if frontend is not None and frontend.mode is FrontendMode.GRPC:
+                server._send(frontend.conn, message, metrics.SEGMENT_TO_CLIENT, _DATA)
+                return
+        try:
+            packet = decode_packet(message)
+        except CodecError as exc:
+            server._backend_failed(backend, StatusCode.INTERNAL, _unmarshal_error(exc))
+            return
+        server._apply(server.router.receive_from_agent(
+            backend, packet, server.loop.time(), message))
+
+    def on_end(self, call: GrpcCall) -> None:
+        # Receive EOF: the handler returns OK (§4.1 step 7), then the stream's cleanup.
+        call.finish(StatusCode.OK)
+        self.server._remove_backend(self.backend)
+
+    def on_closed(self, call: GrpcCall, error_code: int) -> None:
+        self.server._remove_backend(self.backend)
+        metrics.grpc_connection_closed(metrics.CONNECT)
+
+
+class _FrontendService:
+    __slots__ = ("server",)
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+
+    def open_call(self, call: GrpcCall) -> CallSink:
+        if call.path != PROXY_PATH:
+            call.finish(StatusCode.UNIMPLEMENTED, _unknown_path(call.path, PROXY_SERVICE))
+            return _NullSink()
+        return self.server._open_frontend(call)
+
+
+class _AgentService:
+    __slots__ = ("server",)
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+
+    def open_call(self, call: GrpcCall) -> CallSink:
+        if call.path != CONNECT_PATH:
+            call.finish(StatusCode.UNIMPLEMENTED, _unknown_path(call.path, AGENT_SERVICE))
+            return _NullSink()
+        return self.server._open_agent(call)
+
+
+class ProxyServer:
+    """The routing state of one proxy-server and the gRPC services that feed it.
+
+    ``server_id``: ``--server-id`` (default: a random UUID, as upstream). ``server_count``:
+    ``--server-count``, sent to agents. ``strategies``: the validated
+    ``--proxy-strategies``. ``dial_timeout``: ``--backend-dial-timeout`` in seconds.
+    """
+
+    def __init__(
+        self,
+        *,
+        server_id: str | None = None,
+        server_count: int = 1,
+        strategies: Sequence[str] = ("default",),
+        dial_timeout: float = 0.0,
+        rng: Random | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.loop = loop or asyncio.get_running_loop()
+        self.server_id = server_id or str(uuid.uuid4())
+        self.server_count = server_count
+        self.router = Router(strategies, rng or Random(), dial_timeout=dial_timeout)
+        self.frontend_service = _FrontendService(self)
+        self.agent_service = _AgentService(self)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when: float | None = None
+        self._closed = False
+
+    # --- streams --------------------------------------------------------------------------
+
+    def _open_frontend(self, call: GrpcCall) -> CallSink:
+        metrics.grpc_connection_opened(metrics.PROXY)
+        frontend = self.router.add_frontend(FrontendMode.GRPC, call)
+        return _FrontendStream(self, frontend)
+
+    def _open_agent(self, call: GrpcCall) -> CallSink:
+        metrics.grpc_connection_opened(metrics.CONNECT)
+        agent_ids: list[str] = []
+        identifiers: list[str] = []
+        for key, value in call.metadata:
+            if key == MD_AGENT_ID:
+                agent_ids.append(value)
+            elif key == MD_AGENT_IDENTIFIERS:
+                identifiers.append(value)
+        try:
+            agent_id, parsed = agent_from_metadata(agent_ids, identifiers)
+        except AgentMetadataError as exc:
+            log.info("agent stream refused: %s", exc)
+            call.finish(StatusCode.UNKNOWN, str(exc))
+            return _NullSink(metrics.CONNECT)
+        try:
+            call.send_headers(
+                [(MD_SERVER_ID, self.server_id), (MD_SERVER_COUNT, str(self.server_count))]
+            )
+        except (KeyError, RuntimeError) as exc:  # the stream is already gone
+            log.info("agent %s: sending headers failed: %s", agent_id, exc)
+            return _NullSink(metrics.CONNECT)
+        backend = self.router.add_backend(agent_id, parsed, call)
+        return _AgentStream(self, backend)
+
+    def _remove_frontend(self, frontend: Frontend) -> None:
+        if not frontend.closed:
+            self._apply(self.router.remove_frontend(frontend))
+
+    def _remove_backend(self, backend: Backend) -> None:
+        if not backend.closed:
+            self._apply(self.router.remove_backend(backend, self.loop.time()))
+
+    def _frontend_failed(self, frontend: Frontend, status: int, message: str) -> None:
+        call: GrpcCall = frontend.conn
+        call.finish(status, message)
+        self._remove_frontend(frontend)
+
+    def _backend_failed(self, backend: Backend, status: int, message: str) -> None:
+        call: GrpcCall = backend.conn
+        call.finish(status, message)
+        self._remove_backend(backend)
+
+    # --- effects --------------------------------------------------------------------------
+
+    def _send(self, call: GrpcCall, message: Message, segment: str, ptype: int) -> None:
+        data: Any = encode_packet(message) if isinstance(message, Packet) else message
+        metrics.observe_packet(segment, ptype)
+        try:
+            call.send(data)
+        except GrpcError as exc:
+            # Upstream logs a failed send and carries on; the stream's end cleans up.
+            metrics.observe_stream_error(segment, exc.status, ptype)
+            log.debug("send on stream %d dropped: %s", call.stream_id, exc)
+
+    def _message_type(self, message: Message) -> int:
+        if isinstance(message, Packet):
+            return int(message.type)
+        try:
+            return int(peek_packet(message)[0])
+        except CodecError:  # cannot happen: received messages were peeked already
+            return -1
+
+    def _apply(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, SendToAgent):
+                self._send(effect.backend.conn, effect.message, metrics.SEGMENT_TO_AGENT,
+                           self._message_type(effect.message))
+            elif isinstance(effect, SendToFrontend):
+                self._send(effect.frontend.conn, effect.message, metrics.SEGMENT_TO_CLIENT,
+                           self._message_type(effect.message))
+            elif isinstance(effect, DialFailure):
+                metrics.observe_dial_failure(effect.reason.value)
+            elif isinstance(effect, DialDuration):
+                metrics.observe_dial_latency(effect.seconds)
+            elif isinstance(effect, ConnectionDuration):
+                metrics.observe_connection_duration(effect.seconds)
+            elif isinstance(effect, RetireBackend):
+                backend = effect.backend
+                backend.conn.finish(StatusCode.OK)
+                self._apply(self.router.remove_backend(backend, self.loop.time()))
+            else:  # TunnelEstablished, CloseFrontend: HTTP-CONNECT, not served here
+                log.warning("unexpected effect %r", effect)
+        self._arm_timer()
+
+    # --- timer ----------------------------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        when = self.router.get_timer()
+        if when == self._timer_when or self._closed:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_when = when
+        if when is not None:
+            self._timer = self.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_when = None
+        self._apply(self.router.handle_timer(self.loop.time()))
+
+    def close(self) -> None:
+        """Stop the timer (the listeners are closed by their handles)."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+# --- listeners ------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerHandle:
+    """A running proxy-server's listeners. ``close()`` stops listening and ends every
+    connection (GOAWAY, then abort after a grace period)."""
+
+    proxy: ProxyServer
+    servers: list[GrpcServer] = field(default_factory=list)
+
+    @property
+    def agent_port(self) -> int | None:
+        """The agent listener's TCP port (useful with port 0), if any."""
+        for server in self.servers:
+            for sock in server.sockets:
+                name = sock.getsockname()
+                if isinstance(name, tuple):
+                    return int(name[1])
+        return None
+
+    async def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        for server in self.servers:
+            await server.wait_closed()
+        self.proxy.close()
+
+
+async def start_frontend_uds(proxy: ProxyServer, path: str, **engine_options: Any) -> GrpcServer:
+    """The gRPC frontend on a Unix socket: plaintext h2c, no auth (§1.5)."""
+    return await serve(proxy.frontend_service, path=path, **engine_options)
+
+
+async def start_agent_listener(
+    proxy: ProxyServer,
+    *,
+    host: str | None,
+    port: int,
+    cert_file: str,
+    key_file: str,
+    client_ca_file: str | None = None,
+    **engine_options: Any,
+) -> GrpcServer:
+    """The agent listener: TCP with TLS (ALPN h2), client certificates required and verified
+    when ``client_ca_file`` is given (§1.5)."""
+    ctx = tls.server_context(cert_file, key_file, client_ca_file)
+    return await serve(proxy.agent_service, host=host, port=port, ssl=ctx, **engine_options)
+
+
+async def start(
+    proxy: ProxyServer,
+    *,
+    uds_path: str,
+    agent_host: str | None,
+    agent_port: int,
+    cert_file: str,
+    key_file: str,
+    client_ca_file: str | None = None,
+) -> ServerHandle:
+    """Both listeners of a gRPC-mode proxy-server with ``--uds-name``."""
+    handle = ServerHandle(proxy)
+    try:
+        handle.servers.append(await start_frontend_uds(proxy, uds_path))
+        handle.servers.append(await start_agent_listener(
+            proxy, host=agent_host, port=agent_port, cert_file=cert_file,
+            key_file=key_file, client_ca_file=client_ca_file))
+    except BaseException:
+        await handle.close()
+        raise
+    return handle

@@ -1,0 +1,83 @@
+"""Fixtures shared by the tests that open sockets (transport/, server/): an event loop of
+each kind, certificates made here, and a short directory for Unix sockets.
+
+The conftest.py of each such folder re-exports them."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+import uvloop
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "uvloop": uvloop.new_event_loop,
+    "asyncio": asyncio.new_event_loop,
+}
+
+RunFn = Callable[[Coroutine[Any, Any, Any]], Any]
+
+
+@pytest.fixture(params=sorted(LOOPS))
+def run(request: pytest.FixtureRequest) -> Iterator[RunFn]:
+    """Run a coroutine to completion on a fresh loop of the parametrized kind."""
+    with asyncio.Runner(loop_factory=LOOPS[request.param]) as runner:
+        yield lambda coro: runner.run(asyncio.wait_for(coro, 60))
+
+
+@dataclass
+class Certs:
+    ca: str
+    server_cert: str
+    server_key: str
+    client_cert: str
+    client_key: str
+    ca_pem: bytes
+    server_cert_pem: bytes
+    server_key_pem: bytes
+    client_cert_pem: bytes
+    client_key_pem: bytes
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate."""
+    d: Path = tmp_path_factory.mktemp("certs")
+    ca = trustme.CA()
+    server = ca.issue_cert("localhost", "127.0.0.1")
+    client = ca.issue_cert("client.example")
+    paths = {}
+    for name, blob in {
+        "ca.pem": ca.cert_pem.bytes(),
+        "server.pem": server.cert_chain_pems[0].bytes(),
+        "server.key": server.private_key_pem.bytes(),
+        "client.pem": client.cert_chain_pems[0].bytes(),
+        "client.key": client.private_key_pem.bytes(),
+    }.items():
+        (d / name).write_bytes(blob)
+        paths[name] = str(d / name)
+    return Certs(
+        paths["ca.pem"],
+        paths["server.pem"],
+        paths["server.key"],
+        paths["client.pem"],
+        paths["client.key"],
+        ca.cert_pem.bytes(),
+        server.cert_chain_pems[0].bytes(),
+        server.private_key_pem.bytes(),
+        client.cert_chain_pems[0].bytes(),
+        client.private_key_pem.bytes(),
+    )
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[str]:
+    # Unix socket paths must be short (108 bytes); pytest's tmp_path can be longer.
+    with tempfile.TemporaryDirectory(prefix="kf-") as d:
+        yield d
