@@ -51,7 +51,10 @@ flock /tmp/konnectivity-fast-build.lock .venv/bin/python setup.py -q build_ext -
   | grep -v -E '^(running|copying|building|creating)' || true
 .venv/bin/python -c "import konnectivity_fast._wire" \
   || { echo "bootstrap: the compiled core does not import" >&2; exit 1; }
-if ! .venv/bin/python -m pip show -q konnectivity-fast >/dev/null 2>&1; then
+# The editable install provides the console scripts: redo it when pyproject.toml changes.
+install_stamp=.venv/.install-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$install_stamp" ]; then
   .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
     || .venv/bin/python -m pip install --no-deps --no-build-isolation -e .
+  touch "$install_stamp"
 fi
