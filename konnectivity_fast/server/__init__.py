@@ -1,11 +1,17 @@
 """The proxy-server's asyncio adapters (ARCHITECTURE.md, "Layers").
 
 ``proxy``: ``ProxyServer`` (the gRPC frontend and agent services around one
-``tunnel.Router``) and ``start`` helpers for its listeners.
+``tunnel.Router``) and ``start`` helpers for its listeners. ``http_connect``: the
+HTTP-CONNECT frontend (``HttpConnectProtocol``) and its listeners.
 """
 
 from __future__ import annotations
 
+from konnectivity_fast.server.http_connect import (
+    HttpConnectProtocol,
+    start_http_connect_tcp,
+    start_http_connect_uds,
+)
 from konnectivity_fast.server.proxy import (
     AGENT_SERVICE,
     CONNECT_PATH,
@@ -23,9 +29,12 @@ __all__ = [
     "CONNECT_PATH",
     "PROXY_PATH",
     "PROXY_SERVICE",
+    "HttpConnectProtocol",
     "ProxyServer",
     "ServerHandle",
     "start",
     "start_agent_listener",
     "start_frontend_uds",
+    "start_http_connect_tcp",
+    "start_http_connect_uds",
 ]

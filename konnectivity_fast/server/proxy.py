@@ -14,7 +14,9 @@ target's call; anything else is decoded and given to ``receive_from_frontend`` /
 loop timer follows ``Router.get_timer()`` (``--backend-dial-timeout``).
 
 Invariants:
-- ``Frontend.conn`` and ``Backend.conn`` are the ``GrpcCall`` to write to.
+- ``Backend.conn`` and a gRPC ``Frontend.conn`` are the ``GrpcCall`` to write to; an
+  HTTP-CONNECT ``Frontend.conn`` is its ``http_connect.HttpConnectProtocol``
+  (``tunnel_established``, ``write_agent_data``, ``close_frontend``).
 - A send on a call that already ended is dropped (upstream logs it and carries on).
 - A stream's end is reported to the router once (``remove_*`` are idempotent), after every
   message received on it was processed.
@@ -36,6 +38,7 @@ from konnectivity_fast.transport.grpc import CallSink, GrpcCall, GrpcError, Grpc
 from konnectivity_fast.tunnel import (
     AgentMetadataError,
     Backend,
+    CloseFrontend,
     ConnectionDuration,
     DialDuration,
     DialFailure,
@@ -47,6 +50,7 @@ from konnectivity_fast.tunnel import (
     Router,
     SendToAgent,
     SendToFrontend,
+    TunnelEstablished,
     agent_from_metadata,
 )
 from konnectivity_fast.wire.codec import decode_packet, encode_packet, peek_packet
@@ -173,8 +177,11 @@ class _AgentStream:
         metrics.observe_packet(metrics.SEGMENT_FROM_AGENT, ptype)
         if ptype == _DATA:
             frontend = server.router.route_agent_data(backend, connect_id)
-            if frontend is not None and frontend.mode is FrontendMode.GRPC:
-                server._send(frontend.conn, message, metrics.SEGMENT_TO_CLIENT, _DATA)
+            if frontend is not None:
+                if frontend.mode is FrontendMode.GRPC:
+                    server._send(frontend.conn, message, metrics.SEGMENT_TO_CLIENT, _DATA)
+                else:  # HTTP-CONNECT: its payload, written to the client socket
+                    frontend.conn.write_agent_data(message)
                 return
         try:
             packet = decode_packet(message)
@@ -324,8 +331,16 @@ class ProxyServer:
                 self._send(effect.backend.conn, effect.message, metrics.SEGMENT_TO_AGENT,
                            self._message_type(effect.message))
             elif isinstance(effect, SendToFrontend):
-                self._send(effect.frontend.conn, effect.message, metrics.SEGMENT_TO_CLIENT,
-                           self._message_type(effect.message))
+                frontend = effect.frontend
+                if frontend.mode is FrontendMode.GRPC:
+                    self._send(frontend.conn, effect.message, metrics.SEGMENT_TO_CLIENT,
+                               self._message_type(effect.message))
+                else:  # HTTP-CONNECT: only ever DATA
+                    frontend.conn.write_agent_data(effect.message)
+            elif isinstance(effect, TunnelEstablished):
+                effect.frontend.conn.tunnel_established(effect.connect_id)
+            elif isinstance(effect, CloseFrontend):
+                effect.frontend.conn.close_frontend(effect.reason, effect.error)
             elif isinstance(effect, DialFailure):
                 metrics.observe_dial_failure(effect.reason.value)
             elif isinstance(effect, DialDuration):
@@ -336,8 +351,6 @@ class ProxyServer:
                 backend = effect.backend
                 backend.conn.finish(StatusCode.OK)
                 self._apply(self.router.remove_backend(backend, self.loop.time()))
-            else:  # TunnelEstablished, CloseFrontend: HTTP-CONNECT, not served here
-                log.warning("unexpected effect %r", effect)
         self._arm_timer()
 
     # --- timer ----------------------------------------------------------------------------

@@ -190,6 +190,17 @@ class GrpcCall:
             raise GrpcError(self.status or StatusCode.CANCELLED, "the call is closed") from None
         self._proto.schedule_flush()
 
+    def send_data_packet(self, connect_id: int, payload: bytes | bytearray | memoryview) -> None:
+        """Queue the message ``Packet(DATA, Data(connect_id, data=payload))``, framed by the
+        engine around ``payload`` (no copy into an encoded message)."""
+        try:
+            if self._closed_code is not None:
+                raise KeyError(self.stream_id)
+            self._proto.conn.send_data_packet(self.stream_id, connect_id, payload)
+        except (KeyError, RuntimeError):
+            raise GrpcError(self.status or StatusCode.CANCELLED, "the call is closed") from None
+        self._proto.schedule_flush()
+
     async def drain(self) -> None:
         """Wait until this call's queued output is below ``CALL_SEND_HIGH_WATER``."""
         while (
@@ -201,6 +212,15 @@ class GrpcCall:
                 await self._drain_waiter
             finally:
                 self._drain_waiter = None
+
+    def outbound_pending(self) -> int:
+        """Bytes of this call's output queued and not yet sent (0 once it is gone)."""
+        if self._closed_code is not None:
+            return 0
+        try:
+            return int(self._proto.conn.outbound_pending(self.stream_id))
+        except (KeyError, RuntimeError):
+            return 0
 
     def _check_drained(self) -> None:
         w = self._drain_waiter

@@ -1,0 +1,425 @@
+"""The HTTP-CONNECT frontend (``--mode=http-connect``, reference/upstream-server.md §3).
+
+One ``HttpConnectProtocol`` per client connection (HTTP/1.1, plain on a Unix socket or
+TLS on TCP). It parses requests incrementally, answers anything but CONNECT with 405 (the
+connection stays usable, as upstream's un-hijacked handler), and for a CONNECT asks the
+``ProxyServer``'s router to dial the request-target. The router's effects reach us through
+``ProxyServer._apply`` (``Frontend.conn`` is this protocol):
+
+- ``TunnelEstablished``: write ``200 Connection Established``, then relay. Each client
+  read becomes one DATA message on the agent's stream (framed around the payload); bytes
+  pipelined after the CONNECT headers are sent first, once established.
+- ``SendToFrontend`` (DATA only): write its payload (a zero-copy ``peek_data`` view).
+- ``CloseFrontend``: write the response upstream writes for its ``CloseReason``, close.
+
+Client EOF or disconnect is reported with ``Router.remove_frontend``: DIAL_CLS for a pending
+dial, CLOSE_REQ for a tunnel. Unlike upstream (§3.2 step 9) we keep reading while the dial is
+pending, so a client that leaves then is noticed at once; an EOF (even a half-close) then
+counts as leaving, since upstream has no half-close propagation either.
+
+Backpressure, and its remaining gap: client -> agent, the client socket stops being read
+while the agent call's queued output is at ``CALL_SEND_HIGH_WATER`` or above, and resumes
+when it drains. Agent -> client is not bounded per tunnel: the agent's stream carries every
+tunnel, so pausing it for one slow client would stall them all (upstream's head-of-line
+blocking, §9.1). We do not do that; a slow client's transport buffer can grow instead.
+Bounding it needs per-connection flow control that the Konnectivity protocol lacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from email.utils import formatdate
+from typing import cast
+
+from konnectivity_fast.metrics import server as metrics
+from konnectivity_fast.server.proxy import ProxyServer
+from konnectivity_fast.transport import tls
+from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER, GrpcCall, GrpcError
+from konnectivity_fast.tunnel import CloseReason, Frontend, FrontendMode
+from konnectivity_fast.tunnel.events import Message
+from konnectivity_fast.wire.codec import peek_data
+from konnectivity_fast.wire.packets import Data, Packet, PacketType
+
+__all__ = [
+    "HTTP11_ALPN",
+    "MAX_HEADER_BYTES",
+    "READ_HEADER_TIMEOUT",
+    "HttpConnectProtocol",
+    "dial_error_status",
+    "start_http_connect_tcp",
+    "start_http_connect_uds",
+]
+
+log = logging.getLogger(__name__)
+
+#: Go's ``http.DefaultMaxHeaderBytes`` (1 MiB) plus the 4096 bytes of slack its reader
+#: allows: a request line and headers longer than this get 431, as from Go's server.
+MAX_HEADER_BYTES = (1 << 20) + 4096
+#: Upstream's ``ReadHeaderTimeout`` (§3.1): a request's headers must arrive within this.
+READ_HEADER_TIMEOUT = 60.0
+#: Client bytes buffered while the dial is pending before we stop reading the socket.
+PENDING_LIMIT = 1 << 20
+#: How long a rejected request's connection is drained before closing (Go's
+#: ``rstAvoidanceDelay``).
+LINGER = 0.5
+#: The socket's permissions (§3.1, like the gRPC frontend socket).
+UDS_MODE = 0o770
+HTTP11_ALPN = "http/1.1"
+
+_DATA = int(PacketType.DATA)
+
+RESPONSE_200 = b"HTTP/1.1 200 Connection Established\r\n\r\n"
+_TEXT = b"Content-Type: text/plain; charset=utf-8\r\n"
+_ERROR_HEADERS = b"\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n"
+BODY_405 = b"this proxy only supports CONNECT passthrough\n"
+_STATUS_TEXT = {
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+def dial_error_status(error: str) -> int:
+    """The status upstream answers an agent's dial error with (§3.2 step 7)."""
+    low = error.lower()
+    if "i/o timeout" in low or "deadline exceeded" in low or "timeout" in low:
+        return 504
+    if "too many open files" in low:
+        return 503
+    return 502
+
+
+def close_response(reason: CloseReason, error: str) -> bytes | None:
+    """What upstream writes before closing a tunnel for ``reason`` (None: nothing)."""
+    if reason is CloseReason.NO_AGENT:
+        return (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n\r\n"
+                b"currently no tunnels available: " + error.encode())
+    if reason is CloseReason.DIAL_ERROR:
+        code = dial_error_status(error)
+        return (f"HTTP/1.1 {code} {_STATUS_TEXT[code]}\r\nConnection: close\r\n".encode()
+                + _TEXT + b"\r\n" + error.encode())
+    if reason is CloseReason.DIAL_TIMEOUT:
+        return (b"HTTP/1.1 504 Gateway Timeout\r\n" + _TEXT + b"\r\nBackend dial timeout: "
+                + error.encode() + b"\r\n")
+    if reason is CloseReason.DIAL_BACKEND_GONE:
+        return (b"HTTP/1.1 502 Bad Gateway\r\n" + _TEXT + b"\r\nBackend context error: "
+                + error.encode() + b"\r\n")
+    return None  # DIAL_CLOSED, CLOSE_RSP, BACKEND_GONE: just close
+
+
+def _go_error(status: str) -> bytes:
+    """Go's server's reply to a request it cannot read, then it closes."""
+    return b"HTTP/1.1 " + status.encode() + _ERROR_HEADERS + status.encode()
+
+
+def _response_405(head: bool, close: bool) -> bytes:
+    """``http.Error(w, ..., 405)`` as Go's server writes it."""
+    lines = [b"HTTP/1.1 405 Method Not Allowed\r\n", _TEXT,
+             b"X-Content-Type-Options: nosniff\r\n"]
+    if close:
+        lines.append(b"Connection: close\r\n")
+    lines.append(f"Date: {formatdate(usegmt=True)}\r\n".encode())
+    lines.append(f"Content-Length: {len(BODY_405)}\r\n\r\n".encode())
+    if not head:
+        lines.append(BODY_405)
+    return b"".join(lines)
+
+
+# Connection states.
+_HEADERS, _DIALING, _RELAY, _DISCARD, _CLOSED = range(5)
+
+
+class HttpConnectProtocol(asyncio.Protocol):
+    """One client connection of the HTTP-CONNECT frontend."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.frontend: Frontend | None = None
+        self._state = _HEADERS
+        self._buf = bytearray()  # request bytes not yet parsed / pipelined tunnel bytes
+        self._skip = 0  # request body bytes still to discard after a 405
+        self._timer: asyncio.TimerHandle | None = None
+        self._paused = False
+        self._counted = False  # in the http_connections gauge
+        self._drain_task: asyncio.Task[None] | None = None  # resumes reading once drained
+
+    # --- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = cast(asyncio.Transport, transport)
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        state = self._state
+        if state == _RELAY:
+            self._send_data(data)
+        elif state == _HEADERS:
+            self._buf += data
+            self._parse()
+        elif state == _DIALING:
+            self._buf += data
+            if len(self._buf) >= PENDING_LIMIT and self.transport is not None:
+                self._pause()
+
+    def eof_received(self) -> bool:
+        # Upstream has no half-close: the read loop ends, CLOSE_REQ (or, pending, DIAL_CLS).
+        self._leave()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._leave()
+
+    # --- request parsing ------------------------------------------------------------------
+
+    def _arm_header_timer(self) -> None:
+        self._cancel_header_timer()
+        self._timer = self.server.loop.call_later(READ_HEADER_TIMEOUT, self._header_timeout)
+
+    def _cancel_header_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _header_timeout(self) -> None:
+        self._timer = None
+        if self._state == _HEADERS:
+            self._close()
+
+    def _parse(self) -> None:
+        while self._state == _HEADERS:
+            buf = self._buf
+            if self._skip:
+                n = min(self._skip, len(buf))
+                del buf[:n]
+                self._skip -= n
+                if self._skip:
+                    return
+            while buf[:2] == b"\r\n":  # Go skips blank lines before a request
+                del buf[:2]
+            end = buf.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES + 4)
+            if end < 0:
+                if len(buf) > MAX_HEADER_BYTES:
+                    self._reject(_go_error("431 Request Header Fields Too Large"))
+                return
+            if end > MAX_HEADER_BYTES:
+                self._reject(_go_error("431 Request Header Fields Too Large"))
+                return
+            head = bytes(buf[:end])
+            del buf[:end + 4]
+            self._request(head)
+
+    def _request(self, head: bytes) -> None:
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(b" ")
+        if len(parts) != 3 or not parts[0] or not parts[1]:
+            self._reject(_go_error("400 Bad Request"))
+            return
+        method_b, target_b, version = parts
+        if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+            self._reject(_go_error("505 HTTP Version Not Supported"))
+            return
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep or not name or name != name.strip():
+                self._reject(_go_error("400 Bad Request"))
+                return
+            headers[name.decode("latin-1").lower()] = value.strip().decode("latin-1")
+        method = method_b.decode("latin-1")
+        if method != "CONNECT":
+            self._not_connect(method, version, headers)
+            return
+        self._connect(target_b.decode("latin-1"))
+
+    def _not_connect(self, method: str, version: bytes, headers: dict[str, str]) -> None:
+        """405; keep-alive continues unless the request's body cannot be skipped."""
+        self._open_gauge()
+        connection = headers.get("connection", "").lower()
+        close = "close" in connection or (version == b"HTTP/1.0" and "keep-alive" not in
+                                           connection)
+        length = headers.get("content-length")
+        if "transfer-encoding" in headers:
+            close = True
+        elif length is not None:
+            if not length.isdigit():
+                self._close_gauge()
+                self._reply_and_close(_go_error("400 Bad Request"))
+                return
+            self._skip = int(length)
+        response = _response_405(method == "HEAD", close)
+        self._close_gauge()
+        if close:
+            self._reply_and_close(response)
+            return
+        assert self.transport is not None
+        self.transport.write(response)
+        self._arm_header_timer()
+
+    def _connect(self, target: str) -> None:
+        self._cancel_header_timer()
+        self._open_gauge()
+        self._state = _DIALING
+        server = self.server
+        frontend = server.router.add_frontend(FrontendMode.HTTP_CONNECT, self)
+        self.frontend = frontend
+        server._apply(server.router.dial_http_connect(frontend, target, server.loop.time()))
+        if self._state == _DIALING and len(self._buf) >= PENDING_LIMIT:
+            self._pause()
+
+    # --- effects (called by ProxyServer._apply) -------------------------------------------
+
+    def tunnel_established(self, connect_id: int) -> None:
+        transport = self.transport
+        if self._state != _DIALING or transport is None or transport.is_closing():
+            return
+        transport.write(RESPONSE_200)
+        self._state = _RELAY
+        pending = self._buf
+        self._buf = bytearray()
+        if pending:
+            self._send_data(bytes(pending))
+        if self._paused and self._state == _RELAY:
+            self._resume_when_drained()
+
+    def write_agent_data(self, message: Message) -> None:
+        """A DATA message from the agent for this tunnel: write its payload."""
+        transport = self.transport
+        if self._state != _RELAY or transport is None:
+            return
+        if isinstance(message, Packet):
+            payload = message.payload
+            if isinstance(payload, Data) and payload.data:
+                transport.write(payload.data)
+            return
+        peeked = peek_data(message)
+        if peeked is not None and len(peeked[1]):
+            transport.write(peeked[1])
+
+    def close_frontend(self, reason: CloseReason, error: str) -> None:
+        response = close_response(reason, error)
+        if response is None:
+            self._close()
+        else:
+            self._reply_and_close(response)
+
+    # --- relaying -------------------------------------------------------------------------
+
+    def _send_data(self, data: bytes) -> None:
+        frontend = self.frontend
+        assert frontend is not None
+        backend = self.server.router.route_frontend_data(frontend, frontend.connect_id)
+        if backend is None:
+            return  # the tunnel is ending
+        call: GrpcCall = backend.conn
+        metrics.observe_packet(metrics.SEGMENT_TO_AGENT, _DATA)
+        try:
+            call.send_data_packet(frontend.connect_id, data)
+        except GrpcError as exc:  # upstream logs it; the stream's end cleans up
+            metrics.observe_stream_error(metrics.SEGMENT_TO_AGENT, exc.status, _DATA)
+            log.debug("DATA on stream %d dropped: %s", call.stream_id, exc)
+        if not self._paused and call.outbound_pending() >= CALL_SEND_HIGH_WATER:
+            self._pause()
+            self._resume_when_drained()
+
+    def _pause(self) -> None:
+        if not self._paused and self.transport is not None and not self.transport.is_closing():
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _resume_when_drained(self) -> None:
+        frontend = self.frontend
+        backend = frontend.backend if frontend is not None else None
+        if backend is None:
+            return
+        if self._drain_task is None or self._drain_task.done():
+            self._drain_task = self.server.loop.create_task(
+                self._drain_then_resume(backend.conn))
+
+    async def _drain_then_resume(self, call: GrpcCall) -> None:
+        with contextlib.suppress(Exception):
+            await call.drain()
+        if self._paused and self._state == _RELAY and self.transport is not None:
+            self._paused = False
+            with contextlib.suppress(RuntimeError):
+                self.transport.resume_reading()
+
+    # --- ending ---------------------------------------------------------------------------
+
+    def _leave(self) -> None:
+        """The client is gone (EOF or disconnect): tell the router, close the socket."""
+        frontend = self.frontend
+        if frontend is not None and not frontend.closed:
+            self.server._remove_frontend(frontend)
+        self._close()
+
+    def _reject(self, response: bytes) -> None:
+        """A request Go's server cannot read: reply, half-close and keep discarding input
+        until the client closes or ``LINGER`` passes (Go's ``closeWriteAndWait``), so the
+        client is not reset before it reads the reply."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or not transport.can_write_eof():
+            self._reply_and_close(response)
+            return
+        self._state = _DISCARD
+        self._buf = bytearray()
+        self._cancel_header_timer()
+        transport.write(response)
+        transport.write_eof()
+        self._timer = self.server.loop.call_later(LINGER, self._close)
+
+    def _reply_and_close(self, response: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(response)
+        self._close()
+
+    def _close(self) -> None:
+        self._state = _CLOSED
+        self._buf = bytearray()
+        self._cancel_header_timer()
+        self._close_gauge()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _open_gauge(self) -> None:
+        if not self._counted:
+            self._counted = True
+            metrics.http_connection_opened()
+
+    def _close_gauge(self) -> None:
+        if self._counted:
+            self._counted = False
+            metrics.http_connection_closed()
+
+
+# --- listeners ------------------------------------------------------------------------------
+
+
+async def start_http_connect_uds(server: ProxyServer, path: str) -> asyncio.Server:
+    """The HTTP-CONNECT frontend on a Unix socket: plain HTTP/1.1, mode 0770 (§3.1)."""
+    loop = server.loop
+    listener = await loop.create_unix_server(lambda: HttpConnectProtocol(server), path)
+    os.chmod(path, UDS_MODE)
+    return listener
+
+
+async def start_http_connect_tcp(
+    server: ProxyServer,
+    *,
+    host: str | None,
+    port: int,
+    cert_file: str,
+    key_file: str,
+    client_ca_file: str | None,
+) -> asyncio.Server:
+    """The HTTP-CONNECT frontend on TCP with mTLS: HTTP/1.1 only (ALPN ``http/1.1``), client
+    certificates required and verified against ``client_ca_file`` (§3.1)."""
+    ctx = tls.server_context(cert_file, key_file, client_ca_file, alpn=(HTTP11_ALPN,))
+    return await server.loop.create_server(
+        lambda: HttpConnectProtocol(server), host, port, ssl=ctx)
