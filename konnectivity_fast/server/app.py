@@ -24,6 +24,7 @@ from typing import Protocol
 
 from konnectivity_fast.metrics import server as server_metrics
 from konnectivity_fast.server.health import admin_routes, health_routes, start_http
+from konnectivity_fast.server.http_connect import start_http_connect_uds
 from konnectivity_fast.server.proxy import (
     ProxyServer,
     ServerHandle,
@@ -64,8 +65,6 @@ class RunOptions(Protocol):
 
 def unsupported(options: RunOptions) -> str | None:
     """Why this build cannot run ``options`` yet, or ``None``."""
-    if options.mode != "grpc":
-        return f"--mode={options.mode} is not supported yet by konnectivity-fast"
     if not options.uds_name:
         return "the TCP frontend (no --uds-name) is not supported yet by konnectivity-fast"
     if options.enable_lease_controller:
@@ -89,15 +88,24 @@ async def _listen_uds(proxy: ProxyServer, options: RunOptions) -> ServerHandle:
     old = os.umask(UDS_UMASK)
     try:
         log.info("Starting frontend server for client connections.")
-        handle.servers.append(await start_frontend_uds(proxy, path))
+        if options.mode == "http-connect":
+            handle.servers.append(await start_http_connect_uds(proxy, path))
+        else:
+            handle.servers.append(await start_frontend_uds(proxy, path))
     finally:
         os.umask(old)
     try:
         log.info("Starting agent server for tunnel connections.")
-        handle.servers.append(await start_agent_listener(
-            proxy, host=options.agent_bind_address or None, port=options.agent_port,
-            cert_file=options.cluster_cert, key_file=options.cluster_key,
-            client_ca_file=options.cluster_ca_cert or None))
+        handle.servers.append(
+            await start_agent_listener(
+                proxy,
+                host=options.agent_bind_address or None,
+                port=options.agent_port,
+                cert_file=options.cluster_cert,
+                key_file=options.cluster_key,
+                client_ca_file=options.cluster_ca_cert or None,
+            )
+        )
     except BaseException:
         await handle.close()
         raise
@@ -119,8 +127,12 @@ async def run(options: RunOptions, stop: asyncio.Event) -> int:
         return 1
     strategies = _strategies(options.proxy_strategies)
     server_metrics.startup(strategies)
-    proxy = ProxyServer(server_id=options.server_id, server_count=options.server_count,
-                        strategies=strategies, dial_timeout=options.backend_dial_timeout)
+    proxy = ProxyServer(
+        server_id=options.server_id,
+        server_count=options.server_count,
+        strategies=strategies,
+        dial_timeout=options.backend_dial_timeout,
+    )
     try:
         handle = await _listen_uds(proxy, options)
     except (OSError, ValueError) as exc:
@@ -129,25 +141,33 @@ async def run(options: RunOptions, stop: asyncio.Event) -> int:
         return 1
     http: list[asyncio.Server] = []
     log.info("Starting admin server for debug connections.")
-    admin = await start_http("admin", options.admin_bind_address, options.admin_port,
-                             admin_routes())
+    admin = await start_http(
+        "admin", options.admin_bind_address, options.admin_port, admin_routes()
+    )
     if admin is not None:
         http.append(admin)
     log.info("Starting health server for healthchecks.")
-    health = await start_http("health", options.health_bind_address, options.health_port,
-                              health_routes(lambda: proxy.router.ready))
+    health = await start_http(
+        "health",
+        options.health_bind_address,
+        options.health_port,
+        health_routes(lambda: proxy.router.ready),
+    )
     if health is not None:
         http.append(health)
-    log.info("Proxy server %s ready: frontend on %s, agents on port %s",
-             proxy.server_id, options.uds_name, handle.agent_port)
+    log.info(
+        "Proxy server %s ready: frontend on %s, agents on port %s",
+        proxy.server_id,
+        options.uds_name,
+        handle.agent_port,
+    )
 
     await stop.wait()
     log.info("Shutting down server.")
     timeout = options.graceful_shutdown_timeout
     if timeout > 0:
         try:
-            await asyncio.wait_for(
-                asyncio.gather(_close_http(http), handle.close()), timeout)
+            await asyncio.wait_for(asyncio.gather(_close_http(http), handle.close()), timeout)
         except TimeoutError:
             log.warning("graceful shutdown did not finish within %ss", timeout)
     else:

@@ -388,7 +388,7 @@ class ServerHandle:
     connection (GOAWAY, then abort after a grace period)."""
 
     proxy: ProxyServer
-    servers: list[GrpcServer] = field(default_factory=list)
+    servers: list[GrpcServer | asyncio.Server] = field(default_factory=list)
 
     @property
     def agent_port(self) -> int | None:

@@ -51,8 +51,7 @@ def command(*args: str) -> list[str]:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(command(*args), check=False, capture_output=True,
-                          timeout=WAIT_SECONDS)
+    return subprocess.run(command(*args), check=False, capture_output=True, timeout=WAIT_SECONDS)
 
 
 @dataclass
@@ -62,10 +61,12 @@ class Running:
     admin_port: int
     agent_port: int
     uds: str
+    mode: str
 
 
-def get(port: int, path: str, method: str = "GET",
-        headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def get(
+    port: int, path: str, method: str = "GET", headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection(LOOPBACK, port, timeout=10)
     try:
         conn.request(method, path, headers=headers or {})
@@ -90,22 +91,29 @@ def wait_healthy(running: Running) -> None:
     pytest.fail("proxy-server did not answer /healthz")
 
 
-@pytest.fixture
-def server(certs: Certs, sock_dir: str) -> Iterator[Running]:
+@pytest.fixture(params=["grpc", "http-connect"])
+def server(request: pytest.FixtureRequest, certs: Certs, sock_dir: str) -> Iterator[Running]:
     agent, health, admin = free_ports(3)
     uds = os.path.join(sock_dir, "konnectivity.sock")
     proc = subprocess.Popen(
         command(
-            f"--uds-name={uds}", "--server-port=0",
-            f"--cluster-cert={certs.server_cert}", f"--cluster-key={certs.server_key}",
+            f"--mode={request.param}",
+            f"--uds-name={uds}",
+            "--server-port=0",
+            f"--cluster-cert={certs.server_cert}",
+            f"--cluster-key={certs.server_key}",
             f"--cluster-ca-cert={certs.ca}",
-            f"--agent-bind-address={LOOPBACK}", f"--agent-port={agent}",
-            f"--health-bind-address={LOOPBACK}", f"--health-port={health}",
-            f"--admin-bind-address={LOOPBACK}", f"--admin-port={admin}",
+            f"--agent-bind-address={LOOPBACK}",
+            f"--agent-port={agent}",
+            f"--health-bind-address={LOOPBACK}",
+            f"--health-port={health}",
+            f"--admin-bind-address={LOOPBACK}",
+            f"--admin-port={admin}",
         ),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
-    running = Running(proc, health, admin, agent, uds)
+    running = Running(proc, health, admin, agent, uds, request.param)
     try:
         wait_healthy(running)
         yield running
@@ -131,8 +139,9 @@ def test_not_ready_without_agents(server: Running, path: str) -> None:
 def test_ready_with_an_agent(server: Running, certs: Certs) -> None:
     async def main() -> None:
         ctx = tls.client_context(certs.ca, certs.client_cert, certs.client_key)
-        proto = await kgrpc.connect(host=LOOPBACK, port=server.agent_port, ssl=ctx,
-                                    server_hostname="localhost")
+        proto = await kgrpc.connect(
+            host=LOOPBACK, port=server.agent_port, ssl=ctx, server_hostname="localhost"
+        )
         try:
             call = proto.start_call(CONNECT_PATH, metadata=[("agentid", "a1")])
             headers = dict(await call.headers_received)
@@ -160,8 +169,7 @@ def test_metrics(server: Running, which: str) -> None:
     assert headers["content-type"] == TEXT_CONTENT_TYPE
     text = body.decode()
     assert "# TYPE konnectivity_network_proxy_server_" in text
-    assert 'konnectivity_network_proxy_server_ready_backends{proxy_strategy="default"} 0' \
-        in text
+    assert 'konnectivity_network_proxy_server_ready_backends{proxy_strategy="default"} 0' in text
 
 
 def test_metrics_negotiates_escaping(server: Running) -> None:
@@ -204,18 +212,44 @@ def test_help() -> None:
 def test_validation_error() -> None:
     proc = run_cli("--mode=nope")
     assert proc.returncode == 1
-    assert b"failed to validate server options with mode must be set to either 'grpc' or " \
-           b"'http-connect' not \"nope\"" in proc.stderr
+    assert (
+        b"failed to validate server options with mode must be set to either 'grpc' or "
+        b"'http-connect' not \"nope\"" in proc.stderr
+    )
+
+
+def test_frontend_speaks_the_mode(server: Running) -> None:
+    """HTTP-CONNECT mode answers a CONNECT (500: no agent); gRPC mode answers an HTTP/1
+    request by closing (it expects the HTTP/2 preface)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(server.uds)
+        sock.sendall(b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\n")
+        reply = b""
+        while chunk := sock.recv(4096):
+            reply += chunk
+            if b"\r\n\r\n" in reply and server.mode == "http-connect":
+                break
+    if server.mode == "http-connect":
+        assert reply.startswith(b"HTTP/1.1 500 "), reply
+    else:
+        assert not reply.startswith(b"HTTP/1.1"), reply
 
 
 def test_unsupported_mode_says_so(certs: Certs, sock_dir: str) -> None:
     agent, health, admin = free_ports(3)
     proc = run_cli(
-        "--mode=http-connect", f"--uds-name={os.path.join(sock_dir, 'p.sock')}",
-        "--server-port=0", f"--cluster-cert={certs.server_cert}",
-        f"--cluster-key={certs.server_key}", f"--agent-bind-address={LOOPBACK}",
-        f"--agent-port={agent}", f"--health-bind-address={LOOPBACK}",
-        f"--health-port={health}", f"--admin-port={admin}",
+        "--mode=http-connect",
+        f"--server-ca-cert={certs.ca}",
+        f"--server-cert={certs.server_cert}",
+        f"--server-key={certs.server_key}",
+        f"--cluster-cert={certs.server_cert}",
+        f"--cluster-key={certs.server_key}",
+        f"--agent-bind-address={LOOPBACK}",
+        f"--agent-port={agent}",
+        f"--health-bind-address={LOOPBACK}",
+        f"--health-port={health}",
+        f"--admin-port={admin}",
     )
     assert proc.returncode == 1
     assert b"not supported yet" in proc.stderr
