@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
+from konnectivity_fast.cli.command import CommandLine, parse_command
 from konnectivity_fast.cli.flags import (
     BOOL,
     DURATION,
@@ -35,7 +36,7 @@ from konnectivity_fast.cli.flags import (
     command_usage,
 )
 from konnectivity_fast.cli.goparse import GoError, format_duration, go_quote, seconds_to_ns
-from konnectivity_fast.cli.klog import KLOG_PREFIX, KlogOptions, V, register_klog_flags
+from konnectivity_fast.cli.klog import KlogOptions, V, register_klog_flags
 
 __all__ = [
     "AGENT_IDENTIFIER_TYPES",
@@ -449,15 +450,7 @@ def build_flagset(defaults: GrpcProxyAgentOptions | None = None,
     return fs
 
 
-@dataclass(frozen=True)
-class AgentCommandLine:
-    """A parsed ``proxy-agent`` command line."""
-
-    options: GrpcProxyAgentOptions
-    klog: KlogOptions
-    explicit: frozenset[str]  # flag names given on the command line
-    args: tuple[str, ...]  # positional arguments (upstream ignores them)
-    help_requested: bool
+AgentCommandLine = CommandLine[GrpcProxyAgentOptions]
 
 
 def parse_args(
@@ -468,13 +461,8 @@ def parse_args(
 ) -> AgentCommandLine:
     """Parse ``argv`` (without the program name); raises ``FlagError`` with pflag's text."""
     defaults = GrpcProxyAgentOptions(agent_id=default_agent_id(environ))
-    result = build_flagset(defaults).parse(argv, environ=environ, warn=warn)
-    return AgentCommandLine(
-        options=result.build(GrpcProxyAgentOptions),
-        klog=result.build(KlogOptions, KLOG_PREFIX),
-        explicit=result.explicit,
-        args=result.args,
-        help_requested=bool(result.values["help"]),
+    return parse_command(
+        build_flagset(defaults), GrpcProxyAgentOptions, argv, environ=environ, warn=warn
     )
 
 

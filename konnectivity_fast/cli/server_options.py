@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
+from konnectivity_fast.cli.command import CommandLine, parse_command
 from konnectivity_fast.cli.flags import (
     BOOL,
     DURATION,
@@ -34,7 +35,7 @@ from konnectivity_fast.cli.flags import (
     command_usage,
 )
 from konnectivity_fast.cli.goparse import format_duration, go_quote, seconds_to_ns
-from konnectivity_fast.cli.klog import KLOG_PREFIX, KlogOptions, V, register_klog_flags
+from konnectivity_fast.cli.klog import KlogOptions, V, register_klog_flags
 
 __all__ = [
     "GO_CIPHER_SUITES",
@@ -412,15 +413,7 @@ def build_flagset(defaults: ProxyRunOptions | None = None,
     return fs
 
 
-@dataclass(frozen=True)
-class ServerCommandLine:
-    """A parsed ``proxy-server`` command line."""
-
-    options: ProxyRunOptions
-    klog: KlogOptions
-    explicit: frozenset[str]  # flag names given on the command line
-    args: tuple[str, ...]  # positional arguments (upstream ignores them)
-    help_requested: bool
+ServerCommandLine = CommandLine[ProxyRunOptions]
 
 
 def parse_args(
@@ -431,14 +424,7 @@ def parse_args(
 ) -> ServerCommandLine:
     """Parse ``argv`` (without the program name); raises ``FlagError`` with pflag's text."""
     defaults = ProxyRunOptions(server_id=default_server_id(environ))
-    result = build_flagset(defaults).parse(argv, environ=environ, warn=warn)
-    return ServerCommandLine(
-        options=result.build(ProxyRunOptions),
-        klog=result.build(KlogOptions, KLOG_PREFIX),
-        explicit=result.explicit,
-        args=result.args,
-        help_requested=bool(result.values["help"]),
-    )
+    return parse_command(build_flagset(defaults), ProxyRunOptions, argv, environ=environ, warn=warn)
 
 
 def usage() -> str:

@@ -1,0 +1,46 @@
+"""A parsed command line of ``proxy-server`` or ``proxy-agent``, common to both programs.
+
+Both flag sets hold the program's own options, klog's flags and ``--help``; parsing one
+gives its options dataclass, klog's options and what the user passed explicitly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from konnectivity_fast.cli.flags import FlagSet
+from konnectivity_fast.cli.klog import KLOG_PREFIX, KlogOptions
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class CommandLine(Generic[T]):
+    """A parsed command line."""
+
+    options: T
+    klog: KlogOptions
+    explicit: frozenset[str]  # flag names given on the command line
+    args: tuple[str, ...]  # positional arguments (upstream ignores them)
+    help_requested: bool
+
+
+def parse_command(
+    flagset: FlagSet,
+    options_type: type[T],
+    argv: Sequence[str],
+    *,
+    environ: Mapping[str, str] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> CommandLine[T]:
+    """Parse ``argv`` (without the program name); raises ``FlagError`` with pflag's text."""
+    result = flagset.parse(argv, environ=environ, warn=warn)
+    return CommandLine(
+        options=result.build(options_type),
+        klog=result.build(KlogOptions, KLOG_PREFIX),
+        explicit=result.explicit,
+        args=result.args,
+        help_requested=bool(result.values["help"]),
+    )
