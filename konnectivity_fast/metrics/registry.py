@@ -434,7 +434,16 @@ class _Vec(Generic[_Child]):
         return [(text, child) for _, text, child in rows]
 
 
-class _ScalarVec(_Vec[_Child]):
+_Scalar = TypeVar("_Scalar", CounterChild, GaugeChild)
+
+
+class _ScalarVec(_Vec[_Scalar]):
+    """A family of counters or gauges: one ``value`` per series."""
+
+    def __init__(self, name: str, help: str, labelnames: Sequence[str] = (), *,
+                 registry: Registry | None = None) -> None:
+        super().__init__(name, help, labelnames, registry)
+
     def collect(self) -> list[tuple[str, str]]:
         if not self._children:
             return []
@@ -442,11 +451,8 @@ class _ScalarVec(_Vec[_Child]):
         out = [_header(name, self.help, self.type_name)]
         for labels, child in self._sorted():
             pairs = "{" + labels[:-1] + "}" if labels else ""
-            out.append(f"{name}{pairs} {format_value(self._value(child))}\n")
+            out.append(f"{name}{pairs} {format_value(child.value)}\n")
         return [(name, "".join(out))]
-
-    def _value(self, child: _Child) -> float:
-        raise NotImplementedError
 
 
 class CounterVec(_ScalarVec[CounterChild]):
@@ -454,15 +460,8 @@ class CounterVec(_ScalarVec[CounterChild]):
 
     type_name = "counter"
 
-    def __init__(self, name: str, help: str, labelnames: Sequence[str] = (), *,
-                 registry: Registry | None = None) -> None:
-        super().__init__(name, help, labelnames, registry)
-
     def _new_child(self) -> CounterChild:
         return CounterChild()
-
-    def _value(self, child: CounterChild) -> float:
-        return child.value
 
 
 class GaugeVec(_ScalarVec[GaugeChild]):
@@ -470,15 +469,8 @@ class GaugeVec(_ScalarVec[GaugeChild]):
 
     type_name = "gauge"
 
-    def __init__(self, name: str, help: str, labelnames: Sequence[str] = (), *,
-                 registry: Registry | None = None) -> None:
-        super().__init__(name, help, labelnames, registry)
-
     def _new_child(self) -> GaugeChild:
         return GaugeChild()
-
-    def _value(self, child: GaugeChild) -> float:
-        return child.value
 
 
 class HistogramVec(_Vec[HistogramChild]):
