@@ -24,13 +24,15 @@ from typing import Protocol
 
 from konnectivity_fast.metrics import server as server_metrics
 from konnectivity_fast.server.health import admin_routes, health_routes, start_http
-from konnectivity_fast.server.http_connect import start_http_connect_uds
+from konnectivity_fast.server.http_connect import start_http_connect_tcp, start_http_connect_uds
 from konnectivity_fast.server.proxy import (
     ProxyServer,
     ServerHandle,
     start_agent_listener,
+    start_frontend_tcp,
     start_frontend_uds,
 )
+from konnectivity_fast.transport.grpc import GrpcServer
 
 __all__ = ["RunOptions", "run", "unsupported"]
 
@@ -44,6 +46,11 @@ class RunOptions(Protocol):
 
     mode: str
     uds_name: str
+    server_port: int
+    server_bind_address: str
+    server_cert: str
+    server_key: str
+    server_ca_cert: str
     delete_uds_file: bool
     agent_port: int
     agent_bind_address: str
@@ -65,8 +72,6 @@ class RunOptions(Protocol):
 
 def unsupported(options: RunOptions) -> str | None:
     """Why this build cannot run ``options`` yet, or ``None``."""
-    if not options.uds_name:
-        return "the TCP frontend (no --uds-name) is not supported yet by konnectivity-fast"
     if options.enable_lease_controller:
         return "--enable-lease-controller is not supported yet by konnectivity-fast"
     if options.needs_kubernetes_client:
@@ -80,20 +85,38 @@ def _strategies(text: str) -> list[str]:
     return [item for item in text.split(",") if item]
 
 
-async def _listen_uds(proxy: ProxyServer, options: RunOptions) -> ServerHandle:
-    handle = ServerHandle(proxy)
+async def _frontend_uds(proxy: ProxyServer, options: RunOptions) -> GrpcServer | asyncio.Server:
     path = options.uds_name
     if options.delete_uds_file and os.path.lexists(path):
         os.unlink(path)
     old = os.umask(UDS_UMASK)
     try:
-        log.info("Starting frontend server for client connections.")
         if options.mode == "http-connect":
-            handle.servers.append(await start_http_connect_uds(proxy, path))
-        else:
-            handle.servers.append(await start_frontend_uds(proxy, path))
+            return await start_http_connect_uds(proxy, path)
+        return await start_frontend_uds(proxy, path)
     finally:
         os.umask(old)
+
+
+async def _frontend_tcp(proxy: ProxyServer, options: RunOptions) -> GrpcServer | asyncio.Server:
+    host, port = options.server_bind_address or None, options.server_port
+    cert, key, ca = options.server_cert, options.server_key, options.server_ca_cert
+    if options.mode == "http-connect":
+        return await start_http_connect_tcp(
+            proxy, host=host, port=port, cert_file=cert, key_file=key, client_ca_file=ca
+        )
+    return await start_frontend_tcp(
+        proxy, host=host, port=port, cert_file=cert, key_file=key, client_ca_file=ca
+    )
+
+
+async def _listen(proxy: ProxyServer, options: RunOptions) -> ServerHandle:
+    handle = ServerHandle(proxy)
+    log.info("Starting frontend server for client connections.")
+    if options.uds_name:
+        handle.servers.append(await _frontend_uds(proxy, options))
+    else:
+        handle.servers.append(await _frontend_tcp(proxy, options))
     try:
         log.info("Starting agent server for tunnel connections.")
         handle.servers.append(
@@ -134,7 +157,7 @@ async def run(options: RunOptions, stop: asyncio.Event) -> int:
         dial_timeout=options.backend_dial_timeout,
     )
     try:
-        handle = await _listen_uds(proxy, options)
+        handle = await _listen(proxy, options)
     except (OSError, ValueError) as exc:
         log.error("failed to run the proxy server: %s", exc)
         proxy.close()
@@ -155,10 +178,12 @@ async def run(options: RunOptions, stop: asyncio.Event) -> int:
     )
     if health is not None:
         http.append(health)
+    frontend = options.uds_name or f"{options.server_bind_address}:{options.server_port}"
     log.info(
-        "Proxy server %s ready: frontend on %s, agents on port %s",
+        "Proxy server %s ready: %s frontend on %s, agents on port %s",
         proxy.server_id,
-        options.uds_name,
+        options.mode,
+        frontend,
         handle.agent_port,
     )
 

@@ -413,6 +413,22 @@ async def start_frontend_uds(proxy: ProxyServer, path: str, **engine_options: An
     return await serve(proxy.frontend_service, path=path, **engine_options)
 
 
+async def start_frontend_tcp(
+    proxy: ProxyServer,
+    *,
+    host: str | None,
+    port: int,
+    cert_file: str,
+    key_file: str,
+    client_ca_file: str,
+    **engine_options: Any,
+) -> GrpcServer:
+    """The gRPC frontend on TCP: mTLS always, client certificates verified against
+    ``client_ca_file`` (§1.5)."""
+    ctx = tls.server_context(cert_file, key_file, client_ca_file)
+    return await serve(proxy.frontend_service, host=host, port=port, ssl=ctx, **engine_options)
+
+
 async def start_agent_listener(
     proxy: ProxyServer,
     *,

@@ -23,6 +23,8 @@ from konnectivity_fast.metrics import TEXT_CONTENT_TYPE
 from konnectivity_fast.server import CONNECT_PATH
 from konnectivity_fast.transport import grpc as kgrpc
 from konnectivity_fast.transport import tls
+from konnectivity_fast.wire import DialRequest, DialResponse, Packet, PacketType
+from konnectivity_fast.wire.codec import decode_packet, encode_packet
 
 LOOPBACK = "127.0.0.1"
 # Validation limits ports to 1024-49151: pick from below the usual ephemeral range.
@@ -239,10 +241,11 @@ def test_frontend_speaks_the_mode(server: Running) -> None:
 def test_unsupported_mode_says_so(certs: Certs, sock_dir: str) -> None:
     agent, health, admin = free_ports(3)
     proc = run_cli(
-        "--mode=http-connect",
-        f"--server-ca-cert={certs.ca}",
-        f"--server-cert={certs.server_cert}",
-        f"--server-key={certs.server_key}",
+        f"--uds-name={os.path.join(sock_dir, 'p.sock')}",
+        "--server-port=0",
+        "--agent-namespace=kube-system",
+        "--agent-service-account=konnectivity-agent",
+        "--authentication-audience=system:konnectivity-server",
         f"--cluster-cert={certs.server_cert}",
         f"--cluster-key={certs.server_key}",
         f"--agent-bind-address={LOOPBACK}",
@@ -253,3 +256,67 @@ def test_unsupported_mode_says_so(certs: Certs, sock_dir: str) -> None:
     )
     assert proc.returncode == 1
     assert b"not supported yet" in proc.stderr
+
+
+@pytest.fixture(params=["grpc", "http-connect"])
+def tcp_server(request: pytest.FixtureRequest, certs: Certs) -> Iterator[tuple[Running, int]]:
+    """The frontend on TCP with mTLS (no --uds-name)."""
+    frontend, agent, health, admin = free_ports(4)
+    proc = subprocess.Popen(
+        command(
+            f"--mode={request.param}",
+            f"--server-bind-address={LOOPBACK}",
+            f"--server-port={frontend}",
+            f"--server-cert={certs.server_cert}",
+            f"--server-key={certs.server_key}",
+            f"--server-ca-cert={certs.ca}",
+            f"--cluster-cert={certs.server_cert}",
+            f"--cluster-key={certs.server_key}",
+            f"--agent-bind-address={LOOPBACK}",
+            f"--agent-port={agent}",
+            f"--health-bind-address={LOOPBACK}",
+            f"--health-port={health}",
+            f"--admin-bind-address={LOOPBACK}",
+            f"--admin-port={admin}",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    running = Running(proc, health, admin, agent, "", request.param)
+    try:
+        wait_healthy(running)
+        yield running, frontend
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=WAIT_SECONDS)
+
+
+def test_tcp_frontend_with_mtls(tcp_server: tuple[Running, int], certs: Certs) -> None:
+    """Over TCP+mTLS both modes answer a dial with no agent connected: HTTP-CONNECT with
+    a 500, gRPC with DIAL_RSP "No agent available"."""
+    running, port = tcp_server
+    client_tls = tls.client_context(certs.ca, certs.client_cert, certs.client_key)
+    if running.mode == "http-connect":
+        client_tls.set_alpn_protocols(["http/1.1"])
+        with (
+            socket.create_connection((LOOPBACK, port), timeout=10) as raw,
+            client_tls.wrap_socket(raw, server_hostname="localhost") as sock,
+        ):
+            sock.sendall(b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 500 ")
+        return
+
+    async def dial() -> Packet:
+        proto = await kgrpc.connect(
+            host=LOOPBACK, port=port, ssl=client_tls, server_hostname="localhost"
+        )
+        call = proto.start_call("/ProxyService/Proxy")
+        call.send(encode_packet(Packet(PacketType.DIAL_REQ, DialRequest("tcp", "10.0.0.1:1", 7))))
+        reply = await asyncio.wait_for(call.recv(), WAIT_SECONDS)
+        await proto.aclose()
+        assert reply is not None
+        return decode_packet(reply)
+
+    reply = asyncio.run(dial())
+    assert reply == Packet(PacketType.DIAL_RSP, DialResponse(error="No agent available", random=7))
