@@ -1,0 +1,365 @@
+"""The agent's side of one tunneled connection: the backend TCP socket (``Endpoint``), the
+dial that opens it (``dial``) and the memory budget all endpoints share (``EndpointPool``).
+
+Data path and buffering (ARCHITECTURE.md, "the data path"; upstream issue #180):
+
+* Backend -> server. A read lands in the pool's one shared read buffer (the loop runs one
+  callback at a time, so one buffer serves every endpoint), up to ``READ_SIZE`` bytes, and
+  becomes exactly one DATA packet: never split, never merged. After each send the endpoint
+  looks at its server stream's queued output; at ``CALL_SEND_HIGH_WATER`` it pauses *its
+  own* socket reads and resumes when that stream drains. A slow server therefore stops the
+  backends of its stream, one by one, and nothing else; memory is bounded by the stream's
+  high water plus one read per endpoint.
+
+* Server -> backend. DATA is written to the backend's transport at once, whatever its
+  state, so one slow backend does not hold up the packets behind it on the shared server
+  stream. What a backend has not taken yet is counted: per endpoint against
+  ``ENDPOINT_WRITE_BUDGET`` and for the whole process against ``AGENT_WRITE_BUDGET``.
+  HTTP/2 multiplexes many tunnels on one stream, so the only source that can be paused is
+  the server stream itself: an endpoint over its budget pauses its own stream (window
+  updates stop, the server's sends on that stream block) until that backend has taken all
+  of it; an exhausted process budget pauses every stream until the queued total is back
+  under half the budget. Within the budgets no backend stalls another (upstream stalls the
+  whole stream as soon as one connection's 150-packet queue is full); past them the agent
+  falls back to upstream's behaviour, with memory bounded by the budget plus one stream
+  window per stream.
+
+  The counting is event-driven: transports are given write limits of 0/0, so asyncio calls
+  ``pause_writing`` whenever bytes stay queued and ``resume_writing`` once they are all
+  written. Between those events an endpoint's count is the queue size at its last write, an
+  upper bound; the process total is recounted exactly before it is declared exhausted.
+
+Invariants:
+- An endpoint reads nothing from its socket until the owner says the DIAL_RSP went out
+  (``start_reading``): a connection's first DATA always follows its DIAL_RSP.
+- Every endpoint reports ``connection_lost`` to its owner exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable
+from typing import Protocol, cast
+
+from konnectivity_fast.agent import dialerr
+from konnectivity_fast.agent.dialerr import DialError
+
+__all__ = [
+    "AGENT_WRITE_BUDGET",
+    "DIAL_TIMEOUT",
+    "ENDPOINT_WRITE_BUDGET",
+    "READ_SIZE",
+    "Endpoint",
+    "EndpointOwner",
+    "EndpointPool",
+    "dial",
+]
+
+log = logging.getLogger(__name__)
+
+#: Upstream's fixed ``dialTimeout``: name lookup plus connect, for all addresses tried.
+DIAL_TIMEOUT = 5.0
+# Go gives each of several resolved addresses an equal share of what is left of the dial
+# budget, but at least this much (net.Dialer's partialDeadline).
+MIN_ATTEMPT_TIMEOUT = 2.0
+#: Largest backend read, i.e. largest DATA payload the agent sends. Upstream reads 4 KiB;
+#: bigger reads mean far fewer packets per byte, and 128 KiB stays well inside the 4 MiB
+#: gRPC message limit of every receiver and the 10-packet read queue of the Go client.
+READ_SIZE = 128 << 10
+#: Server->backend bytes one backend may leave unread before its server stream is paused:
+#: a few HTTP/2 stream windows, so a backend that is briefly slow (a GC pause, a full
+#: socket buffer) never holds up the other tunnels of its stream.
+ENDPOINT_WRITE_BUDGET = 4 << 20
+#: Server->backend bytes all backends of the process may leave unread before every server
+#: stream is paused: bounds the agent's memory when many backends are slow at once
+#: (deployments run the agent under 30-128 MiB limits).
+AGENT_WRITE_BUDGET = 32 << 20
+# Streams resume once the queued total is back under this (hysteresis).
+AGENT_WRITE_RESUME = AGENT_WRITE_BUDGET // 2
+#: Seconds a backend closed by CLOSE_REQ may take to accept what is queued for it before
+#: its socket is aborted (upstream closes at once and may drop it; we flush, boundedly).
+CLOSE_FLUSH_TIMEOUT = 5.0
+
+
+class EndpointOwner(Protocol):
+    """The server stream an endpoint belongs to (``client.AgentClient``)."""
+
+    def endpoint_data(self, endpoint: Endpoint, data: bytes) -> bool:
+        """Send ``data`` as one DATA packet; False when the stream's output is full (the
+        owner then calls ``endpoint.resume_reading`` once it drains)."""
+        ...
+
+    def endpoint_lost(self, endpoint: Endpoint, exc: Exception | None) -> None: ...
+
+    def update_inbound(self) -> None:
+        """Re-decide whether the server stream must be paused (``EndpointPool.holds``)."""
+        ...
+
+
+class EndpointPool:
+    """The endpoints of one agent process: shared read buffer and write budget."""
+
+    def __init__(
+        self, endpoint_budget: int = ENDPOINT_WRITE_BUDGET, agent_budget: int = AGENT_WRITE_BUDGET
+    ) -> None:
+        self.endpoint_budget = endpoint_budget
+        self.agent_budget = agent_budget
+        self.agent_resume = agent_budget // 2
+        self._buf = bytearray(READ_SIZE)
+        self.view = memoryview(self._buf)
+        self.total = 0  # upper bound of queued server->backend bytes
+        self._backlogged: set[Endpoint] = set()
+        self.exhausted = False
+        self.owners: set[EndpointOwner] = set()
+
+    def account(self, endpoint: Endpoint, size: int) -> None:
+        """``endpoint`` has ``size`` bytes queued now."""
+        self.total += size - endpoint.counted
+        endpoint.counted = size
+        if size:
+            self._backlogged.add(endpoint)
+        else:
+            self._backlogged.discard(endpoint)
+        over = size > self.endpoint_budget
+        if over != endpoint.over_budget:
+            endpoint.over_budget = over
+            endpoint.owner.update_inbound()
+        if not self.exhausted and self.total > self.agent_budget:
+            self._recount()
+            if self.total > self.agent_budget:
+                log.warning(
+                    "backends hold %d queued bytes (budget %d): pausing every server stream",
+                    self.total,
+                    self.agent_budget,
+                )
+                self._set_exhausted(True)
+        elif self.exhausted and size == 0:
+            self._recount()
+            if self.total <= self.agent_resume:
+                self._set_exhausted(False)
+
+    def _recount(self) -> None:
+        total = 0
+        for endpoint in list(self._backlogged):
+            size = endpoint.queued()
+            endpoint.counted = size
+            total += size
+            if not size:
+                self._backlogged.discard(endpoint)
+        self.total = total
+
+    def _set_exhausted(self, value: bool) -> None:
+        self.exhausted = value
+        for owner in list(self.owners):
+            owner.update_inbound()
+
+
+class Endpoint(asyncio.BufferedProtocol):
+    """One backend socket of one tunneled connection."""
+
+    __slots__ = (
+        "_established",
+        "_lost",
+        "_read_paused",
+        "closing",
+        "connect_id",
+        "counted",
+        "over_budget",
+        "owner",
+        "pool",
+        "transport",
+    )
+
+    def __init__(self, pool: EndpointPool, owner: EndpointOwner, connect_id: int) -> None:
+        self.pool = pool
+        self.owner = owner
+        self.connect_id = connect_id
+        self.transport: asyncio.Transport | None = None
+        self.counted = 0
+        self.over_budget = False
+        self.closing = False  # CLOSE_REQ or stream loss: no more DATA either way
+        self._established = False
+        self._lost = False
+        self._read_paused = False
+
+    # -- asyncio.BufferedProtocol --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = t = cast(asyncio.Transport, transport)
+        t.pause_reading()  # nothing may be read before the DIAL_RSP is sent
+        t.set_write_buffer_limits(0, 0)  # see the module docstring: event-driven counting
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.pool.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.closing:
+            return
+        # One read, one DATA packet. The engine keeps a reference, so copy out of the
+        # shared buffer.
+        if not self.owner.endpoint_data(self, bytes(self.pool.view[:nbytes])):
+            self.pause_reading()
+
+    def eof_received(self) -> bool:
+        return False  # no half-close in Konnectivity: the whole connection ends
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self.pool.account(self, 0)
+        self.owner.endpoint_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        pass  # counted at each write (``write``)
+
+    def resume_writing(self) -> None:
+        self.pool.account(self, 0)
+
+    # -- used by the owner --
+
+    def queued(self) -> int:
+        t = self.transport
+        return t.get_write_buffer_size() if t is not None and not self._lost else 0
+
+    def start_reading(self) -> None:
+        """The DIAL_RSP is on its way: start reading the backend."""
+        self._established = True
+        if not self._read_paused and self.transport is not None and not self.closing:
+            self.transport.resume_reading()
+
+    def pause_reading(self) -> None:
+        if not self._read_paused:
+            self._read_paused = True
+            if self.transport is not None and not self._lost:
+                self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._read_paused:
+            self._read_paused = False
+            t = self.transport
+            if self._established and t is not None and not self._lost and not self.closing:
+                t.resume_reading()
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Server->backend bytes; queued without limit here, counted against the budget."""
+        t = self.transport
+        if t is None or self.closing or self._lost or t.is_closing():
+            return
+        t.write(data)
+        self.pool.account(self, t.get_write_buffer_size())
+
+    def close(self) -> None:
+        """CLOSE_REQ: stop reading, give the backend a bounded time for what is queued,
+        then close."""
+        self.closing = True
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        t.pause_reading()
+        if t.get_write_buffer_size():
+            asyncio.get_running_loop().call_later(CLOSE_FLUSH_TIMEOUT, t.abort)
+        t.close()
+
+    def abort(self) -> None:
+        """The server stream is gone: drop the backend connection at once."""
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+# -- dialing ---------------------------------------------------------------------------------
+
+
+def _families(protocol: str) -> int:
+    return {"tcp4": socket.AF_INET, "tcp6": socket.AF_INET6}.get(protocol, socket.AF_UNSPEC)
+
+
+def _parse_port(protocol: str, port: str) -> int:
+    if port.isdigit():
+        value = int(port)
+        if value > 65535:
+            raise dialerr.address_error(protocol, f"address {port}: invalid port")
+        return value
+    try:
+        return socket.getservbyname(port, "tcp")
+    except OSError:
+        raise DialError(f"dial {protocol}: lookup {protocol}/{port}: unknown port") from None
+
+
+async def _resolve(protocol: str, host: str, port: int, deadline: float) -> list[tuple[str, int]]:
+    family = _families(protocol)
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        pass
+    else:
+        if (family == socket.AF_INET and ip.version != 4) or (
+            family == socket.AF_INET6 and ip.version != 6
+        ):
+            raise DialError(f"dial {protocol}: address {host}: no suitable address found")
+        return [(host, port)]
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(host or None, port, family=family, type=socket.SOCK_STREAM),
+            max(0.0, deadline - loop.time()),
+        )
+    except TimeoutError:
+        raise dialerr.lookup_error(protocol, host, None) from None
+    except OSError as exc:
+        raise dialerr.lookup_error(protocol, host, exc) from None
+    seen: list[tuple[str, int]] = []
+    for _family, _type, _proto, _name, sockaddr in infos:
+        addr = (str(sockaddr[0]), int(sockaddr[1]))
+        if addr not in seen:
+            seen.append(addr)
+    if not seen:
+        raise dialerr.lookup_error(protocol, host, socket.gaierror(socket.EAI_NONAME, ""))
+    return seen
+
+
+async def dial(
+    protocol: str,
+    address: str,
+    factory: Callable[[], Endpoint],
+    timeout: float = DIAL_TIMEOUT,
+) -> Endpoint:
+    """Open a TCP connection to ``address`` (``host:port``) as Go's ``net.DialTimeout``
+    would: every resolved address in turn within ``timeout``; the first error is the one
+    reported. Raises ``DialError`` with Go's text."""
+    if protocol not in dialerr.ALLOWED_PROTOCOLS:
+        raise dialerr.unknown_network_error(protocol)
+    try:
+        host, port_text = dialerr.split_host_port(address)
+    except ValueError as exc:
+        raise dialerr.address_error(protocol, str(exc)) from None
+    port = _parse_port(protocol, port_text)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    addrs = await _resolve(protocol, host, port, deadline)
+    first: DialError | None = None
+    for index, (ip, ip_port) in enumerate(addrs):
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            break
+        share = remaining / (len(addrs) - index)
+        attempt = min(remaining, max(share, MIN_ATTEMPT_TIMEOUT))
+        target = dialerr.join_host_port(ip, ip_port)
+        try:
+            _, endpoint = await asyncio.wait_for(
+                loop.create_connection(factory, ip, ip_port), attempt
+            )
+            return endpoint
+        except TimeoutError:
+            error = dialerr.timeout_error(protocol, target)
+        except OSError as exc:
+            error = dialerr.connect_error(protocol, target, exc)
+        first = first or error
+    if first is None:
+        ip, ip_port = addrs[0]
+        first = dialerr.timeout_error(protocol, dialerr.join_host_port(ip, ip_port))
+    raise first
