@@ -1,0 +1,210 @@
+"""The proxy-agent process: ``run(options, stop, drain)``
+(shared/reference/upstream-agent-client.md §4.8, §6.2).
+
+Start-up in upstream's order: build the TLS configuration (CA, optional client pair, ALPN;
+errors are fatal: ``failed to run proxy connection with ...``), start lease counting when
+asked (the seam below), start the ``ClientSet`` sync loop, then the health server, then
+the admin server (a listen failure is only logged). Then:
+
+- ``drain`` set (first SIGTERM/SIGINT): one DRAIN on every server stream, no new server
+  connections; existing streams keep serving dials; readiness is unchanged;
+- ``stop`` set (second signal): close the HTTP servers and every server connection and
+  return 0.
+
+``options`` is anything with the fields of ``AgentRunOptions``
+(``cli.agent_options.GrpcProxyAgentOptions`` has them; this layer does not import the CLI).
+
+Lease counting (``--count-server-leases``) needs a Kubernetes client. ``run`` takes it as a
+``LeaseCounter`` (``start()`` returns once the lease cache is synced, as upstream blocks
+start-up on it; ``count()`` gives the number of valid server leases) built by the caller;
+without one, ``--count-server-leases`` is refused at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from typing import Protocol
+
+from konnectivity_fast.agent.client import ClientConfig
+from konnectivity_fast.agent.clientset import ClientSet
+from konnectivity_fast.agent.health import admin_routes, health_routes, start_http
+from konnectivity_fast.agent.policy import ServerCounter
+from konnectivity_fast.transport.tls import H2_ALPN
+
+__all__ = ["AgentRunOptions", "LeaseCounter", "SetupError", "build_ssl_context", "run"]
+
+log = logging.getLogger(__name__)
+
+_PEM_CERT = b"-----BEGIN CERTIFICATE-----"
+
+
+class AgentRunOptions(Protocol):
+    """The fields of ``GrpcProxyAgentOptions`` the process uses."""
+
+    agent_cert: str
+    agent_key: str
+    ca_cert: str
+    proxy_server_host: str
+    proxy_server_port: int
+    alpn_protos: list[str]
+    health_server_host: str
+    health_server_port: int
+    admin_bind_address: str
+    admin_server_port: int
+    agent_id: str
+    agent_identifiers: str
+    sync_interval: float
+    probe_interval: float
+    sync_interval_cap: float
+    keepalive_time: float
+    service_account_token_path: str
+    sync_forever: bool
+    count_server_leases: bool
+    server_count_source: str
+
+
+class LeaseCounter(Protocol):
+    """Counts the valid proxy-server Leases (``--count-server-leases``)."""
+
+    async def start(self) -> None: ...
+    def count(self) -> int: ...
+    async def close(self) -> None: ...
+
+
+class SetupError(Exception):
+    """A fatal start-up error; the text follows ``failed to run proxy connection with``."""
+
+
+def _go_open_error(path: str, exc: OSError) -> str:
+    reason = (exc.strerror or str(exc)).lower()
+    return f"open {path}: {reason}"
+
+
+def build_ssl_context(options: AgentRunOptions) -> ssl.SSLContext:
+    """The agent's TLS client configuration (§2.1): trust only ``--ca-cert`` (read even
+    when empty, as upstream, so an empty flag fails), the client pair when both are set,
+    TLS 1.2 at least, ALPN ``--alpn-proto`` values then ``h2``."""
+    try:
+        with open(options.ca_cert, "rb") as f:
+            ca = f.read()
+    except OSError as exc:
+        raise SetupError(
+            f"failed to load CA cert: {_go_open_error(options.ca_cert, exc)}"
+        ) from None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        if _PEM_CERT not in ca:
+            raise ssl.SSLError("no certificate")
+        ctx.load_verify_locations(cadata=ca.decode("latin-1"))
+    except (ssl.SSLError, ValueError):
+        raise SetupError(
+            "failed to load CA cert: data does not contain any valid RSA or ECDSA certificates"
+        ) from None
+    if options.agent_cert and options.agent_key:
+        try:
+            ctx.load_cert_chain(options.agent_cert, options.agent_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise SetupError(
+                f"failed to load X509 key pair {options.agent_cert} and {options.agent_key}: {exc}"
+            ) from None
+    alpn = list(options.alpn_protos)
+    if H2_ALPN not in alpn:  # grpc-go appends h2 unless it is already offered
+        alpn.append(H2_ALPN)
+    ctx.set_alpn_protocols(alpn)
+    return ctx
+
+
+def client_config(options: AgentRunOptions, ctx: ssl.SSLContext) -> ClientConfig:
+    return ClientConfig(
+        host=options.proxy_server_host,
+        port=options.proxy_server_port,
+        ssl_context=ctx,
+        agent_id=options.agent_id,
+        agent_identifiers=options.agent_identifiers,
+        token_path=options.service_account_token_path,
+        keepalive_time=options.keepalive_time,
+        probe_interval=options.probe_interval,
+        server_name=options.proxy_server_host,
+    )
+
+
+async def _drain_when(drain: asyncio.Event, clients: ClientSet) -> None:
+    await drain.wait()
+    log.info("Received drain signal: sending DRAIN to every server, no new connections.")
+    clients.drain()
+
+
+async def run(
+    options: AgentRunOptions,
+    stop: asyncio.Event,
+    drain: asyncio.Event | None = None,
+    *,
+    lease_counter: LeaseCounter | None = None,
+) -> int:
+    """Serve until ``stop`` is set; the process's exit code."""
+    try:
+        ctx = build_ssl_context(options)
+    except SetupError as exc:
+        log.error("failed to run proxy connection with %s", exc)
+        return 1
+    counter = ServerCounter()
+    if options.count_server_leases:
+        if lease_counter is None:
+            log.error(
+                "failed to run proxy connection with --count-server-leases is not "
+                "supported yet by konnectivity-fast"
+            )
+            return 1
+        await lease_counter.start()
+        counter = ServerCounter(lease_counter.count, options.server_count_source)
+    clients = ClientSet(
+        client_config(options, ctx),
+        sync_interval=options.sync_interval,
+        sync_interval_cap=options.sync_interval_cap,
+        sync_forever=options.sync_forever,
+        counter=counter,
+    )
+    clients.start()
+    http: list[asyncio.Server] = []
+    health = await start_http(
+        "health",
+        options.health_server_host,
+        options.health_server_port,
+        health_routes(lambda: clients.healthy_clients_count > 0),
+    )
+    if health is not None:
+        http.append(health)
+    admin = await start_http(
+        "admin",
+        options.admin_bind_address,
+        options.admin_server_port,
+        admin_routes(options.health_server_port),
+    )
+    if admin is not None:
+        http.append(admin)
+    log.info(
+        "proxy-agent %s connecting to %s:%d",
+        options.agent_id,
+        options.proxy_server_host,
+        options.proxy_server_port,
+    )
+    drainer = asyncio.get_running_loop().create_task(_drain_when(drain or asyncio.Event(), clients))
+    try:
+        await stop.wait()
+    finally:
+        log.info("Shutting down agent.")
+        drainer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await drainer
+        for server in http:
+            server.close()
+        await clients.stop()
+        for server in http:
+            await server.wait_closed()
+        if lease_counter is not None and options.count_server_leases:
+            await lease_counter.close()
+    return 0
