@@ -3,7 +3,8 @@
 #   proxy-server, proxy-agent and test-client of sigs.k8s.io/apiserver-network-proxy v0.36.0
 #   (cmd/server, cmd/agent, cmd/test-client), and goclient (tests/interop/goclient), our
 #   dialer peer on the published konnectivity-client library v0.36.0,
-# into .cache/upstream/v0.36.0/bin/ (git-ignored). Sources come from the Go module proxy.
+# into .cache/upstream/v0.36.0/bin/ (git-ignored), with the sources they were built from
+# beside it (src/, konnectivity-client/). Sources come from the Go module proxy.
 #
 # Upstream's go.mod replaces konnectivity-client with ./konnectivity-client, a folder the
 # module zip lacks: the source is copied into the cache and that replace is swapped for
@@ -80,9 +81,15 @@ main() {
     [[ -n $dir && -d $dir ]] || die "go mod download gave no source folder for $MODULE@$VERSION"
 
     say "copying the source into $OUT/src"
-    rm -rf "$OUT/src"
+    rm -rf "$OUT/src" "$OUT/konnectivity-client"
     cp -r "$dir" "$OUT/src"
     chmod -R u+w "$OUT/src"
+    # The client library's source too: the compat tests read metric definitions from it.
+    say "downloading $CLIENT_MODULE@$CLIENT_VERSION"
+    dir=$("$GO" mod download -json "$CLIENT_MODULE@$CLIENT_VERSION" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+    [[ -n $dir && -d $dir ]] || die "go mod download gave no source folder for $CLIENT_MODULE@$CLIENT_VERSION"
+    cp -r "$dir" "$OUT/konnectivity-client"
+    chmod -R u+w "$OUT/konnectivity-client"
     (
         cd "$OUT/src"
         "$GO" mod edit -dropreplace="$CLIENT_MODULE" -require="$CLIENT_MODULE@$CLIENT_VERSION"

@@ -9,18 +9,26 @@ the peers; elsewhere they are skipped. A failed build always fails.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import random
+import re
 import shutil
 import socket
+import socketserver
 import subprocess
+import threading
 import time
+import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+from netsupport import Certs
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "build-upstream.sh"
@@ -33,17 +41,21 @@ PORT_RANGE = (20000, 32000)
 WAIT_SECONDS = 30.0
 # Polling step while waiting for a port or an endpoint: short, bounded by WAIT_SECONDS.
 POLL_SECONDS = 0.05
+# One goclient run: its own -timeout (30 s by default) plus start-up.
+GOCLIENT_SECONDS = 60
 
 
 @dataclass(frozen=True)
 class Upstream:
-    """Paths of the built binaries."""
+    """Paths of the built binaries and of the sources they were built from."""
 
     bin: Path
     proxy_server: Path
     proxy_agent: Path
     test_client: Path
     goclient: Path
+    source: Path  # apiserver-network-proxy v0.36.0
+    client_source: Path  # konnectivity-client v0.36.0
 
 
 def in_ci() -> bool:
@@ -73,6 +85,8 @@ def build() -> Upstream:
         bin_dir / "proxy-agent",
         bin_dir / "test-client",
         bin_dir / "goclient",
+        bin_dir.parent / "src",
+        bin_dir.parent / "konnectivity-client",
     )
 
 
@@ -97,6 +111,37 @@ def free_ports(count: int) -> list[int]:
                 continue
         ports.append(port)
     return ports
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        # Echo until the peer half-closes or resets: the backend of the round trips.
+        with contextlib.suppress(OSError):
+            while data := self.request.recv(ECHO_CHUNK):
+                self.request.sendall(data)
+
+
+class _EchoServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+# Read size of the echo backend: any size works, the client reads until it has it all.
+ECHO_CHUNK = 65536
+
+
+@contextlib.contextmanager
+def echo_server() -> Iterator[int]:
+    """A TCP echo backend on 127.0.0.1 (a thread of this process); yields its port."""
+    server = _EchoServer((LOOPBACK, 0), _Echo)
+    thread = threading.Thread(target=server.serve_forever, name="echo", daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
 
 
 def http_get(port: int, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
@@ -129,9 +174,8 @@ def wait_for(
     pytest.fail(f"{what or proc.args}: {path} on port {port} never answered {want} ({last})")
 
 
-def wait_until(predicate: object, what: str) -> None:
-    """Poll a zero-argument callable until it returns true, for at most WAIT_SECONDS."""
-    assert callable(predicate)
+def wait_until(predicate: Callable[[], bool], what: str) -> None:
+    """Poll until ``predicate()`` is true, for at most WAIT_SECONDS."""
     deadline = time.monotonic() + WAIT_SECONDS
     while time.monotonic() < deadline:
         if predicate():
@@ -193,3 +237,127 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+# -- the programs' command lines ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerPorts:
+    agent: int
+    health: int
+    admin: int
+
+
+def server_ports() -> ServerPorts:
+    return ServerPorts(*free_ports(3))
+
+
+def server_args(uds: str, certs: Certs, ports: ServerPorts, mode: str = "grpc") -> list[str]:
+    """A proxy-server command line (ours and upstream's take the same): the frontend on a
+    Unix socket, agents over mTLS on loopback, health and admin on loopback."""
+    return [
+        f"--mode={mode}",
+        f"--uds-name={uds}",
+        "--server-port=0",
+        f"--cluster-cert={certs.server_cert}",
+        f"--cluster-key={certs.server_key}",
+        f"--cluster-ca-cert={certs.ca}",
+        f"--agent-bind-address={LOOPBACK}",
+        f"--agent-port={ports.agent}",
+        f"--health-bind-address={LOOPBACK}",
+        f"--health-port={ports.health}",
+        f"--admin-bind-address={LOOPBACK}",
+        f"--admin-port={ports.admin}",
+    ]
+
+
+@dataclass(frozen=True)
+class AgentPorts:
+    health: int
+    admin: int
+
+
+def agent_ports() -> AgentPorts:
+    return AgentPorts(*free_ports(2))
+
+
+def agent_args(certs: Certs, server_agent_port: int, ports: AgentPorts) -> list[str]:
+    """An upstream proxy-agent command line connecting to a proxy-server on loopback with
+    the client certificate."""
+    return [
+        f"--ca-cert={certs.ca}",
+        f"--agent-cert={certs.client_cert}",
+        f"--agent-key={certs.client_key}",
+        f"--proxy-server-host={LOOPBACK}",
+        f"--proxy-server-port={server_agent_port}",
+        f"--health-server-host={LOOPBACK}",
+        f"--health-server-port={ports.health}",
+        f"--admin-bind-address={LOOPBACK}",
+        f"--admin-server-port={ports.admin}",
+    ]
+
+
+def run_goclient(upstream: Upstream, *args: str) -> tuple[int, dict[str, Any]]:
+    """Run goclient; returns its exit status and its JSON result."""
+    done = subprocess.run(
+        [str(upstream.goclient), *args],
+        capture_output=True,
+        text=True,
+        timeout=GOCLIENT_SECONDS,
+        check=False,
+    )
+    assert done.stdout.strip(), f"goclient printed no result: {done.stderr[-3000:]}"
+    result: dict[str, Any] = json.loads(done.stdout)
+    return done.returncode, result
+
+
+# -- the Prometheus text format ------------------------------------------------------------
+
+
+@dataclass
+class Family:
+    """One metric family as scraped: TYPE, HELP (unescaped), the label names of its
+    samples (without a histogram's ``le``), its bucket bounds and its samples."""
+
+    name: str
+    type: str = ""
+    help: str = ""
+    labels: set[str] = field(default_factory=set)
+    buckets: list[str] = field(default_factory=list)
+    samples: dict[str, float] = field(default_factory=dict)  # "name{labels}" -> value
+
+
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})? (\S+)$")
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def unescape_help(text: str) -> str:
+    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), text)
+
+
+def parse_exposition(body: str) -> dict[str, Family]:
+    families: dict[str, Family] = {}
+    for line in body.splitlines():
+        if line.startswith("# HELP "):
+            name, _, text = line[7:].partition(" ")
+            families.setdefault(name, Family(name)).help = unescape_help(text)
+        elif line.startswith("# TYPE "):
+            name, _, kind = line[7:].partition(" ")
+            families.setdefault(name, Family(name)).type = kind
+        elif line and not line.startswith("#"):
+            match = SAMPLE.match(line)
+            assert match, f"not a sample line: {line!r}"
+            sample, labels, value = match.groups()
+            family = families.get(sample) or families[re.sub("_(bucket|sum|count)$", "", sample)]
+            pairs = LABEL.findall(labels or "")
+            family.labels |= {k for k, _ in pairs if k != "le"}
+            family.buckets += [v for k, v in pairs if k == "le" and v not in family.buckets]
+            family.samples[sample + (labels or "")] = float(value)
+    return families
+
+
+def scrape(port: int) -> dict[str, Family]:
+    status, body = http_get(port, "/metrics")
+    assert status == 200, body[:500]
+    return parse_exposition(body.decode())
