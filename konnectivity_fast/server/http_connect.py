@@ -17,12 +17,12 @@ dial, CLOSE_REQ for a tunnel. Unlike upstream (§3.2 step 9) we keep reading whi
 pending, so a client that leaves then is noticed at once; an EOF (even a half-close) then
 counts as leaving, since upstream has no half-close propagation either.
 
-Backpressure, and its remaining gap: client -> agent, the client socket stops being read
+Backpressure (``server.buffering``): client -> agent, the client socket stops being read
 while the agent call's queued output is at ``CALL_SEND_HIGH_WATER`` or above, and resumes
-when it drains. Agent -> client is not bounded per tunnel: the agent's stream carries every
-tunnel, so pausing it for one slow client would stall them all (upstream's head-of-line
-blocking, §9.1). We do not do that; a slow client's transport buffer can grow instead.
-Bounding it needs per-connection flow control that the Konnectivity protocol lacks.
+when it drains. Agent -> client, the agent's DATA is always written: a client that falls
+behind is charged to its ``TunnelBuffer`` (the transport tells us with ``pause_writing``),
+and only a spent budget pauses the agent's stream, so a stalled client does not hold up the
+other tunnels of its agent.
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ from email.utils import formatdate
 from typing import cast
 
 from konnectivity_fast.metrics import server as metrics
+from konnectivity_fast.server.buffering import (
+    TUNNEL_WRITE_HIGH_WATER,
+    TUNNEL_WRITE_LOW_WATER,
+    TunnelBuffer,
+)
 from konnectivity_fast.server.proxy import ProxyServer
 from konnectivity_fast.transport import tls
 from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER, GrpcCall, GrpcError
@@ -146,14 +151,22 @@ class HttpConnectProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._paused = False
         self._counted = False  # in the http_connections gauge
-        self._drain_task: asyncio.Task[None] | None = None  # resumes reading once drained
+        self._held = False  # waiting for the agent call to drain (``when_drained``)
+        self.buffer = TunnelBuffer()
 
     # --- asyncio.Protocol -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(TUNNEL_WRITE_HIGH_WATER, TUNNEL_WRITE_LOW_WATER)
         self._arm_header_timer()
+
+    def pause_writing(self) -> None:
+        self.buffer.blocked = True
+
+    def resume_writing(self) -> None:
+        self.server.budget.release(self.buffer)
 
     def data_received(self, data: bytes) -> None:
         state = self._state
@@ -287,19 +300,28 @@ class HttpConnectProtocol(asyncio.Protocol):
         if self._paused and self._state == _RELAY:
             self._resume_when_drained()
 
-    def write_agent_data(self, message: Message) -> None:
-        """A DATA message from the agent for this tunnel: write its payload."""
+    def write_agent_data(self, message: Message, agent: GrpcCall | None) -> None:
+        """A DATA message from the agent for this tunnel: write its payload (``agent``: the
+        call it came from, charged if this client is behind)."""
         transport = self.transport
         if self._state != _RELAY or transport is None:
             return
+        data: bytes | memoryview
         if isinstance(message, Packet):
             payload = message.payload
-            if isinstance(payload, Data) and payload.data:
-                transport.write(payload.data)
+            if not isinstance(payload, Data):
+                return
+            data = payload.data
+        else:
+            peeked = peek_data(message)
+            if peeked is None:
+                return
+            data = peeked[1]
+        if not len(data):
             return
-        peeked = peek_data(message)
-        if peeked is not None and len(peeked[1]):
-            transport.write(peeked[1])
+        transport.write(data)
+        if self.buffer.blocked and agent is not None:
+            self.server.budget.charge(self.buffer, len(data), agent)
 
     def close_frontend(self, reason: CloseReason, error: str) -> None:
         response = close_response(reason, error)
@@ -335,15 +357,14 @@ class HttpConnectProtocol(asyncio.Protocol):
     def _resume_when_drained(self) -> None:
         frontend = self.frontend
         backend = frontend.backend if frontend is not None else None
-        if backend is None:
+        if backend is None or self._held:
             return
-        if self._drain_task is None or self._drain_task.done():
-            self._drain_task = self.server.loop.create_task(
-                self._drain_then_resume(backend.conn))
+        self._held = True
+        call: GrpcCall = backend.conn
+        call.when_drained(self._agent_drained)
 
-    async def _drain_then_resume(self, call: GrpcCall) -> None:
-        with contextlib.suppress(Exception):
-            await call.drain()
+    def _agent_drained(self) -> None:
+        self._held = False
         if self._paused and self._state == _RELAY and self.transport is not None:
             self._paused = False
             with contextlib.suppress(RuntimeError):
@@ -382,6 +403,7 @@ class HttpConnectProtocol(asyncio.Protocol):
     def _close(self) -> None:
         self._state = _CLOSED
         self._buf = bytearray()
+        self.server.budget.release(self.buffer)
         self._cancel_header_timer()
         self._close_gauge()
         if self.transport is not None:

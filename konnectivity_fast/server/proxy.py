@@ -25,6 +25,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from collections.abc import Sequence
@@ -33,7 +34,9 @@ from random import Random
 from typing import Any
 
 from konnectivity_fast.metrics import server as metrics
+from konnectivity_fast.server.buffering import TUNNEL_WRITE_HIGH_WATER, BufferBudget, TunnelBuffer
 from konnectivity_fast.transport import tls
+from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER
 from konnectivity_fast.transport.grpc import CallSink, GrpcCall, GrpcError, GrpcServer, serve
 from konnectivity_fast.tunnel import (
     AgentMetadataError,
@@ -117,13 +120,16 @@ class _NullSink:
 
 
 class _FrontendStream:
-    """The sink of one ``Proxy`` call."""
+    """The sink of one ``Proxy`` call, and its buffer toward the frontend (``buffering``).
+    ``held``: its reading is paused until the agent call it writes to drains."""
 
-    __slots__ = ("frontend", "server")
+    __slots__ = ("buffer", "frontend", "held", "server")
 
     def __init__(self, server: ProxyServer, frontend: Frontend) -> None:
         self.server = server
         self.frontend = frontend
+        self.buffer = TunnelBuffer()
+        self.held = False
 
     def on_message(self, call: GrpcCall, message: bytes) -> None:
         server = self.server
@@ -137,7 +143,13 @@ class _FrontendStream:
         if ptype == _DATA:
             backend = server.router.route_frontend_data(frontend, connect_id)
             if backend is not None:
-                server._send(backend.conn, message, metrics.SEGMENT_TO_AGENT, _DATA)
+                agent: GrpcCall = backend.conn
+                server._send(agent, message, metrics.SEGMENT_TO_AGENT, _DATA)
+                if not self.held and agent.outbound_pending() >= CALL_SEND_HIGH_WATER:
+                    # The agent is behind: pause this frontend's stream, and only it.
+                    self.held = True
+                    call.pause_reading()
+                    agent.when_drained(self._agent_drained)
                 return
         try:
             packet = decode_packet(message)
@@ -146,6 +158,10 @@ class _FrontendStream:
             return
         server._apply(server.router.receive_from_frontend(
             frontend, packet, server.loop.time(), message))
+
+    def _agent_drained(self) -> None:
+        self.held = False
+        self.frontend.conn.resume_reading()
 
     def on_end(self, call: GrpcCall) -> None:
         # Client half-close: the handler returns OK (§2.6), then the stream's cleanup.
@@ -178,10 +194,7 @@ class _AgentStream:
         if ptype == _DATA:
             frontend = server.router.route_agent_data(backend, connect_id)
             if frontend is not None:
-                if frontend.mode is FrontendMode.GRPC:
-                    server._send(frontend.conn, message, metrics.SEGMENT_TO_CLIENT, _DATA)
-                else:  # HTTP-CONNECT: its payload, written to the client socket
-                    frontend.conn.write_agent_data(message)
+                server._to_frontend(frontend, message, _DATA, call)
                 return
         try:
             packet = decode_packet(message)
@@ -233,6 +246,7 @@ class ProxyServer:
     ``server_id``: ``--server-id`` (default: a random UUID, as upstream). ``server_count``:
     ``--server-count``, sent to agents. ``strategies``: the validated
     ``--proxy-strategies``. ``dial_timeout``: ``--backend-dial-timeout`` in seconds.
+    ``budget``: the buffers toward slow frontends (``buffering``; tests shrink it).
     """
 
     def __init__(
@@ -244,6 +258,7 @@ class ProxyServer:
         dial_timeout: float = 0.0,
         rng: Random | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        budget: BufferBudget | None = None,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
         self.server_id = server_id or str(uuid.uuid4())
@@ -254,6 +269,7 @@ class ProxyServer:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when: float | None = None
         self._closed = False
+        self.budget = budget or BufferBudget()
 
     # --- streams --------------------------------------------------------------------------
 
@@ -317,6 +333,27 @@ class ProxyServer:
             metrics.observe_stream_error(segment, exc.status, ptype)
             log.debug("send on stream %d dropped: %s", call.stream_id, exc)
 
+    def _to_frontend(
+        self, frontend: Frontend, message: Message, ptype: int, agent: GrpcCall | None
+    ) -> None:
+        """Queue ``message`` on ``frontend``; charge it to the tunnel's buffer if the
+        frontend is behind (``buffering``). ``agent``: the call it came from."""
+        if frontend.mode is not FrontendMode.GRPC:  # HTTP-CONNECT: only ever DATA
+            frontend.conn.write_agent_data(message, agent)
+            return
+        call: GrpcCall = frontend.conn
+        self._send(call, message, metrics.SEGMENT_TO_CLIENT, ptype)
+        if agent is None or call.outbound_pending() < TUNNEL_WRITE_HIGH_WATER:
+            return
+        sink = call.sink
+        if not isinstance(sink, _FrontendStream):
+            return
+        buffer = sink.buffer
+        if not buffer.blocked:
+            buffer.blocked = True
+            call.when_drained(functools.partial(self.budget.release, buffer))
+        self.budget.charge(buffer, len(message) if not isinstance(message, Packet) else 0, agent)
+
     def _message_type(self, message: Message) -> int:
         if isinstance(message, Packet):
             return int(message.type)
@@ -332,11 +369,9 @@ class ProxyServer:
                            self._message_type(effect.message))
             elif isinstance(effect, SendToFrontend):
                 frontend = effect.frontend
-                if frontend.mode is FrontendMode.GRPC:
-                    self._send(frontend.conn, effect.message, metrics.SEGMENT_TO_CLIENT,
-                               self._message_type(effect.message))
-                else:  # HTTP-CONNECT: only ever DATA
-                    frontend.conn.write_agent_data(effect.message)
+                backend = frontend.backend
+                self._to_frontend(frontend, effect.message, self._message_type(effect.message),
+                                  backend.conn if backend is not None else None)
             elif isinstance(effect, TunnelEstablished):
                 effect.frontend.conn.tunnel_established(effect.connect_id)
             elif isinstance(effect, CloseFrontend):

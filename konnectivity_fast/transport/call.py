@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
@@ -52,6 +53,11 @@ class CallSink(Protocol):
     def on_closed(self, call: GrpcCall, error_code: int) -> None: ...
 
 
+def _wake_future(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class GrpcCall:
     """One gRPC call (one HTTP/2 stream), either role.
 
@@ -61,7 +67,7 @@ class GrpcCall:
     __slots__ = (
         "_closed_code",
         "_closed_fut",
-        "_drain_waiter",
+        "_drain_cbs",
         "_eof",
         "_headers_fut",
         "_headers_seen",
@@ -94,7 +100,7 @@ class GrpcCall:
         self._paused = False
         self._eof = False
         self._waiter: asyncio.Future[None] | None = None
-        self._drain_waiter: asyncio.Future[None] | None = None
+        self._drain_cbs: list[Callable[[], None]] | None = None
         self._headers_fut: asyncio.Future[Metadata] | None = None
         self._headers_seen = False
         self._closed_fut: asyncio.Future[int] | None = None
@@ -134,6 +140,11 @@ class GrpcCall:
             fut.set_result(self.metadata)
 
     # -- receiving --
+
+    @property
+    def sink(self) -> CallSink | None:
+        """The callback-style receiver of this call, if any."""
+        return self._sink
 
     def set_sink(self, sink: CallSink) -> None:
         """Receive this call's input by callbacks instead of ``recv()`` (client role; a
@@ -203,15 +214,19 @@ class GrpcCall:
 
     async def drain(self) -> None:
         """Wait until this call's queued output is below ``CALL_SEND_HIGH_WATER``."""
-        while (
-            self._closed_code is None
-            and self._proto.conn.outbound_pending(self.stream_id) >= CALL_SEND_HIGH_WATER
-        ):
-            self._drain_waiter = self._proto.loop.create_future()
-            try:
-                await self._drain_waiter
-            finally:
-                self._drain_waiter = None
+        while self.outbound_pending() >= CALL_SEND_HIGH_WATER:
+            waiter: asyncio.Future[None] = self._proto.loop.create_future()
+            self.when_drained(functools.partial(_wake_future, waiter))
+            await waiter
+
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, when this call's queued output is below
+        ``CALL_SEND_HIGH_WATER`` or the call is gone (soon, if that is already so). Any
+        number of callbacks may wait: several tunnels share one agent's call."""
+        if self._drain_cbs is None:
+            self._drain_cbs = []
+        self._drain_cbs.append(callback)
+        self._proto.watch_drain(self)
 
     def outbound_pending(self) -> int:
         """Bytes of this call's output queued and not yet sent (0 once it is gone)."""
@@ -222,11 +237,30 @@ class GrpcCall:
         except (KeyError, RuntimeError):
             return 0
 
-    def _check_drained(self) -> None:
-        w = self._drain_waiter
-        pending = self._proto.conn.outbound_pending(self.stream_id)
-        if w is not None and not w.done() and pending < CALL_SEND_HIGH_WATER:
-            w.set_result(None)
+    def _check_drained(self) -> bool:
+        """Run the drain callbacks if the output is low; True when none are left."""
+        if self._drain_cbs is not None and self.outbound_pending() < CALL_SEND_HIGH_WATER:
+            callbacks, self._drain_cbs = self._drain_cbs, None
+            for callback in callbacks:
+                callback()
+        return self._drain_cbs is None
+
+    def pause_reading(self) -> None:
+        """Callback style: stop giving this stream's window back, so its peer soon stops
+        sending on it (only this stream: the connection window is unaffected)."""
+        if not self._paused and self._closed_code is None:
+            self._paused = True
+            with contextlib.suppress(KeyError, RuntimeError):
+                self._proto.conn.pause_reading(self.stream_id)
+
+    def resume_reading(self) -> None:
+        """Undo ``pause_reading``."""
+        if self._paused:
+            self._paused = False
+            if self._closed_code is None:
+                with contextlib.suppress(KeyError, RuntimeError):
+                    self._proto.conn.resume_reading(self.stream_id)
+                self._proto.schedule_flush()
 
     def send_headers(self, metadata: Iterable[tuple[str, str]]) -> None:
         """Server role: response headers carrying metadata."""

@@ -84,6 +84,8 @@ class GrpcProtocol(asyncio.BufferedProtocol):
         self._tasks: set[asyncio.Task[None]] = set()
         self._flush_scheduled = False
         self._write_paused = False
+        # Calls with drain callbacks waiting (``GrpcCall.when_drained``), checked per flush.
+        self._drain_watch: set[GrpcCall] = set()
         self._timer: asyncio.TimerHandle | None = None
         self.connected: asyncio.Future[None] = self.loop.create_future()
         self.lost: asyncio.Future[None] = self.loop.create_future()
@@ -136,9 +138,12 @@ class GrpcProtocol(asyncio.BufferedProtocol):
                 fut.exception()  # retrieved: nobody may be waiting
             call._headers_seen = True
             call._set_closed(-1)
+            if call._drain_cbs is not None:
+                call._check_drained()  # a closed call has nothing pending
             if call._sink is not None:
                 call._sink.on_closed(call, -1)
         self.calls.clear()
+        self._drain_watch.clear()
         if not self.connected.done():
             self.connected.set_exception(ConnectionError("connection lost before set-up"))
             self.connected.exception()
@@ -193,6 +198,11 @@ class GrpcProtocol(asyncio.BufferedProtocol):
 
     # -- plumbing --
 
+    def watch_drain(self, call: GrpcCall) -> None:
+        """Check ``call``'s drain callbacks after each flush (and at once, soon)."""
+        self._drain_watch.add(call)
+        self.schedule_flush()
+
     def schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -212,9 +222,8 @@ class GrpcProtocol(asyncio.BufferedProtocol):
                 break
             self._dispatch(events)
             data = self.conn.data_to_send()
-        for call in self.calls.values():
-            if call._drain_waiter is not None:
-                call._check_drained()
+        if self._drain_watch:
+            self._drain_watch = {call for call in self._drain_watch if not call._check_drained()}
         if self.conn.want_close:
             transport.close()
         else:
@@ -321,8 +330,8 @@ class GrpcProtocol(asyncio.BufferedProtocol):
         call._set_closed(ev.error_code)
         if call._sink is not None:
             call._sink.on_closed(call, ev.error_code)
-        if call._drain_waiter is not None and not call._drain_waiter.done():
-            call._drain_waiter.set_result(None)
+        if call._drain_cbs is not None:
+            call._check_drained()  # a closed call has nothing pending
 
 
 def _ssl_args(ssl: Any) -> dict[str, Any]:
