@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "konnectivity_fast"
 # layer -> project modules it may import (prefixes); "" is the package root's own modules.
 ALLOWED: dict[str, tuple[str, ...]] = {
     "metrics": ("konnectivity_fast.metrics",),
+    "kube": ("konnectivity_fast.kube",),
     "wire": ("konnectivity_fast.wire", "konnectivity_fast._compiled", "konnectivity_fast._build"),
     "tunnel": ("konnectivity_fast.wire", "konnectivity_fast.tunnel"),
     "transport": (
@@ -29,6 +30,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "konnectivity_fast.transport",
         "konnectivity_fast.server",
         "konnectivity_fast.metrics",
+        "konnectivity_fast.kube",
         "konnectivity_fast._compiled",
     ),
     "agent": (
@@ -37,6 +39,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "konnectivity_fast.transport",
         "konnectivity_fast.agent",
         "konnectivity_fast.metrics",
+        "konnectivity_fast.kube",
         "konnectivity_fast._compiled",
     ),
     "client": (
