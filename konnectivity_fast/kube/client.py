@@ -112,23 +112,27 @@ class TransportError(KubeError):
 class RateLimiter:
     """client-go's token bucket: ``qps`` tokens a second, at most ``burst`` saved up.
     Each ``acquire`` reserves a token, waiting for it if the bucket is empty; reservations
-    keep concurrent callers in order."""
+    keep concurrent callers in order. ``qps <= 0`` means no limit."""
 
-    def __init__(self, qps: float, burst: int) -> None:
+    def __init__(self, qps: float, burst: int, now: float | None = None) -> None:
         self._qps = qps
         self._burst = max(1, burst)
         self._tokens = float(self._burst)
-        self._last = time.monotonic()
+        self._last = time.monotonic() if now is None else now
 
-    async def acquire(self) -> None:
+    def reserve(self, now: float) -> float:
+        """Take a token at time ``now``; the seconds to wait before using it."""
         if self._qps <= 0:
-            return
-        now = time.monotonic()
+            return 0.0
         self._tokens = min(self._burst, self._tokens + (now - self._last) * self._qps)
         self._last = now
         self._tokens -= 1
-        if self._tokens < 0:
-            await asyncio.sleep(-self._tokens / self._qps)
+        return -self._tokens / self._qps if self._tokens < 0 else 0.0
+
+    async def acquire(self) -> None:
+        delay = self.reserve(time.monotonic())
+        if delay > 0:
+            await asyncio.sleep(delay)
 
 
 def make_ssl_context(config: ClientConfig) -> ssl.SSLContext:

@@ -3,6 +3,7 @@ error statuses, Lease operations with preconditions, and connection reuse."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from pathlib import Path
 
@@ -200,6 +201,26 @@ def test_connection_refused_names_the_url(run: RunFn, tmp_path: Path) -> None:
             assert str(failed.value) == (
                 'Post "https://127.0.0.1:1/apis/authentication.k8s.io/v1/tokenreviews": '
                 "dial tcp 127.0.0.1:1: connect: connection refused"
+            )
+        finally:
+            await client.close()
+
+    run(body())
+
+
+def test_large_list(kube_cluster: KubeCluster, run: RunFn) -> None:
+    # Tens of KiB: the API server answers with a chunked body (checked by hand once).
+    async def body() -> None:
+        client = admin_client(kube_cluster)
+        try:
+            ns = await create_namespace(client, "big")
+            labels = {"filler": "x" * 60}
+            await asyncio.gather(
+                *(client.create_lease(ns, lease(f"l{i}", labels)) for i in range(40))
+            )
+            items = await client.list_leases(ns, "filler=" + "x" * 60)
+            assert sorted(item["metadata"]["name"] for item in items) == sorted(
+                f"l{i}" for i in range(40)
             )
         finally:
             await client.close()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from konnectivity_fast.kube.client import RateLimiter
 from konnectivity_fast.kube.config import (
     DEFAULT_BURST,
     DEFAULT_QPS,
@@ -195,3 +196,13 @@ def test_yaml_subset(text: str, value: object) -> None:
 def test_yaml_subset_refuses(text: str) -> None:
     with pytest.raises(YamlError):
         loads(text)
+
+
+def test_rate_limiter_bucket() -> None:
+    limiter = RateLimiter(qps=2.0, burst=3, now=0.0)
+    # The burst is free, then one token every 1/qps seconds, reservations queue up.
+    assert [limiter.reserve(0.0) for _ in range(5)] == [0.0, 0.0, 0.0, 0.5, 1.0]
+    # 10 s idle refills the bucket to the burst, not beyond.
+    assert [limiter.reserve(11.0) for _ in range(4)] == [0.0, 0.0, 0.0, 0.5]
+    unlimited = RateLimiter(qps=-1.0, burst=0, now=0.0)
+    assert {unlimited.reserve(0.0) for _ in range(100)} == {0.0}
