@@ -41,6 +41,10 @@ PORT_RANGE = (20000, 32000)
 WAIT_SECONDS = 30.0
 # Polling step while waiting for a port or an endpoint: short, bounded by WAIT_SECONDS.
 POLL_SECONDS = 0.05
+# Stopping: how long a program may take after the first SIGTERM (a graceful drain), then
+# after the second, before it is killed.
+DRAIN_SECONDS = 2.0
+STOP_SECONDS = 10.0
 # One goclient run: its own -timeout (30 s by default) plus start-up.
 GOCLIENT_SECONDS = 60
 
@@ -209,8 +213,7 @@ class Processes:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def stop_all(self) -> None:
-        for _, proc, _ in reversed(self.started):
-            stop(proc)
+        stop([proc for _, proc, _ in reversed(self.started)])
 
     def report(self) -> str:
         parts = []
@@ -229,14 +232,22 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
     print(procs.report())
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each; a second SIGTERM for those still running after DRAIN_SECONDS
+    (upstream's agent only drains on the first signal and stops on the second); SIGKILL
+    for those still running after STOP_SECONDS more."""
+    for grace in (DRAIN_SECONDS, STOP_SECONDS):
+        running = [p for p in procs if p.poll() is None]
+        for proc in running:
+            proc.terminate()
+        deadline = time.monotonic() + grace
+        for proc in running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        if proc.poll() is None:
             proc.kill()
-            proc.wait(timeout=10)
+            proc.wait(timeout=STOP_SECONDS)
 
 
 # -- the programs' command lines ----------------------------------------------------------
