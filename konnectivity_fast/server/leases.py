@@ -163,6 +163,9 @@ class LeaseController:
                 await work()
             except KubeError as exc:
                 log.error("lease %s: %s", getattr(work, "__name__", "work"), exc)
+            except Exception:
+                # A malformed answer must not end the loop for the life of the process.
+                log.exception("lease %s failed", getattr(work, "__name__", "work"))
             await asyncio.sleep(period + random.random() * self._jitter * period)
 
     # --- renew ---------------------------------------------------------------------------
