@@ -7,6 +7,7 @@ the registry's metric values and, in teardown, a check that no fd or task was le
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
 import grpc
@@ -600,3 +601,56 @@ def test_agent_metadata_refused(
 
 def scrape_connects() -> float | None:
     return scrape().get('grpc_connections{service_method="Connect"}')
+
+
+def test_stalled_agent_is_retired(arun: RunFn, certs: Certs, sock_dir: str) -> None:
+    """An agent that stops reading its stream: once its flow-control window is full, a
+    DIAL_REQ to it cannot be sent within --backend-dial-timeout. Upstream then retires the
+    stream (§2.2 step 3, §9.9): the dial fails with "timed out waiting for backend dial"
+    (backend_dial_timeout), the stream is no longer chosen, and its Connect ends with OK.
+    Every later dial must go to the healthy agent."""
+
+    async def main() -> None:
+        async with (
+            proxy_env(certs, sock_dir, dial_timeout=0.5) as env,
+            backend(echo) as echo_backend,
+        ):
+            stalled = await env.agent(agent_id="stalled")
+            dialer = env.dialer()
+            tunnel = dialer.stream()
+            connect_id = await tunnel.connect(echo_backend.address, 1)
+            (server_side,) = env.proxy.router.backends.values()
+            stalled.stall()
+            chunk = b"\0" * (256 << 10)
+
+            async def push() -> None:
+                while True:
+                    await tunnel.send(data(connect_id, chunk))
+
+            pusher = asyncio.get_running_loop().create_task(push())
+            try:
+                # The agent's window is full: the server holds data it cannot send.
+                await wait_until(
+                    lambda: server_side.conn.outbound_pending() >= len(chunk), "agent blocked"
+                )
+                healthy = await env.agent(
+                    agent_id="healthy", policy=DialPolicy.ERROR, dial_error="healthy"
+                )
+                answers = []
+                for i in range(8):
+                    rsp = await dialer.stream().dial(UNREACHABLE, 100 + i)
+                    answers.append(rsp.dialResponse.error)
+                # The seeded choice sends the first dial to the stalled agent: it alone
+                # times out, every later one goes to the healthy agent.
+                assert answers == ["timed out waiting for backend dial"] + ["healthy"] * 7, answers
+                await wait_until(
+                    lambda: server_side.closed or server_side.retired, "stalled stream retired"
+                )
+                check_metrics({failures("backend_dial_timeout"): 1})
+                assert healthy.status is None
+            finally:
+                pusher.cancel()
+                with contextlib.suppress(BaseException):
+                    await pusher
+
+    arun(main())
