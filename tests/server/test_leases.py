@@ -22,6 +22,7 @@ from konnectivity_fast.server.leases import (
     is_expired,
     label_selector,
     lease_name,
+    parse_lease_labels,
 )
 
 kube_cluster = kubesupport.kube_cluster
@@ -236,3 +237,17 @@ def test_pure_helpers() -> None:
     assert not is_expired(lease, when + timedelta(seconds=29))
     assert is_expired(lease, when + timedelta(seconds=30))
     assert is_expired({"spec": {"leaseDurationSeconds": 30}}, when)
+
+
+def test_parse_lease_labels() -> None:
+    assert parse_lease_labels("k8s-app=konnectivity-server") == {"k8s-app": "konnectivity-server"}
+    assert parse_lease_labels(" a = 1 ,b=2") == {"a": "1", "b": "2"}
+    for text, message in (
+        ("", "empty string provided"),
+        ("a=1,b", "invalid label format: b"),
+        ("a=1=2", "invalid label format: a=1=2"),
+        ("a=1,", "invalid label format: "),
+    ):
+        with pytest.raises(ValueError) as error:
+            parse_lease_labels(text)
+        assert str(error.value) == message
