@@ -3,12 +3,12 @@
 ``GrpcProxyAgentOptions`` mirrors upstream's struct (cmd/agent/app/options, v0.36.0):
 fields in upstream order, snake case, durations in float seconds. ``_FLAGS`` maps them to
 upstream's flag names; ``tests/data/flags/proxy-agent.txt`` pins the surface, including
-the hidden, deprecated ``--lease-label`` (an alias of ``--lease-label-selector``), klog's
-flags and ``--help``.
+klog's flags and ``--help``.
 
-``--lease-label-selector`` takes Kubernetes selector syntax and, as upstream, is checked
-while parsing (a bad selector is an ``invalid argument ... flag`` error). The value is kept
-as the text given; ``parse_label_selector`` turns it into requirements.
+``--lease-label`` is a plain string, as in v0.36.0: with ``--count-server-leases`` it must
+be a ``k=v,k2=v2`` list (checked by validation with the server's ``parse_lease_labels``
+messages); the agent then reads it as a Kubernetes label selector
+(``parse_label_selector``).
 
 ``validate()`` applies upstream's checks in upstream's order and returns the first
 failure's message, or ``None``; upstream's ``Run`` prefixes it with
@@ -37,6 +37,7 @@ from konnectivity_fast.cli.flags import (
 )
 from konnectivity_fast.cli.goparse import GoError, format_duration, go_quote, seconds_to_ns
 from konnectivity_fast.cli.klog import KlogOptions, V, register_klog_flags
+from konnectivity_fast.cli.server_options import parse_lease_labels
 
 __all__ = [
     "AGENT_IDENTIFIER_TYPES",
@@ -106,7 +107,7 @@ class GrpcProxyAgentOptions:
     # Count servers from their Leases.
     count_server_leases: bool = False
     lease_namespace: str = "kube-system"
-    lease_label_selector: str = DEFAULT_LEASE_SELECTOR
+    lease_label: str = DEFAULT_LEASE_SELECTOR
     # How the server count is combined: "" or "default", or "max".
     server_count_source: str = "default"
     # Kubernetes client for leases; empty path means in-cluster configuration.
@@ -149,6 +150,11 @@ class GrpcProxyAgentOptions:
             return f"agent address is invalid: {exc}"
         if self.kubeconfig_path and (err := _stat_error(self.kubeconfig_path)) is not None:
             return f"error checking KubeconfigPath {go_quote(self.kubeconfig_path)}, got {err}"
+        if self.count_server_leases:
+            try:
+                parse_lease_labels(self.lease_label)
+            except ValueError as exc:
+                return str(exc)
         if self.server_count_source not in SERVER_COUNT_SOURCES:
             return "--server-count-source must be one of '', 'default', 'max', got " \
                    f"{self.server_count_source}"
@@ -359,12 +365,6 @@ def _is_word(token: str) -> bool:
     return token not in ("!", "!=", "=", "==", "(", ")", ",", "<", ">")
 
 
-def _parse_selector_text(text: str) -> str:
-    parse_label_selector(text)
-    return text
-
-
-LABEL_SELECTOR = ValueType("labelSelector", _parse_selector_text, str)
 
 # (flag, field, type, help)
 _FLAGS: tuple[tuple[str, str, ValueType, str], ...] = (
@@ -418,8 +418,8 @@ _FLAGS: tuple[tuple[str, str, ValueType, str], ...] = (
     ("count-server-leases", "count_server_leases", BOOL,
      "Learn the number of proxy-servers from their Leases."),
     ("lease-namespace", "lease_namespace", STRING, "Namespace of the proxy-server Leases."),
-    ("lease-label-selector", "lease_label_selector", LABEL_SELECTOR,
-     "Label selector (Kubernetes syntax) that finds the proxy-server Leases."),
+    ("lease-label", "lease_label", STRING,
+     "Labels of the proxy-server Leases to count (k=v,k2=v2)."),
     ("server-count-source", "server_count_source", STRING,
      "How to combine the server counts seen: 'default' or '' (leases when counting them, "
      "else what the servers report) or 'max' (the larger of the two)."),
@@ -442,9 +442,6 @@ def build_flagset(defaults: GrpcProxyAgentOptions | None = None,
     for name, dest, kind, text in _FLAGS:
         fs.add(name, kind, getattr(defaults, dest), text, dest=dest,
                env=AGENT_ID_ENV if dest == "agent_id" else "")
-    fs.add("lease-label", LABEL_SELECTOR, defaults.lease_label_selector,
-           "Old name of --lease-label-selector.", dest="lease_label_selector",
-           deprecated="Use --lease-label-selector instead")
     register_klog_flags(fs, klog_defaults)
     fs.add("help", BOOL, False, f"Show this help for {PROGRAM} and exit.", shorthand="h")
     return fs

@@ -390,7 +390,8 @@ _FLAGS: tuple[tuple[str, str, ValueType, str], ...] = (
 )
 _DEPRECATED: tuple[tuple[str, ValueType, object, str, str], ...] = (
     ("warn-on-channel-limit", BOOL, True, "Has no effect.",
-     "it has no effect (queue limits are always handled safely) and will be removed."),
+     "This behavior is now thread safe and always on. This flag will be removed in a future "
+     "release."),
 )
 _DESCRIPTION = """\
 Konnectivity proxy-server (konnectivity-fast): accepts tunnels from proxy-agents on the

@@ -28,10 +28,12 @@ from konnectivity_fast.server.http_connect import start_http_connect_tcp, start_
 from konnectivity_fast.server.proxy import (
     ProxyServer,
     ServerHandle,
+    TlsSettings,
     start_agent_listener,
     start_frontend_tcp,
     start_frontend_uds,
 )
+from konnectivity_fast.transport import tls
 from konnectivity_fast.transport.grpc import GrpcServer
 
 __all__ = ["RunOptions", "run", "unsupported"]
@@ -67,6 +69,10 @@ class RunOptions(Protocol):
     backend_dial_timeout: float
     graceful_shutdown_timeout: float
     needs_kubernetes_client: bool
+    keepalive_time: float
+    frontend_keepalive_time: float
+    cipher_suites: list[str]
+    tls_min_version: str
     enable_lease_controller: bool
 
 
@@ -85,6 +91,10 @@ def _strategies(text: str) -> list[str]:
     return [item for item in text.split(",") if item]
 
 
+def _tls_settings(options: RunOptions) -> TlsSettings:
+    return TlsSettings(tls.tls_version(options.tls_min_version), tuple(options.cipher_suites))
+
+
 async def _frontend_uds(proxy: ProxyServer, options: RunOptions) -> GrpcServer | asyncio.Server:
     path = options.uds_name
     if options.delete_uds_file and os.path.lexists(path):
@@ -93,7 +103,9 @@ async def _frontend_uds(proxy: ProxyServer, options: RunOptions) -> GrpcServer |
     try:
         if options.mode == "http-connect":
             return await start_http_connect_uds(proxy, path)
-        return await start_frontend_uds(proxy, path)
+        return await start_frontend_uds(
+            proxy, path, keepalive_time=options.frontend_keepalive_time
+        )
     finally:
         os.umask(old)
 
@@ -101,12 +113,15 @@ async def _frontend_uds(proxy: ProxyServer, options: RunOptions) -> GrpcServer |
 async def _frontend_tcp(proxy: ProxyServer, options: RunOptions) -> GrpcServer | asyncio.Server:
     host, port = options.server_bind_address or None, options.server_port
     cert, key, ca = options.server_cert, options.server_key, options.server_ca_cert
+    settings = _tls_settings(options)
     if options.mode == "http-connect":
         return await start_http_connect_tcp(
-            proxy, host=host, port=port, cert_file=cert, key_file=key, client_ca_file=ca
+            proxy, host=host, port=port, cert_file=cert, key_file=key, client_ca_file=ca,
+            tls_settings=settings,
         )
     return await start_frontend_tcp(
-        proxy, host=host, port=port, cert_file=cert, key_file=key, client_ca_file=ca
+        proxy, host=host, port=port, cert_file=cert, key_file=key, client_ca_file=ca,
+        tls_settings=settings, keepalive_time=options.frontend_keepalive_time,
     )
 
 
@@ -127,6 +142,8 @@ async def _listen(proxy: ProxyServer, options: RunOptions) -> ServerHandle:
                 cert_file=options.cluster_cert,
                 key_file=options.cluster_key,
                 client_ca_file=options.cluster_ca_cert or None,
+                tls_settings=_tls_settings(options),
+                keepalive_time=options.keepalive_time,
             )
         )
     except BaseException:

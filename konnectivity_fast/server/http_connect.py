@@ -40,7 +40,7 @@ from konnectivity_fast.server.buffering import (
     TUNNEL_WRITE_LOW_WATER,
     TunnelBuffer,
 )
-from konnectivity_fast.server.proxy import ProxyServer
+from konnectivity_fast.server.proxy import DEFAULT_TLS, ProxyServer, TlsSettings
 from konnectivity_fast.transport import tls
 from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER, GrpcCall, GrpcError
 from konnectivity_fast.tunnel import CloseReason, Frontend, FrontendMode
@@ -439,9 +439,12 @@ async def start_http_connect_tcp(
     cert_file: str,
     key_file: str,
     client_ca_file: str | None,
+    tls_settings: TlsSettings = DEFAULT_TLS,
 ) -> asyncio.Server:
     """The HTTP-CONNECT frontend on TCP with mTLS: HTTP/1.1 only (ALPN ``http/1.1``), client
     certificates required and verified against ``client_ca_file`` (§3.1)."""
-    ctx = tls.server_context(cert_file, key_file, client_ca_file, alpn=(HTTP11_ALPN,))
+    ctx = tls.server_context(cert_file, key_file, client_ca_file, alpn=(HTTP11_ALPN,),
+                             minimum_version=tls_settings.minimum_version,
+                             go_ciphers=tls_settings.go_ciphers)
     return await server.loop.create_server(
         lambda: HttpConnectProtocol(server), host, port, ssl=ctx)

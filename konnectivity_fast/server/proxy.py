@@ -27,10 +27,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import ssl
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from random import Random
+from time import perf_counter
 from typing import Any
 
 from konnectivity_fast.metrics import server as metrics
@@ -270,6 +272,7 @@ class ProxyServer:
         self._timer_when: float | None = None
         self._closed = False
         self.budget = budget or BufferBudget()
+        self._gauges = (0, 0)  # pending dials, established connections, as last set
 
     # --- streams --------------------------------------------------------------------------
 
@@ -301,6 +304,7 @@ class ProxyServer:
             log.info("agent %s: sending headers failed: %s", agent_id, exc)
             return _NullSink(metrics.CONNECT)
         backend = self.router.add_backend(agent_id, parsed, call)
+        self._update_backend_gauges()
         return _AgentStream(self, backend)
 
     def _remove_frontend(self, frontend: Frontend) -> None:
@@ -310,6 +314,7 @@ class ProxyServer:
     def _remove_backend(self, backend: Backend) -> None:
         if not backend.closed:
             self._apply(self.router.remove_backend(backend, self.loop.time()))
+            self._update_backend_gauges()
 
     def _frontend_failed(self, frontend: Frontend, status: int, message: str) -> None:
         call: GrpcCall = frontend.conn
@@ -339,10 +344,14 @@ class ProxyServer:
         """Queue ``message`` on ``frontend``; charge it to the tunnel's buffer if the
         frontend is behind (``buffering``). ``agent``: the call it came from."""
         if frontend.mode is not FrontendMode.GRPC:  # HTTP-CONNECT: only ever DATA
+            started = perf_counter()
             frontend.conn.write_agent_data(message, agent)
+            metrics.observe_frontend_write_latency(perf_counter() - started)
             return
         call: GrpcCall = frontend.conn
+        started = perf_counter()
         self._send(call, message, metrics.SEGMENT_TO_CLIENT, ptype)
+        metrics.observe_frontend_write_latency(perf_counter() - started)
         if agent is None or call.outbound_pending() < TUNNEL_WRITE_HIGH_WATER:
             return
         sink = call.sink
@@ -381,12 +390,33 @@ class ProxyServer:
             elif isinstance(effect, DialDuration):
                 metrics.observe_dial_latency(effect.seconds)
             elif isinstance(effect, ConnectionDuration):
-                metrics.observe_connection_duration(effect.seconds)
+                pass  # v0.36.0 exports no connection-duration histogram
             elif isinstance(effect, RetireBackend):
                 backend = effect.backend
                 backend.conn.finish(StatusCode.OK)
                 self._apply(self.router.remove_backend(backend, self.loop.time()))
+                self._update_backend_gauges()
         self._arm_timer()
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        """Set the routing gauges that changed. Like upstream's, the pending-dial and
+        established gauges appear with their first change; unlike upstream's they never
+        go stale after a frontend stream's cleanup."""
+        router = self.router
+        current = (router.pending_dials, router.established_connections)
+        if current != self._gauges:
+            if current[0] != self._gauges[0]:
+                metrics.set_pending_dial_count(current[0])
+            if current[1] != self._gauges[1]:
+                metrics.set_established_connection_count(current[1])
+            self._gauges = current
+
+    def _update_backend_gauges(self) -> None:
+        managers = self.router.backend_managers
+        for strategy, count in managers.ready_backends().items():
+            metrics.set_ready_backends(strategy, count)
+        metrics.set_backend_count_deprecated(managers.ready_backend_connections)
 
     # --- timer ----------------------------------------------------------------------------
 
@@ -443,9 +473,31 @@ class ServerHandle:
         self.proxy.close()
 
 
+#: grpc-go's keepalive defaults as upstream sets them (§1.5). Agent listener: a ping after
+#: ``--keepalive-time`` of silence; clients may ping every 30 s, even with no stream open.
+AGENT_ENGINE_DEFAULTS: dict[str, Any] = {
+    "keepalive_time": 3600.0, "min_ping_interval": 30.0, "ping_without_streams": True}
+#: Frontend listener: a ping after ``--frontend-keepalive-time``; grpc-go's default policy
+#: (pings every 5 min at most, none without a stream).
+FRONTEND_ENGINE_DEFAULTS: dict[str, Any] = {
+    "keepalive_time": 3600.0, "min_ping_interval": 300.0, "ping_without_streams": False}
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """``--tls-min-version`` and ``--cipher-suites``, for both TLS listeners."""
+
+    minimum_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2
+    go_ciphers: tuple[str, ...] = ()
+
+
+DEFAULT_TLS = TlsSettings()
+
+
 async def start_frontend_uds(proxy: ProxyServer, path: str, **engine_options: Any) -> GrpcServer:
     """The gRPC frontend on a Unix socket: plaintext h2c, no auth (§1.5)."""
-    return await serve(proxy.frontend_service, path=path, **engine_options)
+    options = {**FRONTEND_ENGINE_DEFAULTS, **engine_options}
+    return await serve(proxy.frontend_service, path=path, **options)
 
 
 async def start_frontend_tcp(
@@ -456,12 +508,16 @@ async def start_frontend_tcp(
     cert_file: str,
     key_file: str,
     client_ca_file: str,
+    tls_settings: TlsSettings = DEFAULT_TLS,
     **engine_options: Any,
 ) -> GrpcServer:
     """The gRPC frontend on TCP: mTLS always, client certificates verified against
     ``client_ca_file`` (§1.5)."""
-    ctx = tls.server_context(cert_file, key_file, client_ca_file)
-    return await serve(proxy.frontend_service, host=host, port=port, ssl=ctx, **engine_options)
+    ctx = tls.server_context(cert_file, key_file, client_ca_file,
+                             minimum_version=tls_settings.minimum_version,
+                             go_ciphers=tls_settings.go_ciphers)
+    options = {**FRONTEND_ENGINE_DEFAULTS, **engine_options}
+    return await serve(proxy.frontend_service, host=host, port=port, ssl=ctx, **options)
 
 
 async def start_agent_listener(
@@ -472,12 +528,16 @@ async def start_agent_listener(
     cert_file: str,
     key_file: str,
     client_ca_file: str | None = None,
+    tls_settings: TlsSettings = DEFAULT_TLS,
     **engine_options: Any,
 ) -> GrpcServer:
     """The agent listener: TCP with TLS (ALPN h2), client certificates required and verified
     when ``client_ca_file`` is given (§1.5)."""
-    ctx = tls.server_context(cert_file, key_file, client_ca_file)
-    return await serve(proxy.agent_service, host=host, port=port, ssl=ctx, **engine_options)
+    ctx = tls.server_context(cert_file, key_file, client_ca_file,
+                             minimum_version=tls_settings.minimum_version,
+                             go_ciphers=tls_settings.go_ciphers)
+    options = {**AGENT_ENGINE_DEFAULTS, **engine_options}
+    return await serve(proxy.agent_service, host=host, port=port, ssl=ctx, **options)
 
 
 async def start(

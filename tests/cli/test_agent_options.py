@@ -53,7 +53,7 @@ DEFAULTS: list[tuple[str, Any, type]] = [  # (field, value, type); durations in 
     ("xfr_channel_size", 150, int),
     ("count_server_leases", False, bool),
     ("lease_namespace", "kube-system", str),
-    ("lease_label_selector", "k8s-app=konnectivity-server", str),
+    ("lease_label", "k8s-app=konnectivity-server", str),
     ("server_count_source", "default", str),
     ("kubeconfig_path", "", str),
     ("api_content_type", "application/vnd.kubernetes.protobuf", str),
@@ -124,18 +124,18 @@ UPSTREAM_VALIDATE: list[tuple[str, dict[str, Any], str]] = [
      "channel size -10 must be greater than 0"),
     ("ServerCountSource", {"server-count-source": "foobar"},
      "--server-count-source must be one of '', 'default', 'max', got foobar"),
+    # v0.36.0: a plain string, checked only when leases are counted.
     ("LeaseLabelValid", {"lease-label": "k8s-app=konnectivity-server"}, ""),
-    ("LeaseLabelEmpty", {"lease-label": ""}, ""),
-    ("LeaseLabelInvalidFormat", {"lease-label": "*notavalidlabel*"},
-     'invalid argument "*notavalidlabel*" for "--lease-label" flag'),
-    ("LeaseLabelMultipleValid", {"lease-label": "k8s-app=konnectivity-server,component=proxy"},
-     ""),
-    ("LeaseLabelSelectorValid", {"lease-label-selector": "k8s-app=konnectivity-server"}, ""),
-    ("LeaseLabelSelectorEmpty", {"lease-label-selector": ""}, ""),
-    ("LeaseLabelSelectorInvalidFormat", {"lease-label-selector": "*notavalidlabel*"},
-     'invalid argument "*notavalidlabel*" for "--lease-label-selector" flag'),
-    ("LeaseLabelSelectorMultipleValid",
-     {"lease-label-selector": "k8s-app=konnectivity-server,component=proxy"}, ""),
+    ("LeaseLabelEmptyUnused", {"lease-label": ""}, ""),
+    ("LeaseLabelInvalidUnused", {"lease-label": "*notavalidlabel*"}, ""),
+    ("LeaseLabelEmpty", {"lease-label": "", "count-server-leases": "true"},
+     "empty string provided"),
+    ("LeaseLabelInvalidFormat",
+     {"lease-label": "*notavalidlabel*", "count-server-leases": "true"},
+     "invalid label format: *notavalidlabel*"),
+    ("LeaseLabelMultipleValid",
+     {"lease-label": "k8s-app=konnectivity-server,component=proxy",
+      "count-server-leases": "true"}, ""),
 ]
 
 
@@ -292,14 +292,6 @@ def test_bad_label_selector(text: str, fragment: str) -> None:
     assert fragment in str(info.value)
 
 
-def test_lease_label_is_a_deprecated_alias() -> None:
-    notices: list[str] = []
-    line = parse_args(["--lease-label=app=x"], environ={}, warn=notices.append)
-    assert line.options.lease_label_selector == "app=x"
-    assert notices == ["Flag --lease-label has been deprecated, Use --lease-label-selector instead"]
-    assert line.explicit == {"lease-label"}
-
-
 def test_upstream_framework_command_line(files: dict[str, str]) -> None:
     """Upstream's integration framework runs an external agent with every option flag
     rendered by pflag as ``--name=<Go value>``; that must parse back to the defaults.
@@ -357,5 +349,5 @@ def test_help() -> None:
     assert "\nUsage:\n  proxy-agent [flags]\n\nFlags:\n" in text
     for flag in build_flagset():
         assert (f"--{flag.name} " in text) is not flag.hidden, flag.name
-    assert "--lease-label-selector labelSelector " in text
+    assert "--lease-label string " in text
     assert "--alpn-proto strings " in text and '(default "127.0.0.1")' in text

@@ -28,7 +28,7 @@ def test_definitions_match_golden_list(fresh: None) -> None:
 
 def test_unverified_help_texts_are_few() -> None:
     unverified = [cols[0] for verified, cols in golden("proxy-server.txt") if not verified]
-    assert unverified == ["konnectivity_network_proxy_server_connection_duration_seconds"]
+    assert unverified == []
 
 
 def test_process_metrics_are_exposed(fresh: None) -> None:
@@ -81,7 +81,6 @@ def test_event_helpers(fresh: None) -> None:
     m.observe_lease_list_latency(200, 0.2)
     m.observe_dial_latency(0.00002)
     m.observe_frontend_write_latency(0.3)
-    m.observe_connection_duration(4000)
     p = m.PREFIX
     assert lines("grpc_connections") == [
         f'{p}grpc_connections{{service_method="Connect"}} 1',
@@ -113,8 +112,7 @@ def test_event_helpers(fresh: None) -> None:
     assert lines("dial_duration")[-2:] == [
         f"{p}dial_duration_seconds_sum 2e-05", f"{p}dial_duration_seconds_count 1"]
     assert f'{p}frontend_write_duration_seconds_bucket{{le="0.5"}} 1' in lines("frontend_write")
-    assert f'{p}connection_duration_seconds_bucket{{le="3600"}} 0' in lines("connection_duration")
-    assert f'{p}connection_duration_seconds_bucket{{le="14400"}} 1' in lines("connection_duration")
+    assert lines("connection_duration") == []  # not in v0.36.0
 
 
 def test_reset_returns_to_import_state(fresh: None) -> None:
