@@ -11,7 +11,7 @@ transport failure raises ``TransportError`` naming the verb and URL, as Go's
 ``url.Error`` does. Both are ``KubeError``.
 
 Operations: TokenReview create; Lease get, create, update, delete (optionally with a
-resourceVersion precondition) and list (label selector); ServiceAccount create and
+resourceVersion precondition), list (label selector) and watch; ServiceAccount create and
 TokenRequest create (used by tests and by tools that mint agent tokens).
 
 Invariant: the client owns its connections; ``close()`` releases them. Objects are plain
@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import ssl
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -187,13 +188,7 @@ class KubeClient:
         query: Mapping[str, str] | None = None,
     ) -> JSON:
         """Send one request and return the decoded JSON body of a 2xx response."""
-        target = self.config.path_prefix + quote(path)
-        if query:
-            target += "?" + urlencode(query)
-        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
-        auth = self._authorization()
-        if auth:
-            headers["Authorization"] = auth
+        target, headers = self._prepare(path, query)
         payload = None
         if body is not None:
             payload = json.dumps(body, separators=(",", ":")).encode()
@@ -216,6 +211,48 @@ class KubeClient:
         if not isinstance(decoded, dict):
             raise TransportError(f'{_verb(method)} "{url}": response is not a JSON object')
         return decoded
+
+    def _prepare(self, path: str, query: Mapping[str, str] | None) -> tuple[str, dict[str, str]]:
+        target = self.config.path_prefix + quote(path)
+        if query:
+            target += "?" + urlencode(query)
+        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+        auth = self._authorization()
+        if auth:
+            headers["Authorization"] = auth
+        return target, headers
+
+    async def watch(
+        self, path: str, query: Mapping[str, str] | None = None
+    ) -> AsyncGenerator[tuple[str, JSON], None]:
+        """Watch a collection: yields ``(type, object)`` for each event (``ADDED``,
+        ``MODIFIED``, ``DELETED``, ``BOOKMARK``) until the server ends the watch. An
+        ``ERROR`` event (e.g. 410 Gone for a too old resourceVersion) raises ``ApiError``.
+        Only opening the watch is bounded by ``REQUEST_TIMEOUT``."""
+        target, headers = self._prepare(path, {**(query or {}), "watch": "1"})
+        await self._limiter.acquire()
+        url = self.config.server + path
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                response, lines = await self._pool.stream_lines(target, headers)
+        except TimeoutError:
+            raise TransportError(f'Get "{url}": context deadline exceeded') from None
+        except HttpError as exc:
+            raise TransportError(f'Get "{url}": {exc}') from None
+        if lines is None:
+            raise _api_error(response.status, response.body)
+        async with contextlib.aclosing(lines):
+            try:
+                async for line in lines:
+                    event = json.loads(line)
+                    kind, obj = str(event.get("type", "")), event.get("object") or {}
+                    if kind == "ERROR":
+                        raise _api_error(int(obj.get("code") or 500), json.dumps(obj).encode())
+                    yield kind, obj
+            except HttpError as exc:
+                raise TransportError(f'Get "{url}": {exc}') from None
+            except (ValueError, AttributeError):
+                raise TransportError(f'Get "{url}": malformed watch event') from None
 
     def _authorization(self) -> str | None:
         config = self.config
@@ -283,6 +320,23 @@ class KubeClient:
         result = await self.request("GET", self._leases(namespace), query=query)
         items = result.get("items") or []
         return [item for item in items if isinstance(item, dict)]
+
+    def watch_leases(
+        self,
+        namespace: str,
+        label_selector: str = "",
+        resource_version: str = "",
+        timeout_seconds: int | None = None,
+    ) -> AsyncGenerator[tuple[str, JSON], None]:
+        """Lease events after ``resource_version`` (from a list); see ``watch``."""
+        query = {"allowWatchBookmarks": "true"}
+        if label_selector:
+            query["labelSelector"] = label_selector
+        if resource_version:
+            query["resourceVersion"] = resource_version
+        if timeout_seconds is not None:
+            query["timeoutSeconds"] = str(timeout_seconds)
+        return self.watch(self._leases(namespace), query)
 
     # --- core/v1 ServiceAccounts and TokenRequests ------------------------------------
 

@@ -10,7 +10,8 @@ Invariants:
   Go's transport does the same);
 - responses are bounded: headers by the stream reader's limit, bodies by
   ``MAX_BODY_BYTES``; Content-Length, chunked and read-to-close bodies are understood;
-- a connection is reused only after its whole response body was read.
+- a connection is reused only after its whole response body was read;
+- a streamed answer (a watch) gets a connection of its own, never pooled.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import asyncio
 import contextlib
 import os
 import ssl
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 __all__ = ["MAX_BODY_BYTES", "MAX_IDLE_CONNECTIONS", "HttpError", "HttpPool", "HttpResponse"]
@@ -97,6 +99,31 @@ class HttpPool:
             conn.close()
             raise HttpError(str(exc) or type(exc).__name__) from None
 
+    async def stream_lines(
+        self, target: str, headers: dict[str, str]
+    ) -> tuple[HttpResponse, AsyncGenerator[bytes, None] | None]:
+        """GET on a connection of its own whose answer is a stream of lines (a watch).
+        A non-200 answer comes back whole with no iterator; otherwise the iterator yields
+        each line (without its newline) until the server ends the stream, and closing it
+        closes the connection."""
+        conn = await self._connect()
+        try:
+            conn.writer.write(self._head("GET", target, headers, None))
+            await conn.writer.drain()
+            status_line = await conn.reader.readline()
+            if not status_line:
+                raise HttpError("server closed the connection before responding")
+            status = _parse_status(status_line)
+            head = await _read_headers(conn.reader)
+            if status != 200:
+                response, _ = await self._read_body(conn.reader, "GET", status, head)
+                conn.close()
+                return response, None
+        except BaseException:
+            conn.close()
+            raise
+        return HttpResponse(status, head, b""), _lines(conn, head)
+
     async def close(self) -> None:
         self._closed = True
         idle, self._idle = self._idle, []
@@ -156,6 +183,12 @@ class HttpPool:
             raise _EarlyClose
         status = _parse_status(status_line)
         headers = await _read_headers(reader)
+        return await self._read_body(reader, method, status, headers)
+
+    @staticmethod
+    async def _read_body(
+        reader: asyncio.StreamReader, method: str, status: int, headers: dict[str, str]
+    ) -> tuple[HttpResponse, bool]:
         reusable = headers.get("connection", "").lower() != "close"
         if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
             return HttpResponse(status, headers, b""), reusable
@@ -235,3 +268,49 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
         body += await _read_exact(reader, size)
         if await _read_exact(reader, 2) != b"\r\n":
             raise HttpError("malformed chunk terminator")
+
+
+async def _lines(conn: _Conn, headers: dict[str, str]) -> AsyncGenerator[bytes, None]:
+    """The lines of a streamed body (chunked, or up to the close); a line longer than
+    ``MAX_BODY_BYTES`` is an error. Closes the connection when done or abandoned."""
+    chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+    pending = bytearray()
+    try:
+        while True:
+            data = await _next_chunk(conn.reader) if chunked else await conn.reader.read(1 << 16)
+            if not data:
+                if pending.strip():
+                    yield bytes(pending)
+                return
+            pending += data
+            while (end := pending.find(b"\n")) >= 0:
+                line = bytes(pending[:end])
+                del pending[: end + 1]
+                if line.strip():
+                    yield line
+            if len(pending) > MAX_BODY_BYTES:
+                raise HttpError(f"streamed line longer than {MAX_BODY_BYTES} bytes")
+    finally:
+        conn.close()
+
+
+async def _next_chunk(reader: asyncio.StreamReader) -> bytes:
+    """One chunk of a chunked body; b"" at its end (or if the peer just closes)."""
+    try:
+        size_line = await reader.readuntil(b"\n")
+    except asyncio.IncompleteReadError:
+        return b""
+    except asyncio.LimitOverrunError:
+        raise HttpError(f"response line longer than {MAX_LINE_BYTES} bytes") from None
+    try:
+        size = int(size_line.split(b";", 1)[0].strip(), 16)
+    except ValueError:
+        raise HttpError(f"bad chunk size {size_line[:40]!r}") from None
+    if size == 0:
+        return b""
+    if size > MAX_BODY_BYTES:
+        raise HttpError(f"chunk larger than {MAX_BODY_BYTES} bytes")
+    data = await _read_exact(reader, size)
+    if await _read_exact(reader, 2) != b"\r\n":
+        raise HttpError("malformed chunk terminator")
+    return data

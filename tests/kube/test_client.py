@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,47 @@ def test_large_list(kube_cluster: KubeCluster, run: RunFn) -> None:
             assert sorted(item["metadata"]["name"] for item in items) == sorted(
                 f"l{i}" for i in range(40)
             )
+        finally:
+            await client.close()
+
+    run(body())
+
+
+def test_watch_leases(kube_cluster: KubeCluster, run: RunFn) -> None:
+    async def body() -> None:
+        client = admin_client(kube_cluster)
+        try:
+            ns = await create_namespace(client, "watch")
+            await client.create_lease(ns, lease("before", {"app": "x"}))
+            listed = await client.request(
+                "GET", f"/apis/coordination.k8s.io/v1/namespaces/{ns}/leases"
+            )
+            since = listed["metadata"]["resourceVersion"]
+            events: list[tuple[str, str]] = []
+            watch = client.watch_leases(ns, "app=x", since, timeout_seconds=60)
+
+            async def writer() -> None:
+                created = await client.create_lease(ns, lease("w", {"app": "x"}))
+                await client.create_lease(ns, lease("ignored", {"app": "other"}))
+                created["spec"]["holderIdentity"] = "h2"
+                await client.update_lease(ns, created)
+                await client.delete_lease(ns, "w")
+
+            task = asyncio.create_task(writer())
+            async with contextlib.aclosing(watch):
+                async for kind, obj in watch:
+                    if kind != "BOOKMARK":
+                        events.append((kind, obj["metadata"]["name"]))
+                    if kind == "DELETED":
+                        break
+            await task
+            assert events == [("ADDED", "w"), ("MODIFIED", "w"), ("DELETED", "w")]
+            # A bad resourceVersion: the API refuses, its Status becomes the error.
+            with pytest.raises(ApiError) as refused:
+                async for _ in client.watch_leases(ns, resource_version="not-a-version"):
+                    pass
+            assert (refused.value.code, refused.value.reason) == (500, "InternalError")
+            assert 'Invalid value: "not-a-version"' in str(refused.value)
         finally:
             await client.close()
 
