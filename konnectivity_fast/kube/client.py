@@ -32,7 +32,7 @@ from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from konnectivity_fast.kube.config import TOKEN_FILE_REFRESH, ClientConfig
+from konnectivity_fast.kube.config import TOKEN_FILE_REFRESH, ClientConfig, ConfigError
 from konnectivity_fast.kube.http import HttpError, HttpPool
 
 __all__ = [
@@ -138,7 +138,16 @@ class RateLimiter:
 
 def make_ssl_context(config: ClientConfig) -> ssl.SSLContext:
     """TLS as client-go sets it up: the kubeconfig CA only (system roots when none),
-    optional client certificate, and no verification at all with insecure-skip-tls-verify."""
+    optional client certificate, and no verification at all with insecure-skip-tls-verify.
+    Unusable certificate or key data raises ``ConfigError``."""
+    try:
+        return _ssl_context(config)
+    except (ssl.SSLError, ValueError) as exc:
+        # Bad PEM data in the kubeconfig: a startup error naming it, not a traceback.
+        raise ConfigError(f"invalid TLS material in the Kubernetes client config: {exc}") from None
+
+
+def _ssl_context(config: ClientConfig) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if config.insecure_skip_tls_verify:

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from konnectivity_fast.kube.client import RateLimiter
+from konnectivity_fast.kube.client import KubeClient, RateLimiter
 from konnectivity_fast.kube.config import (
     DEFAULT_BURST,
     DEFAULT_QPS,
+    ClientConfig,
     ConfigError,
     load_config,
     load_in_cluster,
@@ -206,3 +207,12 @@ def test_rate_limiter_bucket() -> None:
     assert [limiter.reserve(11.0) for _ in range(4)] == [0.0, 0.0, 0.0, 0.5]
     unlimited = RateLimiter(qps=-1.0, burst=0, now=0.0)
     assert {unlimited.reserve(0.0) for _ in range(100)} == {0.0}
+
+
+def test_bad_tls_material_is_a_config_error() -> None:
+    bad_ca = ClientConfig(server="https://h", ca_pem=b"not a certificate")
+    with pytest.raises(ConfigError, match="invalid TLS material"):
+        KubeClient(bad_ca)
+    bad_pair = ClientConfig(server="https://h", client_cert_pem=b"x", client_key_pem=b"y")
+    with pytest.raises(ConfigError, match="invalid TLS material"):
+        KubeClient(bad_pair)
