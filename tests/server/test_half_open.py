@@ -212,6 +212,11 @@ def open_peers(specs: list[Spec]) -> list[socket.socket]:
     return socks
 
 
+def close_all(socks: list[socket.socket]) -> None:
+    for s in socks:
+        s.close()
+
+
 async def wait_fds(server: Server, want: int, *, at_least: bool = False) -> int:
     """Poll the server's fd count until it is ``want`` (or more, with ``at_least``);
     returns the last count."""
@@ -307,7 +312,7 @@ def test_half_open_connections(server: Server, certs: Certs) -> None:
                 # The healthy tunnel flows while every peer is held.
                 await healthy.pinger.flowing()
             finally:
-                await asyncio.to_thread(lambda: [s.close() for s in socks])
+                await asyncio.to_thread(close_all, socks)
             after = await wait_fds(server, baseline)
             server.rss["after"] = rss_kib(server.proc.pid)
             assert after == baseline, f"server fds {after} after the peers left, {baseline} before"
