@@ -581,13 +581,14 @@ class Backend:
 
     async def close(self) -> None:
         self.server.close()
+        # Closing a connection ends its handler (its reads see EOF); cancelling the handler
+        # instead makes asyncio's stream callback log the CancelledError.
         for writer in list(self.writers):
-            writer.close()
-        for task in list(self.tasks):
-            task.cancel()
-        for task in list(self.tasks):
-            with contextlib.suppress(BaseException):
-                await task
+            writer.transport.abort()
+        if self.tasks:
+            _, late = await asyncio.wait(list(self.tasks), timeout=WAIT)
+            for task in late:
+                task.cancel()
         await self.server.wait_closed()
 
 
