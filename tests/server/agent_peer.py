@@ -179,6 +179,8 @@ class TestAgent:
     # Per-address policies override ``policy``.
     policies: dict[str, DialPolicy] = field(default_factory=dict)
     extra_metadata: tuple[tuple[str, str], ...] = ()
+    # False: CLOSE_REQ is only recorded; the test sends the CLOSE_RSP itself.
+    answer_close: bool = True
 
     headers: dict[str, str] = field(default_factory=dict)
     received: list[Packet] = field(default_factory=list)
@@ -392,7 +394,7 @@ class TestAgent:
             conn.received += len(packet.data.data)
             with contextlib.suppress(ConnectionError):
                 await conn.writer.drain()
-        elif kind == "CLOSE_REQ":
+        elif kind == "CLOSE_REQ" and self.answer_close:
             connect_id = packet.closeRequest.connectID
             conn = self.conns.pop(connect_id, None)
             if conn is None:

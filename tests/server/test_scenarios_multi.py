@@ -1,0 +1,270 @@
+"""Scenarios with several agents and tunnels at once, and the rarer packet sequences of
+reference/upstream-server.md §2-§4: connectIDs that collide across agents, an agent's loss
+closing exactly its own connections, a DIAL_RSP from the wrong agent, late error answers,
+in-flight agent DATA after a frontend left, several dials on one stream, packets a peer
+should not send, and an HTTP-CONNECT client's half-close.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from .agent_peer import (
+    DialPolicy,
+    ProxyStream,
+    backend,
+    close_req,
+    close_rsp,
+    data,
+    dial_cls,
+    dial_req,
+    dial_rsp,
+    drain,
+    echo,
+    ptype,
+    wait_until,
+)
+from .conftest import Certs, RunFn, check_metrics, failures, packets, proxy_env
+from .test_scenarios_grpc import UNREACHABLE, frontend_gone
+
+RESPONSE_200 = b"HTTP/1.1 200 Connection Established\r\n\r\n"
+DEST_HOST = ("destHost", "default")
+
+
+async def echo_round(stream: ProxyStream, connect_id: int, payload: bytes) -> None:
+    await stream.send(data(connect_id, payload))
+    assert await stream.read_data(connect_id, len(payload)) == payload
+
+
+def port_of(address: str) -> str:
+    return address.rpartition(":")[2]
+
+
+def test_same_connect_id_on_two_agents(arun: RunFn, certs: Certs, sock_dir: str) -> None:
+    """Both agents number their connections from 1: two tunnels with connectID 1 stay
+    apart; losing one agent closes exactly its tunnel, the other keeps flowing."""
+
+    async def main() -> None:
+        async with (
+            proxy_env(certs, sock_dir, strategies=DEST_HOST) as env,
+            backend(echo) as echo_backend,
+        ):
+            port = port_of(echo_backend.address)
+            agent_a = await env.agent(agent_id="a", identifiers="ipv4=127.0.0.1")
+            agent_b = await env.agent(agent_id="b", identifiers="host=localhost")
+            dialer = env.dialer()
+            via_a, via_b = dialer.stream(), dialer.stream()
+            assert await via_a.connect(f"127.0.0.1:{port}", 1) == 1
+            assert await via_b.connect(f"localhost:{port}", 2) == 1
+            assert len(agent_a.conns) == len(agent_b.conns) == 1
+            for i in range(3):
+                await echo_round(via_a, 1, b"A" * (100 + i))
+                await echo_round(via_b, 1, b"B" * (200 + i))
+            await agent_a.disconnect()
+            rsp = await via_a.expect("CLOSE_RSP")
+            assert (rsp.closeResponse.connectID, rsp.closeResponse.error) == (1, "")
+            await echo_round(via_b, 1, b"still B")
+            assert env.proxy.router.established_connections == 1
+            await via_b.send(close_req(1))
+            await via_b.expect("CLOSE_RSP")
+            assert [ptype(p) for p in via_b.received].count("CLOSE_RSP") == 1
+            for stream in (via_a, via_b):
+                assert await stream.end() == grpc.StatusCode.OK
+            await frontend_gone(env)
+            check_metrics({"established_connections": 0, "dial_duration_seconds_count": 2})
+
+    arun(main())
+
+
+def test_dial_rsp_from_the_wrong_agent(arun: RunFn, certs: Certs, sock_dir: str) -> None:
+    """A DIAL_RSP for a dial sent to another agent does not complete it: it is unrecognized
+    and its connection closed (CLOSE_REQ to the sender); the right agent's answer works."""
+
+    async def main() -> None:
+        async with (
+            proxy_env(certs, sock_dir, strategies=DEST_HOST) as env,
+            backend(echo) as echo_backend,
+        ):
+            port = port_of(echo_backend.address)
+            right = await env.agent(
+                agent_id="right", identifiers="ipv4=127.0.0.1", policy=DialPolicy.HOLD
+            )
+            wrong = await env.agent(agent_id="wrong", identifiers="host=elsewhere")
+            stream = env.dialer().stream()
+            await stream.send(dial_req(f"127.0.0.1:{port}", 77))
+            await right.wait_held()
+            await wrong.send(dial_rsp(77, connect_id=5))
+            await wrong.wait_packet("CLOSE_REQ", lambda p: p.closeRequest.connectID == 5)
+            assert env.proxy.router.pending_dials == 1
+            assert await right.answer(77) == 1
+            rsp = await stream.expect("DIAL_RSP")
+            assert (rsp.dialResponse.random, rsp.dialResponse.connectID) == (77, 1)
+            await echo_round(stream, 1, b"right one")
+            assert await stream.end() == grpc.StatusCode.OK
+            await right.wait_packet("CLOSE_REQ", lambda p: p.closeRequest.connectID == 1)
+            await frontend_gone(env)
+            check_metrics({failures("unrecognized_response"): 1, "established_connections": 0})
+
+    arun(main())
+
+
+def test_late_error_answer_after_frontend_gave_up(arun: RunFn, certs: Certs, sock_dir: str) -> None:
+    """A late DIAL_RSP carrying an error (connectID 0) is unrecognized and needs no
+    CLOSE_REQ; the frontend hears nothing more."""
+
+    async def main() -> None:
+        async with proxy_env(certs, sock_dir) as env:
+            agent = await env.agent(policy=DialPolicy.HOLD)
+            stream = env.dialer().stream()
+            await stream.send(dial_req(UNREACHABLE, 5))
+            await agent.wait_held()
+            await stream.send(dial_cls(5))
+            await wait_until(lambda: env.proxy.router.pending_dials == 0, "dial dropped")
+            await agent.answer(5, error="dial tcp 10.255.255.1:443: i/o timeout")
+            # A round trip through the agent's stream: the answer was processed before it.
+            await agent.send(data(42, b"probe"))
+            await agent.wait_packet("CLOSE_REQ", lambda p: p.closeRequest.connectID == 42)
+            assert [p.closeRequest.connectID for p in agent.packets("CLOSE_REQ")] == [42]
+            assert await stream.end() == grpc.StatusCode.OK
+            assert stream.received == []
+            check_metrics(
+                {
+                    failures("unrecognized_response"): 1,
+                    failures("frontend_close"): 1,
+                    failures("error_response"): None,
+                }
+            )
+
+    arun(main())
+
+
+def test_agent_data_in_flight_after_frontend_left(arun: RunFn, certs: Certs, sock_dir: str) -> None:
+    """A frontend cancels its stream: the agent gets one CLOSE_REQ; DATA it had in flight for
+    that connection before the CLOSE_RSP is dropped, not answered with more CLOSE_REQs."""
+
+    async def main() -> None:
+        async with proxy_env(certs, sock_dir) as env:
+            agent = await env.agent(policy=DialPolicy.HOLD, answer_close=False)
+            stream = env.dialer().stream()
+            await stream.send(dial_req(UNREACHABLE, 9))
+            await agent.wait_held()
+            await agent.answer(9, connect_id=3)  # a success without a real endpoint
+            await stream.expect("DIAL_RSP")
+            stream.cancel()
+            await agent.wait_packet("CLOSE_REQ", lambda p: p.closeRequest.connectID == 3)
+            for i in range(3):
+                await agent.send(data(3, b"in flight %d" % i))
+            await agent.send(close_rsp(3, "Unknown connectID"))
+            await agent.send(data(4, b"really unknown"))
+            await agent.wait_packet("CLOSE_REQ", lambda p: p.closeRequest.connectID == 4)
+            assert [p.closeRequest.connectID for p in agent.packets("CLOSE_REQ")] == [3, 4]
+            await frontend_gone(env)
+            check_metrics({"established_connections": 0, packets("from_agent", "DATA"): 4})
+
+    arun(main())
+
+
+def test_two_dials_on_one_stream(arun: RunFn, certs: Certs, sock_dir: str) -> None:
+    """§2.7: a second DIAL_REQ on a stream is served too; frontend DATA may use only the
+    first connectID it used; the stream's end closes both connections."""
+
+    async def main() -> None:
+        async with proxy_env(certs, sock_dir) as env, backend(echo) as echo_backend:
+            agent = await env.agent()
+            stream = env.dialer().stream()
+            first = await stream.connect(echo_backend.address, 1)
+            second = await stream.connect(echo_backend.address, 2)
+            assert (first, second) == (1, 2)
+            await echo_round(stream, first, b"first")
+            assert env.proxy.router.established_connections == 2
+            assert await stream.end() == grpc.StatusCode.OK
+            await wait_until(lambda: len(agent.packets("CLOSE_REQ")) == 2, "two CLOSE_REQs")
+            assert sorted(p.closeRequest.connectID for p in agent.packets("CLOSE_REQ")) == [1, 2]
+            await frontend_gone(env)
+            await wait_until(lambda: not agent.conns, "agent endpoints closed")
+            check_metrics({"established_connections": 0, "dial_duration_seconds_count": 2})
+
+    arun(main())
+
+
+def test_packets_peers_should_not_send(arun: RunFn, certs: Certs, sock_dir: str) -> None:
+    """DIAL_RSP, CLOSE_RSP and DRAIN from a frontend, DIAL_REQ and CLOSE_REQ from an agent:
+    ignored; an empty DATA from the frontend is forwarded as it is; the tunnel still works."""
+
+    async def main() -> None:
+        async with proxy_env(certs, sock_dir) as env, backend(echo) as echo_backend:
+            agent = await env.agent()
+            stream = env.dialer().stream()
+            connect_id = await stream.connect(echo_backend.address, 1)
+            await stream.send(dial_rsp(1, 1))
+            await stream.send(close_rsp(connect_id))
+            await stream.send(drain())
+            await agent.send(dial_req("10.0.0.1:1", 99))
+            await agent.send(close_req(connect_id))
+            await stream.send(data(connect_id, b""))
+            await echo_round(stream, connect_id, b"after the noise")
+            assert [p.data.data for p in agent.packets("DATA")] == [b"", b"after the noise"]
+            assert [ptype(p) for p in agent.received] == ["DIAL_REQ", "DATA", "DATA"]
+            assert [ptype(p) for p in stream.received] == ["DIAL_RSP", "DATA"]
+            assert await stream.end() == grpc.StatusCode.OK
+            await frontend_gone(env)
+            check_metrics(
+                {
+                    packets("from_client", "DIAL_RSP"): 1,
+                    packets("from_client", "DRAIN"): 1,
+                    packets("from_agent", "DIAL_REQ"): 1,
+                    packets("from_agent", "CLOSE_REQ"): 1,
+                    packets("to_agent", "DATA"): 2,
+                }
+            )
+
+    arun(main())
+
+
+def test_http_half_close_is_a_close(arun: RunFn, certs: Certs, sock_dir: str) -> None:
+    """HTTP-CONNECT has no half-close: the client's EOF closes the tunnel (CLOSE_REQ to the
+    agent) and the client then reads EOF."""
+
+    async def main() -> None:
+        async with (
+            proxy_env(certs, sock_dir, mode="http-connect") as env,
+            backend(echo) as echo_backend,
+        ):
+            agent = await env.agent()
+            tunnel = await env.http_connect(echo_backend.address)
+            assert await tunnel.reader.readexactly(len(RESPONSE_200)) == RESPONSE_200
+            tunnel.writer.write(b"last words")
+            assert await tunnel.reader.readexactly(10) == b"last words"
+            tunnel.writer.write_eof()
+            await agent.wait_packet("CLOSE_REQ")
+            assert await tunnel.reader.read() == b""
+            await wait_until(lambda: not env.proxy.router.frontends, "tunnel removed")
+            check_metrics({"http_connections": 0, "established_connections": 0})
+
+    arun(main())
+
+
+def test_http_agent_loss_closes_only_its_tunnels(arun: RunFn, certs: Certs, sock_dir: str) -> None:
+    """Two agents with a tunnel each: losing one closes its tunnel only."""
+
+    async def main() -> None:
+        async with (
+            proxy_env(certs, sock_dir, mode="http-connect", strategies=DEST_HOST) as env,
+            backend(echo) as echo_backend,
+        ):
+            port = port_of(echo_backend.address)
+            agent_a = await env.agent(agent_id="a", identifiers="ipv4=127.0.0.1")
+            await env.agent(agent_id="b", identifiers="host=localhost")
+            via_a = await env.http_connect(f"127.0.0.1:{port}")
+            via_b = await env.http_connect(f"localhost:{port}")
+            for tunnel in (via_a, via_b):
+                assert await tunnel.reader.readexactly(len(RESPONSE_200)) == RESPONSE_200
+            await agent_a.disconnect()
+            assert await via_a.reader.read() == b""
+            via_b.writer.write(b"b lives")
+            assert await via_b.reader.readexactly(7) == b"b lives"
+            await via_b.close()
+            await wait_until(lambda: not env.proxy.router.frontends, "tunnels removed")
+            check_metrics({"http_connections": 0, "established_connections": 0})
+
+    arun(main())
