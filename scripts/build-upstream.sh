@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the upstream Go peers the compatibility and interop tests run against:
-#   proxy-server, proxy-agent and test-client of sigs.k8s.io/apiserver-network-proxy v0.36.0
-#   (cmd/server, cmd/agent, cmd/test-client), and goclient (tests/interop/goclient), our
-#   dialer peer on the published konnectivity-client library v0.36.0,
+#   proxy-server, proxy-agent, test-client and test-server (cmd/server, cmd/agent,
+#   cmd/test-client, cmd/test-server) of sigs.k8s.io/apiserver-network-proxy v0.36.0, and
+#   goclient (tests/interop/goclient), our dialer peer on the published konnectivity-client
+#   library v0.36.0,
 # into .cache/upstream/v0.36.0/bin/ (git-ignored), with the sources they were built from
 # beside it (src/, konnectivity-client/). Sources come from the Go module proxy.
 #
@@ -29,7 +30,7 @@ readonly ROOT
 readonly OUT=$ROOT/.cache/upstream/$VERSION
 readonly BIN=$OUT/bin
 readonly GOCLIENT_SRC=$ROOT/tests/interop/goclient
-readonly BINARIES=(proxy-server proxy-agent test-client goclient)
+readonly BINARIES=(proxy-server proxy-agent test-client test-server goclient)
 
 say() { printf '[build-upstream] %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -96,7 +97,8 @@ main() {
         say "resolving modules (konnectivity-client -> $CLIENT_VERSION)"
         "$GO" mod download
         mkdir -p "$BIN"
-        for pair in proxy-server:./cmd/server proxy-agent:./cmd/agent test-client:./cmd/test-client; do
+        for pair in proxy-server:./cmd/server proxy-agent:./cmd/agent test-client:./cmd/test-client \
+            test-server:./cmd/test-server; do
             say "building ${pair%%:*} from ${pair#*:}"
             "$GO" build -trimpath -o "$BIN/${pair%%:*}.tmp" "${pair#*:}"
             mv "$BIN/${pair%%:*}.tmp" "$BIN/${pair%%:*}"

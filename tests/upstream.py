@@ -1,6 +1,8 @@
-"""The upstream Go peers (apiserver-network-proxy v0.36.0 proxy-server, proxy-agent and
-test-client, and our goclient dialer on konnectivity-client v0.36.0), built on demand by
-scripts/build-upstream.sh into .cache/upstream/, and helpers to run them.
+"""The upstream Go peers (apiserver-network-proxy v0.36.0 proxy-server, proxy-agent,
+test-client and test-server, and our goclient dialer on konnectivity-client v0.36.0),
+built on demand by scripts/build-upstream.sh into .cache/upstream/, and helpers to run
+them: their command lines, a TCP echo backend, process handling and a parser of the
+Prometheus text format.
 
 The ``upstream`` fixture builds once per session (the script is idempotent and skips when
 nothing changed). In CI (``CI=true``) a missing Go toolchain fails the tests that need
@@ -57,6 +59,7 @@ class Upstream:
     proxy_server: Path
     proxy_agent: Path
     test_client: Path
+    test_server: Path  # upstream's HTTP backend for test-client
     goclient: Path
     source: Path  # apiserver-network-proxy v0.36.0
     client_source: Path  # konnectivity-client v0.36.0
@@ -88,6 +91,7 @@ def build() -> Upstream:
         bin_dir / "proxy-server",
         bin_dir / "proxy-agent",
         bin_dir / "test-client",
+        bin_dir / "test-server",
         bin_dir / "goclient",
         bin_dir.parent / "src",
         bin_dir.parent / "konnectivity-client",

@@ -3,12 +3,14 @@ proxy-agent and a TCP echo backend on loopback; goclient dials the backend throu
 server in each frontend mode and transport and the bytes must come back unchanged.
 
 Each case starts its own server and agent, waits for the agent to be ready, then runs
-goclient with several concurrent tunnels, several rounds each.
+goclient with several concurrent tunnels, several rounds each. Upstream's own test-client
+and test-server are the second client/backend pair.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -152,3 +154,43 @@ def test_dial_to_a_closed_port_fails(
         assert conn["dial_failure_reason"] == "endpoint", conn
     else:
         assert conn["http_status"] == 502, conn  # Bad Gateway, as upstream answers
+
+
+# The page upstream's test-server answers on /success (test-client logs each body at V(4)).
+SUCCESS_PAGE = "The success test page!"
+TEST_CLIENT_REQUESTS = 3
+TEST_CLIENT_SECONDS = 60
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.transport == "uds"], ids=str)
+def test_upstream_test_client_http_requests(
+    case: Case, upstream: Upstream, certs: Certs, processes: Processes, sock_dir: str
+) -> None:
+    """Upstream's own test-client sends HTTP requests to upstream's test-server through
+    the server, in its gRPC (konnectivity-client) or HTTP-CONNECT mode."""
+    (backend_port,) = free_ports(1)
+    backend = processes.start(
+        "test-server", [str(upstream.test_server), f"--server-port={backend_port}"]
+    )
+    wait_for(backend, backend_port, "/success", what="upstream test-server")
+    start(case, upstream, certs, processes, sock_dir)
+    uds = os.path.join(sock_dir, "konnectivity.sock")
+    done = subprocess.run(
+        [
+            str(upstream.test_client),
+            f"--mode={case.mode}",
+            f"--proxy-uds={uds}",
+            "--proxy-host=",
+            "--proxy-port=0",
+            f"--request-host={LOOPBACK}",
+            f"--request-port={backend_port}",
+            "--request-path=success",
+            f"--test-requests={TEST_CLIENT_REQUESTS}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TEST_CLIENT_SECONDS,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stderr.count(SUCCESS_PAGE) == TEST_CLIENT_REQUESTS, done.stderr[-4000:]
