@@ -232,6 +232,7 @@ class ProxyEnv:
     frontend_port: int | None
     agent_port: int
     health_port: int
+    handle: ServerHandle
     agents: list[TestAgent] = field(default_factory=list)
     dialers: list[GrpcDialer] = field(default_factory=list)
     tunnels: list[HttpTunnel] = field(default_factory=list)
@@ -393,6 +394,7 @@ async def proxy_env(
             frontend_port,
             agent_port,
             health.sockets[0].getsockname()[1],
+            handle,
         )
         try:
             yield env

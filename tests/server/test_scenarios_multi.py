@@ -7,7 +7,10 @@ should not send, and an HTTP-CONNECT client's half-close.
 
 from __future__ import annotations
 
+import contextlib
+
 import grpc
+import grpc.aio
 
 from .agent_peer import (
     DialPolicy,
@@ -265,6 +268,66 @@ def test_http_agent_loss_closes_only_its_tunnels(arun: RunFn, certs: Certs, sock
             assert await via_b.reader.readexactly(7) == b"b lives"
             await via_b.close()
             await wait_until(lambda: not env.proxy.router.frontends, "tunnels removed")
+            check_metrics({"http_connections": 0, "established_connections": 0})
+
+    arun(main())
+
+
+def test_server_closes_with_live_tunnels(arun: RunFn, certs: Certs, sock_dir: str) -> None:
+    """The server's listeners close while a tunnel is established and a dial is pending:
+    the frontend stream and the agent stream end, nothing is left behind."""
+
+    async def main() -> None:
+        async with proxy_env(certs, sock_dir) as env, backend(echo) as echo_backend:
+            agent = await env.agent(policies={UNREACHABLE: DialPolicy.HOLD})
+            dialer = env.dialer()
+            established, pending = dialer.stream(), dialer.stream()
+            connect_id = await established.connect(echo_backend.address, 1)
+            await echo_round(established, connect_id, b"before")
+            await pending.send(dial_req(UNREACHABLE, 2))
+            await agent.wait_held()
+            await env.handle.close()
+            for stream in (established, pending):
+                # Either the tunnel's end arrives first (CLOSE_RSP / DIAL_RSP), or the
+                # connection goes first (UNAVAILABLE); the stream ends either way.
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    while (packet := await stream.recv()) is not None:
+                        assert ptype(packet) in {"CLOSE_RSP", "DIAL_RSP"}, packet
+            await wait_until(lambda: agent.status is not None, "agent stream ended")
+            await wait_until(
+                lambda: not env.proxy.router.frontends and not env.proxy.router.backends,
+                "router empty",
+            )
+            check_metrics(
+                {
+                    'grpc_connections{service_method="Proxy"}': 0,
+                    'grpc_connections{service_method="Connect"}': 0,
+                    "established_connections": 0,
+                    "pending_backend_dials": 0,
+                }
+            )
+
+    arun(main())
+
+
+def test_http_pipelined_megabytes_during_dial(arun: RunFn, certs: Certs, sock_dir: str) -> None:
+    """Megabytes pipelined after the CONNECT headers while the dial is pending (reading
+    pauses past its limit) all reach the backend, in order, once the dial succeeds."""
+    payload = bytes(range(251)) * (3 * 1024 * 1024 // 251)
+
+    async def main() -> None:
+        async with (
+            proxy_env(certs, sock_dir, mode="http-connect") as env,
+            backend(echo) as echo_backend,
+        ):
+            agent = await env.agent(policy=DialPolicy.HOLD)
+            tunnel = await env.http_connect(echo_backend.address, pipelined=payload)
+            (random,) = await agent.wait_held()
+            await agent.answer(random)
+            assert await tunnel.reader.readexactly(len(RESPONSE_200)) == RESPONSE_200
+            assert await tunnel.reader.readexactly(len(payload)) == payload
+            await tunnel.close()
+            await wait_until(lambda: not env.proxy.router.frontends, "tunnel removed")
             check_metrics({"http_connections": 0, "established_connections": 0})
 
     arun(main())
