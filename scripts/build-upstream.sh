@@ -36,7 +36,9 @@ say() { printf '[build-upstream] %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
 GO=${GO:-$(command -v go || true)}
-[[ -n $GO && -x $GO ]] || die "no Go toolchain: install Go >= 1.24 (https://go.dev/dl) or set GO=/path/to/go"
+need_go() {
+    [[ -n $GO && -x $GO ]] || die "no Go toolchain: install Go >= 1.24 (https://go.dev/dl) or set GO=/path/to/go"
+}
 
 # GOTOOLCHAIN=auto lets an older local go fetch the toolchain upstream's go.mod asks for
 # (go 1.26.2) from the module proxy; -mod=mod lets the edited go.mod resolve; no VCS stamps
@@ -72,6 +74,7 @@ main() {
         echo "$BIN"
         return
     fi
+    need_go
     local started=$SECONDS
     rm -f "$OUT/.stamp"
     say "go: $("$GO" version)"
