@@ -3,16 +3,18 @@
 ``run(options, stop)`` takes validated options (``cli.server_options.ProxyRunOptions``
 satisfies ``RunOptions``; the server layer does not import the CLI) and:
 
-1. starts the gRPC frontend on ``--uds-name`` (created under umask 0007, an existing file
-   removed first when ``--delete-existing-uds-file``), then the agent listener with
-   ``--cluster-cert``/``--cluster-key`` (mTLS when ``--cluster-ca-cert`` is set); an error
-   here is fatal (exit 1);
-2. starts the admin server, then the health server (a listen error is only logged);
-3. waits for ``stop``, then closes health and admin first, and the listeners after them
-   (bounded by ``--graceful-shutdown-timeout`` when it is positive).
-
-Not served yet: ``--mode=http-connect``, the TCP+mTLS frontend (no ``--uds-name``), token
-authentication and the lease controller: ``run`` says so in one line and returns 1.
+1. builds a Kubernetes client when token auth (``--agent-namespace``) or
+   ``--enable-lease-controller`` needs one (``--kubeconfig``, else in-cluster);
+2. starts the frontend (gRPC or HTTP-CONNECT, on ``--uds-name`` created under umask 0007,
+   or TCP+mTLS on ``--server-port``), then the agent listener (TLS; mTLS with
+   ``--cluster-ca-cert``); an error here is fatal (exit 1);
+3. parses ``--lease-label`` (even when unused, as upstream: a bad value stops the process),
+   starts the lease controller if enabled, then the admin and health servers (a listen
+   error there is only logged);
+4. waits for ``stop``, then shuts down in upstream's two modes (``_stop_listeners``): health
+   and admin go first; with ``--graceful-shutdown-timeout`` 0 the Lease is deleted, agents
+   are dropped and the frontend stops gracefully; with a timeout everything stops
+   gracefully together, what is left at the timeout is dropped, then the Lease goes.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ import logging
 import os
 from typing import Protocol
 
+from konnectivity_fast.kube import ConfigError, KubeClient, load_config
 from konnectivity_fast.metrics import server as server_metrics
+from konnectivity_fast.server.auth import TokenAuthenticator
 from konnectivity_fast.server.health import admin_routes, health_routes, start_http
 from konnectivity_fast.server.http_connect import start_http_connect_tcp, start_http_connect_uds
+from konnectivity_fast.server.leases import LeaseController, parse_lease_labels
 from konnectivity_fast.server.proxy import (
     ProxyServer,
     ServerHandle,
@@ -41,6 +46,10 @@ __all__ = ["RunOptions", "run", "unsupported"]
 log = logging.getLogger(__name__)
 
 UDS_UMASK = 0o007
+# Upstream waits without a bound for kube-apiserver to end its Proxy streams when
+# --graceful-shutdown-timeout is 0; we give them this long, so a client that keeps an idle
+# stream open cannot hold the process (its pod would be killed at its grace period anyway).
+GRACEFUL_FRONTEND_LIMIT = 30.0
 
 
 class RunOptions(Protocol):
@@ -74,14 +83,18 @@ class RunOptions(Protocol):
     cipher_suites: list[str]
     tls_min_version: str
     enable_lease_controller: bool
+    lease_namespace: str
+    lease_label: str
+    agent_namespace: str
+    agent_service_account: str
+    authentication_audience: str
+    kubeconfig_path: str
+    kubeconfig_qps: float
+    kubeconfig_burst: int
 
 
 def unsupported(options: RunOptions) -> str | None:
-    """Why this build cannot run ``options`` yet, or ``None``."""
-    if options.enable_lease_controller:
-        return "--enable-lease-controller is not supported yet by konnectivity-fast"
-    if options.needs_kubernetes_client:
-        return "agent token authentication is not supported yet by konnectivity-fast"
+    """Why this build cannot run ``options``, or ``None``."""
     if not options.cluster_cert or not options.cluster_key:
         return "--cluster-cert and --cluster-key are required by the agent listener"
     return None
@@ -159,11 +172,50 @@ async def _close_http(servers: list[asyncio.Server]) -> None:
         await server.wait_closed()
 
 
+def _kube_client(options: RunOptions) -> KubeClient | None:
+    """Step 2: a Kubernetes client when token auth or the lease controller needs one."""
+    if not options.needs_kubernetes_client:
+        return None
+    return KubeClient(
+        load_config(options.kubeconfig_path, options.kubeconfig_qps, options.kubeconfig_burst)
+    )
+
+
+def _authenticator(options: RunOptions, kube: KubeClient | None) -> TokenAuthenticator | None:
+    if not options.agent_namespace or kube is None:
+        return None
+    return TokenAuthenticator(
+        kube, options.agent_namespace, options.agent_service_account,
+        options.authentication_audience,
+    )
+
+
+async def _start_http(proxy: ProxyServer, options: RunOptions) -> list[asyncio.Server]:
+    """Step 7: admin, then health (a listen error there is only logged)."""
+    servers: list[asyncio.Server] = []
+    log.info("Starting admin server for debug connections.")
+    admin = await start_http("admin", options.admin_bind_address, options.admin_port,
+                             admin_routes())
+    if admin is not None:
+        servers.append(admin)
+    log.info("Starting health server for healthchecks.")
+    health = await start_http("health", options.health_bind_address, options.health_port,
+                              health_routes(lambda: proxy.router.ready))
+    if health is not None:
+        servers.append(health)
+    return servers
+
+
 async def run(options: RunOptions, stop: asyncio.Event) -> int:
     """Serve until ``stop`` is set; the process's exit code."""
     reason = unsupported(options)
     if reason is not None:
         log.error("%s", reason)
+        return 1
+    try:
+        kube = _kube_client(options)
+    except ConfigError as exc:
+        log.error("failed to create the Kubernetes client: %s", exc)
         return 1
     strategies = _strategies(options.proxy_strategies)
     server_metrics.startup(strategies)
@@ -172,48 +224,93 @@ async def run(options: RunOptions, stop: asyncio.Event) -> int:
         server_count=options.server_count,
         strategies=strategies,
         dial_timeout=options.backend_dial_timeout,
+        authenticator=_authenticator(options, kube),
     )
+    try:
+        return await _serve(proxy, options, kube, stop)
+    finally:
+        proxy.close()
+        if kube is not None:
+            await kube.close()
+
+
+async def _serve(
+    proxy: ProxyServer, options: RunOptions, kube: KubeClient | None, stop: asyncio.Event
+) -> int:
     try:
         handle = await _listen(proxy, options)
     except (OSError, ValueError) as exc:
         log.error("failed to run the proxy server: %s", exc)
-        proxy.close()
         return 1
-    http: list[asyncio.Server] = []
-    log.info("Starting admin server for debug connections.")
-    admin = await start_http(
-        "admin", options.admin_bind_address, options.admin_port, admin_routes()
-    )
-    if admin is not None:
-        http.append(admin)
-    log.info("Starting health server for healthchecks.")
-    health = await start_http(
-        "health",
-        options.health_bind_address,
-        options.health_port,
-        health_routes(lambda: proxy.router.ready),
-    )
-    if health is not None:
-        http.append(health)
+    leases: LeaseController | None = None
+    try:
+        labels = parse_lease_labels(options.lease_label)  # step 5, even when unused
+    except ValueError as exc:
+        log.error("failed to parse lease labels: %s", exc)
+        await _stop_listeners(handle, 0.0)
+        return 1
+    if options.enable_lease_controller and kube is not None:
+        leases = LeaseController(kube, proxy.server_id, options.lease_namespace, labels)
+        leases.start()
+    http = await _start_http(proxy, options)
     frontend = options.uds_name or f"{options.server_bind_address}:{options.server_port}"
     log.info(
         "Proxy server %s ready: %s frontend on %s, agents on port %s",
-        proxy.server_id,
-        options.mode,
-        frontend,
-        handle.agent_port,
+        proxy.server_id, options.mode, frontend, handle.agent_port,
     )
-
     await stop.wait()
     log.info("Shutting down server.")
     timeout = options.graceful_shutdown_timeout
-    if timeout > 0:
-        try:
-            await asyncio.wait_for(asyncio.gather(_close_http(http), handle.close()), timeout)
-        except TimeoutError:
-            log.warning("graceful shutdown did not finish within %ss", timeout)
-    else:
-        await _close_http(http)
-        await handle.close()
+    await _close_http(http)  # health goes away at once, in both modes
+    if timeout <= 0 and leases is not None:
+        await leases.stop()
+    await _stop_listeners(handle, timeout)
+    if timeout > 0 and leases is not None:
+        await leases.stop()
     log.info("Proxy server stopped.")
     return 0
+
+
+async def _stop_listeners(handle: ServerHandle, timeout: float) -> None:
+    """Upstream's two shutdown modes (reference §7). ``timeout`` 0: drop the agents at
+    once, then stop the frontend gracefully (its clients finish their streams, bounded by
+    ``GRACEFUL_FRONTEND_LIMIT``); ``timeout`` > 0: stop both gracefully, and whatever is
+    left after ``timeout`` is dropped."""
+    frontend, agents = handle.servers[0], handle.servers[1:]
+    if timeout <= 0:
+        for server in agents:
+            _abort(server)
+        _stop_gracefully(frontend)
+        await _wait_stopped([frontend, *agents], GRACEFUL_FRONTEND_LIMIT)
+    else:
+        for server in handle.servers:
+            _stop_gracefully(server)
+        await _wait_stopped(handle.servers, timeout)
+    handle.proxy.close()
+
+
+def _abort(server: GrpcServer | asyncio.Server) -> None:
+    if isinstance(server, GrpcServer):
+        server.abort()
+    else:
+        server.close()
+
+
+def _stop_gracefully(server: GrpcServer | asyncio.Server) -> None:
+    if isinstance(server, GrpcServer):
+        server.stop_gracefully()
+    else:  # HTTP-CONNECT: stop listening; established tunnels are not tracked (as upstream)
+        server.close()
+
+
+async def _wait_stopped(servers: list[GrpcServer | asyncio.Server], timeout: float) -> None:
+    waits = [s.wait_stopped() if isinstance(s, GrpcServer) else s.wait_closed()
+             for s in servers]
+    try:
+        await asyncio.wait_for(asyncio.gather(*waits), timeout)
+    except TimeoutError:
+        log.warning("graceful shutdown did not finish within %ss; closing what is left",
+                    timeout)
+        for server in servers:
+            _abort(server)
+        await asyncio.gather(*(s.wait_closed() for s in servers))

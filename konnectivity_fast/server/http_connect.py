@@ -43,6 +43,7 @@ from konnectivity_fast.server.buffering import (
 from konnectivity_fast.server.proxy import DEFAULT_TLS, ProxyServer, TlsSettings
 from konnectivity_fast.transport import tls
 from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER, GrpcCall, GrpcError
+from konnectivity_fast.transport.grpc import listen_backlog
 from konnectivity_fast.tunnel import CloseReason, Frontend, FrontendMode
 from konnectivity_fast.tunnel.events import Message
 from konnectivity_fast.wire.codec import peek_data
@@ -426,7 +427,8 @@ class HttpConnectProtocol(asyncio.Protocol):
 async def start_http_connect_uds(server: ProxyServer, path: str) -> asyncio.Server:
     """The HTTP-CONNECT frontend on a Unix socket: plain HTTP/1.1, mode 0770 (§3.1)."""
     loop = server.loop
-    listener = await loop.create_unix_server(lambda: HttpConnectProtocol(server), path)
+    listener = await loop.create_unix_server(
+        lambda: HttpConnectProtocol(server), path, backlog=listen_backlog())
     os.chmod(path, UDS_MODE)
     return listener
 
@@ -447,4 +449,5 @@ async def start_http_connect_tcp(
                              minimum_version=tls_settings.minimum_version,
                              go_ciphers=tls_settings.go_ciphers)
     return await server.loop.create_server(
-        lambda: HttpConnectProtocol(server), host, port, ssl=ctx)
+        lambda: HttpConnectProtocol(server), host, port, ssl=ctx, backlog=listen_backlog(),
+        ssl_handshake_timeout=READ_HEADER_TIMEOUT)

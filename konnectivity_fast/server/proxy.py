@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from random import Random
 from time import perf_counter
-from typing import Any
+from typing import Any, Protocol
 
 from konnectivity_fast.metrics import server as metrics
 from konnectivity_fast.server.buffering import TUNNEL_WRITE_HIGH_WATER, BufferBudget, TunnelBuffer
@@ -41,6 +41,7 @@ from konnectivity_fast.transport import tls
 from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER
 from konnectivity_fast.transport.grpc import CallSink, GrpcCall, GrpcError, GrpcServer, serve
 from konnectivity_fast.tunnel import (
+    AgentIdentifiers,
     AgentMetadataError,
     Backend,
     CloseFrontend,
@@ -86,6 +87,17 @@ MD_AGENT_ID = "agentid"
 MD_AGENT_IDENTIFIERS = "agentidentifiers"
 MD_SERVER_ID = "serverid"
 MD_SERVER_COUNT = "servercount"
+MD_AUTHORIZATION = "authorization"
+# Packets an agent may send before its token review ends: it waits for our headers first,
+# so anything beyond a handful is a broken or hostile peer.
+MAX_PACKETS_BEFORE_AUTH = 16
+
+
+class Authenticator(Protocol):
+    """Agent token checks (``server.auth.TokenAuthenticator``): raise to refuse, with
+    upstream's message."""
+
+    async def authenticate(self, authorization_values: list[str]) -> None: ...
 
 _DATA = int(PacketType.DATA)
 
@@ -216,6 +228,67 @@ class _AgentStream:
         metrics.grpc_connection_closed(metrics.CONNECT)
 
 
+class _AuthenticatingSink:
+    """The sink of a ``Connect`` call while its token is reviewed (§4.1 step 3): packets
+    that arrive meanwhile (an agent waits for our headers, so there should be none) are
+    kept, up to ``MAX_PACKETS_BEFORE_AUTH``, and replayed once the agent is admitted."""
+
+    __slots__ = ("agent_id", "call", "ended", "gone", "held", "server", "stream", "task")
+
+    def __init__(self, server: ProxyServer, call: GrpcCall, agent_id: str) -> None:
+        self.server = server
+        self.call = call
+        self.agent_id = agent_id
+        self.held: list[bytes] = []
+        self.ended = False
+        self.gone = False
+        self.stream: _AgentStream | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    async def authenticate(self, auth: Authenticator, tokens: list[str],
+                           identifiers: AgentIdentifiers) -> None:
+        try:
+            await auth.authenticate(tokens)
+        except Exception as exc:  # any failure refuses this agent only, as upstream
+            if not self.gone:
+                log.info("agent %s refused: %s", self.agent_id, exc)
+                self.call.finish(StatusCode.UNKNOWN, str(exc))
+            return
+        if self.gone:
+            return
+        self.stream = self.server._admit_agent(self.call, self.agent_id, identifiers)
+        if self.stream is None:
+            return
+        held, self.held = self.held, []
+        for message in held:
+            self.stream.on_message(self.call, message)
+        if self.ended:
+            self.stream.on_end(self.call)
+
+    def on_message(self, call: GrpcCall, message: bytes) -> None:
+        if self.stream is not None:
+            self.stream.on_message(call, message)
+        elif len(self.held) < MAX_PACKETS_BEFORE_AUTH:
+            self.held.append(message)
+        else:
+            call.finish(StatusCode.RESOURCE_EXHAUSTED, "too many packets before authentication")
+
+    def on_end(self, call: GrpcCall) -> None:
+        if self.stream is not None:
+            self.stream.on_end(call)
+        else:
+            self.ended = True
+
+    def on_closed(self, call: GrpcCall, error_code: int) -> None:
+        self.gone = True
+        if self.stream is not None:
+            self.stream.on_closed(call, error_code)
+        else:
+            metrics.grpc_connection_closed(metrics.CONNECT)
+            if self.task is not None:
+                self.task.cancel()
+
+
 class _FrontendService:
     __slots__ = ("server",)
 
@@ -249,6 +322,7 @@ class ProxyServer:
     ``--server-count``, sent to agents. ``strategies``: the validated
     ``--proxy-strategies``. ``dial_timeout``: ``--backend-dial-timeout`` in seconds.
     ``budget``: the buffers toward slow frontends (``buffering``; tests shrink it).
+    ``authenticator``: agent token auth (``--agent-namespace``), or None.
     """
 
     def __init__(
@@ -261,6 +335,7 @@ class ProxyServer:
         rng: Random | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         budget: BufferBudget | None = None,
+        authenticator: Authenticator | None = None,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
         self.server_id = server_id or str(uuid.uuid4())
@@ -272,6 +347,7 @@ class ProxyServer:
         self._timer_when: float | None = None
         self._closed = False
         self.budget = budget or BufferBudget()
+        self.authenticator = authenticator
         self._gauges = (0, 0)  # pending dials, established connections, as last set
 
     # --- streams --------------------------------------------------------------------------
@@ -285,25 +361,38 @@ class ProxyServer:
         metrics.grpc_connection_opened(metrics.CONNECT)
         agent_ids: list[str] = []
         identifiers: list[str] = []
+        tokens: list[str] = []
         for key, value in call.metadata:
             if key == MD_AGENT_ID:
                 agent_ids.append(value)
             elif key == MD_AGENT_IDENTIFIERS:
                 identifiers.append(value)
+            elif key == MD_AUTHORIZATION:
+                tokens.append(value)
         try:
             agent_id, parsed = agent_from_metadata(agent_ids, identifiers)
         except AgentMetadataError as exc:
             log.info("agent stream refused: %s", exc)
             call.finish(StatusCode.UNKNOWN, str(exc))
             return _NullSink(metrics.CONNECT)
+        if self.authenticator is None:
+            return self._admit_agent(call, agent_id, parsed) or _NullSink(metrics.CONNECT)
+        sink = _AuthenticatingSink(self, call, agent_id)
+        sink.task = self.loop.create_task(sink.authenticate(self.authenticator, tokens, parsed))
+        return sink
+
+    def _admit_agent(
+        self, call: GrpcCall, agent_id: str, identifiers: AgentIdentifiers
+    ) -> _AgentStream | None:
+        """Send ``serverid``/``servercount``, then route to the agent (§4.1 steps 4-5)."""
         try:
             call.send_headers(
                 [(MD_SERVER_ID, self.server_id), (MD_SERVER_COUNT, str(self.server_count))]
             )
         except (KeyError, RuntimeError) as exc:  # the stream is already gone
             log.info("agent %s: sending headers failed: %s", agent_id, exc)
-            return _NullSink(metrics.CONNECT)
-        backend = self.router.add_backend(agent_id, parsed, call)
+            return None
+        backend = self.router.add_backend(agent_id, identifiers, call)
         self._update_backend_gauges()
         return _AgentStream(self, backend)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from konnectivity_fast._compiled import require_compiled
@@ -45,6 +45,7 @@ __all__ = [
     "Handler",
     "Metadata",
     "connect",
+    "listen_backlog",
     "serve",
 ]
 
@@ -54,6 +55,26 @@ log = logging.getLogger(__name__)
 
 # Seconds a closing connection may take to flush before it is aborted.
 CLOSE_TIMEOUT = 5.0
+# Seconds an accepted connection has to finish its TLS handshake and send the HTTP/2 client
+# preface and SETTINGS: grpc-go's ConnectionTimeout default. Idle half-open peers are
+# reaped instead of holding an fd forever. Read at each accept (tests shorten it).
+CONNECTION_TIMEOUT = 120.0
+# The client preface (24 bytes) and a SETTINGS frame header (9): once this much was taken by
+# the engine without error, the peer speaks HTTP/2 and the connection timeout is cleared.
+_PREFACE_AND_SETTINGS = 24 + 9
+# Fallback listen backlog when the kernel's somaxconn cannot be read: Go listens with
+# somaxconn, so a burst of kube-apiserver dials (one connection each) is not refused with
+# EAGAIN as asyncio's default of 100 would be.
+DEFAULT_LISTEN_BACKLOG = 4096
+
+
+def listen_backlog() -> int:
+    """The backlog Go's ``net.Listen`` uses: ``/proc/sys/net/core/somaxconn``."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return max(1, min(int(f.read().strip()), 65535))
+    except (OSError, ValueError):
+        return DEFAULT_LISTEN_BACKLOG
 # Seconds to wait for the peer's TLS close_notify on close. Go closes the socket right
 # after sending its own; waiting long for a reply only delays teardown.
 SSL_SHUTDOWN_TIMEOUT = 1.0
@@ -71,14 +92,21 @@ class GrpcProtocol(asyncio.BufferedProtocol):
         *,
         loop: asyncio.AbstractEventLoop | None = None,
         require_alpn_h2: bool = False,
+        on_made: Callable[[GrpcProtocol], None] | None = None,
         **engine_options: Any,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
         self.conn = _w.H2Connection(server, now=self.loop.time(), **engine_options)
         self._handler = handler
         self._require_alpn = require_alpn_h2
-        self._buf = bytearray(READ_BUFFER_SIZE)
+        # The read buffer is made in connection_made: a TLS handshake that fails never gets
+        # there, and must not have cost 256 KiB.
+        self._buf = bytearray(0)
         self._view = memoryview(self._buf)
+        self._on_made = on_made
+        self._setup_timer: asyncio.TimerHandle | None = None
+        self._received = 0
+        self._close_when_idle = False
         self.transport: asyncio.Transport | None = None
         self.calls: dict[int, GrpcCall] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -97,6 +125,12 @@ class GrpcProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, but implement it.
         self.transport = cast(asyncio.Transport, transport)
+        self._buf = bytearray(READ_BUFFER_SIZE)
+        self._view = memoryview(self._buf)
+        if self._on_made is not None:
+            self._on_made(self)
+        if self.conn.server:
+            self._setup_timer = self.loop.call_later(CONNECTION_TIMEOUT, self._setup_timeout)
         ssl_object = transport.get_extra_info("ssl_object")
         # grpc-go refuses TLS connections that did not negotiate h2 by ALPN.
         if (
@@ -119,7 +153,19 @@ class GrpcProtocol(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self._dispatch(self.conn.receive_data(self._view[:nbytes], self.loop.time()))
+        if self._setup_timer is not None:
+            self._received += nbytes
+            if self._received >= _PREFACE_AND_SETTINGS and not self.conn.want_close:
+                self._setup_timer.cancel()
+                self._setup_timer = None
         self._flush()
+
+    def _setup_timeout(self) -> None:
+        self._setup_timer = None
+        if self.transport is not None and not self.transport.is_closing():
+            log.info("closing connection from %s: no HTTP/2 preface within %ss",
+                     self.transport.get_extra_info("peername"), CONNECTION_TIMEOUT)
+            self.transport.abort()
 
     def eof_received(self) -> bool:
         return False
@@ -127,6 +173,9 @@ class GrpcProtocol(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._setup_timer is not None:
+            self._setup_timer.cancel()
+            self._setup_timer = None
         for call in list(self.calls.values()):
             if call.status is None:
                 call.status = StatusCode.UNAVAILABLE
@@ -184,6 +233,16 @@ class GrpcProtocol(asyncio.BufferedProtocol):
             self.conn.goaway()
             self._flush()
             self.transport.close()
+
+    def close_when_idle(self) -> None:
+        """Graceful: GOAWAY (no new streams), and close once the open streams have ended."""
+        self._close_when_idle = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.conn.goaway()
+            if not self.calls:
+                self.close()
+            else:
+                self._flush()
 
     async def aclose(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """``close()`` and wait until the connection is gone (aborting it after
@@ -332,6 +391,8 @@ class GrpcProtocol(asyncio.BufferedProtocol):
             call._sink.on_closed(call, ev.error_code)
         if call._drain_cbs is not None:
             call._check_drained()  # a closed call has nothing pending
+        if self._close_when_idle and not self.calls:
+            self.loop.call_soon(self.close)
 
 
 def _ssl_args(ssl: Any) -> dict[str, Any]:
@@ -353,10 +414,11 @@ class GrpcServer:
         assert self.server is not None
         return tuple(self.server.sockets)
 
-    def _track(self, proto: GrpcProtocol) -> GrpcProtocol:
+    def _track(self, proto: GrpcProtocol) -> None:
+        """Called from ``connection_made``: a TLS connection whose handshake fails never
+        gets there (nor to ``connection_lost``), so it must not be tracked before."""
         self.connections.add(proto)
         proto.lost.add_done_callback(lambda _: self.connections.discard(proto))
-        return proto
 
     def close(self) -> None:
         """Stop listening; send GOAWAY on every connection and close it."""
@@ -364,6 +426,29 @@ class GrpcServer:
             self.server.close()
         for proto in list(self.connections):
             proto.close()
+
+    def stop_gracefully(self) -> None:
+        """Stop listening; GOAWAY on every connection, each closed once its streams end
+        (grpc-go's GracefulStop)."""
+        if self.server is not None:
+            self.server.close()
+        for proto in list(self.connections):
+            proto.close_when_idle()
+
+    def abort(self) -> None:
+        """Stop listening and drop every connection at once (grpc-go's Stop)."""
+        if self.server is not None:
+            self.server.close()
+        for proto in list(self.connections):
+            if proto.transport is not None:
+                proto.transport.abort()
+
+    async def wait_stopped(self) -> None:
+        """Wait, without a bound, until every connection is gone and the listener closed."""
+        while self.connections:
+            await asyncio.wait([p.lost for p in self.connections])
+        if self.server is not None:
+            await self.server.wait_closed()
 
     async def wait_closed(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Wait for every connection to go, aborting those still there after ``timeout``."""
@@ -393,16 +478,19 @@ async def serve(
     result = GrpcServer()
 
     def factory() -> GrpcProtocol:
-        return result._track(
-            GrpcProtocol(
-                True, handler, loop=loop, require_alpn_h2=ssl is not None, **engine_options
-            )
+        return GrpcProtocol(
+            True, handler, loop=loop, require_alpn_h2=ssl is not None, on_made=result._track,
+            **engine_options,
         )
 
+    args = _ssl_args(ssl)
+    if ssl is not None:
+        args["ssl_handshake_timeout"] = CONNECTION_TIMEOUT
+    backlog = listen_backlog()
     if path is not None:
-        result.server = await loop.create_unix_server(factory, path, **_ssl_args(ssl))
+        result.server = await loop.create_unix_server(factory, path, backlog=backlog, **args)
     else:
-        result.server = await loop.create_server(factory, host, port, **_ssl_args(ssl))
+        result.server = await loop.create_server(factory, host, port, backlog=backlog, **args)
     return result
 
 

@@ -53,7 +53,9 @@ def command(*args: str) -> list[str]:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(command(*args), check=False, capture_output=True, timeout=WAIT_SECONDS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
+    return subprocess.run(command(*args), check=False, capture_output=True, timeout=WAIT_SECONDS,
+                          env=env)
 
 
 @dataclass
@@ -238,7 +240,9 @@ def test_frontend_speaks_the_mode(server: Running) -> None:
         assert not reply.startswith(b"HTTP/1.1"), reply
 
 
-def test_unsupported_mode_says_so(certs: Certs, sock_dir: str) -> None:
+def test_kube_client_failure_is_one_clear_line(certs: Certs, sock_dir: str) -> None:
+    """Token auth needs a Kubernetes client: no --kubeconfig and no in-cluster environment
+    is a clean start-up failure."""
     agent, health, admin = free_ports(3)
     proc = run_cli(
         f"--uds-name={os.path.join(sock_dir, 'p.sock')}",
@@ -255,7 +259,7 @@ def test_unsupported_mode_says_so(certs: Certs, sock_dir: str) -> None:
         f"--admin-port={admin}",
     )
     assert proc.returncode == 1
-    assert b"not supported yet" in proc.stderr
+    assert b"unable to load in-cluster configuration" in proc.stderr
 
 
 @pytest.fixture(params=["grpc", "http-connect"])
