@@ -9,5 +9,12 @@ echo "== ruff"
 .venv/bin/python -m ruff check konnectivity_fast tests bench
 echo "== mypy --strict"
 .venv/bin/python -m mypy
+# Peers built from source, cached in .cache/ (skipped when already built): upstream
+# v0.36.0's binaries and the Go konnectivity-client, then kube-apiserver and etcd.
+export GOTOOLCHAIN=${GOTOOLCHAIN:-auto}
+echo "== upstream v0.36.0 binaries"
+scripts/build-upstream.sh
+echo "== kube-apiserver and etcd"
+scripts/build-kube.sh
 echo "== pytest"
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
