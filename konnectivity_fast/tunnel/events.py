@@ -97,8 +97,14 @@ class SendToAgent:
 
 @dataclass(frozen=True, slots=True)
 class SendToFrontend:
+    """``via_connection``: what an agent sent, forwarded, or the CLOSE_RSP telling of its
+    loss (upstream writes these through the connection record and times them in
+    ``frontend_write_duration_seconds``); False for the server's own answers (§2.2, §2.4:
+    no agent, uninitialized backend, mismatched IDs, dial timeout, ...)."""
+
     frontend: Frontend
     message: Message
+    via_connection: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -158,6 +158,11 @@ def _dial_cls(random: int) -> Packet:
     return Packet(PacketType.DIAL_CLS, CloseDial(random=random))
 
 
+def _reply(frontend: Frontend, message: Packet) -> SendToFrontend:
+    """The server's own answer to a frontend (not timed as a connection write)."""
+    return SendToFrontend(frontend, message, via_connection=False)
+
+
 Handler = Callable[[Any, Packet, float, RawMessage | None], list[Effect]]
 
 
@@ -386,14 +391,14 @@ class Router:
                               raw: RawMessage | None) -> list[Effect]:  # DIAL_REQ
         request = _payload(packet, DialRequest)
         if request.random in self._pending:  # upstream overwrites another dial
-            return [SendToFrontend(frontend, _dial_rsp(request.random, ERR_DUPLICATE_DIAL))]
+            return [_reply(frontend, _dial_rsp(request.random, ERR_DUPLICATE_DIAL))]
         if len(frontend.dials) + len(frontend.connections) >= MAX_CONNECTIONS_PER_FRONTEND:
-            return [SendToFrontend(frontend, _dial_rsp(request.random, ERR_TOO_MANY_DIALS))]
+            return [_reply(frontend, _dial_rsp(request.random, ERR_TOO_MANY_DIALS))]
         backend = self.backend_managers.backend(request.address)
         if backend is None:
             frontend.stopped = True
             return [DialFailure(DialFailureReason.NO_AGENT),
-                    SendToFrontend(frontend, _dial_rsp(request.random, ERR_NO_AGENT))]
+                    _reply(frontend, _dial_rsp(request.random, ERR_NO_AGENT))]
         frontend.backend = backend
         self._add_pending(PendingDial(request.random, frontend, backend, request.address, now))
         return [SendToAgent(backend, _forward(packet, request, raw))]
@@ -405,7 +410,7 @@ class Router:
         backend = frontend.backend
         if backend is None:
             frontend.stopped = True
-            return [SendToFrontend(frontend, _close_rsp(connect_id, ERR_BACKEND_NOT_INITIALIZED))]
+            return [_reply(frontend, _close_rsp(connect_id, ERR_BACKEND_NOT_INITIALIZED))]
         if connect_id == 0:
             return []
         if frontend.connect_id == 0:
@@ -423,8 +428,8 @@ class Router:
         if not backend.closed:
             effects += [SendToAgent(backend, _close_req(new)),
                         SendToAgent(backend, _close_req(old))]
-        effects += [SendToFrontend(frontend, _close_rsp(new, ERR_MISMATCHED_IDS)),
-                    SendToFrontend(frontend, _close_rsp(old, ERR_MISMATCHED_IDS))]
+        effects += [_reply(frontend, _close_rsp(new, ERR_MISMATCHED_IDS)),
+                    _reply(frontend, _close_rsp(old, ERR_MISMATCHED_IDS))]
         return effects
 
     def _on_frontend_close_req(self, frontend: Frontend, packet: Packet, now: float,
@@ -432,11 +437,10 @@ class Router:
         request = _payload(packet, CloseRequest)
         backend = frontend.backend
         if backend is None:  # processing carries on, unlike DATA
-            return [SendToFrontend(frontend,
-                                   _close_rsp(request.connect_id, ERR_BACKEND_UNINITIALIZED))]
+            return [_reply(frontend, _close_rsp(request.connect_id, ERR_BACKEND_UNINITIALIZED))]
         frontend.stopped = True
         if backend.closed:
-            return [SendToFrontend(frontend, _close_rsp(request.connect_id, ERR_CLOSE_REQ_FAILED))]
+            return [_reply(frontend, _close_rsp(request.connect_id, ERR_CLOSE_REQ_FAILED))]
         return [SendToAgent(backend, _forward(packet, request, raw))]
 
     def _on_frontend_dial_cls(self, frontend: Frontend, packet: Packet, now: float,
@@ -578,7 +582,7 @@ class Router:
         error DIAL_RSP), HTTP-CONNECT is closed for ``reason``."""
         if dial.frontend.mode is FrontendMode.GRPC:
             if message is None:
-                message = _dial_rsp(dial.random, error)
+                return _reply(dial.frontend, _dial_rsp(dial.random, error))
             return SendToFrontend(dial.frontend, message)
         return self._close_http(dial.frontend, reason, error)
 

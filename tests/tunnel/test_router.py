@@ -59,6 +59,11 @@ def fail(reason: DialFailureReason) -> DialFailure:
     return DialFailure(reason)
 
 
+def reply(frontend: Frontend, packet: Packet) -> SendToFrontend:
+    """The server's own answer (not a write through a connection record)."""
+    return SendToFrontend(frontend, packet, via_connection=False)
+
+
 def established(router: Router, frontend: Frontend, backend: Backend, *, random: int = 7,
                 connect_id: int = 1, now: float = 0.0) -> None:
     """DIAL_REQ from ``frontend`` answered by ``backend`` with ``connect_id``."""
@@ -142,7 +147,7 @@ def test_no_agent_available() -> None:
     router = make_router()
     f = router.add_frontend(GRPC)
     assert router.receive_from_frontend(f, dial_req(11), 0.0) == [
-        fail(R.NO_AGENT), SendToFrontend(f, dial_rsp(11, error="No agent available"))]
+        fail(R.NO_AGENT), reply(f, dial_rsp(11, error="No agent available"))]
     assert f.stopped
     router.add_backend("late", AgentIdentifiers())
     assert router.receive_from_frontend(f, dial_req(12), 0.0) == []  # processing stopped
@@ -154,7 +159,7 @@ def test_data_before_dial() -> None:
     router.add_backend("a", AgentIdentifiers())
     f = router.add_frontend(GRPC)
     assert router.receive_from_frontend(f, data(3), 0.0) == [
-        SendToFrontend(f, close_rsp(3, "backend not initialized"))]
+        reply(f, close_rsp(3, "backend not initialized"))]
     assert router.receive_from_frontend(f, dial_req(1), 0.0) == []  # stopped
 
 
@@ -163,7 +168,7 @@ def test_close_req_before_dial_keeps_processing() -> None:
     agent = router.add_backend("a", AgentIdentifiers())
     f = router.add_frontend(GRPC)
     assert router.receive_from_frontend(f, close_req(3), 0.0) == [
-        SendToFrontend(f, close_rsp(3, "backend uninitialized"))]
+        reply(f, close_rsp(3, "backend uninitialized"))]
     assert router.receive_from_frontend(f, dial_req(1), 0.0) == [SendToAgent(agent, dial_req(1))]
 
 
@@ -174,7 +179,7 @@ def test_close_req_to_a_lost_backend() -> None:
     established(router, f, agent)
     router.remove_backend(agent, 1.0)
     assert router.receive_from_frontend(f, close_req(1), 2.0) == [
-        SendToFrontend(f, close_rsp(1, "CLOSE_REQ to backend failed"))]
+        reply(f, close_rsp(1, "CLOSE_REQ to backend failed"))]
     assert f.stopped
 
 
@@ -210,8 +215,8 @@ def test_mismatched_connection_ids() -> None:
     router.receive_from_frontend(f, data(1), 0.0)
     assert router.receive_from_frontend(f, data(2), 0.0) == [
         SendToAgent(agent, close_req(2)), SendToAgent(agent, close_req(1)),
-        SendToFrontend(f, close_rsp(2, "mismatched connection IDs")),
-        SendToFrontend(f, close_rsp(1, "mismatched connection IDs"))]
+        reply(f, close_rsp(2, "mismatched connection IDs")),
+        reply(f, close_rsp(1, "mismatched connection IDs"))]
     assert f.stopped
     assert router.route_frontend_data(f, 1) is None
 
@@ -299,7 +304,7 @@ def test_duplicate_dial_id_is_refused() -> None:
     first, second = router.add_frontend(GRPC), router.add_frontend(GRPC)
     router.receive_from_frontend(first, dial_req(5), 0.0)
     assert router.receive_from_frontend(second, dial_req(5), 0.0) == [
-        SendToFrontend(second, dial_rsp(5, error=ERR_DUPLICATE_DIAL))]
+        reply(second, dial_rsp(5, error=ERR_DUPLICATE_DIAL))]
     router.receive_from_agent(agent, dial_rsp(5, 1), 0.0)
     assert router.route_agent_data(agent, 1) is first
 
@@ -326,7 +331,7 @@ def test_too_many_dials_on_one_stream() -> None:
         assert only(router.receive_from_frontend(f, dial_req(random), 0.0), SendToAgent)
     over = MAX_CONNECTIONS_PER_FRONTEND
     assert router.receive_from_frontend(f, dial_req(over), 0.0) == [
-        SendToFrontend(f, dial_rsp(over, error=ERR_TOO_MANY_DIALS))]
+        reply(f, dial_rsp(over, error=ERR_TOO_MANY_DIALS))]
     assert router.pending_dials == MAX_CONNECTIONS_PER_FRONTEND
 
 
@@ -428,7 +433,7 @@ def test_agent_loss_closes_exactly_its_connections_and_fails_its_dials_now() -> 
     router.receive_from_frontend(f4, dial_req(4, "ha:1"), 1.0)
     assert router.remove_backend(lost, 3.0) == [
         ConnectionDuration(3.0), SendToFrontend(f1, close_rsp(1, "")),
-        fail(R.BACKEND_CLOSE), SendToFrontend(f4, dial_rsp(4, error=ERR_BACKEND_GONE))]
+        fail(R.BACKEND_CLOSE), reply(f4, dial_rsp(4, error=ERR_BACKEND_GONE))]
     assert ERR_BACKEND_GONE == "context canceled"
     assert router.remove_backend(lost, 3.0) == []
     assert router.established_connections == 2 and router.pending_dials == 0
@@ -476,7 +481,7 @@ def test_dial_timeout() -> None:
     assert router.handle_timer(14.9) == []
     assert router.handle_timer(15.0) == [
         fail(R.BACKEND_DIAL_TIMEOUT),
-        SendToFrontend(f1, dial_rsp(1, error="timed out waiting for backend dial"))]
+        reply(f1, dial_rsp(1, error="timed out waiting for backend dial"))]
     assert router.get_timer() == 17.0
     router.receive_from_agent(agent, dial_rsp(2, 1), 16.0)
     assert router.get_timer() is None
@@ -517,7 +522,7 @@ def test_retire_backend() -> None:
     router.receive_from_frontend(g, dial_req(2), 0.0)
     assert router.retire_backend(stalled) == [
         RetireBackend(stalled), fail(R.BACKEND_DIAL_TIMEOUT),
-        SendToFrontend(g, dial_rsp(2, error="timed out waiting for backend dial"))]
+        reply(g, dial_rsp(2, error="timed out waiting for backend dial"))]
     assert router.retire_backend(stalled) == []
     assert stalled.draining and not router.ready
     assert router.route_agent_data(stalled, 1) is f  # still flowing until the stream ends
@@ -693,3 +698,26 @@ def test_data_of_established_tunnels_ignores_payload_contents() -> None:
     established(router, f, agent)
     empty = Packet(PacketType.DATA, Data(1))
     assert router.receive_from_agent(agent, empty, 0.0) == [SendToFrontend(f, empty)]
+
+
+# --- which frontend writes are the server's own (frontend_write_duration_seconds, §8) ---------
+
+
+def test_server_answers_are_not_connection_writes() -> None:
+    """Upstream times the writes it makes through a connection record (what an agent sent,
+    and the CLOSE_RSP of an agent's loss), not the server's own answers of §2.2/§2.4."""
+    router = make_router()
+    lonely = router.add_frontend(GRPC)
+    (no_agent,) = only(router.receive_from_frontend(lonely, dial_req(1), 0.0), SendToFrontend)
+    assert not no_agent.via_connection
+    agent = router.add_backend("a", AgentIdentifiers())
+    f = router.add_frontend(GRPC)
+    router.receive_from_frontend(f, dial_req(2), 0.0)
+    (forwarded,) = only(router.receive_from_agent(agent, dial_rsp(2, 1), 0.0), SendToFrontend)
+    (echoed,) = only(router.receive_from_agent(agent, data(1), 0.0), SendToFrontend)
+    assert forwarded.via_connection and echoed.via_connection
+    (mismatch, _) = only(router.receive_from_frontend(f, data(1), 0.0)
+                         + router.receive_from_frontend(f, data(9), 0.0), SendToFrontend)
+    assert not mismatch.via_connection
+    (lost,) = only(router.remove_backend(agent, 1.0), SendToFrontend)
+    assert lost.message == close_rsp(1, "") and lost.via_connection
