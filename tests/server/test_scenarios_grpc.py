@@ -152,6 +152,8 @@ def test_no_agent_available(arun: RunFn, certs: Certs, sock_dir: str, transport:
                 {
                     **idle_gauges(connects=1, dialled=False),
                     failures("no_agent"): 1,
+                    # Server-made answers are not frontend writes of a connection (§8).
+                    "frontend_write_duration_seconds_count": None,
                     packets("from_client", "DIAL_REQ"): 2,
                     packets("from_client", "DATA"): 1,
                     packets("to_client", "DIAL_RSP"): 1,
@@ -192,6 +194,7 @@ def test_dial_timeout_then_late_dial_rsp(
                     failures("backend_dial_timeout"): 1,
                     failures("unrecognized_response"): 1,
                     "dial_duration_seconds_count": None,
+                    "frontend_write_duration_seconds_count": None,
                 }
             )
 
@@ -217,7 +220,11 @@ def test_data_before_dial(arun: RunFn, certs: Certs, sock_dir: str, transport: s
             await frontend_gone(env)
             assert agent.received == []
             check_metrics(
-                {**idle_gauges(connects=1, dialled=False), packets("to_agent", "DIAL_REQ"): None}
+                {
+                    **idle_gauges(connects=1, dialled=False),
+                    packets("to_agent", "DIAL_REQ"): None,
+                    "frontend_write_duration_seconds_count": None,
+                }
             )
 
     arun(main())
@@ -289,7 +296,12 @@ def test_mismatched_connection_ids(
             assert await stream.end() == grpc.StatusCode.OK
             await frontend_gone(env)
             check_metrics(
-                {**idle_gauges(connects=1, connected=True), "dial_duration_seconds_count": 1}
+                {
+                    **idle_gauges(connects=1, connected=True),
+                    "dial_duration_seconds_count": 1,
+                    # DIAL_RSP, one DATA, the agent's CLOSE_RSP; not the two server-made ones.
+                    "frontend_write_duration_seconds_count": 3,
+                }
             )
 
     arun(main())
@@ -311,6 +323,7 @@ def test_agent_dial_cls(arun: RunFn, certs: Certs, sock_dir: str, transport: str
                     **idle_gauges(connects=1),
                     failures("backend_close"): 1,
                     packets("to_client", "DIAL_CLS"): 1,
+                    "frontend_write_duration_seconds_count": 1,
                 }
             )
 
@@ -370,6 +383,7 @@ def test_agent_dial_error(arun: RunFn, certs: Certs, sock_dir: str, transport: s
                     **idle_gauges(connects=1),
                     failures("error_response"): 1,
                     "dial_duration_seconds_count": None,
+                    "frontend_write_duration_seconds_count": 1,
                 }
             )
 
