@@ -26,6 +26,7 @@ from .conftest import (
     RunFn,
     check_metrics,
     failures,
+    packets,
     proxy_env,
 )
 from .test_scenarios_grpc import UNREACHABLE, closed_port
@@ -86,12 +87,24 @@ def test_connect_relay_close(arun: RunFn, certs: Certs, sock_dir: str, transport
             assert close.closeRequest.connectID == 1
             await http_gone(env)
             await wait_until(lambda: not agent.conns, "agent closed its endpoint")
+            await wait_until(
+                lambda: not any(b.closing for b in env.proxy.router.backends.values()),
+                "the agent's CLOSE_RSP processed",
+            )
             check_metrics(
                 {
                     **http_idle(),
                     "dial_duration_seconds_count": 1,
                     "connection_duration_seconds_count": None,  # not in v0.36.0
                     'ready_backends{proxy_strategy="default"}': 1,
+                    # HTTP-CONNECT traffic is counted on the agent side only (§8).
+                    packets("to_agent", "DIAL_REQ"): 1,
+                    packets("from_agent", "DIAL_RSP"): 1,
+                    packets("to_agent", "CLOSE_REQ"): 1,
+                    packets("from_agent", "CLOSE_RSP"): 1,
+                    packets("from_client", "DATA"): None,
+                    packets("to_client", "DATA"): None,
+                    packets("to_client", "DIAL_RSP"): None,
                 }
             )
 
