@@ -19,6 +19,7 @@ import re
 import socket
 import socketserver
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -253,6 +254,20 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 # -- the programs' command lines ----------------------------------------------------------
+
+
+def server_command(which: str, upstream: Upstream) -> list[str]:
+    """The proxy-server program: "ours" or "upstream"."""
+    if which == "upstream":
+        return [str(upstream.proxy_server)]
+    return [sys.executable, "-m", "konnectivity_fast.server"]
+
+
+def agent_command(which: str, upstream: Upstream) -> list[str]:
+    """The proxy-agent program: "ours" or "upstream"."""
+    if which == "upstream":
+        return [str(upstream.proxy_agent)]
+    return [sys.executable, "-m", "konnectivity_fast.agent"]
 
 
 @dataclass(frozen=True)

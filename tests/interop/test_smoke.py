@@ -1,6 +1,7 @@
-"""Smoke interop: a proxy-server (ours, and upstream's as the control) with upstream's
-proxy-agent and a TCP echo backend on loopback; goclient dials the backend through the
-server in each frontend mode and transport and the bytes must come back unchanged.
+"""Smoke interop: a proxy-server and a proxy-agent (ours with upstream's, both ways, ours
+with ours, and upstream's pair as the control) and a TCP echo backend on loopback; goclient
+dials the backend through the server in each frontend mode and transport and the bytes must
+come back unchanged.
 
 Each case starts its own server and agent, waits for the agent to be ready, then runs
 goclient with several concurrent tunnels, several rounds each. Upstream's own test-client
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,11 +22,13 @@ from upstream import (
     Processes,
     Upstream,
     agent_args,
+    agent_command,
     agent_ports,
     echo_server,
     free_ports,
     run_goclient,
     server_args,
+    server_command,
     server_ports,
     wait_for,
 )
@@ -43,19 +45,23 @@ pytestmark = pytest.mark.timeout(1800)  # the first use builds the upstream bina
 @dataclass(frozen=True)
 class Case:
     server: str  # "ours" or "upstream"
+    agent: str  # "ours" or "upstream"
     mode: str  # "grpc" or "http-connect"
     transport: str  # "uds" or "mtls"
 
     def __str__(self) -> str:
-        return f"{self.server}-{self.mode}-{self.transport}"
+        return f"{self.server}-server-{self.agent}-agent-{self.mode}-{self.transport}"
 
 
+# upstream with upstream is the control: it shows what the peers expect of each other.
+PAIRS = [("ours", "upstream"), ("upstream", "ours"), ("ours", "ours"), ("upstream", "upstream")]
 CASES = [
-    Case(server, mode, transport)
-    for server in ("ours", "upstream")
+    Case(server, agent, mode, transport)
+    for server, agent in PAIRS
     for mode in ("grpc", "http-connect")
     for transport in ("uds", "mtls")
 ]
+UDS_CASES = [c for c in CASES if c.transport == "uds"]
 
 
 @dataclass(frozen=True)
@@ -94,18 +100,13 @@ def start(
         ]
     else:
         frontend = [f"-uds={uds}"]
-    command = (
-        [str(upstream.proxy_server)]
-        if case.server == "upstream"
-        else [sys.executable, "-m", "konnectivity_fast.server"]
-    )
-    server = processes.start("server", [*command, *args])
+    server = processes.start("server", [*server_command(case.server, upstream), *args])
     wait_for(server, ports.health, "/healthz", what=f"{case.server} proxy-server")
     aports = agent_ports()
     agent = processes.start(
-        "agent", [str(upstream.proxy_agent), *agent_args(certs, ports.agent, aports)]
+        "agent", [*agent_command(case.agent, upstream), *agent_args(certs, ports.agent, aports)]
     )
-    wait_for(agent, aports.health, "/readyz", what="upstream proxy-agent")
+    wait_for(agent, aports.health, "/readyz", what=f"{case.agent} proxy-agent")
     wait_for(server, ports.health, "/readyz", what=f"{case.server} proxy-server")
     return Running(frontend)
 
@@ -136,7 +137,7 @@ def test_bytes_round_trip(
         assert conn["match"], conn
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.transport == "uds"], ids=str)
+@pytest.mark.parametrize("case", UDS_CASES, ids=str)
 def test_dial_to_a_closed_port_fails(
     case: Case, upstream: Upstream, certs: Certs, processes: Processes, sock_dir: str
 ) -> None:
@@ -162,7 +163,7 @@ TEST_CLIENT_REQUESTS = 3
 TEST_CLIENT_SECONDS = 60
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.transport == "uds"], ids=str)
+@pytest.mark.parametrize("case", UDS_CASES, ids=str)
 def test_upstream_test_client_http_requests(
     case: Case, upstream: Upstream, certs: Certs, processes: Processes, sock_dir: str
 ) -> None:
