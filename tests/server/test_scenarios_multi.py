@@ -7,6 +7,7 @@ should not send, and an HTTP-CONNECT client's half-close.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 import grpc
@@ -329,5 +330,69 @@ def test_http_pipelined_megabytes_during_dial(arun: RunFn, certs: Certs, sock_di
             await tunnel.close()
             await wait_until(lambda: not env.proxy.router.frontends, "tunnel removed")
             check_metrics({"http_connections": 0, "established_connections": 0})
+
+    arun(main())
+
+
+def test_stalled_agent_does_not_block_other_agents(
+    arun: RunFn, certs: Certs, sock_dir: str
+) -> None:
+    """An agent that stops reading holds up only its own tunnels: with 4 frontends pushing
+    into it until they are paused, a tunnel through another agent carries 8 MiB both ways
+    and new dials to that agent work."""
+
+    async def main() -> None:
+        async with (
+            proxy_env(certs, sock_dir, strategies=DEST_HOST) as env,
+            backend(echo) as echo_backend,
+        ):
+            port = port_of(echo_backend.address)
+            stalled = await env.agent(agent_id="stalled", identifiers="ipv4=127.0.0.1")
+            await env.agent(agent_id="healthy", identifiers="host=localhost")
+            dialer = env.dialer()
+            stuck = [dialer.stream() for _ in range(4)]
+            ids = [await s.connect(f"127.0.0.1:{port}", 10 + i) for i, s in enumerate(stuck)]
+            stalled.stall()
+            chunk = b"\1" * (256 << 10)
+            blocked = [0] * len(stuck)
+
+            async def push(i: int) -> None:
+                while True:
+                    await stuck[i].send(data(ids[i], chunk))
+                    blocked[i] += 1
+
+            loop = asyncio.get_running_loop()
+            pushers = [loop.create_task(push(i)) for i in range(len(stuck))]
+            try:
+                (server_side,) = [
+                    b for b in env.proxy.router.backends.values() if b.agent_id == "stalled"
+                ]
+                await wait_until(
+                    lambda: server_side.conn.outbound_pending() >= 4 * len(chunk),
+                    "the stalled agent's stream is backed up",
+                )
+                live = dialer.stream()
+                connect_id = await live.connect(f"localhost:{port}", 99)
+                payload = bytes(range(256)) * (8 << 12)
+
+                async def send_all() -> None:
+                    for i in range(0, len(payload), len(chunk)):
+                        await live.send(data(connect_id, payload[i : i + len(chunk)]))
+
+                sender = loop.create_task(send_all())
+                assert await live.read_data(connect_id, len(payload)) == payload
+                await sender
+                for i in range(5):
+                    fresh = dialer.stream()
+                    fresh_id = await fresh.connect(f"localhost:{port}", 200 + i)
+                    await echo_round(fresh, fresh_id, b"new dial %d" % i)
+                    assert await fresh.end() == grpc.StatusCode.OK
+                assert await live.end() == grpc.StatusCode.OK
+            finally:
+                for task in pushers:
+                    task.cancel()
+                for task in pushers:
+                    with contextlib.suppress(BaseException):
+                        await task
 
     arun(main())
