@@ -20,8 +20,6 @@ from pathlib import Path
 import pytest
 from upstream import Upstream
 
-from konnectivity_fast.cli import agent_options
-
 DATA = Path(__file__).resolve().parent.parent / "data" / "flags"
 RUN_SECONDS = 60
 # pflag's help line: "  -h, --help" or "      --name type", two or more spaces, the usage.
@@ -214,16 +212,20 @@ def test_environment_default(upstream: Upstream, program: str) -> None:
 # -- ours against upstream's ------------------------------------------------------------
 
 
-def our_help(program: str) -> str:
-    if program == "proxy-agent":
-        return agent_options.usage()
-    done = subprocess.run(
-        [sys.executable, "-m", "konnectivity_fast.server", "--help"],
+def ours(program: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run our program (``python -m konnectivity_fast.server`` or ``.agent``)."""
+    package = "server" if program == "proxy-server" else "agent"
+    return subprocess.run(
+        [sys.executable, "-m", f"konnectivity_fast.{package}", *args],
         capture_output=True,
         text=True,
         timeout=RUN_SECONDS,
         check=False,
     )
+
+
+def our_help(program: str) -> str:
+    done = ours(program, "--help")
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -245,22 +247,19 @@ def test_our_help_shows_upstreams_flags(upstream: Upstream, program: str) -> Non
     assert differences == {}, "(ours, upstream's) per flag"
 
 
-def test_our_server_deprecation_line_is_upstreams(upstream: Upstream) -> None:
-    for row in read_golden("proxy-server"):
-        if row.marker("deprecated") is None:
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_our_hidden_flags_like_upstreams(upstream: Upstream, program: str) -> None:
+    """Each hidden flag is accepted by our program, with upstream's deprecation line."""
+    binary = upstream.proxy_server if program == "proxy-server" else upstream.proxy_agent
+    for row in read_golden(program):
+        if not row.hidden:
             continue
         value = "true" if row.type == "bool" else row.default
-        theirs = run(upstream.proxy_server, f"--{row.name}={value}", "--help")
-        ours = subprocess.run(
-            [sys.executable, "-m", "konnectivity_fast.server", f"--{row.name}={value}", "--help"],
-            capture_output=True,
-            text=True,
-            timeout=RUN_SECONDS,
-            check=False,
-        )
-        assert ours.returncode == theirs.returncode == 0
+        theirs = run(binary, f"--{row.name}={value}", "--help")
+        mine = ours(program, f"--{row.name}={value}", "--help")
+        assert mine.returncode == theirs.returncode == 0, mine.stderr
 
         def deprecation(stderr: str) -> list[str]:
             return [line for line in stderr.splitlines() if "has been deprecated" in line]
 
-        assert deprecation(ours.stderr) == deprecation(theirs.stderr)
+        assert deprecation(mine.stderr) == deprecation(theirs.stderr)
