@@ -1,10 +1,12 @@
 """Metric families of upstream's proxy-server and proxy-agent v0.36.0 against our golden
-lists (tests/data/metrics/), and our proxy-server's scrape against upstream's.
+lists (tests/data/metrics/), and our proxy-server's and proxy-agent's scrapes against
+upstream's.
 
-One scenario runs against each server (upstream's, then ours), with upstream's agent and
-goclient (the konnectivity-client library) as peers and a TCP echo backend:
+One scenario runs with each pair of programs (upstream's server and agent; our server with
+upstream's agent; upstream's server with our agent), with goclient (the konnectivity-client
+library) as the client and a TCP echo backend:
   1. the server alone: first scrape ("at-start" families);
-  2. an upstream agent connects over mTLS: scrapes of both;
+  2. the agent connects over mTLS: scrapes of both;
   3. goclient dials the echo backend twice over the Unix-socket gRPC frontend and round
      trips bytes, then dials a closed port (a dial failure): scrapes of both once every
      tunnel is closed.
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +30,14 @@ from upstream import (
     Processes,
     Upstream,
     agent_args,
+    agent_command,
     agent_ports,
     echo_server,
     free_ports,
     run_goclient,
     scrape,
     server_args,
+    server_command,
     server_ports,
     wait_for,
     wait_until,
@@ -104,7 +107,9 @@ def value(families: dict[str, Family], family: str, sample: str) -> float | None
 
 
 def run_scenario(
-    server_command: list[str],
+    server_argv: list[str],
+    agent_argv: list[str],
+    *,
     upstream: Upstream,
     certs: Certs,
     procs: Processes,
@@ -112,14 +117,12 @@ def run_scenario(
 ) -> Scrapes:
     ports = server_ports()
     uds = os.path.join(sock_dir, "konnectivity.sock")
-    server = procs.start("server", [*server_command, *server_args(uds, certs, ports)])
+    server = procs.start("server", [*server_argv, *server_args(uds, certs, ports)])
     wait_for(server, ports.health, "/healthz", what="proxy-server")
     server_start = scrape(ports.health)
 
     aports = agent_ports()
-    agent = procs.start(
-        "agent", [str(upstream.proxy_agent), *agent_args(certs, ports.agent, aports)]
-    )
+    agent = procs.start("agent", [*agent_argv, *agent_args(certs, ports.agent, aports)])
     wait_for(agent, aports.health, "/readyz", what="proxy-agent")
     wait_for(server, ports.health, "/readyz", what="proxy-server")
     server_connected = scrape(ports.health)
@@ -164,24 +167,43 @@ def run_scenario(
 def upstream_scrapes(
     upstream: Upstream, certs: Certs, tmp_path_factory: pytest.TempPathFactory
 ) -> Scrapes:
-    return scenario([str(upstream.proxy_server)], upstream, certs, tmp_path_factory)
+    return scenario("upstream", "upstream", upstream, certs, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def our_scrapes(
     upstream: Upstream, certs: Certs, tmp_path_factory: pytest.TempPathFactory
 ) -> Scrapes:
-    ours = [sys.executable, "-m", "konnectivity_fast.server"]
-    return scenario(ours, upstream, certs, tmp_path_factory)
+    """Our server, upstream's agent."""
+    return scenario("ours", "upstream", upstream, certs, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def our_agent_scrapes(
+    upstream: Upstream, certs: Certs, tmp_path_factory: pytest.TempPathFactory
+) -> Scrapes:
+    """Upstream's server, our agent."""
+    return scenario("upstream", "ours", upstream, certs, tmp_path_factory)
 
 
 def scenario(
-    command: list[str], upstream: Upstream, certs: Certs, factory: pytest.TempPathFactory
+    server: str,
+    agent: str,
+    upstream: Upstream,
+    certs: Certs,
+    factory: pytest.TempPathFactory,
 ) -> Scrapes:
     procs = Processes(factory.mktemp("scenario"))
     try:
         with tempfile.TemporaryDirectory(prefix="kf-") as sock_dir:
-            return run_scenario(command, upstream, certs, procs, sock_dir)
+            return run_scenario(
+                server_command(server, upstream),
+                agent_command(agent, upstream),
+                upstream=upstream,
+                certs=certs,
+                procs=procs,
+                sock_dir=sock_dir,
+            )
     except BaseException:
         print(procs.report())
         raise
@@ -260,6 +282,41 @@ def test_upstream_values(upstream_scrapes: Scrapes, phase: str) -> None:
     assert wrong_values(getattr(upstream_scrapes, phase), EXPECTED_VALUES[phase]) == {}
 
 
+@pytest.mark.parametrize("phase", ["agent_connected", "agent_after"])
+def test_upstream_agent_values(upstream_scrapes: Scrapes, phase: str) -> None:
+    families = getattr(upstream_scrapes, phase)
+    assert wrong_values(families, EXPECTED_AGENT_VALUES[phase], AGENT_PREFIX) == {}
+
+
+AGENT_CONNECTED = [
+    ("open_server_connections", "open_server_connections", 1),
+    ("known_server_count", "known_server_count", 1),
+]
+EXPECTED_AGENT_VALUES = {
+    "agent_connected": AGENT_CONNECTED,
+    "agent_after": [
+        *AGENT_CONNECTED,
+        ("open_endpoint_connections", "open_endpoint_connections", 0),
+        ("dial_duration_seconds", "dial_duration_seconds_count", ECHO_CONNECTIONS),
+        # upstream's agent files "connection refused" under reason "unknown"
+        ("endpoint_dial_failure_total", 'endpoint_dial_failure_total{reason="unknown"}', 1),
+        *(
+            (
+                "stream_packets_total",
+                f'stream_packets_total{{packet_type="{kind}",segment="{segment}"}}',
+                count,
+            )
+            for kind, segment, count in [
+                ("DIAL_REQ", "to_agent", 3),
+                ("DIAL_RSP", "from_agent", 3),
+                ("CLOSE_REQ", "to_agent", 2),
+                ("CLOSE_RSP", "from_agent", 2),
+            ]
+        ),
+    ],
+}
+
+
 CONNECTED = [
     ("ready_backends", 'ready_backends{proxy_strategy="default"}', 1),
     ("ready_backend_connections", "ready_backend_connections", 1),
@@ -297,13 +354,13 @@ EXPECTED_VALUES = {
 
 
 def wrong_values(
-    families: dict[str, Family], expected: list[tuple[str, str, int]]
+    families: dict[str, Family], expected: list[tuple[str, str, int]], prefix: str = SERVER_PREFIX
 ) -> dict[str, float | None]:
     """The expected samples whose value differs (None: not shown)."""
     return {
-        sample: value(families, SERVER_PREFIX + name, SERVER_PREFIX + sample)
+        sample: value(families, prefix + name, prefix + sample)
         for name, sample, want in expected
-        if value(families, SERVER_PREFIX + name, SERVER_PREFIX + sample) != want
+        if value(families, prefix + name, prefix + sample) != want
     }
 
 
@@ -395,3 +452,46 @@ def test_our_server_families_are_upstreams(
 def test_our_server_values_are_upstreams(our_scrapes: Scrapes, phase: str) -> None:
     """Samples whose value differs from upstream's in the same scenario (None: not shown)."""
     assert wrong_values(getattr(our_scrapes, phase), EXPECTED_VALUES[phase]) == {}
+
+
+# -- our agent against upstream's -------------------------------------------------------------
+
+
+def agent_shape(
+    families: dict[str, Family],
+) -> dict[str, tuple[str, str, frozenset[str], list[str]]]:
+    return {
+        name: (f.type, f.help, frozenset(f.labels), f.buckets)
+        for name, f in konnectivity(families, AGENT_PREFIX).items()
+    }
+
+
+@pytest.mark.parametrize("phase", ["agent_connected", "agent_after"])
+def test_our_agent_families_are_upstreams(
+    upstream_scrapes: Scrapes, our_agent_scrapes: Scrapes, phase: str
+) -> None:
+    theirs = agent_shape(getattr(upstream_scrapes, phase))
+    ours = agent_shape(getattr(our_agent_scrapes, phase))
+    shown = {
+        "only upstream shows": sorted(set(theirs) - set(ours)),
+        "only we show": sorted(set(ours) - set(theirs)),
+    }
+    assert shown == {"only upstream shows": [], "only we show": []}
+    differ = {name: (ours[name], theirs[name]) for name in theirs if ours[name] != theirs[name]}
+    assert differ == {}, "(ours, upstream's): type, HELP, label names, buckets"
+
+
+@pytest.mark.parametrize("phase", ["agent_connected", "agent_after"])
+def test_our_agent_values_are_upstreams(our_agent_scrapes: Scrapes, phase: str) -> None:
+    """Samples whose value differs from upstream's in the same scenario (None: not shown)."""
+    families = getattr(our_agent_scrapes, phase)
+    assert wrong_values(families, EXPECTED_AGENT_VALUES[phase], AGENT_PREFIX) == {}
+
+
+def test_upstream_server_with_our_agent_is_unchanged(
+    upstream_scrapes: Scrapes, our_agent_scrapes: Scrapes
+) -> None:
+    """Upstream's server shows the same families and values whichever agent serves it."""
+    for phase in ("server_connected", "server_after"):
+        assert shape(getattr(our_agent_scrapes, phase)) == shape(getattr(upstream_scrapes, phase))
+        assert wrong_values(getattr(our_agent_scrapes, phase), EXPECTED_VALUES[phase]) == {}
