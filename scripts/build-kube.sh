@@ -1,26 +1,36 @@
 #!/usr/bin/env bash
-# Builds a real kube-apiserver and a real etcd from Go modules into
+# Builds a real kube-apiserver, kubectl and etcd from Go modules into
 # .cache/kube/<version>/bin/, for the tests that talk to the Kubernetes API.
 #
 # Invariants:
-#  - versions are pinned below; the output folder is named after them, so a
-#    version bump builds into a new folder and never mixes binaries;
-#  - idempotent: when both binaries are present and run, nothing is done;
+#  - the default version is pinned below (DEFAULT_KUBE_VERSION); another release
+#    is named on the command line. The output folder is named after the version,
+#    so two releases never mix binaries;
+#  - the staging modules are pinned at v0.<minor>.<patch> of that release and
+#    etcd at the version its k8s.io/kubernetes go.mod requires, so one argument
+#    fixes the whole set;
+#  - idempotent per binary: one that is present and runs is not built again;
 #  - only the Go module proxy is used (no prebuilt binaries are downloaded).
 #
 # Why a wrapper module: k8s.io/kubernetes's go.mod replaces its staging modules
-# (k8s.io/api, k8s.io/apiserver, ...) with ./staging paths that are not in the
-# module zip. A main module's replace lines win over a dependency's, so a small
-# wrapper that requires k8s.io/kubernetes and points every staging module at its
-# published v0.X.Y tag builds the very same code.
+# (k8s.io/api, k8s.io/apiserver, k8s.io/kubectl, ...) with ./staging paths that
+# are not in the module zip. A main module's replace lines win over a
+# dependency's, so a small wrapper that requires k8s.io/kubernetes and points
+# every staging module at its published v0.X.Y tag builds the very same code.
 #
-# Usage: scripts/build-kube.sh            (prints the bin folder on its last line)
+# Usage: scripts/build-kube.sh [v1.X.Y]   (prints the bin folder on its last line)
 #        KF_KUBE_JOBS=1 scripts/build-kube.sh   (fewer parallel compile jobs)
 set -euo pipefail
 
-KUBE_VERSION=v1.37.2    # k8s.io/kubernetes
-STAGING_VERSION=v0.37.2 # its staging modules are tagged v0.<minor>.<patch>
-ETCD_VERSION=v3.7.0     # the etcd that k8s.io/kubernetes v1.37.2 requires
+DEFAULT_KUBE_VERSION=v1.37.2
+KUBE_VERSION=${1:-$DEFAULT_KUBE_VERSION}
+if [[ ! "$KUBE_VERSION" =~ ^v1\.([0-9]+)\.([0-9]+)$ ]]; then
+    printf '[build-kube] error: version must look like v1.37.2, got %q\n' "$KUBE_VERSION" >&2
+    exit 2
+fi
+# Staging modules are tagged v0.<minor>.<patch> for Kubernetes v1.<minor>.<patch>.
+KUBE_MINOR=${BASH_REMATCH[1]}
+STAGING_VERSION="v0.${BASH_REMATCH[1]}.${BASH_REMATCH[2]}"
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT="$ROOT/.cache/kube/$KUBE_VERSION"
@@ -30,18 +40,18 @@ JOBS=${KF_KUBE_JOBS:-2}
 
 log() { printf '[build-kube] %s\n' "$*" >&2; }
 
+runs() { [[ -x "$BIN/$1" ]] && "$BIN/$1" "${@:2}" >/dev/null 2>&1; }
+
+if runs kube-apiserver --version && runs kubectl version --client && runs etcd --version; then
+    log "already built: $BIN"
+    echo "$BIN"
+    exit 0
+fi
+
 if ! command -v go >/dev/null 2>&1; then
     log "error: 'go' was not found on PATH; install Go (1.22 or newer; the newer"
     log "toolchain that kubernetes needs is then fetched via GOTOOLCHAIN=auto)"
     exit 2
-fi
-
-if [[ -x "$BIN/kube-apiserver" && -x "$BIN/etcd" ]] \
-    && "$BIN/kube-apiserver" --version >/dev/null 2>&1 \
-    && "$BIN/etcd" --version >/dev/null 2>&1; then
-    log "already built: $BIN"
-    echo "$BIN"
-    exit 0
 fi
 
 export GOTOOLCHAIN=auto
@@ -50,8 +60,8 @@ export CGO_ENABLED=0
 mkdir -p "$BIN" "$OUT/kube-mod" "$OUT/etcd-mod"
 start=$(date +%s)
 
-# --- kube-apiserver ----------------------------------------------------------
-log "kube-apiserver $KUBE_VERSION: fetching k8s.io/kubernetes go.mod"
+# --- the wrapper module for k8s.io/kubernetes --------------------------------
+log "kubernetes $KUBE_VERSION: fetching k8s.io/kubernetes go.mod"
 cd "$OUT/kube-mod"
 # The module's go.mod names every staging module it replaces; reuse that list so
 # a version bump needs no hand edit here.
@@ -62,6 +72,11 @@ if [[ -z "$kmod" || ! -f "$kmod" ]]; then
     exit 1
 fi
 staging=$(sed -n 's#^[[:space:]]*\(k8s.io/[^ ]*\) => ./staging/.*#\1#p' "$kmod")
+ETCD_VERSION=$(sed -n 's#^[[:space:]]*go.etcd.io/etcd/server/v3 \(v[^ ]*\).*#\1#p' "$kmod" | head -1)
+if [[ -z "$ETCD_VERSION" ]]; then
+    log "error: k8s.io/kubernetes@$KUBE_VERSION's go.mod names no go.etcd.io/etcd/server/v3"
+    exit 1
+fi
 {
     echo "module kf.local/kubebuild"
     echo
@@ -73,37 +88,59 @@ staging=$(sed -n 's#^[[:space:]]*\(k8s.io/[^ ]*\) => ./staging/.*#\1#p' "$kmod")
     for m in $staging; do echo "	$m => $m $STAGING_VERSION"; done
     echo ")"
 } >go.mod
-# A blank import lets `go mod tidy` see the whole package graph of the command.
-cat >tools.go <<'EOF'
+# Blank imports let `go mod tidy` see the whole package graph of both commands.
+cat >tools.go <<'GO'
 //go:build tools
 
 package tools
 
-import _ "k8s.io/kubernetes/cmd/kube-apiserver"
-EOF
-log "kube-apiserver: resolving modules ($(echo "$staging" | wc -w) staging modules pinned at $STAGING_VERSION)"
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kubectl"
+)
+GO
+log "resolving modules ($(echo "$staging" | wc -w) staging modules pinned at $STAGING_VERSION)"
 go mod tidy -e >/dev/null 2>"$OUT/tidy-kube.log" || { cat "$OUT/tidy-kube.log" >&2; exit 1; }
-log "kube-apiserver: compiling (-p $JOBS; takes several minutes)"
-nice -n 10 go build -p "$JOBS" -trimpath -ldflags "-s -w \
+
+# The version both commands report (kubectl's client version, the apiserver's /version).
+LDFLAGS="-s -w \
     -X k8s.io/component-base/version.gitVersion=$KUBE_VERSION \
     -X k8s.io/component-base/version.gitMajor=1 \
-    -X k8s.io/component-base/version.gitMinor=$(echo "$KUBE_VERSION" | cut -d. -f2)" \
-    -o "$BIN/kube-apiserver.tmp" k8s.io/kubernetes/cmd/kube-apiserver
-mv "$BIN/kube-apiserver.tmp" "$BIN/kube-apiserver"
-log "kube-apiserver: done after $(($(date +%s) - start)) s"
+    -X k8s.io/component-base/version.gitMinor=$KUBE_MINOR \
+    -X k8s.io/client-go/pkg/version.gitVersion=$KUBE_VERSION \
+    -X k8s.io/client-go/pkg/version.gitMajor=1 \
+    -X k8s.io/client-go/pkg/version.gitMinor=$KUBE_MINOR"
+
+build_cmd() { # name, package
+    if runs "$1" --help; then
+        log "$1: already built"
+        return
+    fi
+    local t0
+    t0=$(date +%s)
+    log "$1: compiling (-p $JOBS; takes several minutes)"
+    nice -n 10 go build -p "$JOBS" -trimpath -ldflags "$LDFLAGS" -o "$BIN/$1.tmp" "$2"
+    mv "$BIN/$1.tmp" "$BIN/$1"
+    log "$1: done after $(($(date +%s) - t0)) s"
+}
+build_cmd kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver
+build_cmd kubectl k8s.io/kubernetes/cmd/kubectl
 
 # --- etcd ----------------------------------------------------------------------
-log "etcd $ETCD_VERSION: resolving modules"
-cd "$OUT/etcd-mod"
-cat >go.mod <<EOF
+if runs etcd --version; then
+    log "etcd: already built"
+else
+    log "etcd $ETCD_VERSION: resolving modules"
+    cd "$OUT/etcd-mod"
+    cat >go.mod <<GO
 module kf.local/etcdbuild
 
 go 1.24
 
 require go.etcd.io/etcd/server/v3 $ETCD_VERSION
-EOF
-# etcd's own entry point, unchanged: the etcd command is a thin main around it.
-cat >main.go <<'EOF'
+GO
+    # etcd's own entry point, unchanged: the etcd command is a thin main around it.
+    cat >main.go <<'GO'
 package main
 
 import (
@@ -113,13 +150,15 @@ import (
 )
 
 func main() { etcdmain.Main(os.Args) }
-EOF
-go mod tidy >/dev/null 2>"$OUT/tidy-etcd.log" || { cat "$OUT/tidy-etcd.log" >&2; exit 1; }
-log "etcd: compiling"
-nice -n 10 go build -p "$JOBS" -trimpath -ldflags "-s -w" -o "$BIN/etcd.tmp" .
-mv "$BIN/etcd.tmp" "$BIN/etcd"
+GO
+    go mod tidy >/dev/null 2>"$OUT/tidy-etcd.log" || { cat "$OUT/tidy-etcd.log" >&2; exit 1; }
+    log "etcd: compiling"
+    nice -n 10 go build -p "$JOBS" -trimpath -ldflags "-s -w" -o "$BIN/etcd.tmp" .
+    mv "$BIN/etcd.tmp" "$BIN/etcd"
+fi
 
 "$BIN/kube-apiserver" --version >&2
+"$BIN/kubectl" version --client >&2
 "$BIN/etcd" --version >&2
 log "built in $(($(date +%s) - start)) s; $(du -sh "$BIN" | cut -f1) in $BIN"
 echo "$BIN"

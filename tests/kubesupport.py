@@ -77,12 +77,17 @@ class KubeCluster:
         return str(path)
 
 
-def binaries_folder() -> Path | None:
-    """The folder scripts/build-kube.sh builds its pinned version into, once both
-    binaries are there."""
-    version = _script_value("KUBE_VERSION")
-    folder = ROOT / ".cache" / "kube" / version / "bin"
-    if (folder / "kube-apiserver").is_file() and (folder / "etcd").is_file():
+def kube_version() -> str:
+    """The Kubernetes release the tests use: ``KF_KUBE_VERSION`` if set (one that
+    ``scripts/build-kube.sh <version>`` built), else the script's pinned default."""
+    return os.environ.get("KF_KUBE_VERSION") or _script_value("DEFAULT_KUBE_VERSION")
+
+
+def binaries_folder(*names: str) -> Path | None:
+    """The folder scripts/build-kube.sh builds the chosen version into, once the
+    binaries named (default: etcd and kube-apiserver) are there."""
+    folder = ROOT / ".cache" / "kube" / kube_version() / "bin"
+    if all((folder / name).is_file() for name in names or ("kube-apiserver", "etcd")):
         return folder
     return None
 
@@ -122,8 +127,53 @@ _CLUSTER_KEY = pytest.StashKey[KubeCluster]()
 
 @contextlib.contextmanager
 def _running_cluster(bin_dir: Path, tmp: Path) -> Iterator[KubeCluster]:
-    ca = trustme.CA()
-    serving = ca.issue_cert("127.0.0.1", "localhost", "kubernetes", "kubernetes.default.svc")
+    with running_etcd(bin_dir, tmp) as etcd_url:
+        with running_apiserver(bin_dir, tmp, etcd_url) as cluster:
+            yield cluster
+
+
+@contextlib.contextmanager
+def running_etcd(bin_dir: Path, tmp: Path) -> Iterator[str]:
+    """etcd on 127.0.0.1 with its data in ``tmp/etcd``; yields its client URL. Several
+    apiservers may share it, each with its own ``--etcd-prefix``."""
+    etcd_port, peer_port = _free_ports(2)
+    etcd_url = f"http://127.0.0.1:{etcd_port}"
+    with _process(
+        [
+            str(bin_dir / "etcd"),
+            "--name=kf",
+            f"--data-dir={tmp / 'etcd'}",
+            f"--listen-client-urls={etcd_url}",
+            f"--advertise-client-urls={etcd_url}",
+            f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
+            f"--initial-cluster=kf=http://127.0.0.1:{peer_port}",
+            "--log-level=warn",
+            "--unsafe-no-fsync",
+        ],
+        tmp / "etcd.log",
+    ):
+        _wait_http(f"{etcd_url}/health", None, ETCD_START_TIMEOUT, tmp / "etcd.log")
+        yield etcd_url
+
+
+@contextlib.contextmanager
+def running_apiserver(
+    bin_dir: Path,
+    tmp: Path,
+    etcd_url: str,
+    *,
+    ca: trustme.CA | None = None,
+    bind: str = "127.0.0.1",
+    extra_args: tuple[str, ...] = (),
+    etcd_prefix: str = "/registry",
+) -> Iterator[KubeCluster]:
+    """kube-apiserver on ``bind`` (a free port) with its files in ``tmp``; ``extra_args``
+    are appended to its command line (a later flag wins for single-valued ones)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    ca = ca or trustme.CA()
+    names = dict.fromkeys(("127.0.0.1", bind, "localhost", "kubernetes", "kubernetes.default.svc"))
+    serving = ca.issue_cert(*names)
     # Go refuses a certificate with an empty SAN extension (trustme's default without
     # identities), so client certificates get a name too.
     admin = ca.issue_cert(
@@ -148,55 +198,35 @@ def _running_cluster(bin_dir: Path, tmp: Path) -> Iterator[KubeCluster]:
     ).encode()
     for name, blob in files.items():
         (tmp / name).write_bytes(blob)
-    etcd_port, peer_port, api_port = _free_ports(3)
-    with contextlib.ExitStack() as stack:
-        etcd_url = f"http://127.0.0.1:{etcd_port}"
-        stack.enter_context(
-            _process(
-                [
-                    str(bin_dir / "etcd"),
-                    "--name=kf",
-                    f"--data-dir={tmp / 'etcd'}",
-                    f"--listen-client-urls={etcd_url}",
-                    f"--advertise-client-urls={etcd_url}",
-                    f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
-                    f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
-                    f"--initial-cluster=kf=http://127.0.0.1:{peer_port}",
-                    "--log-level=warn",
-                    "--unsafe-no-fsync",
-                ],
-                tmp / "etcd.log",
-            )
-        )
-        _wait_http(f"{etcd_url}/health", None, ETCD_START_TIMEOUT, tmp / "etcd.log")
-        server = f"https://127.0.0.1:{api_port}"
-        stack.enter_context(
-            _process(
-                [
-                    str(bin_dir / "kube-apiserver"),
-                    f"--etcd-servers={etcd_url}",
-                    "--bind-address=127.0.0.1",
-                    "--advertise-address=127.0.0.1",
-                    f"--secure-port={api_port}",
-                    f"--tls-cert-file={tmp / 'serving.pem'}",
-                    f"--tls-private-key-file={tmp / 'serving.key'}",
-                    f"--client-ca-file={tmp / 'ca.pem'}",
-                    f"--service-account-issuer={ISSUER}",
-                    f"--api-audiences={ISSUER}",
-                    f"--service-account-key-file={tmp / 'sa.pub'}",
-                    f"--service-account-signing-key-file={tmp / 'sa.key'}",
-                    f"--token-auth-file={tmp / 'tokens.csv'}",
-                    "--authorization-mode=RBAC",
-                    "--service-cluster-ip-range=10.96.0.0/24",
-                    # The "kubernetes" Service's endpoint may not be a loopback address.
-                    "--endpoint-reconciler-type=none",
-                    f"--cert-dir={tmp / 'apiserver-certs'}",
-                    "--profiling=false",
-                    "--v=1",
-                ],
-                tmp / "kube-apiserver.log",
-            )
-        )
+    (api_port,) = _free_ports(1, bind)
+    server = f"https://{bind}:{api_port}"
+    with _process(
+        [
+            str(bin_dir / "kube-apiserver"),
+            f"--etcd-servers={etcd_url}",
+            f"--etcd-prefix={etcd_prefix}",
+            f"--bind-address={bind}",
+            f"--advertise-address={bind}",
+            f"--secure-port={api_port}",
+            f"--tls-cert-file={tmp / 'serving.pem'}",
+            f"--tls-private-key-file={tmp / 'serving.key'}",
+            f"--client-ca-file={tmp / 'ca.pem'}",
+            f"--service-account-issuer={ISSUER}",
+            f"--api-audiences={ISSUER}",
+            f"--service-account-key-file={tmp / 'sa.pub'}",
+            f"--service-account-signing-key-file={tmp / 'sa.key'}",
+            f"--token-auth-file={tmp / 'tokens.csv'}",
+            "--authorization-mode=RBAC",
+            "--service-cluster-ip-range=10.96.0.0/24",
+            # The "kubernetes" Service's endpoint may not be a loopback address.
+            "--endpoint-reconciler-type=none",
+            f"--cert-dir={tmp / 'apiserver-certs'}",
+            "--profiling=false",
+            "--v=1",
+            *extra_args,
+        ],
+        tmp / "kube-apiserver.log",
+    ):
         admin_ctx = ssl.create_default_context(cadata=ca.cert_pem.bytes().decode())
         admin.configure_cert(admin_ctx)
         _wait_http(
@@ -213,12 +243,12 @@ def _running_cluster(bin_dir: Path, tmp: Path) -> Iterator[KubeCluster]:
         yield KubeCluster(server, str(kubeconfig), tmp, ca.cert_pem.bytes(), ca)
 
 
-def _free_ports(count: int) -> list[int]:
+def _free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     socks = []
     try:
         for _ in range(count):
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
+            s.bind((host, 0))
             socks.append(s)
         return [s.getsockname()[1] for s in socks]
     finally:
