@@ -161,6 +161,14 @@ cdef class H2Connection:
         cdef _Stream s = self._streams.get(stream_id)
         return 0 if s is None else s.out_pending
 
+    def send_window(self, int32_t stream_id):
+        """Bytes of DATA the peer lets us send on a stream now (the smaller of its stream
+        and connection windows); 0 means our output waits for the peer to read."""
+        cdef int32_t stream = nghttp2_session_get_stream_remote_window_size(
+            self._session, stream_id)
+        cdef int32_t conn = nghttp2_session_get_remote_window_size(self._session)
+        return max(0, min(stream, conn))
+
     # ---- server role ------------------------------------------------------------------
 
     def send_headers(self, int32_t stream_id, metadata=()):

@@ -182,6 +182,7 @@ cdef extern from "nghttp2/nghttp2.h":
     int32_t nghttp2_session_get_last_proc_stream_id(nghttp2_session *session)
     int32_t nghttp2_session_get_stream_remote_window_size(
         nghttp2_session *session, int32_t stream_id)
+    int32_t nghttp2_session_get_remote_window_size(nghttp2_session *session)
 
     int nghttp2_submit_settings(
         nghttp2_session *session, uint8_t flags, const nghttp2_settings_entry *iv, size_t niv)

@@ -428,19 +428,23 @@ class ProxyServer:
             log.debug("send on stream %d dropped: %s", call.stream_id, exc)
 
     def _to_frontend(
-        self, frontend: Frontend, message: Message, ptype: int, agent: GrpcCall | None
+        self, frontend: Frontend, message: Message, ptype: int, agent: GrpcCall | None,
+        *, timed: bool = True,
     ) -> None:
         """Queue ``message`` on ``frontend``; charge it to the tunnel's buffer if the
-        frontend is behind (``buffering``). ``agent``: the call it came from."""
+        frontend is behind (``buffering``). ``agent``: the call it came from. ``timed``:
+        a write upstream makes through the connection record, observed in
+        ``frontend_write_duration_seconds`` (not the server's own answers)."""
+        started = perf_counter()
         if frontend.mode is not FrontendMode.GRPC:  # HTTP-CONNECT: only ever DATA
-            started = perf_counter()
             frontend.conn.write_agent_data(message, agent)
-            metrics.observe_frontend_write_latency(perf_counter() - started)
+            if timed:
+                metrics.observe_frontend_write_latency(perf_counter() - started)
             return
         call: GrpcCall = frontend.conn
-        started = perf_counter()
         self._send(call, message, metrics.SEGMENT_TO_CLIENT, ptype)
-        metrics.observe_frontend_write_latency(perf_counter() - started)
+        if timed:
+            metrics.observe_frontend_write_latency(perf_counter() - started)
         if agent is None or call.outbound_pending() < TUNNEL_WRITE_HIGH_WATER:
             return
         sink = call.sink
@@ -469,7 +473,8 @@ class ProxyServer:
                 frontend = effect.frontend
                 backend = frontend.backend
                 self._to_frontend(frontend, effect.message, self._message_type(effect.message),
-                                  backend.conn if backend is not None else None)
+                                  backend.conn if backend is not None else None,
+                                  timed=effect.via_connection)
             elif isinstance(effect, TunnelEstablished):
                 effect.frontend.conn.tunnel_established(effect.connect_id)
             elif isinstance(effect, CloseFrontend):
@@ -523,7 +528,15 @@ class ProxyServer:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_when = None
-        self._apply(self.router.handle_timer(self.loop.time()))
+        now = self.loop.time()
+        # Upstream retires an agent whose DIAL_REQ could not even be sent within
+        # --backend-dial-timeout (§2.2 step 3): output queued that the agent does not read.
+        stalled = {dial.backend for dial in self.router.dials_due(now)
+                   if not dial.backend.closed and dial.backend.conn.send_blocked()}
+        self._apply(self.router.handle_timer(now))
+        for backend in stalled:
+            log.info("agent %s does not read its stream: retiring it", backend.agent_id)
+            self._apply(self.router.retire_backend(backend))
 
     def close(self) -> None:
         """Stop the timer (the listeners are closed by their handles)."""

@@ -237,6 +237,18 @@ class GrpcCall:
         except (KeyError, RuntimeError):
             return 0
 
+    def send_blocked(self) -> bool:
+        """Whether output is queued that the peer is not letting through: its HTTP/2
+        window is spent, or the socket's buffer is full (the peer does not read)."""
+        if self.outbound_pending() == 0:
+            return False
+        proto = self._proto
+        try:
+            window = int(proto.conn.send_window(self.stream_id))
+        except (KeyError, RuntimeError):
+            return False
+        return window == 0 or proto.write_paused
+
     def _check_drained(self) -> bool:
         """Run the drain callbacks if the output is low; True when none are left."""
         if self._drain_cbs is not None and self.outbound_pending() < CALL_SEND_HIGH_WATER:

@@ -201,6 +201,11 @@ class GrpcProtocol(asyncio.BufferedProtocol):
         self._buf = bytearray(0)
         self._view = memoryview(self._buf)
 
+    @property
+    def write_paused(self) -> bool:
+        """The transport's buffer is full: the peer is not reading."""
+        return self._write_paused
+
     def pause_writing(self) -> None:
         self._write_paused = True
 

@@ -111,6 +111,10 @@ ERR_CLOSE_REQ_FAILED = "CLOSE_REQ to backend failed"
 # Ours, for conditions upstream does not check (see the module docstring).
 ERR_DUPLICATE_DIAL = "dial ID already in use"
 ERR_TOO_MANY_DIALS = "too many dials on one stream"
+# A frontend's DATA or CLOSE_REQ for a connectID that is not one of its own connections.
+# Upstream forwards it, so one stream could write into (or close) another stream's tunnel
+# on the same agent; a konnectivity-client only ever uses the connectID of its DIAL_RSP.
+ERR_FOREIGN_CONNECT_ID = "unrecognized connectID"
 
 # A conforming client carries one connection per stream (konnectivity-client, both its
 # single-use and its reusable tunnel), and upstream forwards DATA of only one connectID per
@@ -140,6 +144,19 @@ def _forward(packet: Packet, payload: Payload, raw: RawMessage | None) -> Messag
     if packet.payload is not payload:
         return Packet(packet.type, payload)
     return packet if raw is None else raw
+
+
+def _owned(frontend: Frontend, connect_id: int) -> ProxyClientConnection | None:
+    """``frontend``'s established connection with ``connect_id``, if it has one; on the
+    stream's latest backend first (connectIDs are per agent, so two agents' connections
+    on one stream may share one, and upstream follows the latest DIAL_REQ)."""
+    found = None
+    for conn in frontend.connections:
+        if conn.connect_id == connect_id:
+            if conn.backend is frontend.backend:
+                return conn
+            found = found or conn
+    return found
 
 
 def _dial_rsp(random: int, error: str) -> Packet:
@@ -370,6 +387,16 @@ class Router:
             return None
         return next(iter(self._pending.values())).start + self._dial_timeout
 
+    def dials_due(self, now: float) -> list[PendingDial]:
+        """The pending dials ``handle_timer(now)`` will fail, oldest first."""
+        due: list[PendingDial] = []
+        if self._dial_timeout > 0:
+            for dial in self._pending.values():
+                if dial.start + self._dial_timeout > now:
+                    break
+                due.append(dial)
+        return due
+
     def handle_timer(self, now: float) -> list[Effect]:
         """Fail the dials pending for ``--backend-dial-timeout`` or longer. Nothing goes to
         the agent: its late DIAL_RSP will be answered with CLOSE_REQ (§2.2 step 4)."""
@@ -414,7 +441,12 @@ class Router:
         if connect_id == 0:
             return []
         if frontend.connect_id == 0:
+            owned = _owned(frontend, connect_id)
+            if owned is None:
+                frontend.stopped = True
+                return [_reply(frontend, _close_rsp(connect_id, ERR_FOREIGN_CONNECT_ID))]
             frontend.connect_id = connect_id
+            frontend.backend = backend = owned.backend
         elif connect_id != frontend.connect_id:
             frontend.stopped = True
             return self._mismatched_ids(frontend, backend, connect_id, frontend.connect_id)
@@ -441,7 +473,10 @@ class Router:
         frontend.stopped = True
         if backend.closed:
             return [_reply(frontend, _close_rsp(request.connect_id, ERR_CLOSE_REQ_FAILED))]
-        return [SendToAgent(backend, _forward(packet, request, raw))]
+        owned = _owned(frontend, request.connect_id)
+        if owned is None:
+            return [_reply(frontend, _close_rsp(request.connect_id, ERR_FOREIGN_CONNECT_ID))]
+        return [SendToAgent(owned.backend, _forward(packet, request, raw))]
 
     def _on_frontend_dial_cls(self, frontend: Frontend, packet: Packet, now: float,
                               raw: RawMessage | None) -> list[Effect]:  # DIAL_CLS

@@ -221,13 +221,32 @@ def test_mismatched_connection_ids() -> None:
     assert router.route_frontend_data(f, 1) is None
 
 
-def test_data_is_not_checked_against_established_connections() -> None:
-    # Upstream forwards a stream's DATA to its backend whatever the connectID (§2.4).
+def test_data_for_a_connection_of_another_stream_is_refused() -> None:
+    # Upstream forwards a stream's DATA to its backend whatever the connectID (§2.4), so a
+    # stream could write into another stream's tunnel; we answer CLOSE_RSP instead.
     router = make_router()
     agent = router.add_backend("a", AgentIdentifiers())
+    victim = router.add_frontend(GRPC)
+    established(router, victim, agent)
     f = router.add_frontend(GRPC)
-    router.receive_from_frontend(f, dial_req(1), 0.0)
-    assert router.receive_from_frontend(f, data(77), 0.0) == [SendToAgent(agent, data(77))]
+    router.receive_from_frontend(f, dial_req(2), 0.0)
+    router.receive_from_agent(agent, dial_rsp(2, 2), 0.0)
+    assert router.receive_from_frontend(f, data(1), 0.0) == [
+        reply(f, close_rsp(1, "unrecognized connectID"))]
+    assert f.stopped
+    assert router.receive_from_frontend(victim, data(1), 0.0) == [SendToAgent(agent, data(1))]
+
+
+def test_close_req_for_a_connection_of_another_stream_is_refused() -> None:
+    router = make_router()
+    agent = router.add_backend("a", AgentIdentifiers())
+    victim = router.add_frontend(GRPC)
+    established(router, victim, agent)
+    f = router.add_frontend(GRPC)
+    router.receive_from_frontend(f, dial_req(2), 0.0)
+    assert router.receive_from_frontend(f, close_req(1), 0.0) == [
+        reply(f, close_rsp(1, "unrecognized connectID"))]
+    assert router.established_connections == 1
 
 
 def test_frontend_dial_cls_cancels_its_dial_without_telling_the_agent() -> None:
@@ -345,6 +364,7 @@ def test_several_dials_on_one_stream_follow_the_latest_backend() -> None:
     router.receive_from_frontend(f, dial_req(2, "hb:1"), 0.0)
     router.receive_from_agent(b, dial_rsp(2, 1), 0.0)
     assert router.established_connections == 2
+    # connectID 1 exists on both agents: the latest DIAL_REQ's backend wins, as upstream.
     assert router.receive_from_frontend(f, data(1), 0.0) == [SendToAgent(b, data(1))]
     assert router.route_agent_data(a, 1) is f and router.route_agent_data(b, 1) is f
 
@@ -478,7 +498,10 @@ def test_dial_timeout() -> None:
     router.receive_from_frontend(f1, dial_req(1), 10.0)
     router.receive_from_frontend(f2, dial_req(2), 12.0)
     assert router.get_timer() == 15.0
+    assert router.dials_due(14.9) == []
     assert router.handle_timer(14.9) == []
+    assert [dial.random for dial in router.dials_due(17.0)] == [1, 2]
+    assert [dial.random for dial in router.dials_due(15.0)] == [1]
     assert router.handle_timer(15.0) == [
         fail(R.BACKEND_DIAL_TIMEOUT),
         reply(f1, dial_rsp(1, error="timed out waiting for backend dial"))]
