@@ -396,3 +396,57 @@ def test_stalled_agent_does_not_block_other_agents(
                         await task
 
     arun(main())
+
+
+def test_dial_ids(arun: RunFn, certs: Certs, sock_dir: str) -> None:
+    """A dial ID may be reused once its dial is over; while it is pending, another stream's
+    DIAL_REQ with it is refused ("dial ID already in use") instead of taking it over."""
+
+    async def main() -> None:
+        async with proxy_env(certs, sock_dir) as env, backend(echo) as echo_backend:
+            agent = await env.agent(policies={UNREACHABLE: DialPolicy.HOLD})
+            dialer = env.dialer()
+            for _ in range(2):
+                stream = dialer.stream()
+                assert await stream.connect(echo_backend.address, 5) > 0
+                assert await stream.end() == grpc.StatusCode.OK
+            owner, intruder = dialer.stream(), dialer.stream()
+            await owner.send(dial_req(UNREACHABLE, 6))
+            await agent.wait_held()
+            rsp = await intruder.dial(echo_backend.address, 6)
+            assert (rsp.dialResponse.random, rsp.dialResponse.error) == (
+                6,
+                "dial ID already in use",
+            )
+            assert await agent.answer(6, address=echo_backend.address) > 0
+            won = await owner.expect("DIAL_RSP")
+            assert won.dialResponse.random == 6 and not won.dialResponse.error
+            for stream in (owner, intruder):
+                assert await stream.end() == grpc.StatusCode.OK
+            await frontend_gone(env)
+            check_metrics({"pending_backend_dials": 0, "established_connections": 0})
+
+    arun(main())
+
+
+def test_dial_timeout_spares_established_tunnels(arun: RunFn, certs: Certs, sock_dir: str) -> None:
+    """--backend-dial-timeout bounds dials only: a tunnel older than the timeout, in either
+    mode, still flows after another dial timed out."""
+
+    async def main() -> None:
+        async with (
+            proxy_env(certs, sock_dir, mode="http-connect", dial_timeout=0.2) as env,
+            backend(echo) as echo_backend,
+        ):
+            await env.agent(policies={UNREACHABLE: DialPolicy.HOLD})
+            old = await env.http_connect(echo_backend.address)
+            assert await old.reader.readexactly(len(RESPONSE_200)) == RESPONSE_200
+            late = await env.http_connect(UNREACHABLE)
+            assert (await late.reader.read()).startswith(b"HTTP/1.1 504 Gateway Timeout")
+            old.writer.write(b"still here")
+            assert await old.reader.readexactly(10) == b"still here"
+            await old.close()
+            await wait_until(lambda: not env.proxy.router.frontends, "tunnels removed")
+            check_metrics({failures("backend_dial_timeout"): 1, "established_connections": 0})
+
+    arun(main())
