@@ -211,9 +211,14 @@ build_runtime_root() {
         --platform manylinux2014_x86_64 --platform linux_x86_64 \
         --target "$site" "$WORK"/wheels/*.whl "$WORK"/run-wheels/uvloop-*.whl
     rm -rf "$site/bin"  # console scripts name the host's interpreter; the entrypoints replace them
-    # Apt's and dpkg's leftovers: the extract variant never runs them.
-    rm -rf "$rr"/var/cache/apt "$rr"/var/lib/apt "$rr"/var/log/* "$rr"/usr/share/perl5 \
-        "$rr"/usr/share/debconf "$rr"/usr/share/python3/debian_defaults
+    # uvloop's wheel ships its extension with symbols (14 MB): strip both extensions.
+    find "$site" -name '*.so' -exec strip --strip-unneeded {} +
+    # Nothing runs these at run time: dpkg and tar (pulled in as dependencies; nothing is
+    # installed in a running container), apt's state, Python's docs, tests and installers.
+    local lib=$rr/usr/lib/python$PYVER
+    rm -rf "$rr"/var/cache/apt "$rr"/var/lib/apt "$rr"/var/log/* "$rr"/usr/bin/dpkg* \
+        "$rr"/usr/sbin/dpkg* "$rr"/bin/tar "$rr"/usr/sbin/rmt* "$rr"/usr/share/dpkg \
+        "$lib"/pydoc_data "$lib"/test "$lib"/ensurepip "$lib"/lib2to3 "$lib"/idlelib
     entrypoint "$rr/proxy-server" konnectivity_fast.cli.proxy_server
     entrypoint "$rr/proxy-agent" konnectivity_fast.cli.proxy_agent
     write_sleep "$rr/usr/bin/sleep"
