@@ -6,12 +6,14 @@ gives its options dataclass, klog's options and what the user passed explicitly.
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from konnectivity_fast.cli.flags import FlagSet
-from konnectivity_fast.cli.klog import KLOG_PREFIX, KlogOptions
+from konnectivity_fast.cli.klog import KLOG_PREFIX, KlogOptions, setup_logging
 
 T = TypeVar("T")
 
@@ -44,3 +46,18 @@ def parse_command(
         args=result.args,
         help_requested=bool(result.values["help"]),
     )
+
+
+def report_error(program: str, flagset: FlagSet, message: str,
+                 klog: KlogOptions | None = None) -> int:
+    """What upstream prints for any error of its command (parse, validation, start-up):
+    cobra's ``Error: <err>`` and the usage on stderr, then main's klog line
+    ``error: <err>``; the exit code, 1. ``klog``: the logging options if already set up
+    (else klog's defaults are used, as upstream's main does before parsing)."""
+    print(f"Error: {message}", file=sys.stderr)
+    print(f"Usage:\n  {program} [flags]\n\nFlags:\n{flagset.flag_usages()}",
+          file=sys.stderr)
+    if klog is None:
+        setup_logging(KlogOptions(), program=program)
+    logging.getLogger(f"konnectivity_fast.{program}").error("error: %s", message)
+    return 1

@@ -1,9 +1,10 @@
 """``proxy-server``: upstream's command line in front of ``server.app.run``.
 
-As upstream's cobra command does: a flag error prints ``Error: <pflag's message>`` and the
-usage to stderr and exits 1; ``-h``/``--help`` prints the help and exits 0; a validation
-error is logged as ``failed to validate server options with <err>`` and exits 1. The first
-SIGTERM or SIGINT starts shutdown, a second one exits 1 at once.
+As upstream's cobra command and main do, every error (a flag error, a validation error as
+``failed to validate server options with <err>``, a start-up failure) prints
+``Error: <err>`` and the usage to stderr, logs ``error: <err>`` and exits 1;
+``-h``/``--help`` prints the help and exits 0. The first SIGTERM or SIGINT starts
+shutdown, a second one exits 1 at once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from konnectivity_fast.cli.command import report_error
 from konnectivity_fast.cli.flags import FlagError
 from konnectivity_fast.cli.klog import setup_logging
 from konnectivity_fast.cli.server_options import (
@@ -24,7 +26,7 @@ from konnectivity_fast.cli.server_options import (
     parse_args,
     usage,
 )
-from konnectivity_fast.server.app import run
+from konnectivity_fast.server.app import StartupError, run
 
 __all__ = ["main"]
 
@@ -61,11 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         command = parse_args(args, warn=_warn)
     except FlagError as exc:
-        # cobra: the error, then the command's usage (without its description).
-        print(f"Error: {exc}", file=sys.stderr)
-        print(f"Usage:\n  {PROGRAM} [flags]\n\nFlags:\n{build_flagset().flag_usages()}",
-              file=sys.stderr)
-        return 1
+        return report_error(PROGRAM, build_flagset(), str(exc))
     if command.help_requested:
         sys.stdout.write(usage())
         return 0
@@ -74,15 +72,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     options.log_values()
     error = options.validate()
     if error is not None:
-        log.error("failed to validate server options with %s", error)
-        return 1
+        return report_error(PROGRAM, build_flagset(),
+                            f"failed to validate server options with {error}", command.klog)
 
     import uvloop
 
     async def serve() -> int:
         return await _serve(options, asyncio.Event())
 
-    return uvloop.run(serve())
+    try:
+        return uvloop.run(serve())
+    except StartupError as exc:
+        return report_error(PROGRAM, build_flagset(), str(exc), command.klog)
 
 
 if __name__ == "__main__":

@@ -38,10 +38,16 @@ from konnectivity_fast.server.proxy import (
     start_frontend_tcp,
     start_frontend_uds,
 )
+from konnectivity_fast.server.startup import (
+    StartupError,
+    check_tls_files,
+    host_port,
+    listen_error,
+)
 from konnectivity_fast.transport import tls
 from konnectivity_fast.transport.grpc import GrpcServer
 
-__all__ = ["RunOptions", "run", "unsupported"]
+__all__ = ["RunOptions", "StartupError", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +99,6 @@ class RunOptions(Protocol):
     kubeconfig_burst: int
 
 
-def unsupported(options: RunOptions) -> str | None:
-    """Why this build cannot run ``options``, or ``None``."""
-    if not options.cluster_cert or not options.cluster_key:
-        return "--cluster-cert and --cluster-key are required by the agent listener"
-    return None
-
-
 def _strategies(text: str) -> list[str]:
     return [item for item in text.split(",") if item]
 
@@ -119,6 +118,10 @@ async def _frontend_uds(proxy: ProxyServer, options: RunOptions) -> GrpcServer |
         return await start_frontend_uds(
             proxy, path, keepalive_time=options.frontend_keepalive_time
         )
+    except OSError as exc:
+        raise ValueError(
+            f"failed to listen(unix) name {path}: {listen_error('unix', path, exc)}"
+        ) from None
     finally:
         os.umask(old)
 
@@ -126,41 +129,59 @@ async def _frontend_uds(proxy: ProxyServer, options: RunOptions) -> GrpcServer |
 async def _frontend_tcp(proxy: ProxyServer, options: RunOptions) -> GrpcServer | asyncio.Server:
     host, port = options.server_bind_address or None, options.server_port
     cert, key, ca = options.server_cert, options.server_key, options.server_ca_cert
+    check_tls_files(cert, key, ca)
     settings = _tls_settings(options)
-    if options.mode == "http-connect":
-        return await start_http_connect_tcp(
+    try:
+        if options.mode == "http-connect":
+            return await start_http_connect_tcp(
+                proxy, host=host, port=port, cert_file=cert, key_file=key, client_ca_file=ca,
+                tls_settings=settings,
+            )
+        return await start_frontend_tcp(
             proxy, host=host, port=port, cert_file=cert, key_file=key, client_ca_file=ca,
-            tls_settings=settings,
+            tls_settings=settings, keepalive_time=options.frontend_keepalive_time,
         )
-    return await start_frontend_tcp(
-        proxy, host=host, port=port, cert_file=cert, key_file=key, client_ca_file=ca,
-        tls_settings=settings, keepalive_time=options.frontend_keepalive_time,
-    )
+    except OSError as exc:
+        addr = host_port(options.server_bind_address, port)
+        raise ValueError(f"failed to listen on {addr}: {listen_error('tcp', addr, exc)}") from None
+
+
+async def _agent_listener(proxy: ProxyServer, options: RunOptions) -> GrpcServer:
+    check_tls_files(options.cluster_cert, options.cluster_key, options.cluster_ca_cert)
+    try:
+        return await start_agent_listener(
+            proxy,
+            host=options.agent_bind_address or None,
+            port=options.agent_port,
+            cert_file=options.cluster_cert,
+            key_file=options.cluster_key,
+            client_ca_file=options.cluster_ca_cert or None,
+            tls_settings=_tls_settings(options),
+            keepalive_time=options.keepalive_time,
+        )
+    except OSError as exc:
+        addr = host_port(options.agent_bind_address, options.agent_port)
+        raise ValueError(f"failed to listen on {addr}: {listen_error('tcp', addr, exc)}") from None
 
 
 async def _listen(proxy: ProxyServer, options: RunOptions) -> ServerHandle:
+    """Steps 3-4; a failure is a ``StartupError`` in upstream's words."""
     handle = ServerHandle(proxy)
     log.info("Starting frontend server for client connections.")
-    if options.uds_name:
-        handle.servers.append(await _frontend_uds(proxy, options))
-    else:
-        handle.servers.append(await _frontend_tcp(proxy, options))
+    try:
+        if options.uds_name:
+            handle.servers.append(await _frontend_uds(proxy, options))
+        else:
+            handle.servers.append(await _frontend_tcp(proxy, options))
+    except ValueError as exc:
+        raise StartupError(f"failed to run the frontend server: {exc}") from None
     try:
         log.info("Starting agent server for tunnel connections.")
-        handle.servers.append(
-            await start_agent_listener(
-                proxy,
-                host=options.agent_bind_address or None,
-                port=options.agent_port,
-                cert_file=options.cluster_cert,
-                key_file=options.cluster_key,
-                client_ca_file=options.cluster_ca_cert or None,
-                tls_settings=_tls_settings(options),
-                keepalive_time=options.keepalive_time,
-            )
-        )
-    except BaseException:
+        handle.servers.append(await _agent_listener(proxy, options))
+    except BaseException as exc:
         await handle.close()
+        if isinstance(exc, ValueError):
+            raise StartupError(f"failed to run the agent server: {exc}") from None
         raise
     return handle
 
@@ -207,16 +228,12 @@ async def _start_http(proxy: ProxyServer, options: RunOptions) -> list[asyncio.S
 
 
 async def run(options: RunOptions, stop: asyncio.Event) -> int:
-    """Serve until ``stop`` is set; the process's exit code."""
-    reason = unsupported(options)
-    if reason is not None:
-        log.error("%s", reason)
-        return 1
+    """Serve until ``stop`` is set; the process's exit code. A start-up failure raises
+    ``StartupError`` with upstream's message."""
     try:
         kube = _kube_client(options)
     except ConfigError as exc:
-        log.error("failed to create the Kubernetes client: %s", exc)
-        return 1
+        raise StartupError(f"failed to load kubernetes client config: {exc}") from None
     strategies = _strategies(options.proxy_strategies)
     server_metrics.startup(strategies)
     proxy = ProxyServer(
@@ -237,18 +254,13 @@ async def run(options: RunOptions, stop: asyncio.Event) -> int:
 async def _serve(
     proxy: ProxyServer, options: RunOptions, kube: KubeClient | None, stop: asyncio.Event
 ) -> int:
-    try:
-        handle = await _listen(proxy, options)
-    except (OSError, ValueError) as exc:
-        log.error("failed to run the proxy server: %s", exc)
-        return 1
+    handle = await _listen(proxy, options)
     leases: LeaseController | None = None
     try:
         labels = parse_lease_labels(options.lease_label)  # step 5, even when unused
     except ValueError as exc:
-        log.error("failed to parse lease labels: %s", exc)
         await _stop_listeners(handle, 0.0)
-        return 1
+        raise StartupError(str(exc)) from None
     if options.enable_lease_controller and kube is not None:
         leases = LeaseController(kube, proxy.server_id, options.lease_namespace, labels)
         leases.start()

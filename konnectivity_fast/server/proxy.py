@@ -114,6 +114,12 @@ def _unmarshal_error(exc: Exception) -> str:
     return f"grpc: failed to unmarshal the received message: {exc}"
 
 
+def _receive_cancelled(segment: str) -> None:
+    """A stream reset by its peer, or whose connection went: upstream's receive loop gets
+    Canceled and counts it (``stream_errors_total{packet_type="Unknown"}``)."""
+    metrics.observe_stream_error_no_packet(segment, StatusCode.CANCELLED)
+
+
 class _NullSink:
     """The sink of a call that was refused: input is ignored."""
 
@@ -137,13 +143,14 @@ class _FrontendStream:
     """The sink of one ``Proxy`` call, and its buffer toward the frontend (``buffering``).
     ``held``: its reading is paused until the agent call it writes to drains."""
 
-    __slots__ = ("buffer", "frontend", "held", "server")
+    __slots__ = ("buffer", "ended", "frontend", "held", "server")
 
     def __init__(self, server: ProxyServer, frontend: Frontend) -> None:
         self.server = server
         self.frontend = frontend
         self.buffer = TunnelBuffer()
         self.held = False
+        self.ended = False  # the client half-closed (a clean EOF)
 
     def on_message(self, call: GrpcCall, message: bytes) -> None:
         server = self.server
@@ -179,10 +186,13 @@ class _FrontendStream:
 
     def on_end(self, call: GrpcCall) -> None:
         # Client half-close: the handler returns OK (§2.6), then the stream's cleanup.
+        self.ended = True
         call.finish(StatusCode.OK)
         self.server._remove_frontend(self.frontend)
 
     def on_closed(self, call: GrpcCall, error_code: int) -> None:
+        if error_code and not self.ended:  # reset or connection lost: grpc-go's receive
+            _receive_cancelled(metrics.SEGMENT_FROM_CLIENT)  # fails with Canceled
         self.server._remove_frontend(self.frontend)
         metrics.grpc_connection_closed(metrics.PROXY)
 
@@ -190,11 +200,12 @@ class _FrontendStream:
 class _AgentStream:
     """The sink of one ``Connect`` call."""
 
-    __slots__ = ("backend", "server")
+    __slots__ = ("backend", "ended", "server")
 
     def __init__(self, server: ProxyServer, backend: Backend) -> None:
         self.server = server
         self.backend = backend
+        self.ended = False
 
     def on_message(self, call: GrpcCall, message: bytes) -> None:
         server = self.server
@@ -220,10 +231,13 @@ class _AgentStream:
 
     def on_end(self, call: GrpcCall) -> None:
         # Receive EOF: the handler returns OK (§4.1 step 7), then the stream's cleanup.
+        self.ended = True
         call.finish(StatusCode.OK)
         self.server._remove_backend(self.backend)
 
     def on_closed(self, call: GrpcCall, error_code: int) -> None:
+        if error_code and not self.ended:
+            _receive_cancelled(metrics.SEGMENT_FROM_AGENT)
         self.server._remove_backend(self.backend)
         metrics.grpc_connection_closed(metrics.CONNECT)
 
