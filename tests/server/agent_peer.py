@@ -12,12 +12,13 @@ under test.
   backend closes, can send DRAIN, can stall (stop reading its stream) and disconnect.
 - ``GrpcDialer`` / ``ProxyStream``: a gRPC-mode frontend client (``/ProxyService/Proxy``),
   one channel per dial or many streams on one channel.
-- ``http_connect``: an HTTP-CONNECT client on asyncio streams.
-- Backends: ``start_echo_backend``, ``start_bulk_backend`` (sends a known blob while hashing
-  what it receives) and ``start_hello_backend`` (writes a greeting, then closes).
+- ``open_http`` / ``connect_request``: an HTTP-CONNECT client on asyncio streams.
+- ``backend(serve)``: a real TCP server on 127.0.0.1 running ``echo``, ``hello(greeting)``
+  (writes, then closes) or ``bulk(blob, expect)`` (sends a known blob while hashing what it
+  receives, then sends that hash).
 
 Every packet a peer receives is kept (decoded, and as raw bytes for the agent) so a test can
-assert exact sequences; ``wait_for`` helpers poll those logs with the caller's deadline.
+assert exact sequences; ``wait_until`` and the ``wait_*`` methods poll those logs, bounded.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ BACKEND_READ_SIZE = 64 << 10
 SEND_QUEUE = 64
 # gRPC's default receive limit, as upstream's processes use.
 MAX_MESSAGE = 4 << 20
-# How long a wait_for helper polls by default; tests under pytest-timeout stay bounded.
+# How long a wait helper polls by default (a failing scenario fails well within
+# pytest-timeout), and how often.
 WAIT = 20.0
 POLL = 0.005
 
