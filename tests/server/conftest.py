@@ -203,11 +203,8 @@ ZERO_OR_ABSENT = -1.0
 def check_metrics(expected: dict[str, float | None]) -> None:
     """Every series in ``expected`` has that value (None: absent); all mismatches at once."""
     got = scrape()
-    skip = os.environ.get("KF_SKIP_METRICS", "").split(",")
 
     def ok(name: str, want: float | None) -> bool:
-        if name.split("{", maxsplit=1)[0] in skip:
-            return True
         if want == ZERO_OR_ABSENT:
             return got.get(name) in (None, 0)
         return got.get(name) == want
