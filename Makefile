@@ -43,3 +43,7 @@ bench-micro: build
 
 clean:
 	rm -rf build konnectivity_fast/_wire.c konnectivity_fast/_wire*.so
+
+# Container images (OCI archives in .cache/images/) without a Docker engine; needs root.
+images:
+	deploy/images/build.sh

@@ -7,10 +7,10 @@
 #      libnghttp2, the very package the runtime root gets.
 #   2. A runtime root: mmdebstrap's `extract` variant with python3, libnghttp2-14 and netbase
 #      only (no shell, no apt, no dpkg), trimmed; our wheel and uvloop installed into
-#      /usr/local/lib/python3.X/dist-packages; the entrypoints /proxy-server and /proxy-agent
-#      (Python scripts run by the kernel's #! handling, so no shell is needed); a tiny Python
-#      `sleep` for preStop hooks such as HyperShift's; byte code compiled in advance, so a
-#      read-only root filesystem costs nothing at start-up.
+#      /usr/local/lib/python3.X/dist-packages; deploy/images/rootfs/: the entrypoints
+#      /proxy-server and /proxy-agent (Python scripts run by the kernel's #! handling, so no
+#      shell is needed) and a Python `sleep` for preStop hooks such as HyperShift's; byte
+#      code compiled in advance, so a read-only root filesystem costs nothing at start-up.
 #   3. Two images from the same single layer, committed with buildah and written as OCI
 #      archives: .cache/images/proxy-server.oci.tar and .cache/images/proxy-agent.oci.tar
 #      (image names localhost/konnectivity-fast/proxy-{server,agent}:$IMAGE_TAG).
@@ -19,7 +19,8 @@
 # The two Debian roots are cached in .cache/images/ (keyed by release and package list);
 # buildah's storage is private to .cache/images/store.
 #
-# Environment: IMAGE_TAG (default: dev), DEBIAN_SUITE (default: the host's release),
+# Environment: IMAGE_TAG (default: dev), IMAGE_SOURCE (a commit, default HEAD, or
+# "worktree"; see project_tar), DEBIAN_SUITE (default: the host's release),
 # PYTHON (a Python with pip, for downloading wheels; default: .venv/bin/python).
 # Prints progress on stderr and the archives' paths on stdout.
 set -euo pipefail
@@ -112,11 +113,18 @@ pip_download() {  # pip_download DEST REQUIREMENT...: binary wheels for the imag
         --python-version "$PYVER" --platform manylinux2014_x86_64 -d "$1" "${@:2}"
 }
 
-# The project's files (tracked and new, not ignored): the sources the wheel is built from.
-project_files() {
-    git -C "$ROOT" ls-files -co --exclude-standard -- \
-        konnectivity_fast csrc setup.py pyproject.toml README.md LICENSE \
-        | grep -v -E '(\.so|_wire\.c)$'
+# The sources the wheel is built from, written as a tar to stdout: the commit IMAGE_SOURCE
+# (default HEAD, so edits in progress in a shared working tree never leak into an image),
+# or with IMAGE_SOURCE=worktree the working tree's files (tracked and new, not ignored).
+readonly SOURCE_PATHS=(konnectivity_fast csrc setup.py pyproject.toml README.md)
+project_tar() {
+    local source=${IMAGE_SOURCE:-HEAD}
+    if [[ $source == worktree ]]; then
+        (cd "$ROOT" && git ls-files -co --exclude-standard -- "${SOURCE_PATHS[@]}" \
+            | grep -v -E '(\.so|_wire\.c)$' | tar -cf - -T -)
+    else
+        git -C "$ROOT" archive --format=tar "$source" -- "${SOURCE_PATHS[@]}"
+    fi
 }
 
 build_wheel() {
@@ -134,7 +142,7 @@ build_wheel() {
         --only-binary=:all: --implementation cp --python-version "$PYVER" \
         --platform manylinux2014_x86_64 --target "$br/opt/pydeps" "$WORK"/build-wheels/*.whl
     mkdir -p "$br/src" "$br/out"
-    (cd "$ROOT" && project_files | tar -cf - -T -) | tar -xf - -C "$br/src"
+    project_tar | tar -xf - -C "$br/src"
     say "building the wheel in the build root"
     in_root "$br" PYTHONPATH=/opt/pydeps python3 -c '
 import os
@@ -152,44 +160,6 @@ build_meta.build_wheel("/out")' >/dev/null
     rm -rf "$WORK/wheel-check"
     NGHTTP2_BUILT=$(basename "$(readlink -f "$br"/usr/lib/x86_64-linux-gnu/libnghttp2.so)")
     rm -rf "$br"
-}
-
-# Written into the root: the entrypoints. -I: isolated (no PYTHON* variables, no user site,
-# the script's folder not on sys.path); -B: never write byte code (it is precompiled, and the
-# root may be read-only).
-entrypoint() {  # entrypoint PATH MODULE
-    cat >"$1" <<EOF
-#!/usr/bin/python3 -IB
-"""Container entrypoint: konnectivity-fast's ${1##*/}."""
-import sys
-
-from $2 import main
-
-sys.exit(main())
-EOF
-    chmod 0755 "$1"
-}
-
-write_sleep() {  # a `sleep SECONDS` for preStop hooks: the images have no coreutils
-    cat >"$1" <<'EOF'
-#!/usr/bin/python3 -IB
-"""sleep SECONDS[s|m|h]... (the coreutils subset preStop hooks use; the image has no shell)."""
-import sys
-import time
-
-UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-total = 0.0
-for arg in sys.argv[1:]:
-    unit = UNITS.get(arg[-1:], 0)
-    try:
-        total += float(arg[:-1] if unit else arg) * (unit or 1)
-    except ValueError:
-        sys.exit(f"sleep: invalid time interval '{arg}'")
-if len(sys.argv) < 2:
-    sys.exit("sleep: missing operand")
-time.sleep(total)
-EOF
-    chmod 0755 "$1"
 }
 
 build_runtime_root() {
@@ -219,9 +189,8 @@ build_runtime_root() {
     rm -rf "$rr"/var/cache/apt "$rr"/var/lib/apt "$rr"/var/log/* "$rr"/usr/bin/dpkg* \
         "$rr"/usr/sbin/dpkg* "$rr"/bin/tar "$rr"/usr/sbin/rmt* "$rr"/usr/share/dpkg \
         "$lib"/pydoc_data "$lib"/test "$lib"/ensurepip "$lib"/lib2to3 "$lib"/idlelib
-    entrypoint "$rr/proxy-server" konnectivity_fast.cli.proxy_server
-    entrypoint "$rr/proxy-agent" konnectivity_fast.cli.proxy_agent
-    write_sleep "$rr/usr/bin/sleep"
+    # The entrypoints /proxy-server and /proxy-agent, and a Python `sleep` for preStop hooks.
+    cp -a "$ROOT/deploy/images/rootfs/." "$rr/"
     mkdir -p "$rr/tmp"
     chmod 1777 "$rr/tmp"
     # Byte code for our packages and for every standard module the programs import (the
