@@ -1,0 +1,320 @@
+"""Processes of the tunnel benchmark: the proxy-server + proxy-agent pairs (ours and
+upstream's v0.36.0), the Go backend and load generator (bench/loadgen), the certificates
+of the mTLS agent link, and the builds they need.
+
+Invariants: every child runs in its own session with ``PR_SET_PDEATHSIG`` = SIGKILL (it
+never outlives the orchestrator) and is tracked by ``Children``, which kills what is left
+by pid. Every wait has a deadline. Our programs and upstream's get the same command line
+(the flags are upstream's): frontend on a Unix socket, agent link over TLS with client
+certificates on 127.0.0.1, health and admin ports on 127.0.0.1, the same verbosity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import trustme
+
+from bench._echo_proc import REPO_ROOT, TERM_GRACE, Child, ChildError, _die_with_parent
+
+LOADGEN_SRC = REPO_ROOT / "bench" / "loadgen"
+LOADGEN_BIN = REPO_ROOT / ".cache" / "bench" / "loadgen"
+BUILD_UPSTREAM = REPO_ROOT / "scripts" / "build-upstream.sh"
+LOOPBACK = "127.0.0.1"
+# Both programs validate ports to 1024-49151: pick below the ephemeral range.
+PORT_RANGE = (20000, 32000)
+# Seconds for a server or agent to answer its health endpoint after start.
+READY_TIMEOUT = 30.0
+POLL = 0.05
+# A cold upstream build downloads and compiles client-go: minutes on 2 cores.
+UPSTREAM_BUILD_TIMEOUT = 1500
+LOADGEN_BUILD_TIMEOUT = 600
+IMPLS = ("ours", "upstream")
+
+
+class Proc(Child):
+    """A child running any program (``Child`` runs the Python interpreter)."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log: IO[bytes] = open(log_path, "wb")  # noqa: SIM115 (closed in close())
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=REPO_ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 (no threads in the orchestrator)
+        )
+        self.pid = self.proc.pid
+        self._buf = b""
+
+
+class Procs:
+    """Every child of one benchmark run, so that all can be ended at once."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self._all: list[Proc] = []
+        self._count = 0
+
+    def start(self, name: str, argv: list[str]) -> Proc:
+        self._count += 1
+        child = Proc(name, argv, self.log_dir / f"{self._count:03d}-{name}.log")
+        self._all.append(child)
+        return child
+
+    def stop(self, child: Proc) -> None:
+        """SIGKILL: nothing measured depends on a graceful exit, and upstream's agent
+        only drains on the first SIGTERM."""
+        if child.alive():
+            child.proc.kill()
+        child.proc.wait(TERM_GRACE)
+        child.close()
+        if child in self._all:
+            self._all.remove(child)
+
+    def finish(self, child: Proc, timeout: float) -> int:
+        """Wait (bounded) for ``child`` to exit by itself and forget it; its exit code."""
+        try:
+            return child.wait(timeout)
+        finally:
+            child.close()
+            if child in self._all:
+                self._all.remove(child)
+
+    def kill_all(self) -> None:
+        while self._all:
+            self.stop(self._all[-1])
+
+
+# -- builds -----------------------------------------------------------------------------
+
+
+def _digest(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def build_loadgen() -> Path:
+    """Build bench/loadgen into .cache/bench/ unless its sources are unchanged."""
+    sources = sorted(LOADGEN_SRC.glob("*.go")) + [LOADGEN_SRC / "go.mod", LOADGEN_SRC / "go.sum"]
+    want = _digest(sources)
+    stamp = LOADGEN_BIN.with_suffix(".stamp")
+    if LOADGEN_BIN.exists() and stamp.exists() and stamp.read_text() == want:
+        return LOADGEN_BIN
+    go = os.environ.get("GO") or _which("go")
+    if go is None:
+        raise ChildError("no Go toolchain (go on PATH or GO=): the load generator cannot be built")
+    LOADGEN_BIN.parent.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "GOTOOLCHAIN": os.environ.get("GOTOOLCHAIN", "auto"),
+        "GOFLAGS": "-mod=readonly -buildvcs=false -modcacherw",
+    }
+    tmp = LOADGEN_BIN.with_suffix(f".tmp{os.getpid()}")
+    done = subprocess.run(
+        [go, "build", "-trimpath", "-o", str(tmp), "."],
+        cwd=LOADGEN_SRC,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=LOADGEN_BUILD_TIMEOUT,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise ChildError(f"building bench/loadgen failed:\n{done.stderr[-4000:]}")
+    tmp.replace(LOADGEN_BIN)
+    stamp.write_text(want)
+    return LOADGEN_BIN
+
+
+def build_upstream() -> Path:
+    """scripts/build-upstream.sh (a no-op when up to date); the folder of the binaries."""
+    done = subprocess.run(
+        ["bash", str(BUILD_UPSTREAM)],
+        capture_output=True,
+        text=True,
+        timeout=UPSTREAM_BUILD_TIMEOUT,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise ChildError(f"scripts/build-upstream.sh failed:\n{done.stderr[-4000:]}")
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+def _which(name: str) -> str | None:
+    for d in os.environ.get("PATH", "").split(os.pathsep):
+        p = Path(d) / name
+        if p.is_file() and os.access(p, os.X_OK):
+            return str(p)
+    return None
+
+
+# -- certificates and ports ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Certs:
+    ca: str
+    server_cert: str
+    server_key: str
+    client_cert: str
+    client_key: str
+
+
+def make_certs(directory: Path) -> Certs:
+    """A CA, a server certificate for 127.0.0.1 and an agent (client) certificate."""
+    ca = trustme.CA()
+    server = ca.issue_cert("localhost", LOOPBACK)
+    agent = ca.issue_cert("agent.example")
+    blobs = {
+        "ca.pem": ca.cert_pem.bytes(),
+        "server.pem": server.cert_chain_pems[0].bytes(),
+        "server.key": server.private_key_pem.bytes(),
+        "agent.pem": agent.cert_chain_pems[0].bytes(),
+        "agent.key": agent.private_key_pem.bytes(),
+    }
+    for name, blob in blobs.items():
+        (directory / name).write_bytes(blob)
+    d = str(directory)
+    return Certs(
+        f"{d}/ca.pem", f"{d}/server.pem", f"{d}/server.key", f"{d}/agent.pem", f"{d}/agent.key"
+    )
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports free on 127.0.0.1 now (a race with other processes is possible, unlikely)."""
+    rng = random.Random()
+    ports: list[int] = []
+    while len(ports) < count:
+        port = rng.randrange(*PORT_RANGE)
+        if port in ports:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
+
+
+def _status(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{port}{path}", timeout=2.0) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 0
+
+
+def wait_ready(child: Proc, port: int, path: str) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise ChildError(f"{child.name} exited before {path} answered{child._tail()}")
+        if _status(port, path) == 200:
+            return
+        time.sleep(POLL)
+    raise ChildError(f"{child.name}: {path} on port {port} never answered 200{child._tail()}")
+
+
+# -- a proxy-server + proxy-agent pair -----------------------------------------------------
+
+
+@dataclass
+class Pair:
+    impl: str  # "ours" or "upstream"
+    mode: str  # "grpc" or "http-connect"
+    uds: str
+    server: Proc
+    agent: Proc
+
+
+def _commands(impl: str, upstream_bin: Path | None) -> tuple[list[str], list[str]]:
+    if impl == "upstream":
+        assert upstream_bin is not None
+        return [str(upstream_bin / "proxy-server")], [str(upstream_bin / "proxy-agent")]
+    return [sys.executable, "-m", "konnectivity_fast.server"], [
+        sys.executable,
+        "-m",
+        "konnectivity_fast.agent",
+    ]
+
+
+def start_pair(
+    procs: Procs,
+    impl: str,
+    mode: str,
+    certs: Certs,
+    sock_dir: Path,
+    upstream_bin: Path | None,
+    verbosity: int,
+) -> Pair:
+    """Start a proxy-server (frontend ``mode`` on a Unix socket) and one proxy-agent
+    connected to it over mTLS; return once both say ready."""
+    server_cmd, agent_cmd = _commands(impl, upstream_bin)
+    agent_port, health, admin, a_health, a_admin = free_ports(5)
+    uds = str(sock_dir / f"{impl}-{mode}-{agent_port}.sock")
+    server = procs.start(
+        f"{impl}-{mode}-server",
+        [
+            *server_cmd,
+            f"--mode={mode}",
+            f"--uds-name={uds}",
+            "--server-port=0",
+            f"--cluster-cert={certs.server_cert}",
+            f"--cluster-key={certs.server_key}",
+            f"--cluster-ca-cert={certs.ca}",
+            f"--agent-bind-address={LOOPBACK}",
+            f"--agent-port={agent_port}",
+            f"--health-bind-address={LOOPBACK}",
+            f"--health-port={health}",
+            f"--admin-bind-address={LOOPBACK}",
+            f"--admin-port={admin}",
+            f"--v={verbosity}",
+        ],
+    )
+    wait_ready(server, health, "/healthz")
+    agent = procs.start(
+        f"{impl}-{mode}-agent",
+        [
+            *agent_cmd,
+            f"--ca-cert={certs.ca}",
+            f"--agent-cert={certs.client_cert}",
+            f"--agent-key={certs.client_key}",
+            f"--proxy-server-host={LOOPBACK}",
+            f"--proxy-server-port={agent_port}",
+            f"--health-server-host={LOOPBACK}",
+            f"--health-server-port={a_health}",
+            f"--admin-bind-address={LOOPBACK}",
+            f"--admin-server-port={a_admin}",
+            f"--v={verbosity}",
+        ],
+    )
+    wait_ready(agent, a_health, "/readyz")
+    wait_ready(server, health, "/readyz")
+    return Pair(impl, mode, uds, server, agent)
+
+
+def stop_pair(procs: Procs, pair: Pair) -> None:
+    # The agent first: a server stopped first makes the agent log reconnect attempts.
+    procs.stop(pair.agent)
+    procs.stop(pair.server)

@@ -1,0 +1,435 @@
+"""Tunnel benchmark: our proxy-server + proxy-agent against upstream's v0.36.0 Go binaries
+and against a direct loopback connection, same machine, same run.
+
+    .venv/bin/python -m bench.tunnel [--quick] [--json out.json] [--chart out.png]
+
+Each implementation runs as deployed: proxy-server with its frontend (gRPC or HTTP-CONNECT)
+on a Unix socket, one proxy-agent linked to it over TLS with client certificates. The
+backend and the load generators are Go programs (bench/loadgen), each in its own process;
+the gRPC frontend is driven with the published konnectivity-client library, one tunnel per
+gRPC connection as kube-apiserver does. CPU time and RSS come from /proc. Every figure is
+the median of ``--runs`` runs (min-max beside it), runs interleaved across implementations;
+ratios ours/upstream and ours/direct are printed with the issue's targets (reported, never
+asserted). See bench/README.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bench._echo_proc import ChildError, cpu_seconds, machine_busy_seconds, rss_kib
+from bench._tunnel_procs import (
+    LOOPBACK,
+    Pair,
+    Proc,
+    Procs,
+    build_loadgen,
+    build_upstream,
+    make_certs,
+    start_pair,
+    stop_pair,
+)
+from bench._tunnel_report import BULK, render, summarize
+
+MIB = 1 << 20
+MODES = ("grpc", "http-connect")
+IMPLS = ("ours", "upstream")
+SCENARIOS = ("down1", "up1", "down8", "setup1", "setup16", "rtt", "idle", "hol")
+# The scenarios that run on the long-lived pairs (and on direct TCP); "idle" and "hol"
+# each get fresh pairs (a stalled reader may wedge a pair for good).
+SHARED = ("down1", "up1", "down8", "setup1", "setup16", "rtt")
+START_TIMEOUT = 60.0
+# Seconds allowed past a load generator's own -timeout for its result line.
+RESULT_GRACE = 15.0
+# Before a run, wait (up to Config.settle s) until the rest of the machine uses less than
+# QUIET_PCT % of a core, sampled over QUIET_SAMPLE s.
+QUIET_PCT = 25.0
+QUIET_SAMPLE = 0.3
+# Let RSS settle after the idle tunnels are open (Go's scavenger, our allocator).
+IDLE_SETTLE = 1.0
+
+
+@dataclass
+class Config:
+    runs: int = 3
+    single_bytes: int = 256 * MIB
+    multi_conns: int = 8
+    multi_bytes: int = 64 * MIB
+    upload_write: int = 16 << 10  # kube-apiserver writes TLS-record-sized pieces
+    setup_seconds: float = 2.0
+    setup_workers: int = 16
+    rtt_count: int = 2000
+    idle_tunnels: int = 1000
+    hol_bytes: int = 32 * MIB
+    hol_window: float = 6.0
+    hol_probe: float = 10.0
+    hol_stall: float = 1.0
+    verbosity: int = 0
+    settle: float = 5.0
+    impls: tuple[str, ...] = IMPLS
+    modes: tuple[str, ...] = MODES
+    scenarios: tuple[str, ...] = SCENARIOS
+    direct: bool = True
+
+
+QUICK = {
+    "runs": 1,
+    "single_bytes": 32 * MIB,
+    "multi_bytes": 8 * MIB,
+    "setup_seconds": 0.5,
+    "rtt_count": 300,
+    "idle_tunnels": 200,
+    "hol_bytes": 4 * MIB,
+    "hol_window": 3.0,
+    "hol_probe": 3.0,
+    "hol_stall": 0.5,
+    "settle": 0.0,
+}
+
+Progress = Callable[[str], None]
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Target:
+    """Where a load generator sends its tunnels: a pair's frontend, or direct TCP."""
+
+    key: str  # "direct", "ours/grpc", "upstream/http-connect", ...
+    mode: str  # loadgen -mode
+    pair: Pair | None = None
+
+    def frontend(self) -> list[str]:
+        return [f"-mode={self.mode}"] + ([f"-uds={self.pair.uds}"] if self.pair else [])
+
+    def pids(self) -> dict[str, int]:
+        if self.pair is None:
+            return {}
+        return {"server": self.pair.server.pid, "agent": self.pair.agent.pid}
+
+
+@dataclass
+class Bench:
+    config: Config
+    progress: Progress
+    dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kf-tun-")))
+
+    def __post_init__(self) -> None:
+        self.procs = Procs(self.dir)
+        self.loadgen = str(build_loadgen())
+        self.upstream_bin = build_upstream() if "upstream" in self.config.impls else None
+        self.certs = make_certs(self.dir)
+        self.backend = self.procs.start("backend", [self.loadgen, "backend"])
+        self.target_addr = f"{LOOPBACK}:{int(self.backend.expect('READY', START_TIMEOUT))}"
+
+    def close(self) -> None:
+        self.procs.kill_all()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def pair(self, impl: str, mode: str) -> Pair:
+        return start_pair(
+            self.procs,
+            impl,
+            mode,
+            self.certs,
+            self.dir,
+            self.upstream_bin,
+            self.config.verbosity,
+        )
+
+    def wait_quiet(self) -> float:
+        """Wait (bounded by Config.settle) for the machine to be quiet; the last busy %."""
+        deadline = time.monotonic() + self.config.settle
+        busy = 0.0
+        while time.monotonic() < deadline:
+            b0, t0 = machine_busy_seconds(), time.monotonic()
+            time.sleep(QUIET_SAMPLE)
+            busy = 100.0 * (machine_busy_seconds() - b0) / (time.monotonic() - t0)
+            if busy < QUIET_PCT:
+                break
+        return busy
+
+    # -- one load-generator run --
+
+    def measure(self, target: Target, command: str, args: list[str], timeout: float) -> dict[str, Any]:
+        """Run one load generator against ``target``; its result plus the CPU time every
+        process used between GO and RESULT, and the machine's."""
+        loadgen = self.procs.start(
+            f"loadgen-{command}-{target.key.replace('/', '-')}",
+            [self.loadgen, command, *target.frontend(), f"-target={self.target_addr}",
+             f"-timeout={timeout:g}s", *args],
+        )
+        pids = {**target.pids(), "loadgen": loadgen.pid, "backend": self.backend.pid}
+        try:
+            loadgen.expect("READY", START_TIMEOUT)
+            c0 = {k: cpu_seconds(p) for k, p in pids.items()}
+            m0, w0 = machine_busy_seconds(), time.monotonic()
+            loadgen.write_line("GO")
+            line = loadgen.expect("RESULT", timeout + RESULT_GRACE)
+            w1, m1 = time.monotonic(), machine_busy_seconds()
+            c1 = {k: cpu_seconds(p) for k, p in pids.items()}
+            self.procs.finish(loadgen, RESULT_GRACE)
+        except ChildError as exc:
+            self.procs.stop(loadgen)
+            return {"error": str(exc)[:2000]}
+        result: dict[str, Any] = json.loads(line)
+        wall = w1 - w0
+        cpu = {f"{k}_cpu_s": c1[k] - c0[k] for k in pids}
+        result.update(cpu, wall_s=wall, machine_busy_pct=100.0 * (m1 - m0) / wall)
+        result["other_cpu_pct"] = max(0.0, result["machine_busy_pct"] - 100.0 * sum(cpu.values()) / wall)
+        return result
+
+    def scenario(self, name: str, target: Target) -> dict[str, Any]:
+        c = self.config
+        if name in BULK:
+            conns, size, direction = BULK[name](c)
+            args = [f"-conns={conns}", f"-bytes={size}", f"-dir={direction}",
+                    f"-wsize={c.upload_write}"]
+            return self.measure(target, "bulk", args, 120.0)
+        if name in ("setup1", "setup16"):
+            workers = 1 if name == "setup1" else c.setup_workers
+            args = [f"-workers={workers}", f"-duration={c.setup_seconds:g}s"]
+            return self.measure(target, "setup", args, c.setup_seconds + 60.0)
+        if name == "rtt":
+            return self.measure(target, "rtt", [f"-count={c.rtt_count}"], 60.0)
+        raise ValueError(name)
+
+    # -- fresh pairs: idle tunnels and head-of-line blocking --
+
+    def idle(self, target: Target) -> dict[str, Any]:
+        assert target.pair is not None
+        c = self.config
+        pair = target.pair
+        loadgen = self.procs.start(
+            f"loadgen-idle-{pair.impl}-{pair.mode}",
+            [self.loadgen, "idle", *target.frontend(), f"-target={self.target_addr}",
+             f"-conns={c.idle_tunnels}", "-timeout=120s"],
+        )
+        try:
+            loadgen.expect("READY", START_TIMEOUT)
+            time.sleep(IDLE_SETTLE)
+            before = {"server": rss_kib(pair.server.pid), "agent": rss_kib(pair.agent.pid)}
+            loadgen.write_line("GO")
+            opened = int(loadgen.expect("OPENED", 120.0))
+            time.sleep(IDLE_SETTLE)
+            after = {"server": rss_kib(pair.server.pid), "agent": rss_kib(pair.agent.pid)}
+            loadgen.write_line("CLOSE")
+            loadgen.expect("RESULT", 60.0)
+            self.procs.finish(loadgen, RESULT_GRACE)
+        except ChildError as exc:
+            self.procs.stop(loadgen)
+            return {"error": str(exc)[:2000]}
+        return {"tunnels": opened, "rss_before_kib": before, "rss_after_kib": after}
+
+    def hol(self, target: Target) -> dict[str, Any]:
+        c = self.config
+        args = [f"-conns={c.multi_conns}", f"-bytes={c.hol_bytes}", f"-window={c.hol_window:g}s",
+                f"-probe={c.hol_probe:g}s", f"-stall={c.hol_stall:g}s"]
+        return self.measure(target, "hol", args, 2 * c.hol_window + c.hol_probe + 60.0)
+
+    # -- the plan --
+
+    def targets(self) -> list[Target]:
+        c = self.config
+        out = [Target("direct", "direct")] if c.direct else []
+        for mode in c.modes:
+            for impl in c.impls:
+                out.append(Target(f"{impl}/{mode}", mode, self.pair(impl, mode)))
+        return out
+
+    def run(self) -> dict[str, Any]:
+        c = self.config
+        runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        shared = [s for s in SHARED if s in c.scenarios]
+        targets = self.targets() if shared else []
+        self.progress("pairs up: " + ", ".join(
+            f"{t.key} server {t.pair.server.pid} agent {t.pair.agent.pid}" for t in targets if t.pair))
+        step, total = 0, c.runs * len(shared) * len(targets)
+        # Interleaved (run 1 of every cell, then run 2, ...): a slow spell of the shared
+        # machine does not fall on one implementation only.
+        for run in range(c.runs):
+            for name in shared:
+                for target in targets:
+                    step += 1
+                    busy = self.wait_quiet()
+                    result = self.scenario(name, target)
+                    result["busy_before_pct"] = busy
+                    runs.setdefault(name, {}).setdefault(target.key, []).append(result)
+                    self.progress(f"[{step}/{total}] {name:8s} {target.key:22s} {_brief(name, result)}")
+                    self._revive(target)
+        for target in targets:
+            if target.pair is not None:
+                stop_pair(self.procs, target.pair)
+        fresh = [s for s in ("idle", "hol") if s in c.scenarios]
+        for run in range(c.runs if fresh else 0):
+            for mode in c.modes:
+                for impl in c.impls:
+                    target = Target(f"{impl}/{mode}", mode, self.pair(impl, mode))
+                    for name in fresh:
+                        self.wait_quiet()
+                        result = self.idle(target) if name == "idle" else self.hol(target)
+                        runs.setdefault(name, {}).setdefault(target.key, []).append(result)
+                        self.progress(f"[{name} {run + 1}/{c.runs}] {target.key:22s} {_brief(name, result)}")
+                    assert target.pair is not None
+                    stop_pair(self.procs, target.pair)
+        return summarize(asdict(c), _machine(self.upstream_bin), runs)
+
+    def _revive(self, target: Target) -> None:
+        """A pair with a dead process is replaced (and the progress says so)."""
+        pair = target.pair
+        if pair is None or (pair.server.alive() and pair.agent.alive()):
+            return
+        self.progress(f"{target.key}: a process died (see {self.dir}); starting a new pair")
+        stop_pair(self.procs, pair)
+        target.pair = self.pair(pair.impl, pair.mode)
+
+
+def _brief(name: str, r: dict[str, Any]) -> str:
+    if "error" in r and name != "setup1" and name != "setup16":
+        return "ERROR " + str(r["error"]).splitlines()[0][:150]
+    from bench._tunnel_report import brief
+
+    return brief(name, r)
+
+
+def _machine(upstream_bin: Path | None) -> dict[str, Any]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "upstream": "apiserver-network-proxy v0.36.0" if upstream_bin else None,
+        "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+@contextmanager
+def _terminate_on_sigterm() -> Iterator[None]:
+    """SIGTERM/SIGHUP end the run like Ctrl-C: through the ``finally`` that kills children."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def run_benchmark(config: Config, progress: Progress = _stderr) -> dict[str, Any]:
+    """The whole benchmark; its results as a JSON-ready dict. Children never outlive it."""
+    with _terminate_on_sigterm():
+        bench = Bench(config, progress)
+        try:
+            return bench.run()
+        finally:
+            bench.close()
+
+
+def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
+    p = argparse.ArgumentParser(prog="python -m bench.tunnel", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="1 run, small sizes: under 2 minutes")
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--chart", type=Path, help="write a PNG chart here (needs matplotlib)")
+    p.add_argument("--runs", type=int)
+    p.add_argument("--single-mib", type=int, help="MiB of a single-tunnel transfer (256)")
+    p.add_argument("--multi-mib", type=int, help="MiB per tunnel of the 8-tunnel download (64)")
+    p.add_argument("--setup-seconds", type=float, help="seconds per set-up rate run (2)")
+    p.add_argument("--rtt-count", type=int, help="round trips per run (2000)")
+    p.add_argument("--idle-tunnels", type=int, help="idle tunnels for the RSS figure (1000)")
+    p.add_argument("--hol-mib", type=int, help="MiB per download in the head-of-line test (32)")
+    p.add_argument("--hol-window", type=float, help="bound on each head-of-line phase, s (6)")
+    p.add_argument("--hol-probe", type=float, help="bound on the new-tunnel probe, s (10)")
+    p.add_argument("--settle", type=float, help="max seconds to wait for a quiet machine (5)")
+    p.add_argument("--verbosity", type=int, default=0, help="-v of both programs (0)")
+    p.add_argument("--impls", nargs="+", choices=IMPLS)
+    p.add_argument("--modes", nargs="+", choices=MODES)
+    p.add_argument("--scenarios", nargs="+", choices=SCENARIOS)
+    p.add_argument("--no-direct", action="store_true", help="skip the direct TCP reference")
+    a = p.parse_args(argv)
+    config = Config(**QUICK) if a.quick else Config()  # type: ignore[arg-type]
+    overrides: dict[str, Any] = {
+        "runs": a.runs,
+        "single_bytes": a.single_mib and a.single_mib * MIB,
+        "multi_bytes": a.multi_mib and a.multi_mib * MIB,
+        "setup_seconds": a.setup_seconds,
+        "rtt_count": a.rtt_count,
+        "idle_tunnels": a.idle_tunnels,
+        "hol_bytes": a.hol_mib and a.hol_mib * MIB,
+        "hol_window": a.hol_window,
+        "hol_probe": a.hol_probe,
+        "settle": a.settle,
+        "impls": a.impls and tuple(a.impls),
+        "modes": a.modes and tuple(a.modes),
+        "scenarios": a.scenarios and tuple(a.scenarios),
+    }
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(config, key, value)
+    config.verbosity = a.verbosity
+    config.direct = not a.no_direct
+    if not (1 <= config.runs <= 20 and config.idle_tunnels >= 1 and config.rtt_count >= 1):
+        p.error("a parameter is out of its range")
+    return config, a
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, args = parse_args(argv)
+    start = time.monotonic()
+    _stderr(f"tunnel benchmark: {config.runs} run(s); load average {_loadavg()}")
+    try:
+        results = run_benchmark(config)
+    except KeyboardInterrupt:
+        _stderr("interrupted: children killed")
+        return 130
+    except ChildError as exc:
+        _stderr(f"failed: {exc}")
+        return 1
+    results["elapsed_s"] = round(time.monotonic() - start, 1)
+    results["machine"]["loadavg_after"] = _loadavg().split()
+    print(render(results))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        _stderr(f"results written to {args.json}")
+    if args.chart is not None:
+        from bench._tunnel_chart import chart
+
+        chart(results, args.chart)
+        _stderr(f"chart written to {args.chart}")
+    return 0
+
+
+def _loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
