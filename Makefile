@@ -47,3 +47,9 @@ clean:
 # Container images (OCI archives in .cache/images/) without a Docker engine; needs root.
 images:
 	deploy/images/build.sh
+
+# Tunnel benchmark against upstream v0.36.0 and direct TCP (bench/README.md): JSON and PNG
+# in bench/results/. QUICK=1 for the under-2-minutes mode.
+.PHONY: bench-tunnel
+bench-tunnel: build
+	$(PY) -m bench.tunnel $(if $(QUICK),--quick) --json bench/results/tunnel.json --chart bench/results/tunnel.png

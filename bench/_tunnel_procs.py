@@ -113,7 +113,7 @@ def _digest(paths: list[Path]) -> str:
 
 def build_loadgen() -> Path:
     """Build bench/loadgen into .cache/bench/ unless its sources are unchanged."""
-    sources = sorted(LOADGEN_SRC.glob("*.go")) + [LOADGEN_SRC / "go.mod", LOADGEN_SRC / "go.sum"]
+    sources = [*sorted(LOADGEN_SRC.glob("*.go")), LOADGEN_SRC / "go.mod", LOADGEN_SRC / "go.sum"]
     want = _digest(sources)
     stamp = LOADGEN_BIN.with_suffix(".stamp")
     if LOADGEN_BIN.exists() and stamp.exists() and stamp.read_text() == want:
@@ -261,6 +261,7 @@ def _commands(impl: str, upstream_bin: Path | None) -> tuple[list[str], list[str
 
 def start_pair(
     procs: Procs,
+    *,
     impl: str,
     mode: str,
     certs: Certs,

@@ -78,7 +78,7 @@ def derive(name: str, r: dict[str, Any]) -> dict[str, float]:
 
 def ok(name: str, r: dict[str, Any]) -> bool:
     if name in ("setup1", "setup16"):
-        return r.get("failures", 1) == 0 and r.get("tunnels", 0) > 0
+        return bool(r.get("failures", 1) == 0 and r.get("tunnels", 0) > 0)
     return "error" not in r
 
 
@@ -94,17 +94,23 @@ def brief(name: str, r: dict[str, Any]) -> str:
         cpu = f", {m['cpu_s_per_gib']:.2f} CPU-s/GiB" if "cpu_s_per_gib" in m else ""
         return f"{m['mb_s']:8.0f} MB/s{cpu} ({pair}, {load}, {other})"
     if name in ("setup1", "setup16"):
-        return (f"{m['tunnels_s']:7.0f} tunnels/s p50 {m['p50_ms']:.2f} ms p99 {m['p99_ms']:.2f} ms"
-                f" ({pair}, {load}, {other})")
+        return (
+            f"{m['tunnels_s']:7.0f} tunnels/s p50 {m['p50_ms']:.2f} ms p99 {m['p99_ms']:.2f} ms"
+            f" ({pair}, {load}, {other})"
+        )
     if name == "rtt":
         return f"p50 {m['p50_us']:.0f} µs p99 {m['p99_us']:.0f} µs ({pair}, {load}, {other})"
     if name == "idle":
-        return (f"{m['server_idle_mib']:.1f}/{m['agent_idle_mib']:.1f} MiB idle, +{r['tunnels']} "
-                f"tunnels: server {m['server_kib_per_tunnel']:.1f} + agent "
-                f"{m['agent_kib_per_tunnel']:.1f} KiB/tunnel")
-    return (f"8 downloads {m['base_mb_s']:.0f} MB/s, with a stalled reader {m['stalled_mb_s']:.0f}"
-            f" MB/s ({m['kept_pct']:.0f} %), new tunnel {'ok' if m['new_tunnel_ok'] else 'FAILED'}"
-            f" in {r['new_tunnel_ms']:.0f} ms")
+        return (
+            f"{m['server_idle_mib']:.1f}/{m['agent_idle_mib']:.1f} MiB idle, +{r['tunnels']} "
+            f"tunnels: server {m['server_kib_per_tunnel']:.1f} + agent "
+            f"{m['agent_kib_per_tunnel']:.1f} KiB/tunnel"
+        )
+    return (
+        f"8 downloads {m['base_mb_s']:.0f} MB/s, with a stalled reader {m['stalled_mb_s']:.0f}"
+        f" MB/s ({m['kept_pct']:.0f} %), new tunnel {'ok' if m['new_tunnel_ok'] else 'FAILED'}"
+        f" in {r['new_tunnel_ms']:.0f} ms"
+    )
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -112,7 +118,9 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 def summarize(
-    config: dict[str, Any], machine: dict[str, Any], runs: dict[str, dict[str, list[dict[str, Any]]]]
+    config: dict[str, Any],
+    machine: dict[str, Any],
+    runs: dict[str, dict[str, list[dict[str, Any]]]],
 ) -> dict[str, Any]:
     """The JSON document: config, machine, raw runs, medians and the target rows."""
     cells: dict[str, dict[str, Any]] = {}
@@ -192,11 +200,21 @@ def target_rows(cells: dict[str, dict[str, Any]], config: dict[str, Any]) -> lis
                 met, target = r_up <= value + 1e-9, f"<= {value:.2g}x upstream"
             elif kind == "abs_min" and ours is not None:
                 met, target = ours >= value, f">= {value:g}"
-            rows.append({
-                "scenario": name, "metric": metric, "unit": unit, "mode": mode,
-                "direct": direct, "upstream": up, "ours": ours,
-                "ours_upstream": r_up, "ours_direct": r_direct, "target": target, "met": met,
-            })
+            rows.append(
+                {
+                    "scenario": name,
+                    "metric": metric,
+                    "unit": unit,
+                    "mode": mode,
+                    "direct": direct,
+                    "upstream": up,
+                    "ours": ours,
+                    "ours_upstream": r_up,
+                    "ours_direct": r_direct,
+                    "target": target,
+                    "met": met,
+                }
+            )
     return rows
 
 
@@ -207,8 +225,11 @@ def _fmt(cells: dict[str, dict[str, Any]], name: str, key: str, metric: str) -> 
         return "FAILED" if failed else "-"
     if metric == "new_tunnel_ok":
         n = len(cells[name][key]["runs"])
-        yes = round(stats["median"] * n) if n == 1 else sum(
-            1 for r in cells[name][key]["runs"] if r.get("new_tunnel_ok"))
+        yes = (
+            round(stats["median"] * n)
+            if n == 1
+            else sum(1 for r in cells[name][key]["runs"] if r.get("new_tunnel_ok"))
+        )
         return f"{yes}/{n} yes"
     m, lo, hi = stats["median"], stats["min"], stats["max"]
     digits = 0 if max(abs(m), abs(hi)) >= 100 else (1 if abs(m) >= 10 else 2)
@@ -225,8 +246,9 @@ def _table(header: list[str], lines: list[list[str]]) -> str:
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
     out.append("  ".join("-" * w for w in widths))
-    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-            for line in lines]
+    out += [
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    ]
     return "\n".join(out)
 
 
@@ -236,22 +258,38 @@ def render(results: dict[str, Any]) -> str:
     for row in results["rows"]:
         name, metric, mode = row["scenario"], row["metric"], row["mode"]
         met = "" if row["met"] is None else ("met" if row["met"] else "NOT met")
-        lines.append([
-            f"{TITLES[name]}: {metric} [{row['unit']}]", mode,
-            _fmt(cells, name, "direct", metric) if row["direct"] is not None else "",
-            _fmt(cells, name, f"upstream/{mode}", metric),
-            _fmt(cells, name, f"ours/{mode}", metric),
-            _ratio(row["ours_upstream"]), _ratio(row["ours_direct"]),
-            row["target"], met,
-        ])
-    header = ["figure", "mode", "direct", "upstream", "ours", "ours/up", "ours/direct",
-              "target", ""]
+        lines.append(
+            [
+                f"{TITLES[name]}: {metric} [{row['unit']}]",
+                mode,
+                _fmt(cells, name, "direct", metric) if row["direct"] is not None else "",
+                _fmt(cells, name, f"upstream/{mode}", metric),
+                _fmt(cells, name, f"ours/{mode}", metric),
+                _ratio(row["ours_upstream"]),
+                _ratio(row["ours_direct"]),
+                row["target"],
+                met,
+            ]
+        )
+    header = [
+        "figure",
+        "mode",
+        "direct",
+        "upstream",
+        "ours",
+        "ours/up",
+        "ours/direct",
+        "target",
+        "",
+    ]
     m = results["machine"]
     c = results["config"]
-    head = (f"Tunnel benchmark, {m['date']}: {m['nproc']} CPUs ({m['cpu_model']}), Linux "
-            f"{m['kernel']}, Python {m['python']}; load average before {' '.join(m['loadavg'])}"
-            f", after {' '.join(m.get('loadavg_after', []))}. Median (min-max) of "
-            f"{c['runs']} run(s).")
+    head = (
+        f"Tunnel benchmark, {m['date']}: {m['nproc']} CPUs ({m['cpu_model']}), Linux "
+        f"{m['kernel']}, Python {m['python']}; load average before {' '.join(m['loadavg'])}"
+        f", after {' '.join(m.get('loadavg_after', []))}. Median (min-max) of "
+        f"{c['runs']} run(s)."
+    )
     return head + "\n\n" + _table(header, lines) + "\n\n" + _load_table(cells)
 
 
@@ -262,14 +300,31 @@ def _load_table(cells: dict[str, dict[str, Any]]) -> str:
     for name in ("down1", "up1", "down8"):
         for key, cell in cells.get(name, {}).items():
             mets = cell["metrics"]
-            lines.append([
-                TITLES[name], key,
-                *(f"{mets[p]['median']:.0f}" if p in mets else "-" for p in
-                  ("server_cpu_pct", "agent_cpu_pct", "loadgen_cpu_pct", "backend_cpu_pct",
-                   "other_cpu_pct")),
-            ])
+            lines.append(
+                [
+                    TITLES[name],
+                    key,
+                    *(
+                        f"{mets[p]['median']:.0f}" if p in mets else "-"
+                        for p in (
+                            "server_cpu_pct",
+                            "agent_cpu_pct",
+                            "loadgen_cpu_pct",
+                            "backend_cpu_pct",
+                            "other_cpu_pct",
+                        )
+                    ),
+                ]
+            )
     if not lines:
         return ""
-    header = ["bulk transfer", "target", "server %", "agent %", "loadgen %", "backend %",
-              "others %"]
+    header = [
+        "bulk transfer",
+        "target",
+        "server %",
+        "agent %",
+        "loadgen %",
+        "backend %",
+        "others %",
+    ]
     return "CPU during the transfers (% of one core, medians)\n" + _table(header, lines)

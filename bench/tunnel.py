@@ -35,7 +35,6 @@ from bench._echo_proc import ChildError, cpu_seconds, machine_busy_seconds, rss_
 from bench._tunnel_procs import (
     LOOPBACK,
     Pair,
-    Proc,
     Procs,
     build_loadgen,
     build_upstream,
@@ -43,7 +42,7 @@ from bench._tunnel_procs import (
     start_pair,
     stop_pair,
 )
-from bench._tunnel_report import BULK, render, summarize
+from bench._tunnel_report import BULK, brief, render, summarize
 
 MIB = 1 << 20
 MODES = ("grpc", "http-connect")
@@ -145,12 +144,12 @@ class Bench:
     def pair(self, impl: str, mode: str) -> Pair:
         return start_pair(
             self.procs,
-            impl,
-            mode,
-            self.certs,
-            self.dir,
-            self.upstream_bin,
-            self.config.verbosity,
+            impl=impl,
+            mode=mode,
+            certs=self.certs,
+            sock_dir=self.dir,
+            upstream_bin=self.upstream_bin,
+            verbosity=self.config.verbosity,
         )
 
     def wait_quiet(self) -> float:
@@ -167,13 +166,21 @@ class Bench:
 
     # -- one load-generator run --
 
-    def measure(self, target: Target, command: str, args: list[str], timeout: float) -> dict[str, Any]:
+    def measure(
+        self, target: Target, command: str, args: list[str], timeout: float
+    ) -> dict[str, Any]:
         """Run one load generator against ``target``; its result plus the CPU time every
         process used between GO and RESULT, and the machine's."""
         loadgen = self.procs.start(
             f"loadgen-{command}-{target.key.replace('/', '-')}",
-            [self.loadgen, command, *target.frontend(), f"-target={self.target_addr}",
-             f"-timeout={timeout:g}s", *args],
+            [
+                self.loadgen,
+                command,
+                *target.frontend(),
+                f"-target={self.target_addr}",
+                f"-timeout={timeout:g}s",
+                *args,
+            ],
         )
         pids = {**target.pids(), "loadgen": loadgen.pid, "backend": self.backend.pid}
         try:
@@ -192,15 +199,21 @@ class Bench:
         wall = w1 - w0
         cpu = {f"{k}_cpu_s": c1[k] - c0[k] for k in pids}
         result.update(cpu, wall_s=wall, machine_busy_pct=100.0 * (m1 - m0) / wall)
-        result["other_cpu_pct"] = max(0.0, result["machine_busy_pct"] - 100.0 * sum(cpu.values()) / wall)
+        result["other_cpu_pct"] = max(
+            0.0, result["machine_busy_pct"] - 100.0 * sum(cpu.values()) / wall
+        )
         return result
 
     def scenario(self, name: str, target: Target) -> dict[str, Any]:
         c = self.config
         if name in BULK:
             conns, size, direction = BULK[name](c)
-            args = [f"-conns={conns}", f"-bytes={size}", f"-dir={direction}",
-                    f"-wsize={c.upload_write}"]
+            args = [
+                f"-conns={conns}",
+                f"-bytes={size}",
+                f"-dir={direction}",
+                f"-wsize={c.upload_write}",
+            ]
             return self.measure(target, "bulk", args, 120.0)
         if name in ("setup1", "setup16"):
             workers = 1 if name == "setup1" else c.setup_workers
@@ -218,8 +231,14 @@ class Bench:
         pair = target.pair
         loadgen = self.procs.start(
             f"loadgen-idle-{pair.impl}-{pair.mode}",
-            [self.loadgen, "idle", *target.frontend(), f"-target={self.target_addr}",
-             f"-conns={c.idle_tunnels}", "-timeout=120s"],
+            [
+                self.loadgen,
+                "idle",
+                *target.frontend(),
+                f"-target={self.target_addr}",
+                f"-conns={c.idle_tunnels}",
+                "-timeout=120s",
+            ],
         )
         try:
             loadgen.expect("READY", START_TIMEOUT)
@@ -239,8 +258,13 @@ class Bench:
 
     def hol(self, target: Target) -> dict[str, Any]:
         c = self.config
-        args = [f"-conns={c.multi_conns}", f"-bytes={c.hol_bytes}", f"-window={c.hol_window:g}s",
-                f"-probe={c.hol_probe:g}s", f"-stall={c.hol_stall:g}s"]
+        args = [
+            f"-conns={c.multi_conns}",
+            f"-bytes={c.hol_bytes}",
+            f"-window={c.hol_window:g}s",
+            f"-probe={c.hol_probe:g}s",
+            f"-stall={c.hol_stall:g}s",
+        ]
         return self.measure(target, "hol", args, 2 * c.hol_window + c.hol_probe + 60.0)
 
     # -- the plan --
@@ -258,12 +282,18 @@ class Bench:
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
         shared = [s for s in SHARED if s in c.scenarios]
         targets = self.targets() if shared else []
-        self.progress("pairs up: " + ", ".join(
-            f"{t.key} server {t.pair.server.pid} agent {t.pair.agent.pid}" for t in targets if t.pair))
+        self.progress(
+            "pairs up: "
+            + ", ".join(
+                f"{t.key} server {t.pair.server.pid} agent {t.pair.agent.pid}"
+                for t in targets
+                if t.pair
+            )
+        )
         step, total = 0, c.runs * len(shared) * len(targets)
         # Interleaved (run 1 of every cell, then run 2, ...): a slow spell of the shared
         # machine does not fall on one implementation only.
-        for run in range(c.runs):
+        for _run in range(c.runs):
             for name in shared:
                 for target in targets:
                     step += 1
@@ -271,7 +301,9 @@ class Bench:
                     result = self.scenario(name, target)
                     result["busy_before_pct"] = busy
                     runs.setdefault(name, {}).setdefault(target.key, []).append(result)
-                    self.progress(f"[{step}/{total}] {name:8s} {target.key:22s} {_brief(name, result)}")
+                    self.progress(
+                        f"[{step}/{total}] {name:8s} {target.key:22s} {_brief(name, result)}"
+                    )
                     self._revive(target)
         for target in targets:
             if target.pair is not None:
@@ -285,7 +317,9 @@ class Bench:
                         self.wait_quiet()
                         result = self.idle(target) if name == "idle" else self.hol(target)
                         runs.setdefault(name, {}).setdefault(target.key, []).append(result)
-                        self.progress(f"[{name} {run + 1}/{c.runs}] {target.key:22s} {_brief(name, result)}")
+                        self.progress(
+                            f"[{name} {run + 1}/{c.runs}] {target.key:22s} {_brief(name, result)}"
+                        )
                     assert target.pair is not None
                     stop_pair(self.procs, target.pair)
         return summarize(asdict(c), _machine(self.upstream_bin), runs)
@@ -301,11 +335,7 @@ class Bench:
 
 
 def _brief(name: str, r: dict[str, Any]) -> str:
-    if "error" in r and name != "setup1" and name != "setup16":
-        return "ERROR " + str(r["error"]).splitlines()[0][:150]
-    from bench._tunnel_report import brief
-
-    return brief(name, r)
+    return brief(name, r).splitlines()[0][:300]
 
 
 def _machine(upstream_bin: Path | None) -> dict[str, Any]:
