@@ -152,8 +152,8 @@ def running_etcd(bin_dir: Path, tmp: Path) -> Iterator[str]:
             "--unsafe-no-fsync",
         ],
         tmp / "etcd.log",
-    ):
-        _wait_http(f"{etcd_url}/health", None, ETCD_START_TIMEOUT, tmp / "etcd.log")
+    ) as proc:
+        _wait_http(f"{etcd_url}/health", None, ETCD_START_TIMEOUT, tmp / "etcd.log", proc)
         yield etcd_url
 
 
@@ -226,11 +226,15 @@ def running_apiserver(
             *extra_args,
         ],
         tmp / "kube-apiserver.log",
-    ):
+    ) as proc:
         admin_ctx = ssl.create_default_context(cadata=ca.cert_pem.bytes().decode())
         admin.configure_cert(admin_ctx)
         _wait_http(
-            f"{server}/readyz", admin_ctx, APISERVER_START_TIMEOUT, tmp / "kube-apiserver.log"
+            f"{server}/readyz",
+            admin_ctx,
+            APISERVER_START_TIMEOUT,
+            tmp / "kube-apiserver.log",
+            proc,
         )
         kubeconfig = tmp / "admin.kubeconfig"
         _write_kubeconfig(
@@ -273,10 +277,19 @@ def _process(argv: list[str], log_path: Path) -> Iterator[subprocess.Popen[bytes
             proc.wait()
 
 
-def _wait_http(url: str, ctx: ssl.SSLContext | None, timeout: float, log: Path) -> None:
+def _wait_http(
+    url: str,
+    ctx: ssl.SSLContext | None,
+    timeout: float,
+    log: Path,
+    proc: subprocess.Popen[bytes] | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            last = f"the process exited {proc.returncode}"
+            break
         try:
             with urllib.request.urlopen(url, timeout=5, context=ctx) as response:
                 if response.status == 200:
