@@ -99,6 +99,15 @@ def _panel(
                 continue
             xs.append(j + (i - (len(shown) - 1) / 2) * width)
             ys.append(st["median"])
+            if metric == "kept_pct":  # say whether a new tunnel could open meanwhile
+                opened = _stats(results, scenario, key, "new_tunnel_ok").get("min", 0.0)
+                ax.annotate(
+                    "new tunnel\n" + ("opens" if opened >= 1 else "BLOCKED"),
+                    (xs[-1], st["median"]),
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                )
             lo.append(st["median"] - st["min"])
             hi.append(st["max"] - st["median"])
         if xs:

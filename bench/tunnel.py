@@ -35,6 +35,7 @@ from bench._echo_proc import ChildError, cpu_seconds, machine_busy_seconds, rss_
 from bench._tunnel_procs import (
     LOOPBACK,
     Pair,
+    Proc,
     Procs,
     build_loadgen,
     build_upstream,
@@ -58,6 +59,9 @@ RESULT_GRACE = 15.0
 # QUIET_PCT % of a core, sampled over QUIET_SAMPLE s.
 QUIET_PCT = 25.0
 QUIET_SAMPLE = 0.3
+# py-spy samples per second with --profile, and the seconds it gets to attach.
+PROFILE_RATE = 250
+PROFILE_ATTACH = 0.5
 # Let RSS settle after the idle tunnels are open (Go's scavenger, our allocator).
 IDLE_SETTLE = 1.0
 
@@ -83,6 +87,7 @@ class Config:
     modes: tuple[str, ...] = MODES
     scenarios: tuple[str, ...] = SCENARIOS
     direct: bool = True
+    profile: str = ""  # a folder: py-spy records our server and agent per scenario
 
 
 QUICK = {
@@ -185,12 +190,14 @@ class Bench:
         pids = {**target.pids(), "loadgen": loadgen.pid, "backend": self.backend.pid}
         try:
             loadgen.expect("READY", START_TIMEOUT)
+            spies = self._spy(target, command, args)
             c0 = {k: cpu_seconds(p) for k, p in pids.items()}
             m0, w0 = machine_busy_seconds(), time.monotonic()
             loadgen.write_line("GO")
             line = loadgen.expect("RESULT", timeout + RESULT_GRACE)
             w1, m1 = time.monotonic(), machine_busy_seconds()
             c1 = {k: cpu_seconds(p) for k, p in pids.items()}
+            self._unspy(spies)
             self.procs.finish(loadgen, RESULT_GRACE)
         except ChildError as exc:
             self.procs.stop(loadgen)
@@ -203,6 +210,38 @@ class Bench:
             0.0, result["machine_busy_pct"] - 100.0 * sum(cpu.values()) / wall
         )
         return result
+
+    def _spy(self, target: Target, command: str, args: list[str]) -> list[Proc]:
+        """With --profile: py-spy (raw collapsed stacks, non-blocking) on our server and
+        agent for the duration of one load-generator run; not counted in their CPU."""
+        if not self.config.profile or target.pair is None or target.pair.impl != "ours":
+            return []
+        out = Path(self.config.profile)
+        out.mkdir(parents=True, exist_ok=True)
+        tag = "-".join([command, target.mode, *(a.lstrip("-").split("=")[-1] for a in args)])
+        spies = []
+        for role, proc in (("server", target.pair.server), ("agent", target.pair.agent)):
+            spy = self.procs.start(
+                f"py-spy-{role}",
+                [
+                    str(Path(sys.executable).parent / "py-spy"),
+                    "record",
+                    "--nonblocking",
+                    "--format=raw",
+                    f"--rate={PROFILE_RATE}",
+                    f"--pid={proc.pid}",
+                    f"--output={out / f'{tag}-{role}.txt'}",
+                ],
+            )
+            spies.append(spy)
+        time.sleep(PROFILE_ATTACH)
+        return spies
+
+    def _unspy(self, spies: list[Proc]) -> None:
+        for spy in spies:
+            spy.proc.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        for spy in spies:
+            self.procs.finish(spy, 30.0)
 
     def scenario(self, name: str, target: Target) -> dict[str, Any]:
         c = self.config
@@ -403,6 +442,11 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--modes", nargs="+", choices=MODES)
     p.add_argument("--scenarios", nargs="+", choices=SCENARIOS)
     p.add_argument("--no-direct", action="store_true", help="skip the direct TCP reference")
+    p.add_argument(
+        "--profile",
+        default="",
+        help="folder: record our server and agent with py-spy during each run (raw stacks)",
+    )
     a = p.parse_args(argv)
     config = Config(**QUICK) if a.quick else Config()  # type: ignore[arg-type]
     overrides: dict[str, Any] = {
@@ -425,6 +469,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
             setattr(config, key, value)
     config.verbosity = a.verbosity
     config.direct = not a.no_direct
+    config.profile = a.profile
     if not (1 <= config.runs <= 20 and config.idle_tunnels >= 1 and config.rtt_count >= 1):
         p.error("a parameter is out of its range")
     return config, a
