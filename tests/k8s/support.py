@@ -442,6 +442,11 @@ class ApiServers:
         register_node(cluster, self.worker)
         return cluster
 
+    @property
+    def mode(self) -> str:
+        """The egress mode of the running apiserver (the first mode if none runs yet)."""
+        return self._current[0] if self._current is not None else next(iter(MODES))
+
     def stop_current(self) -> None:
         if self._current is not None:
             self._current[2].close()

@@ -65,7 +65,8 @@ def tunnel(
     h = dataclasses.replace(k8s, folder=tmp_path_factory.mktemp(f"{mode}-{impl}"))
     cluster = h.apiservers.get(mode)
     try:
-        server = h.start_server(impl, mode, f"{impl}-{mode}")
+        # Agents authenticate with their client certificate (mTLS).
+        server = h.start_server(impl, mode, f"{impl}-{mode}", f"--cluster-ca-cert={h.pki.ca_file}")
         h.start_agent(impl, f"agent-{impl}", server.agent_port, *h.mtls_agent_args())
         wait(server.ready, f"{impl} proxy-server ready (agent connected)", server.proc)
         yield Tunnel(mode, impl, cluster, h, server)
