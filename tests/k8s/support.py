@@ -261,9 +261,19 @@ class Harness:
         self.procs = Processes(self.folder)
 
     def start_server(
-        self, impl: str, mode: str, name: str, *extra: str, agent_bind: str = ""
+        self,
+        impl: str,
+        mode: str,
+        name: str,
+        *extra: str,
+        agent_bind: str = "",
+        uds: str = "",
     ) -> ProxyServer:
+        """A proxy-server whose frontend is the one the apiserver's egress configuration
+        names (or, with ``uds``, a Unix socket of its own: one of several servers)."""
         protocol, transport = MODES[mode]
+        if uds:
+            transport = "uds"
         agent, health, admin = free_ports(3)
         args = [
             *program("server", impl, self.upstream),
@@ -280,8 +290,8 @@ class Harness:
         ]
         if transport == "uds":
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.uds)
-            args += [f"--uds-name={self.uds}", "--server-port=0"]
+                os.unlink(uds or self.uds)
+            args += [f"--uds-name={uds or self.uds}", "--server-port=0"]
         else:
             args += [
                 "--server-bind-address=127.0.0.1",
