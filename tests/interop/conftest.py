@@ -1,6 +1,28 @@
 """Fixtures: the upstream Go peers (tests/upstream.py) and certificates (tests/netsupport.py)."""
 
+import pytest
 from netsupport import Certs, certs, sock_dir
 from upstream import Processes, Upstream, processes, upstream
 
-__all__ = ["Certs", "Processes", "Upstream", "certs", "processes", "sock_dir", "upstream"]
+from .harness import Tools, summary_lines, tools
+
+__all__ = [
+    "Certs",
+    "Processes",
+    "Tools",
+    "Upstream",
+    "certs",
+    "processes",
+    "sock_dir",
+    "tools",
+    "upstream",
+]
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The matrix's one-line-per-cell table (tests/interop/test_matrix.py)."""
+    lines = summary_lines()
+    if lines:
+        terminalreporter.section("interop matrix")
+        for line in lines:
+            terminalreporter.write_line(line)

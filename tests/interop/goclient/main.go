@@ -54,6 +54,8 @@ type options struct {
 	io          string
 	hold        time.Duration
 	timeout     time.Duration
+	dialTimeout time.Duration
+	tunnel      string
 }
 
 // connResult is what happened on one tunnel/connection.
@@ -71,6 +73,7 @@ type connResult struct {
 	Match         bool   `json:"match"`
 	ReceivedSHA   string `json:"received_sha256,omitempty"`
 	CloseError    string `json:"close_error,omitempty"`
+	Cancelled     bool   `json:"cancelled,omitempty"`
 	DialMillis    int64  `json:"dial_ms"`
 	ExchangeMilli int64  `json:"exchange_ms"`
 }
@@ -82,6 +85,7 @@ type result struct {
 	Target      string       `json:"target"`
 	OK          bool         `json:"ok"`
 	Error       string       `json:"error,omitempty"`
+	Tunnel      string       `json:"tunnel"`
 	Connections []connResult `json:"connections"`
 }
 
@@ -104,7 +108,7 @@ func main() {
 		fmt.Println(string(out))
 		os.Exit(code)
 	}
-	base := result{Mode: o.mode, Transport: transportName(o), Target: o.target}
+	base := result{Mode: o.mode, Transport: transportName(o), Target: o.target, Tunnel: o.tunnel}
 	// The watchdog: konnectivity-client connections have no deadlines, so a stuck read
 	// is only ended by leaving the process.
 	time.AfterFunc(o.timeout, func() {
@@ -121,13 +125,24 @@ func main() {
 		r.Error = err.Error()
 		emit(r, 1)
 	}
+	var shared dialer
+	if o.mode == "grpc" && o.tunnel == "reusable" {
+		// One gRPC connection for every dial: each dial is a stream of its own.
+		shared, err = newReusableTunnel(ctx, o, grpcOptions(o, tlsConfig))
+		if err != nil {
+			r := base
+			r.Error = err.Error()
+			emit(r, 1)
+		}
+		defer shared.Close()
+	}
 	results := make([]connResult, o.connections)
 	var wg sync.WaitGroup
 	for i := range o.connections {
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
-			results[i] = runOne(ctx, o, tlsConfig, i)
+			results[i] = runOne(ctx, o, tlsConfig, shared, i)
 		}(i)
 	}
 	wg.Wait()
@@ -163,6 +178,11 @@ func parseFlags() (options, error) {
 			"read: read until EOF; write: write -rounds*-size bytes; none: dial and close")
 	fs.DurationVar(&o.hold, "hold", 0, "keep each connection open this long before closing")
 	fs.DurationVar(&o.timeout, "timeout", 30*time.Second, "bound on the whole run")
+	fs.DurationVar(&o.dialTimeout, "dial-timeout", 0,
+		"give up (cancel) a dial not answered within this long; 0: only -timeout bounds it")
+	fs.StringVar(&o.tunnel, "tunnel", "single",
+		"grpc mode: single (a gRPC connection per dial) or reusable (one for all dials; "+
+			"only in the binary built with -tags reusable)")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return o, err
 	}
@@ -177,8 +197,10 @@ func parseFlags() (options, error) {
 		return o, errors.New("TCP needs -ca-cert, -client-cert and -client-key")
 	case o.connections < 1 || o.rounds < 0 || o.size < 0:
 		return o, errors.New("-connections must be >= 1, -rounds and -size >= 0")
-	case o.io != "echo" && o.io != "read" && o.io != "write" && o.io != "none":
-		return o, fmt.Errorf("-io must be echo, read, write or none, not %q", o.io)
+	case o.io != "echo" && o.io != "duplex" && o.io != "read" && o.io != "write" && o.io != "none":
+		return o, fmt.Errorf("-io must be echo, duplex, read, write or none, not %q", o.io)
+	case o.tunnel != "single" && o.tunnel != "reusable":
+		return o, fmt.Errorf("-tunnel must be single or reusable, not %q", o.tunnel)
 	}
 	if o.serverName == "" {
 		o.serverName = o.proxyHost
@@ -217,21 +239,33 @@ func loadTLS(o options) (*tls.Config, error) {
 	}, nil
 }
 
-func runOne(ctx context.Context, o options, tlsConfig *tls.Config, index int) connResult {
+func runOne(ctx context.Context, o options, tlsConfig *tls.Config, shared dialer,
+	index int) connResult {
 	r := connResult{Index: index}
 	start := time.Now()
 	var conn net.Conn
 	var reader io.Reader
 	var err error
-	if o.mode == "grpc" {
-		conn, err = dialGRPC(ctx, o, tlsConfig)
+	dialCtx := ctx
+	if o.dialTimeout > 0 {
+		var cancel context.CancelFunc
+		dialCtx, cancel = context.WithTimeout(ctx, o.dialTimeout)
+		defer cancel()
+	}
+	switch {
+	case shared != nil:
+		conn, err = shared.DialContext(dialCtx, "tcp", o.target)
 		reader = conn
-	} else {
-		conn, reader, err = dialConnect(ctx, o, tlsConfig, &r)
+	case o.mode == "grpc":
+		conn, err = dialGRPC(ctx, dialCtx, o, tlsConfig)
+		reader = conn
+	default:
+		conn, reader, err = dialConnect(ctx, dialCtx, o, tlsConfig, &r)
 	}
 	r.DialMillis = time.Since(start).Milliseconds()
 	if err != nil {
 		r.Error = err.Error()
+		r.Cancelled = dialCtx.Err() != nil
 		if s, ok := status.FromError(err); ok && s.Code() != 0 {
 			r.GRPCCode = s.Code().String()
 		}
@@ -258,28 +292,43 @@ func runOne(ctx context.Context, o options, tlsConfig *tls.Config, index int) co
 	return r
 }
 
-func dialGRPC(ctx context.Context, o options, tlsConfig *tls.Config) (net.Conn, error) {
-	opts := []grpc.DialOption{grpc.WithBlock()}
-	address := fmt.Sprintf("%s:%d", o.proxyHost, o.proxyPort)
+// dialer is what a reusable tunnel offers (konnectivity-client's ReusableTunnel).
+type dialer interface {
+	DialContext(ctx context.Context, protocol, address string) (net.Conn, error)
+	Close() error
+}
+
+// grpcAddress is the target given to gRPC: the Unix socket is reached by a context dialer.
+func grpcAddress(o options) string {
 	if o.uds != "" {
-		address = "unix-socket"
-		opts = append(opts,
+		return "unix-socket"
+	}
+	return fmt.Sprintf("%s:%d", o.proxyHost, o.proxyPort)
+}
+
+func grpcOptions(o options, tlsConfig *tls.Config) []grpc.DialOption {
+	if o.uds != "" {
+		return []grpc.DialOption{
 			grpc.WithTransportCredentials(insecure.NewCredentials()),
 			grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
 				var d net.Dialer
 				return d.DialContext(ctx, "unix", o.uds)
-			}))
-	} else {
-		opts = append(opts, grpc.WithTransportCredentials(credentials.NewTLS(tlsConfig)))
+			}),
+		}
 	}
-	tunnel, err := client.CreateSingleUseGrpcTunnelWithContext(ctx, ctx, address, opts...)
+	return []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(tlsConfig))}
+}
+
+func dialGRPC(ctx, dialCtx context.Context, o options, tlsConfig *tls.Config) (net.Conn, error) {
+	opts := append([]grpc.DialOption{grpc.WithBlock()}, grpcOptions(o, tlsConfig)...)
+	tunnel, err := client.CreateSingleUseGrpcTunnelWithContext(ctx, ctx, grpcAddress(o), opts...)
 	if err != nil {
 		return nil, err
 	}
-	return tunnel.DialContext(ctx, "tcp", o.target)
+	return tunnel.DialContext(dialCtx, "tcp", o.target)
 }
 
-func dialConnect(ctx context.Context, o options, tlsConfig *tls.Config,
+func dialConnect(ctx, dialCtx context.Context, o options, tlsConfig *tls.Config,
 	r *connResult) (net.Conn, io.Reader, error) {
 	var d net.Dialer
 	var conn net.Conn
@@ -293,7 +342,9 @@ func dialConnect(ctx context.Context, o options, tlsConfig *tls.Config,
 	if err != nil {
 		return nil, nil, err
 	}
-	if deadline, ok := ctx.Deadline(); ok {
+	// The dial deadline bounds the CONNECT answer; closing the connection is how an
+	// HTTP client gives up on a dial. The whole-run deadline bounds the tunnel after.
+	if deadline, ok := dialCtx.Deadline(); ok {
 		_ = conn.SetDeadline(deadline)
 	}
 	req := fmt.Sprintf("CONNECT %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: goclient\r\n\r\n",
@@ -309,6 +360,9 @@ func dialConnect(ctx context.Context, o options, tlsConfig *tls.Config,
 		return nil, nil, fmt.Errorf("reading CONNECT response: %w", err)
 	}
 	r.HTTPStatus = resp.StatusCode
+	if deadline, ok := ctx.Deadline(); ok {
+		_ = conn.SetDeadline(deadline)
+	}
 	if resp.StatusCode != http.StatusOK {
 		body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
 		r.HTTPBody = string(body)
@@ -352,6 +406,9 @@ func exchange(o options, conn net.Conn, reader io.Reader, index int, r *connResu
 		r.Match = true
 		return nil
 	}
+	if o.io == "duplex" {
+		return duplex(o, conn, reader, index, r)
+	}
 	r.Match = true
 	buf := make([]byte, o.size)
 	for round := range o.rounds {
@@ -373,4 +430,43 @@ func exchange(o options, conn net.Conn, reader io.Reader, index int, r *connResu
 		}
 	}
 	return nil
+}
+
+// duplex writes -rounds blocks of -size bytes while reading the echo concurrently, so
+// that both directions carry the whole volume at once (an echo of more than the tunnel's
+// buffering would deadlock a write-then-read exchange).
+func duplex(o options, conn net.Conn, reader io.Reader, index int, r *connResult) error {
+	writeErr := make(chan error, 1)
+	go func() {
+		for round := range o.rounds {
+			n, err := conn.Write(pattern(index, round, o.size))
+			r.Sent += n
+			if err != nil {
+				writeErr <- fmt.Errorf("write in round %d: %w", round, err)
+				return
+			}
+		}
+		writeErr <- nil
+	}()
+	r.Match = true
+	buf := make([]byte, o.size)
+	var readErr error
+	for round := range o.rounds {
+		n, err := io.ReadFull(reader, buf)
+		r.Received += n
+		if err != nil {
+			r.Match = false
+			readErr = fmt.Errorf("read in round %d: %w", round, err)
+			break
+		}
+		if !bytes.Equal(buf, pattern(index, round, o.size)) {
+			r.Match = false
+			readErr = fmt.Errorf("round %d: echoed bytes differ", round)
+			break
+		}
+	}
+	if readErr != nil {
+		return readErr
+	}
+	return <-writeErr
 }
