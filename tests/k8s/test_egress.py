@@ -98,9 +98,9 @@ def test_node_proxy_small_and_large_bodies(tunnel: Tunnel) -> None:
 
 def expose_kubelet(cluster: KubeCluster, w: Worker, ns: str) -> None:
     """A Service "kubelet" in ``ns`` whose one endpoint is the fake kubelet. The apiserver
-    proxies to a Service's endpoint only when it is a Pod's IP (it checks the
-    EndpointSlice's targetRef against the Pod's status), so the worker address is given a
-    Pod, as a kubelet would report it."""
+    proxies to a Service's endpoint only when it is a Pod's IP (it checks the endpoint's
+    targetRef against the Pod's status), so the worker address is given a Pod, as a
+    kubelet would report it."""
     pod_ref = {"kind": "Pod", "namespace": ns, "name": "kubelet-pod"}
     apply(
         cluster,
@@ -126,6 +126,18 @@ def expose_kubelet(cluster: KubeCluster, w: Worker, ns: str) -> None:
             "kind": "Service",
             "metadata": {"name": "kubelet", "namespace": ns},
             "spec": {"ports": [{"name": "https", "port": 443, "targetPort": KUBELET_PORT}]},
+        },
+        # Both forms of the endpoint: v1.37 reads the EndpointSlice, v1.36 the Endpoints.
+        {
+            "apiVersion": "v1",
+            "kind": "Endpoints",
+            "metadata": {"name": "kubelet", "namespace": ns},
+            "subsets": [
+                {
+                    "addresses": [{"ip": w.kubelet_ip, "targetRef": pod_ref}],
+                    "ports": [{"name": "https", "port": KUBELET_PORT}],
+                }
+            ],
         },
         {
             "apiVersion": "discovery.k8s.io/v1",
