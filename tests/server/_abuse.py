@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from random import Random
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 import grpc.aio
@@ -42,6 +43,8 @@ from konnectivity_fast.server.proxy import (
     start_frontend_uds,
 )
 from konnectivity_fast.transport.grpc import GrpcServer
+
+T = TypeVar("T")
 
 LOOPBACK = "127.0.0.1"
 ADDRESS = "10.0.0.1:443"
@@ -186,8 +189,10 @@ class GrpcioAgent:
         if self.channel is not None:
             await self.channel.close()
         if self.task is not None:
-            with contextlib.suppress(BaseException):
-                await self.task
+            # Not ``await self.task``: that could swallow the caller's own cancellation.
+            await asyncio.wait([self.task], timeout=PEER_TIMEOUT)
+            if self.task.done() and not self.task.cancelled():
+                self.task.exception()  # retrieved: a read error after close is expected
 
 
 # --- frontends (grpcio and raw HTTP/1.1) ----------------------------------------------------
@@ -246,6 +251,7 @@ class Pinger:
     name: str
     echo: Callable[[bytes], Any]
     round_trips: int = 0
+    stopping: bool = False
     error: BaseException | None = None
     task: asyncio.Task[None] | None = None
 
@@ -255,7 +261,7 @@ class Pinger:
     async def _run(self) -> None:
         rng = Random(self.name)
         try:
-            while True:
+            while not self.stopping:
                 await self.echo(rng.randbytes(rng.randrange(1, 2048)))
                 self.round_trips += 1
                 await asyncio.sleep(0.005)
@@ -279,13 +285,30 @@ class Pinger:
         raise AssertionError(f"{self.name} tunnel stalled at {self.round_trips} round trips")
 
     async def stop(self) -> None:
+        """Let the loop finish its round trip and stop. Not by cancelling it: cancelling a
+        pending grpcio read sometimes never completes (grpcio 1.85)."""
+        self.stopping = True
         if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+            await asyncio.wait([self.task], timeout=PEER_TIMEOUT + 1)
+            if not self.task.done():
+                self.task.cancel()
+                await asyncio.wait([self.task], timeout=PEER_TIMEOUT)
 
 
 # --- the abused server ----------------------------------------------------------------------
+
+
+class TracebackTrap(logging.Handler):
+    """Keeps the ERROR records with a traceback that our code logs: bad input must never
+    reach the server's "unexpected exception" paths."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.found: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info:
+            self.found.append(f"{record.name}: {record.getMessage()} ({record.exc_info[1]!r})")
 
 
 class State(NamedTuple):
@@ -312,6 +335,7 @@ class AbusedServer:
     agent: GrpcioAgent | None = None
     channel: grpc.aio.Channel | None = None
     pingers: list[Pinger] = field(default_factory=list)
+    tracebacks: TracebackTrap = field(default_factory=TracebackTrap)
     _closers: list[Callable[[], Any]] = field(default_factory=list)
     _randoms: itertools.count[int] = field(default_factory=lambda: itertools.count(1000))
 
@@ -334,8 +358,7 @@ class AbusedServer:
         assert await asyncio.wait_for(call.code(), PEER_TIMEOUT) == grpc.StatusCode.OK
         reader, writer = await http_connect(self.http_uds)
         await http_echo(reader, writer, b"after the abuse, http")
-        writer.close()
-        await writer.wait_closed()
+        await close_writer(writer)
         for pinger in self.pingers:
             pinger.check()
 
@@ -360,6 +383,22 @@ class AbusedServer:
                 return
             await asyncio.sleep(0.02)
         raise AssertionError(f"leak: fds/state {now}, expected {(fds, state)}")
+
+    def describe(self) -> str:
+        """The server's connections and calls, for a hang report."""
+        lines = [f"state {self.state()} rounds {[p.round_trips for p in self.pingers]}"]
+        for server in self.handle.servers:
+            if not isinstance(server, GrpcServer):
+                continue
+            for proto in server.connections:
+                transport = proto.transport
+                reading = transport.is_reading() if transport is not None else None
+                calls = [
+                    f"{c.stream_id}:{c.path}:out={c.outbound_pending()}:paused={c._paused}"
+                    for c in proto.calls.values()
+                ]
+                lines.append(f"conn reading={reading} wpaused={proto._write_paused} {calls}")
+        return "\n".join(lines)
 
     def baseline(self) -> tuple[int, State]:
         return count_fds(), self.state()
@@ -425,11 +464,15 @@ async def abused_server(sock_dir: str, certs: Certs) -> AsyncIterator[AbusedServ
         os.path.join(sock_dir, "grpc.sock"),
         os.path.join(sock_dir, "http.sock"),
     )
+    HANG_DUMPS.append(env.describe)
+    logging.getLogger("konnectivity_fast").addHandler(env.tracebacks)
     try:
         await _listen_all(proxy, certs, sock_dir, env)
         await _healthy_tunnels(env)
         yield env
     finally:
+        logging.getLogger("konnectivity_fast").removeHandler(env.tracebacks)
+        HANG_DUMPS.remove(env.describe)
         for pinger in env.pingers:
             await pinger.stop()
         for closer in env._closers:
@@ -441,6 +484,49 @@ async def abused_server(sock_dir: str, certs: Certs) -> AsyncIterator[AbusedServ
         for server in env.http_servers:
             server.close()
         await env.handle.close()
+
+
+#: A test's own bound, below the ``run`` fixture's 60 s: on expiry the tasks' stacks are shown.
+TEST_TIMEOUT = 45.0
+
+
+#: Callables describing the server's state, shown when a test hangs.
+HANG_DUMPS: list[Callable[[], str]] = []
+
+
+def _await_chain(coro: Any) -> list[str]:
+    """Where a suspended coroutine waits, outermost first (following ``cr_await``)."""
+    parts: list[str] = []
+    while coro is not None and len(parts) < 20:
+        frame = (
+            getattr(coro, "cr_frame", None)
+            or getattr(coro, "gi_frame", None)
+            or getattr(coro, "ag_frame", None)
+        )
+        if frame is not None:
+            parts.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+        coro = (
+            getattr(coro, "cr_await", None)
+            or getattr(coro, "gi_yieldfrom", None)
+            or getattr(coro, "ag_await", None)
+        )
+    return parts
+
+
+async def bounded(coro: Coroutine[Any, Any, T]) -> T:
+    """Await ``coro``; if it takes over ``TEST_TIMEOUT``, fail with every task's stack (a
+    plain cancellation could be swallowed by a peer library and pass as success)."""
+    task = asyncio.ensure_future(coro)
+    done, _ = await asyncio.wait([task], timeout=TEST_TIMEOUT)
+    if not done:
+        stacks = []
+        for t in asyncio.all_tasks():
+            stacks.append(f"{t.get_name()}: {' -> '.join(_await_chain(t.get_coro()))}")
+        stacks += [dump() for dump in HANG_DUMPS]
+        task.cancel()
+        await asyncio.wait([task], timeout=5)
+        raise AssertionError(f"hung for {TEST_TIMEOUT}s; tasks:\n" + "\n".join(stacks))
+    return task.result()
 
 
 # --- raw peers ------------------------------------------------------------------------------
@@ -505,10 +591,19 @@ async def raw_exchange(
     except (ssl.SSLError, ConnectionError, OSError) as exc:
         closed, error = True, f"{type(exc).__name__}: {exc}"
     finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
+        await close_writer(writer)
     return Exchange(bytes(reply), closed, error)
+
+
+#: How long a test peer waits for its own close to finish: a TLS close waits for the
+#: server's close_notify, which a server that stopped talking never sends.
+CLOSE_WAIT = 1.0
+
+
+async def close_writer(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.wait_closed(), CLOSE_WAIT)
 
 
 def tcp_socket_count(port: int) -> int:
