@@ -26,7 +26,7 @@ from typing import IO
 
 import trustme
 
-from bench._echo_proc import REPO_ROOT, TERM_GRACE, Child, ChildError, _die_with_parent
+from bench._echo_proc import CLK_TCK, REPO_ROOT, TERM_GRACE, Child, ChildError, _die_with_parent
 
 LOADGEN_SRC = REPO_ROOT / "bench" / "loadgen"
 LOADGEN_BIN = REPO_ROOT / ".cache" / "bench" / "loadgen"
@@ -99,6 +99,15 @@ class Procs:
     def kill_all(self) -> None:
         while self._all:
             self.stop(self._all[-1])
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of the whole process, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        raw = f.read()
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    rest = raw[raw.rindex(b")") + 2 :].split()
+    return int(rest[11]) / CLK_TCK, int(rest[12]) / CLK_TCK
 
 
 # -- builds -----------------------------------------------------------------------------

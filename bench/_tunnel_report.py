@@ -43,6 +43,10 @@ def derive(name: str, r: dict[str, Any]) -> dict[str, float]:
     for proc in ("server", "agent", "loadgen", "backend"):
         if f"{proc}_cpu_s" in r:
             out[f"{proc}_cpu_pct"] = _pct(r[f"{proc}_cpu_s"], wall)
+    if r.get("server_cpu_s", 0) + r.get("agent_cpu_s", 0) > 0:
+        out["pair_sys_pct"] = _pct(
+            r["server_sys_s"] + r["agent_sys_s"], r["server_cpu_s"] + r["agent_cpu_s"]
+        )
     if "other_cpu_pct" in r:
         out["other_cpu_pct"] = r["other_cpu_pct"]
     pair_cpu = r.get("server_cpu_s", 0.0) + r.get("agent_cpu_s", 0.0)
@@ -73,6 +77,7 @@ def derive(name: str, r: dict[str, Any]) -> dict[str, float]:
         out["stalled_mb_s"] = r["stalled_bps"] / 1e6
         out["kept_pct"] = 100.0 * r["stalled_bps"] / r["base_bps"] if r["base_bps"] else 0.0
         out["new_tunnel_ok"] = 1.0 if r["new_tunnel_ok"] else 0.0
+        out["new_tunnel_ms"] = r["new_tunnel_ms"]
     return out
 
 
@@ -168,6 +173,7 @@ TARGETS: list[tuple[str, str, str, str, float]] = [
     ("hol", "base_mb_s", "MB/s", "", 0.0),
     ("hol", "kept_pct", "%", "abs_min", 80.0),
     ("hol", "new_tunnel_ok", "ok", "abs_min", 1.0),
+    ("hol", "new_tunnel_ms", "ms", "", 0.0),
 ]
 # Throughput must also reach this share of direct loopback TCP.
 DIRECT_SHARE = 0.25
@@ -312,6 +318,7 @@ def _load_table(cells: dict[str, dict[str, Any]]) -> str:
                             "loadgen_cpu_pct",
                             "backend_cpu_pct",
                             "other_cpu_pct",
+                            "pair_sys_pct",
                         )
                     ),
                 ]
@@ -326,5 +333,6 @@ def _load_table(cells: dict[str, dict[str, Any]]) -> str:
         "loadgen %",
         "backend %",
         "others %",
+        "kernel % of server+agent",
     ]
     return "CPU during the transfers (% of one core, medians)\n" + _table(header, lines)

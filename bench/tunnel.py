@@ -31,7 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench._echo_proc import ChildError, cpu_seconds, machine_busy_seconds, rss_kib
+from bench._echo_proc import ChildError, machine_busy_seconds, rss_kib
 from bench._tunnel_procs import (
     LOOPBACK,
     Pair,
@@ -39,6 +39,7 @@ from bench._tunnel_procs import (
     Procs,
     build_loadgen,
     build_upstream,
+    cpu_split,
     make_certs,
     start_pair,
     stop_pair,
@@ -78,11 +79,11 @@ class Config:
     rtt_count: int = 2000
     idle_tunnels: int = 1000
     hol_bytes: int = 32 * MIB
-    hol_window: float = 6.0
-    hol_probe: float = 10.0
+    hol_window: float = 5.0
+    hol_probe: float = 5.0
     hol_stall: float = 1.0
     verbosity: int = 0
-    settle: float = 5.0
+    settle: float = 2.0
     impls: tuple[str, ...] = IMPLS
     modes: tuple[str, ...] = MODES
     scenarios: tuple[str, ...] = SCENARIOS
@@ -191,12 +192,12 @@ class Bench:
         try:
             loadgen.expect("READY", START_TIMEOUT)
             spies = self._spy(target, command, args)
-            c0 = {k: cpu_seconds(p) for k, p in pids.items()}
+            c0 = {k: cpu_split(p) for k, p in pids.items()}
             m0, w0 = machine_busy_seconds(), time.monotonic()
             loadgen.write_line("GO")
             line = loadgen.expect("RESULT", timeout + RESULT_GRACE)
             w1, m1 = time.monotonic(), machine_busy_seconds()
-            c1 = {k: cpu_seconds(p) for k, p in pids.items()}
+            c1 = {k: cpu_split(p) for k, p in pids.items()}
             self._unspy(spies)
             self.procs.finish(loadgen, RESULT_GRACE)
         except ChildError as exc:
@@ -204,7 +205,9 @@ class Bench:
             return {"error": str(exc)[:2000]}
         result: dict[str, Any] = json.loads(line)
         wall = w1 - w0
-        cpu = {f"{k}_cpu_s": c1[k] - c0[k] for k in pids}
+        cpu = {f"{k}_cpu_s": sum(c1[k]) - sum(c0[k]) for k in pids}
+        # The kernel's share (syscalls, loopback TCP, Unix sockets) of each process's CPU.
+        result.update({f"{k}_sys_s": c1[k][1] - c0[k][1] for k in pids})
         result.update(cpu, wall_s=wall, machine_busy_pct=100.0 * (m1 - m0) / wall)
         result["other_cpu_pct"] = max(
             0.0, result["machine_busy_pct"] - 100.0 * sum(cpu.values()) / wall
@@ -434,9 +437,9 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--rtt-count", type=int, help="round trips per run (2000)")
     p.add_argument("--idle-tunnels", type=int, help="idle tunnels for the RSS figure (1000)")
     p.add_argument("--hol-mib", type=int, help="MiB per download in the head-of-line test (32)")
-    p.add_argument("--hol-window", type=float, help="bound on each head-of-line phase, s (6)")
-    p.add_argument("--hol-probe", type=float, help="bound on the new-tunnel probe, s (10)")
-    p.add_argument("--settle", type=float, help="max seconds to wait for a quiet machine (5)")
+    p.add_argument("--hol-window", type=float, help="bound on each head-of-line phase, s (5)")
+    p.add_argument("--hol-probe", type=float, help="bound on the new-tunnel probe, s (5)")
+    p.add_argument("--settle", type=float, help="max seconds to wait for a quiet machine (2)")
     p.add_argument("--verbosity", type=int, default=0, help="-v of both programs (0)")
     p.add_argument("--impls", nargs="+", choices=IMPLS)
     p.add_argument("--modes", nargs="+", choices=MODES)
