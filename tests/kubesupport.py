@@ -99,7 +99,8 @@ def _script_value(name: str) -> str:
     raise AssertionError(f"{name} not found in {BUILD_SCRIPT}")
 
 
-def _required() -> bool:
+def required() -> bool:
+    """Missing binaries fail the tests (CI, or KF_REQUIRE_KUBE) instead of skipping them."""
     return os.environ.get("CI") == "true" or bool(os.environ.get("KF_REQUIRE_KUBE"))
 
 
@@ -111,7 +112,7 @@ def kube_cluster(request: pytest.FixtureRequest) -> KubeCluster:
     folder = binaries_folder()
     if folder is None:
         message = "kube-apiserver/etcd not built: run scripts/build-kube.sh first"
-        if _required():
+        if required():
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
     tmp = request.getfixturevalue("tmp_path_factory").mktemp("kube")
