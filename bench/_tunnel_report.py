@@ -294,7 +294,9 @@ def render(results: dict[str, Any]) -> str:
         f"Tunnel benchmark, {m['date']}: {m['nproc']} CPUs ({m['cpu_model']}), Linux "
         f"{m['kernel']}, Python {m['python']}; load average before {' '.join(m['loadavg'])}"
         f", after {' '.join(m.get('loadavg_after', []))}. Median (min-max) of "
-        f"{c['runs']} run(s)."
+        f"{c['runs']} run(s). Commit {m.get('commit', '?')}"
+        + (f" + uncommitted {', '.join(m['dirty'])}" if m.get("dirty") else "")
+        + "."
     )
     return head + "\n\n" + _table(header, lines) + "\n\n" + _load_table(cells)
 

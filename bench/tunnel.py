@@ -21,6 +21,7 @@ import os
 import platform
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +32,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench._echo_proc import ChildError, machine_busy_seconds, rss_kib
+from bench._echo_proc import REPO_ROOT, ChildError, machine_busy_seconds, rss_kib
 from bench._tunnel_procs import (
     LOOPBACK,
     Pair,
@@ -397,7 +398,22 @@ def _machine(upstream_bin: Path | None) -> dict[str, Any]:
         "python": platform.python_version(),
         "upstream": "apiserver-network-proxy v0.36.0" if upstream_bin else None,
         "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+        **_source(),
     }
+
+
+def _source() -> dict[str, Any]:
+    """The commit measured, and the files of konnectivity_fast/ that differ from it (the
+    working tree is what runs)."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=False
+        )
+        return done.stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", "konnectivity_fast").splitlines()
+    return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": [d.split()[-1] for d in dirty]}
 
 
 @contextmanager
