@@ -151,7 +151,8 @@ def _connection_handler(
             status, ctype, body, extra = handler(headers) if handler else _not_found()
             writer.write(_render(status, ctype, body, extra, method == "HEAD"))
             await writer.drain()
-        except (ConnectionError, OSError) as exc:
+        except (ConnectionError, OSError, RuntimeError) as exc:
+            # RuntimeError: uvloop's "handler is closed" when the client reset first.
             log.debug("http connection failed: %s", exc)
         except Exception:
             log.exception("http handler failed")
