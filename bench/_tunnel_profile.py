@@ -17,13 +17,19 @@ from collections import Counter
 from pathlib import Path
 
 # "function (path/to/file.py:123)" -> "function (file.py:123)" below a known root.
+# A native frame py-spy could not name (stripped libraries): "0x7f... (libfoo.so)".
+_ADDRESS = re.compile(r"^0x[0-9a-f]+\b")
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<path>[^:]*):?(?P<line>\d*)\)$")
 
 
 def _short(frame: str) -> str:
-    m = _FRAME.match(frame.strip())
+    frame = frame.strip()
+    if _ADDRESS.match(frame):
+        lib = frame[frame.find("(") + 1 : frame.rfind(")")] if "(" in frame else "?"
+        return f"(unnamed code in {lib})"
+    m = _FRAME.match(frame)
     if m is None:
-        return frame.strip()
+        return frame
     path = m["path"]
     for root in ("site-packages/", "konnectivity_fast/", "lib/python3"):
         if root in path:

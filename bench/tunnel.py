@@ -90,6 +90,7 @@ class Config:
     scenarios: tuple[str, ...] = SCENARIOS
     direct: bool = True
     profile: str = ""  # a folder: py-spy records our server and agent per scenario
+    profile_native: bool = False  # py-spy --native (pauses the process at each sample)
 
 
 QUICK = {
@@ -230,7 +231,8 @@ class Bench:
                 [
                     str(Path(sys.executable).parent / "py-spy"),
                     "record",
-                    "--nonblocking",
+                    # --native needs the process paused while it unwinds C frames.
+                    "--native" if self.config.profile_native else "--nonblocking",
                     "--format=raw",
                     f"--rate={PROFILE_RATE}",
                     f"--pid={proc.pid}",
@@ -466,6 +468,11 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
         default="",
         help="folder: record our server and agent with py-spy during each run (raw stacks)",
     )
+    p.add_argument(
+        "--profile-native",
+        action="store_true",
+        help="with --profile: C frames too (libc, OpenSSL, uvloop, our compiled core)",
+    )
     a = p.parse_args(argv)
     config = Config(**QUICK) if a.quick else Config()  # type: ignore[arg-type]
     overrides: dict[str, Any] = {
@@ -489,6 +496,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     config.verbosity = a.verbosity
     config.direct = not a.no_direct
     config.profile = a.profile
+    config.profile_native = a.profile_native
     if not (1 <= config.runs <= 20 and config.idle_tunnels >= 1 and config.rtt_count >= 1):
         p.error("a parameter is out of its range")
     return config, a
