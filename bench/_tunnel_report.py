@@ -338,3 +338,31 @@ def _load_table(cells: dict[str, dict[str, Any]]) -> str:
         "kernel % of server+agent",
     ]
     return "CPU during the transfers (% of one core, medians)\n" + _table(header, lines)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The target rows as a Markdown table (for bench/README.md)."""
+    cells = results["cells"]
+    out = [
+        "| figure | mode | direct | upstream | ours | ours/up | ours/direct | target | |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results["rows"]:
+        name, metric, mode = row["scenario"], row["metric"], row["mode"]
+        met = "" if row["met"] is None else ("met" if row["met"] else "**not met**")
+        direct = _fmt(cells, name, "direct", metric) if row["direct"] is not None else ""
+        out.append(
+            f"| {TITLES[name]}: {metric} [{row['unit']}] | {mode} | {direct} | "
+            f"{_fmt(cells, name, f'upstream/{mode}', metric)} | "
+            f"{_fmt(cells, name, f'ours/{mode}', metric)} | {_ratio(row['ours_upstream'])} | "
+            f"{_ratio(row['ours_direct'])} | {row['target']} | {met} |"
+        )
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+    from pathlib import Path
+
+    print(markdown(json.loads(Path(sys.argv[1]).read_text())))
