@@ -80,6 +80,10 @@ def request(sock: socket.socket, method: str, path: str, body: bytes = b"") -> t
     write_errors: list[OSError] = []
 
     def write() -> None:
+        # Not even an empty send: sendall(b"") still calls send(), which fails with EPIPE
+        # once the backend answered and the tunnel closed.
+        if not body:
+            return
         try:
             sock.sendall(body)
         except OSError as exc:
@@ -125,7 +129,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     if args.op == "echo":
         body = random.Random(args.seed).randbytes(args.size)
     try:
+        result["phase"] = "connect"
         sock = open_tunnel(args.uds, args.target, args.timeout)
+        result["phase"] = "exchange"
         try:
             if args.op == "whoami":
                 status, got = request(sock, "GET", "/whoami")
