@@ -49,7 +49,8 @@ images:
 	deploy/images/build.sh
 
 # Tunnel benchmark against upstream v0.36.0 and direct TCP (bench/README.md): JSON and PNG
-# in bench/results/. QUICK=1 for the under-2-minutes mode.
+# in bench/results/. QUICK=1 for the under-2-minutes mode (its own files: tunnel-quick.*).
+TUNNEL_OUT := bench/results/tunnel$(if $(QUICK),-quick)
 .PHONY: bench-tunnel
 bench-tunnel: build
-	$(PY) -m bench.tunnel $(if $(QUICK),--quick) --json bench/results/tunnel.json --chart bench/results/tunnel.png
+	$(PY) -m bench.tunnel $(if $(QUICK),--quick) --json $(TUNNEL_OUT).json --chart $(TUNNEL_OUT).png
