@@ -8,6 +8,8 @@ Paths:
   (so a reader proves the response streams instead of arriving whole);
 - ``POST /validate``: a validating admission webhook (AdmissionReview v1), refusing
   ConfigMaps whose data says ``verdict: deny``;
+- ``GET /containerLogs/<ns>/<pod>/<container>``: the stream's lines (``kubectl logs``);
+  with ``follow=true``, streamed as ``/stream``;
 - ``GET /ws``: a WebSocket upgrade; each message is echoed back with ``echo:`` before it,
   until a close frame.
 
@@ -60,6 +62,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._stream()
         elif path == "/ws":
             self._websocket()
+        elif path.startswith("/containerLogs/"):
+            # kube-apiserver's pods/log: the kubelet's container log endpoint.
+            if "follow=true" in self.path:
+                self._stream()
+            else:
+                lines = [payloads.stream_line(i) for i in range(payloads.STREAM_LINES)]
+                self._send(200, b"".join(lines))
         else:
             self._send(404, b"not found")
 

@@ -1,7 +1,7 @@
 """kube-apiserver reaching a worker through the proxy-server named by its egress selector
 (``cluster``): gRPC over a Unix socket, HTTP-CONNECT over a Unix socket, HTTP-CONNECT over
 TCP with mTLS; each with our proxy-server and proxy-agent and with upstream's v0.36.0
-(the baseline that tells a harness fault from ours).
+(the baseline that tells a harness fault from ours), and mixed pairs.
 
 Through the real API, for each: the node proxy (``kubectl get --raw``, a large body
 byte-exact), a Service proxy to an Endpoints/EndpointSlice address in the worker, a
@@ -16,6 +16,7 @@ import hashlib
 import json
 import socket
 import ssl
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from kubesupport import KubeCluster
 from . import payloads, wsmini
 from .support import (
     IMPLS,
+    KUBECTL_SECONDS,
     KUBELET_PORT,
     MODES,
     NODE_NAME,
@@ -37,13 +39,23 @@ from .support import (
     admin_ssl,
     apply,
     kubectl,
+    kubectl_path,
     new_namespace,
     wait,
 )
 
 pytestmark = pytest.mark.timeout(180)
 
-COMBOS = [(mode, impl) for mode in MODES for impl in IMPLS]
+# Which proxy-server and proxy-agent: each implementation's own pair in every mode, and
+# the two mixed pairs (the agent side does not depend on the frontend mode) in one.
+PAIRS = {
+    "ours": ("ours", "ours"),
+    "upstream": ("upstream", "upstream"),
+    "ours-server": ("ours", "upstream"),
+    "ours-agent": ("upstream", "ours"),
+}
+MIXED_MODE = "grpc-uds"
+COMBOS = [(mode, pair) for mode in MODES for pair in (PAIRS if mode == MIXED_MODE else IMPLS)]
 # How long a webhook configuration may take to reach the apiserver's informer.
 WEBHOOK_WAIT_SECONDS = 30.0
 
@@ -62,13 +74,16 @@ def tunnel(
     request: pytest.FixtureRequest, k8s: Harness, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Tunnel]:
     mode, impl = request.param
+    server_impl, agent_impl = PAIRS[impl]
     h = dataclasses.replace(k8s, folder=tmp_path_factory.mktemp(f"{mode}-{impl}"))
     cluster = h.apiservers.get(mode)
     try:
         # Agents authenticate with their client certificate (mTLS).
-        server = h.start_server(impl, mode, f"{impl}-{mode}", f"--cluster-ca-cert={h.pki.ca_file}")
-        h.start_agent(impl, f"agent-{impl}", server.agent_port, *h.mtls_agent_args())
-        wait(server.ready, f"{impl} proxy-server ready (agent connected)", server.proc)
+        server = h.start_server(
+            server_impl, mode, f"{server_impl}-{mode}", f"--cluster-ca-cert={h.pki.ca_file}"
+        )
+        h.start_agent(agent_impl, f"agent-{agent_impl}", server.agent_port, *h.mtls_agent_args())
+        wait(server.ready, f"{server_impl} proxy-server ready (agent connected)", server.proc)
         yield Tunnel(mode, impl, cluster, h, server)
     finally:
         h.procs.stop_all()
@@ -340,6 +355,43 @@ def test_streamed_response_arrives_while_the_kubelet_writes(tunnel: Tunnel) -> N
         assert rest == want
     finally:
         raw.close()
+
+
+def test_kubectl_logs_and_logs_follow(tunnel: Tunnel) -> None:
+    """``kubectl logs`` of a Pod on the worker's Node: kube-apiserver's kubelet client
+    (pods/log) through the tunnel; with ``-f`` the lines stream while the kubelet is
+    still writing them."""
+    cluster = tunnel.cluster
+    ns = new_namespace(cluster, "logs")
+    expose_kubelet(cluster, tunnel.harness.worker, ns)
+    lines = [payloads.stream_line(i) for i in range(payloads.STREAM_LINES)]
+    assert kubectl(cluster, "logs", "kubelet-pod", "-n", ns).stdout == b"".join(lines)
+    follow = subprocess.Popen(
+        [
+            str(kubectl_path()),
+            f"--kubeconfig={cluster.kubeconfig}",
+            "logs",
+            "-f",
+            "kubelet-pod",
+            "-n",
+            ns,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert follow.stdout is not None
+        assert follow.stdout.readline() == lines[0]
+        kubectl(cluster, "get", "--raw", node_proxy("release"))
+        out, err = follow.communicate(timeout=KUBECTL_SECONDS)
+        assert follow.returncode == 0, err
+        assert out == b"".join(lines[1:])
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.communicate()
+        kubectl(cluster, "delete", "namespace", ns, "--wait=false", check=False)
 
 
 def test_websocket_upgrade_through_the_node_proxy(tunnel: Tunnel) -> None:
