@@ -101,6 +101,29 @@ def tools(upstream: Upstream) -> Tools:
 class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default backlog of 5 overflows under 50 simultaneous dials.
+    request_queue_size = 256
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        with contextlib.suppress(OSError):
+            while data := self.request.recv(CHUNK):
+                self.request.sendall(data)
+
+
+@contextlib.contextmanager
+def echo_server() -> Iterator[int]:
+    """A TCP echo backend on 127.0.0.1 (threads of this process); yields its port."""
+    server = _Server((LOOPBACK, 0), _Echo)
+    thread = threading.Thread(target=server.serve_forever, name="echo", daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
 
 
 # Read and write size of the backends: any size works.
@@ -144,9 +167,8 @@ def source_server() -> Iterator[Source]:
         thread.join(timeout=10)
 
 
-# Connections made to fill the black hole's accept queue (its backlog is 0, so the kernel
-# queues one; a few more cover the SYN queue's slack).
-BLACKHOLE_FILLERS = 4
+# Connections left hanging on the black hole beyond the one its accept queue holds.
+BLACKHOLE_EXTRA = 2
 
 
 @contextlib.contextmanager
@@ -157,9 +179,11 @@ def black_hole() -> Iterator[int]:
     fillers: list[socket.socket] = []
     try:
         listener.bind((LOOPBACK, 0))
-        listener.listen(0)
+        listener.listen(0)  # the queue holds one connection
         port = int(listener.getsockname()[1])
-        for _ in range(BLACKHOLE_FILLERS):
+        first = socket.create_connection((LOOPBACK, port), timeout=WAIT_SECONDS)
+        fillers.append(first)  # completed: the queue is now full
+        for _ in range(BLACKHOLE_EXTRA):
             filler = socket.socket()
             filler.setblocking(False)
             with contextlib.suppress(BlockingIOError):

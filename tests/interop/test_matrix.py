@@ -41,18 +41,21 @@ from pathlib import Path
 
 import pytest
 from netsupport import Certs
-from upstream import LOOPBACK, Processes, Upstream, echo_server, free_ports, scrape
+from upstream import LOOPBACK, Processes, Upstream, free_ports, scrape
 
 from .harness import (
     AGENT,
     READY_BACKENDS,
     SERVER,
     SUMMARY,
+    WAIT_SECONDS,
+    Agent,
     CellReport,
     Source,
     Tools,
     Topology,
     black_hole,
+    echo_server,
     goclient,
     goclient_start,
     sample,
@@ -72,6 +75,9 @@ BIG_SECONDS = 120  # goclient's bound on the 16 MiB exchange on a loaded machine
 CONCURRENT = 50
 SMALL = 4096
 DRAIN_DIALS = 10
+# Dials made to wake upstream's agent-a so that it sends its DRAIN (each lands on agent-a
+# with probability 1/2).
+DRAIN_POKES = 20
 CANCEL_AFTER = "1s"
 # The endless download must be well under way (past any buffer) when the agent dies.
 LOSS_AFTER_BYTES = 4 * MIB
@@ -206,7 +212,7 @@ class Steps:
             )
         assert code == 1, result
         (conn,) = result["connections"]
-        assert conn["cancelled"] and not conn["dialed"], conn
+        assert conn.get("cancelled") and not conn["dialed"], conn
         if self.case.mode == "grpc":
             assert (conn["dial_failure_reason"], conn["error"]) == (
                 "context",
@@ -225,32 +231,46 @@ class Steps:
         return value(port, key) or 0.0
 
     def drain(self) -> str:
-        before_a, before_b = (
-            self.dial_requests(self.agent_a.admin),
-            self.dial_requests(self.agent_b.admin),
-        )
+        """SIGTERM to agent-a. Upstream's v0.36.0 agent sends its DRAIN only when its serve
+        loop next wakes, on a packet from the server (a later upstream fix sends it at
+        once): dials are made until the server has counted the DRAIN."""
+        server = self.top.server_admin
+        drains = SERVER + 'stream_packets_total{segment="from_agent",packet_type="DRAIN"}'
         signal_process(self.agent_a.proc, signal.SIGTERM)
-        wait_metric(
-            self.top.server_admin,
-            SERVER + 'stream_packets_total{segment="from_agent",packet_type="DRAIN"}',
-            lambda v: v >= 1,
-            "the server to receive agent-a's DRAIN",
-        )
+        pokes = 0
+        deadline = time.monotonic() + WAIT_SECONDS
+        while (value(server, drains) or 0) < 1:
+            assert time.monotonic() < deadline, "the server never counted agent-a's DRAIN"
+            if pokes < DRAIN_POKES:
+                self.dial()
+                pokes += 1
+            else:
+                time.sleep(0.1)
+        before_a, before_b = (self.dial_requests(a.admin) for a in self.top.agents)
         code, result = goclient(
             self.client, *self.base, self.echo, f"-connections={DRAIN_DIALS}", f"-size={SMALL}"
         )
         assert (code, result["ok"]) == (0, True), result
         assert self.agent_a.proc.poll() is None, "agent-a exited on the first SIGTERM"
-        after_a, after_b = (
-            self.dial_requests(self.agent_a.admin),
-            self.dial_requests(self.agent_b.admin),
-        )
+        after_a, after_b = (self.dial_requests(a.admin) for a in self.top.agents)
         assert (after_a - before_a, after_b - before_b) == (0, DRAIN_DIALS), (
             f"new dials: agent-a {after_a - before_a}, agent-b {after_b - before_b}"
         )
-        return f"{DRAIN_DIALS}/{DRAIN_DIALS} to agent-b"
+        return f"DRAIN after {pokes} dials; {DRAIN_DIALS}/{DRAIN_DIALS} to agent-b"
+
+    def carrier(self) -> Agent:
+        """The agent holding the one open backend connection."""
+        key = AGENT + "open_endpoint_connections"
+        deadline = time.monotonic() + WAIT_SECONDS
+        while time.monotonic() < deadline:
+            for agent in self.top.agents:
+                if agent.proc.poll() is None and (value(agent.admin, key) or 0) >= 1:
+                    return agent
+            time.sleep(0.1)
+        raise AssertionError("no agent reports the download's backend connection")
 
     def loss(self) -> str:
+        """The agent carrying a download dies (agent-b, if the drain worked)."""
         start_sent = self.backends.source.sent
         target = f"-target={LOOPBACK}:{self.backends.source.port}"
         proc = goclient_start(self.client, *self.base, target, "-io=read", timeout=LOSS_SECONDS)
@@ -260,7 +280,8 @@ class Steps:
                 assert proc.poll() is None, f"download ended early: {proc.communicate()}"
                 assert time.monotonic() < deadline, "the download never got going"
                 time.sleep(0.05)
-            self.agent_b.proc.kill()
+            victim = self.carrier()
+            victim.proc.kill()
             out, err = proc.communicate(timeout=LOSS_SECONDS + 15)
         finally:
             if proc.poll() is None:
@@ -272,10 +293,11 @@ class Steps:
         assert conn["dialed"] and conn["received"] >= LOSS_AFTER_BYTES // 2, conn
         ending = conn.get("error") or "EOF"
         wait_metric(
-            self.top.server_admin, READY_BACKENDS, lambda v: v == 1, "agent-b to be dropped"
+            self.top.server_admin, READY_BACKENDS, lambda v: v == 1, f"{victim.name} dropped"
         )
-        self.dial()  # through agent-a, draining but the only one left
-        return ending[:60]
+        self.dial()  # through the other agent (draining agent-a, the only one left)
+        assert victim is self.agent_b, "the download went through draining agent-a"
+        return f"{victim.name} killed: client saw {ending[:50]}"
 
     def metrics(self) -> str:
         wait_metric(
@@ -289,9 +311,12 @@ class Steps:
         got = {
             "pending": sample(families, SERVER + "pending_backend_dials"),
             "ready": sample(families, READY_BACKENDS),
-            "refused": sample(families, SERVER + 'dial_failure_count{reason="error_response"}'),
         }
-        assert got == {"pending": 0, "ready": 1, "refused": 1}, got
+        assert got == {"pending": 0, "ready": 1}, got
+        # The refused dial; over HTTP-CONNECT the given-up dial to the black hole is never
+        # cancelled at the agent, and is refused too once the black hole closes.
+        refused = sample(families, SERVER + 'dial_failure_count{reason="error_response"}')
+        assert refused in ((1,) if self.case.mode == "grpc" else (1, 2)), refused
         assert SERVER + "dial_duration_seconds" in families
         if self.case.mode == "grpc":
             key = SERVER + 'stream_packets_total{segment="from_client",packet_type="DIAL_REQ"}'

@@ -265,7 +265,8 @@ func runOne(ctx context.Context, o options, tlsConfig *tls.Config, shared dialer
 	r.DialMillis = time.Since(start).Milliseconds()
 	if err != nil {
 		r.Error = err.Error()
-		r.Cancelled = dialCtx.Err() != nil
+		// The dial deadline ends an HTTP-CONNECT dial as a socket timeout.
+		r.Cancelled = dialCtx.Err() != nil || errors.Is(err, os.ErrDeadlineExceeded)
 		if s, ok := status.FromError(err); ok && s.Code() != 0 {
 			r.GRPCCode = s.Code().String()
 		}
@@ -325,8 +326,20 @@ func dialGRPC(ctx, dialCtx context.Context, o options, tlsConfig *tls.Config) (n
 	if err != nil {
 		return nil, err
 	}
-	return tunnel.DialContext(dialCtx, "tcp", o.target)
+	conn, err := tunnel.DialContext(dialCtx, "tcp", o.target)
+	if err != nil {
+		// A given-up dial sends its DIAL_CLS from a goroutine, then closes the tunnel:
+		// wait for that (bounded) so that exiting does not cut it off.
+		select {
+		case <-tunnel.Done():
+		case <-time.After(tunnelCloseWait):
+		}
+	}
+	return conn, err
 }
+
+// tunnelCloseWait bounds the wait for a failed dial's tunnel to close.
+const tunnelCloseWait = 5 * time.Second
 
 func dialConnect(ctx, dialCtx context.Context, o options, tlsConfig *tls.Config,
 	r *connResult) (net.Conn, io.Reader, error) {
