@@ -3,7 +3,7 @@ the worker network namespace, so kube-apiserver reaches it only through the tunn
 
 Paths:
 - ``GET /healthz``: ``ok``; ``GET /hello``: ``payloads.HELLO``;
-- ``GET /big``: ``payloads.big_body()`` with a Content-Length;
+- ``GET /big[?size=N]``: ``payloads.big_body(N)`` with a Content-Length;
 - ``GET /stream``: chunked; the first line at once, the others once ``GET /release`` came
   (so a reader proves the response streams instead of arriving whole);
 - ``POST /validate``: a validating admission webhook (AdmissionReview v1), refusing
@@ -23,6 +23,7 @@ import json
 import ssl
 import sys
 import threading
+import urllib.parse
 from typing import Any
 
 import payloads
@@ -54,7 +55,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         elif path == "/hello":
             self._send(200, payloads.HELLO)
         elif path == "/big":
-            self._send(200, payloads.big_body(), "application/octet-stream")
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+            size = int(query.get("size", [str(payloads.BIG_SIZE)])[0])
+            self._send(200, payloads.big_body(size), "application/octet-stream")
         elif path == "/release":
             Handler.released.set()
             self._send(200, b"released")

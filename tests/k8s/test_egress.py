@@ -11,8 +11,10 @@ proxy."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
+import http.client
 import json
 import socket
 import ssl
@@ -56,6 +58,8 @@ PAIRS = {
 }
 MIXED_MODE = "grpc-uds"
 COMBOS = [(mode, pair) for mode in MODES for pair in (PAIRS if mode == MIXED_MODE else IMPLS)]
+# Node-proxy requests in flight at once in the concurrency test.
+CONCURRENT_REQUESTS = 16
 # How long a webhook configuration may take to reach the apiserver's informer.
 WEBHOOK_WAIT_SECONDS = 30.0
 
@@ -184,6 +188,27 @@ def expose_kubelet(cluster: KubeCluster, w: Worker, ns: str) -> None:
         "-p",
         json.dumps(status),
     )
+
+
+def test_concurrent_node_proxy_requests(tunnel: Tunnel) -> None:
+    """Many requests at once (one tunnel each through the same agent), each body intact."""
+    size = 1 << 20
+    want = hashlib.sha256(payloads.big_body(size)).hexdigest()
+    url = urlsplit(tunnel.cluster.server)
+    ctx = admin_ssl(tunnel.cluster)
+
+    def fetch(_: int) -> tuple[int, str]:
+        conn = http.client.HTTPSConnection(url.hostname or "", url.port, context=ctx, timeout=60)
+        try:
+            conn.request("GET", node_proxy(f"big?size={size}"))
+            response = conn.getresponse()
+            return response.status, hashlib.sha256(response.read()).hexdigest()
+        finally:
+            conn.close()
+
+    with concurrent.futures.ThreadPoolExecutor(CONCURRENT_REQUESTS) as pool:
+        results = list(pool.map(fetch, range(CONCURRENT_REQUESTS)))
+    assert results == [(200, want)] * CONCURRENT_REQUESTS
 
 
 def test_service_proxy(tunnel: Tunnel) -> None:
