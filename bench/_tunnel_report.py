@@ -28,7 +28,8 @@ TITLES = {
     "setup16": "set-up, 16 workers",
     "rtt": "1 KiB round trip",
     "idle": "idle tunnels",
-    "hol": "head-of-line",
+    "holsmall": "head-of-line, 8 MiB stall",
+    "hol": "head-of-line, endless stall",
 }
 
 
@@ -72,7 +73,7 @@ def derive(name: str, r: dict[str, Any]) -> dict[str, float]:
             out[f"{proc}_loaded_mib"] = after[proc] / 1024
             out[f"{proc}_kib_per_tunnel"] = (after[proc] - before[proc]) / n
         out["kib_per_tunnel"] = out["server_kib_per_tunnel"] + out["agent_kib_per_tunnel"]
-    elif name == "hol":
+    elif name in ("hol", "holsmall"):
         out["base_mb_s"] = r["base_bps"] / 1e6
         out["stalled_mb_s"] = r["stalled_bps"] / 1e6
         out["kept_pct"] = 100.0 * r["stalled_bps"] / r["base_bps"] if r["base_bps"] else 0.0
@@ -170,6 +171,9 @@ TARGETS: list[tuple[str, str, str, str, float]] = [
     ("idle", "server_kib_per_tunnel", "KiB", "", 0.0),
     ("idle", "agent_kib_per_tunnel", "KiB", "", 0.0),
     ("idle", "kib_per_tunnel", "KiB", "up_max", 0.5),
+    ("holsmall", "base_mb_s", "MB/s", "", 0.0),
+    ("holsmall", "kept_pct", "%", "abs_min", 80.0),
+    ("holsmall", "new_tunnel_ok", "ok", "abs_min", 1.0),
     ("hol", "base_mb_s", "MB/s", "", 0.0),
     ("hol", "kept_pct", "%", "abs_min", 80.0),
     ("hol", "new_tunnel_ok", "ok", "abs_min", 1.0),

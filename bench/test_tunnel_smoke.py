@@ -56,7 +56,7 @@ def test_tunnel_benchmark_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert set(cells) == set(tunnel.SCENARIOS)
     for name in tunnel.SHARED:
         assert set(cells[name]) == TARGET_KEYS, name
-    for name in ("idle", "hol"):
+    for name in tunnel.FRESH:
         assert set(cells[name]) == TARGET_KEYS - {"direct"}, name
     for name, by_target in cells.items():
         for key, cell in by_target.items():

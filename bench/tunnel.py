@@ -50,7 +50,10 @@ from bench._tunnel_report import BULK, brief, render, summarize
 MIB = 1 << 20
 MODES = ("grpc", "http-connect")
 IMPLS = ("ours", "upstream")
-SCENARIOS = ("down1", "up1", "down8", "setup1", "setup16", "rtt", "idle", "hol")
+SCENARIOS = ("down1", "up1", "down8", "setup1", "setup16", "rtt", "idle", "holsmall", "hol")
+# Fresh-pair scenarios in this order: "hol" (an endless stalled download) may wedge the
+# pair for good, so it comes last.
+FRESH = ("idle", "holsmall", "hol")
 # The scenarios that run on the long-lived pairs (and on direct TCP); "idle" and "hol"
 # each get fresh pairs (a stalled reader may wedge a pair for good).
 SHARED = ("down1", "up1", "down8", "setup1", "setup16", "rtt")
@@ -83,6 +86,10 @@ class Config:
     hol_window: float = 5.0
     hol_probe: float = 5.0
     hol_stall: float = 1.0
+    hol_stall_bytes: int = 1 << 40  # "never ends": more than any buffer on the path
+    # "holsmall": the stalled tunnel asks for less than our per-tunnel buffer budget
+    # (konnectivity_fast.server.buffering.TUNNEL_BUFFER_BUDGET, 16 MiB).
+    hol_small_bytes: int = 8 * MIB
     verbosity: int = 0
     settle: float = 2.0
     impls: tuple[str, ...] = IMPLS
@@ -301,7 +308,7 @@ class Bench:
             return {"error": str(exc)[:2000]}
         return {"tunnels": opened, "rss_before_kib": before, "rss_after_kib": after}
 
-    def hol(self, target: Target) -> dict[str, Any]:
+    def hol(self, target: Target, stall_bytes: int) -> dict[str, Any]:
         c = self.config
         args = [
             f"-conns={c.multi_conns}",
@@ -309,8 +316,15 @@ class Bench:
             f"-window={c.hol_window:g}s",
             f"-probe={c.hol_probe:g}s",
             f"-stall={c.hol_stall:g}s",
+            f"-stall-bytes={stall_bytes}",
         ]
         return self.measure(target, "hol", args, 2 * c.hol_window + c.hol_probe + 60.0)
+
+    def fresh(self, name: str, target: Target) -> dict[str, Any]:
+        if name == "idle":
+            return self.idle(target)
+        c = self.config
+        return self.hol(target, c.hol_small_bytes if name == "holsmall" else c.hol_stall_bytes)
 
     # -- the plan --
 
@@ -353,14 +367,14 @@ class Bench:
         for target in targets:
             if target.pair is not None:
                 stop_pair(self.procs, target.pair)
-        fresh = [s for s in ("idle", "hol") if s in c.scenarios]
+        fresh = [s for s in FRESH if s in c.scenarios]
         for run in range(c.runs if fresh else 0):
             for mode in c.modes:
                 for impl in c.impls:
                     target = Target(f"{impl}/{mode}", mode, self.pair(impl, mode))
                     for name in fresh:
                         self.wait_quiet()
-                        result = self.idle(target) if name == "idle" else self.hol(target)
+                        result = self.fresh(name, target)
                         runs.setdefault(name, {}).setdefault(target.key, []).append(result)
                         self.progress(
                             f"[{name} {run + 1}/{c.runs}] {target.key:22s} {_brief(name, result)}"
@@ -457,6 +471,11 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--hol-mib", type=int, help="MiB per download in the head-of-line test (32)")
     p.add_argument("--hol-window", type=float, help="bound on each head-of-line phase, s (5)")
     p.add_argument("--hol-probe", type=float, help="bound on the new-tunnel probe, s (5)")
+    p.add_argument(
+        "--hol-stall-mib",
+        type=int,
+        help="MiB the stalled tunnel asks for in the head-of-line test (default 2^20: endless)",
+    )
     p.add_argument("--settle", type=float, help="max seconds to wait for a quiet machine (2)")
     p.add_argument("--verbosity", type=int, default=0, help="-v of both programs (0)")
     p.add_argument("--impls", nargs="+", choices=IMPLS)
@@ -485,6 +504,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
         "hol_bytes": a.hol_mib and a.hol_mib * MIB,
         "hol_window": a.hol_window,
         "hol_probe": a.hol_probe,
+        "hol_stall_bytes": a.hol_stall_mib and a.hol_stall_mib * MIB,
         "settle": a.settle,
         "impls": a.impls and tuple(a.impls),
         "modes": a.modes and tuple(a.modes),

@@ -68,6 +68,7 @@ type options struct {
 	size      int
 	batch     int
 	stall     time.Duration
+	stallSize int64
 	probe     time.Duration
 	window    time.Duration
 	timeout   time.Duration
@@ -124,6 +125,7 @@ func parseFlags(args []string) options {
 	fs.IntVar(&o.size, "size", 1024, "round-trip message size (rtt)")
 	fs.IntVar(&o.batch, "batch", 50, "tunnels opened at once (idle)")
 	fs.DurationVar(&o.stall, "stall", time.Second, "time for the stalled tunnel to fill buffers (hol)")
+	fs.Int64Var(&o.stallSize, "stall-bytes", stallBytes, "bytes the stalled tunnel asks for (hol)")
 	fs.DurationVar(&o.probe, "probe", 5*time.Second, "bound on the new-tunnel probe (hol)")
 	fs.DurationVar(&o.window, "window", 20*time.Second, "bound on each download phase (hol)")
 	fs.DurationVar(&o.timeout, "timeout", 120*time.Second, "bound on the whole run")
@@ -594,7 +596,7 @@ func runHOL(o options) map[string]any {
 	if err != nil {
 		return fail(err)
 	}
-	if _, err := stalled.Write(header(opDownload, stallBytes)); err != nil {
+	if _, err := stalled.Write(header(opDownload, o.stallSize)); err != nil {
 		return fail(err)
 	}
 	// Never read from `stalled`: let every buffer on its path fill up.
