@@ -504,6 +504,7 @@ class AgentClient:
             return
         cid = req.connect_id
         endpoint = self.endpoints.pop(cid, None)
+        log.log(V(3), "CLOSE_REQ for connection %d from server %s", cid, self.server_id)
         if endpoint is None:
             self._send(
                 Packet(

@@ -161,6 +161,7 @@ class Endpoint(asyncio.BufferedProtocol):
     """One backend socket of one tunneled connection."""
 
     __slots__ = (
+        "_early",
         "_established",
         "_lost",
         "_read_paused",
@@ -184,6 +185,7 @@ class Endpoint(asyncio.BufferedProtocol):
         self._established = False
         self._lost = False
         self._read_paused = False
+        self._early: list[bytes] = []  # read before the DIAL_RSP went out (uvloop)
 
     # -- asyncio.BufferedProtocol --
 
@@ -200,7 +202,15 @@ class Endpoint(asyncio.BufferedProtocol):
             return
         # One read, one DATA packet. The engine keeps a reference, so copy out of the
         # shared buffer.
-        if not self.owner.endpoint_data(self, bytes(self.pool.view[:nbytes])):
+        data = bytes(self.pool.view[:nbytes])
+        if not self._established:
+            # uvloop starts reading after connection_made even when it paused reading
+            # there: hold this read until the DIAL_RSP is out, and pause again.
+            self._early.append(data)
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
+        if not self.owner.endpoint_data(self, data):
             self.pause_reading()
 
     def eof_received(self) -> bool:
@@ -228,6 +238,10 @@ class Endpoint(asyncio.BufferedProtocol):
     def start_reading(self) -> None:
         """The DIAL_RSP is on its way: start reading the backend."""
         self._established = True
+        early, self._early = self._early, []
+        for data in early:
+            if not self.closing and not self.owner.endpoint_data(self, data):
+                self._read_paused = True
         if not self._read_paused and self.transport is not None and not self.closing:
             self.transport.resume_reading()
 

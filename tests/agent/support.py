@@ -194,7 +194,9 @@ class EchoServer:
         self.writers: list[asyncio.StreamWriter] = []
 
     async def start(self) -> int:
-        self.server = await asyncio.start_server(self._handle, LOOPBACK, 0)
+        # A deep accept queue: with a full one Linux completes the handshake on the
+        # client side only, and the late accept takes seconds of SYN-ACK retries.
+        self.server = await asyncio.start_server(self._handle, LOOPBACK, 0, backlog=4096)
         return int(self.server.sockets[0].getsockname()[1])
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

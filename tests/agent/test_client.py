@@ -200,3 +200,32 @@ def test_stream_loss_closes_that_streams_backends(run: RunFn, sock_dir: str, cer
         await echo.close()
 
     run(main())
+
+
+def test_server_speaks_first_backend_data_follows_dial_rsp(
+    run: RunFn, sock_dir: str, certs: Certs
+) -> None:
+    """A backend that writes as soon as it accepts: its bytes reach the frontend after the
+    DIAL_RSP, never before (uvloop starts reading even when connection_made paused it)."""
+
+    async def main() -> None:
+        async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"220 hello\r\n" * 1000)
+            await writer.drain()
+            await reader.read(1)
+            writer.close()
+
+        backend = await asyncio.start_server(greet, LOOPBACK, 0)
+        port = backend.sockets[0].getsockname()[1]
+        async with proxy_server(sock_dir, certs) as server, agent(certs, server.agent_port):
+            await until(lambda: server_has_agent(server))
+            for _ in range(5):
+                tunnel = await Tunnel.open(server.uds)
+                await tunnel.dial(f"{LOOPBACK}:{port}")
+                assert await tunnel.read_exactly(11000) == b"220 hello\r\n" * 1000
+                await tunnel.close_and_wait()
+                await tunnel.aclose()
+        backend.close()
+        await backend.wait_closed()
+
+    run(main())

@@ -1,0 +1,207 @@
+"""Volume and flow control through the agent: 64 MiB each way byte-exact, 1000 concurrent
+tunnels, a server that stops reading (the agent pauses its backends' reads and its memory
+stays bounded), and the agent's metrics along the way."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+
+import pytest
+
+from konnectivity_fast.agent.endpoint import READ_SIZE
+from konnectivity_fast.metrics import agent as agent_metrics
+from konnectivity_fast.server import PROXY_PATH
+from konnectivity_fast.transport import grpc as kgrpc
+from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER
+from konnectivity_fast.wire.packets import DialRequest, Packet, PacketType
+
+from .conftest import Certs, RunFn
+from .fake_server import fake_server, recv, send
+from .support import LOOPBACK, EchoServer, Tunnel, agent, proxy_server, server_has_agent, until
+
+MIB = 1 << 20
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_64_mib_each_way(run: RunFn, sock_dir: str, certs: Certs) -> None:
+    """The frontend streams 64 MiB up while the backend streams 64 MiB down (a sink that
+    counts, and a source), concurrently on one tunnel."""
+
+    async def main() -> None:
+        size = 64 * MIB
+        down = os.urandom(MIB)
+        got_up = hashlib.sha256()
+        up_done = asyncio.get_running_loop().create_future()
+
+        async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            async def sink() -> None:
+                n = 0
+                while n < size:
+                    chunk = await reader.read(1 << 18)
+                    assert chunk
+                    got_up.update(chunk)
+                    n += len(chunk)
+                up_done.set_result(n)
+
+            task = asyncio.ensure_future(sink())
+            for _ in range(size // MIB):
+                writer.write(down)
+                await writer.drain()
+            await task
+            writer.close()
+
+        server_b = await asyncio.start_server(backend, LOOPBACK, 0)
+        port = server_b.sockets[0].getsockname()[1]
+        up = os.urandom(MIB)
+        async with proxy_server(sock_dir, certs) as server, agent(certs, server.agent_port):
+            await until(lambda: server_has_agent(server))
+            tunnel = await Tunnel.open(server.uds)
+            await tunnel.dial(f"{LOOPBACK}:{port}")
+
+            async def upload() -> None:
+                for _ in range(size // MIB):
+                    for off in range(0, MIB, 256 << 10):
+                        tunnel.write(up[off : off + (256 << 10)])
+                    await tunnel.call.drain()
+
+            uploader = asyncio.ensure_future(upload())
+            want_down = hashlib.sha256(down * (size // MIB)).digest()
+            got_down = hashlib.sha256()
+            n = 0
+            while n < size:
+                chunk = await tunnel.read_exactly(min(MIB, size - n), timeout=60)
+                got_down.update(chunk)
+                n += len(chunk)
+            await uploader
+            assert await asyncio.wait_for(up_done, 60) == size
+            assert got_down.digest() == want_down
+            assert got_up.digest() == hashlib.sha256(up * (size // MIB)).digest()
+            await tunnel.wait_close_rsp()  # the backend closed
+            await tunnel.aclose()
+        server_b.close()
+        await server_b.wait_closed()
+
+    run(main())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_1000_concurrent_tunnels(run: RunFn, sock_dir: str, certs: Certs) -> None:
+    async def main() -> None:
+        echo = EchoServer()
+        port = await echo.start()
+        count = 1000
+        async with proxy_server(sock_dir, certs) as server, agent(certs, server.agent_port) as cs:
+            await until(lambda: server_has_agent(server))
+            protos = [await kgrpc.connect(path=server.uds) for _ in range(4)]
+            tunnels = [
+                Tunnel(protos[i % 4], protos[i % 4].start_call(PROXY_PATH)) for i in range(count)
+            ]
+            rsps = await asyncio.gather(
+                *(t.dial(f"{LOOPBACK}:{port}", rnd=i + 1) for i, t in enumerate(tunnels))
+            )
+            assert all(r.error == "" for r in rsps)
+            assert sorted(r.connect_id for r in rsps) == list(range(1, count + 1))
+            await until(lambda: echo.open == count, what="all backends")
+            assert agent_metrics.OPEN_ENDPOINT_CONNECTIONS.labels().value == count
+            for i, t in enumerate(tunnels):
+                t.write(f"tunnel {i}".encode())
+            for i, t in enumerate(tunnels):
+                want = f"tunnel {i}".encode()
+                assert await t.read_exactly(len(want)) == want
+            closes = await asyncio.gather(*(t.close_and_wait() for t in tunnels))
+            assert all(c.error == "" for c in closes)
+            await until(lambda: echo.open == 0, what="all backends closed")
+            (client,) = cs.clients.values()
+            assert client.endpoints == {}
+            assert agent_metrics.OPEN_ENDPOINT_CONNECTIONS.labels().value == 0
+            for proto in protos:
+                await proto.aclose()
+        await echo.close()
+
+    run(main())
+
+
+@pytest.mark.timeout(60)
+def test_server_not_reading_pauses_backend_reads(run: RunFn, certs: Certs) -> None:
+    """The server stops reading the agent's stream: the agent stops reading its backends
+    and holds at most the stream's high water plus one read per backend."""
+
+    async def main() -> None:
+        blocked = asyncio.Event()
+        written = 0
+
+        async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal written
+            chunk = b"x" * (256 << 10)
+            try:
+                while True:
+                    writer.write(chunk)
+                    try:
+                        await asyncio.wait_for(writer.drain(), 1.0)
+                    except TimeoutError:
+                        blocked.set()  # the agent stopped reading us
+                        await writer.drain()
+                    written += len(chunk)
+            except (ConnectionError, OSError):
+                pass
+
+        backend = await asyncio.start_server(flood, LOOPBACK, 0)
+        port = backend.sockets[0].getsockname()[1]
+        async with fake_server(certs) as fake, agent(certs, fake.port) as cs:
+            call = await fake.next_stream()  # the fake server never reads DATA from here on
+            for i in (1, 2):
+                send(call, Packet(PacketType.DIAL_REQ, DialRequest("tcp", f"{LOOPBACK}:{port}", i)))
+            # Read until both DIAL_RSPs are in (DATA of the first may come between); nothing
+            # is read after that.
+            dial_rsps = 0
+            while dial_rsps < 2:
+                dial_rsps += (await recv(call)).type == PacketType.DIAL_RSP
+            await asyncio.wait_for(blocked.wait(), 30)
+            (client,) = cs.clients.values()
+            assert client.call is not None
+            pending = client.call.outbound_pending()
+            assert pending <= CALL_SEND_HIGH_WATER + 2 * READ_SIZE, pending
+            assert all(ep._read_paused for ep in client.endpoints.values())
+        backend.close()
+        await backend.wait_closed()
+
+    run(main())
+
+
+@pytest.mark.timeout(60)
+def test_metrics_follow_the_traffic(run: RunFn, sock_dir: str, certs: Certs) -> None:
+    async def main() -> None:
+        agent_metrics.reset()
+        echo = EchoServer()
+        port = await echo.start()
+        async with proxy_server(sock_dir, certs) as server, agent(certs, server.agent_port):
+            await until(lambda: server_has_agent(server))
+            assert agent_metrics.OPEN_SERVER_CONNECTIONS.labels().value == 1
+            assert agent_metrics.KNOWN_SERVER_COUNT.value == 1
+            tunnel = await Tunnel.open(server.uds)
+            await tunnel.dial(f"{LOOPBACK}:{port}")
+            tunnel.write(b"abc")
+            await tunnel.read_exactly(3)
+            assert agent_metrics.OPEN_ENDPOINT_CONNECTIONS.labels().value == 1
+            await tunnel.close_and_wait()
+            await tunnel.aclose()
+            text = agent_metrics.expose().decode()
+            prefix = "konnectivity_network_proxy_agent_"
+            for line in (
+                f'{prefix}stream_packets_total{{packet_type="DIAL_REQ",segment="to_agent"}} 1',
+                f'{prefix}stream_packets_total{{packet_type="DIAL_RSP",segment="from_agent"}} 1',
+                f'{prefix}stream_packets_total{{packet_type="CLOSE_REQ",segment="to_agent"}} 1',
+                f'{prefix}stream_packets_total{{packet_type="CLOSE_RSP",segment="from_agent"}} 1',
+                f"{prefix}dial_duration_seconds_count 1",
+                f"{prefix}open_endpoint_connections 0",
+                f"{prefix}open_server_connections 1",
+            ):
+                assert line in text, line
+        assert agent_metrics.OPEN_SERVER_CONNECTIONS.labels().value == 0
+        await echo.close()
+
+    run(main())
