@@ -58,6 +58,8 @@ PAIRS = {
 }
 MIXED_MODE = "grpc-uds"
 COMBOS = [(mode, pair) for mode in MODES for pair in (PAIRS if mode == MIXED_MODE else IMPLS)]
+# A port nothing listens on in the worker namespace.
+CLOSED_PORT = 10251
 # Node-proxy requests in flight at once in the concurrency test.
 CONCURRENT_REQUESTS = 16
 # How long a webhook configuration may take to reach the apiserver's informer.
@@ -188,6 +190,28 @@ def expose_kubelet(cluster: KubeCluster, w: Worker, ns: str) -> None:
         "-p",
         json.dumps(status),
     )
+
+
+def test_dial_failure_in_the_worker_reaches_the_client(tunnel: Tunnel) -> None:
+    """A node-proxy request to a port nothing listens on in the worker: the agent's dial
+    error comes back through the tunnel as the apiserver's error, at once; the tunnel
+    still serves the next request."""
+    done = kubectl(
+        tunnel.cluster,
+        "get",
+        "--raw",
+        f"/api/v1/nodes/https:{NODE_NAME}:{CLOSED_PORT}/proxy/hello",
+        check=False,
+    )
+    assert done.returncode != 0
+    # gRPC carries the agent's dial error text; HTTP-CONNECT only a status line.
+    expected = (
+        b"connect: connection refused"
+        if MODES[tunnel.mode][0] == "GRPC"
+        else (b", code 502: 502 Bad Gateway")
+    )
+    assert expected in done.stderr, done.stderr
+    assert kubectl(tunnel.cluster, "get", "--raw", node_proxy("hello")).stdout == payloads.HELLO
 
 
 def test_concurrent_node_proxy_requests(tunnel: Tunnel) -> None:
