@@ -6,11 +6,11 @@
 #      compiled core is compiled against that release's Python and links that release's
 #      libnghttp2, the very package the runtime root gets.
 #   2. A runtime root: mmdebstrap's `extract` variant with python3, libnghttp2-14 and netbase
-#      only (no shell, no apt, no dpkg), trimmed; our wheel and uvloop installed into
-#      /usr/local/lib/python3.X/dist-packages; deploy/images/rootfs/: the entrypoints
-#      /proxy-server and /proxy-agent (Python scripts run by the kernel's #! handling, so no
-#      shell is needed) and a Python `sleep` for preStop hooks such as HyperShift's; byte
-#      code compiled in advance, so a read-only root filesystem costs nothing at start-up.
+#      only (no shell, no apt), finished by finish-root.sh (shared with the Dockerfiles): our
+#      wheel and uvloop in /usr/local/lib/python3.X/dist-packages, trims, deploy/images/rootfs/
+#      (the entrypoints /proxy-server and /proxy-agent: Python scripts run by the kernel's #!
+#      handling, so no shell is needed; a Python `sleep` for preStop hooks such as
+#      HyperShift's), byte code compiled in advance (a read-only root costs nothing).
 #   3. Two images from the same single layer, committed with buildah and written as OCI
 #      archives: .cache/images/proxy-server.oci.tar and .cache/images/proxy-agent.oci.tar
 #      (image names localhost/konnectivity-fast/proxy-{server,agent}:$IMAGE_TAG).
@@ -164,56 +164,18 @@ build_meta.build_wheel("/out")' >/dev/null
 
 build_runtime_root() {
     local rr=$WORK/rootfs
-    # Trims: documentation, locales and gconv (Python's codecs do not use gconv). The
-    # extract variant makes no passwd/group: write the two users the images know.
-    debian_root "$OUT/runtime-root.tar" "$RUNTIME_PACKAGES" \
-        --extract-hook='rm -rf "$1"/usr/share/doc "$1"/usr/share/man "$1"/usr/share/info "$1"/usr/share/locale "$1"/usr/share/lintian "$1"/usr/lib/x86_64-linux-gnu/gconv' \
-        --extract-hook='printf "root:x:0:0:root:/root:/usr/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n" >"$1"/etc/passwd; printf "root:x:0:\nnogroup:x:65534:\n" >"$1"/etc/group'
+    debian_root "$OUT/runtime-root.tar" "$RUNTIME_PACKAGES"
     unpack "$OUT/runtime-root.tar" "$rr"
     local have
     have=$(basename "$(readlink -f "$rr"/usr/lib/x86_64-linux-gnu/libnghttp2.so.14)")
     [[ $have == "$NGHTTP2_BUILT" ]] \
         || die "runtime root has $have, the wheel was built against $NGHTTP2_BUILT"
-    local site=$rr/usr/local/lib/python$PYVER/dist-packages
     pip_download "$WORK/run-wheels" "uvloop>=0.19"
-    nice "$PYTHON" -m pip install -q --no-index --no-deps --no-compile \
-        --only-binary=:all: --implementation cp --python-version "$PYVER" \
-        --platform manylinux2014_x86_64 --platform linux_x86_64 \
-        --target "$site" "$WORK"/wheels/*.whl "$WORK"/run-wheels/uvloop-*.whl
-    rm -rf "$site/bin"  # console scripts name the host's interpreter; the entrypoints replace them
-    # uvloop's wheel ships its extension with symbols (14 MB): strip both extensions.
-    find "$site" -name '*.so' -exec strip --strip-unneeded {} +
-    # Nothing runs these at run time: dpkg and tar (pulled in as dependencies; nothing is
-    # installed in a running container), apt's state, Python's docs, tests and installers.
-    local lib=$rr/usr/lib/python$PYVER
-    rm -rf "$rr"/var/cache/apt "$rr"/var/lib/apt "$rr"/var/log/* "$rr"/usr/bin/dpkg* \
-        "$rr"/usr/sbin/dpkg* "$rr"/bin/tar "$rr"/usr/sbin/rmt* "$rr"/usr/share/dpkg \
-        "$lib"/pydoc_data "$lib"/test "$lib"/ensurepip "$lib"/lib2to3 "$lib"/idlelib
-    # The entrypoints /proxy-server and /proxy-agent, and a Python `sleep` for preStop hooks.
-    cp -a "$ROOT/deploy/images/rootfs/." "$rr/"
-    mkdir -p "$rr/tmp"
-    chmod 1777 "$rr/tmp"
-    # Byte code for our packages and for every standard module the programs import (the
-    # extract variant runs no maintainer scripts, so Debian's py3compile never ran).
-    say "compiling byte code in the runtime root"
-    in_root "$rr" python3 -c '
-import compileall, importlib, py_compile, sys
-import konnectivity_fast.cli.proxy_server, konnectivity_fast.cli.proxy_agent
-import konnectivity_fast.server.app, konnectivity_fast.agent.app
-import asyncio, ssl, json, email.utils, urllib.parse, uuid, http.client
-import encodings.idna
-for name, mod in list(sys.modules.items()):
-    path = getattr(mod, "__file__", None)
-    if path and path.endswith(".py"):
-        py_compile.compile(path, quiet=1)
-compileall.compile_dir("/usr/local/lib/python3.'"${PYVER#*.}"'/dist-packages", quiet=1)
-'
-    # Smoke test, as the images will run it: non-root, compiled core required.
-    local entry
-    for entry in /proxy-server /proxy-agent; do
-        in_root_as "$RUN_UID:$RUN_UID" "$rr" KONNECTIVITY_FAST_REQUIRE_COMPILED=1 "$entry" --help \
-            >/dev/null || die "the runtime root's $entry --help fails"
-    done
+    say "finishing the runtime root (wheels, trims, entrypoints, byte code)"
+    # In private mount and PID namespaces: the root's /proc is its own.
+    mkdir -p "$rr/proc"
+    PIP_PYTHON=$PYTHON nice unshare --mount --pid --fork --mount-proc="$rr/proc" \
+        "$ROOT/deploy/images/finish-root.sh" "$rr" "$WORK"/wheels/*.whl "$WORK"/run-wheels/uvloop-*.whl
     tar --numeric-owner -C "$rr" -cf "$WORK/layer.tar" .
     rm -rf "$rr"
 }
