@@ -146,6 +146,8 @@ class Bench:
 
     def __post_init__(self) -> None:
         self.procs = Procs(self.dir)
+        # Other sessions may edit the working tree during a long run: say what it was then.
+        self.source_at_start = _source()
         self.loadgen = str(build_loadgen())
         self.upstream_bin = build_upstream() if "upstream" in self.config.impls else None
         self.certs = make_certs(self.dir)
@@ -381,7 +383,10 @@ class Bench:
                         )
                     assert target.pair is not None
                     stop_pair(self.procs, target.pair)
-        return summarize(asdict(c), _machine(self.upstream_bin), runs)
+        machine = _machine(self.upstream_bin)
+        if self.source_at_start != _source():
+            machine["source_at_start"] = self.source_at_start
+        return summarize(asdict(c), machine, runs)
 
     def _revive(self, target: Target) -> None:
         """A pair with a dead process is replaced (and the progress says so)."""
