@@ -148,6 +148,7 @@ class Bench:
         self.procs = Procs(self.dir)
         # Other sessions may edit the working tree during a long run: say what it was then.
         self.source_at_start = _source()
+        self.loadavg_at_start = _loadavg().split()
         self.loadgen = str(build_loadgen())
         self.upstream_bin = build_upstream() if "upstream" in self.config.impls else None
         self.certs = make_certs(self.dir)
@@ -384,6 +385,7 @@ class Bench:
                     assert target.pair is not None
                     stop_pair(self.procs, target.pair)
         machine = _machine(self.upstream_bin)
+        machine["loadavg"] = self.loadavg_at_start
         if self.source_at_start != _source():
             machine["source_at_start"] = self.source_at_start
         return summarize(asdict(c), machine, runs)
