@@ -61,6 +61,10 @@ BACKEND_PORT = 8080
 KEEPALIVE = 2.0
 PING_TIMEOUT = 20.0
 NOTICE_BOUND = KEEPALIVE + PING_TIMEOUT + 10.0
+# The agents' --sync-interval: different on purpose. Two agents retrying in step behind a
+# round-robin balancer can each keep drawing the same server (w1 always A, w2 always B)
+# until their 10 % jitter drifts them apart, which took 7 s in one run with equal intervals.
+SYNC_MS = {"w1": 200, "w2": 270}
 # Waits for connections to be (re)established: sync intervals are short (below).
 CONNECT_BOUND = 45.0
 POLL_SECONDS = 0.25
@@ -339,7 +343,7 @@ def scene() -> Iterator[Scene]:
                     f"--admin-server-port={AGENT_ADMIN}",
                     f"--agent-id={name}",
                     f"--agent-identifiers=host={worker.address}",
-                    "--sync-interval=200ms",
+                    f"--sync-interval={SYNC_MS[name]}ms",
                     "--sync-interval-cap=1s",
                     "--probe-interval=200ms",
                     f"--keepalive-time={KEEPALIVE:g}s",
