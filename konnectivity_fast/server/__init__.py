@@ -1,7 +1,7 @@
 """The proxy-server's asyncio adapters (ARCHITECTURE.md, "Layers").
 
 ``proxy``: ``ProxyServer`` (the gRPC frontend and agent services around one
-``tunnel.Router``) and ``start`` helpers for its listeners. ``http_connect``: the
+``tunnel.Router``); ``listeners``: the ``start`` helpers for its listeners. ``http_connect``: the
 HTTP-CONNECT frontend (``HttpConnectProtocol``) and its listeners.
 """
 
@@ -12,16 +12,18 @@ from konnectivity_fast.server.http_connect import (
     start_http_connect_tcp,
     start_http_connect_uds,
 )
+from konnectivity_fast.server.listeners import (
+    ServerHandle,
+    start,
+    start_agent_listener,
+    start_frontend_uds,
+)
 from konnectivity_fast.server.proxy import (
     AGENT_SERVICE,
     CONNECT_PATH,
     PROXY_PATH,
     PROXY_SERVICE,
     ProxyServer,
-    ServerHandle,
-    start,
-    start_agent_listener,
-    start_frontend_uds,
 )
 
 __all__ = [

@@ -30,14 +30,14 @@ from konnectivity_fast.server.auth import TokenAuthenticator
 from konnectivity_fast.server.health import admin_routes, health_routes, start_http
 from konnectivity_fast.server.http_connect import start_http_connect_tcp, start_http_connect_uds
 from konnectivity_fast.server.leases import LeaseController, parse_lease_labels
-from konnectivity_fast.server.proxy import (
-    ProxyServer,
+from konnectivity_fast.server.listeners import (
     ServerHandle,
     TlsSettings,
     start_agent_listener,
     start_frontend_tcp,
     start_frontend_uds,
 )
+from konnectivity_fast.server.proxy import ProxyServer
 from konnectivity_fast.server.startup import (
     StartupError,
     check_tls_files,

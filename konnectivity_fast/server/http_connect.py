@@ -40,7 +40,8 @@ from konnectivity_fast.server.buffering import (
     TUNNEL_WRITE_LOW_WATER,
     TunnelBuffer,
 )
-from konnectivity_fast.server.proxy import DEFAULT_TLS, ProxyServer, TlsSettings
+from konnectivity_fast.server.listeners import DEFAULT_TLS, TlsSettings
+from konnectivity_fast.server.proxy import ProxyServer
 from konnectivity_fast.transport import tls
 from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER, GrpcCall, GrpcError
 from konnectivity_fast.transport.grpc import listen_backlog

@@ -7,6 +7,8 @@ task per call) feed the router:
   konnectivity-client), served on a Unix socket (h2c) or TCP+mTLS;
 - ``ProxyServer.agent_service``: ``/AgentService/Connect`` streams, served on TCP+TLS.
 
+The listeners that serve them are in ``listeners``.
+
 Each received message is peeked at with the codec: DATA takes the router's fast path
 (``route_frontend_data``/``route_agent_data``) and its bytes are forwarded unchanged on the
 target's call; anything else is decoded and given to ``receive_from_frontend`` /
@@ -27,19 +29,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import ssl
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from random import Random
 from time import perf_counter
 from typing import Any, Protocol
 
 from konnectivity_fast.metrics import server as metrics
 from konnectivity_fast.server.buffering import TUNNEL_WRITE_HIGH_WATER, BufferBudget, TunnelBuffer
-from konnectivity_fast.transport import tls
 from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER
-from konnectivity_fast.transport.grpc import CallSink, GrpcCall, GrpcError, GrpcServer, serve
+from konnectivity_fast.transport.grpc import CallSink, GrpcCall, GrpcError
 from konnectivity_fast.tunnel import (
     AgentIdentifiers,
     AgentMetadataError,
@@ -69,10 +68,6 @@ __all__ = [
     "PROXY_PATH",
     "PROXY_SERVICE",
     "ProxyServer",
-    "ServerHandle",
-    "start",
-    "start_agent_listener",
-    "start_frontend_uds",
 ]
 
 log = logging.getLogger(__name__)
@@ -558,122 +553,3 @@ class ProxyServer:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-
-
-# --- listeners ------------------------------------------------------------------------------
-
-
-@dataclass
-class ServerHandle:
-    """A running proxy-server's listeners. ``close()`` stops listening and ends every
-    connection (GOAWAY, then abort after a grace period)."""
-
-    proxy: ProxyServer
-    servers: list[GrpcServer | asyncio.Server] = field(default_factory=list)
-
-    @property
-    def agent_port(self) -> int | None:
-        """The agent listener's TCP port (useful with port 0), if any."""
-        for server in self.servers:
-            for sock in server.sockets:
-                name = sock.getsockname()
-                if isinstance(name, tuple):
-                    return int(name[1])
-        return None
-
-    async def close(self) -> None:
-        for server in self.servers:
-            server.close()
-        for server in self.servers:
-            await server.wait_closed()
-        self.proxy.close()
-
-
-#: grpc-go's keepalive defaults as upstream sets them (§1.5). Agent listener: a ping after
-#: ``--keepalive-time`` of silence; clients may ping every 30 s, even with no stream open.
-AGENT_ENGINE_DEFAULTS: dict[str, Any] = {
-    "keepalive_time": 3600.0, "min_ping_interval": 30.0, "ping_without_streams": True}
-#: Frontend listener: a ping after ``--frontend-keepalive-time``; grpc-go's default policy
-#: (pings every 5 min at most, none without a stream).
-FRONTEND_ENGINE_DEFAULTS: dict[str, Any] = {
-    "keepalive_time": 3600.0, "min_ping_interval": 300.0, "ping_without_streams": False}
-
-
-@dataclass(frozen=True)
-class TlsSettings:
-    """``--tls-min-version`` and ``--cipher-suites``, for both TLS listeners."""
-
-    minimum_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2
-    go_ciphers: tuple[str, ...] = ()
-
-
-DEFAULT_TLS = TlsSettings()
-
-
-async def start_frontend_uds(proxy: ProxyServer, path: str, **engine_options: Any) -> GrpcServer:
-    """The gRPC frontend on a Unix socket: plaintext h2c, no auth (§1.5)."""
-    options = {**FRONTEND_ENGINE_DEFAULTS, **engine_options}
-    return await serve(proxy.frontend_service, path=path, **options)
-
-
-async def start_frontend_tcp(
-    proxy: ProxyServer,
-    *,
-    host: str | None,
-    port: int,
-    cert_file: str,
-    key_file: str,
-    client_ca_file: str,
-    tls_settings: TlsSettings = DEFAULT_TLS,
-    **engine_options: Any,
-) -> GrpcServer:
-    """The gRPC frontend on TCP: mTLS always, client certificates verified against
-    ``client_ca_file`` (§1.5)."""
-    ctx = tls.server_context(cert_file, key_file, client_ca_file,
-                             minimum_version=tls_settings.minimum_version,
-                             go_ciphers=tls_settings.go_ciphers)
-    options = {**FRONTEND_ENGINE_DEFAULTS, **engine_options}
-    return await serve(proxy.frontend_service, host=host, port=port, ssl=ctx, **options)
-
-
-async def start_agent_listener(
-    proxy: ProxyServer,
-    *,
-    host: str | None,
-    port: int,
-    cert_file: str,
-    key_file: str,
-    client_ca_file: str | None = None,
-    tls_settings: TlsSettings = DEFAULT_TLS,
-    **engine_options: Any,
-) -> GrpcServer:
-    """The agent listener: TCP with TLS (ALPN h2), client certificates required and verified
-    when ``client_ca_file`` is given (§1.5)."""
-    ctx = tls.server_context(cert_file, key_file, client_ca_file,
-                             minimum_version=tls_settings.minimum_version,
-                             go_ciphers=tls_settings.go_ciphers)
-    options = {**AGENT_ENGINE_DEFAULTS, **engine_options}
-    return await serve(proxy.agent_service, host=host, port=port, ssl=ctx, **options)
-
-
-async def start(
-    proxy: ProxyServer,
-    *,
-    uds_path: str,
-    agent_host: str | None,
-    agent_port: int,
-    cert_file: str,
-    key_file: str,
-    client_ca_file: str | None = None,
-) -> ServerHandle:
-    """Both listeners of a gRPC-mode proxy-server with ``--uds-name``."""
-    handle = ServerHandle(proxy)
-    try:
-        handle.servers.append(await start_frontend_uds(proxy, uds_path))
-        handle.servers.append(await start_agent_listener(
-            proxy, host=agent_host, port=agent_port, cert_file=cert_file,
-            key_file=key_file, client_ca_file=client_ca_file))
-    except BaseException:
-        await handle.close()
-        raise
-    return handle

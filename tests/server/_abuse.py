@@ -35,13 +35,12 @@ from oracle import pb2
 from konnectivity_fast.server import ProxyServer, ServerHandle
 from konnectivity_fast.server.health import health_routes, start_http
 from konnectivity_fast.server.http_connect import start_http_connect_tcp, start_http_connect_uds
-from konnectivity_fast.server.proxy import (
-    CONNECT_PATH,
-    PROXY_PATH,
+from konnectivity_fast.server.listeners import (
     start_agent_listener,
     start_frontend_tcp,
     start_frontend_uds,
 )
+from konnectivity_fast.server.proxy import CONNECT_PATH, PROXY_PATH
 from konnectivity_fast.transport.grpc import GrpcServer
 
 T = TypeVar("T")

@@ -38,13 +38,13 @@ from konnectivity_fast.server.http_connect import (
     start_http_connect_tcp,
     start_http_connect_uds,
 )
-from konnectivity_fast.server.proxy import (
-    ProxyServer,
+from konnectivity_fast.server.listeners import (
     ServerHandle,
     start_agent_listener,
     start_frontend_tcp,
     start_frontend_uds,
 )
+from konnectivity_fast.server.proxy import ProxyServer
 from konnectivity_fast.transport import grpc as kgrpc
 from konnectivity_fast.transport import tls
 

@@ -20,7 +20,7 @@ from konnectivity_fast.server.http_connect import (
     start_http_connect_tcp,
     start_http_connect_uds,
 )
-from konnectivity_fast.server.proxy import start_agent_listener
+from konnectivity_fast.server.listeners import start_agent_listener
 from konnectivity_fast.transport import tls
 from konnectivity_fast.tunnel import ERR_NO_AGENT
 from konnectivity_fast.wire.codec import decode_packet, encode_packet

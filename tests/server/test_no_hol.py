@@ -23,7 +23,7 @@ import pytest
 from konnectivity_fast.server import CONNECT_PATH, PROXY_PATH, ProxyServer, ServerHandle
 from konnectivity_fast.server.buffering import TUNNEL_WRITE_HIGH_WATER, BufferBudget
 from konnectivity_fast.server.http_connect import RESPONSE_200, start_http_connect_uds
-from konnectivity_fast.server.proxy import start_agent_listener, start_frontend_uds
+from konnectivity_fast.server.listeners import start_agent_listener, start_frontend_uds
 from konnectivity_fast.transport import grpc as kgrpc
 from konnectivity_fast.transport import tls
 from konnectivity_fast.wire.codec import decode_packet, encode_packet
