@@ -43,16 +43,19 @@ from konnectivity_fast.tunnel.events import (
     SendToFrontend,
     TunnelEstablished,
 )
-from konnectivity_fast.tunnel.router import (
+from konnectivity_fast.tunnel.replies import (
     ERR_BACKEND_GONE,
     ERR_BACKEND_NOT_INITIALIZED,
     ERR_BACKEND_UNINITIALIZED,
     ERR_CLOSE_REQ_FAILED,
     ERR_DIAL_TIMEOUT,
     ERR_DUPLICATE_DIAL,
+    ERR_FOREIGN_CONNECT_ID,
     ERR_MISMATCHED_IDS,
     ERR_NO_AGENT,
     ERR_TOO_MANY_DIALS,
+)
+from konnectivity_fast.tunnel.router import (
     MAX_CLOSING_PER_BACKEND,
     MAX_CONNECTIONS_PER_FRONTEND,
     Router,
@@ -65,6 +68,7 @@ __all__ = [
     "ERR_CLOSE_REQ_FAILED",
     "ERR_DIAL_TIMEOUT",
     "ERR_DUPLICATE_DIAL",
+    "ERR_FOREIGN_CONNECT_ID",
     "ERR_MISMATCHED_IDS",
     "ERR_NO_AGENT",
     "ERR_TOO_MANY_DIALS",

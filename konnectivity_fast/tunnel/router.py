@@ -47,7 +47,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from itertools import count
 from random import Random
-from typing import Any, TypeVar
+from typing import Any
 
 from konnectivity_fast.tunnel.backends import AgentIdentifiers, Backend, BackendManagers
 from konnectivity_fast.tunnel.connections import (
@@ -71,6 +71,25 @@ from konnectivity_fast.tunnel.events import (
     SendToFrontend,
     TunnelEstablished,
 )
+from konnectivity_fast.tunnel.replies import (
+    ERR_BACKEND_GONE,
+    ERR_BACKEND_NOT_INITIALIZED,
+    ERR_BACKEND_UNINITIALIZED,
+    ERR_CLOSE_REQ_FAILED,
+    ERR_DIAL_TIMEOUT,
+    ERR_DUPLICATE_DIAL,
+    ERR_FOREIGN_CONNECT_ID,
+    ERR_MISMATCHED_IDS,
+    ERR_NO_AGENT,
+    ERR_TOO_MANY_DIALS,
+    close_req,
+    close_rsp,
+    dial_cls,
+    dial_rsp,
+    forward,
+    payload_of,
+    reply,
+)
 from konnectivity_fast.wire.packets import (
     CloseDial,
     CloseRequest,
@@ -80,41 +99,13 @@ from konnectivity_fast.wire.packets import (
     DialResponse,
     Packet,
     PacketType,
-    Payload,
 )
 
 __all__ = [
-    "ERR_BACKEND_GONE",
-    "ERR_BACKEND_NOT_INITIALIZED",
-    "ERR_BACKEND_UNINITIALIZED",
-    "ERR_CLOSE_REQ_FAILED",
-    "ERR_DIAL_TIMEOUT",
-    "ERR_DUPLICATE_DIAL",
-    "ERR_MISMATCHED_IDS",
-    "ERR_NO_AGENT",
-    "ERR_TOO_MANY_DIALS",
     "MAX_CLOSING_PER_BACKEND",
     "MAX_CONNECTIONS_PER_FRONTEND",
     "Router",
 ]
-
-# Upstream's error strings (§2.8).
-ERR_NO_AGENT = "No agent available"
-ERR_DIAL_TIMEOUT = "timed out waiting for backend dial"
-# What upstream answers when the chosen agent stream ends during a dial (the DIAL_REQ send
-# under a timeout, or the HTTP-CONNECT wait); we use it for every dial lost with its agent.
-ERR_BACKEND_GONE = "context canceled"
-ERR_BACKEND_NOT_INITIALIZED = "backend not initialized"
-ERR_BACKEND_UNINITIALIZED = "backend uninitialized"
-ERR_MISMATCHED_IDS = "mismatched connection IDs"
-ERR_CLOSE_REQ_FAILED = "CLOSE_REQ to backend failed"
-# Ours, for conditions upstream does not check (see the module docstring).
-ERR_DUPLICATE_DIAL = "dial ID already in use"
-ERR_TOO_MANY_DIALS = "too many dials on one stream"
-# A frontend's DATA or CLOSE_REQ for a connectID that is not one of its own connections.
-# Upstream forwards it, so one stream could write into (or close) another stream's tunnel
-# on the same agent; a konnectivity-client only ever uses the connectID of its DIAL_RSP.
-ERR_FOREIGN_CONNECT_ID = "unrecognized connectID"
 
 # A conforming client carries one connection per stream (konnectivity-client, both its
 # single-use and its reusable tunnel), and upstream forwards DATA of only one connectID per
@@ -128,24 +119,6 @@ MAX_CLOSING_PER_BACKEND = 4096
 # HTTP-CONNECT dial IDs are non-negative 63-bit integers, like upstream's rand.Int63().
 HTTP_RANDOM_BITS = 63
 
-P = TypeVar("P", bound=Payload)
-
-
-def _payload(packet: Packet, cls: type[P]) -> P:
-    """The payload a packet of this type carries; a missing or mismatched payload reads as
-    the zero value (upstream would crash, §9.7)."""
-    payload = packet.payload
-    return payload if isinstance(payload, cls) else cls()
-
-
-def _forward(packet: Packet, payload: Payload, raw: RawMessage | None) -> Message:
-    """A received packet to pass on unchanged: its raw bytes when given and the payload was
-    as expected, else a normalised Packet."""
-    if packet.payload is not payload:
-        return Packet(packet.type, payload)
-    return packet if raw is None else raw
-
-
 def _owned(frontend: Frontend, connect_id: int) -> ProxyClientConnection | None:
     """``frontend``'s established connection with ``connect_id``, if it has one; on the
     stream's latest backend first (connectIDs are per agent, so two agents' connections
@@ -158,26 +131,6 @@ def _owned(frontend: Frontend, connect_id: int) -> ProxyClientConnection | None:
             found = found or conn
     return found
 
-
-def _dial_rsp(random: int, error: str) -> Packet:
-    return Packet(PacketType.DIAL_RSP, DialResponse(error=error, random=random))
-
-
-def _close_req(connect_id: int) -> Packet:
-    return Packet(PacketType.CLOSE_REQ, CloseRequest(connect_id=connect_id))
-
-
-def _close_rsp(connect_id: int, error: str) -> Packet:
-    return Packet(PacketType.CLOSE_RSP, CloseResponse(error=error, connect_id=connect_id))
-
-
-def _dial_cls(random: int) -> Packet:
-    return Packet(PacketType.DIAL_CLS, CloseDial(random=random))
-
-
-def _reply(frontend: Frontend, message: Packet) -> SendToFrontend:
-    """The server's own answer to a frontend (not timed as a connection write)."""
-    return SendToFrontend(frontend, message, via_connection=False)
 
 
 Handler = Callable[[Any, Packet, float, RawMessage | None], list[Effect]]
@@ -276,13 +229,13 @@ class Router:
             self._remove_pending(dial)
             if http:  # §3.2 step 8; a gRPC stream end is not counted
                 effects.append(DialFailure(DialFailureReason.FRONTEND_CLOSE))
-            effects.append(SendToAgent(dial.backend, _dial_cls(dial.random)))
+            effects.append(SendToAgent(dial.backend, dial_cls(dial.random)))
         for conn in list(frontend.connections):
             self._remove_established(conn)
             # Upstream observes an HTTP tunnel's duration at the agent's CLOSE_RSP that
             # follows; a gRPC stream end is never observed.
             self._remember_closing(conn, conn.start if http else None)
-            effects.append(SendToAgent(conn.backend, _close_req(conn.connect_id)))
+            effects.append(SendToAgent(conn.backend, close_req(conn.connect_id)))
         return effects
 
     def remove_backend(self, backend: Backend, now: float) -> list[Effect]:
@@ -416,35 +369,35 @@ class Router:
 
     def _on_frontend_dial_req(self, frontend: Frontend, packet: Packet, now: float,
                               raw: RawMessage | None) -> list[Effect]:  # DIAL_REQ
-        request = _payload(packet, DialRequest)
+        request = payload_of(packet, DialRequest)
         if request.random in self._pending:  # upstream overwrites another dial
-            return [_reply(frontend, _dial_rsp(request.random, ERR_DUPLICATE_DIAL))]
+            return [reply(frontend, dial_rsp(request.random, ERR_DUPLICATE_DIAL))]
         if len(frontend.dials) + len(frontend.connections) >= MAX_CONNECTIONS_PER_FRONTEND:
-            return [_reply(frontend, _dial_rsp(request.random, ERR_TOO_MANY_DIALS))]
+            return [reply(frontend, dial_rsp(request.random, ERR_TOO_MANY_DIALS))]
         backend = self.backend_managers.backend(request.address)
         if backend is None:
             frontend.stopped = True
             return [DialFailure(DialFailureReason.NO_AGENT),
-                    _reply(frontend, _dial_rsp(request.random, ERR_NO_AGENT))]
+                    reply(frontend, dial_rsp(request.random, ERR_NO_AGENT))]
         frontend.backend = backend
         self._add_pending(PendingDial(request.random, frontend, backend, request.address, now))
-        return [SendToAgent(backend, _forward(packet, request, raw))]
+        return [SendToAgent(backend, forward(packet, request, raw))]
 
     def _on_frontend_data(self, frontend: Frontend, packet: Packet, now: float,
                           raw: RawMessage | None) -> list[Effect]:  # DATA
-        data = _payload(packet, Data)
+        data = payload_of(packet, Data)
         connect_id = data.connect_id
         backend = frontend.backend
         if backend is None:
             frontend.stopped = True
-            return [_reply(frontend, _close_rsp(connect_id, ERR_BACKEND_NOT_INITIALIZED))]
+            return [reply(frontend, close_rsp(connect_id, ERR_BACKEND_NOT_INITIALIZED))]
         if connect_id == 0:
             return []
         if frontend.connect_id == 0:
             owned = _owned(frontend, connect_id)
             if owned is None:
                 frontend.stopped = True
-                return [_reply(frontend, _close_rsp(connect_id, ERR_FOREIGN_CONNECT_ID))]
+                return [reply(frontend, close_rsp(connect_id, ERR_FOREIGN_CONNECT_ID))]
             frontend.connect_id = connect_id
             frontend.backend = backend = owned.backend
         elif connect_id != frontend.connect_id:
@@ -452,35 +405,35 @@ class Router:
             return self._mismatched_ids(frontend, backend, connect_id, frontend.connect_id)
         if backend.closed:  # upstream's send fails: the packet is dropped
             return []
-        return [SendToAgent(backend, _forward(packet, data, raw))]
+        return [SendToAgent(backend, forward(packet, data, raw))]
 
     def _mismatched_ids(self, frontend: Frontend, backend: Backend, new: int,
                         old: int) -> list[Effect]:
         effects: list[Effect] = []
         if not backend.closed:
-            effects += [SendToAgent(backend, _close_req(new)),
-                        SendToAgent(backend, _close_req(old))]
-        effects += [_reply(frontend, _close_rsp(new, ERR_MISMATCHED_IDS)),
-                    _reply(frontend, _close_rsp(old, ERR_MISMATCHED_IDS))]
+            effects += [SendToAgent(backend, close_req(new)),
+                        SendToAgent(backend, close_req(old))]
+        effects += [reply(frontend, close_rsp(new, ERR_MISMATCHED_IDS)),
+                    reply(frontend, close_rsp(old, ERR_MISMATCHED_IDS))]
         return effects
 
     def _on_frontend_close_req(self, frontend: Frontend, packet: Packet, now: float,
                                raw: RawMessage | None) -> list[Effect]:  # CLOSE_REQ
-        request = _payload(packet, CloseRequest)
+        request = payload_of(packet, CloseRequest)
         backend = frontend.backend
         if backend is None:  # processing carries on, unlike DATA
-            return [_reply(frontend, _close_rsp(request.connect_id, ERR_BACKEND_UNINITIALIZED))]
+            return [reply(frontend, close_rsp(request.connect_id, ERR_BACKEND_UNINITIALIZED))]
         frontend.stopped = True
         if backend.closed:
-            return [_reply(frontend, _close_rsp(request.connect_id, ERR_CLOSE_REQ_FAILED))]
+            return [reply(frontend, close_rsp(request.connect_id, ERR_CLOSE_REQ_FAILED))]
         owned = _owned(frontend, request.connect_id)
         if owned is None:
-            return [_reply(frontend, _close_rsp(request.connect_id, ERR_FOREIGN_CONNECT_ID))]
-        return [SendToAgent(owned.backend, _forward(packet, request, raw))]
+            return [reply(frontend, close_rsp(request.connect_id, ERR_FOREIGN_CONNECT_ID))]
+        return [SendToAgent(owned.backend, forward(packet, request, raw))]
 
     def _on_frontend_dial_cls(self, frontend: Frontend, packet: Packet, now: float,
                               raw: RawMessage | None) -> list[Effect]:  # DIAL_CLS
-        dial = frontend.dials.get(_payload(packet, CloseDial).random)
+        dial = frontend.dials.get(payload_of(packet, CloseDial).random)
         if dial is None:
             return []
         # Not forwarded: the agent's late DIAL_RSP will be answered with CLOSE_REQ.
@@ -491,23 +444,23 @@ class Router:
 
     def _on_agent_dial_rsp(self, backend: Backend, packet: Packet, now: float,
                            raw: RawMessage | None) -> list[Effect]:  # DIAL_RSP
-        response = _payload(packet, DialResponse)
+        response = payload_of(packet, DialResponse)
         dial = backend.dials.get(response.random)
         if dial is None:
             effects: list[Effect] = [DialFailure(DialFailureReason.UNRECOGNIZED_RESPONSE)]
             if response.connect_id != 0:
-                effects.append(SendToAgent(backend, _close_req(response.connect_id)))
+                effects.append(SendToAgent(backend, close_req(response.connect_id)))
             return effects
         self._remove_pending(dial)
         frontend = dial.frontend
         if response.error:
             return [DialFailure(DialFailureReason.ERROR_RESPONSE),
                     self._dial_failed(dial, CloseReason.DIAL_ERROR, response.error,
-                                      _forward(packet, response, raw))]
+                                      forward(packet, response, raw))]
         effects = self._add_established(ProxyClientConnection(dial, response.connect_id), now)
         effects.append(DialDuration(now - dial.start))
         if frontend.mode is FrontendMode.GRPC:
-            effects.append(SendToFrontend(frontend, _forward(packet, response, raw)))
+            effects.append(SendToFrontend(frontend, forward(packet, response, raw)))
         else:
             frontend.connect_id = response.connect_id
             effects.append(TunnelEstablished(frontend, response.connect_id))
@@ -515,20 +468,20 @@ class Router:
 
     def _on_agent_data(self, backend: Backend, packet: Packet, now: float,
                        raw: RawMessage | None) -> list[Effect]:  # DATA
-        data = _payload(packet, Data)
+        data = payload_of(packet, Data)
         connect_id = data.connect_id
         if connect_id == 0:
             return []
         conn = backend.connections.get(connect_id)
         if conn is not None:
-            return [SendToFrontend(conn.frontend, _forward(packet, data, raw))]
+            return [SendToFrontend(conn.frontend, forward(packet, data, raw))]
         if connect_id in backend.closing:  # in flight before our CLOSE_REQ arrived
             return []
-        return [SendToAgent(backend, _close_req(connect_id))]
+        return [SendToAgent(backend, close_req(connect_id))]
 
     def _on_agent_close_rsp(self, backend: Backend, packet: Packet, now: float,
                             raw: RawMessage | None) -> list[Effect]:  # CLOSE_RSP
-        response = _payload(packet, CloseResponse)
+        response = payload_of(packet, CloseResponse)
         conn = backend.connections.get(response.connect_id)
         if conn is None:  # already closed; maybe a frontend that left
             start = backend.closing.pop(response.connect_id, None)
@@ -536,21 +489,21 @@ class Router:
         self._remove_established(conn)
         effects: list[Effect] = [ConnectionDuration(now - conn.start)]
         if conn.frontend.mode is FrontendMode.GRPC:
-            effects.append(SendToFrontend(conn.frontend, _forward(packet, response, raw)))
+            effects.append(SendToFrontend(conn.frontend, forward(packet, response, raw)))
         else:
             effects.append(self._close_http(conn.frontend, CloseReason.CLOSE_RSP))
         return effects
 
     def _on_agent_dial_cls(self, backend: Backend, packet: Packet, now: float,
                            raw: RawMessage | None) -> list[Effect]:  # DIAL_CLS
-        close = _payload(packet, CloseDial)
+        close = payload_of(packet, CloseDial)
         dial = backend.dials.get(close.random)
         if dial is None:
             return []
         self._remove_pending(dial)
         return [DialFailure(DialFailureReason.BACKEND_CLOSE),
                 self._dial_failed(dial, CloseReason.DIAL_CLOSED, "",
-                                  _forward(packet, close, raw))]
+                                  forward(packet, close, raw))]
 
     def _on_agent_drain(self, backend: Backend, packet: Packet, now: float,
                         raw: RawMessage | None) -> list[Effect]:  # DRAIN
@@ -608,7 +561,7 @@ class Router:
     def _connection_lost(self, conn: ProxyClientConnection, reason: CloseReason) -> Effect:
         """Tell a removed connection's frontend it is over."""
         if conn.frontend.mode is FrontendMode.GRPC:
-            return SendToFrontend(conn.frontend, _close_rsp(conn.connect_id, ""))
+            return SendToFrontend(conn.frontend, close_rsp(conn.connect_id, ""))
         return self._close_http(conn.frontend, reason)
 
     def _dial_failed(self, dial: PendingDial, reason: CloseReason, error: str,
@@ -617,7 +570,7 @@ class Router:
         error DIAL_RSP), HTTP-CONNECT is closed for ``reason``."""
         if dial.frontend.mode is FrontendMode.GRPC:
             if message is None:
-                return _reply(dial.frontend, _dial_rsp(dial.random, error))
+                return reply(dial.frontend, dial_rsp(dial.random, error))
             return SendToFrontend(dial.frontend, message)
         return self._close_http(dial.frontend, reason, error)
 
