@@ -62,6 +62,7 @@ class AgentRunOptions(Protocol):
     keepalive_time: float
     service_account_token_path: str
     sync_forever: bool
+    warn_on_channel_limit: bool
     count_server_leases: bool
     server_count_source: str
 
@@ -129,6 +130,7 @@ def client_config(options: AgentRunOptions, ctx: ssl.SSLContext) -> ClientConfig
         keepalive_time=options.keepalive_time,
         probe_interval=options.probe_interval,
         server_name=options.proxy_server_host,
+        warn_on_channel_limit=options.warn_on_channel_limit,
     )
 
 

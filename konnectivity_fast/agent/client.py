@@ -112,6 +112,8 @@ class ClientConfig:
     probe_interval: float = 1.0
     # The TLS server name and :authority (``--proxy-server-host``).
     server_name: str = ""
+    # ``--warn-on-channel-limit``: warn when a slow backend pauses its server stream.
+    warn_on_channel_limit: bool = False
     extra_metadata: list[tuple[str, str]] = field(default_factory=list)
 
     def metadata(self) -> list[tuple[str, str]]:
@@ -363,7 +365,13 @@ class AgentClient:
             return
         self._inbound_paused = pause
         if pause:
-            log.log(V(2), "server %s: a backend is slow, pausing the stream", self.server_id)
+            # Upstream's words for its full per-connection queue, under the same flag.
+            level = logging.WARNING if self.config.warn_on_channel_limit else V(2)
+            log.log(
+                level,
+                "Data channel on agent is full: pausing the stream from server %s",
+                self.server_id,
+            )
             call.pause_reading()
         else:
             call.resume_reading()
