@@ -15,16 +15,22 @@ the admin server (a listen failure is only logged). Then:
 (``cli.agent_options.GrpcProxyAgentOptions`` has them; this layer does not import the CLI).
 
 Lease counting (``--count-server-leases``) needs a Kubernetes client. ``run`` takes it as a
-``LeaseCounter`` (``start()`` returns once the lease cache is synced, as upstream blocks
-start-up on it; ``count()`` gives the number of valid server leases) built by the caller;
-without one, ``--count-server-leases`` is refused at start-up.
+``LeaseCounter`` (``agent.leases.LeaseCounter`` is one; ``start()`` returns once the lease
+cache is synced, as upstream blocks start-up on it; ``count()`` gives the number of valid
+server Leases) built by the caller; without one, ``--count-server-leases`` is refused at
+start-up. A stop while start-up waits for the lease cache ends ``run`` cleanly.
+
+Start-up errors raise ``SetupError`` (its text follows ``failed to run proxy connection
+with``, in upstream's words) for the caller to report; ``run`` itself prints nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import ssl
 from typing import Protocol
 
@@ -79,21 +85,45 @@ class SetupError(Exception):
     """A fatal start-up error; the text follows ``failed to run proxy connection with``."""
 
 
-def _go_open_error(path: str, exc: OSError) -> str:
-    reason = (exc.strerror or str(exc)).lower()
-    return f"open {path}: {reason}"
+def _go_read_error(path: str, exc: OSError) -> str:
+    """Go's ``os.ReadFile`` error text: Python fails a folder at open, Go at read."""
+    clean = os.path.normpath(path) if path else "."
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    verb = "read" if exc.errno == errno.EISDIR else "open"
+    return f"{verb} {clean}: {reason[:1].lower()}{reason[1:]}"
+
+
+def _load_key_pair(ctx: ssl.SSLContext, cert: str, key: str) -> None:
+    """``tls.LoadX509KeyPair`` with Go's words for the common failures."""
+    for path, what in ((cert, "certificate"), (key, "key")):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise SetupError(
+                f"failed to load X509 key pair {cert} and {key}: {_go_read_error(path, exc)}"
+            ) from None
+        if b"-----BEGIN" not in data:
+            raise SetupError(
+                f"failed to load X509 key pair {cert} and {key}: "
+                f"tls: failed to find any PEM data in {what} input"
+            )
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise SetupError(f"failed to load X509 key pair {cert} and {key}: {exc}") from None
 
 
 def build_ssl_context(options: AgentRunOptions) -> ssl.SSLContext:
     """The agent's TLS client configuration (§2.1): trust only ``--ca-cert`` (read even
-    when empty, as upstream, so an empty flag fails), the client pair when both are set,
+    when empty, as upstream, so an empty flag fails), the client pair when either is set,
     TLS 1.2 at least, ALPN ``--alpn-proto`` values then ``h2``."""
     try:
-        with open(options.ca_cert, "rb") as f:
+        with open(options.ca_cert or ".", "rb") as f:
             ca = f.read()
     except OSError as exc:
         raise SetupError(
-            f"failed to load CA cert: {_go_open_error(options.ca_cert, exc)}"
+            f"failed to read CA cert {options.ca_cert}: {_go_read_error(options.ca_cert, exc)}"
         ) from None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -102,16 +132,9 @@ def build_ssl_context(options: AgentRunOptions) -> ssl.SSLContext:
             raise ssl.SSLError("no certificate")
         ctx.load_verify_locations(cadata=ca.decode("latin-1"))
     except (ssl.SSLError, ValueError):
-        raise SetupError(
-            "failed to load CA cert: data does not contain any valid RSA or ECDSA certificates"
-        ) from None
-    if options.agent_cert and options.agent_key:
-        try:
-            ctx.load_cert_chain(options.agent_cert, options.agent_key)
-        except (OSError, ssl.SSLError) as exc:
-            raise SetupError(
-                f"failed to load X509 key pair {options.agent_cert} and {options.agent_key}: {exc}"
-            ) from None
+        raise SetupError("failed to append CA cert to the cert pool") from None
+    if options.agent_cert or options.agent_key:
+        _load_key_pair(ctx, options.agent_cert, options.agent_key)
     alpn = list(options.alpn_protos)
     if H2_ALPN not in alpn:  # grpc-go appends h2 unless it is already offered
         alpn.append(H2_ALPN)
@@ -140,6 +163,30 @@ async def _drain_when(drain: asyncio.Event, clients: ClientSet) -> None:
     clients.drain()
 
 
+async def _start_leases(lease_counter: LeaseCounter, stop: asyncio.Event) -> bool:
+    """Wait for the lease cache to sync, or for ``stop``; False (counter closed) if
+    stopped first."""
+    loop = asyncio.get_running_loop()
+    starting = loop.create_task(lease_counter.start())
+    stopping = loop.create_task(stop.wait())
+    try:
+        await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if starting.done():
+        try:
+            starting.result()
+        except BaseException:
+            await lease_counter.close()
+            raise
+        return True
+    starting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await starting
+    await lease_counter.close()
+    return False
+
+
 async def run(
     options: AgentRunOptions,
     stop: asyncio.Event,
@@ -147,21 +194,14 @@ async def run(
     *,
     lease_counter: LeaseCounter | None = None,
 ) -> int:
-    """Serve until ``stop`` is set; the process's exit code."""
-    try:
-        ctx = build_ssl_context(options)
-    except SetupError as exc:
-        log.error("failed to run proxy connection with %s", exc)
-        return 1
+    """Serve until ``stop`` is set; the process's exit code. Raises ``SetupError``."""
+    ctx = build_ssl_context(options)
     counter = ServerCounter()
     if options.count_server_leases:
         if lease_counter is None:
-            log.error(
-                "failed to run proxy connection with --count-server-leases is not "
-                "supported yet by konnectivity-fast"
-            )
-            return 1
-        await lease_counter.start()
+            raise SetupError("--count-server-leases needs a lease counter")
+        if not await _start_leases(lease_counter, stop):
+            return 0
         counter = ServerCounter(lease_counter.count, options.server_count_source)
     clients = ClientSet(
         client_config(options, ctx),

@@ -1,10 +1,14 @@
 """``proxy-agent``: upstream's command line in front of ``agent.app.run``.
 
-As upstream's cobra command does: a flag error prints ``Error: <pflag's message>`` and the
-usage to stderr and exits 1; ``-h``/``--help`` prints the help and exits 0; a validation
-error is logged as ``failed to validate agent options with <err>`` and exits 1. The first
-SIGTERM or SIGINT starts the drain (DRAIN to every server, no new connections); the second
-stops the agent, which exits 0 (upstream-agent-client.md §4.8).
+As upstream's cobra command and main do, every error (a flag error, a validation error as
+``failed to validate agent options with <err>``, a start-up failure as
+``failed to run proxy connection with <err>``) prints ``Error: <err>`` and the usage to
+stderr, logs ``error: <err>`` and exits 1; ``-h``/``--help`` prints the help and exits 0.
+The first SIGTERM or SIGINT starts the drain (DRAIN to every server, no new connections);
+the second stops the agent, which exits 0 (upstream-agent-client.md §4.8).
+
+With ``--count-server-leases`` the Lease counter (``agent.leases``) is made here; the
+Kubernetes client is imported only then, off the default path.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from konnectivity_fast.agent.app import run
+from konnectivity_fast.agent.app import LeaseCounter, SetupError, run
 from konnectivity_fast.cli.agent_options import (
     PROGRAM,
     GrpcProxyAgentOptions,
@@ -23,6 +27,7 @@ from konnectivity_fast.cli.agent_options import (
     parse_args,
     usage,
 )
+from konnectivity_fast.cli.command import report_error
 from konnectivity_fast.cli.flags import FlagError
 from konnectivity_fast.cli.klog import setup_logging
 
@@ -50,10 +55,18 @@ async def _serve(options: GrpcProxyAgentOptions) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     try:
-        return await run(options, stop, drain)
+        return await run(options, stop, drain, lease_counter=_lease_counter(options))
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+
+
+def _lease_counter(options: GrpcProxyAgentOptions) -> LeaseCounter | None:
+    if not options.count_server_leases:
+        return None
+    from konnectivity_fast.agent.leases import LeaseCounter as Leases
+
+    return Leases(options.lease_namespace, options.lease_label, kubeconfig=options.kubeconfig_path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,13 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         command = parse_args(args, warn=_warn)
     except FlagError as exc:
-        # cobra: the error, then the command's usage (without its description).
-        print(f"Error: {exc}", file=sys.stderr)
-        print(
-            f"Usage:\n  {PROGRAM} [flags]\n\nFlags:\n{build_flagset().flag_usages()}",
-            file=sys.stderr,
-        )
-        return 1
+        return report_error(PROGRAM, build_flagset(), str(exc))
     if command.help_requested:
         sys.stdout.write(usage())
         return 0
@@ -77,12 +84,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     options.log_values()
     error = options.validate()
     if error is not None:
-        log.error("failed to validate agent options with %s", error)
-        return 1
+        return report_error(
+            PROGRAM, build_flagset(), f"failed to validate agent options with {error}", command.klog
+        )
 
     import uvloop
 
-    return int(uvloop.run(_serve(options)))
+    try:
+        return int(uvloop.run(_serve(options)))
+    except SetupError as exc:
+        return report_error(
+            PROGRAM, build_flagset(), f"failed to run proxy connection with {exc}", command.klog
+        )
 
 
 if __name__ == "__main__":

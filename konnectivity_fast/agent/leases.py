@@ -1,0 +1,265 @@
+"""Counting proxy-servers by their Leases (``--count-server-leases``,
+shared/reference/upstream-agent-client.md §3.5).
+
+``LeaseCounter`` keeps a cache of the ``coordination.k8s.io/v1`` Leases in the lease
+namespace that match the label selector, as upstream's informer does: one list, then a
+watch from the list's resourceVersion, re-opened when the API server ends it, and a fresh
+list when the watch's resourceVersion is too old (410) or the watch fails. Failures are
+logged and retried with a capped backoff; they never end the loop, and the cache keeps
+the last Leases seen (so an unreachable API server leaves the last count in force).
+
+``start()`` returns once the first list succeeded (upstream blocks start-up until the
+informer has synced; while the API is unreachable it waits, retrying). ``count()`` is
+evaluated on every call against the wall clock: a Lease is valid while
+``(renewTime or acquireTime) + leaseDurationSeconds`` is after now, so a Lease that stops
+being renewed drops out of the count without any event. A count of 0 is reported as 1.
+
+The label selector text (``--lease-label``, Kubernetes selector syntax) is sent to the
+API server, which filters both the list and the watch; upstream filters its cache with
+the same selector, so the Leases counted are the same.
+
+Metrics as upstream: each list feeds ``lease_lists_total`` and
+``lease_list_latency_seconds``; each watch opened also feeds ``lease_lists_total`` (the
+upstream bug the reference describes: ``lease_watches_total`` never moves). A failure that
+is not an API status (connection refused, TLS) feeds only the latency, labelled 200, as
+upstream.
+
+The Kubernetes client is made in ``start()`` (from ``--kubeconfig``, or in-cluster when
+empty), so its errors come after the TLS ones, in upstream's order; they raise
+``SetupError`` with upstream's words. Only JSON is spoken: ``--kube-api-content-type``
+is accepted and not used (our client has no protobuf codec).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from konnectivity_fast.agent.app import SetupError
+from konnectivity_fast.kube import ApiError, ConfigError, KubeClient, KubeError, load_config
+from konnectivity_fast.metrics import agent as agent_metrics
+
+__all__ = [
+    "LIST_RETRY_CAP",
+    "LIST_RETRY_INITIAL",
+    "WATCH_TIMEOUT_SECONDS",
+    "LeaseCounter",
+    "is_valid",
+]
+
+log = logging.getLogger(__name__)
+
+Lease = dict[str, Any]
+
+# client-go's reflector backs off from 800 ms to at most 30 s between failed list/watch
+# attempts: an API server that is down is not hammered, one that comes back is seen soon.
+LIST_RETRY_INITIAL = 0.8
+LIST_RETRY_CAP = 30.0
+# The reflector asks the API server to end each watch after 5-10 minutes (random, so
+# many agents do not re-watch together); the watch is then re-opened from the last
+# resourceVersion, which costs no list.
+WATCH_TIMEOUT_SECONDS = 300
+# 410 Gone: the resourceVersion the watch asked for is compacted away; list again.
+_GONE = 410
+_V2 = logging.INFO - 4  # klog V(2) as a logging level; agent/ cannot import cli/
+
+
+def _leases_path(namespace: str) -> str:
+    return f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+
+
+def _parse_time(text: object) -> datetime | None:
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def is_valid(lease: Lease, now: datetime) -> bool:
+    """Upstream's ``IsLeaseValid``: ``(renewTime or acquireTime) + leaseDurationSeconds``
+    is after ``now``. Neither time: invalid. A missing duration counts as 0 (upstream
+    crashes on it; a Lease nobody maintains is better not counted)."""
+    spec = lease.get("spec") or {}
+    start = _parse_time(spec.get("renewTime")) or _parse_time(spec.get("acquireTime"))
+    if start is None:
+        name = (lease.get("metadata") or {}).get("name", "")
+        log.warning(
+            "lease %s has neither a renew time or an acquire time, marking as expired", name
+        )
+        return False
+    duration = spec.get("leaseDurationSeconds")
+    seconds = duration if isinstance(duration, int) else 0
+    return start + timedelta(seconds=seconds) > now
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _name(lease: Lease) -> str:
+    return str((lease.get("metadata") or {}).get("name", ""))
+
+
+class LeaseCounter:
+    """The valid server Leases of ``namespace`` matching ``selector``; see the module doc.
+
+    ``client``: an existing client (tests); without one ``start()`` builds it from
+    ``kubeconfig`` (empty: in-cluster). ``now``: the wall clock, injectable for tests.
+    """
+
+    def __init__(
+        self,
+        namespace: str,
+        selector: str,
+        *,
+        kubeconfig: str = "",
+        client: KubeClient | None = None,
+        now: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        self.namespace = namespace
+        self.selector = selector
+        self._kubeconfig = kubeconfig
+        self._client = client
+        self._owns_client = client is None
+        self._now = now
+        self._leases: dict[str, Lease] = {}
+        self._resource_version = ""
+        self._task: asyncio.Task[None] | None = None
+        self._rng = random.Random()
+
+    # --- the seam agent.app.run uses ------------------------------------------------------
+
+    async def start(self) -> None:
+        """Build the client if needed, list until that succeeds, then keep watching."""
+        client = self._client or self._connect()
+        self._client = client
+        delay = LIST_RETRY_INITIAL
+        while True:
+            try:
+                await self._list(client)
+                break
+            except KubeError as exc:
+                log.error("Could not list leases: %s", exc)
+            await asyncio.sleep(self._jittered(delay))
+            delay = min(delay * 2, LIST_RETRY_CAP)
+        log.log(
+            _V2,
+            "lease cache synced: %d leases match %r in %s",
+            len(self._leases),
+            self.selector,
+            self.namespace,
+        )
+        self._task = asyncio.get_running_loop().create_task(self._follow(client))
+
+    def count(self) -> int:
+        """The number of valid Leases now, at least 1."""
+        now = self._now()
+        count = sum(1 for lease in self._leases.values() if is_valid(lease, now))
+        if count == 0:
+            log.warning("No valid leases found, assuming server count of 1")
+            return 1
+        return count
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._client is not None and self._owns_client:
+            await self._client.close()
+            self._client = None
+
+    # --- the informer ---------------------------------------------------------------------
+
+    def _connect(self) -> KubeClient:
+        try:
+            config = load_config(self._kubeconfig)
+        except ConfigError as exc:
+            if self._kubeconfig:
+                raise SetupError(f"failed to load kubernetes client config: {exc}") from None
+            raise SetupError(f"failed to load in cluster kubernetes client config: {exc}") from None
+        try:
+            return KubeClient(config)
+        except ConfigError as exc:
+            raise SetupError(f"failed to create kubernetes clientset: {exc}") from None
+
+    def _jittered(self, delay: float) -> float:
+        return delay * (1.0 + self._rng.random() * 0.1)
+
+    async def _list(self, client: KubeClient) -> None:
+        query = {"labelSelector": self.selector} if self.selector else None
+        started = time.monotonic()
+        code = 200
+        try:
+            result = await client.request("GET", _leases_path(self.namespace), query=query)
+        except ApiError as exc:
+            code = exc.code
+            agent_metrics.observe_lease_list(exc.code, exc.reason)
+            raise
+        finally:
+            agent_metrics.observe_lease_list_latency(code, time.monotonic() - started)
+        agent_metrics.observe_lease_list(200, "")
+        items = result.get("items") or []
+        self._leases = {_name(item): item for item in items if isinstance(item, dict)}
+        self._resource_version = str((result.get("metadata") or {}).get("resourceVersion", ""))
+
+    async def _follow(self, client: KubeClient) -> None:
+        """Watch, re-watch and re-list for ever; failures back off."""
+        delay = LIST_RETRY_INITIAL
+        while True:
+            try:
+                if not self._resource_version:
+                    await self._list(client)
+                await self._watch(client)
+                delay = LIST_RETRY_INITIAL
+                continue
+            except ApiError as exc:
+                if exc.code == _GONE:
+                    log.log(_V2, "lease watch expired (%s), listing again", exc)
+                    self._resource_version = ""
+                    continue
+                log.error("Could not watch leases: %s", exc)
+                self._resource_version = ""
+            except KubeError as exc:
+                log.error("Could not watch leases: %s", exc)
+            await asyncio.sleep(self._jittered(delay))
+            delay = min(delay * 2, LIST_RETRY_CAP)
+
+    async def _watch(self, client: KubeClient) -> None:
+        events = client.watch_leases(
+            self.namespace, self.selector, self._resource_version, WATCH_TIMEOUT_SECONDS
+        )
+        opened = False
+        async with contextlib.aclosing(events):
+            try:
+                async for kind, lease in events:
+                    if not opened:
+                        opened = True
+                        agent_metrics.observe_lease_list(200, "")  # upstream's watch metric
+                    self._apply(kind, lease)
+            except ApiError as exc:
+                if not opened:
+                    agent_metrics.observe_lease_list(exc.code, exc.reason)
+                raise
+        if not opened:
+            agent_metrics.observe_lease_list(200, "")
+
+    def _apply(self, kind: str, lease: Lease) -> None:
+        version = (lease.get("metadata") or {}).get("resourceVersion")
+        if version:
+            self._resource_version = str(version)
+        name = _name(lease)
+        if kind in ("ADDED", "MODIFIED"):
+            self._leases[name] = lease
+        elif kind == "DELETED":
+            self._leases.pop(name, None)
