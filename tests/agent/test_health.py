@@ -5,7 +5,8 @@ from __future__ import annotations
 import email.utils
 import html
 
-from konnectivity_fast.agent.health import _HTML_ESCAPES, Request, _http_date, admin_routes
+from konnectivity_fast.agent.health import _HTML_ESCAPES, Request, admin_routes
+from konnectivity_fast.transport.http import http_date as _http_date
 
 
 def test_http_date_matches_email_utils() -> None:

@@ -22,8 +22,9 @@ import grpc.aio
 import pytest
 import trustme
 
-from konnectivity_fast.server import health, http_connect
+from konnectivity_fast.server import http_connect
 from konnectivity_fast.transport import grpc as kgrpc
+from konnectivity_fast.transport import http as transport_http
 
 from ._abuse import (
     ADDRESS,
@@ -644,7 +645,7 @@ def test_slowloris_http_headers(
     complete within the header timeout (``ReadHeaderTimeout``), however slowly it trickles
     them, and a client that sends nothing at all."""
     monkeypatch.setattr(http_connect, "READ_HEADER_TIMEOUT", SHORT_TIMEOUT)
-    monkeypatch.setattr(health, "READ_HEADER_TIMEOUT", SHORT_TIMEOUT)
+    monkeypatch.setattr(transport_http, "READ_HEADER_TIMEOUT", SHORT_TIMEOUT)
     slow = b"CONNECT " + ADDRESS.encode() + b" HTTP/1.1\r\n" + b"X-Slow: a\r\n" * 200
 
     async def abuse(env: AbusedServer) -> None:

@@ -1,0 +1,170 @@
+"""A small asyncio HTTP/1.1 server for the health and admin endpoints of both programs.
+
+One request per connection (``Connection: close``), as much as Go's ``net/http`` shows to
+a probe or a Prometheus scrape: exact paths, any method (HEAD gets the headers only),
+absolute-form targets, ``404 page not found``, ``400``/``431`` for heads Go refuses.
+Request heads are bounded (``MAX_HEADER_BYTES``, ``READ_HEADER_TIMEOUT``: the limits
+upstream sets on its servers); a request body is never read. Dates are written by hand:
+``email.utils`` costs about a MiB of RSS in a process that should stay small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+__all__ = [
+    "MAX_HEADER_BYTES",
+    "NOSNIFF",
+    "READ_HEADER_TIMEOUT",
+    "TEXT_PLAIN",
+    "Handler",
+    "Request",
+    "Response",
+    "http_date",
+    "start_http",
+]
+
+log = logging.getLogger(__name__)
+
+#: Go's http.Server limits that upstream sets: header bytes and the time to read them.
+MAX_HEADER_BYTES = 1 << 20
+READ_HEADER_TIMEOUT = 60.0
+TEXT_PLAIN = "text/plain; charset=utf-8"
+NOSNIFF = (("X-Content-Type-Options", "nosniff"),)
+
+_REASONS = {
+    200: "OK",
+    301: "Moved Permanently",
+    400: "Bad Request",
+    404: "Not Found",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    query: str  # raw, without '?'; empty when absent
+    headers: Mapping[str, str]  # lower-case names
+
+
+# (status, content type, body, extra headers)
+Response = tuple[int, str, bytes, tuple[tuple[str, str], ...]]
+Handler = Callable[[Request], Response]
+
+
+def http_date(now: float | None = None) -> str:
+    """An RFC 9110 date, as Go writes the ``Date`` header."""
+    t = time.gmtime(now)
+    return (
+        f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT"
+    )
+
+
+def _not_found() -> Response:
+    # Go's http.NotFound: http.Error's text, newline included.
+    return 404, TEXT_PLAIN, b"404 page not found\n", NOSNIFF
+
+
+def _render(
+    status: int, content_type: str, body: bytes, extra: tuple[tuple[str, str], ...], head: bool
+) -> bytes:
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}"]
+    lines.extend(f"{name}: {value}" for name, value in extra)
+    lines.append(f"Content-Type: {content_type}")
+    lines.append(f"Date: {http_date()}")
+    lines.append(f"Content-Length: {len(body)}")
+    lines.append("Connection: close")
+    header = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return header if head else header + body
+
+
+def _parse(head: bytes) -> Request | None:
+    """The request in a request head, or ``None`` when malformed."""
+    request_line, *header_lines = head.decode("latin-1").split("\r\n")
+    parts = request_line.split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[1]:
+        return None
+    method, target = parts[0], parts[1]
+    if target.startswith(("http://", "https://")):  # absolute form
+        after = target.split("://", 1)[1]
+        slash = after.find("/")
+        target = after[slash:] if slash >= 0 else "/"
+    path, _, query = target.split("#", 1)[0].partition("?")
+    headers: dict[str, str] = {}
+    for line in header_lines:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            return None
+        headers[name.lower()] = value.strip()
+    return Request(method, path, query, headers)
+
+
+async def _read_head(reader: asyncio.StreamReader) -> bytes | None:
+    try:
+        return await reader.readuntil(b"\r\n\r\n")
+    except asyncio.LimitOverrunError:
+        return None
+    except asyncio.IncompleteReadError:
+        return b""
+
+
+def _respond(routes: Mapping[str, Handler], head: bytes | None) -> bytes:
+    if head is None:
+        return _render(431, TEXT_PLAIN, b"431 Request Header Fields Too Large", (), False)
+    request = _parse(head[:-4])
+    if request is None:
+        return _render(400, TEXT_PLAIN, b"400 Bad Request", (), False)
+    handler = routes.get(request.path)
+    status, ctype, body, extra = handler(request) if handler else _not_found()
+    return _render(status, ctype, body, extra, request.method == "HEAD")
+
+
+def _connection_handler(
+    routes: Mapping[str, Handler],
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            try:
+                head = await asyncio.wait_for(_read_head(reader), READ_HEADER_TIMEOUT)
+            except TimeoutError:
+                return
+            if head == b"":
+                return  # the client left before sending a whole request
+            writer.write(_respond(routes, head))
+            await writer.drain()
+        except (ConnectionError, OSError, RuntimeError) as exc:
+            # RuntimeError: uvloop's "handler is closed" when the client reset first.
+            log.debug("http connection failed: %s", exc)
+        except Exception:
+            log.exception("http handler failed")
+        finally:
+            writer.close()
+
+    return handle
+
+
+async def start_http(
+    name: str, host: str, port: int, routes: Mapping[str, Handler]
+) -> asyncio.Server | None:
+    """Serve ``routes`` on ``host:port`` (empty host: every interface). A failure to listen
+    is only logged, as upstream does, and gives ``None``."""
+    try:
+        return await asyncio.start_server(
+            _connection_handler(routes), host or None, port, limit=MAX_HEADER_BYTES
+        )
+    except OSError as exc:
+        log.error("%s server could not listen on %s:%d: %s", name, host, port, exc)
+        return None
