@@ -7,6 +7,10 @@ worker's network namespace, or in an image test on loopback):
 * ``GET /hold``: the response headers, then nothing: a long-lived connection whose end the
   client observes.
 
+With ``--echo-port`` and ``--ident-port``, two raw TCP ports for clients that speak no HTTP
+(goclient): the echo port sends back every byte it receives, and nothing else; the identity
+port sends ``<name> <peer address>`` and closes.
+
 Prints ``listening`` on stdout once bound. Exits by itself after ``--ttl`` seconds, so a
 test that dies never leaves it behind. One connection per request (``Connection: close``).
 """
@@ -24,6 +28,8 @@ MAX_HEADERS = 64 * 1024
 CHUNK = 64 * 1024
 # A client that sends nothing for this long is dropped.
 IDLE_SECONDS = 60.0
+# How long the identity port waits before it answers (see ident()).
+IDENT_DELAY_SECONDS = 0.2
 
 
 async def handle(name: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -71,14 +77,50 @@ async def handle(name: str, reader: asyncio.StreamReader, writer: asyncio.Stream
         writer.transport.abort()
 
 
-async def serve(host: str, port: int, name: str, ttl: float) -> None:
-    server = await asyncio.start_server(
-        lambda r, w: handle(name, r, w), host, port, limit=MAX_HEADERS
-    )
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while chunk := await reader.read(CHUNK):
+            writer.write(chunk)
+            await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.close()
+
+
+async def ident(name: str, writer: asyncio.StreamWriter) -> None:
+    peer = writer.get_extra_info("peername")
+    try:
+        # Answer a little after the connection, not at once: upstream's konnectivity-client
+        # (v0.36.0) registers a connection only after its DIAL_RSP was handed over, and drops
+        # DATA that arrives before that (with upstream's server and agent as with ours).
+        await asyncio.sleep(IDENT_DELAY_SECONDS)
+        writer.write(f"{name} {peer[0]}".encode())
+        await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.close()
+
+
+async def serve(args: argparse.Namespace) -> None:
+    name = args.name
+    servers = [
+        await asyncio.start_server(
+            lambda r, w: handle(name, r, w), args.host, args.port, limit=MAX_HEADERS
+        )
+    ]
+    if args.echo_port:
+        servers.append(await asyncio.start_server(echo, args.host, args.echo_port))
+    if args.ident_port:
+        servers.append(
+            await asyncio.start_server(lambda _, w: ident(name, w), args.host, args.ident_port)
+        )
     print("listening", flush=True)
-    async with server:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(server.serve_forever(), ttl)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(
+            asyncio.gather(*(server.serve_forever() for server in servers)), args.ttl
+        )
 
 
 def main() -> int:
@@ -86,9 +128,10 @@ def main() -> int:
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--name", required=True)
+    parser.add_argument("--echo-port", type=int, default=0, help="raw echo port (0: none)")
+    parser.add_argument("--ident-port", type=int, default=0, help="raw identity port (0: none)")
     parser.add_argument("--ttl", type=float, default=600.0, help="exit after this many seconds")
-    args = parser.parse_args()
-    asyncio.run(serve(args.host, args.port, args.name, args.ttl))
+    asyncio.run(serve(parser.parse_args()))
     return 0
 
 
