@@ -36,6 +36,7 @@ from konnectivity_fast.cli.flags import (
 )
 from konnectivity_fast.cli.goparse import format_duration, go_quote, seconds_to_ns
 from konnectivity_fast.cli.klog import KlogOptions, V, register_klog_flags
+from konnectivity_fast.kube.labels import parse_lease_labels
 
 __all__ = [
     "GO_CIPHER_SUITES",
@@ -288,20 +289,6 @@ def parse_proxy_strategies(text: str) -> list[str]:
     if not result:
         raise ValueError("proxy strategies cannot be empty")
     return result
-
-
-def parse_lease_labels(text: str) -> dict[str, str]:
-    """``--lease-label``: ``k=v,k2=v2`` with spaces trimmed around keys and values. Raises
-    ``ValueError`` with upstream's message."""
-    if not text:
-        raise ValueError("empty string provided")
-    labels = {}
-    for pair in text.split(","):
-        parts = pair.split("=")
-        if len(parts) != 2:
-            raise ValueError(f"invalid label format: {pair}")
-        labels[parts[0].strip()] = parts[1].strip()
-    return labels
 
 
 # (flag, field, type, help); deprecated flags carry their message after the help.

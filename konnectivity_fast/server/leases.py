@@ -34,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from konnectivity_fast.kube import ApiError, KubeClient, KubeError
+from konnectivity_fast.kube.labels import parse_lease_labels
 from konnectivity_fast.metrics import server as server_metrics
 
 __all__ = [
@@ -68,21 +69,6 @@ _V2 = logging.INFO - 4  # klog V(2) as a logging level; server/ cannot import cl
 _V4 = logging.INFO - 8
 
 Lease = dict[str, Any]
-
-
-def parse_lease_labels(text: str) -> dict[str, str]:
-    """``--lease-label``: ``k=v,k2=v2``, spaces trimmed around keys and values. Raises
-    ``ValueError`` with upstream's message (``empty string provided``,
-    ``invalid label format: <pair>``)."""
-    if not text:
-        raise ValueError("empty string provided")
-    labels = {}
-    for pair in text.split(","):
-        parts = pair.split("=")
-        if len(parts) != 2:
-            raise ValueError(f"invalid label format: {pair}")
-        labels[parts[0].strip()] = parts[1].strip()
-    return labels
 
 
 def lease_name(server_id: str) -> str:
