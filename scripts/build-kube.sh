@@ -22,7 +22,8 @@
 #        KF_KUBE_JOBS=1 scripts/build-kube.sh   (fewer parallel compile jobs)
 set -euo pipefail
 
-DEFAULT_KUBE_VERSION=v1.37.2
+# v1.36: the Kubernetes release apiserver-network-proxy v0.36.0 goes with (issue 8).
+DEFAULT_KUBE_VERSION=v1.36.3
 KUBE_VERSION=${1:-$DEFAULT_KUBE_VERSION}
 if [[ ! "$KUBE_VERSION" =~ ^v1\.([0-9]+)\.([0-9]+)$ ]]; then
     printf '[build-kube] error: version must look like v1.37.2, got %q\n' "$KUBE_VERSION" >&2
