@@ -54,3 +54,12 @@ TUNNEL_OUT := bench/results/tunnel$(if $(QUICK),-quick)
 .PHONY: bench-tunnel
 bench-tunnel: build
 	$(PY) -m bench.tunnel $(if $(QUICK),--quick) --json $(TUNNEL_OUT).json --chart $(TUNNEL_OUT).png
+
+# Interop with upstream's Go programs: builds the Go tools (tests/interop/build.sh: goclient
+# on konnectivity-client v0.36.0 and v0.37.0, h2spec, wiregen, upstream's suite), then runs
+# the matrix (summary table at the end), h2spec, upstream's suite against our agent and the
+# golden wire fixtures.
+.PHONY: interop
+interop: build
+	bash tests/interop/build.sh >/dev/null
+	$(PY) -m pytest -p no:cacheprovider -rs tests/interop tests/wire/test_golden_fixtures.py
