@@ -19,12 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
+from e2e import nsclient  # the standalone HTTP-CONNECT client of the e2e tests
 from netsupport import Certs, certs
 
 from .images import IMAGES, Bundle, ensure_built, running, unpack
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
-import nsclient
 
 __all__ = ["certs"]
 
