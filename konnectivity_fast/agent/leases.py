@@ -214,28 +214,34 @@ class LeaseCounter:
         self._resource_version = str((result.get("metadata") or {}).get("resourceVersion", ""))
 
     async def _follow(self, client: KubeClient) -> None:
-        """Watch, re-watch and re-list for ever; failures back off."""
+        """Watch, re-watch and re-list for ever; failures back off and list again (the
+        cache may have missed deletions meanwhile)."""
         delay = LIST_RETRY_INITIAL
         while True:
             try:
                 if not self._resource_version:
                     await self._list(client)
-                await self._watch(client)
-                delay = LIST_RETRY_INITIAL
+                if await self._watch(client):
+                    delay = LIST_RETRY_INITIAL
+                    continue
+                # Ended without a single event: do not spin on a server that ends
+                # every watch at once.
+                await asyncio.sleep(self._jittered(delay))
                 continue
             except ApiError as exc:
+                self._resource_version = ""
                 if exc.code == _GONE:
                     log.log(_V2, "lease watch expired (%s), listing again", exc)
-                    self._resource_version = ""
                     continue
                 log.error("Could not watch leases: %s", exc)
-                self._resource_version = ""
             except KubeError as exc:
+                self._resource_version = ""
                 log.error("Could not watch leases: %s", exc)
             await asyncio.sleep(self._jittered(delay))
             delay = min(delay * 2, LIST_RETRY_CAP)
 
-    async def _watch(self, client: KubeClient) -> None:
+    async def _watch(self, client: KubeClient) -> bool:
+        """One watch until the server ends it; whether any event came."""
         events = client.watch_leases(
             self.namespace, self.selector, self._resource_version, WATCH_TIMEOUT_SECONDS
         )
@@ -253,6 +259,7 @@ class LeaseCounter:
                 raise
         if not opened:
             agent_metrics.observe_lease_list(200, "")
+        return opened
 
     def _apply(self, kind: str, lease: Lease) -> None:
         version = (lease.get("metadata") or {}).get("resourceVersion")
