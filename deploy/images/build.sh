@@ -91,24 +91,20 @@ unpack() {  # unpack TAR DIR
     tar -xf "$1" -C "$2"
 }
 
-# in_root DIR [VAR=VALUE...] CMD...: run CMD chrooted in DIR, in private mount and pid
-# namespaces (a /proc of its own, nothing mounted on the host), with a clean environment.
-# The roots have no coreutils and no shell: CMD is the root's python3 or our entrypoints.
+# in_root DIR [VAR=VALUE...] CMD...: run CMD as root chrooted in DIR, in private mount and
+# pid namespaces (a /proc of its own, nothing mounted on the host), with a clean
+# environment. The roots have no coreutils and no shell: CMD is the root's python3.
 in_root() {
-    in_root_as 0:0 "$@"
-}
-
-in_root_as() {  # in_root_as UID:GID DIR [VAR=VALUE...] CMD...
-    local user=$1 dir=$2 vars=()
-    shift 2
+    local dir=$1 vars=()
+    shift
     while [[ $1 == *=* ]]; do vars+=("$1"); shift; done
     mkdir -p "$dir/proc" "$dir/tmp"
     env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin HOME=/tmp LANG=C.UTF-8 "${vars[@]}" \
-        unshare --mount --pid --fork --mount-proc="$dir/proc" \
-        chroot --userspec="$user" "$dir" "$@"
+        unshare --mount --pid --fork --mount-proc="$dir/proc" chroot "$dir" "$@"
 }
 
 pip_download() {  # pip_download DEST REQUIREMENT...: binary wheels for the images' Python
+    rm -rf "$1"  # only this run's wheels: installing two versions of one package fails
     nice "$PYTHON" -m pip download -q --only-binary=:all: --implementation cp \
         --python-version "$PYVER" --platform manylinux2014_x86_64 -d "$1" "${@:2}"
 }
