@@ -2,6 +2,9 @@
 upstream's generated Go code (konnectivity-client v0.36.0), decoded by both codec twins
 into the packets the generator built, and re-encoded byte-exact; the gRPC-framed stream
 of all of them read back through each twin's MessageReader, whole and byte by byte.
+And the messages captured between konnectivity-client and upstream's proxy-server
+(tests/data/wire/captured/): split, decoded, re-encoded byte-exact, and checked for the
+exchange they must be (dial, data both ways, close; a refused dial with its text).
 
 The expected packets are written here from the generator's field values, not derived from
 the bytes, so a codec that misreads a field fails.
@@ -9,6 +12,7 @@ the bytes, so a codec that misreads a field fails.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from types import ModuleType
 
@@ -113,3 +117,51 @@ def test_stream_byte_by_byte(codec: ModuleType) -> None:
 def test_stream_framing_byte_exact(codec: ModuleType) -> None:
     framed = b"".join(codec.frame_message(codec.encode_packet(EXPECTED[n])) for n in stream_order())
     assert framed == (WIRE / "stream.grpc").read_bytes()
+
+
+# -- captured from the real programs -----------------------------------------------------
+
+CAPTURED = WIRE / "captured"
+ECHO_SIZE = 32  # tests/interop/capture.py
+
+
+def goclient_pattern(index: int, round_: int, size: int) -> bytes:
+    """goclient's payload (tests/interop/goclient/main.go, ``pattern``)."""
+    seed = f"c{index}-r{round_}:".encode()
+    return bytes(seed[i % len(seed)] ^ ((i // len(seed)) & 0xFF) for i in range(size))
+
+
+def captured(codec: ModuleType, name: str) -> list[Packet]:
+    """The packets of one captured direction; each message re-encodes byte-exact."""
+    messages = [bytes(m) for m in codec.MessageReader().feed((CAPTURED / name).read_bytes())]
+    packets = [codec.decode_packet(m) for m in messages]
+    assert [codec.encode_packet(p) for p in packets] == messages
+    return packets
+
+
+def test_captured_echo(codec: ModuleType) -> None:
+    dial, data, close = captured(codec, "echo.client.grpc")
+    answer, echoed, closed = captured(codec, "echo.server.grpc")
+    assert [p.type for p in (dial, data, close)] == [T.DIAL_REQ, T.DATA, T.CLOSE_REQ]
+    assert [p.type for p in (answer, echoed, closed)] == [T.DIAL_RSP, T.DATA, T.CLOSE_RSP]
+    assert dial.payload.protocol == "tcp"
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", dial.payload.address)
+    assert answer.payload.random == dial.payload.random
+    assert answer.payload.error == ""
+    connect_id = answer.payload.connect_id
+    assert connect_id > 0
+    payload = goclient_pattern(0, 0, ECHO_SIZE)
+    assert data.payload == Data(connect_id, data=payload)
+    assert echoed.payload == Data(connect_id, data=payload)
+    assert close.payload == CloseRequest(connect_id)
+    assert closed.payload == CloseResponse("", connect_id)
+
+
+def test_captured_refused(codec: ModuleType) -> None:
+    (dial,) = captured(codec, "refused.client.grpc")
+    (answer,) = captured(codec, "refused.server.grpc")
+    assert (dial.type, answer.type) == (T.DIAL_REQ, T.DIAL_RSP)
+    assert answer.payload.random == dial.payload.random
+    assert answer.payload.connect_id == 0
+    port = dial.payload.address.rpartition(":")[2]
+    assert answer.payload.error == f"dial tcp 127.0.0.1:{port}: connect: connection refused"
