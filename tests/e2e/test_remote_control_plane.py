@@ -58,7 +58,8 @@ from .support import (
 )
 from .topology import Namespace, Topology
 
-pytestmark = pytest.mark.timeout(300)
+# One run takes about 40 s; waiting for another checkout's run is bounded in topology.py.
+pytestmark = pytest.mark.timeout(420)
 
 TOOLS = ("ip", "nft", "haproxy")
 # Ports in cp: the two servers' agent, health and admin listeners.
@@ -210,12 +211,14 @@ def scene(request: pytest.FixtureRequest) -> Iterator[Scene]:
     mode = str(request.param)
     _require(mode)
     with contextlib.ExitStack() as stack:
+        # First the topology, which holds the machine-wide lock: the log folder is shared
+        # by every checkout on the machine too.
+        topo = stack.enter_context(topo_mod.topology())
         # The logs of the last run stay for a failure's post-mortem (pytest's own tmp_path
         # is pruned by other sessions on a shared machine).
         tmp = Path(os.environ.get("KF_E2E_LOGS", LOG_DIR))
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        topo = stack.enter_context(topo_mod.topology())
         procs = Processes(tmp)
         stack.callback(procs.stop_all)
         certs = _certs(tmp, topo)

@@ -15,7 +15,9 @@ Safety: the root namespace routes private addresses off the machine, so ``up()``
 an ``unreachable`` route for the whole test subnet there (kept until ``down()``): a mistake
 fails locally. Nothing here sends to a namespace address from the root namespace: every
 client runs inside a namespace through ``ip netns exec``. Namespace names are global to the
-machine: runs are serialized with a lock file, and leftovers of a killed run are removed
+machine: runs are serialized with a lock file (held while the topology exists; whatever
+else a run shares on the machine, such as its log folder, must be used under it too), and
+leftovers of a killed run are removed
 before a new topology is made.
 """
 
@@ -27,6 +29,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +37,9 @@ from pathlib import Path
 SUBNET = "10.231.0.0/16"
 PREFIX = "kfe2e-"
 LOCK_FILE = "/tmp/konnectivity-fast-e2e-netns.lock"
+# Bound on waiting for another run (another checkout on the machine) to finish with the
+# namespaces: about two runs of the test.
+LOCK_WAIT_SECONDS = 240.0
 # Bound on one `ip`/`nft` command and on one short probe run inside a namespace.
 COMMAND_SECONDS = 20.0
 # The in-namespace HTTP probe (standard library only): prints status and body as JSON.
@@ -193,7 +199,17 @@ def topology() -> Iterator[Topology]:
     """The namespaces, for the duration of the block; removed however the block ends."""
     Path(LOCK_FILE).touch()
     with open(LOCK_FILE) as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"another end-to-end run held {LOCK_FILE} for {LOCK_WAIT_SECONDS} s"
+                    ) from None
+                time.sleep(0.5)
         try:
             yield up()
         finally:
