@@ -223,6 +223,8 @@ main() {
     commit_image proxy-server /proxy-server 8090 8091 8092 8095
     commit_image proxy-agent /proxy-agent 8093 8094
     rm -f "$WORK/layer.tar"
+    # Earlier builds' images, untagged by this one, would pile up in the private store.
+    buildah rmi --prune >/dev/null 2>&1 || true
     say "done in $((SECONDS - started)) s"
 }
 

@@ -70,4 +70,5 @@ podman run --rm --read-only --entrypoint /usr/bin/python3 \
     localhost/konnectivity-fast/proxy-server:dockerfile -I -c \
     'import konnectivity_fast._compiled as c; assert c.IMPLEMENTATION == "compiled"'
 podman images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep ':dockerfile' >&2
+buildah rmi --prune >/dev/null 2>&1 || true  # untagged build stages and earlier builds
 say "ok"
