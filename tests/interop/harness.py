@@ -132,26 +132,31 @@ CHUNK = 65536
 
 class Source:
     """A backend that writes a fixed pattern to every connection until the peer goes
-    away; ``sent`` is the largest count written to one connection so far."""
+    away; ``counts[i]`` is what it wrote so far to its i-th connection."""
 
     def __init__(self) -> None:
-        self.sent = 0
+        self.counts: list[int] = []
         self._lock = threading.Lock()
         outer = self
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
                 block = bytes(range(256)) * (CHUNK // 256)
-                count = 0
+                with outer._lock:
+                    index = len(outer.counts)
+                    outer.counts.append(0)
                 with contextlib.suppress(OSError):
                     while True:
                         self.request.sendall(block)
-                        count += len(block)
-                        with outer._lock:
-                            outer.sent = max(outer.sent, count)
+                        outer.counts[index] += len(block)
 
         self.server = _Server((LOOPBACK, 0), Handler)
         self.port = int(self.server.server_address[1])
+
+    def sent(self, index: int) -> int:
+        """Bytes written to the index-th connection (0 before it exists)."""
+        with self._lock:
+            return self.counts[index] if index < len(self.counts) else 0
 
 
 @contextlib.contextmanager
