@@ -48,6 +48,7 @@ from konnectivity_fast.metrics import agent as agent_metrics
 __all__ = [
     "LIST_RETRY_CAP",
     "LIST_RETRY_INITIAL",
+    "TLS_CLOSE_SETTLE",
     "WATCH_TIMEOUT_SECONDS",
     "LeaseCounter",
     "is_valid",
@@ -65,6 +66,8 @@ LIST_RETRY_CAP = 30.0
 # many agents do not re-watch together); the watch is then re-opened from the last
 # resourceVersion, which costs no list.
 WATCH_TIMEOUT_SECONDS = 300
+# Loopback or LAN: a TLS close_notify exchange takes well under this.
+TLS_CLOSE_SETTLE = 0.2
 # 410 Gone: the resourceVersion the watch asked for is compacted away; list again.
 _GONE = 410
 _V2 = logging.INFO - 4  # klog V(2) as a logging level; agent/ cannot import cli/
@@ -175,6 +178,10 @@ class LeaseCounter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+            # The cancelled watch closed its TLS connection, but the TLS shutdown ends on
+            # later loop turns (kube/http.py does not wait for it); give it those turns so
+            # a caller that closes its loop next does not leak the socket.
+            await asyncio.sleep(TLS_CLOSE_SETTLE)
         if self._client is not None and self._owns_client:
             await self._client.close()
             self._client = None

@@ -314,19 +314,25 @@ def test_config_errors_name_upstreams_words(tmp_path: Path, run: RunFn) -> None:
 
 
 class TcpRelay:
-    """A TCP relay on a fixed loopback port, in its own thread, to ``targets`` in turn. It
-    can be cut (listener and every connection closed) and restored on the same port: the
-    API server becomes unreachable and comes back."""
+    """A TCP relay on a loopback port, in its own thread, to ``targets`` in turn. It can be
+    cut (every connection closed, new ones closed at once: the API server is unreachable)
+    and restored."""
 
     def __init__(self, *targets: int) -> None:
         self.targets = targets
         self._next = 0
-        (self.port,) = free_ports(1)
+        self._cut = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+        async def listen() -> asyncio.Server:
+            return await asyncio.start_server(self._handle, LOOPBACK, 0)
+
+        self._server: asyncio.Server = self._call(listen())
+        self.port = int(self._server.sockets[0].getsockname()[1])
 
     def _call(self, coro: Awaitable[Any]) -> Any:
         async def wrap() -> Any:
@@ -335,38 +341,52 @@ class TcpRelay:
         return asyncio.run_coroutine_threadsafe(wrap(), self._loop).result(WAIT)
 
     def up(self) -> None:
-        async def listen() -> asyncio.Server:
-            return await asyncio.start_server(self._handle, LOOPBACK, self.port)
-
-        self._server = self._call(listen())
+        self._cut = False
 
     def down(self) -> None:
         async def cut() -> None:
-            if self._server is not None:
-                self._server.close()
-                await self._server.wait_closed()
-            for writer in list(self._writers):
-                writer.close()
+            self._cut = True
+            async with asyncio.timeout(WAIT):
+                while self._tasks or self._writers:
+                    for writer in list(self._writers):
+                        writer.close()
+                    await asyncio.sleep(0.05)
 
         self._call(cut())
-        self._server = None
 
     def close(self) -> None:
+        async def stop() -> None:
+            self._server.close()
+            await self._server.wait_closed()
+
         self.down()
+        self._call(stop())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(WAIT)
         self._loop.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.add(writer)
         try:
+            if self._cut:
+                return
             target = self.targets[self._next % len(self.targets)]
             self._next += 1
-            up_reader, up_writer = await asyncio.open_connection(LOOPBACK, target)
-        except OSError:
+            try:
+                up_reader, up_writer = await asyncio.open_connection(LOOPBACK, target)
+            except OSError:
+                return
+            self._writers.add(up_writer)
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        finally:
             writer.close()
-            return
-        self._writers.update((writer, up_writer))
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            self._writers.discard(writer)
+            self._tasks.discard(task)
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -376,9 +396,10 @@ class TcpRelay:
         except OSError:
             pass
         finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
             self._writers.discard(writer)
-            with contextlib.suppress(Exception):
-                writer.close()
 
 
 @contextlib.contextmanager
@@ -386,7 +407,6 @@ def relayed_kubeconfig(cluster: KubeCluster, tmp: Path) -> Iterator[tuple[TcpRel
     """The admin kubeconfig, pointed at a relay in front of the API server."""
     port = int(cluster.server.rsplit(":", 1)[1])
     relay = TcpRelay(port)
-    relay.up()
     text = Path(cluster.kubeconfig).read_text()
     assert cluster.server in text
     path = tmp / "relayed.kubeconfig"
@@ -515,7 +535,6 @@ def test_agent_holds_every_leased_server(
 def round_robin(*targets: int) -> Iterator[int]:
     """One loopback port spreading connections over ``targets`` in turn."""
     relay = TcpRelay(*targets)
-    relay.up()
     try:
         yield relay.port
     finally:
