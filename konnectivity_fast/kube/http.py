@@ -57,6 +57,11 @@ class _Conn:
     def close(self) -> None:
         self.writer.close()
 
+    def abort(self) -> None:
+        """Drop a connection abandoned mid-exchange (cancelled, failed): no TLS close
+        handshake that could outlive the event loop and leave the socket open."""
+        self.writer.transport.abort()
+
 
 class _EarlyClose(Exception):
     """The peer closed before sending any response byte."""
@@ -120,7 +125,7 @@ class HttpPool:
                 conn.close()
                 return response, None
         except BaseException:
-            conn.close()
+            conn.abort()
             raise
         return HttpResponse(status, head, b""), _lines(conn, head)
 
@@ -167,7 +172,7 @@ class HttpPool:
             await conn.writer.drain()
             response, reusable = await self._read_response(conn.reader, method)
         except BaseException:
-            conn.close()
+            conn.abort()
             raise
         if reusable and not self._closed and len(self._idle) < MAX_IDLE_CONNECTIONS:
             self._idle.append(conn)
@@ -291,7 +296,7 @@ async def _lines(conn: _Conn, headers: dict[str, str]) -> AsyncGenerator[bytes, 
             if len(pending) > MAX_BODY_BYTES:
                 raise HttpError(f"streamed line longer than {MAX_BODY_BYTES} bytes")
     finally:
-        conn.close()
+        conn.abort()  # a watch ends by being abandoned: never reused
 
 
 async def _next_chunk(reader: asyncio.StreamReader) -> bytes:
