@@ -235,6 +235,14 @@ class Steps:
                 lambda v: v >= 1,
                 "the server to count the cancelled dial (DIAL_CLS)",
             )
+        # The agent's dial to the black hole is refused once the black hole has closed
+        # (at its next SYN); over HTTP-CONNECT that answer is what ends the pending dial.
+        wait_metric(
+            self.top.server_admin,
+            SERVER + "pending_backend_dials",
+            lambda v: v == 0,
+            "the given-up dial to leave the server's pending dials",
+        )
         self.dial()  # the tunnel machinery is fine afterwards
 
     def dial_requests(self, port: int) -> float:
@@ -324,7 +332,9 @@ class Steps:
                 notes.append(f"download ended early ({out[-160:]!r} {err[-200:]!r})")
         note = "; ".join(notes) + ("; " if notes else "")
         (conn,) = result["connections"]
-        assert conn["dialed"] and conn["received"] >= LOSS_AFTER_BYTES // 2, conn
+        # What the client got before the kill: bytes still in the backend's socket
+        # buffers when the agent died are lost, so only "some" is certain.
+        assert conn["dialed"] and conn["received"] > 0, conn
         ending = conn.get("error") or "EOF"
         wait_metric(
             self.top.server_admin, READY_BACKENDS, lambda v: v == 1, f"{victim.name} dropped"
