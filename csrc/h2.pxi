@@ -194,6 +194,17 @@ cdef int _cb_frame_send(nghttp2_session *session, const nghttp2_frame *frame,
     return 0
 
 
+cdef int _cb_invalid_frame(nghttp2_session *session, const nghttp2_frame *frame,
+                           int lib_error_code, void *user_data) noexcept:
+    cdef H2Connection conn = <H2Connection>user_data
+    try:
+        conn._on_invalid_frame(frame)
+    except BaseException as exc:
+        conn._error = exc
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+    return 0
+
+
 cdef int _cb_data_chunk(nghttp2_session *session, uint8_t flags, int32_t stream_id,
                         const uint8_t *data, size_t length, void *user_data) noexcept:
     cdef H2Connection conn = <H2Connection>user_data
@@ -226,6 +237,7 @@ cdef nghttp2_session_callbacks *_make_callbacks() except NULL:
     nghttp2_session_callbacks_set_on_header_callback(cbs, _cb_header)
     nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, _cb_frame_recv)
     nghttp2_session_callbacks_set_on_frame_send_callback(cbs, _cb_frame_send)
+    nghttp2_session_callbacks_set_on_invalid_frame_recv_callback(cbs, _cb_invalid_frame)
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, _cb_data_chunk)
     nghttp2_session_callbacks_set_on_stream_close_callback(cbs, _cb_stream_close)
     return cbs

@@ -24,6 +24,9 @@ cdef class H2Connection:
     cdef _Keepalive _ka
     # Set when we refuse the peer: the rest of the current read is not processed.
     cdef bint _stop_input
+    # The peer's GOAWAY(NO_ERROR) was malformed (grpc-go clients name their own last
+    # stream): nghttp2 answers GOAWAY(PROTOCOL_ERROR), but the peer only meant to leave.
+    cdef bint _peer_left
 
     def __cinit__(self):
         self._session = NULL
@@ -515,12 +518,28 @@ cdef class H2Connection:
             self._events.append(ev)
         return 0
 
+    cdef int _on_invalid_frame(self, const nghttp2_frame *frame) except -1:
+        cdef H2Event ev
+        if (frame.hd.type == NGHTTP2_GOAWAY and frame.goaway.error_code == NGHTTP2_NO_ERROR
+                and not self._peer_left):
+            # A client's clean shutdown that nghttp2 finds malformed (its last-stream-id is
+            # one of the client's own streams): report the GOAWAY the peer meant.
+            self._peer_left = True
+            ev = _event(_EV_GOAWAY, frame.goaway.last_stream_id)
+            ev.error_code = NGHTTP2_NO_ERROR
+            ev.data = PyBytes_FromStringAndSize(<const char *>frame.goaway.opaque_data,
+                                                frame.goaway.opaque_data_len)
+            self._events.append(ev)
+        return 0
+
     cdef int _on_frame_send(self, const nghttp2_frame *frame) except -1:
         cdef int t = frame.hd.type
         cdef _Stream s
         cdef H2Event ev
         if t == NGHTTP2_GOAWAY and frame.goaway.error_code != NGHTTP2_NO_ERROR:
-            if not self.terminated:
+            if self._peer_left:
+                self.terminated = True  # the peer left cleanly: not a violation
+            elif not self.terminated:
                 # nghttp2 found a protocol error in the peer's input and is closing.
                 self.terminated = True
                 ev = _event(_EV_ERROR, 0)

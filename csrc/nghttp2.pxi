@@ -88,6 +88,9 @@ cdef extern from "nghttp2/nghttp2.h":
         nghttp2_session *session, const nghttp2_frame *frame, void *user_data)
     ctypedef int (*nghttp2_on_frame_send_callback)(
         nghttp2_session *session, const nghttp2_frame *frame, void *user_data)
+    ctypedef int (*nghttp2_on_invalid_frame_recv_callback)(
+        nghttp2_session *session, const nghttp2_frame *frame, int lib_error_code,
+        void *user_data)
     ctypedef int (*nghttp2_on_data_chunk_recv_callback)(
         nghttp2_session *session, uint8_t flags, int32_t stream_id, const uint8_t *data,
         size_t len, void *user_data)
@@ -141,6 +144,8 @@ cdef extern from "nghttp2/nghttp2.h":
         nghttp2_session_callbacks *cbs, nghttp2_on_frame_recv_callback cb)
     void nghttp2_session_callbacks_set_on_frame_send_callback(
         nghttp2_session_callbacks *cbs, nghttp2_on_frame_send_callback cb)
+    void nghttp2_session_callbacks_set_on_invalid_frame_recv_callback(
+        nghttp2_session_callbacks *cbs, nghttp2_on_invalid_frame_recv_callback cb)
     void nghttp2_session_callbacks_set_on_data_chunk_recv_callback(
         nghttp2_session_callbacks *cbs, nghttp2_on_data_chunk_recv_callback cb)
     void nghttp2_session_callbacks_set_on_stream_close_callback(

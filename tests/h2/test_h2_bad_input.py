@@ -642,3 +642,24 @@ def test_random_frames_to_a_server(body: bytes, cuts: list[int]) -> None:
     )
     data = START + settings_frame(ack=True) + headers_frame(1, request_headers()) + body
     _drive(server, data, cuts, _server_reacts(server))
+
+
+def test_grpc_go_client_goaway_is_a_clean_leave_not_a_violation() -> None:
+    """grpc-go clients close with GOAWAY(last-stream-id = their own last stream, NO_ERROR).
+    nghttp2 finds that id invalid and answers GOAWAY(PROTOCOL_ERROR); the engine reports the
+    GOAWAY the client meant, and no protocol error."""
+    request = headers_frame(1, request_headers(PATH), end_stream=False)
+    leave = frame(GOAWAY, 0, 0, (1).to_bytes(4, "big") + b"\x00" * 4 + b"client transport shutdown")
+    server, events, _ = feed_server(START + request + leave)
+    assert not of_kind(events, w.EV_ERROR), [e.message for e in of_kind(events, w.EV_ERROR)]
+    (goaway,) = of_kind(events, w.EV_GOAWAY)
+    assert (goaway.stream_id, goaway.error_code) == (1, 0)
+    assert goaway.data == b"client transport shutdown"
+    assert server.terminated
+
+
+def test_a_goaway_with_an_error_is_still_reported() -> None:
+    leave = frame(GOAWAY, 0, 0, (1).to_bytes(4, "big") + PROTOCOL_ERROR.to_bytes(4, "big"))
+    _, events, out = feed_server(START + leave)
+    assert of_kind(events, w.EV_ERROR)
+    assert goaways(out)
