@@ -90,7 +90,10 @@ def _panel(
     labels = [f"{g}\n{MODE_SHORT.get(m, m)}" for g, _, _ in groups for m in modes]
     width = 0.8 / len(shown)
     for i, (series, color) in enumerate(s for s in SERIES if s[0] in shown):
-        xs, ys, lo, hi = [], [], [], []
+        xs: list[float] = []
+        ys: list[float] = []
+        lo: list[float] = []
+        hi: list[float] = []
         for j, (_, scenario, metric) in enumerate(g for g in groups for _ in modes):
             mode = modes[j % len(modes)]
             key = "direct" if series == "direct" else f"{series}/{mode}"
@@ -99,17 +102,19 @@ def _panel(
                 continue
             xs.append(j + (i - (len(shown) - 1) / 2) * width)
             ys.append(st["median"])
-            if metric == "kept_pct":  # say whether a new tunnel could open meanwhile
-                opened = _stats(results, scenario, key, "new_tunnel_ok").get("min", 0.0)
-                ax.annotate(
-                    "new tunnel\n" + ("opens" if opened >= 1 else "BLOCKED"),
-                    (xs[-1], st["median"]),
-                    ha="center",
-                    va="bottom",
-                    fontsize=8,
-                )
             lo.append(st["median"] - st["min"])
             hi.append(st["max"] - st["median"])
+            if metric == "kept_pct":  # say whether (and when) a new tunnel could open
+                opened = _stats(results, scenario, key, "new_tunnel_ok").get("min", 0.0)
+                ms = _stats(results, scenario, key, "new_tunnel_ms").get("median", 0.0)
+                ax.annotate(
+                    f"new tunnel {ms:.0f} ms" if opened >= 1 else "new tunnel blocked",
+                    (xs[-1], st["max"] + 3),
+                    ha="center",
+                    va="bottom",
+                    rotation=90,
+                    fontsize=7,
+                )
         if xs:
             ax.bar(xs, ys, width, color=color, label=series, yerr=[lo, hi], capsize=2)
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
@@ -125,6 +130,8 @@ def chart(results: dict[str, Any], path: Path) -> None:
         ax.set_ylabel(ylabel)
         if log:
             ax.set_yscale("log")
+        elif groups[0][2] == "kept_pct":
+            ax.set_ylim(0, max(200.0, ax.get_ylim()[1]))  # room for the rotated labels
         ax.legend(fontsize=8)
     m = results["machine"]
     fig.suptitle(
