@@ -38,11 +38,11 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime
 
 from konnectivity_fast.agent.app import SetupError
 from konnectivity_fast.kube import ApiError, ConfigError, KubeClient, KubeError, load_config
+from konnectivity_fast.kube.leases import Lease, is_expired, lease_start
 from konnectivity_fast.metrics import agent as agent_metrics
 
 __all__ = [
@@ -55,8 +55,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-Lease = dict[str, Any]
 
 # client-go's reflector backs off from 800 ms to at most 30 s between failed list/watch
 # attempts: an API server that is down is not hammered, one that comes back is seen soon.
@@ -77,31 +75,17 @@ def _leases_path(namespace: str) -> str:
     return f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
 
 
-def _parse_time(text: object) -> datetime | None:
-    if not isinstance(text, str) or not text:
-        return None
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
 def is_valid(lease: Lease, now: datetime) -> bool:
     """Upstream's ``IsLeaseValid``: ``(renewTime or acquireTime) + leaseDurationSeconds``
     is after ``now``. Neither time: invalid. A missing duration counts as 0 (upstream
     crashes on it; a Lease nobody maintains is better not counted)."""
-    spec = lease.get("spec") or {}
-    start = _parse_time(spec.get("renewTime")) or _parse_time(spec.get("acquireTime"))
-    if start is None:
+    if lease_start(lease) is None:
         name = (lease.get("metadata") or {}).get("name", "")
         log.warning(
             "lease %s has neither a renew time or an acquire time, marking as expired", name
         )
         return False
-    duration = spec.get("leaseDurationSeconds")
-    seconds = duration if isinstance(duration, int) else 0
-    return start + timedelta(seconds=seconds) > now
+    return not is_expired(lease, now)
 
 
 def _utc_now() -> datetime:

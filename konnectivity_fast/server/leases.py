@@ -30,11 +30,11 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime
 
 from konnectivity_fast.kube import ApiError, KubeClient, KubeError
 from konnectivity_fast.kube.labels import parse_lease_labels
+from konnectivity_fast.kube.leases import Lease, is_expired, parse_micro_time
 from konnectivity_fast.metrics import server as server_metrics
 
 __all__ = [
@@ -68,9 +68,6 @@ STOP_DELETE_TIMEOUT = 5.0
 _V2 = logging.INFO - 4  # klog V(2) as a logging level; server/ cannot import cli/
 _V4 = logging.INFO - 8
 
-Lease = dict[str, Any]
-
-
 def lease_name(server_id: str) -> str:
     return LEASE_NAME_PREFIX + server_id
 
@@ -78,27 +75,6 @@ def lease_name(server_id: str) -> str:
 def format_micro_time(when: datetime) -> str:
     """Kubernetes' MicroTime text: RFC 3339 in UTC with exactly six fractional digits."""
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_micro_time(text: object) -> datetime | None:
-    """A MicroTime or RFC 3339 time from the API, or None when absent or malformed."""
-    if not isinstance(text, str) or not text:
-        return None
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def is_expired(lease: Lease, now: datetime) -> bool:
-    spec = lease.get("spec") or {}
-    start = parse_micro_time(spec.get("renewTime")) or parse_micro_time(spec.get("acquireTime"))
-    if start is None:
-        return True
-    duration = spec.get("leaseDurationSeconds")
-    seconds = duration if isinstance(duration, int) else 0
-    return start + timedelta(seconds=seconds) <= now
 
 
 def label_selector(labels: Mapping[str, str]) -> str:
