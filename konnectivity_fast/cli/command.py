@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
-from konnectivity_fast.cli.flags import FlagSet
+from konnectivity_fast.cli.flags import FlagError, FlagSet
 from konnectivity_fast.cli.klog import KLOG_PREFIX, KlogOptions, setup_logging
 
 T = TypeVar("T")
@@ -61,3 +61,57 @@ def report_error(program: str, flagset: FlagSet, message: str,
         setup_logging(KlogOptions(), program=program)
     logging.getLogger(f"konnectivity_fast.{program}").error("error: %s", message)
     return 1
+
+
+class Options(Protocol):
+    """What ``run_program`` needs of a program's options."""
+
+    def log_values(self) -> None: ...
+    def validate(self) -> str | None: ...
+
+
+OptionsT = TypeVar("OptionsT", bound=Options)
+
+
+@dataclass(frozen=True)
+class Program(Generic[OptionsT]):
+    """One program's command line: its parser, flag set and help, what its validation
+    errors are prefixed with, how it serves, and which exceptions are start-up failures
+    (reported with ``startup_prefix``)."""
+
+    name: str
+    parse: Callable[..., CommandLine[OptionsT]]
+    flagset: Callable[[], FlagSet]
+    usage: Callable[[], str]
+    what: str  # "server" or "agent": "failed to validate <what> options with <err>"
+    serve: Callable[[OptionsT], Coroutine[Any, Any, int]]
+    startup_errors: tuple[type[Exception], ...]
+    startup_prefix: str = ""
+
+
+def run_program(program: Program[OptionsT], argv: Sequence[str] | None) -> int:
+    """Upstream's cobra command and main: parse, ``--help``, klog set-up, validation, then
+    serve on uvloop; every error is reported by ``report_error``. The exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        command = program.parse(args, warn=lambda text: print(text, file=sys.stderr))
+    except FlagError as exc:
+        return report_error(program.name, program.flagset(), str(exc))
+    if command.help_requested:
+        sys.stdout.write(program.usage())
+        return 0
+    setup_logging(command.klog, program=program.name)
+    options = command.options
+    options.log_values()
+    error = options.validate()
+    if error is not None:
+        message = f"failed to validate {program.what} options with {error}"
+        return report_error(program.name, program.flagset(), message, command.klog)
+
+    import uvloop
+
+    try:
+        return int(uvloop.run(program.serve(options)))
+    except program.startup_errors as exc:
+        message = f"{program.startup_prefix}{exc}"
+        return report_error(program.name, program.flagset(), message, command.klog)

@@ -27,17 +27,11 @@ from konnectivity_fast.cli.agent_options import (
     parse_args,
     usage,
 )
-from konnectivity_fast.cli.command import report_error
-from konnectivity_fast.cli.flags import FlagError
-from konnectivity_fast.cli.klog import setup_logging
+from konnectivity_fast.cli.command import Program, run_program
 
 __all__ = ["main"]
 
 log = logging.getLogger("konnectivity_fast.agent")
-
-
-def _warn(message: str) -> None:
-    print(message, file=sys.stderr)
 
 
 async def _serve(options: GrpcProxyAgentOptions) -> int:
@@ -69,33 +63,21 @@ def _lease_counter(options: GrpcProxyAgentOptions) -> LeaseCounter | None:
     return Leases(options.lease_namespace, options.lease_label, kubeconfig=options.kubeconfig_path)
 
 
+PROXY_AGENT = Program(
+    name=PROGRAM,
+    parse=parse_args,
+    flagset=build_flagset,
+    usage=usage,
+    what="agent",
+    serve=_serve,
+    startup_errors=(SetupError,),
+    startup_prefix="failed to run proxy connection with ",
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``proxy-agent`` program; returns the exit code."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        command = parse_args(args, warn=_warn)
-    except FlagError as exc:
-        return report_error(PROGRAM, build_flagset(), str(exc))
-    if command.help_requested:
-        sys.stdout.write(usage())
-        return 0
-    setup_logging(command.klog, program=PROGRAM)
-    options = command.options
-    options.log_values()
-    error = options.validate()
-    if error is not None:
-        return report_error(
-            PROGRAM, build_flagset(), f"failed to validate agent options with {error}", command.klog
-        )
-
-    import uvloop
-
-    try:
-        return int(uvloop.run(_serve(options)))
-    except SetupError as exc:
-        return report_error(
-            PROGRAM, build_flagset(), f"failed to run proxy connection with {exc}", command.klog
-        )
+    return run_program(PROXY_AGENT, argv)
 
 
 if __name__ == "__main__":

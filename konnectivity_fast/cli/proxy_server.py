@@ -16,9 +16,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from konnectivity_fast.cli.command import report_error
-from konnectivity_fast.cli.flags import FlagError
-from konnectivity_fast.cli.klog import setup_logging
+from konnectivity_fast.cli.command import Program, run_program
 from konnectivity_fast.cli.server_options import (
     PROGRAM,
     ProxyRunOptions,
@@ -33,12 +31,9 @@ __all__ = ["main"]
 log = logging.getLogger("konnectivity_fast.server")
 
 
-def _warn(message: str) -> None:
-    print(message, file=sys.stderr)
-
-
-async def _serve(options: ProxyRunOptions, stop: asyncio.Event) -> int:
+async def _serve(options: ProxyRunOptions) -> int:
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
 
     def on_signal(signum: int) -> None:
         if stop.is_set():
@@ -57,33 +52,20 @@ async def _serve(options: ProxyRunOptions, stop: asyncio.Event) -> int:
             loop.remove_signal_handler(signum)
 
 
+PROXY_SERVER = Program(
+    name=PROGRAM,
+    parse=parse_args,
+    flagset=build_flagset,
+    usage=usage,
+    what="server",
+    serve=_serve,
+    startup_errors=(StartupError,),
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``proxy-server`` program; returns the exit code."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        command = parse_args(args, warn=_warn)
-    except FlagError as exc:
-        return report_error(PROGRAM, build_flagset(), str(exc))
-    if command.help_requested:
-        sys.stdout.write(usage())
-        return 0
-    setup_logging(command.klog, program=PROGRAM)
-    options = command.options
-    options.log_values()
-    error = options.validate()
-    if error is not None:
-        return report_error(PROGRAM, build_flagset(),
-                            f"failed to validate server options with {error}", command.klog)
-
-    import uvloop
-
-    async def serve() -> int:
-        return await _serve(options, asyncio.Event())
-
-    try:
-        return uvloop.run(serve())
-    except StartupError as exc:
-        return report_error(PROGRAM, build_flagset(), str(exc), command.klog)
+    return run_program(PROXY_SERVER, argv)
 
 
 if __name__ == "__main__":
