@@ -154,7 +154,7 @@ class HttpConnectProtocol(asyncio.Protocol):
         self._paused = False
         self._counted = False  # in the http_connections gauge
         self._held = False  # waiting for the agent call to drain (``when_drained``)
-        self.buffer = TunnelBuffer()
+        self.buffer = TunnelBuffer(self._backlog, self._abandon)
 
     # --- asyncio.Protocol -----------------------------------------------------------------
 
@@ -166,6 +166,20 @@ class HttpConnectProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.buffer.blocked = True
+
+    def _backlog(self) -> int:
+        transport = self.transport
+        return 0 if transport is None else transport.get_write_buffer_size()
+
+    def _abandon(self) -> None:
+        """The client stalled with its budget spent: close the tunnel, dropping what it
+        did not read (CLOSE_REQ to the agent)."""
+        frontend = self.frontend
+        if frontend is not None and not frontend.closed:
+            self.server._remove_frontend(frontend)
+        self._close()
+        if self.transport is not None:
+            self.transport.abort()
 
     def resume_writing(self) -> None:
         self.server.budget.release(self.buffer)

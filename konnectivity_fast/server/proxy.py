@@ -143,7 +143,8 @@ class _FrontendStream:
     def __init__(self, server: ProxyServer, frontend: Frontend) -> None:
         self.server = server
         self.frontend = frontend
-        self.buffer = TunnelBuffer()
+        call: GrpcCall = frontend.conn
+        self.buffer = TunnelBuffer(call.outbound_pending, self._abandon)
         self.held = False
         self.ended = False  # the client half-closed (a clean EOF)
 
@@ -178,6 +179,13 @@ class _FrontendStream:
     def _agent_drained(self) -> None:
         self.held = False
         self.frontend.conn.resume_reading()
+
+    def _abandon(self) -> None:
+        """The client stalled with its budget spent: reset its stream (CLOSE_REQ for its
+        connections goes to the agent as the stream is removed)."""
+        call: GrpcCall = self.frontend.conn
+        call.cancel()
+        self.server._remove_frontend(self.frontend)
 
     def on_end(self, call: GrpcCall) -> None:
         # Client half-close: the handler returns OK (§2.6), then the stream's cleanup.

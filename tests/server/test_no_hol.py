@@ -281,3 +281,53 @@ def test_grpc_stalled_stream_does_not_block_neighbours(run: RunFn, sock_dir: str
             await proto.aclose()
 
     run(main())
+
+
+ENDLESS = 256 << 20  # more than any budget: a producer that never stops in this test
+
+
+def test_http_client_stalled_past_its_budget_is_closed(run: RunFn, sock_dir: str,
+                                                       certs: Certs) -> None:
+    """A client that takes nothing while its agent keeps sending spends its budget; the
+    agent's stream is paused, and after the stall timeout the tunnel is closed so that the
+    agent's other tunnels and new dials flow again."""
+
+    async def main() -> None:
+        budget = BufferBudget(tunnel_budget=1 << 20, stall_timeout=0.5)
+        async with running(sock_dir, certs, budget) as env:
+            reader, writer = await http_tunnel(env, f"stream-5-{ENDLESS}:80")
+            agent_call = env.agent_call_on_server()
+            await wait_until(lambda: budget.paused(agent_call), "the agent stream pauses")
+            await wait_until(lambda: not budget.paused(agent_call), "the stalled tunnel goes")
+            assert budget.total == 0
+            busy = await asyncio.gather(*(http_receive(env, tag, 1 << 20) for tag in range(4)))
+            assert busy == [pattern(tag, 1 << 20) for tag in range(4)]
+            assert await http_echo(env) == b"still dialling"
+            # The stalled client finds its connection gone once it reads again.
+            with contextlib.suppress(ConnectionError):
+                while await reader.read(1 << 20):
+                    pass
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    run(main())
+
+
+@pytest.mark.timeout(120)
+def test_grpc_stream_stalled_past_its_budget_is_reset(run: RunFn, sock_dir: str,
+                                                      certs: Certs) -> None:
+    async def main() -> None:
+        budget = BufferBudget(tunnel_budget=1 << 20, stall_timeout=0.5)
+        async with running(sock_dir, certs, budget) as env:
+            proto, call, _ = await grpc_tunnel(env, f"stream-6-{ENDLESS}:80", 7)
+            agent_call = env.agent_call_on_server()
+            await wait_until(lambda: budget.paused(agent_call), "the agent stream pauses")
+            await wait_until(lambda: not budget.paused(agent_call), "the stalled stream goes")
+            busy = await asyncio.gather(*(grpc_receive(env, tag, 1 << 20) for tag in range(4)))
+            assert busy == [pattern(tag, 1 << 20) for tag in range(4)]
+            assert await http_echo(env) == b"still dialling"
+            await wait_until(lambda: call.status is not None, "the stalled stream is reset")
+            await proto.aclose()
+
+    run(main())
