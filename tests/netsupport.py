@@ -6,6 +6,8 @@ The conftest.py of each such folder re-exports them."""
 from __future__ import annotations
 
 import asyncio
+import random
+import socket
 import tempfile
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
@@ -81,3 +83,26 @@ def sock_dir() -> Iterator[str]:
     # Unix socket paths must be short (108 bytes); pytest's tmp_path can be longer.
     with tempfile.TemporaryDirectory(prefix="kf-") as d:
         yield d
+
+
+# Both programs' validation limits ports to 1024-49151; below the usual ephemeral range, a
+# port picked here is also not taken by an outgoing connection meanwhile.
+PORT_RANGE = (20000, 32000)
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports free on ``host`` now (a race with other processes is
+    possible but unlikely in the range used)."""
+    rng = random.Random()
+    ports: list[int] = []
+    while len(ports) < count:
+        port = rng.randrange(*PORT_RANGE)
+        if port in ports:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports

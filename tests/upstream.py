@@ -14,9 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import re
-import socket
 import socketserver
 import subprocess
 import sys
@@ -30,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netsupport import Certs
+from netsupport import Certs, free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "build-upstream.sh"
@@ -40,8 +38,6 @@ BUILD_TIMEOUT_SECONDS = 1500
 # What the script says when it would need Go and has none.
 NO_GO = "error: no Go toolchain"
 LOOPBACK = "127.0.0.1"
-# Validation of both programs limits ports to 1024-49151: pick below the ephemeral range.
-PORT_RANGE = (20000, 32000)
 WAIT_SECONDS = 30.0
 # Polling step while waiting for a port or an endpoint: short, bounded by WAIT_SECONDS.
 POLL_SECONDS = 0.05
@@ -101,23 +97,6 @@ def build() -> Upstream:
 def upstream() -> Upstream:
     return build()
 
-
-def free_ports(count: int) -> list[int]:
-    """Ports free on the loopback address now (a race with other processes is possible
-    but unlikely in the range used)."""
-    rng = random.Random()
-    ports: list[int] = []
-    while len(ports) < count:
-        port = rng.randrange(*PORT_RANGE)
-        if port in ports:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind((LOOPBACK, port))
-            except OSError:
-                continue
-        ports.append(port)
-    return ports
 
 
 class _Echo(socketserver.BaseRequestHandler):

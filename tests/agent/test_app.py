@@ -9,11 +9,9 @@ import asyncio
 import contextlib
 import http.client
 import os
-import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,31 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from netsupport import free_ports
 
 from .conftest import Certs
 from .support import LOOPBACK, EchoServer, Tunnel
 
 pytestmark = pytest.mark.timeout(120)
 
-# Below the usual ephemeral range, as the server's own tests pick them.
-PORT_RANGE = (20000, 32000)
 WAIT = 30.0
 
-
-def free_ports(count: int) -> list[int]:
-    rng = random.Random()
-    ports: list[int] = []
-    while len(ports) < count:
-        port = rng.randrange(*PORT_RANGE)
-        if port in ports:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind((LOOPBACK, port))
-            except OSError:
-                continue
-        ports.append(port)
-    return ports
 
 
 def get(

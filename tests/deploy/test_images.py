@@ -12,7 +12,6 @@ import contextlib
 import http.client
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from e2e import nsclient  # the standalone HTTP-CONNECT client of the e2e tests
-from netsupport import Certs, certs
+from netsupport import Certs, certs, free_ports
 
 from .images import IMAGES, Bundle, ensure_built, running, unpack
 
@@ -29,7 +28,6 @@ __all__ = ["certs"]
 pytestmark = pytest.mark.timeout(1500)
 
 LOOPBACK = "127.0.0.1"
-PORT_RANGE = (20000, 32000)
 # Bound on one short program run (--help, an import check) and on waiting for a program.
 RUN_SECONDS = 60
 WAIT_SECONDS = 60.0
@@ -51,20 +49,6 @@ def run_in(bundle: Bundle, argv: list[str]) -> subprocess.CompletedProcess[str]:
         bundle.command(argv), capture_output=True, text=True, timeout=RUN_SECONDS, check=False
     )
 
-
-def free_ports(count: int) -> list[int]:
-    rng = random.Random()
-    ports: list[int] = []
-    while len(ports) < count:
-        port = rng.randrange(*PORT_RANGE)
-        with socket.socket() as sock:
-            try:
-                sock.bind((LOOPBACK, port))
-            except OSError:
-                continue
-        if port not in ports:
-            ports.append(port)
-    return ports
 
 
 def http_get(port: int, path: str) -> tuple[int, bytes]:

@@ -47,6 +47,7 @@ from typing import Any
 import pytest
 import trustme
 from kubesupport import KubeCluster, kube_version, running_apiserver, running_etcd
+from netsupport import free_ports
 from upstream import Processes, Upstream, parse_exposition
 
 HERE = Path(__file__).resolve().parent
@@ -69,8 +70,6 @@ IMPLS = ("ours", "upstream")
 WAIT_SECONDS = 60.0
 POLL_SECONDS = 0.1
 KUBECTL_SECONDS = 60.0
-# Validation of both programs limits ports to 1024-49151: pick below the ephemeral range.
-PORT_RANGE = (20000, 32000)
 
 
 # --- the worker network namespace -----------------------------------------------------------
@@ -196,21 +195,6 @@ def make_pki(folder: Path, w: Worker) -> Pki:
 
 # --- processes -------------------------------------------------------------------------------
 
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    rng = random.Random()
-    ports: list[int] = []
-    while len(ports) < count:
-        port = rng.randrange(*PORT_RANGE)
-        if port in ports:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
-                continue
-        ports.append(port)
-    return ports
 
 
 def program(which: str, impl: str, upstream: Upstream) -> list[str]:

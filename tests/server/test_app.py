@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import http.client
 import os
-import random
 import signal
 import socket
 import stat
@@ -17,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from netsupport import Certs
+from netsupport import Certs, free_ports
 
 from konnectivity_fast.metrics import TEXT_CONTENT_TYPE
 from konnectivity_fast.server import CONNECT_PATH
@@ -27,25 +26,8 @@ from konnectivity_fast.wire import DialRequest, DialResponse, Packet, PacketType
 from konnectivity_fast.wire.codec import decode_packet, encode_packet
 
 LOOPBACK = "127.0.0.1"
-# Validation limits ports to 1024-49151: pick from below the usual ephemeral range.
-PORT_RANGE = (20000, 32000)
 WAIT_SECONDS = 30.0
 
-
-def free_ports(count: int) -> list[int]:
-    rng = random.Random()
-    ports: list[int] = []
-    while len(ports) < count:
-        port = rng.randrange(*PORT_RANGE)
-        if port in ports:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind((LOOPBACK, port))
-            except OSError:
-                continue
-        ports.append(port)
-    return ports
 
 
 def command(*args: str) -> list[str]:
