@@ -14,6 +14,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from konnectivity_fast.cli.flags import FlagError, FlagSet
 from konnectivity_fast.cli.klog import KLOG_PREFIX, KlogOptions, setup_logging
+from konnectivity_fast.cli.malloc import tune_malloc
 
 T = TypeVar("T")
 
@@ -110,6 +111,7 @@ def run_program(program: Program[OptionsT], argv: Sequence[str] | None) -> int:
 
     import uvloop
 
+    tune_malloc()
     try:
         return int(uvloop.run(program.serve(options)))
     except program.startup_errors as exc:
