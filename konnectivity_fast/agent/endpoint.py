@@ -38,7 +38,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 from collections.abc import Callable
@@ -304,24 +303,33 @@ def _parse_port(protocol: str, port: str) -> int:
         raise DialError(f"dial {protocol}: lookup {protocol}/{port}: unknown port") from None
 
 
+def _ip_version(host: str) -> int:
+    """4 or 6 if ``host`` is an IP literal (an IPv6 zone allowed), else 0. ``inet_pton``
+    instead of ``ipaddress``: this runs on every dial."""
+    for family, version in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
+        try:
+            socket.inet_pton(family, host.split("%", 1)[0])
+        except OSError:
+            continue
+        return version
+    return 0
+
+
 async def _resolve(protocol: str, host: str, port: int, deadline: float) -> list[tuple[str, int]]:
     family = _families(protocol)
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        pass
-    else:
-        if (family == socket.AF_INET and ip.version != 4) or (
-            family == socket.AF_INET6 and ip.version != 6
+    version = _ip_version(host)
+    if version:
+        if (family == socket.AF_INET and version != 4) or (
+            family == socket.AF_INET6 and version != 6
         ):
             raise DialError(f"dial {protocol}: address {host}: no suitable address found")
         return [(host, port)]
     loop = asyncio.get_running_loop()
     try:
-        infos = await asyncio.wait_for(
-            loop.getaddrinfo(host or None, port, family=family, type=socket.SOCK_STREAM),
-            max(0.0, deadline - loop.time()),
-        )
+        async with asyncio.timeout_at(deadline):
+            infos = await loop.getaddrinfo(
+                host or None, port, family=family, type=socket.SOCK_STREAM
+            )
     except TimeoutError:
         raise dialerr.lookup_error(protocol, host, None) from None
     except OSError as exc:
@@ -364,9 +372,9 @@ async def dial(
         attempt = min(remaining, max(share, MIN_ATTEMPT_TIMEOUT))
         target = dialerr.join_host_port(ip, ip_port)
         try:
-            _, endpoint = await asyncio.wait_for(
-                loop.create_connection(factory, ip, ip_port), attempt
-            )
+            # A timeout scope, not wait_for: no second task per dial.
+            async with asyncio.timeout(attempt):
+                _, endpoint = await loop.create_connection(factory, ip, ip_port)
             return endpoint
         except TimeoutError:
             error = dialerr.timeout_error(protocol, target)
