@@ -67,7 +67,11 @@ PANELS: list[tuple[str, str, bool, list[tuple[str, str, str]], tuple[str, ...]]]
         "Head-of-line: 8 downloads beside a stalled reader",
         "% of throughput kept",
         False,
-        [("8 MiB stall", "holsmall", "kept_pct"), ("endless stall", "hol", "kept_pct")],
+        [
+            ("8 MiB stall", "holsmall", "kept_pct"),
+            ("endless stall", "hol", "kept_pct"),
+            ("endless, +{after:g} s", "hol", "kept_after_pct"),
+        ],
         ("ours", "upstream"),
     ),
 ]
@@ -87,7 +91,10 @@ def _panel(
     shown: tuple[str, ...],
 ) -> None:
     modes = results["config"]["modes"]
-    labels = [f"{g}\n{MODE_SHORT.get(m, m)}" for g, _, _ in groups for m in modes]
+    after = results["config"].get("hol_after", 0.0)
+    labels = [
+        f"{g.format(after=after)}\n{MODE_SHORT.get(m, m)}" for g, _, _ in groups for m in modes
+    ]
     width = 0.8 / len(shown)
     for i, (series, color) in enumerate(s for s in SERIES if s[0] in shown):
         xs: list[float] = []
@@ -104,9 +111,10 @@ def _panel(
             ys.append(st["median"])
             lo.append(st["median"] - st["min"])
             hi.append(st["max"] - st["median"])
-            if metric == "kept_pct":  # say whether (and when) a new tunnel could open
-                opened = _stats(results, scenario, key, "new_tunnel_ok").get("min", 0.0)
-                ms = _stats(results, scenario, key, "new_tunnel_ms").get("median", 0.0)
+            if metric.startswith("kept"):  # say whether (and when) a new tunnel could open
+                prefix = "after_" if metric == "kept_after_pct" else ""
+                opened = _stats(results, scenario, key, f"{prefix}new_tunnel_ok").get("min", 0.0)
+                ms = _stats(results, scenario, key, f"{prefix}new_tunnel_ms").get("median", 0.0)
                 ax.annotate(
                     f"new tunnel {ms:.0f} ms" if opened >= 1 else "new tunnel blocked",
                     (xs[-1], st["max"] + 3),

@@ -69,6 +69,7 @@ type options struct {
 	batch     int
 	stall     time.Duration
 	stallSize int64
+	after     time.Duration
 	probe     time.Duration
 	window    time.Duration
 	timeout   time.Duration
@@ -126,6 +127,7 @@ func parseFlags(args []string) options {
 	fs.IntVar(&o.batch, "batch", 50, "tunnels opened at once (idle)")
 	fs.DurationVar(&o.stall, "stall", time.Second, "time for the stalled tunnel to fill buffers (hol)")
 	fs.Int64Var(&o.stallSize, "stall-bytes", stallBytes, "bytes the stalled tunnel asks for (hol)")
+	fs.DurationVar(&o.after, "after", 0, "if set: measure once more this long after the stall began (hol)")
 	fs.DurationVar(&o.probe, "probe", 5*time.Second, "bound on the new-tunnel probe (hol)")
 	fs.DurationVar(&o.window, "window", 20*time.Second, "bound on each download phase (hol)")
 	fs.DurationVar(&o.timeout, "timeout", 120*time.Second, "bound on the whole run")
@@ -599,16 +601,28 @@ func runHOL(o options) map[string]any {
 	if _, err := stalled.Write(header(opDownload, o.stallSize)); err != nil {
 		return fail(err)
 	}
+	stallStart := time.Now()
 	// Never read from `stalled`: let every buffer on its path fill up.
 	time.Sleep(o.stall)
 	with, withDone, withDialFail := downloadsFor(o)
 	ok, probeMs := probe(o)
-	// The stalled connection must stay open (unread) until here: without this, the
-	// collector may finalize it and close its socket mid-test.
-	runtime.KeepAlive(stalled)
-	return map[string]any{
+	out := map[string]any{
 		"base_bps": base, "base_finished": baseDone, "base_dial_failures": baseDialFail,
 		"stalled_bps": with, "stalled_finished": withDone, "stalled_dial_failures": withDialFail,
 		"new_tunnel_ok": ok, "new_tunnel_ms": probeMs,
 	}
+	if o.after > 0 {
+		// Still never read: does a proxy that gives up on the stalled tunnel let the
+		// others go again?
+		time.Sleep(time.Until(stallStart.Add(o.after)))
+		afterBps, afterDone, afterDialFail := downloadsFor(o)
+		afterOk, afterMs := probe(o)
+		out["after_s"] = o.after.Seconds()
+		out["after_bps"], out["after_finished"], out["after_dial_failures"] = afterBps, afterDone, afterDialFail
+		out["after_new_tunnel_ok"], out["after_new_tunnel_ms"] = afterOk, afterMs
+	}
+	// The stalled connection must stay open (unread) until here: without this, the
+	// collector may finalize it and close its socket mid-test.
+	runtime.KeepAlive(stalled)
+	return out
 }
