@@ -14,7 +14,6 @@ Invariants: applied once, before the event loop starts; skipped when the C libra
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 
@@ -40,8 +39,9 @@ def tune_malloc() -> bool:
     if "malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        # The symbols the interpreter is linked with (its C library among them): no
+        # ctypes.util.find_library, which runs ldconfig or a compiler to search.
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
