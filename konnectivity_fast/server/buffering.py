@@ -44,6 +44,10 @@ from collections.abc import Callable
 
 from konnectivity_fast.transport.call import GrpcCall
 
+# klog V(2) as a logging level (server/ cannot import cli/): a tunnel's budget being spent
+# is flow control toward a slow client, several times a second on a fast download, not news.
+_V2 = logging.INFO - 4
+
 __all__ = [
     "PROCESS_BUFFER_BUDGET",
     "TUNNEL_BUFFER_BUDGET",
@@ -115,8 +119,8 @@ class BufferBudget:
         tunnel.charge += nbytes
         self.total += nbytes
         if tunnel.charge >= self.tunnel_budget and agent not in tunnel.pausing:
-            log.info("a tunnel's frontend is %d bytes behind; pausing its agent's stream %d",
-                     tunnel.charge, agent.stream_id)
+            log.log(_V2, "a tunnel's frontend is %d bytes behind; pausing its agent's stream %d",
+                    tunnel.charge, agent.stream_id)
             tunnel.pausing.append(agent)
             self._pause(agent)
             self._watch(tunnel)
