@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 BUILD_LOCK := /tmp/konnectivity-fast-build.lock
 
-.PHONY: bootstrap build run test test-quick lint fuzz fuzz-long bench bench-micro clean
+.PHONY: bootstrap build run test test-quick lint fuzz fuzz-long bench bench-echo bench-micro clean
 
 bootstrap:
 	scripts/bootstrap.sh test
@@ -35,7 +35,7 @@ fuzz: build
 fuzz-long: build
 	$(PY) tests/fuzz/run.py --seconds 3600
 
-bench: bootstrap
+bench-echo: bootstrap
 	$(PY) -m bench.echo
 
 bench-micro: build
@@ -48,11 +48,12 @@ clean:
 images:
 	deploy/images/build.sh
 
-# Tunnel benchmark against upstream v0.36.0 and direct TCP (bench/README.md): JSON and PNG
-# in bench/results/. QUICK=1 for the under-2-minutes mode (its own files: tunnel-quick.*).
+# The benchmark: our proxy-server + proxy-agent against upstream v0.36.0 and direct TCP
+# (bench/README.md): JSON and PNG in bench/results/. QUICK=1 for the under-2-minutes mode
+# (its own files: tunnel-quick.*). bench-tunnel is the older name.
 TUNNEL_OUT := bench/results/tunnel$(if $(QUICK),-quick)
-.PHONY: bench-tunnel
-bench-tunnel: build
+.PHONY: bench bench-tunnel
+bench bench-tunnel: build
 	$(PY) -m bench.tunnel $(if $(QUICK),--quick) --json $(TUNNEL_OUT).json --chart $(TUNNEL_OUT).png
 
 # Interop with upstream's Go programs: builds the Go tools (tests/interop/build.sh: goclient
