@@ -84,8 +84,11 @@ CANCEL_AFTER = "1s"
 # The endless download must be well under way (past any buffer) when the agent dies.
 LOSS_AFTER_BYTES = 4 * MIB
 LOSS_SECONDS = 60
-# Tries of the download before the loss step fails (see Steps.loss).
-LOSS_ATTEMPTS = 3
+# Tries of the download before the loss step fails (see Steps.loss). With upstream's agent
+# the endless download sometimes ends by itself a few milliseconds in (konnectivity-client
+# then logs "Connection not recognized" for the DATA still arriving), with upstream's server
+# as well as ours; a CI run once saw three in a row in one cell.
+LOSS_ATTEMPTS = 5
 HELD = 20  # tunnels held open at once by the one-connection check
 
 
