@@ -70,7 +70,7 @@ PANELS: list[tuple[str, str, bool, list[tuple[str, str, str]], tuple[str, ...]]]
         [
             ("8 MiB stall", "holsmall", "kept_pct"),
             ("endless stall", "hol", "kept_pct"),
-            ("endless, +{after:g} s", "hol", "kept_after_pct"),
+            ("endless stall,\n{after:g} s later", "hol", "kept_after_pct"),
         ],
         ("ours", "upstream"),
     ),

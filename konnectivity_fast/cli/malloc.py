@@ -4,8 +4,8 @@ Both programs move data in pieces of up to a few hundred KiB (a socket read, a D
 payload, a TLS record batch), each allocated and freed within a loop turn. With glibc's
 defaults the top of the heap is given back to the kernel (``brk``) as soon as more than
 about twice the largest recent piece is free there, and taken back on the next read: every
-cycle costs page faults and the kernel zero-filling fresh pages. ``bench/`` measured 20-30 %
-more CPU per GiB moved that way than with the thresholds below.
+cycle costs page faults and the kernel zero-filling fresh pages. ``bench/`` measured 10-28 %
+less CPU per GiB moved with fixed thresholds like the ones below (bench/README.md).
 
 Invariants: applied once, before the event loop starts; skipped when the C library has no
 ``mallopt`` (musl) or when the operator already tunes malloc through ``GLIBC_TUNABLES``.
