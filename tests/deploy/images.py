@@ -22,8 +22,10 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tarfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +176,33 @@ def running(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     try:
         yield proc
     finally:
+        # The program is the init of unshare's PID namespace: killing it ends the whole
+        # namespace. Killing unshare alone is not enough: --kill-child's parent-death
+        # signal is cleared when chroot --userspec changes the user.
+        children = _children(proc.pid)
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while any(_alive(child) for child in children):
+            assert time.monotonic() < deadline, f"image processes {children} outlived the test"
+            time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a reaper."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
