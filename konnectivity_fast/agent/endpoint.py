@@ -11,9 +11,10 @@ Data path and buffering (ARCHITECTURE.md, "the data path"; upstream issue #180):
   backends of its stream, one by one, and nothing else; memory is bounded by the stream's
   high water plus one read per endpoint.
 
-* Server -> backend. DATA is written to the backend's transport at once, whatever its
-  state, so one slow backend does not hold up the packets behind it on the shared server
-  stream. What a backend has not taken yet is counted: per endpoint against
+* Server -> backend. DATA is handed to the backend's transport in the same loop turn,
+  whatever its state (all the payloads one read from the server brought for a backend in
+  one call), so one slow backend does not hold up the packets behind it on the shared
+  server stream. What a backend has not taken yet is counted: per endpoint against
   ``ENDPOINT_WRITE_BUDGET`` and for the whole process against ``AGENT_WRITE_BUDGET``.
   HTTP/2 multiplexes many tunnels on one stream, so the only source that can be paused is
   the server stream itself: an endpoint over its budget pauses its own stream (window
@@ -113,6 +114,19 @@ class EndpointPool:
         self._backlogged: set[Endpoint] = set()
         self.exhausted = False
         self.owners: set[EndpointOwner] = set()
+        # Endpoints with DATA held for one write (``Endpoint.write``), flushed once the
+        # packets of the current read from the server are all dispatched.
+        self._dirty: list[Endpoint] = []
+
+    def schedule_flush(self, endpoint: Endpoint) -> None:
+        if not self._dirty:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._dirty.append(endpoint)
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for endpoint in dirty:
+            endpoint.flush()
 
     def account(self, endpoint: Endpoint, size: int) -> None:
         """``endpoint`` has ``size`` bytes queued now."""
@@ -163,6 +177,8 @@ class Endpoint(asyncio.BufferedProtocol):
         "_early",
         "_established",
         "_lost",
+        "_pending",
+        "_pending_size",
         "_read_paused",
         "closing",
         "connect_id",
@@ -185,6 +201,9 @@ class Endpoint(asyncio.BufferedProtocol):
         self._lost = False
         self._read_paused = False
         self._early: list[bytes] = []  # read before the DIAL_RSP went out (uvloop)
+        # Server->backend payloads not yet handed to the transport (``write``).
+        self._pending: list[bytes | memoryview] | None = None
+        self._pending_size = 0
 
     # -- asyncio.BufferedProtocol --
 
@@ -219,6 +238,7 @@ class Endpoint(asyncio.BufferedProtocol):
         if self._lost:
             return
         self._lost = True
+        self._pending, self._pending_size = None, 0
         self.pool.account(self, 0)
         self.owner.endpoint_lost(self, exc)
 
@@ -232,7 +252,9 @@ class Endpoint(asyncio.BufferedProtocol):
 
     def queued(self) -> int:
         t = self.transport
-        return t.get_write_buffer_size() if t is not None and not self._lost else 0
+        if t is None or self._lost:
+            return 0
+        return t.get_write_buffer_size() + self._pending_size
 
     def start_reading(self) -> None:
         """The DIAL_RSP is on its way: start reading the backend."""
@@ -258,16 +280,38 @@ class Endpoint(asyncio.BufferedProtocol):
                 t.resume_reading()
 
     def write(self, data: bytes | memoryview) -> None:
-        """Server->backend bytes; queued without limit here, counted against the budget."""
+        """Server->backend bytes; queued without limit here, counted against the budget.
+        Held until the packets of the current read from the server are dispatched, then
+        written with the others for this backend in one call (``flush``): a client that
+        sends in 16 KiB pieces costs one syscall per read instead of one per packet."""
         t = self.transport
         if t is None or self.closing or self._lost or t.is_closing():
             return
-        t.write(data)
+        if self._pending is None:
+            self._pending = [data]
+            self.pool.schedule_flush(self)
+        else:
+            self._pending.append(data)
+        self._pending_size += len(data)
+        self.pool.account(self, t.get_write_buffer_size() + self._pending_size)
+
+    def flush(self) -> None:
+        """Hand the held payloads to the transport (one ``writev`` on uvloop)."""
+        pending, self._pending = self._pending, None
+        self._pending_size = 0
+        t = self.transport
+        if not pending or t is None or self._lost or t.is_closing():
+            return
+        if len(pending) == 1:
+            t.write(pending[0])
+        else:
+            t.writelines(pending)
         self.pool.account(self, t.get_write_buffer_size())
 
     def close(self) -> None:
         """CLOSE_REQ: stop reading, give the backend a bounded time for what is queued,
         then close."""
+        self.flush()  # what came before the CLOSE_REQ still goes out
         self.closing = True
         t = self.transport
         if t is None or t.is_closing():
@@ -280,6 +324,7 @@ class Endpoint(asyncio.BufferedProtocol):
     def abort(self) -> None:
         """The server stream is gone: drop the backend connection at once."""
         self.closing = True
+        self._pending, self._pending_size = None, 0
         if self.transport is not None:
             self.transport.abort()
 
