@@ -42,7 +42,6 @@ from konnectivity_fast.server.buffering import (
 )
 from konnectivity_fast.server.listeners import DEFAULT_TLS, TlsSettings
 from konnectivity_fast.server.proxy import ProxyServer
-from konnectivity_fast.transport import tls
 from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER, GrpcCall, GrpcError
 from konnectivity_fast.transport.grpc import listen_backlog
 from konnectivity_fast.tunnel import CloseReason, Frontend, FrontendMode
@@ -460,9 +459,7 @@ async def start_http_connect_tcp(
 ) -> asyncio.Server:
     """The HTTP-CONNECT frontend on TCP with mTLS: HTTP/1.1 only (ALPN ``http/1.1``), client
     certificates required and verified against ``client_ca_file`` (§3.1)."""
-    ctx = tls.server_context(cert_file, key_file, client_ca_file, alpn=(HTTP11_ALPN,),
-                             minimum_version=tls_settings.minimum_version,
-                             go_ciphers=tls_settings.go_ciphers)
+    ctx = tls_settings.server_context(cert_file, key_file, client_ca_file, alpn=(HTTP11_ALPN,))
     return await server.loop.create_server(
         lambda: HttpConnectProtocol(server), host, port, ssl=ctx, backlog=listen_backlog(),
         ssl_handshake_timeout=READ_HEADER_TIMEOUT)

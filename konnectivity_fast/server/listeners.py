@@ -77,6 +77,15 @@ class TlsSettings:
     minimum_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2
     go_ciphers: tuple[str, ...] = ()
 
+    def server_context(
+        self, cert_file: str, key_file: str, client_ca_file: str | None,
+        alpn: tuple[str, ...] = (tls.H2_ALPN,),
+    ) -> ssl.SSLContext:
+        """A listener's TLS context with these settings."""
+        return tls.server_context(cert_file, key_file, client_ca_file, alpn=alpn,
+                                  minimum_version=self.minimum_version,
+                                  go_ciphers=self.go_ciphers)
+
 
 DEFAULT_TLS = TlsSettings()
 
@@ -100,9 +109,7 @@ async def start_frontend_tcp(
 ) -> GrpcServer:
     """The gRPC frontend on TCP: mTLS always, client certificates verified against
     ``client_ca_file`` (§1.5)."""
-    ctx = tls.server_context(cert_file, key_file, client_ca_file,
-                             minimum_version=tls_settings.minimum_version,
-                             go_ciphers=tls_settings.go_ciphers)
+    ctx = tls_settings.server_context(cert_file, key_file, client_ca_file)
     options = {**FRONTEND_ENGINE_DEFAULTS, **engine_options}
     return await serve(proxy.frontend_service, host=host, port=port, ssl=ctx, **options)
 
@@ -120,9 +127,7 @@ async def start_agent_listener(
 ) -> GrpcServer:
     """The agent listener: TCP with TLS (ALPN h2), client certificates required and verified
     when ``client_ca_file`` is given (§1.5)."""
-    ctx = tls.server_context(cert_file, key_file, client_ca_file,
-                             minimum_version=tls_settings.minimum_version,
-                             go_ciphers=tls_settings.go_ciphers)
+    ctx = tls_settings.server_context(cert_file, key_file, client_ca_file)
     options = {**AGENT_ENGINE_DEFAULTS, **engine_options}
     return await serve(proxy.agent_service, host=host, port=port, ssl=ctx, **options)
 
