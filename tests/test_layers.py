@@ -32,6 +32,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "konnectivity_fast.metrics",
         "konnectivity_fast.kube",
         "konnectivity_fast._compiled",
+        "konnectivity_fast.verbosity",  # klog levels; imports nothing of the project
     ),
     "agent": (
         "konnectivity_fast.wire",
@@ -41,6 +42,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "konnectivity_fast.metrics",
         "konnectivity_fast.kube",
         "konnectivity_fast._compiled",
+        "konnectivity_fast.verbosity",  # klog levels; imports nothing of the project
     ),
     "client": (
         "konnectivity_fast.wire",

@@ -41,6 +41,7 @@ from konnectivity_fast.metrics import agent as metrics
 from konnectivity_fast.metrics._common import grpc_code_name
 from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER, GrpcCall, GrpcError
 from konnectivity_fast.transport.grpc import CLOSE_TIMEOUT, SSL_SHUTDOWN_TIMEOUT, GrpcProtocol
+from konnectivity_fast.verbosity import V
 from konnectivity_fast.wire.codec import decode_packet, encode_packet, peek_data, peek_packet
 from konnectivity_fast.wire.errors import CodecError, StatusCode
 from konnectivity_fast.wire.packets import (
@@ -86,12 +87,6 @@ MIN_KEEPALIVE_TIME = 10.0
 _DATA = int(PacketType.DATA)
 _DIAL_REQ = int(PacketType.DIAL_REQ)
 _CLOSE_REQ = int(PacketType.CLOSE_REQ)
-
-
-def V(n: int) -> int:
-    """klog's ``V(n)`` as a logging level (the cli layer's mapping, which agent/ may not
-    import)."""
-    return max(1, logging.INFO - 2 * n)
 
 
 class ConnectError(Exception):

@@ -30,10 +30,11 @@ import logging
 from collections.abc import Callable
 from random import Random
 
-from konnectivity_fast.agent.client import AgentClient, ClientConfig, ConnectError, V
+from konnectivity_fast.agent.client import AgentClient, ClientConfig, ConnectError
 from konnectivity_fast.agent.endpoint import EndpointPool
 from konnectivity_fast.agent.policy import Backoff, ServerCounter
 from konnectivity_fast.metrics import agent as metrics
+from konnectivity_fast.verbosity import V
 
 __all__ = ["STICKY_WARN_AFTER", "ClientSet", "DuplicateServerError"]
 

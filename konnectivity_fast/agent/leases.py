@@ -44,6 +44,7 @@ from konnectivity_fast.agent.app import SetupError
 from konnectivity_fast.kube import ApiError, ConfigError, KubeClient, KubeError, load_config
 from konnectivity_fast.kube.leases import Lease, is_expired, lease_start
 from konnectivity_fast.metrics import agent as agent_metrics
+from konnectivity_fast.verbosity import V
 
 __all__ = [
     "LIST_RETRY_CAP",
@@ -68,7 +69,6 @@ WATCH_TIMEOUT_SECONDS = 300
 TLS_CLOSE_SETTLE = 0.2
 # 410 Gone: the resourceVersion the watch asked for is compacted away; list again.
 _GONE = 410
-_V2 = logging.INFO - 4  # klog V(2) as a logging level; agent/ cannot import cli/
 
 
 def _leases_path(namespace: str) -> str:
@@ -139,7 +139,7 @@ class LeaseCounter:
             await asyncio.sleep(self._jittered(delay))
             delay = min(delay * 2, LIST_RETRY_CAP)
         log.log(
-            _V2,
+            V(2),
             "lease cache synced: %d leases match %r in %s",
             len(self._leases),
             self.selector,
@@ -222,7 +222,7 @@ class LeaseCounter:
             except ApiError as exc:
                 self._resource_version = ""
                 if exc.code == _GONE:
-                    log.log(_V2, "lease watch expired (%s), listing again", exc)
+                    log.log(V(2), "lease watch expired (%s), listing again", exc)
                     continue
                 log.error("Could not watch leases: %s", exc)
             except KubeError as exc:

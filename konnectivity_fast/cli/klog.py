@@ -40,6 +40,7 @@ from typing import IO, Any
 from konnectivity_fast.cli import goparse
 from konnectivity_fast.cli.flags import GO_BOOL, GO_UINT64, STRING, FlagSet, ValueType
 from konnectivity_fast.cli.goparse import GoError
+from konnectivity_fast.verbosity import V
 
 __all__ = [
     "DEFAULT_VERBOSITY",
@@ -189,13 +190,6 @@ def register_klog_flags(fs: FlagSet, defaults: KlogOptions | None = None) -> Non
             go_name.replace("_", "-"), kind, getattr(defaults, go_name), text,
             dest=KLOG_PREFIX + go_name, shorthand=go_name if len(go_name) == 1 else "",
         )
-
-
-# -- verbosity -> Python logging levels ----------------------------------------------------
-
-def V(n: int) -> int:
-    """The Python logging level of klog's ``V(n)``: ``INFO - 2n``, at least 1."""
-    return max(1, logging.INFO - 2 * max(0, n))
 
 
 def _severity_of(levelno: int) -> int:

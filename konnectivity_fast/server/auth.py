@@ -18,14 +18,13 @@ from __future__ import annotations
 import logging
 
 from konnectivity_fast.kube import KubeClient, KubeError
+from konnectivity_fast.verbosity import V
 
 __all__ = ["BEARER_PREFIX", "TokenAuthError", "TokenAuthenticator"]
 
 log = logging.getLogger(__name__)
 
 BEARER_PREFIX = "Bearer "
-# klog V(n) as a logging level (see cli/klog.py); server/ cannot import cli/.
-_V2 = logging.INFO - 4
 
 
 class TokenAuthError(Exception):
@@ -83,4 +82,4 @@ class TokenAuthenticator:
                 f'lookup failed: incoming request from "{name}" service account. '
                 f'Expected "{self._service_account}"'
             )
-        log.log(_V2, "authenticated agent token of %s", username)
+        log.log(V(2), "authenticated agent token of %s", username)

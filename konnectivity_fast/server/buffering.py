@@ -43,10 +43,7 @@ import logging
 from collections.abc import Callable
 
 from konnectivity_fast.transport.call import GrpcCall
-
-# klog V(2) as a logging level (server/ cannot import cli/): a tunnel's budget being spent
-# is flow control toward a slow client, several times a second on a fast download, not news.
-_V2 = logging.INFO - 4
+from konnectivity_fast.verbosity import V
 
 __all__ = [
     "PROCESS_BUFFER_BUDGET",
@@ -119,7 +116,9 @@ class BufferBudget:
         tunnel.charge += nbytes
         self.total += nbytes
         if tunnel.charge >= self.tunnel_budget and agent not in tunnel.pausing:
-            log.log(_V2, "a tunnel's frontend is %d bytes behind; pausing its agent's stream %d",
+            # V(2): flow control toward a slow client, several times a second on a fast
+            # download, not news.
+            log.log(V(2), "a tunnel's frontend is %d bytes behind; pausing its agent's stream %d",
                     tunnel.charge, agent.stream_id)
             tunnel.pausing.append(agent)
             self._pause(agent)

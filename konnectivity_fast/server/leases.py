@@ -36,6 +36,7 @@ from konnectivity_fast.kube import ApiError, KubeClient, KubeError
 from konnectivity_fast.kube.labels import parse_lease_labels
 from konnectivity_fast.kube.leases import Lease, is_expired, parse_micro_time
 from konnectivity_fast.metrics import server as server_metrics
+from konnectivity_fast.verbosity import V
 
 __all__ = [
     "GC_PERIOD",
@@ -65,8 +66,6 @@ JITTER = 0.04
 MAX_UPDATE_RETRIES = 5
 # Deleting our own Lease at shutdown must not hold the shutdown up for long.
 STOP_DELETE_TIMEOUT = 5.0
-_V2 = logging.INFO - 4  # klog V(2) as a logging level; server/ cannot import cli/
-_V4 = logging.INFO - 8
 
 def lease_name(server_id: str) -> str:
     return LEASE_NAME_PREFIX + server_id
@@ -158,7 +157,7 @@ class LeaseController:
                 self._latest = await self._client.update_lease(
                     self._namespace, self._stamped(self._latest)
                 )
-                log.log(_V4, "renewed lease %s/%s", self._namespace, self.name)
+                log.log(V(4), "renewed lease %s/%s", self._namespace, self.name)
                 return
             except ApiError as exc:
                 self._latest = None  # read it again before the next try
@@ -180,7 +179,7 @@ class LeaseController:
             "metadata": {"name": self.name, "namespace": self._namespace},
         }
         self._latest = await self._client.create_lease(self._namespace, self._stamped(fresh))
-        log.log(_V2, "created lease %s/%s", self._namespace, self.name)
+        log.log(V(2), "created lease %s/%s", self._namespace, self.name)
         return True
 
     def _stamped(self, base: Lease) -> Lease:
@@ -222,7 +221,7 @@ class LeaseController:
             server_metrics.observe_lease_delete_latency(exc.code, time.monotonic() - started)
             server_metrics.observe_lease_delete(exc.code, exc.reason)
             if exc.not_found:
-                log.log(_V2, "expired lease %s/%s was already gone", self._namespace, name)
+                log.log(V(2), "expired lease %s/%s was already gone", self._namespace, name)
             else:
                 log.error("could not delete lease %s/%s: %s", self._namespace, name, exc)
             return
@@ -232,4 +231,4 @@ class LeaseController:
         server_metrics.observe_lease_delete_latency(200, time.monotonic() - started)
         server_metrics.observe_lease_delete(200, "")
         server_metrics.culled_lease()
-        log.log(_V2, "deleted expired lease %s/%s", self._namespace, name)
+        log.log(V(2), "deleted expired lease %s/%s", self._namespace, name)
