@@ -71,10 +71,6 @@ TLS_CLOSE_SETTLE = 0.2
 _GONE = 410
 
 
-def _leases_path(namespace: str) -> str:
-    return f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
-
-
 def is_valid(lease: Lease, now: datetime) -> bool:
     """Upstream's ``IsLeaseValid``: ``(renewTime or acquireTime) + leaseDurationSeconds``
     is after ``now``. Neither time: invalid. A missing duration counts as 0 (upstream
@@ -192,7 +188,7 @@ class LeaseCounter:
         started = time.monotonic()
         code = 200
         try:
-            result = await client.request("GET", _leases_path(self.namespace), query=query)
+            result = await client.request("GET", client.leases_path(self.namespace), query=query)
         except ApiError as exc:
             code = exc.code
             agent_metrics.observe_lease_list(exc.code, exc.reason)

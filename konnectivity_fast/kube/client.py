@@ -297,20 +297,21 @@ class KubeClient:
     # --- coordination.k8s.io Leases ---------------------------------------------------
 
     @staticmethod
-    def _leases(namespace: str, name: str = "") -> str:
+    def leases_path(namespace: str, name: str = "") -> str:
+        """The API path of a namespace's Leases (or of one by ``name``)."""
         path = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
         return f"{path}/{name}" if name else path
 
     async def get_lease(self, namespace: str, name: str) -> JSON:
-        return await self.request("GET", self._leases(namespace, name))
+        return await self.request("GET", self.leases_path(namespace, name))
 
     async def create_lease(self, namespace: str, lease: JSON) -> JSON:
-        return await self.request("POST", self._leases(namespace), body=lease)
+        return await self.request("POST", self.leases_path(namespace), body=lease)
 
     async def update_lease(self, namespace: str, lease: JSON) -> JSON:
         """PUT; a ``metadata.resourceVersion`` in ``lease`` makes it conditional."""
         name = lease["metadata"]["name"]
-        return await self.request("PUT", self._leases(namespace, name), body=lease)
+        return await self.request("PUT", self.leases_path(namespace, name), body=lease)
 
     async def delete_lease(
         self, namespace: str, name: str, resource_version: str | None = None
@@ -322,11 +323,11 @@ class KubeClient:
                 "kind": "DeleteOptions",
                 "preconditions": {"resourceVersion": resource_version},
             }
-        await self.request("DELETE", self._leases(namespace, name), body=body)
+        await self.request("DELETE", self.leases_path(namespace, name), body=body)
 
     async def list_leases(self, namespace: str, label_selector: str = "") -> list[JSON]:
         query = {"labelSelector": label_selector} if label_selector else None
-        result = await self.request("GET", self._leases(namespace), query=query)
+        result = await self.request("GET", self.leases_path(namespace), query=query)
         items = result.get("items") or []
         return [item for item in items if isinstance(item, dict)]
 
@@ -345,7 +346,7 @@ class KubeClient:
             query["resourceVersion"] = resource_version
         if timeout_seconds is not None:
             query["timeoutSeconds"] = str(timeout_seconds)
-        return self.watch(self._leases(namespace), query)
+        return self.watch(self.leases_path(namespace), query)
 
     # --- core/v1 ServiceAccounts and TokenRequests ------------------------------------
 
