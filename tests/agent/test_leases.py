@@ -29,7 +29,7 @@ from konnectivity_fast.metrics import agent as agent_metrics
 
 from .conftest import Certs
 from .support import LOOPBACK
-from .test_app import free_ports, get, metric, spawn, wait_for
+from .test_app import agent_process, free_ports, get, metric, spawn, wait_for
 
 kube_cluster = kubesupport.kube_cluster
 pytestmark = pytest.mark.timeout(180)
@@ -499,26 +499,10 @@ def test_agent_holds_every_leased_server(
         lease_server(certs, sock_dir, tmp_path, "srv-l2", lease_args) as port2,
         round_robin(port1, port2) as port,
     ):
-        health, admin = free_ports(2)
-        args = [
-            sys.executable,
-            "-m",
-            "konnectivity_fast.agent",
-            f"--ca-cert={certs.ca}",
-            f"--agent-cert={certs.client_cert}",
-            f"--agent-key={certs.client_key}",
-            f"--proxy-server-host={LOOPBACK}",
-            f"--proxy-server-port={port}",
-            f"--health-server-host={LOOPBACK}",
-            f"--health-server-port={health}",
-            f"--admin-server-port={admin}",
-            "--agent-id=agent-leases",
-            "--sync-interval=200ms",
-            "--logtostderr=true",
-            "--count-server-leases",
-            *lease_args,
-        ]
-        with spawn(args, tmp_path / "agent.log") as agent:
+        with agent_process(
+            certs, tmp_path, port, "--sync-interval=200ms", "--count-server-leases", *lease_args
+        ) as agent:
+            health = agent.health
 
             def holds_both() -> bool:
                 return (
@@ -526,7 +510,7 @@ def test_agent_holds_every_leased_server(
                     and metric(health, "open_server_connections") == 2
                 )
 
-            wait_for(holds_both, "the agent holding both servers", agent.proc, agent.log)
+            wait_for(holds_both, "the agent holding both servers", agent.proc.proc, agent.proc.log)
             text = get(health, "/metrics")[2].decode()
             assert f'{PREFIX}lease_lists_total{{http_response_code="200",reason=""}}' in text
 
