@@ -106,3 +106,17 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
                 continue
         ports.append(port)
     return ports
+
+
+def agent_loopback_args() -> list[str]:
+    """A proxy-agent's port flags, all on loopback: a proxy-server port that nothing
+    listens on, and free health and admin ports."""
+    health, admin, server = free_ports(3)
+    return [
+        "--proxy-server-host=127.0.0.1",
+        f"--proxy-server-port={server}",
+        "--health-server-host=127.0.0.1",
+        f"--health-server-port={health}",
+        "--admin-bind-address=127.0.0.1",
+        f"--admin-server-port={admin}",
+    ]

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from netsupport import agent_loopback_args
 
 from .conftest import Certs
 from .support import LOOPBACK
@@ -26,22 +27,10 @@ KLOG_ERROR = re.compile(r"^E\d{4} [\d:.]+ +\d+ [^\]]+\] (.*)$")
 AGENT = [sys.executable, "-m", "konnectivity_fast.agent"]
 
 
-def base_args() -> list[str]:
-    health, admin, server = free_ports(3)
-    return [
-        f"--proxy-server-host={LOOPBACK}",
-        f"--proxy-server-port={server}",
-        f"--health-server-host={LOOPBACK}",
-        f"--health-server-port={health}",
-        f"--admin-bind-address={LOOPBACK}",
-        f"--admin-server-port={admin}",
-    ]
-
-
 def refused(*args: str, env: dict[str, str] | None = None) -> str:
     """Run the agent; it must exit 1 reporting exactly one error: that error's text."""
     done = subprocess.run(
-        [*AGENT, *base_args(), *args],
+        [*AGENT, *agent_loopback_args(), *args],
         capture_output=True,
         text=True,
         timeout=RUN_SECONDS,
@@ -125,7 +114,7 @@ def test_unreachable_api_blocks_start_until_stopped(certs: Certs, tmp_path: Path
         "contexts:\n- name: c\n  context:\n    cluster: k\n    user: u\n"
         "users:\n- name: u\n  user:\n    token: t\n"
     )
-    args = [*AGENT, *base_args(), f"--ca-cert={certs.ca}", "--count-server-leases"]
+    args = [*AGENT, *agent_loopback_args(), f"--ca-cert={certs.ca}", "--count-server-leases"]
     health = int(args[len(AGENT) + 3].rsplit("=", 1)[1])
     log = tmp_path / "agent.log"
     with log.open("wb") as out:

@@ -15,6 +15,7 @@ import re
 import subprocess
 
 import pytest
+from netsupport import agent_loopback_args
 from upstream import LOOPBACK, Upstream, agent_command, free_ports, server_command
 
 RUN_SECONDS = 30
@@ -70,15 +71,7 @@ CASES = [
 
 def base_args(program: str, sock_dir: str) -> list[str]:
     if program == "proxy-agent":
-        health, admin, server = free_ports(3)
-        return [
-            f"--proxy-server-host={LOOPBACK}",
-            f"--proxy-server-port={server}",
-            f"--health-server-host={LOOPBACK}",
-            f"--health-server-port={health}",
-            f"--admin-bind-address={LOOPBACK}",
-            f"--admin-server-port={admin}",
-        ]
+        return agent_loopback_args()
     agent, health, admin = free_ports(3)
     return [
         f"--uds-name={os.path.join(sock_dir, 'konnectivity.sock')}",
