@@ -30,7 +30,9 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -343,3 +345,35 @@ async def create_namespace(client: KubeClient, prefix: str) -> str:
 def admin_client(cluster: KubeCluster) -> KubeClient:
     """A client with the admin kubeconfig and no rate limit (tests make bursts of calls)."""
     return KubeClient(load_config(cluster.kubeconfig, qps=-1))
+
+
+# A Lease's duration as upstream's servers write it.
+LEASE_DURATION = 30
+
+
+def micro_time(when: datetime) -> str:
+    """Kubernetes' MicroTime, written independently of the code under test."""
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def lease(
+    name: str,
+    labels: dict[str, str],
+    renewed: datetime | None = None,
+    acquired: datetime | None = None,
+    duration: int | None = LEASE_DURATION,
+) -> dict[str, Any]:
+    """A coordination.k8s.io/v1 Lease held by ``name``; None leaves a field out."""
+    spec: dict[str, Any] = {"holderIdentity": name}
+    if duration is not None:
+        spec["leaseDurationSeconds"] = duration
+    if renewed is not None:
+        spec["renewTime"] = micro_time(renewed)
+    if acquired is not None:
+        spec["acquireTime"] = micro_time(acquired)
+    return {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": name, "labels": labels},
+        "spec": spec,
+    }

@@ -18,7 +18,7 @@ from typing import Any
 
 import kubesupport
 import pytest
-from kubesupport import KubeCluster, admin_client, create_namespace
+from kubesupport import KubeCluster, admin_client, create_namespace, lease, micro_time
 from netsupport import RunFn
 
 from konnectivity_fast.agent.app import SetupError
@@ -36,33 +36,7 @@ pytestmark = pytest.mark.timeout(180)
 
 WAIT = 30.0  # bound on polling for the counter to see a change
 PREFIX = "konnectivity_network_proxy_agent_"
-DURATION = 30  # seconds, as upstream's servers write
-
-
-def micro_time(when: datetime) -> str:
-    return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def lease(
-    name: str,
-    labels: dict[str, str],
-    renewed: datetime | None = None,
-    acquired: datetime | None = None,
-    duration: int | None = DURATION,
-) -> dict[str, Any]:
-    spec: dict[str, Any] = {"holderIdentity": name}
-    if duration is not None:
-        spec["leaseDurationSeconds"] = duration
-    if renewed is not None:
-        spec["renewTime"] = micro_time(renewed)
-    if acquired is not None:
-        spec["acquireTime"] = micro_time(acquired)
-    return {
-        "apiVersion": "coordination.k8s.io/v1",
-        "kind": "Lease",
-        "metadata": {"name": name, "labels": labels},
-        "spec": spec,
-    }
+DURATION = kubesupport.LEASE_DURATION
 
 
 SERVERS = {"k8s-app": "konnectivity-server"}

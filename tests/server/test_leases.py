@@ -54,18 +54,6 @@ async def get_or_none(client: KubeClient, ns: str, name: str) -> dict[str, Any] 
         raise
 
 
-def foreign_lease(name: str, labels: dict[str, str], renewed: datetime | None) -> dict[str, Any]:
-    spec: dict[str, Any] = {"holderIdentity": name, "leaseDurationSeconds": 30}
-    if renewed is not None:
-        spec["renewTime"] = format_micro_time(renewed)
-    return {
-        "apiVersion": "coordination.k8s.io/v1",
-        "kind": "Lease",
-        "metadata": {"name": name, "labels": labels},
-        "spec": spec,
-    }
-
-
 def sample(line_start: str) -> float:
     """The value of the exposed series whose line starts with ``line_start``."""
     for line in server_metrics.expose().decode().splitlines():
@@ -117,7 +105,8 @@ def test_existing_lease_is_taken_over_and_labels_replaced(
         try:
             ns = await create_namespace(client, "takeover")
             name = lease_name("srv-2")
-            stale = foreign_lease(name, {"old": "label"}, datetime.now(UTC) - timedelta(hours=1))
+            an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+            stale = kubesupport.lease(name, {"old": "label"}, renewed=an_hour_ago)
             await client.create_lease(ns, stale)
             controller = LeaseController(client, "srv-2", ns, LABELS, gc_period=3600)
             await controller.renew()
@@ -149,11 +138,11 @@ def test_gc_deletes_expired_matching_leases(kube_cluster: KubeCluster, run: RunF
             now = datetime.now(UTC)
             old = now - timedelta(seconds=120)
             leases = {
-                "expired": foreign_lease("expired", LABELS, old),
-                "never-renewed": foreign_lease("never-renewed", LABELS, None),
-                "fresh": foreign_lease("fresh", LABELS, now),
-                "other-labels": foreign_lease("other-labels", {"k8s-app": "x"}, old),
-                "subset-labels": foreign_lease("subset-labels", {"zone": "a"}, old),
+                "expired": kubesupport.lease("expired", LABELS, renewed=old),
+                "never-renewed": kubesupport.lease("never-renewed", LABELS, renewed=None),
+                "fresh": kubesupport.lease("fresh", LABELS, renewed=now),
+                "other-labels": kubesupport.lease("other-labels", {"k8s-app": "x"}, renewed=old),
+                "subset-labels": kubesupport.lease("subset-labels", {"zone": "a"}, renewed=old),
             }
             for lease in leases.values():
                 await client.create_lease(ns, lease)
@@ -179,7 +168,7 @@ def test_gc_precondition_and_not_found(kube_cluster: KubeCluster, run: RunFn) ->
         try:
             ns = await create_namespace(client, "race")
             old = datetime.now(UTC) - timedelta(seconds=120)
-            seen = await client.create_lease(ns, foreign_lease("racer", LABELS, old))
+            seen = await client.create_lease(ns, kubesupport.lease("racer", LABELS, renewed=old))
             # The holder renews between our list and our delete: the delete must lose.
             renewed = dict(
                 seen, spec=dict(seen["spec"], renewTime=format_micro_time(datetime.now(UTC)))
@@ -214,7 +203,7 @@ def test_gc_loop_runs_by_itself(kube_cluster: KubeCluster, run: RunFn) -> None:
             )
             controller.start()
             old = datetime.now(UTC) - timedelta(seconds=120)
-            await client.create_lease(ns, foreign_lease("dead-server", LABELS, old))
+            await client.create_lease(ns, kubesupport.lease("dead-server", LABELS, renewed=old))
 
             async def culled() -> bool:
                 return await get_or_none(client, ns, "dead-server") is None
