@@ -69,7 +69,7 @@ TUNNEL_BUFFER_BUDGET = 16 << 20
 #: How long a tunnel that spent its budget may take nothing before it is closed: long
 #: enough for a slow reader to show progress, short enough that the other tunnels of its
 #: agent (paused meanwhile) and new dials recover before clients time out (10 s, as
-#: konnectivity-client's dial timeout).
+#: konnectivity-client's read timeout: it closes a tunnel whose reader took nothing for 10 s).
 TUNNEL_STALL_TIMEOUT = 10.0
 #: All blocked tunnels together: bounds the server's buffer memory whatever the number of
 #: stalled frontends (1000 stalled tunnels would otherwise be allowed 16 GiB).
