@@ -27,6 +27,7 @@ test-quick: build
 
 lint:
 	$(PY) -m ruff check konnectivity_fast tests bench
+	$(PY) -m ruff format --check konnectivity_fast tests bench
 	$(PY) -m mypy
 
 fuzz: build

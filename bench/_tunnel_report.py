@@ -81,9 +81,7 @@ def derive(name: str, r: dict[str, Any]) -> dict[str, float]:
         out["new_tunnel_ms"] = r["new_tunnel_ms"]
         if "after_bps" in r:  # measured again once the proxy could have given up on it
             out["after_mb_s"] = r["after_bps"] / 1e6
-            out["kept_after_pct"] = (
-                100.0 * r["after_bps"] / r["base_bps"] if r["base_bps"] else 0.0
-            )
+            out["kept_after_pct"] = 100.0 * r["after_bps"] / r["base_bps"] if r["base_bps"] else 0.0
             out["after_new_tunnel_ok"] = 1.0 if r["after_new_tunnel_ok"] else 0.0
             out["after_new_tunnel_ms"] = r["after_new_tunnel_ms"]
     return out

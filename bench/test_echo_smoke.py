@@ -24,8 +24,21 @@ IDLE_STREAMS = 200
 @pytest.mark.timeout(180)
 def test_echo_benchmark_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "echo.json"
-    code = echo.main(["--quick", "--duration", "1", "--warmup", "0.3", "--runs", "1",
-                      "--idle-streams", str(IDLE_STREAMS), "--json", str(out)])
+    code = echo.main(
+        [
+            "--quick",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.3",
+            "--runs",
+            "1",
+            "--idle-streams",
+            str(IDLE_STREAMS),
+            "--json",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr()
     assert code == 0, printed.err
     results = json.loads(out.read_text())
@@ -56,8 +69,13 @@ def test_echo_benchmark_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_missing_keys_reports_gaps() -> None:
     assert "machine" in missing_keys({})
-    broken = {"machine": {}, "config": {}, "servers": {"ours": {"sizes": {"1024": {}}}},
-              "ratios": {}, "ok": True}
+    broken = {
+        "machine": {},
+        "config": {},
+        "servers": {"ours": {"sizes": {"1024": {}}}},
+        "ratios": {},
+        "ok": True,
+    }
     gaps = missing_keys(broken)
     assert "machine.nproc" in gaps
     assert "servers.ours.sizes.1024.msgs_per_s" in gaps
@@ -66,8 +84,9 @@ def test_missing_keys_reports_gaps() -> None:
 
 def test_children_are_gone_after_a_failure(tmp_path: Path) -> None:
     """A load process that cannot reach its server fails the run, and no child survives."""
-    config = echo.Config(duration=0.5, warmup=0.1, runs=1, servers=("ours",), sizes=(1024,),
-                         idle_streams=10)
+    config = echo.Config(
+        duration=0.5, warmup=0.1, runs=1, servers=("ours",), sizes=(1024,), idle_streams=10
+    )
     bench = echo.Bench(config, progress=lambda _: None)
     pids: list[int] = []
     try:

@@ -7,6 +7,7 @@ scripts/bootstrap.sh test
 export KONNECTIVITY_FAST_REQUIRE_COMPILED=1
 echo "== ruff"
 .venv/bin/python -m ruff check konnectivity_fast tests bench
+.venv/bin/python -m ruff format --check konnectivity_fast tests bench
 echo "== mypy --strict"
 .venv/bin/python -m mypy
 # Peers built from source, cached in .cache/ (skipped when already built): upstream

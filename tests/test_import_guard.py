@@ -29,8 +29,13 @@ def run_python(code: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[
     full_env.update(env)
     full_env["PYTHONPATH"] = str(cwd)
     return subprocess.run(
-        [sys.executable, "-c", code], cwd=cwd, env=full_env, capture_output=True, text=True,
-        timeout=120, check=False,
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -62,8 +67,10 @@ def test_compiled_is_the_default() -> None:
 
 def test_pure_and_require_compiled_conflict() -> None:
     r = run_python(
-        "import konnectivity_fast", ROOT,
-        KONNECTIVITY_FAST_PURE="1", KONNECTIVITY_FAST_REQUIRE_COMPILED="1",
+        "import konnectivity_fast",
+        ROOT,
+        KONNECTIVITY_FAST_PURE="1",
+        KONNECTIVITY_FAST_REQUIRE_COMPILED="1",
     )
     assert r.returncode != 0
     assert "conflicts with" in r.stderr

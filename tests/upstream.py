@@ -98,7 +98,6 @@ def upstream() -> Upstream:
     return build()
 
 
-
 class _Echo(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         # Echo until the peer half-closes or resets: the backend of the round trips.

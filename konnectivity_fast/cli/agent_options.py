@@ -128,9 +128,11 @@ class GrpcProxyAgentOptions:
                 return f'cannot have agent key empty when agent cert is set to "{self.agent_cert}"'
         if self.ca_cert and (err := _stat_error(self.ca_cert)) is not None:
             return f"error checking agent CA cert {self.ca_cert}, got {err}"
-        for name, port in (("proxy server", self.proxy_server_port),
-                           ("health server", self.health_server_port),
-                           ("admin server", self.admin_server_port)):
+        for name, port in (
+            ("proxy server", self.proxy_server_port),
+            ("health server", self.health_server_port),
+            ("admin server", self.admin_server_port),
+        ):
             if port <= 0:
                 return f"{name} port {port} must be greater than 0"
         if self.xfr_channel_size <= 0:
@@ -138,9 +140,11 @@ class GrpcProxyAgentOptions:
         if self.enable_contention_profiling and not self.enable_profiling:
             return "if --enable-contention-profiling is set, --enable-profiling must also be set"
         if self.sync_interval > self.sync_interval_cap:
-            return (f"sync interval {format_duration(seconds_to_ns(self.sync_interval))} must "
-                    "be less than sync interval cap "
-                    f"{format_duration(seconds_to_ns(self.sync_interval_cap))}")
+            return (
+                f"sync interval {format_duration(seconds_to_ns(self.sync_interval))} must "
+                "be less than sync interval cap "
+                f"{format_duration(seconds_to_ns(self.sync_interval_cap))}"
+            )
         token = self.service_account_token_path
         if token and (err := _stat_error(token)) is not None:
             return f"error checking service account token path {token}, got {err}"
@@ -156,8 +160,10 @@ class GrpcProxyAgentOptions:
             except ValueError as exc:
                 return str(exc)
         if self.server_count_source not in SERVER_COUNT_SOURCES:
-            return "--server-count-source must be one of '', 'default', 'max', got " \
-                   f"{self.server_count_source}"
+            return (
+                "--server-count-source must be one of '', 'default', 'max', got "
+                f"{self.server_count_source}"
+            )
         return None
 
     def log_values(self, logger: logging.Logger = log) -> None:
@@ -192,9 +198,9 @@ def _query_unescape(text: str) -> str:
         c = raw[i]
         if c == 0x25:  # %
             if i + 2 >= len(raw) or chr(raw[i + 1]) not in _HEX or chr(raw[i + 2]) not in _HEX:
-                bad = raw[i:i + 3].decode("utf-8", "surrogateescape")
+                bad = raw[i : i + 3].decode("utf-8", "surrogateescape")
                 raise ValueError(f"invalid URL escape {go_quote(bad)}")
-            out.append(int(raw[i + 1:i + 3], 16))
+            out.append(int(raw[i + 1 : i + 3], 16))
             i += 3
             continue
         out.append(0x20 if c == 0x2B else c)
@@ -231,6 +237,7 @@ def parse_agent_identifiers(text: str) -> dict[str, list[str]]:
 
 # -- --lease-label-selector (Kubernetes label selector syntax) -------------------------------
 
+
 @dataclass(frozen=True)
 class LabelRequirement:
     """One term of a selector. ``operator`` is one of ``exists``, ``!``, ``=``, ``==``,
@@ -250,19 +257,24 @@ _MAX_PREFIX = 253
 
 def _check_key(key: str) -> None:
     prefix, slash, name = key.rpartition("/")
-    if slash and (not prefix or len(prefix) > _MAX_PREFIX
-                  or not _DNS_SUBDOMAIN.fullmatch(prefix)):
-        raise GoError(f"invalid label key {go_quote(key)}: the prefix before '/' must be a "
-                      "lowercase DNS subdomain")
+    if slash and (not prefix or len(prefix) > _MAX_PREFIX or not _DNS_SUBDOMAIN.fullmatch(prefix)):
+        raise GoError(
+            f"invalid label key {go_quote(key)}: the prefix before '/' must be a "
+            "lowercase DNS subdomain"
+        )
     if not name or len(name) > _MAX_LABEL or not _LABEL_NAME.fullmatch(name):
-        raise GoError(f"invalid label key {go_quote(key)}: the name must be 1-63 letters, "
-                      "digits, '-', '_' or '.', starting and ending with a letter or digit")
+        raise GoError(
+            f"invalid label key {go_quote(key)}: the name must be 1-63 letters, "
+            "digits, '-', '_' or '.', starting and ending with a letter or digit"
+        )
 
 
 def _check_value(value: str) -> None:
     if value and (len(value) > _MAX_LABEL or not _LABEL_NAME.fullmatch(value)):
-        raise GoError(f"invalid label value {go_quote(value)}: it must be at most 63 letters, "
-                      "digits, '-', '_' or '.', starting and ending with a letter or digit")
+        raise GoError(
+            f"invalid label value {go_quote(value)}: it must be at most 63 letters, "
+            "digits, '-', '_' or '.', starting and ending with a letter or digit"
+        )
 
 
 def _tokens(text: str) -> list[str]:
@@ -337,8 +349,9 @@ class _SelectorParser:
         value = self._take() if nxt is not None and _is_word(nxt) else ""
         if op in ("gt", "lt"):
             if not re.fullmatch(r"-?[0-9]+", value):
-                raise GoError("for 'gt', 'lt' operators, the value must be an integer: "
-                              f"{go_quote(value)}")
+                raise GoError(
+                    f"for 'gt', 'lt' operators, the value must be an integer: {go_quote(value)}"
+                )
         else:
             _check_value(value)
         return LabelRequirement(key, op, (value,))
@@ -365,68 +378,161 @@ def _is_word(token: str) -> bool:
     return token not in ("!", "!=", "=", "==", "(", ")", ",", "<", ">")
 
 
-
 # (flag, field, type, help)
 _FLAGS: tuple[tuple[str, str, ValueType, str], ...] = (
-    ("agent-cert", "agent_cert", STRING,
-     "Client certificate (PEM) presented to the proxy-server; needs --agent-key."),
+    (
+        "agent-cert",
+        "agent_cert",
+        STRING,
+        "Client certificate (PEM) presented to the proxy-server; needs --agent-key.",
+    ),
     ("agent-key", "agent_key", STRING, "Private key (PEM) for --agent-cert."),
-    ("ca-cert", "ca_cert", STRING,
-     "CA bundle that the proxy-server's certificate must chain to."),
-    ("proxy-server-host", "proxy_server_host", STRING,
-     "Host name or address of the proxy-server (or its load balancer); also the TLS "
-     "server name."),
+    ("ca-cert", "ca_cert", STRING, "CA bundle that the proxy-server's certificate must chain to."),
+    (
+        "proxy-server-host",
+        "proxy_server_host",
+        STRING,
+        "Host name or address of the proxy-server (or its load balancer); also the TLS "
+        "server name.",
+    ),
     ("proxy-server-port", "proxy_server_port", INT, "Port of the proxy-server's agent listener."),
-    ("alpn-proto", "alpn_protos", STRING_SLICE,
-     "Extra ALPN protocols to offer, before h2; lets the proxy-server share an address "
-     "with another TLS service."),
-    ("health-server-host", "health_server_host", STRING,
-     "Address of the health server; empty means all interfaces."),
-    ("health-server-port", "health_server_port", INT,
-     "Port of the health server (/healthz, /readyz, /metrics)."),
-    ("admin-bind-address", "admin_bind_address", STRING,
-     "Address of the admin server; empty means all interfaces."),
-    ("admin-server-port", "admin_server_port", INT,
-     "Port of the admin server (metrics, profiling)."),
-    ("enable-profiling", "enable_profiling", BOOL,
-     "Serve profiling endpoints under /debug/pprof on the admin port."),
-    ("enable-contention-profiling", "enable_contention_profiling", BOOL,
-     "Also profile lock contention; needs --enable-profiling."),
-    ("agent-id", "agent_id", STRING,
-     "Unique ID of this agent, sent to proxy-servers; defaults to a random UUID."),
-    ("agent-identifiers", "agent_identifiers", STRING,
-     "Destinations this agent serves, URL-query encoded, for the servers' destHost and "
-     "defaultRoute strategies, e.g. host=node1&ipv4=10.0.0.5&cidr=10.0.0.0/24&"
-     "default-route=true."),
-    ("sync-interval", "sync_interval", DURATION,
-     "How often to check that every proxy-server is connected; also the first retry "
-     "delay."),
-    ("probe-interval", "probe_interval", DURATION,
-     "How often each connection's readiness is checked."),
-    ("sync-interval-cap", "sync_interval_cap", DURATION,
-     "Longest retry delay while the proxy-server cannot be reached."),
-    ("keepalive-time", "keepalive_time", DURATION,
-     "Idle time after which the agent pings its proxy-server connections."),
-    ("service-account-token-path", "service_account_token_path", STRING,
-     "File holding a service-account token to authenticate to the proxy-server."),
-    ("warn-on-channel-limit", "warn_on_channel_limit", BOOL,
-     "Log a warning whenever a connection's queue is full."),
-    ("sync-forever", "sync_forever", BOOL,
-     "Keep looking for proxy-servers even once the expected number is connected."),
-    ("xfr-channel-size", "xfr_channel_size", INT,
-     "Packets queued per direction per tunneled connection before reading pauses."),
-    ("count-server-leases", "count_server_leases", BOOL,
-     "Learn the number of proxy-servers from their Leases."),
+    (
+        "alpn-proto",
+        "alpn_protos",
+        STRING_SLICE,
+        "Extra ALPN protocols to offer, before h2; lets the proxy-server share an address "
+        "with another TLS service.",
+    ),
+    (
+        "health-server-host",
+        "health_server_host",
+        STRING,
+        "Address of the health server; empty means all interfaces.",
+    ),
+    (
+        "health-server-port",
+        "health_server_port",
+        INT,
+        "Port of the health server (/healthz, /readyz, /metrics).",
+    ),
+    (
+        "admin-bind-address",
+        "admin_bind_address",
+        STRING,
+        "Address of the admin server; empty means all interfaces.",
+    ),
+    (
+        "admin-server-port",
+        "admin_server_port",
+        INT,
+        "Port of the admin server (metrics, profiling).",
+    ),
+    (
+        "enable-profiling",
+        "enable_profiling",
+        BOOL,
+        "Serve profiling endpoints under /debug/pprof on the admin port.",
+    ),
+    (
+        "enable-contention-profiling",
+        "enable_contention_profiling",
+        BOOL,
+        "Also profile lock contention; needs --enable-profiling.",
+    ),
+    (
+        "agent-id",
+        "agent_id",
+        STRING,
+        "Unique ID of this agent, sent to proxy-servers; defaults to a random UUID.",
+    ),
+    (
+        "agent-identifiers",
+        "agent_identifiers",
+        STRING,
+        "Destinations this agent serves, URL-query encoded, for the servers' destHost and "
+        "defaultRoute strategies, e.g. host=node1&ipv4=10.0.0.5&cidr=10.0.0.0/24&"
+        "default-route=true.",
+    ),
+    (
+        "sync-interval",
+        "sync_interval",
+        DURATION,
+        "How often to check that every proxy-server is connected; also the first retry delay.",
+    ),
+    (
+        "probe-interval",
+        "probe_interval",
+        DURATION,
+        "How often each connection's readiness is checked.",
+    ),
+    (
+        "sync-interval-cap",
+        "sync_interval_cap",
+        DURATION,
+        "Longest retry delay while the proxy-server cannot be reached.",
+    ),
+    (
+        "keepalive-time",
+        "keepalive_time",
+        DURATION,
+        "Idle time after which the agent pings its proxy-server connections.",
+    ),
+    (
+        "service-account-token-path",
+        "service_account_token_path",
+        STRING,
+        "File holding a service-account token to authenticate to the proxy-server.",
+    ),
+    (
+        "warn-on-channel-limit",
+        "warn_on_channel_limit",
+        BOOL,
+        "Log a warning whenever a connection's queue is full.",
+    ),
+    (
+        "sync-forever",
+        "sync_forever",
+        BOOL,
+        "Keep looking for proxy-servers even once the expected number is connected.",
+    ),
+    (
+        "xfr-channel-size",
+        "xfr_channel_size",
+        INT,
+        "Packets queued per direction per tunneled connection before reading pauses.",
+    ),
+    (
+        "count-server-leases",
+        "count_server_leases",
+        BOOL,
+        "Learn the number of proxy-servers from their Leases.",
+    ),
     ("lease-namespace", "lease_namespace", STRING, "Namespace of the proxy-server Leases."),
-    ("lease-label", "lease_label", STRING,
-     "Labels of the proxy-server Leases to count (k=v,k2=v2)."),
-    ("server-count-source", "server_count_source", STRING,
-     "How to combine the server counts seen: 'default' or '' (leases when counting them, "
-     "else what the servers report) or 'max' (the larger of the two)."),
-    ("kubeconfig", "kubeconfig_path", STRING,
-     "Kubeconfig used to read Leases; empty means in-cluster configuration."),
-    ("kube-api-content-type", "api_content_type", STRING,
-     "Content type of requests to the Kubernetes API."),
+    (
+        "lease-label",
+        "lease_label",
+        STRING,
+        "Labels of the proxy-server Leases to count (k=v,k2=v2).",
+    ),
+    (
+        "server-count-source",
+        "server_count_source",
+        STRING,
+        "How to combine the server counts seen: 'default' or '' (leases when counting them, "
+        "else what the servers report) or 'max' (the larger of the two).",
+    ),
+    (
+        "kubeconfig",
+        "kubeconfig_path",
+        STRING,
+        "Kubeconfig used to read Leases; empty means in-cluster configuration.",
+    ),
+    (
+        "kube-api-content-type",
+        "api_content_type",
+        STRING,
+        "Content type of requests to the Kubernetes API.",
+    ),
 )
 _DESCRIPTION = """\
 Konnectivity proxy-agent (konnectivity-fast): keeps tunnels open to every proxy-server
@@ -434,14 +540,21 @@ replica and opens the connections that kube-apiserver asks for through them, to 
 pods and services on this network."""
 
 
-def build_flagset(defaults: GrpcProxyAgentOptions | None = None,
-                  klog_defaults: KlogOptions | None = None) -> FlagSet:
+def build_flagset(
+    defaults: GrpcProxyAgentOptions | None = None, klog_defaults: KlogOptions | None = None
+) -> FlagSet:
     """``proxy-agent``'s complete flag set: upstream's options, klog's and ``--help``."""
     defaults = defaults or GrpcProxyAgentOptions()
     fs = FlagSet(PROGRAM)
     for name, dest, kind, text in _FLAGS:
-        fs.add(name, kind, getattr(defaults, dest), text, dest=dest,
-               env=AGENT_ID_ENV if dest == "agent_id" else "")
+        fs.add(
+            name,
+            kind,
+            getattr(defaults, dest),
+            text,
+            dest=dest,
+            env=AGENT_ID_ENV if dest == "agent_id" else "",
+        )
     register_klog_flags(fs, klog_defaults)
     fs.add("help", BOOL, False, f"Show this help for {PROGRAM} and exit.", shorthand="h")
     return fs

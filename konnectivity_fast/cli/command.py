@@ -49,15 +49,15 @@ def parse_command(
     )
 
 
-def report_error(program: str, flagset: FlagSet, message: str,
-                 klog: KlogOptions | None = None) -> int:
+def report_error(
+    program: str, flagset: FlagSet, message: str, klog: KlogOptions | None = None
+) -> int:
     """What upstream prints for any error of its command (parse, validation, start-up):
     cobra's ``Error: <err>`` and the usage on stderr, then main's klog line
     ``error: <err>``; the exit code, 1. ``klog``: the logging options if already set up
     (else klog's defaults are used, as upstream's main does before parsing)."""
     print(f"Error: {message}", file=sys.stderr)
-    print(f"Usage:\n  {program} [flags]\n\nFlags:\n{flagset.flag_usages()}",
-          file=sys.stderr)
+    print(f"Usage:\n  {program} [flags]\n\nFlags:\n{flagset.flag_usages()}", file=sys.stderr)
     if klog is None:
         setup_logging(KlogOptions(), program=program)
     logging.getLogger(f"konnectivity_fast.{program}").error("error: %s", message)

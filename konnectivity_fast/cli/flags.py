@@ -102,8 +102,7 @@ def _go_flag_errors(parse: Callable[[str], T]) -> Callable[[str], T]:
         try:
             return parse(text)
         except GoNumError as exc:
-            raise GoError("parse error" if exc.kind == "syntax" else "value out of range") \
-                from None
+            raise GoError("parse error" if exc.kind == "syntax" else "value out of range") from None
 
     return wrapped
 
@@ -137,8 +136,12 @@ GO_UINT64 = ValueType(
 FLOAT32 = ValueType("float32", goparse.parse_float32, goparse.format_float32, frozenset({"0"}))
 STRING = ValueType("string", str, str, frozenset({""}))
 STRING_SLICE = ValueType(
-    "stringSlice", _parse_string_slice, _format_string_slice, frozenset({"[]"}),
-    appends=True, help_name="strings",
+    "stringSlice",
+    _parse_string_slice,
+    _format_string_slice,
+    frozenset({"[]"}),
+    appends=True,
+    help_name="strings",
 )
 DURATION = ValueType(
     "duration", _parse_duration_seconds, _format_duration_seconds, frozenset({"0", "0s"})
@@ -225,8 +228,15 @@ class FlagSet:
         if shorthand in self._shorthands:
             raise ValueError(f"shorthand -{shorthand} is already used")
         flag = Flag(
-            key, type, default, help, dest or key.replace("-", "_"), shorthand,
-            hidden or bool(deprecated), deprecated, env,
+            key,
+            type,
+            default,
+            help,
+            dest or key.replace("-", "_"),
+            shorthand,
+            hidden or bool(deprecated),
+            deprecated,
+            env,
         )
         self._flags[key] = flag
         if shorthand:

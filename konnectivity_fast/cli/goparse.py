@@ -88,11 +88,19 @@ def go_quote(s: str) -> str:
     return "".join(out)
 
 
-_C_ESCAPES = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t",
-              "\v": "\\v"}
+_C_ESCAPES = {
+    "\a": "\\a",
+    "\b": "\\b",
+    "\f": "\\f",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+    "\v": "\\v",
+}
 
 
 # -- integers (strconv.ParseUint / ParseInt) -------------------------------------------------
+
 
 def _underscore_ok(s: bytes) -> bool:
     """Go's rule: ``_`` only between digits, or between a base prefix and a digit."""
@@ -182,9 +190,20 @@ def parse_int(s: str, base: int = 0, bit_size: int = 64) -> int:
     return -un if neg else un
 
 
-_BOOL_WORDS = {"1": True, "t": True, "T": True, "TRUE": True, "true": True, "True": True,
-               "0": False, "f": False, "F": False, "FALSE": False, "false": False,
-               "False": False}
+_BOOL_WORDS = {
+    "1": True,
+    "t": True,
+    "T": True,
+    "TRUE": True,
+    "true": True,
+    "True": True,
+    "0": False,
+    "f": False,
+    "F": False,
+    "FALSE": False,
+    "false": False,
+    "False": False,
+}
 
 
 def parse_bool(s: str) -> bool:
@@ -250,8 +269,9 @@ def format_float32(x: float) -> str:
     sign = "-" if x < 0 else ""
     if exp < -4 or exp >= 6:
         frac = digits[1:]
-        return f"{sign}{digits[0]}{'.' + frac if frac else ''}e{'-' if exp < 0 else '+'}" \
-               f"{abs(exp):02d}"
+        return (
+            f"{sign}{digits[0]}{'.' + frac if frac else ''}e{'-' if exp < 0 else '+'}{abs(exp):02d}"
+        )
     point = exp + 1
     if point <= 0:
         return f"{sign}0.{'0' * -point}{digits}"
@@ -262,8 +282,16 @@ def format_float32(x: float) -> str:
 
 # -- durations (time.ParseDuration, Duration.String) ----------------------------------------
 
-_UNITS = {"ns": 1, "us": 1_000, "\u00b5s": 1_000, "\u03bcs": 1_000, "ms": 1_000_000,
-          "s": NS_PER_SECOND, "m": 60 * NS_PER_SECOND, "h": 3600 * NS_PER_SECOND}
+_UNITS = {
+    "ns": 1,
+    "us": 1_000,
+    "\u00b5s": 1_000,
+    "\u03bcs": 1_000,
+    "ms": 1_000_000,
+    "s": NS_PER_SECOND,
+    "m": 60 * NS_PER_SECOND,
+    "h": 3600 * NS_PER_SECOND,
+}
 _MAX_DURATION = (1 << 63) - 1
 
 
@@ -411,6 +439,7 @@ def seconds_to_ns(seconds: float) -> int:
 
 # -- CSV (encoding/csv, one record) --------------------------------------------------------
 
+
 def read_csv_record(text: str) -> list[str]:
     """The first record of ``encoding/csv`` with default settings, as pflag's string slices
     read their values: ``,`` separates, ``"`` quotes (``""`` inside), a newline ends the
@@ -425,13 +454,14 @@ def read_csv_record(text: str) -> list[str]:
     line = lines[line_no]
     pos = 0
     while True:
-        if line[pos:pos + 1] != '"':
+        if line[pos : pos + 1] != '"':
             end = line.find(",", pos)
             field = line[pos:] if end < 0 else line[pos:end]
             if '"' in field:
                 col = pos + field.index('"') + 1
-                raise GoError(f"parse error on line {line_no + 1}, column {col}: "
-                              'bare " in non-quoted field')
+                raise GoError(
+                    f'parse error on line {line_no + 1}, column {col}: bare " in non-quoted field'
+                )
             fields.append(field)
             if end < 0:
                 return fields
@@ -445,13 +475,15 @@ def read_csv_record(text: str) -> list[str]:
                 value.append(line[pos:])
                 line_no += 1
                 if line_no >= len(lines):
-                    raise GoError(f"parse error on line {line_no}, column {len(line) + 1}: "
-                                  'extraneous or missing " in quoted-field')
+                    raise GoError(
+                        f"parse error on line {line_no}, column {len(line) + 1}: "
+                        'extraneous or missing " in quoted-field'
+                    )
                 value.append("\n")
                 line, pos = lines[line_no], 0
                 continue
             value.append(line[pos:quote])
-            after = line[quote + 1:quote + 2]
+            after = line[quote + 1 : quote + 2]
             if after == '"':
                 value.append('"')
                 pos = quote + 2
@@ -463,8 +495,10 @@ def read_csv_record(text: str) -> list[str]:
                 fields.append("".join(value))
                 return fields
             else:
-                raise GoError(f"parse error on line {line_no + 1}, column {quote + 2}: "
-                              'extraneous or missing " in quoted-field')
+                raise GoError(
+                    f"parse error on line {line_no + 1}, column {quote + 2}: "
+                    'extraneous or missing " in quoted-field'
+                )
 
 
 def write_csv_record(fields: list[str]) -> str:

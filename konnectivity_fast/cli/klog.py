@@ -144,40 +144,71 @@ class KlogOptions:
 
 # (klog's Go name, type, help). Our own words; severities are INFO, WARNING, ERROR, FATAL.
 _KLOG_FLAGS: tuple[tuple[str, ValueType, str], ...] = (
-    ("add_dir_header", GO_BOOL,
-     "Show the source file's directory, not only its name, in each log line's header."),
-    ("alsologtostderr", GO_BOOL,
-     "When logging to files, copy entries to standard error as well."),
-    ("alsologtostderrthreshold", SEVERITY,
-     "With --alsologtostderr, copy only entries of this severity or worse "
-     "(INFO, WARNING, ERROR, FATAL, or 0-3)."),
-    ("legacy_stderr_threshold_behavior", GO_BOOL,
-     "Keep the historical behaviour where --logtostderr sends every entry to standard "
-     "error whatever --stderrthreshold says; false applies the threshold."),
-    ("log_backtrace_at", TRACE_LOCATION,
-     "Add a stack trace to the entry logged from this source line, given as FILE:LINE."),
-    ("log_dir", STRING,
-     "Directory for log files when not logging to standard error (default: the system "
-     "temporary directory); --log-file takes precedence."),
+    (
+        "add_dir_header",
+        GO_BOOL,
+        "Show the source file's directory, not only its name, in each log line's header.",
+    ),
+    ("alsologtostderr", GO_BOOL, "When logging to files, copy entries to standard error as well."),
+    (
+        "alsologtostderrthreshold",
+        SEVERITY,
+        "With --alsologtostderr, copy only entries of this severity or worse "
+        "(INFO, WARNING, ERROR, FATAL, or 0-3).",
+    ),
+    (
+        "legacy_stderr_threshold_behavior",
+        GO_BOOL,
+        "Keep the historical behaviour where --logtostderr sends every entry to standard "
+        "error whatever --stderrthreshold says; false applies the threshold.",
+    ),
+    (
+        "log_backtrace_at",
+        TRACE_LOCATION,
+        "Add a stack trace to the entry logged from this source line, given as FILE:LINE.",
+    ),
+    (
+        "log_dir",
+        STRING,
+        "Directory for log files when not logging to standard error (default: the system "
+        "temporary directory); --log-file takes precedence.",
+    ),
     ("log_file", STRING, "Log file to write when not logging to standard error."),
-    ("log_file_max_size", GO_UINT64,
-     "Size in megabytes at which a log file is started afresh; 0 means no limit."),
+    (
+        "log_file_max_size",
+        GO_UINT64,
+        "Size in megabytes at which a log file is started afresh; 0 means no limit.",
+    ),
     ("logtostderr", GO_BOOL, "Write log entries to standard error instead of files."),
-    ("one_output", GO_BOOL,
-     "Accepted for compatibility: entries are written to one log file, not one per "
-     "severity, so there is nothing to deduplicate."),
-    ("skip_headers", GO_BOOL,
-     "Write log messages without the severity, time and source-line prefix."),
-    ("skip_log_headers", GO_BOOL,
-     "Do not start new log files with the lines describing the host and format."),
-    ("stderrthreshold", SEVERITY,
-     "Entries of this severity or worse also go to standard error when logging to files "
-     "(INFO, WARNING, ERROR, FATAL, or 0-3)."),
-    ("v", LEVEL,
-     "Verbosity: higher numbers log more detail (5 and up is per-connection tracing)."),
-    ("vmodule", MODULE_SPEC,
-     "Per-file verbosity as a comma-separated list of PATTERN=N, where PATTERN is a glob "
-     "matched against source file names without their extension."),
+    (
+        "one_output",
+        GO_BOOL,
+        "Accepted for compatibility: entries are written to one log file, not one per "
+        "severity, so there is nothing to deduplicate.",
+    ),
+    (
+        "skip_headers",
+        GO_BOOL,
+        "Write log messages without the severity, time and source-line prefix.",
+    ),
+    (
+        "skip_log_headers",
+        GO_BOOL,
+        "Do not start new log files with the lines describing the host and format.",
+    ),
+    (
+        "stderrthreshold",
+        SEVERITY,
+        "Entries of this severity or worse also go to standard error when logging to files "
+        "(INFO, WARNING, ERROR, FATAL, or 0-3).",
+    ),
+    ("v", LEVEL, "Verbosity: higher numbers log more detail (5 and up is per-connection tracing)."),
+    (
+        "vmodule",
+        MODULE_SPEC,
+        "Per-file verbosity as a comma-separated list of PATTERN=N, where PATTERN is a glob "
+        "matched against source file names without their extension.",
+    ),
 )
 
 
@@ -187,8 +218,12 @@ def register_klog_flags(fs: FlagSet, defaults: KlogOptions | None = None) -> Non
     defaults = defaults or KlogOptions()
     for go_name, kind, text in _KLOG_FLAGS:
         fs.add(
-            go_name.replace("_", "-"), kind, getattr(defaults, go_name), text,
-            dest=KLOG_PREFIX + go_name, shorthand=go_name if len(go_name) == 1 else "",
+            go_name.replace("_", "-"),
+            kind,
+            getattr(defaults, go_name),
+            text,
+            dest=KLOG_PREFIX + go_name,
+            shorthand=go_name if len(go_name) == 1 else "",
         )
 
 
@@ -346,8 +381,7 @@ def setup_logging(
         if getattr(handler, "_klog", False):
             root.removeHandler(handler)
             handler.close()
-    formatter = KlogFormatter(skip_headers=opts.skip_headers,
-                              add_dir_header=opts.add_dir_header)
+    formatter = KlogFormatter(skip_headers=opts.skip_headers, add_dir_header=opts.add_dir_header)
     verbosity = _VerbosityFilter(opts)
     handlers: list[logging.Handler] = []
     err_stream = stderr if stderr is not None else sys.stderr
@@ -365,10 +399,14 @@ def setup_logging(
         max_bytes = opts.log_file_max_size * 1024 * 1024
         handlers.append(_KlogFileHandler(new_path, max_bytes, not opts.skip_log_headers))
         also = logging.StreamHandler(err_stream)
-        also.addFilter(_SeverityFilter(
-            lambda s: s >= opts.stderrthreshold
-            or (opts.alsologtostderr and s >= opts.alsologtostderrthreshold)
-        ))
+        also.addFilter(
+            _SeverityFilter(
+                lambda s: (
+                    s >= opts.stderrthreshold
+                    or (opts.alsologtostderr and s >= opts.alsologtostderrthreshold)
+                )
+            )
+        )
         handlers.append(also)
     for handler in handlers:
         handler.setFormatter(formatter)

@@ -61,20 +61,34 @@ SERVER_ID_ENV = "PROXY_SERVER_ID"
 MODE_GRPC = "grpc"
 MODE_HTTP_CONNECT = "http-connect"
 PROXY_STRATEGIES = ("default", "destHost", "defaultRoute")
-TLS_VERSIONS = {"VersionTLS10": 0x0301, "VersionTLS11": 0x0302, "VersionTLS12": 0x0303,
-                "VersionTLS13": 0x0304}
+TLS_VERSIONS = {
+    "VersionTLS10": 0x0301,
+    "VersionTLS11": 0x0302,
+    "VersionTLS12": 0x0303,
+    "VersionTLS13": 0x0304,
+}
 # Go's tls.CipherSuites(): the names --cipher-suites accepts (the insecure list is refused).
-GO_CIPHER_SUITES = frozenset({
-    "TLS_RSA_WITH_AES_128_CBC_SHA", "TLS_RSA_WITH_AES_256_CBC_SHA",
-    "TLS_RSA_WITH_AES_128_GCM_SHA256", "TLS_RSA_WITH_AES_256_GCM_SHA384",
-    "TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256",
-    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA", "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA",
-    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA", "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA",
-    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
-    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256", "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
-    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
-    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
-})
+GO_CIPHER_SUITES = frozenset(
+    {
+        "TLS_RSA_WITH_AES_128_CBC_SHA",
+        "TLS_RSA_WITH_AES_256_CBC_SHA",
+        "TLS_RSA_WITH_AES_128_GCM_SHA256",
+        "TLS_RSA_WITH_AES_256_GCM_SHA384",
+        "TLS_AES_128_GCM_SHA256",
+        "TLS_AES_256_GCM_SHA384",
+        "TLS_CHACHA20_POLY1305_SHA256",
+        "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA",
+        "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA",
+        "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA",
+        "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA",
+        "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+        "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+        "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+        "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+        "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+        "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+    }
+)
 # Ports above this are the ephemeral range, below RESERVED_PORT_LIMIT need privileges.
 EPHEMERAL_PORT_START = 49152
 RESERVED_PORT_LIMIT = 1024
@@ -150,8 +164,13 @@ class ProxyRunOptions:
 
     def validate(self) -> str | None:
         """The first failing check's message, in upstream's order, or ``None``."""
-        for check in (self._check_files, self._check_mode, self._check_ports,
-                      self._check_auth, self._check_tuning):
+        for check in (
+            self._check_files,
+            self._check_mode,
+            self._check_ports,
+            self._check_auth,
+            self._check_tuning,
+        ):
             error = check()
             if error is not None:
                 return error
@@ -167,14 +186,16 @@ class ProxyRunOptions:
                 if (err := _stat_error(key)) is not None:
                     return f"error checking {side} key {key}, got {err}"
                 if not cert:
-                    return f"cannot have {side} cert empty when {side} key is set to " \
-                           f"{go_quote(key)}"
+                    return (
+                        f"cannot have {side} cert empty when {side} key is set to {go_quote(key)}"
+                    )
             if cert:
                 if (err := _stat_error(cert)) is not None:
                     return f"error checking {side} cert {cert}, got {err}"
                 if not key:
-                    return f"cannot have {side} key empty when {side} cert is set to " \
-                           f"{go_quote(cert)}"
+                    return (
+                        f"cannot have {side} key empty when {side} cert is set to {go_quote(cert)}"
+                    )
             if ca and (err := _stat_error(ca)) is not None:
                 return f"error checking {side} CA cert {ca}, got {err}"
         return None
@@ -196,8 +217,12 @@ class ProxyRunOptions:
         return None
 
     def _check_ports(self) -> str | None:
-        ports = (("server", self.server_port), ("agent", self.agent_port),
-                 ("admin", self.admin_port), ("health", self.health_port))
+        ports = (
+            ("server", self.server_port),
+            ("agent", self.agent_port),
+            ("admin", self.admin_port),
+            ("health", self.health_port),
+        )
         for name, port in ports:
             if port >= EPHEMERAL_PORT_START:
                 return f"please do not try to use ephemeral port {port} for the {name} port"
@@ -209,16 +234,19 @@ class ProxyRunOptions:
         return None
 
     def _uses_token_auth(self) -> bool:
-        return bool(self.agent_namespace or self.agent_service_account
-                    or self.authentication_audience)
+        return bool(
+            self.agent_namespace or self.agent_service_account or self.authentication_audience
+        )
 
     def _check_auth(self) -> str | None:
         if self._uses_token_auth():
             if self.cluster_ca_cert:
                 return "--cluster-ca-cert can not be used when agent authentication is enabled"
-            for flag_name, value in (("agent-namespace", self.agent_namespace),
-                                     ("agent-service-account", self.agent_service_account),
-                                     ("authentication-audience", self.authentication_audience)):
+            for flag_name, value in (
+                ("agent-namespace", self.agent_namespace),
+                ("agent-service-account", self.agent_service_account),
+                ("authentication-audience", self.authentication_audience),
+            ):
                 if not value:
                     return f"--{flag_name} cannot be empty when agent authentication is enabled"
         if self.kubeconfig_path and (err := _stat_error(self.kubeconfig_path)) is not None:
@@ -237,25 +265,32 @@ class ProxyRunOptions:
         if self.tls_min_version:
             version = TLS_VERSIONS.get(self.tls_min_version)
             if version is None:
-                return f"unsupported TLS version {go_quote(self.tls_min_version)}, supported " \
-                       f"values are: {', '.join(TLS_VERSIONS)}"
+                return (
+                    f"unsupported TLS version {go_quote(self.tls_min_version)}, supported "
+                    f"values are: {', '.join(TLS_VERSIONS)}"
+                )
             if version < TLS_VERSIONS["VersionTLS12"]:
-                log.warning("--tls-min-version=%s allows TLS older than 1.2, which is not "
-                            "considered secure (RFC 8996)", self.tls_min_version)
+                log.warning(
+                    "--tls-min-version=%s allows TLS older than 1.2, which is not "
+                    "considered secure (RFC 8996)",
+                    self.tls_min_version,
+                )
         for suite in self.cipher_suites:
             if suite not in GO_CIPHER_SUITES:
-                return f"cipher suite {suite} not supported, doesn't exist or considered as " \
-                       "insecure"
+                return (
+                    f"cipher suite {suite} not supported, doesn't exist or considered as insecure"
+                )
         if self.enable_lease_controller:
             try:
                 parse_lease_labels(self.lease_label)
             except ValueError as exc:
                 return str(exc)
-        for flag_name, seconds in (("graceful-shutdown-timeout", self.graceful_shutdown_timeout),
-                                   ("backend-dial-timeout", self.backend_dial_timeout)):
+        for flag_name, seconds in (
+            ("graceful-shutdown-timeout", self.graceful_shutdown_timeout),
+            ("backend-dial-timeout", self.backend_dial_timeout),
+        ):
             if seconds < 0:
-                return f"{flag_name} must be >= 0, got " \
-                       f"{format_duration(seconds_to_ns(seconds))}"
+                return f"{flag_name} must be >= 0, got {format_duration(seconds_to_ns(seconds))}"
         return None
 
     def log_values(self, logger: logging.Logger = log) -> None:
@@ -293,92 +328,221 @@ def parse_proxy_strategies(text: str) -> list[str]:
 
 # (flag, field, type, help); deprecated flags carry their message after the help.
 _FLAGS: tuple[tuple[str, str, ValueType, str], ...] = (
-    ("server-cert", "server_cert", STRING,
-     "Certificate (PEM) served to kube-apiserver on the TCP frontend."),
+    (
+        "server-cert",
+        "server_cert",
+        STRING,
+        "Certificate (PEM) served to kube-apiserver on the TCP frontend.",
+    ),
     ("server-key", "server_key", STRING, "Private key (PEM) for --server-cert."),
-    ("server-ca-cert", "server_ca_cert", STRING,
-     "CA bundle that kube-apiserver's client certificate must chain to; required for the "
-     "TCP frontend."),
+    (
+        "server-ca-cert",
+        "server_ca_cert",
+        STRING,
+        "CA bundle that kube-apiserver's client certificate must chain to; required for the "
+        "TCP frontend.",
+    ),
     ("cluster-cert", "cluster_cert", STRING, "Certificate (PEM) served to agents."),
     ("cluster-key", "cluster_key", STRING, "Private key (PEM) for --cluster-cert."),
-    ("cluster-ca-cert", "cluster_ca_cert", STRING,
-     "CA bundle for agent client certificates; when set, agents must present one. Not "
-     "compatible with token authentication."),
-    ("mode", "mode", STRING,
-     "Protocol spoken to kube-apiserver: 'grpc' or 'http-connect'."),
-    ("uds-name", "uds_name", STRING,
-     "Unix socket path for the frontend; when set, the frontend listens there (plaintext) "
-     "instead of on --server-port."),
-    ("delete-existing-uds-file", "delete_uds_file", BOOL,
-     "Remove a leftover file at --uds-name before listening."),
-    ("server-port", "server_port", INT,
-     "TCP port for kube-apiserver connections; must be 0 with --uds-name."),
-    ("server-bind-address", "server_bind_address", STRING,
-     "Address for the frontend port; empty means all interfaces."),
+    (
+        "cluster-ca-cert",
+        "cluster_ca_cert",
+        STRING,
+        "CA bundle for agent client certificates; when set, agents must present one. Not "
+        "compatible with token authentication.",
+    ),
+    ("mode", "mode", STRING, "Protocol spoken to kube-apiserver: 'grpc' or 'http-connect'."),
+    (
+        "uds-name",
+        "uds_name",
+        STRING,
+        "Unix socket path for the frontend; when set, the frontend listens there (plaintext) "
+        "instead of on --server-port.",
+    ),
+    (
+        "delete-existing-uds-file",
+        "delete_uds_file",
+        BOOL,
+        "Remove a leftover file at --uds-name before listening.",
+    ),
+    (
+        "server-port",
+        "server_port",
+        INT,
+        "TCP port for kube-apiserver connections; must be 0 with --uds-name.",
+    ),
+    (
+        "server-bind-address",
+        "server_bind_address",
+        STRING,
+        "Address for the frontend port; empty means all interfaces.",
+    ),
     ("agent-port", "agent_port", INT, "TCP port agents connect to."),
-    ("agent-bind-address", "agent_bind_address", STRING,
-     "Address for the agent port; empty means all interfaces."),
+    (
+        "agent-bind-address",
+        "agent_bind_address",
+        STRING,
+        "Address for the agent port; empty means all interfaces.",
+    ),
     ("admin-port", "admin_port", INT, "TCP port of the admin server (metrics, profiling)."),
-    ("admin-bind-address", "admin_bind_address", STRING,
-     "Address for the admin port; empty means all interfaces."),
-    ("health-port", "health_port", INT,
-     "TCP port of the health server (/healthz, /readyz, /metrics)."),
-    ("health-bind-address", "health_bind_address", STRING,
-     "Address for the health port; empty means all interfaces."),
-    ("keepalive-time", "keepalive_time", DURATION,
-     "Idle time after which the server pings an agent connection."),
-    ("frontend-keepalive-time", "frontend_keepalive_time", DURATION,
-     "Idle time after which the server pings a gRPC frontend connection."),
-    ("enable-profiling", "enable_profiling", BOOL,
-     "Serve profiling endpoints under /debug/pprof on the admin port."),
-    ("enable-contention-profiling", "enable_contention_profiling", BOOL,
-     "Also profile lock contention; needs --enable-profiling."),
-    ("server-id", "server_id", STRING,
-     "Unique ID of this server, announced to agents; defaults to a random UUID."),
-    ("server-count", "server_count", INT,
-     "Number of proxy-server replicas agents should connect to; 1 unless running HA."),
-    ("agent-namespace", "agent_namespace", STRING,
-     "Namespace of the agents' service account; enables token authentication of agents."),
-    ("agent-service-account", "agent_service_account", STRING,
-     "Service account the agents' tokens must belong to (token authentication)."),
-    ("authentication-audience", "authentication_audience", STRING,
-     "Audience the agents' tokens must carry (token authentication)."),
-    ("kubeconfig", "kubeconfig_path", STRING,
-     "Kubeconfig used for token reviews and leases; empty means in-cluster configuration."),
-    ("kubeconfig-qps", "kubeconfig_qps", FLOAT32,
-     "Request rate limit of the Kubernetes client; 0 keeps the client's default."),
-    ("kubeconfig-burst", "kubeconfig_burst", INT,
-     "Burst allowance of the Kubernetes client; 0 keeps the client's default."),
-    ("kube-api-content-type", "api_content_type", STRING,
-     "Content type of requests to the Kubernetes API."),
-    ("proxy-strategies", "proxy_strategies", STRING,
-     "Comma-separated, ordered ways to choose an agent for a dial: default, destHost, "
-     "defaultRoute."),
-    ("cipher-suites", "cipher_suites", STRING_SLICE,
-     "Cipher suites (Go names) allowed up to TLS 1.2; empty keeps the defaults. TLS 1.3 "
-     "suites are not configurable."),
-    ("tls-min-version", "tls_min_version", STRING,
-     "Oldest TLS version accepted: VersionTLS10, VersionTLS11, VersionTLS12 or "
-     "VersionTLS13; empty means VersionTLS12."),
-    ("xfr-channel-size", "xfr_channel_size", INT,
-     "Packets queued per stream, from kube-apiserver and from agents, before reading "
-     "pauses."),
-    ("enable-lease-controller", "enable_lease_controller", BOOL,
-     "Publish a Lease for this server, and delete expired ones, so agents can count "
-     "servers."),
+    (
+        "admin-bind-address",
+        "admin_bind_address",
+        STRING,
+        "Address for the admin port; empty means all interfaces.",
+    ),
+    (
+        "health-port",
+        "health_port",
+        INT,
+        "TCP port of the health server (/healthz, /readyz, /metrics).",
+    ),
+    (
+        "health-bind-address",
+        "health_bind_address",
+        STRING,
+        "Address for the health port; empty means all interfaces.",
+    ),
+    (
+        "keepalive-time",
+        "keepalive_time",
+        DURATION,
+        "Idle time after which the server pings an agent connection.",
+    ),
+    (
+        "frontend-keepalive-time",
+        "frontend_keepalive_time",
+        DURATION,
+        "Idle time after which the server pings a gRPC frontend connection.",
+    ),
+    (
+        "enable-profiling",
+        "enable_profiling",
+        BOOL,
+        "Serve profiling endpoints under /debug/pprof on the admin port.",
+    ),
+    (
+        "enable-contention-profiling",
+        "enable_contention_profiling",
+        BOOL,
+        "Also profile lock contention; needs --enable-profiling.",
+    ),
+    (
+        "server-id",
+        "server_id",
+        STRING,
+        "Unique ID of this server, announced to agents; defaults to a random UUID.",
+    ),
+    (
+        "server-count",
+        "server_count",
+        INT,
+        "Number of proxy-server replicas agents should connect to; 1 unless running HA.",
+    ),
+    (
+        "agent-namespace",
+        "agent_namespace",
+        STRING,
+        "Namespace of the agents' service account; enables token authentication of agents.",
+    ),
+    (
+        "agent-service-account",
+        "agent_service_account",
+        STRING,
+        "Service account the agents' tokens must belong to (token authentication).",
+    ),
+    (
+        "authentication-audience",
+        "authentication_audience",
+        STRING,
+        "Audience the agents' tokens must carry (token authentication).",
+    ),
+    (
+        "kubeconfig",
+        "kubeconfig_path",
+        STRING,
+        "Kubeconfig used for token reviews and leases; empty means in-cluster configuration.",
+    ),
+    (
+        "kubeconfig-qps",
+        "kubeconfig_qps",
+        FLOAT32,
+        "Request rate limit of the Kubernetes client; 0 keeps the client's default.",
+    ),
+    (
+        "kubeconfig-burst",
+        "kubeconfig_burst",
+        INT,
+        "Burst allowance of the Kubernetes client; 0 keeps the client's default.",
+    ),
+    (
+        "kube-api-content-type",
+        "api_content_type",
+        STRING,
+        "Content type of requests to the Kubernetes API.",
+    ),
+    (
+        "proxy-strategies",
+        "proxy_strategies",
+        STRING,
+        "Comma-separated, ordered ways to choose an agent for a dial: default, destHost, "
+        "defaultRoute.",
+    ),
+    (
+        "cipher-suites",
+        "cipher_suites",
+        STRING_SLICE,
+        "Cipher suites (Go names) allowed up to TLS 1.2; empty keeps the defaults. TLS 1.3 "
+        "suites are not configurable.",
+    ),
+    (
+        "tls-min-version",
+        "tls_min_version",
+        STRING,
+        "Oldest TLS version accepted: VersionTLS10, VersionTLS11, VersionTLS12 or "
+        "VersionTLS13; empty means VersionTLS12.",
+    ),
+    (
+        "xfr-channel-size",
+        "xfr_channel_size",
+        INT,
+        "Packets queued per stream, from kube-apiserver and from agents, before reading pauses.",
+    ),
+    (
+        "enable-lease-controller",
+        "enable_lease_controller",
+        BOOL,
+        "Publish a Lease for this server, and delete expired ones, so agents can count servers.",
+    ),
     ("lease-namespace", "lease_namespace", STRING, "Namespace of the server Leases."),
-    ("lease-label", "lease_label", STRING,
-     "Labels (k=v,k2=v2) put on this server's Lease and used to find expired ones."),
-    ("graceful-shutdown-timeout", "graceful_shutdown_timeout", DURATION,
-     "On SIGTERM, how long to let open connections finish before stopping; 0 stops at "
-     "once."),
-    ("backend-dial-timeout", "backend_dial_timeout", DURATION,
-     "How long a dial may wait to be sent to an agent and answered; 0 waits forever."),
+    (
+        "lease-label",
+        "lease_label",
+        STRING,
+        "Labels (k=v,k2=v2) put on this server's Lease and used to find expired ones.",
+    ),
+    (
+        "graceful-shutdown-timeout",
+        "graceful_shutdown_timeout",
+        DURATION,
+        "On SIGTERM, how long to let open connections finish before stopping; 0 stops at once.",
+    ),
+    (
+        "backend-dial-timeout",
+        "backend_dial_timeout",
+        DURATION,
+        "How long a dial may wait to be sent to an agent and answered; 0 waits forever.",
+    ),
 )
 _DEPRECATED: tuple[tuple[str, ValueType, object, str, str], ...] = (
-    ("warn-on-channel-limit", BOOL, True, "Has no effect.",
-     "This behavior is now thread safe and always on. This flag will be removed in a future "
-     "release."),
+    (
+        "warn-on-channel-limit",
+        BOOL,
+        True,
+        "Has no effect.",
+        "This behavior is now thread safe and always on. This flag will be removed in a future "
+        "release.",
+    ),
 )
 _DESCRIPTION = """\
 Konnectivity proxy-server (konnectivity-fast): accepts tunnels from proxy-agents on the
@@ -386,14 +550,21 @@ node network and carries kube-apiserver's connections to nodes, pods and service
 them, over gRPC or HTTP CONNECT."""
 
 
-def build_flagset(defaults: ProxyRunOptions | None = None,
-                  klog_defaults: KlogOptions | None = None) -> FlagSet:
+def build_flagset(
+    defaults: ProxyRunOptions | None = None, klog_defaults: KlogOptions | None = None
+) -> FlagSet:
     """``proxy-server``'s complete flag set: upstream's options, klog's and ``--help``."""
     defaults = defaults or ProxyRunOptions()
     fs = FlagSet(PROGRAM)
     for name, dest, kind, text in _FLAGS:
-        fs.add(name, kind, getattr(defaults, dest), text, dest=dest,
-               env=SERVER_ID_ENV if dest == "server_id" else "")
+        fs.add(
+            name,
+            kind,
+            getattr(defaults, dest),
+            text,
+            dest=dest,
+            env=SERVER_ID_ENV if dest == "server_id" else "",
+        )
     for name, kind, default, text, message in _DEPRECATED:
         fs.add(name, kind, default, text, deprecated=message)
     register_klog_flags(fs, klog_defaults)

@@ -16,14 +16,27 @@ SEGMENT_TO_AGENT = "to_agent"
 PACKET_TYPE_UNKNOWN = "Unknown"
 
 # PacketType enum names by number; another number shows as its decimal string.
-_PACKET_TYPE_NAMES = ("DIAL_REQ", "DIAL_RSP", "CLOSE_REQ", "CLOSE_RSP", "DATA", "DIAL_CLS",
-                      "DRAIN")
+_PACKET_TYPE_NAMES = ("DIAL_REQ", "DIAL_RSP", "CLOSE_REQ", "CLOSE_RSP", "DATA", "DIAL_CLS", "DRAIN")
 
 # gRPC status code names by number (Go's codes.Code.String()).
 _GRPC_CODE_NAMES = (
-    "OK", "Canceled", "Unknown", "InvalidArgument", "DeadlineExceeded", "NotFound",
-    "AlreadyExists", "PermissionDenied", "ResourceExhausted", "FailedPrecondition", "Aborted",
-    "OutOfRange", "Unimplemented", "Internal", "Unavailable", "DataLoss", "Unauthenticated",
+    "OK",
+    "Canceled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
 )
 
 
@@ -45,7 +58,9 @@ def stream_packets(prefix: str, registry: Registry) -> CounterVec:
     return CounterVec(
         prefix + "stream_packets_total",
         "Count of packets processed, by segment and packet type (example: from_client, DIAL_REQ)",
-        ("segment", "packet_type"), registry=registry)
+        ("segment", "packet_type"),
+        registry=registry,
+    )
 
 
 def stream_errors(prefix: str, registry: Registry) -> CounterVec:
@@ -53,7 +68,9 @@ def stream_errors(prefix: str, registry: Registry) -> CounterVec:
         prefix + "stream_errors_total",
         "Count of gRPC stream errors, by segment, grpc Code, packet type. "
         "(example: from_agent, Code.Unavailable, DIAL_RSP)",
-        ("segment", "code", "packet_type"), registry=registry)
+        ("segment", "code", "packet_type"),
+        registry=registry,
+    )
 
 
 class PacketCounters:

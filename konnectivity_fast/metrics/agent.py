@@ -45,41 +45,60 @@ PROCESS = REGISTRY.register(ProcessCollector())
 DIAL_DURATION = HistogramVec(
     PREFIX + "dial_duration_seconds",
     "Latency of dial to the remote endpoint in seconds",
-    buckets=LATENCY_BUCKETS, registry=REGISTRY)
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
 SERVER_CONNECTION_FAILURES = CounterVec(
     PREFIX + "server_connection_failure_count",
     "Count of failures to send to or receive from the proxy server, labeled by the direction "
     "(from_server or to_server). DEPRECATED, please use stream_events_error_total",
-    ("direction",), registry=REGISTRY)
+    ("direction",),
+    registry=REGISTRY,
+)
 ENDPOINT_DIAL_FAILURES = CounterVec(
     PREFIX + "endpoint_dial_failure_total",
     "Number of failures dialing the remote endpoint, by reason (example: timeout).",
-    ("reason",), registry=REGISTRY)
+    ("reason",),
+    registry=REGISTRY,
+)
 OPEN_SERVER_CONNECTIONS = GaugeVec(
     PREFIX + "open_server_connections",
-    "Current number of open server connections.", registry=REGISTRY)
+    "Current number of open server connections.",
+    registry=REGISTRY,
+)
 KNOWN_SERVER_COUNT = Gauge(
     PREFIX + "known_server_count",
-    "Current number of servers agent is trying to connect to.", registry=REGISTRY)
+    "Current number of servers agent is trying to connect to.",
+    registry=REGISTRY,
+)
 OPEN_ENDPOINT_CONNECTIONS = GaugeVec(
     PREFIX + "open_endpoint_connections",
-    "Current number of open endpoint connections.", registry=REGISTRY)
+    "Current number of open endpoint connections.",
+    registry=REGISTRY,
+)
 STREAM_PACKETS = stream_packets(PREFIX, REGISTRY)
 STREAM_ERRORS = stream_errors(PREFIX, REGISTRY)
 LEASE_LISTS = CounterVec(
     PREFIX + "lease_lists_total",
     "Count of server lease list calls made by the agent to the k8s apiserver, "
     "labeled by HTTP response code and reason",
-    ("http_response_code", "reason"), registry=REGISTRY)
+    ("http_response_code", "reason"),
+    registry=REGISTRY,
+)
 LEASE_WATCHES = CounterVec(
     PREFIX + "lease_watches_total",
     "Count of server lease watch calls made by the agent to the k8s apiserver, "
     "labeled by HTTP response code and reason",
-    ("http_response_code", "reason"), registry=REGISTRY)
+    ("http_response_code", "reason"),
+    registry=REGISTRY,
+)
 LEASE_LIST_LATENCY = HistogramVec(
     PREFIX + "lease_list_latency_seconds",
     "Latency of server lease listing in seconds",
-    ("http_response_code",), buckets=LATENCY_BUCKETS, registry=REGISTRY)
+    ("http_response_code",),
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
 
 _packets = PacketCounters(STREAM_PACKETS)
 
@@ -92,6 +111,7 @@ _initial()
 
 
 # --- events -----------------------------------------------------------------------------------
+
 
 def observe_dial_latency(seconds: float) -> None:
     """An endpoint dial succeeded after ``seconds``."""

@@ -22,20 +22,31 @@ __all__ = ["ProcessCollector"]
 _UNLIMITED = 18446744073709551615  # procfs reads "unlimited" as the largest uint64
 
 # (name, type, HELP), in client_golang's words.
-_CPU = ("process_cpu_seconds_total", "counter",
-        "Total user and system CPU time spent in seconds.")
+_CPU = ("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.")
 _MAX_FDS = ("process_max_fds", "gauge", "Maximum number of open file descriptors.")
-_RX = ("process_network_receive_bytes_total", "counter",
-       "Number of bytes received by the process over the network.")
-_TX = ("process_network_transmit_bytes_total", "counter",
-       "Number of bytes sent by the process over the network.")
+_RX = (
+    "process_network_receive_bytes_total",
+    "counter",
+    "Number of bytes received by the process over the network.",
+)
+_TX = (
+    "process_network_transmit_bytes_total",
+    "counter",
+    "Number of bytes sent by the process over the network.",
+)
 _OPEN_FDS = ("process_open_fds", "gauge", "Number of open file descriptors.")
 _RSS = ("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.")
-_START = ("process_start_time_seconds", "gauge",
-          "Start time of the process since unix epoch in seconds.")
+_START = (
+    "process_start_time_seconds",
+    "gauge",
+    "Start time of the process since unix epoch in seconds.",
+)
 _VSIZE = ("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.")
-_VMAX = ("process_virtual_memory_max_bytes", "gauge",
-         "Maximum amount of virtual memory available in bytes.")
+_VMAX = (
+    "process_virtual_memory_max_bytes",
+    "gauge",
+    "Maximum amount of virtual memory available in bytes.",
+)
 
 _ALL = (_CPU, _MAX_FDS, _RX, _TX, _OPEN_FDS, _RSS, _START, _VSIZE, _VMAX)
 
@@ -81,7 +92,7 @@ class ProcessCollector:
         try:
             with open(os.path.join(self._dir, "stat"), "rb") as f:
                 raw = f.read()
-            fields = raw[raw.rindex(b")") + 2:].split()
+            fields = raw[raw.rindex(b")") + 2 :].split()
             utime, stime = int(fields[_UTIME]), int(fields[_STIME])
             starttime = int(fields[_STARTTIME])
             vsize, rss = int(fields[_VSIZE_FIELD]), int(fields[_RSS_FIELD])

@@ -66,6 +66,7 @@ _UINT64_LIMIT = 18446744073709551616.0
 
 # --- text formatting ---------------------------------------------------------------------------
 
+
 def format_value(v: float) -> str:
     """Format ``v`` as client_golang's text exposition does (``strconv`` 'g', shortest)."""
     v = float(v)
@@ -116,6 +117,7 @@ def escape_label_value(value: str) -> str:
 
 
 # --- children: what the hot paths touch -------------------------------------------------------
+
 
 class CounterChild:
     """One counter series. ``inc()`` is a plain attribute add."""
@@ -214,6 +216,7 @@ class HistogramChild:
 
 # --- families ---------------------------------------------------------------------------------
 
+
 class Collector(Protocol):
     """What a registry holds: something that names its families and writes their text."""
 
@@ -304,8 +307,9 @@ def _bounds(buckets: Sequence[float] | None) -> tuple[float, ...]:
     return bounds
 
 
-def _histogram_lines(out: list[str], name: str, labels: str, child: HistogramChild,
-                     les: Sequence[str]) -> None:
+def _histogram_lines(
+    out: list[str], name: str, labels: str, child: HistogramChild, les: Sequence[str]
+) -> None:
     """Append one histogram series; ``labels`` is the rendered pairs, each followed by ','."""
     for le, n in zip(les, child.cumulative_counts(), strict=True):
         out.append(f'{name}_bucket{{{labels}le="{le}"}} {n}\n')
@@ -321,8 +325,14 @@ class Histogram(HistogramChild, _PlainMetric):
     __slots__ = ("_les", "help", "name")
     type_name = "histogram"
 
-    def __init__(self, name: str, help: str, *, buckets: Sequence[float] | None = None,
-                 registry: Registry | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        *,
+        buckets: Sequence[float] | None = None,
+        registry: Registry | None = None,
+    ) -> None:
         bounds = _bounds(buckets)
         super().__init__(bounds)
         _check_name(name)
@@ -353,8 +363,9 @@ class _Vec(Generic[_Child]):
 
     type_name = ""
 
-    def __init__(self, name: str, help: str, labelnames: Sequence[str],
-                 registry: Registry | None) -> None:
+    def __init__(
+        self, name: str, help: str, labelnames: Sequence[str], registry: Registry | None
+    ) -> None:
         _check_name(name)
         names = tuple(labelnames)
         for label in names:
@@ -385,7 +396,8 @@ class _Vec(Generic[_Child]):
             pass
         if len(values) != len(self.labelnames):
             raise ValueError(
-                f"{self.name}: expected {len(self.labelnames)} label values, got {len(values)}")
+                f"{self.name}: expected {len(self.labelnames)} label values, got {len(values)}"
+            )
         for value in values:
             if not isinstance(value, str):
                 raise TypeError(f"{self.name}: label values must be str, got {value!r}")
@@ -426,8 +438,7 @@ class _Vec(Generic[_Child]):
         for values, child in self._children.items():
             text = rendered.get(values)
             if text is None:
-                text = "".join(
-                    f'{names[i]}="{escape_label_value(values[i])}",' for i in order)
+                text = "".join(f'{names[i]}="{escape_label_value(values[i])}",' for i in order)
                 rendered[values] = text
             rows.append((tuple(values[i] for i in order), text, child))
         rows.sort(key=itemgetter(0))
@@ -440,8 +451,14 @@ _Scalar = TypeVar("_Scalar", CounterChild, GaugeChild)
 class _ScalarVec(_Vec[_Scalar]):
     """A family of counters or gauges: one ``value`` per series."""
 
-    def __init__(self, name: str, help: str, labelnames: Sequence[str] = (), *,
-                 registry: Registry | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        labelnames: Sequence[str] = (),
+        *,
+        registry: Registry | None = None,
+    ) -> None:
         super().__init__(name, help, labelnames, registry)
 
     def collect(self) -> list[tuple[str, str]]:
@@ -478,9 +495,15 @@ class HistogramVec(_Vec[HistogramChild]):
 
     type_name = "histogram"
 
-    def __init__(self, name: str, help: str, labelnames: Sequence[str] = (), *,
-                 buckets: Sequence[float] | None = None,
-                 registry: Registry | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        labelnames: Sequence[str] = (),
+        *,
+        buckets: Sequence[float] | None = None,
+        registry: Registry | None = None,
+    ) -> None:
         if "le" in labelnames:
             raise ValueError('"le" is reserved in histograms')
         self._bounds = _bounds(buckets)

@@ -71,71 +71,99 @@ PROCESS = REGISTRY.register(ProcessCollector())
 DIAL_DURATION = HistogramVec(
     PREFIX + "dial_duration_seconds",
     "Latency of dial to the remote endpoint in seconds",
-    buckets=LATENCY_BUCKETS, registry=REGISTRY)
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
 FRONTEND_WRITE_DURATION = HistogramVec(
     PREFIX + "frontend_write_duration_seconds",
     "Latency of write to the frontend in seconds",
-    buckets=LATENCY_BUCKETS, registry=REGISTRY)
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
 GRPC_CONNECTIONS = GaugeVec(
     PREFIX + "grpc_connections",
     "Number of current grpc connections, partitioned by service method.",
-    ("service_method",), registry=REGISTRY)
+    ("service_method",),
+    registry=REGISTRY,
+)
 HTTP_CONNECTIONS = Gauge(
-    PREFIX + "http_connections",
-    "Number of current HTTP CONNECT connections", registry=REGISTRY)
+    PREFIX + "http_connections", "Number of current HTTP CONNECT connections", registry=REGISTRY
+)
 READY_BACKEND_CONNECTIONS = GaugeVec(
     PREFIX + "ready_backend_connections",
     "Number of konnectivity agent connected to the proxy server. "
-    "DEPRECATED, please use ready_backends", registry=REGISTRY)
+    "DEPRECATED, please use ready_backends",
+    registry=REGISTRY,
+)
 READY_BACKENDS = GaugeVec(
     PREFIX + "ready_backends",
     "Number of konnectivity agent connected to the proxy server",
-    ("proxy_strategy",), registry=REGISTRY)
+    ("proxy_strategy",),
+    registry=REGISTRY,
+)
 PENDING_BACKEND_DIALS = GaugeVec(
     PREFIX + "pending_backend_dials",
-    "Current number of pending backend dial requests", registry=REGISTRY)
+    "Current number of pending backend dial requests",
+    registry=REGISTRY,
+)
 ESTABLISHED_CONNECTIONS = GaugeVec(
     PREFIX + "established_connections",
-    "Current number of established end-to-end connections (post-dial).", registry=REGISTRY)
+    "Current number of established end-to-end connections (post-dial).",
+    registry=REGISTRY,
+)
 FULL_RECEIVE_CHANNELS = GaugeVec(
     PREFIX + "full_receive_channels",
     "Number of current connections blocked by a full receive channel, "
     "partitioned by service method.",
-    ("service_method",), registry=REGISTRY)
+    ("service_method",),
+    registry=REGISTRY,
+)
 DIAL_FAILURES = CounterVec(
     PREFIX + "dial_failure_count",
     "Number of dial failures observed. Multiple failures can occur for a single dial request.",
-    ("reason",), registry=REGISTRY)
+    ("reason",),
+    registry=REGISTRY,
+)
 STREAM_PACKETS = stream_packets(PREFIX, REGISTRY)
 STREAM_ERRORS = stream_errors(PREFIX, REGISTRY)
 CULLED_LEASES = Counter(
     PREFIX + "culled_leases_count",
     "Count of expired leases that the lease garbage collection controller has culled.",
-    registry=REGISTRY)
+    registry=REGISTRY,
+)
 LEASE_DELETE_LATENCY = HistogramVec(
     PREFIX + "lease_delete_latency_seconds",
     "Latency of lease deletion calls by the garbage collection controller in seconds.",
-    ("http_status_code",), registry=REGISTRY)
+    ("http_status_code",),
+    registry=REGISTRY,
+)
 # "delection" and the list counter's "deletion" are upstream's words.
 LEASE_DELETES = CounterVec(
     PREFIX + "lease_delete_total",
     "Count of lease delection calls by the garbage collection controller. "
     "Labeled by HTTP status code and reason.",
-    ("http_status_code", "reason"), registry=REGISTRY)
+    ("http_status_code", "reason"),
+    registry=REGISTRY,
+)
 LEASE_LIST_LATENCY = HistogramVec(
     PREFIX + "lease_list_latency_seconds",
     "Latency of lease list calls by the garbage collection controller in seconds.",
-    ("http_status_code",), registry=REGISTRY)
+    ("http_status_code",),
+    registry=REGISTRY,
+)
 LEASE_LISTS = CounterVec(
     PREFIX + "lease_list_total",
     "Count of lease deletion calls by the garbage collection controller. "
     "Labeled by HTTP status code and reason.",
-    ("http_status_code", "reason"), registry=REGISTRY)
+    ("http_status_code", "reason"),
+    registry=REGISTRY,
+)
 
 _packets = PacketCounters(STREAM_PACKETS)
 
 
 # --- events -----------------------------------------------------------------------------------
+
 
 def startup(proxy_strategies: Iterable[str]) -> None:
     """At start-up: the deprecated backend count and each configured strategy's count at 0."""

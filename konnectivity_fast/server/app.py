@@ -115,9 +115,7 @@ async def _frontend_uds(proxy: ProxyServer, options: RunOptions) -> GrpcServer |
     try:
         if options.mode == "http-connect":
             return await start_http_connect_uds(proxy, path)
-        return await start_frontend_uds(
-            proxy, path, keepalive_time=options.frontend_keepalive_time
-        )
+        return await start_frontend_uds(proxy, path, keepalive_time=options.frontend_keepalive_time)
     except OSError as exc:
         raise ValueError(
             f"failed to listen(unix) name {path}: {listen_error('unix', path, exc)}"
@@ -134,12 +132,23 @@ async def _frontend_tcp(proxy: ProxyServer, options: RunOptions) -> GrpcServer |
     try:
         if options.mode == "http-connect":
             return await start_http_connect_tcp(
-                proxy, host=host, port=port, cert_file=cert, key_file=key, client_ca_file=ca,
+                proxy,
+                host=host,
+                port=port,
+                cert_file=cert,
+                key_file=key,
+                client_ca_file=ca,
                 tls_settings=settings,
             )
         return await start_frontend_tcp(
-            proxy, host=host, port=port, cert_file=cert, key_file=key, client_ca_file=ca,
-            tls_settings=settings, keepalive_time=options.frontend_keepalive_time,
+            proxy,
+            host=host,
+            port=port,
+            cert_file=cert,
+            key_file=key,
+            client_ca_file=ca,
+            tls_settings=settings,
+            keepalive_time=options.frontend_keepalive_time,
         )
     except OSError as exc:
         addr = host_port(options.server_bind_address, port)
@@ -206,7 +215,9 @@ def _authenticator(options: RunOptions, kube: KubeClient | None) -> TokenAuthent
     if not options.agent_namespace or kube is None:
         return None
     return TokenAuthenticator(
-        kube, options.agent_namespace, options.agent_service_account,
+        kube,
+        options.agent_namespace,
+        options.agent_service_account,
         options.authentication_audience,
     )
 
@@ -215,13 +226,18 @@ async def _start_http(proxy: ProxyServer, options: RunOptions) -> list[asyncio.S
     """Step 7: admin, then health (a listen error there is only logged)."""
     servers: list[asyncio.Server] = []
     log.info("Starting admin server for debug connections.")
-    admin = await start_http("admin", options.admin_bind_address, options.admin_port,
-                             admin_routes())
+    admin = await start_http(
+        "admin", options.admin_bind_address, options.admin_port, admin_routes()
+    )
     if admin is not None:
         servers.append(admin)
     log.info("Starting health server for healthchecks.")
-    health = await start_http("health", options.health_bind_address, options.health_port,
-                              health_routes(lambda: proxy.router.ready))
+    health = await start_http(
+        "health",
+        options.health_bind_address,
+        options.health_port,
+        health_routes(lambda: proxy.router.ready),
+    )
     if health is not None:
         servers.append(health)
     return servers
@@ -268,7 +284,10 @@ async def _serve(
     frontend = options.uds_name or f"{options.server_bind_address}:{options.server_port}"
     log.info(
         "Proxy server %s ready: %s frontend on %s, agents on port %s",
-        proxy.server_id, options.mode, frontend, handle.agent_port,
+        proxy.server_id,
+        options.mode,
+        frontend,
+        handle.agent_port,
     )
     await stop.wait()
     log.info("Shutting down server.")
@@ -316,13 +335,11 @@ def _stop_gracefully(server: GrpcServer | asyncio.Server) -> None:
 
 
 async def _wait_stopped(servers: list[GrpcServer | asyncio.Server], timeout: float) -> None:
-    waits = [s.wait_stopped() if isinstance(s, GrpcServer) else s.wait_closed()
-             for s in servers]
+    waits = [s.wait_stopped() if isinstance(s, GrpcServer) else s.wait_closed() for s in servers]
     try:
         await asyncio.wait_for(asyncio.gather(*waits), timeout)
     except TimeoutError:
-        log.warning("graceful shutdown did not finish within %ss; closing what is left",
-                    timeout)
+        log.warning("graceful shutdown did not finish within %ss; closing what is left", timeout)
         for server in servers:
             _abort(server)
         await asyncio.gather(*(s.wait_closed() for s in servers))

@@ -82,8 +82,9 @@ class TunnelBuffer:
 
     __slots__ = ("abandon", "backlog", "blocked", "charge", "last_backlog", "pausing", "watch")
 
-    def __init__(self, backlog: Callable[[], int] | None = None,
-                 abandon: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, backlog: Callable[[], int] | None = None, abandon: Callable[[], None] | None = None
+    ) -> None:
         self.blocked = False
         self.charge = 0
         self.pausing: list[GrpcCall] = []
@@ -118,14 +119,22 @@ class BufferBudget:
         if tunnel.charge >= self.tunnel_budget and agent not in tunnel.pausing:
             # V(2): flow control toward a slow client, several times a second on a fast
             # download, not news.
-            log.log(V(2), "a tunnel's frontend is %d bytes behind; pausing its agent's stream %d",
-                    tunnel.charge, agent.stream_id)
+            log.log(
+                V(2),
+                "a tunnel's frontend is %d bytes behind; pausing its agent's stream %d",
+                tunnel.charge,
+                agent.stream_id,
+            )
             tunnel.pausing.append(agent)
             self._pause(agent)
             self._watch(tunnel)
         if self.total >= self.process_budget and agent not in self._process_paused:
-            log.warning("tunnel buffers hold %d bytes (budget %d); pausing agent stream %d",
-                        self.total, self.process_budget, agent.stream_id)
+            log.warning(
+                "tunnel buffers hold %d bytes (budget %d); pausing agent stream %d",
+                self.total,
+                self.process_budget,
+                agent.stream_id,
+            )
             self._process_paused.add(agent)
             self._pause(agent)
 
@@ -150,7 +159,8 @@ class BufferBudget:
             return
         tunnel.last_backlog = tunnel.backlog()
         tunnel.watch = asyncio.get_running_loop().call_later(
-            self.stall_timeout, self._check_stalled, tunnel)
+            self.stall_timeout, self._check_stalled, tunnel
+        )
 
     def _check_stalled(self, tunnel: TunnelBuffer) -> None:
         tunnel.watch = None
@@ -160,8 +170,11 @@ class BufferBudget:
         if backlog < tunnel.last_backlog:  # slow, not stalled: keep waiting
             self._watch(tunnel)
             return
-        log.warning("a tunnel's frontend took nothing for %ss with %d bytes queued: "
-                    "closing it", self.stall_timeout, backlog)
+        log.warning(
+            "a tunnel's frontend took nothing for %ss with %d bytes queued: closing it",
+            self.stall_timeout,
+            backlog,
+        )
         abandon = tunnel.abandon
         self.release(tunnel)
         abandon()

@@ -102,18 +102,34 @@ def dial_error_status(error: str) -> int:
 def close_response(reason: CloseReason, error: str) -> bytes | None:
     """What upstream writes before closing a tunnel for ``reason`` (None: nothing)."""
     if reason is CloseReason.NO_AGENT:
-        return (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n\r\n"
-                b"currently no tunnels available: " + error.encode())
+        return (
+            b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n\r\n"
+            b"currently no tunnels available: " + error.encode()
+        )
     if reason is CloseReason.DIAL_ERROR:
         code = dial_error_status(error)
-        return (f"HTTP/1.1 {code} {_STATUS_TEXT[code]}\r\nConnection: close\r\n".encode()
-                + _TEXT + b"\r\n" + error.encode())
+        return (
+            f"HTTP/1.1 {code} {_STATUS_TEXT[code]}\r\nConnection: close\r\n".encode()
+            + _TEXT
+            + b"\r\n"
+            + error.encode()
+        )
     if reason is CloseReason.DIAL_TIMEOUT:
-        return (b"HTTP/1.1 504 Gateway Timeout\r\n" + _TEXT + b"\r\nBackend dial timeout: "
-                + error.encode() + b"\r\n")
+        return (
+            b"HTTP/1.1 504 Gateway Timeout\r\n"
+            + _TEXT
+            + b"\r\nBackend dial timeout: "
+            + error.encode()
+            + b"\r\n"
+        )
     if reason is CloseReason.DIAL_BACKEND_GONE:
-        return (b"HTTP/1.1 502 Bad Gateway\r\n" + _TEXT + b"\r\nBackend context error: "
-                + error.encode() + b"\r\n")
+        return (
+            b"HTTP/1.1 502 Bad Gateway\r\n"
+            + _TEXT
+            + b"\r\nBackend context error: "
+            + error.encode()
+            + b"\r\n"
+        )
     return None  # DIAL_CLOSED, CLOSE_RSP, BACKEND_GONE: just close
 
 
@@ -124,8 +140,7 @@ def _go_error(status: str) -> bytes:
 
 def _response_405(head: bool, close: bool) -> bytes:
     """``http.Error(w, ..., 405)`` as Go's server writes it."""
-    lines = [b"HTTP/1.1 405 Method Not Allowed\r\n", _TEXT,
-             b"X-Content-Type-Options: nosniff\r\n"]
+    lines = [b"HTTP/1.1 405 Method Not Allowed\r\n", _TEXT, b"X-Content-Type-Options: nosniff\r\n"]
     if close:
         lines.append(b"Connection: close\r\n")
     lines.append(f"Date: {formatdate(usegmt=True)}\r\n".encode())
@@ -239,7 +254,7 @@ class HttpConnectProtocol(asyncio.Protocol):
                 self._reject(_go_error("431 Request Header Fields Too Large"))
                 return
             head = bytes(buf[:end])
-            del buf[:end + 4]
+            del buf[: end + 4]
             self._request(head)
 
     def _request(self, head: bytes) -> None:
@@ -269,8 +284,7 @@ class HttpConnectProtocol(asyncio.Protocol):
         """405; keep-alive continues unless the request's body cannot be skipped."""
         self._open_gauge()
         connection = headers.get("connection", "").lower()
-        close = "close" in connection or (version == b"HTTP/1.0" and "keep-alive" not in
-                                           connection)
+        close = "close" in connection or (version == b"HTTP/1.0" and "keep-alive" not in connection)
         length = headers.get("content-length")
         if "transfer-encoding" in headers:
             close = True
@@ -442,7 +456,8 @@ async def start_http_connect_uds(server: ProxyServer, path: str) -> asyncio.Serv
     """The HTTP-CONNECT frontend on a Unix socket: plain HTTP/1.1, mode 0770 (§3.1)."""
     loop = server.loop
     listener = await loop.create_unix_server(
-        lambda: HttpConnectProtocol(server), path, backlog=listen_backlog())
+        lambda: HttpConnectProtocol(server), path, backlog=listen_backlog()
+    )
     os.chmod(path, UDS_MODE)
     return listener
 
@@ -461,5 +476,10 @@ async def start_http_connect_tcp(
     certificates required and verified against ``client_ca_file`` (§3.1)."""
     ctx = tls_settings.server_context(cert_file, key_file, client_ca_file, alpn=(HTTP11_ALPN,))
     return await server.loop.create_server(
-        lambda: HttpConnectProtocol(server), host, port, ssl=ctx, backlog=listen_backlog(),
-        ssl_handshake_timeout=READ_HEADER_TIMEOUT)
+        lambda: HttpConnectProtocol(server),
+        host,
+        port,
+        ssl=ctx,
+        backlog=listen_backlog(),
+        ssl_handshake_timeout=READ_HEADER_TIMEOUT,
+    )

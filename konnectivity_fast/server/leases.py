@@ -67,6 +67,7 @@ MAX_UPDATE_RETRIES = 5
 # Deleting our own Lease at shutdown must not hold the shutdown up for long.
 STOP_DELETE_TIMEOUT = 5.0
 
+
 def lease_name(server_id: str) -> str:
     return LEASE_NAME_PREFIX + server_id
 

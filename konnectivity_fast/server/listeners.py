@@ -63,11 +63,17 @@ class ServerHandle:
 #: grpc-go's keepalive defaults as upstream sets them (§1.5). Agent listener: a ping after
 #: ``--keepalive-time`` of silence; clients may ping every 30 s, even with no stream open.
 AGENT_ENGINE_DEFAULTS: dict[str, Any] = {
-    "keepalive_time": 3600.0, "min_ping_interval": 30.0, "ping_without_streams": True}
+    "keepalive_time": 3600.0,
+    "min_ping_interval": 30.0,
+    "ping_without_streams": True,
+}
 #: Frontend listener: a ping after ``--frontend-keepalive-time``; grpc-go's default policy
 #: (pings every 5 min at most, none without a stream).
 FRONTEND_ENGINE_DEFAULTS: dict[str, Any] = {
-    "keepalive_time": 3600.0, "min_ping_interval": 300.0, "ping_without_streams": False}
+    "keepalive_time": 3600.0,
+    "min_ping_interval": 300.0,
+    "ping_without_streams": False,
+}
 
 
 @dataclass(frozen=True)
@@ -78,13 +84,21 @@ class TlsSettings:
     go_ciphers: tuple[str, ...] = ()
 
     def server_context(
-        self, cert_file: str, key_file: str, client_ca_file: str | None,
+        self,
+        cert_file: str,
+        key_file: str,
+        client_ca_file: str | None,
         alpn: tuple[str, ...] = (tls.H2_ALPN,),
     ) -> ssl.SSLContext:
         """A listener's TLS context with these settings."""
-        return tls.server_context(cert_file, key_file, client_ca_file, alpn=alpn,
-                                  minimum_version=self.minimum_version,
-                                  go_ciphers=self.go_ciphers)
+        return tls.server_context(
+            cert_file,
+            key_file,
+            client_ca_file,
+            alpn=alpn,
+            minimum_version=self.minimum_version,
+            go_ciphers=self.go_ciphers,
+        )
 
 
 DEFAULT_TLS = TlsSettings()
@@ -146,9 +160,16 @@ async def start(
     handle = ServerHandle(proxy)
     try:
         handle.servers.append(await start_frontend_uds(proxy, uds_path))
-        handle.servers.append(await start_agent_listener(
-            proxy, host=agent_host, port=agent_port, cert_file=cert_file,
-            key_file=key_file, client_ca_file=client_ca_file))
+        handle.servers.append(
+            await start_agent_listener(
+                proxy,
+                host=agent_host,
+                port=agent_port,
+                cert_file=cert_file,
+                key_file=key_file,
+                client_ca_file=client_ca_file,
+            )
+        )
     except BaseException:
         await handle.close()
         raise

@@ -94,6 +94,7 @@ class Authenticator(Protocol):
 
     async def authenticate(self, authorization_values: list[str]) -> None: ...
 
+
 _DATA = int(PacketType.DATA)
 
 
@@ -173,8 +174,9 @@ class _FrontendStream:
         except CodecError as exc:
             server._frontend_failed(frontend, StatusCode.INTERNAL, _unmarshal_error(exc))
             return
-        server._apply(server.router.receive_from_frontend(
-            frontend, packet, server.loop.time(), message))
+        server._apply(
+            server.router.receive_from_frontend(frontend, packet, server.loop.time(), message)
+        )
 
     def _agent_drained(self) -> None:
         self.held = False
@@ -229,8 +231,9 @@ class _AgentStream:
         except CodecError as exc:
             server._backend_failed(backend, StatusCode.INTERNAL, _unmarshal_error(exc))
             return
-        server._apply(server.router.receive_from_agent(
-            backend, packet, server.loop.time(), message))
+        server._apply(
+            server.router.receive_from_agent(backend, packet, server.loop.time(), message)
+        )
 
     def on_end(self, call: GrpcCall) -> None:
         # Receive EOF: the handler returns OK (§4.1 step 7), then the stream's cleanup.
@@ -262,8 +265,9 @@ class _AuthenticatingSink:
         self.stream: _AgentStream | None = None
         self.task: asyncio.Task[None] | None = None
 
-    async def authenticate(self, auth: Authenticator, tokens: list[str],
-                           identifiers: AgentIdentifiers) -> None:
+    async def authenticate(
+        self, auth: Authenticator, tokens: list[str], identifiers: AgentIdentifiers
+    ) -> None:
         try:
             await auth.authenticate(tokens)
         except Exception as exc:  # any failure refuses this agent only, as upstream
@@ -445,8 +449,13 @@ class ProxyServer:
             log.debug("send on stream %d dropped: %s", call.stream_id, exc)
 
     def _to_frontend(
-        self, frontend: Frontend, message: Message, ptype: int, agent: GrpcCall | None,
-        *, timed: bool = True,
+        self,
+        frontend: Frontend,
+        message: Message,
+        ptype: int,
+        agent: GrpcCall | None,
+        *,
+        timed: bool = True,
     ) -> None:
         """Queue ``message`` on ``frontend``; charge it to the tunnel's buffer if the
         frontend is behind (``buffering``). ``agent``: the call it came from. ``timed``:
@@ -484,14 +493,22 @@ class ProxyServer:
     def _apply(self, effects: list[Effect]) -> None:
         for effect in effects:
             if isinstance(effect, SendToAgent):
-                self._send(effect.backend.conn, effect.message, metrics.SEGMENT_TO_AGENT,
-                           self._message_type(effect.message))
+                self._send(
+                    effect.backend.conn,
+                    effect.message,
+                    metrics.SEGMENT_TO_AGENT,
+                    self._message_type(effect.message),
+                )
             elif isinstance(effect, SendToFrontend):
                 frontend = effect.frontend
                 backend = frontend.backend
-                self._to_frontend(frontend, effect.message, self._message_type(effect.message),
-                                  backend.conn if backend is not None else None,
-                                  timed=effect.via_connection)
+                self._to_frontend(
+                    frontend,
+                    effect.message,
+                    self._message_type(effect.message),
+                    backend.conn if backend is not None else None,
+                    timed=effect.via_connection,
+                )
             elif isinstance(effect, TunnelEstablished):
                 effect.frontend.conn.tunnel_established(effect.connect_id)
             elif isinstance(effect, CloseFrontend):
@@ -548,8 +565,11 @@ class ProxyServer:
         now = self.loop.time()
         # Upstream retires an agent whose DIAL_REQ could not even be sent within
         # --backend-dial-timeout (§2.2 step 3): output queued that the agent does not read.
-        stalled = {dial.backend for dial in self.router.dials_due(now)
-                   if not dial.backend.closed and dial.backend.conn.send_blocked()}
+        stalled = {
+            dial.backend
+            for dial in self.router.dials_due(now)
+            if not dial.backend.closed and dial.backend.conn.send_blocked()
+        }
         self._apply(self.router.handle_timer(now))
         for backend in stalled:
             log.info("agent %s does not read its stream: retiring it", backend.agent_id)

@@ -76,6 +76,8 @@ def listen_backlog() -> int:
             return max(1, min(int(f.read().strip()), 65535))
     except (OSError, ValueError):
         return DEFAULT_LISTEN_BACKLOG
+
+
 # Seconds to wait for the peer's TLS close_notify on close. Go closes the socket right
 # after sending its own; waiting long for a reply only delays teardown.
 SSL_SHUTDOWN_TIMEOUT = 1.0
@@ -173,8 +175,11 @@ class GrpcProtocol(asyncio.BufferedProtocol):
     def _setup_timeout(self) -> None:
         self._setup_timer = None
         if self.transport is not None and not self.transport.is_closing():
-            log.info("closing connection from %s: no HTTP/2 preface within %ss",
-                     self.transport.get_extra_info("peername"), CONNECTION_TIMEOUT)
+            log.info(
+                "closing connection from %s: no HTTP/2 preface within %ss",
+                self.transport.get_extra_info("peername"),
+                CONNECTION_TIMEOUT,
+            )
             self.transport.abort()
 
     def eof_received(self) -> bool:
@@ -492,7 +497,11 @@ async def serve(
 
     def factory() -> GrpcProtocol:
         return GrpcProtocol(
-            True, handler, loop=loop, require_alpn_h2=ssl is not None, on_made=result._track,
+            True,
+            handler,
+            loop=loop,
+            require_alpn_h2=ssl is not None,
+            on_made=result._track,
             **engine_options,
         )
 

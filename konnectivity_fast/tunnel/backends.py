@@ -82,8 +82,17 @@ class AgentIdentifiers:
 # simply "not true" here, as upstream ignores the parse error).
 _GO_TRUE = frozenset({"1", "t", "T", "true", "TRUE", "True"})
 _HEX = frozenset(b"0123456789abcdefABCDEF")
-_GO_QUOTE_ESCAPES = {'"': '\\"', "\\": "\\\\", "\a": "\\a", "\b": "\\b", "\f": "\\f",
-                     "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v"}
+_GO_QUOTE_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\a": "\\a",
+    "\b": "\\b",
+    "\f": "\\f",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+    "\v": "\\v",
+}
 
 
 def _go_quote(raw: bytes) -> str:
@@ -118,8 +127,8 @@ def _query_unescape(text: str) -> str:
         byte = raw[i]
         if byte == 0x25:  # '%'
             if i + 2 >= len(raw) or raw[i + 1] not in _HEX or raw[i + 2] not in _HEX:
-                raise ValueError(f"invalid URL escape {_go_quote(raw[i:i + 3])}")
-            out.append(int(raw[i + 1:i + 3], 16))
+                raise ValueError(f"invalid URL escape {_go_quote(raw[i : i + 3])}")
+            out.append(int(raw[i + 1 : i + 3], 16))
             i += 3
             continue
         out.append(0x20 if byte == 0x2B else byte)  # '+' is a space in a query
@@ -179,11 +188,13 @@ def agent_from_metadata(
     ``AgentMetadataError`` with upstream's message."""
     if len(agent_ids) != 1:
         raise AgentMetadataError(
-            f"expected one agent ID in the context, got {_go_slice(agent_ids)}")
+            f"expected one agent ID in the context, got {_go_slice(agent_ids)}"
+        )
     if len(identifiers) > 1:
         raise AgentMetadataError(
             "expected at most one set of agent identifiers in the context, got "
-            + _go_slice(identifiers))
+            + _go_slice(identifiers)
+        )
     parsed = parse_agent_identifiers(identifiers[0]) if identifiers else AgentIdentifiers()
     return agent_ids[0], parsed
 
@@ -203,11 +214,22 @@ class Backend:
     Hashable by identity.
     """
 
-    __slots__ = ("agent_id", "closed", "closing", "conn", "connections", "dials", "draining",
-                 "id", "identifiers", "retired")
+    __slots__ = (
+        "agent_id",
+        "closed",
+        "closing",
+        "conn",
+        "connections",
+        "dials",
+        "draining",
+        "id",
+        "identifiers",
+        "retired",
+    )
 
-    def __init__(self, backend_id: int, agent_id: str, identifiers: AgentIdentifiers,
-                 conn: Any = None) -> None:
+    def __init__(
+        self, backend_id: int, agent_id: str, identifiers: AgentIdentifiers, conn: Any = None
+    ) -> None:
         self.id = backend_id
         self.agent_id = agent_id
         self.identifiers = identifiers
@@ -234,7 +256,7 @@ def remove_port_from_host(address: str) -> str:
     if address.count(":") < 2:
         return address.partition(":")[0]
     if "[" in address:
-        address = address[:address.rindex(":")]
+        address = address[: address.rindex(":")]
     return address.strip("[]")
 
 
@@ -392,7 +414,8 @@ class BackendManagers:
         if not strategies:
             raise ValueError("proxy strategies cannot be empty")
         self.managers: tuple[BackendManager, ...] = tuple(
-            MANAGER_CLASSES[ProxyStrategy(name)](rng) for name in strategies)
+            MANAGER_CLASSES[ProxyStrategy(name)](rng) for name in strategies
+        )
         # The deprecated ready_backend_connections gauge follows the last manager changed.
         self._last_changed: BackendManager = self.managers[0]
 

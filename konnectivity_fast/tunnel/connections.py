@@ -37,8 +37,17 @@ class Frontend:
     identity.
     """
 
-    __slots__ = ("backend", "closed", "conn", "connect_id", "connections", "dials", "id",
-                 "mode", "stopped")
+    __slots__ = (
+        "backend",
+        "closed",
+        "conn",
+        "connect_id",
+        "connections",
+        "dials",
+        "id",
+        "mode",
+        "stopped",
+    )
 
     def __init__(self, frontend_id: int, mode: FrontendMode, conn: Any = None) -> None:
         self.id = frontend_id
@@ -62,8 +71,9 @@ class PendingDial:
 
     __slots__ = ("address", "backend", "frontend", "random", "start")
 
-    def __init__(self, random: int, frontend: Frontend, backend: Backend, address: str,
-                 start: float) -> None:
+    def __init__(
+        self, random: int, frontend: Frontend, backend: Backend, address: str, start: float
+    ) -> None:
         self.random = random
         self.frontend = frontend
         self.backend = backend

@@ -145,6 +145,12 @@ class ConnectionDuration:
 
 
 Effect: TypeAlias = (
-    SendToAgent | SendToFrontend | TunnelEstablished | CloseFrontend | RetireBackend
-    | DialFailure | DialDuration | ConnectionDuration
+    SendToAgent
+    | SendToFrontend
+    | TunnelEstablished
+    | CloseFrontend
+    | RetireBackend
+    | DialFailure
+    | DialDuration
+    | ConnectionDuration
 )

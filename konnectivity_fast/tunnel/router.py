@@ -119,6 +119,7 @@ MAX_CLOSING_PER_BACKEND = 4096
 # HTTP-CONNECT dial IDs are non-negative 63-bit integers, like upstream's rand.Int63().
 HTTP_RANDOM_BITS = 63
 
+
 def _owned(frontend: Frontend, connect_id: int) -> ProxyClientConnection | None:
     """``frontend``'s established connection with ``connect_id``, if it has one; on the
     stream's latest backend first (connectIDs are per agent, so two agents' connections
@@ -132,7 +133,6 @@ def _owned(frontend: Frontend, connect_id: int) -> ProxyClientConnection | None:
     return found
 
 
-
 Handler = Callable[[Any, Packet, float, RawMessage | None], list[Effect]]
 
 
@@ -144,8 +144,9 @@ class Router:
     seconds, 0 for none.
     """
 
-    def __init__(self, strategies: Sequence[str], rng: Random, *,
-                 dial_timeout: float = 0.0) -> None:
+    def __init__(
+        self, strategies: Sequence[str], rng: Random, *, dial_timeout: float = 0.0
+    ) -> None:
         if dial_timeout < 0:
             raise ValueError("dial_timeout must be >= 0")
         self.backend_managers = BackendManagers(strategies, rng)
@@ -208,8 +209,9 @@ class Router:
         self._frontends[frontend.id] = frontend
         return frontend
 
-    def add_backend(self, agent_id: str, identifiers: AgentIdentifiers,
-                    conn: Any = None) -> Backend:
+    def add_backend(
+        self, agent_id: str, identifiers: AgentIdentifiers, conn: Any = None
+    ) -> Backend:
         """A validated, authenticated agent stream whose headers went out: it joins every
         backend manager (§4.1 step 5)."""
         backend = Backend(next(self._ids), agent_id, identifiers, conn)
@@ -293,8 +295,9 @@ class Router:
 
     # --- packets --------------------------------------------------------------------------
 
-    def receive_from_frontend(self, frontend: Frontend, packet: Packet, now: float,
-                              raw: RawMessage | None = None) -> list[Effect]:
+    def receive_from_frontend(
+        self, frontend: Frontend, packet: Packet, now: float, raw: RawMessage | None = None
+    ) -> list[Effect]:
         """A packet from a gRPC ``Proxy`` stream; ``raw`` is its message bytes, forwarded
         unchanged where upstream forwards the packet."""
         if frontend.mode is not FrontendMode.GRPC:
@@ -305,8 +308,9 @@ class Router:
         # DIAL_RSP, CLOSE_RSP, DRAIN and unknown types from a frontend: ignored.
         return [] if handler is None else handler(frontend, packet, now, raw)
 
-    def receive_from_agent(self, backend: Backend, packet: Packet, now: float,
-                           raw: RawMessage | None = None) -> list[Effect]:
+    def receive_from_agent(
+        self, backend: Backend, packet: Packet, now: float, raw: RawMessage | None = None
+    ) -> list[Effect]:
         """A packet from an agent ``Connect`` stream."""
         if backend.closed:
             return []
@@ -367,8 +371,9 @@ class Router:
 
     # --- frontend packets -----------------------------------------------------------------
 
-    def _on_frontend_dial_req(self, frontend: Frontend, packet: Packet, now: float,
-                              raw: RawMessage | None) -> list[Effect]:  # DIAL_REQ
+    def _on_frontend_dial_req(
+        self, frontend: Frontend, packet: Packet, now: float, raw: RawMessage | None
+    ) -> list[Effect]:  # DIAL_REQ
         request = payload_of(packet, DialRequest)
         if request.random in self._pending:  # upstream overwrites another dial
             return [reply(frontend, dial_rsp(request.random, ERR_DUPLICATE_DIAL))]
@@ -377,14 +382,17 @@ class Router:
         backend = self.backend_managers.backend(request.address)
         if backend is None:
             frontend.stopped = True
-            return [DialFailure(DialFailureReason.NO_AGENT),
-                    reply(frontend, dial_rsp(request.random, ERR_NO_AGENT))]
+            return [
+                DialFailure(DialFailureReason.NO_AGENT),
+                reply(frontend, dial_rsp(request.random, ERR_NO_AGENT)),
+            ]
         frontend.backend = backend
         self._add_pending(PendingDial(request.random, frontend, backend, request.address, now))
         return [SendToAgent(backend, forward(packet, request, raw))]
 
-    def _on_frontend_data(self, frontend: Frontend, packet: Packet, now: float,
-                          raw: RawMessage | None) -> list[Effect]:  # DATA
+    def _on_frontend_data(
+        self, frontend: Frontend, packet: Packet, now: float, raw: RawMessage | None
+    ) -> list[Effect]:  # DATA
         data = payload_of(packet, Data)
         connect_id = data.connect_id
         backend = frontend.backend
@@ -407,18 +415,21 @@ class Router:
             return []
         return [SendToAgent(backend, forward(packet, data, raw))]
 
-    def _mismatched_ids(self, frontend: Frontend, backend: Backend, new: int,
-                        old: int) -> list[Effect]:
+    def _mismatched_ids(
+        self, frontend: Frontend, backend: Backend, new: int, old: int
+    ) -> list[Effect]:
         effects: list[Effect] = []
         if not backend.closed:
-            effects += [SendToAgent(backend, close_req(new)),
-                        SendToAgent(backend, close_req(old))]
-        effects += [reply(frontend, close_rsp(new, ERR_MISMATCHED_IDS)),
-                    reply(frontend, close_rsp(old, ERR_MISMATCHED_IDS))]
+            effects += [SendToAgent(backend, close_req(new)), SendToAgent(backend, close_req(old))]
+        effects += [
+            reply(frontend, close_rsp(new, ERR_MISMATCHED_IDS)),
+            reply(frontend, close_rsp(old, ERR_MISMATCHED_IDS)),
+        ]
         return effects
 
-    def _on_frontend_close_req(self, frontend: Frontend, packet: Packet, now: float,
-                               raw: RawMessage | None) -> list[Effect]:  # CLOSE_REQ
+    def _on_frontend_close_req(
+        self, frontend: Frontend, packet: Packet, now: float, raw: RawMessage | None
+    ) -> list[Effect]:  # CLOSE_REQ
         request = payload_of(packet, CloseRequest)
         backend = frontend.backend
         if backend is None:  # processing carries on, unlike DATA
@@ -431,8 +442,9 @@ class Router:
             return [reply(frontend, close_rsp(request.connect_id, ERR_FOREIGN_CONNECT_ID))]
         return [SendToAgent(owned.backend, forward(packet, request, raw))]
 
-    def _on_frontend_dial_cls(self, frontend: Frontend, packet: Packet, now: float,
-                              raw: RawMessage | None) -> list[Effect]:  # DIAL_CLS
+    def _on_frontend_dial_cls(
+        self, frontend: Frontend, packet: Packet, now: float, raw: RawMessage | None
+    ) -> list[Effect]:  # DIAL_CLS
         dial = frontend.dials.get(payload_of(packet, CloseDial).random)
         if dial is None:
             return []
@@ -442,8 +454,9 @@ class Router:
 
     # --- agent packets --------------------------------------------------------------------
 
-    def _on_agent_dial_rsp(self, backend: Backend, packet: Packet, now: float,
-                           raw: RawMessage | None) -> list[Effect]:  # DIAL_RSP
+    def _on_agent_dial_rsp(
+        self, backend: Backend, packet: Packet, now: float, raw: RawMessage | None
+    ) -> list[Effect]:  # DIAL_RSP
         response = payload_of(packet, DialResponse)
         dial = backend.dials.get(response.random)
         if dial is None:
@@ -454,9 +467,12 @@ class Router:
         self._remove_pending(dial)
         frontend = dial.frontend
         if response.error:
-            return [DialFailure(DialFailureReason.ERROR_RESPONSE),
-                    self._dial_failed(dial, CloseReason.DIAL_ERROR, response.error,
-                                      forward(packet, response, raw))]
+            return [
+                DialFailure(DialFailureReason.ERROR_RESPONSE),
+                self._dial_failed(
+                    dial, CloseReason.DIAL_ERROR, response.error, forward(packet, response, raw)
+                ),
+            ]
         effects = self._add_established(ProxyClientConnection(dial, response.connect_id), now)
         effects.append(DialDuration(now - dial.start))
         if frontend.mode is FrontendMode.GRPC:
@@ -466,8 +482,9 @@ class Router:
             effects.append(TunnelEstablished(frontend, response.connect_id))
         return effects
 
-    def _on_agent_data(self, backend: Backend, packet: Packet, now: float,
-                       raw: RawMessage | None) -> list[Effect]:  # DATA
+    def _on_agent_data(
+        self, backend: Backend, packet: Packet, now: float, raw: RawMessage | None
+    ) -> list[Effect]:  # DATA
         data = payload_of(packet, Data)
         connect_id = data.connect_id
         if connect_id == 0:
@@ -479,8 +496,9 @@ class Router:
             return []
         return [SendToAgent(backend, close_req(connect_id))]
 
-    def _on_agent_close_rsp(self, backend: Backend, packet: Packet, now: float,
-                            raw: RawMessage | None) -> list[Effect]:  # CLOSE_RSP
+    def _on_agent_close_rsp(
+        self, backend: Backend, packet: Packet, now: float, raw: RawMessage | None
+    ) -> list[Effect]:  # CLOSE_RSP
         response = payload_of(packet, CloseResponse)
         conn = backend.connections.get(response.connect_id)
         if conn is None:  # already closed; maybe a frontend that left
@@ -494,19 +512,22 @@ class Router:
             effects.append(self._close_http(conn.frontend, CloseReason.CLOSE_RSP))
         return effects
 
-    def _on_agent_dial_cls(self, backend: Backend, packet: Packet, now: float,
-                           raw: RawMessage | None) -> list[Effect]:  # DIAL_CLS
+    def _on_agent_dial_cls(
+        self, backend: Backend, packet: Packet, now: float, raw: RawMessage | None
+    ) -> list[Effect]:  # DIAL_CLS
         close = payload_of(packet, CloseDial)
         dial = backend.dials.get(close.random)
         if dial is None:
             return []
         self._remove_pending(dial)
-        return [DialFailure(DialFailureReason.BACKEND_CLOSE),
-                self._dial_failed(dial, CloseReason.DIAL_CLOSED, "",
-                                  forward(packet, close, raw))]
+        return [
+            DialFailure(DialFailureReason.BACKEND_CLOSE),
+            self._dial_failed(dial, CloseReason.DIAL_CLOSED, "", forward(packet, close, raw)),
+        ]
 
-    def _on_agent_drain(self, backend: Backend, packet: Packet, now: float,
-                        raw: RawMessage | None) -> list[Effect]:  # DRAIN
+    def _on_agent_drain(
+        self, backend: Backend, packet: Packet, now: float, raw: RawMessage | None
+    ) -> list[Effect]:  # DRAIN
         backend.draining = True
         return []
 
@@ -564,8 +585,9 @@ class Router:
             return SendToFrontend(conn.frontend, close_rsp(conn.connect_id, ""))
         return self._close_http(conn.frontend, reason)
 
-    def _dial_failed(self, dial: PendingDial, reason: CloseReason, error: str,
-                     message: Message | None = None) -> Effect:
+    def _dial_failed(
+        self, dial: PendingDial, reason: CloseReason, error: str, message: Message | None = None
+    ) -> Effect:
         """Tell a removed dial's frontend it failed: gRPC gets ``message`` (default: an
         error DIAL_RSP), HTTP-CONNECT is closed for ``reason``."""
         if dial.frontend.mode is FrontendMode.GRPC:

@@ -30,7 +30,6 @@ pytestmark = pytest.mark.timeout(120)
 WAIT = 30.0
 
 
-
 def get(
     port: int, path: str, headers: dict[str, str] | None = None
 ) -> tuple[int, dict[str, str], bytes]:

@@ -95,9 +95,18 @@ def test_bad_duration(text: str, message: str) -> None:
 # -- Go integers, booleans, floats -------------------------------------------------------
 
 INTS = [  # ParseInt(s, 0, 64), as pflag's int flags use it
-    ("8090", 8090), ("-1", -1), ("+7", 7), ("0x1F", 31), ("0o17", 15), ("017", 15),
-    ("0b101", 5), ("0", 0), ("1_000", 1000), ("0x_ff", 255),
-    ("9223372036854775807", 2**63 - 1), ("-9223372036854775808", -(2**63)),
+    ("8090", 8090),
+    ("-1", -1),
+    ("+7", 7),
+    ("0x1F", 31),
+    ("0o17", 15),
+    ("017", 15),
+    ("0b101", 5),
+    ("0", 0),
+    ("1_000", 1000),
+    ("0x_ff", 255),
+    ("9223372036854775807", 2**63 - 1),
+    ("-9223372036854775808", -(2**63)),
 ]
 BAD_INTS = [
     ("", 'strconv.ParseInt: parsing "": invalid syntax'),
@@ -109,10 +118,14 @@ BAD_INTS = [
     ("_1", 'strconv.ParseInt: parsing "_1": invalid syntax'),
     ("1.5", 'strconv.ParseInt: parsing "1.5": invalid syntax'),
     ("9223372036854775808", 'strconv.ParseInt: parsing "9223372036854775808": value out of range'),
-    ("-9223372036854775809",
-     'strconv.ParseInt: parsing "-9223372036854775809": value out of range'),
-    ("99999999999999999999x",
-     'strconv.ParseInt: parsing "99999999999999999999x": value out of range'),
+    (
+        "-9223372036854775809",
+        'strconv.ParseInt: parsing "-9223372036854775809": value out of range',
+    ),
+    (
+        "99999999999999999999x",
+        'strconv.ParseInt: parsing "99999999999999999999x": value out of range',
+    ),
 ]
 
 
@@ -140,11 +153,23 @@ def test_decimal_32_bit_int() -> None:
             goparse.parse_int(text, 10, 32)
 
 
-@pytest.mark.parametrize(("text", "value"), [
-    ("1", True), ("t", True), ("T", True), ("TRUE", True), ("true", True), ("True", True),
-    ("0", False), ("f", False), ("F", False), ("FALSE", False), ("false", False),
-    ("False", False),
-])
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("1", True),
+        ("t", True),
+        ("T", True),
+        ("TRUE", True),
+        ("true", True),
+        ("True", True),
+        ("0", False),
+        ("f", False),
+        ("F", False),
+        ("FALSE", False),
+        ("false", False),
+        ("False", False),
+    ],
+)
 def test_bool(text: str, value: bool) -> None:
     assert goparse.parse_bool(text) is value
 
@@ -156,71 +181,121 @@ def test_bad_bool(text: str) -> None:
     assert str(info.value) == f'strconv.ParseBool: parsing "{text}": invalid syntax'
 
 
-@pytest.mark.parametrize(("text", "shown"), [
-    ("0", "0"), ("75", "75"), ("1.5", "1.5"), ("0.1", "0.1"), ("1e6", "1e+06"),
-    ("123456", "123456"), ("1234567", "1.234567e+06"), ("0.0001", "0.0001"),
-    ("0.00001", "1e-05"), ("-2.5", "-2.5"), ("0x1p-2", "0.25"), ("1_0.5", "10.5"),
-    ("5.", "5"), (".5", "0.5"), ("3.4028235e38", "3.4028235e+38"), ("16777217", "1.6777216e+07"),
-    ("inf", "+Inf"), ("-Infinity", "-Inf"), ("NaN", "NaN"),
-])
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("0", "0"),
+        ("75", "75"),
+        ("1.5", "1.5"),
+        ("0.1", "0.1"),
+        ("1e6", "1e+06"),
+        ("123456", "123456"),
+        ("1234567", "1.234567e+06"),
+        ("0.0001", "0.0001"),
+        ("0.00001", "1e-05"),
+        ("-2.5", "-2.5"),
+        ("0x1p-2", "0.25"),
+        ("1_0.5", "10.5"),
+        ("5.", "5"),
+        (".5", "0.5"),
+        ("3.4028235e38", "3.4028235e+38"),
+        ("16777217", "1.6777216e+07"),
+        ("inf", "+Inf"),
+        ("-Infinity", "-Inf"),
+        ("NaN", "NaN"),
+    ],
+)
 def test_float32(text: str, shown: str) -> None:
     assert goparse.format_float32(goparse.parse_float32(text)) == shown
 
 
-@pytest.mark.parametrize(("text", "reason"), [
-    ("abc", "invalid syntax"), ("1e", "invalid syntax"), ("", "invalid syntax"),
-    ("+nan", "invalid syntax"), ("1__0", "invalid syntax"), ("0x1", "invalid syntax"),
-    ("1e39", "value out of range"), ("1e400", "value out of range"),
-])
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("abc", "invalid syntax"),
+        ("1e", "invalid syntax"),
+        ("", "invalid syntax"),
+        ("+nan", "invalid syntax"),
+        ("1__0", "invalid syntax"),
+        ("0x1", "invalid syntax"),
+        ("1e39", "value out of range"),
+        ("1e400", "value out of range"),
+    ],
+)
 def test_bad_float32(text: str, reason: str) -> None:
     with pytest.raises(GoError) as info:
         goparse.parse_float32(text)
     assert str(info.value) == f'strconv.ParseFloat: parsing "{text}": {reason}'
 
 
-@pytest.mark.parametrize(("text", "quoted"), [
-    ("plain", '"plain"'),
-    ('a"b\\c', '"a\\"b\\\\c"'),
-    ("tab\there\n", '"tab\\there\\n"'),
-    ("\x00\x7f", '"\\x00\\x7f"'),
-    ("caf\u00e9", '"caf\u00e9"'),
-    ("\u00a0", '"\\u00a0"'),
-    (b"\xff".decode("utf-8", "surrogateescape"), '"\\xff"'),
-])
+@pytest.mark.parametrize(
+    ("text", "quoted"),
+    [
+        ("plain", '"plain"'),
+        ('a"b\\c', '"a\\"b\\\\c"'),
+        ("tab\there\n", '"tab\\there\\n"'),
+        ("\x00\x7f", '"\\x00\\x7f"'),
+        ("caf\u00e9", '"caf\u00e9"'),
+        ("\u00a0", '"\\u00a0"'),
+        (b"\xff".decode("utf-8", "surrogateescape"), '"\\xff"'),
+    ],
+)
 def test_go_quote(text: str, quoted: str) -> None:
     assert goparse.go_quote(text) == quoted
 
 
-@pytest.mark.parametrize(("text", "fields"), [
-    ("a,b", ["a", "b"]), ("a", ["a"]), ("[]", ["[]"]), ("a,,b,", ["a", "", "b", ""]),
-    ('"a,b",c', ["a,b", "c"]), ('"a""b"', ['a"b']), ("x\ny", ["x"]), ("\nx", ["x"]),
-    (" a , b", [" a ", " b"]), ('"multi\nline",z', ["multi\nline", "z"]),
-])
+@pytest.mark.parametrize(
+    ("text", "fields"),
+    [
+        ("a,b", ["a", "b"]),
+        ("a", ["a"]),
+        ("[]", ["[]"]),
+        ("a,,b,", ["a", "", "b", ""]),
+        ('"a,b",c', ["a,b", "c"]),
+        ('"a""b"', ['a"b']),
+        ("x\ny", ["x"]),
+        ("\nx", ["x"]),
+        (" a , b", [" a ", " b"]),
+        ('"multi\nline",z', ["multi\nline", "z"]),
+    ],
+)
 def test_csv_record(text: str, fields: list[str]) -> None:
     assert goparse.read_csv_record(text) == fields
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ('a"b', 'parse error on line 1, column 2: bare " in non-quoted field'),
-    ('"ab', 'parse error on line 1, column 4: extraneous or missing " in quoted-field'),
-    ('"a"b', 'parse error on line 1, column 4: extraneous or missing " in quoted-field'),
-    ("\n", "EOF"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('a"b', 'parse error on line 1, column 2: bare " in non-quoted field'),
+        ('"ab', 'parse error on line 1, column 4: extraneous or missing " in quoted-field'),
+        ('"a"b', 'parse error on line 1, column 4: extraneous or missing " in quoted-field'),
+        ("\n", "EOF"),
+    ],
+)
 def test_bad_csv_record(text: str, message: str) -> None:
     with pytest.raises(GoError) as info:
         goparse.read_csv_record(text)
     assert str(info.value) == message
 
 
-@pytest.mark.parametrize(("fields", "text"), [
-    ([], ""), ([""], ""), (["a", "b"], "a,b"), (["a,b"], '"a,b"'), (['q"'], '"q"""'),
-    ([" x"], '" x"'), (["\\."], '"\\."'),
-])
+@pytest.mark.parametrize(
+    ("fields", "text"),
+    [
+        ([], ""),
+        ([""], ""),
+        (["a", "b"], "a,b"),
+        (["a,b"], '"a,b"'),
+        (['q"'], '"q"""'),
+        ([" x"], '" x"'),
+        (["\\."], '"\\."'),
+    ],
+)
 def test_csv_write(fields: list[str], text: str) -> None:
     assert goparse.write_csv_record(fields) == text
 
 
 # -- pflag parsing -------------------------------------------------------------------------
+
 
 def sample_flags() -> FlagSet:
     fs = FlagSet("sample")
@@ -264,9 +339,11 @@ PARSES: list[tuple[list[str], dict[str, Any], set[str]]] = [
     (["--cache-dir=/x"], {"cache_dir": "/x"}, {"cache-dir"}),
     (["--cache_dir=/x"], {"cache_dir": "/x"}, {"cache-dir"}),
     (["--log_dir=/x"], {KLOG_PREFIX + "log_dir": "/x"}, {"log-dir"}),
-    (["--log_file=/y", "--log-file-max-size=0"],
-     {KLOG_PREFIX + "log_file": "/y", KLOG_PREFIX + "log_file_max_size": 0},
-     {"log-file", "log-file-max-size"}),
+    (
+        ["--log_file=/y", "--log-file-max-size=0"],
+        {KLOG_PREFIX + "log_file": "/y", KLOG_PREFIX + "log_file_max_size": 0},
+        {"log-file", "log-file-max-size"},
+    ),
     (["-v=3"], {KLOG_PREFIX + "v": 3}, {"v"}),
     (["-v", "3"], {KLOG_PREFIX + "v": 3}, {"v"}),
     (["-v3"], {KLOG_PREFIX + "v": 3}, {"v"}),
@@ -278,10 +355,16 @@ PARSES: list[tuple[list[str], dict[str, Any], set[str]]] = [
     (["--logtostderr=false"], {KLOG_PREFIX + "logtostderr": False}, {"logtostderr"}),
     (["--stderrthreshold=warning"], {KLOG_PREFIX + "stderrthreshold": 1}, {"stderrthreshold"}),
     (["--stderrthreshold=3"], {KLOG_PREFIX + "stderrthreshold": 3}, {"stderrthreshold"}),
-    (["--vmodule=server=5,proxy*=3,x=0"],
-     {KLOG_PREFIX + "vmodule": (("server", 5), ("proxy*", 3))}, {"vmodule"}),
-    (["--log-backtrace-at=server.go:42"],
-     {KLOG_PREFIX + "log_backtrace_at": ("server.go", 42)}, {"log-backtrace-at"}),
+    (
+        ["--vmodule=server=5,proxy*=3,x=0"],
+        {KLOG_PREFIX + "vmodule": (("server", 5), ("proxy*", 3))},
+        {"vmodule"},
+    ),
+    (
+        ["--log-backtrace-at=server.go:42"],
+        {KLOG_PREFIX + "log_backtrace_at": ("server.go", 42)},
+        {"log-backtrace-at"},
+    ),
     (["--log-backtrace-at="], {KLOG_PREFIX + "log_backtrace_at": ("", 0)}, {"log-backtrace-at"}),
     (["--go-bool"], {"go_bool": True}, {"go-bool"}),
     (["--old-name=z"], {"old_name": "z"}, {"old-name"}),
@@ -299,9 +382,7 @@ def test_parse(argv: list[str], values: dict[str, Any], explicit: set[str]) -> N
 
 
 def test_positional_arguments() -> None:
-    result = sample_flags().parse(
-        ["a", "--port=1", "-", "b", "--", "--name=x", "-v"], environ={}
-    )
+    result = sample_flags().parse(["a", "--port=1", "-", "b", "--", "--name=x", "-v"], environ={})
     assert result.args == ("a", "-", "b", "--name=x", "-v")
     assert result.values["name"] == "grpc"
     assert result.explicit == {"port"}
@@ -326,46 +407,75 @@ ERRORS = [
     (["-v"], "flag needs an argument: 'v' in -v"),
     (["---port=1"], "bad flag syntax: ---port=1"),
     (["--=1"], "bad flag syntax: --=1"),
-    (["--port=abc"],
-     'invalid argument "abc" for "--port" flag: strconv.ParseInt: parsing "abc": invalid syntax'),
-    (["--port=99999999999999999999"],
-     'invalid argument "99999999999999999999" for "--port" flag: strconv.ParseInt: parsing '
-     '"99999999999999999999": value out of range'),
-    (["--enabled=yes"],
-     'invalid argument "yes" for "--enabled" flag: strconv.ParseBool: parsing "yes": '
-     "invalid syntax"),
+    (
+        ["--port=abc"],
+        'invalid argument "abc" for "--port" flag: strconv.ParseInt: parsing "abc": invalid syntax',
+    ),
+    (
+        ["--port=99999999999999999999"],
+        'invalid argument "99999999999999999999" for "--port" flag: strconv.ParseInt: parsing '
+        '"99999999999999999999": value out of range',
+    ),
+    (
+        ["--enabled=yes"],
+        'invalid argument "yes" for "--enabled" flag: strconv.ParseBool: parsing "yes": '
+        "invalid syntax",
+    ),
     (["--go-bool=yes"], 'invalid argument "yes" for "--go-bool" flag: parse error'),
     (["--go-size=-1"], 'invalid argument "-1" for "--go-size" flag: parse error'),
-    (["--go-size=99999999999999999999"],
-     'invalid argument "99999999999999999999" for "--go-size" flag: value out of range'),
-    (["--timeout=5"],
-     'invalid argument "5" for "--timeout" flag: time: missing unit in duration "5"'),
-    (["--timeout=bad"],
-     'invalid argument "bad" for "--timeout" flag: time: invalid duration "bad"'),
-    (["--qps=x"],
-     'invalid argument "x" for "--qps" flag: strconv.ParseFloat: parsing "x": invalid syntax'),
-    (["--protos=a\"b"],
-     'invalid argument "a\\"b" for "--protos" flag: parse error on line 1, column 2: '
-     'bare " in non-quoted field'),
-    (["-v=x"],
-     'invalid argument "x" for "-v, --v" flag: strconv.ParseInt: parsing "x": invalid syntax'),
-    (["--v=1.5"],
-     'invalid argument "1.5" for "-v, --v" flag: strconv.ParseInt: parsing "1.5": '
-     "invalid syntax"),
-    (["--stderrthreshold=LOUD"],
-     'invalid argument "LOUD" for "--stderrthreshold" flag: strconv.ParseInt: parsing '
-     '"LOUD": invalid syntax'),
-    (["--vmodule=a"],
-     'invalid argument "a" for "--vmodule" flag: syntax error: expect comma-separated list '
-     "of filename=N"),
-    (["--vmodule=a=-1"],
-     'invalid argument "a=-1" for "--vmodule" flag: negative value for vmodule level'),
-    (["--log-backtrace-at=nodot:3"],
-     'invalid argument "nodot:3" for "--log-backtrace-at" flag: syntax error: expect '
-     "file.go:234"),
-    (["--log-backtrace-at=a.go:0"],
-     'invalid argument "a.go:0" for "--log-backtrace-at" flag: negative or zero value for '
-     "level"),
+    (
+        ["--go-size=99999999999999999999"],
+        'invalid argument "99999999999999999999" for "--go-size" flag: value out of range',
+    ),
+    (
+        ["--timeout=5"],
+        'invalid argument "5" for "--timeout" flag: time: missing unit in duration "5"',
+    ),
+    (
+        ["--timeout=bad"],
+        'invalid argument "bad" for "--timeout" flag: time: invalid duration "bad"',
+    ),
+    (
+        ["--qps=x"],
+        'invalid argument "x" for "--qps" flag: strconv.ParseFloat: parsing "x": invalid syntax',
+    ),
+    (
+        ['--protos=a"b'],
+        'invalid argument "a\\"b" for "--protos" flag: parse error on line 1, column 2: '
+        'bare " in non-quoted field',
+    ),
+    (
+        ["-v=x"],
+        'invalid argument "x" for "-v, --v" flag: strconv.ParseInt: parsing "x": invalid syntax',
+    ),
+    (
+        ["--v=1.5"],
+        'invalid argument "1.5" for "-v, --v" flag: strconv.ParseInt: parsing "1.5": '
+        "invalid syntax",
+    ),
+    (
+        ["--stderrthreshold=LOUD"],
+        'invalid argument "LOUD" for "--stderrthreshold" flag: strconv.ParseInt: parsing '
+        '"LOUD": invalid syntax',
+    ),
+    (
+        ["--vmodule=a"],
+        'invalid argument "a" for "--vmodule" flag: syntax error: expect comma-separated list '
+        "of filename=N",
+    ),
+    (
+        ["--vmodule=a=-1"],
+        'invalid argument "a=-1" for "--vmodule" flag: negative value for vmodule level',
+    ),
+    (
+        ["--log-backtrace-at=nodot:3"],
+        'invalid argument "nodot:3" for "--log-backtrace-at" flag: syntax error: expect '
+        "file.go:234",
+    ),
+    (
+        ["--log-backtrace-at=a.go:0"],
+        'invalid argument "a.go:0" for "--log-backtrace-at" flag: negative or zero value for level',
+    ),
 ]
 
 
@@ -423,8 +533,9 @@ def test_registration_errors() -> None:
 def test_usage_table() -> None:
     usages = sample_flags().flag_usages()
     lines = usages.splitlines()
-    names = [line.split()[0] if line.lstrip().startswith("--") else line.split()[1]
-             for line in lines]
+    names = [
+        line.split()[0] if line.lstrip().startswith("--") else line.split()[1] for line in lines
+    ]
     assert names == sorted(names, key=lambda n: n.lstrip("-"))
     assert "--secret" not in usages and "--old-name" not in usages  # hidden, deprecated
     by_name = {line.split("--")[1].split()[0]: line for line in lines}
@@ -444,10 +555,12 @@ def test_usage_table() -> None:
     assert "(default" not in by_name["alsologtostderrthreshold"]
     assert by_name["port"].index("A port.") == by_name["help"].index("Help.")  # one column
     assert command_usage("About.", "sample", sample_flags()).startswith(
-        "About.\n\nUsage:\n  sample [flags]\n\nFlags:\n")
+        "About.\n\nUsage:\n  sample [flags]\n\nFlags:\n"
+    )
 
 
 # -- klog ----------------------------------------------------------------------------------
+
 
 def test_verbosity_levels() -> None:
     assert V(0) == logging.INFO
@@ -457,8 +570,13 @@ def test_verbosity_levels() -> None:
     assert V(-3) == logging.INFO
 
 
-def _record(level: int, msg: str, filename: str = "/src/pkg/server.py", line: int = 42,
-            created: float = 1_700_000_000.123456) -> logging.LogRecord:
+def _record(
+    level: int,
+    msg: str,
+    filename: str = "/src/pkg/server.py",
+    line: int = 42,
+    created: float = 1_700_000_000.123456,
+) -> logging.LogRecord:
     record = logging.LogRecord("t", level, filename, line, msg, None, None)
     record.created = created
     return record
@@ -475,9 +593,17 @@ def test_formatter_header() -> None:
     dirs = KlogFormatter(add_dir_header=True).format(_record(logging.INFO, "x"))
     assert " pkg/server.py:42] x" in dirs
     assert KlogFormatter(skip_headers=True).format(_record(logging.ERROR, "bare")) == "bare"
-    severities = [KlogFormatter().format(_record(lv, "m"))[0]
-                  for lv in (V(3), logging.DEBUG, logging.INFO, logging.WARNING,
-                             logging.ERROR, logging.CRITICAL)]
+    severities = [
+        KlogFormatter().format(_record(lv, "m"))[0]
+        for lv in (
+            V(3),
+            logging.DEBUG,
+            logging.INFO,
+            logging.WARNING,
+            logging.ERROR,
+            logging.CRITICAL,
+        )
+    ]
     assert severities == ["I", "I", "I", "W", "E", "F"]
 
 
@@ -504,19 +630,30 @@ def _emit(opts: KlogOptions, records: list[logging.LogRecord]) -> str:
 
 
 @pytest.mark.usefixtures("root_logger")
-@pytest.mark.parametrize(("opts", "shown"), [
-    (KlogOptions(), ["info", "v2", "v4", "warn", "err"]),
-    (KlogOptions(v=0), ["info", "warn", "err"]),
-    (KlogOptions(v=5), ["info", "v2", "v4", "debug", "warn", "err"]),
-    (KlogOptions(v=0, vmodule=(("serv*", 4),)), ["info", "v2", "v4", "warn", "err"]),
-    (KlogOptions(v=0, vmodule=(("other", 9),)), ["info", "warn", "err"]),
-    (KlogOptions(legacy_stderr_threshold_behavior=False), ["err"]),
-    (KlogOptions(legacy_stderr_threshold_behavior=False, stderrthreshold=1), ["warn", "err"]),
-])
+@pytest.mark.parametrize(
+    ("opts", "shown"),
+    [
+        (KlogOptions(), ["info", "v2", "v4", "warn", "err"]),
+        (KlogOptions(v=0), ["info", "warn", "err"]),
+        (KlogOptions(v=5), ["info", "v2", "v4", "debug", "warn", "err"]),
+        (KlogOptions(v=0, vmodule=(("serv*", 4),)), ["info", "v2", "v4", "warn", "err"]),
+        (KlogOptions(v=0, vmodule=(("other", 9),)), ["info", "warn", "err"]),
+        (KlogOptions(legacy_stderr_threshold_behavior=False), ["err"]),
+        (KlogOptions(legacy_stderr_threshold_behavior=False, stderrthreshold=1), ["warn", "err"]),
+    ],
+)
 def test_stderr_filtering(opts: KlogOptions, shown: list[str]) -> None:
-    records = [_record(level, name) for level, name in (
-        (logging.INFO, "info"), (V(2), "v2"), (V(4), "v4"), (logging.DEBUG, "debug"),
-        (logging.WARNING, "warn"), (logging.ERROR, "err"))]
+    records = [
+        _record(level, name)
+        for level, name in (
+            (logging.INFO, "info"),
+            (V(2), "v2"),
+            (V(4), "v4"),
+            (logging.DEBUG, "debug"),
+            (logging.WARNING, "warn"),
+            (logging.ERROR, "err"),
+        )
+    ]
     output = _emit(opts, records)
     assert [line.split("] ", 1)[1] for line in output.splitlines()] == shown
 
@@ -530,8 +667,13 @@ def test_log_file_and_stderr_threshold(tmp_path: Path) -> None:
     assert content.startswith("Log file created at: ")
     assert "] to file\n" in content and "] both\n" in content
     assert output.count("\n") == 1 and output.endswith("] both\n")
-    also = KlogOptions(logtostderr=False, log_file=str(log_file), skip_log_headers=True,
-                       alsologtostderr=True, alsologtostderrthreshold=1)
+    also = KlogOptions(
+        logtostderr=False,
+        log_file=str(log_file),
+        skip_log_headers=True,
+        alsologtostderr=True,
+        alsologtostderrthreshold=1,
+    )
     output = _emit(also, [_record(logging.INFO, "quiet"), _record(logging.WARNING, "loud")])
     assert output.endswith("] loud\n") and "quiet" not in output
 
@@ -539,8 +681,13 @@ def test_log_file_and_stderr_threshold(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("root_logger")
 def test_log_file_max_size_starts_afresh(tmp_path: Path) -> None:
     log_file = tmp_path / "small.log"
-    opts = KlogOptions(logtostderr=False, log_file=str(log_file), log_file_max_size=1,
-                       skip_log_headers=True, skip_headers=True)
+    opts = KlogOptions(
+        logtostderr=False,
+        log_file=str(log_file),
+        log_file_max_size=1,
+        skip_log_headers=True,
+        skip_headers=True,
+    )
     chunk = "x" * 400_000
     _emit(opts, [_record(logging.INFO, f"{i}{chunk}") for i in range(4)])
     lines = log_file.read_text().splitlines()
@@ -562,8 +709,9 @@ def test_log_dir_file_name(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("root_logger")
 def test_backtrace_at() -> None:
     opts = KlogOptions(log_backtrace_at=("server.py", 42))
-    output = _emit(opts, [_record(logging.INFO, "here"),
-                          _record(logging.INFO, "elsewhere", line=43)])
+    output = _emit(
+        opts, [_record(logging.INFO, "here"), _record(logging.INFO, "elsewhere", line=43)]
+    )
     assert "] here\n" in output and "Stack" not in output.split("] elsewhere")[1]
     assert output.count('File "') >= 1
 

@@ -104,8 +104,15 @@ def test_flag_surface_matches_golden() -> None:
 def files(tmp_path: Path) -> dict[str, str]:
     """Existing files for every path option (validation only checks existence)."""
     paths = {}
-    for key in ("server_crt", "server_key", "ca", "cluster_crt", "cluster_key", "cluster_ca",
-                "kubeconfig"):
+    for key in (
+        "server_crt",
+        "server_key",
+        "ca",
+        "cluster_crt",
+        "cluster_key",
+        "cluster_ca",
+        "kubeconfig",
+    ):
         (tmp_path / key).write_text("")
         paths[key] = str(tmp_path / key)
     paths["missing"] = str(tmp_path / "missing.pem")
@@ -123,43 +130,82 @@ def tcp_options(files: dict[str, str], **changes: Any) -> ProxyRunOptions:
 
 UPSTREAM_VALIDATE: list[tuple[str, str, Any, str | None]] = [
     ("default", "", None, None),
-    ("ReservedServerPort", "server_port", 1023,
-     "please do not try to use reserved port 1023 for the server port"),
+    (
+        "ReservedServerPort",
+        "server_port",
+        1023,
+        "please do not try to use reserved port 1023 for the server port",
+    ),
     ("StartValidServerPort", "server_port", 1024, None),
     ("EndValidServerPort", "server_port", 49151, None),
-    ("StartEphemeralServerPort", "server_port", 49152,
-     "please do not try to use ephemeral port 49152 for the server port"),
-    ("ReservedAdminPort", "admin_port", 1023,
-     "please do not try to use reserved port 1023 for the admin port"),
+    (
+        "StartEphemeralServerPort",
+        "server_port",
+        49152,
+        "please do not try to use ephemeral port 49152 for the server port",
+    ),
+    (
+        "ReservedAdminPort",
+        "admin_port",
+        1023,
+        "please do not try to use reserved port 1023 for the admin port",
+    ),
     ("StartValidAdminPort", "admin_port", 1024, None),
     ("EndValidAdminPort", "admin_port", 49151, None),
-    ("StartEphemeralAdminPort", "admin_port", 49152,
-     "please do not try to use ephemeral port 49152 for the admin port"),
-    ("ReservedHealthPort", "health_port", 1023,
-     "please do not try to use reserved port 1023 for the health port"),
+    (
+        "StartEphemeralAdminPort",
+        "admin_port",
+        49152,
+        "please do not try to use ephemeral port 49152 for the admin port",
+    ),
+    (
+        "ReservedHealthPort",
+        "health_port",
+        1023,
+        "please do not try to use reserved port 1023 for the health port",
+    ),
     ("StartValidHealthPort", "health_port", 1024, None),
     ("EndValidHealthPort", "health_port", 49151, None),
-    ("StartEphemeralHealthPort", "health_port", 49152,
-     "please do not try to use ephemeral port 49152 for the health port"),
-    ("CommaSparatedCipherSuites", "cipher-suites",
-     "TLS_AES_256_GCM_SHA384,TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA", None),
+    (
+        "StartEphemeralHealthPort",
+        "health_port",
+        49152,
+        "please do not try to use ephemeral port 49152 for the health port",
+    ),
+    (
+        "CommaSparatedCipherSuites",
+        "cipher-suites",
+        "TLS_AES_256_GCM_SHA384,TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA",
+        None,
+    ),
     ("Empty proxy strategies", "proxy_strategies", "", "ProxyStrategies cannot be empty"),
-    ("Invalid proxy strategies", "proxy_strategies", "invalid",
-     "invalid proxy strategies: unknown proxy strategy: invalid"),
+    (
+        "Invalid proxy strategies",
+        "proxy_strategies",
+        "invalid",
+        "invalid proxy strategies: unknown proxy strategy: invalid",
+    ),
     ("ZeroXfrChannelSize", "xfr_channel_size", 0, "channel size 0 must be greater than 0"),
-    ("NegativeXfrChannelSize", "xfr_channel_size", -10,
-     "channel size -10 must be greater than 0"),
-    ("NegativeGracefulShutdownTimeout", "graceful_shutdown_timeout", -1.0,
-     "graceful-shutdown-timeout must be >= 0, got -1s"),
+    ("NegativeXfrChannelSize", "xfr_channel_size", -10, "channel size -10 must be greater than 0"),
+    (
+        "NegativeGracefulShutdownTimeout",
+        "graceful_shutdown_timeout",
+        -1.0,
+        "graceful-shutdown-timeout must be >= 0, got -1s",
+    ),
     ("ZeroGracefulShutdownTimeout", "graceful_shutdown_timeout", 0.0, None),
     ("PositiveGracefulShutdownTimeout", "graceful_shutdown_timeout", 30.0, None),
 ]
 
 
-@pytest.mark.parametrize(("desc", "name", "value", "expected"), UPSTREAM_VALIDATE,
-                         ids=[case[0] for case in UPSTREAM_VALIDATE])
-def test_validate(files: dict[str, str], desc: str, name: str, value: Any,
-                  expected: str | None) -> None:
+@pytest.mark.parametrize(
+    ("desc", "name", "value", "expected"),
+    UPSTREAM_VALIDATE,
+    ids=[case[0] for case in UPSTREAM_VALIDATE],
+)
+def test_validate(
+    files: dict[str, str], desc: str, name: str, value: Any, expected: str | None
+) -> None:
     if name == "cipher-suites":  # upstream sets this one through the flag
         argv = [f"--cipher-suites={value}", f"--server-ca-cert={files['ca']}"]
         options = parse_args(argv, environ={}).options
@@ -170,82 +216,143 @@ def test_validate(files: dict[str, str], desc: str, name: str, value: Any,
 
 VALIDATION: list[tuple[dict[str, Any], str | None]] = [
     # One rule per row, in upstream's order; paths are formatted with the fixture's files.
-    ({"server_key": "{missing}"},
-     "error checking server key {missing}, got stat {missing}: no such file or directory"),
-    ({"server_key": "{server_key}"},
-     'cannot have server cert empty when server key is set to "{server_key}"'),
-    ({"server_cert": "{missing}"},
-     "error checking server cert {missing}, got stat {missing}: no such file or directory"),
-    ({"server_cert": "{server_crt}"},
-     'cannot have server key empty when server cert is set to "{server_crt}"'),
-    ({"server_ca_cert": "{missing}"},
-     "error checking server CA cert {missing}, got stat {missing}: no such file or directory"),
-    ({"cluster_key": "{missing}"},
-     "error checking cluster key {missing}, got stat {missing}: no such file or directory"),
-    ({"cluster_key": "{cluster_key}"},
-     'cannot have cluster cert empty when cluster key is set to "{cluster_key}"'),
-    ({"cluster_cert": "{missing}"},
-     "error checking cluster cert {missing}, got stat {missing}: no such file or directory"),
-    ({"cluster_cert": "{cluster_crt}"},
-     'cannot have cluster key empty when cluster cert is set to "{cluster_crt}"'),
-    ({"cluster_ca_cert": "{missing}"},
-     "error checking cluster CA cert {missing}, got stat {missing}: no such file or directory"),
+    (
+        {"server_key": "{missing}"},
+        "error checking server key {missing}, got stat {missing}: no such file or directory",
+    ),
+    (
+        {"server_key": "{server_key}"},
+        'cannot have server cert empty when server key is set to "{server_key}"',
+    ),
+    (
+        {"server_cert": "{missing}"},
+        "error checking server cert {missing}, got stat {missing}: no such file or directory",
+    ),
+    (
+        {"server_cert": "{server_crt}"},
+        'cannot have server key empty when server cert is set to "{server_crt}"',
+    ),
+    (
+        {"server_ca_cert": "{missing}"},
+        "error checking server CA cert {missing}, got stat {missing}: no such file or directory",
+    ),
+    (
+        {"cluster_key": "{missing}"},
+        "error checking cluster key {missing}, got stat {missing}: no such file or directory",
+    ),
+    (
+        {"cluster_key": "{cluster_key}"},
+        'cannot have cluster cert empty when cluster key is set to "{cluster_key}"',
+    ),
+    (
+        {"cluster_cert": "{missing}"},
+        "error checking cluster cert {missing}, got stat {missing}: no such file or directory",
+    ),
+    (
+        {"cluster_cert": "{cluster_crt}"},
+        'cannot have cluster key empty when cluster cert is set to "{cluster_crt}"',
+    ),
+    (
+        {"cluster_ca_cert": "{missing}"},
+        "error checking cluster CA cert {missing}, got stat {missing}: no such file or directory",
+    ),
     ({"mode": "http"}, "mode must be set to either 'grpc' or 'http-connect' not \"http\""),
     ({"mode": "GRPC"}, "mode must be set to either 'grpc' or 'http-connect' not \"GRPC\""),
     ({"mode": "http-connect"}, None),
     ({"uds_name": "/run/k.sock"}, "server port should be set to 0 not 8090 for UDS"),
-    ({"uds_name": "/run/k.sock", "server_port": 0, "server_key": "{server_key}",
-      "server_cert": "{server_crt}"}, "server key should not be set for UDS"),
-    ({"uds_name": "/run/k.sock", "server_port": 0, "server_ca_cert": "", "server_cert": "",
-      "server_key": ""}, None),
+    (
+        {
+            "uds_name": "/run/k.sock",
+            "server_port": 0,
+            "server_key": "{server_key}",
+            "server_cert": "{server_crt}",
+        },
+        "server key should not be set for UDS",
+    ),
+    (
+        {
+            "uds_name": "/run/k.sock",
+            "server_port": 0,
+            "server_ca_cert": "",
+            "server_cert": "",
+            "server_key": "",
+        },
+        None,
+    ),
     ({"uds_name": "/run/k.sock", "server_port": 0}, "server ca cert should not be set for UDS"),
     ({"server_ca_cert": ""}, "server ca cert must be set when in TCP mode (uds-name is empty)"),
     ({"agent_port": 49152}, "please do not try to use ephemeral port 49152 for the agent port"),
     ({"agent_port": 0}, "please do not try to use reserved port 0 for the agent port"),
     ({"server_port": -1}, "please do not try to use reserved port -1 for the server port"),
-    ({"enable_contention_profiling": True},
-     "if --enable-contention-profiling is set, --enable-profiling must also be set"),
+    (
+        {"enable_contention_profiling": True},
+        "if --enable-contention-profiling is set, --enable-profiling must also be set",
+    ),
     ({"enable_contention_profiling": True, "enable_profiling": True}, None),
-    ({"agent_namespace": "kube-system", "cluster_ca_cert": "{cluster_ca}"},
-     "--cluster-ca-cert can not be used when agent authentication is enabled"),
-    ({"agent_service_account": "konnectivity-agent"},
-     "--agent-namespace cannot be empty when agent authentication is enabled"),
-    ({"agent_namespace": "kube-system"},
-     "--agent-service-account cannot be empty when agent authentication is enabled"),
-    ({"agent_namespace": "kube-system", "agent_service_account": "konnectivity-agent"},
-     "--authentication-audience cannot be empty when agent authentication is enabled"),
-    ({"agent_namespace": "kube-system", "agent_service_account": "konnectivity-agent",
-      "authentication_audience": "system:konnectivity-server"}, None),
-    ({"kubeconfig_path": "{missing}"},
-     'checking KubeconfigPath "{missing}", got stat {missing}: no such file or directory'),
+    (
+        {"agent_namespace": "kube-system", "cluster_ca_cert": "{cluster_ca}"},
+        "--cluster-ca-cert can not be used when agent authentication is enabled",
+    ),
+    (
+        {"agent_service_account": "konnectivity-agent"},
+        "--agent-namespace cannot be empty when agent authentication is enabled",
+    ),
+    (
+        {"agent_namespace": "kube-system"},
+        "--agent-service-account cannot be empty when agent authentication is enabled",
+    ),
+    (
+        {"agent_namespace": "kube-system", "agent_service_account": "konnectivity-agent"},
+        "--authentication-audience cannot be empty when agent authentication is enabled",
+    ),
+    (
+        {
+            "agent_namespace": "kube-system",
+            "agent_service_account": "konnectivity-agent",
+            "authentication_audience": "system:konnectivity-server",
+        },
+        None,
+    ),
+    (
+        {"kubeconfig_path": "{missing}"},
+        'checking KubeconfigPath "{missing}", got stat {missing}: no such file or directory',
+    ),
     ({"kubeconfig_path": "{kubeconfig}", "cluster_ca_cert": "{cluster_ca}"}, None),
     ({"proxy_strategies": ","}, "invalid proxy strategies: proxy strategies cannot be empty"),
     ({"proxy_strategies": "destHost,,default"}, None),
-    ({"proxy_strategies": "destHost,DefaultRoute"},
-     "invalid proxy strategies: unknown proxy strategy: DefaultRoute"),
-    ({"tls_min_version": "VersionTLS1.2"},
-     'unsupported TLS version "VersionTLS1.2", supported values are: VersionTLS10, '
-     "VersionTLS11, VersionTLS12, VersionTLS13"),
+    (
+        {"proxy_strategies": "destHost,DefaultRoute"},
+        "invalid proxy strategies: unknown proxy strategy: DefaultRoute",
+    ),
+    (
+        {"tls_min_version": "VersionTLS1.2"},
+        'unsupported TLS version "VersionTLS1.2", supported values are: VersionTLS10, '
+        "VersionTLS11, VersionTLS12, VersionTLS13",
+    ),
     ({"tls_min_version": "VersionTLS10"}, None),  # below 1.2 only warns
     ({"tls_min_version": "VersionTLS13"}, None),
-    ({"cipher_suites": ["TLS_RSA_WITH_RC4_128_SHA"]},
-     "cipher suite TLS_RSA_WITH_RC4_128_SHA not supported, doesn't exist or considered as "
-     "insecure"),
-    ({"cipher_suites": ["TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256", "nope"]},
-     "cipher suite nope not supported, doesn't exist or considered as insecure"),
+    (
+        {"cipher_suites": ["TLS_RSA_WITH_RC4_128_SHA"]},
+        "cipher suite TLS_RSA_WITH_RC4_128_SHA not supported, doesn't exist or considered as "
+        "insecure",
+    ),
+    (
+        {"cipher_suites": ["TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256", "nope"]},
+        "cipher suite nope not supported, doesn't exist or considered as insecure",
+    ),
     ({"lease_label": ""}, None),  # checked only with the lease controller
     ({"enable_lease_controller": True, "lease_label": ""}, "empty string provided"),
     ({"enable_lease_controller": True, "lease_label": "a=b,c"}, "invalid label format: c"),
     ({"enable_lease_controller": True, "lease_label": "a = b, c=d"}, None),
     ({"backend_dial_timeout": -0.5}, "backend-dial-timeout must be >= 0, got -500ms"),
-    ({"graceful_shutdown_timeout": -90.0},
-     "graceful-shutdown-timeout must be >= 0, got -1m30s"),
+    ({"graceful_shutdown_timeout": -90.0}, "graceful-shutdown-timeout must be >= 0, got -1m30s"),
 ]
 
 
 @pytest.mark.parametrize(("changes", "expected"), VALIDATION, ids=lambda v: repr(v)[:60])
-def test_validation_message(files: dict[str, str], changes: dict[str, Any],
-                            expected: str | None) -> None:
+def test_validation_message(
+    files: dict[str, str], changes: dict[str, Any], expected: str | None
+) -> None:
     options = tcp_options(files, **changes)
     assert options.validate() == (expected.format(**files) if expected else None)
 
@@ -257,8 +364,10 @@ ORDER: list[tuple[dict[str, Any], str]] = [
     ({"mode": "x", "uds_name": "/s"}, "mode must be set"),
     ({"uds_name": "/s", "agent_port": 80}, "server port should be set to 0"),
     ({"server_port": 80, "health_port": 60000}, "please do not try to use ephemeral port 60000"),
-    ({"agent_port": 80, "server_port": 81}, "please do not try to use reserved port 81 for the "
-                                            "server port"),
+    (
+        {"agent_port": 80, "server_port": 81},
+        "please do not try to use reserved port 81 for the server port",
+    ),
     ({"admin_port": 80, "enable_contention_profiling": True}, "please do not try to use reserved"),
     ({"enable_contention_profiling": True, "agent_namespace": "x"}, "if --enable-contention"),
     ({"agent_namespace": "x", "kubeconfig_path": "{missing}"}, "--agent-service-account"),
@@ -266,12 +375,18 @@ ORDER: list[tuple[dict[str, Any], str]] = [
     ({"proxy_strategies": "", "xfr_channel_size": 0}, "ProxyStrategies cannot be empty"),
     ({"xfr_channel_size": 0, "tls_min_version": "x"}, "channel size 0"),
     ({"tls_min_version": "x", "cipher_suites": ["x"]}, "unsupported TLS version"),
-    ({"cipher_suites": ["x"], "enable_lease_controller": True, "lease_label": ""},
-     "cipher suite x"),
-    ({"enable_lease_controller": True, "lease_label": "", "graceful_shutdown_timeout": -1.0},
-     "empty string provided"),
-    ({"graceful_shutdown_timeout": -1.0, "backend_dial_timeout": -1.0},
-     "graceful-shutdown-timeout"),
+    (
+        {"cipher_suites": ["x"], "enable_lease_controller": True, "lease_label": ""},
+        "cipher suite x",
+    ),
+    (
+        {"enable_lease_controller": True, "lease_label": "", "graceful_shutdown_timeout": -1.0},
+        "empty string provided",
+    ),
+    (
+        {"graceful_shutdown_timeout": -1.0, "backend_dial_timeout": -1.0},
+        "graceful-shutdown-timeout",
+    ),
 ]
 
 
@@ -286,18 +401,24 @@ def test_needs_kubernetes_client(files: dict[str, str]) -> None:
     assert options.validate() is None and not options.needs_kubernetes_client
     leases = tcp_options(files, enable_lease_controller=True)
     assert leases.validate() is None and leases.needs_kubernetes_client
-    token = tcp_options(files, agent_namespace="a", agent_service_account="b",
-                        authentication_audience="c")
+    token = tcp_options(
+        files, agent_namespace="a", agent_service_account="b", authentication_audience="c"
+    )
     assert token.validate() is None and token.needs_kubernetes_client
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("default", ["default"]), ("destHost,default", ["destHost", "default"]),
-    ("destHost,,defaultRoute,", ["destHost", "defaultRoute"]),
-    (",", "proxy strategies cannot be empty"), ("", "proxy strategies cannot be empty"),
-    ("default,random", "unknown proxy strategy: random"),
-    (" default", "unknown proxy strategy:  default"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("default", ["default"]),
+        ("destHost,default", ["destHost", "default"]),
+        ("destHost,,defaultRoute,", ["destHost", "defaultRoute"]),
+        (",", "proxy strategies cannot be empty"),
+        ("", "proxy strategies cannot be empty"),
+        ("default,random", "unknown proxy strategy: random"),
+        (" default", "unknown proxy strategy:  default"),
+    ],
+)
 def test_parse_proxy_strategies(text: str, expected: list[str] | str) -> None:
     if isinstance(expected, str):
         with pytest.raises(ValueError, match=f"^{expected}$"):
@@ -306,14 +427,17 @@ def test_parse_proxy_strategies(text: str, expected: list[str] | str) -> None:
         assert parse_proxy_strategies(text) == expected
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("k8s-app=konnectivity-server", {"k8s-app": "konnectivity-server"}),
-    (" a = 1 ,b=2", {"a": "1", "b": "2"}),
-    ("a=", {"a": ""}),
-    ("", "empty string provided"),
-    ("a=b=c", "invalid label format: a=b=c"),
-    ("a=b,", "invalid label format: "),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("k8s-app=konnectivity-server", {"k8s-app": "konnectivity-server"}),
+        (" a = 1 ,b=2", {"a": "1", "b": "2"}),
+        ("a=", {"a": ""}),
+        ("", "empty string provided"),
+        ("a=b=c", "invalid label format: a=b=c"),
+        ("a=b,", "invalid label format: "),
+    ],
+)
 def test_parse_lease_labels(text: str, expected: dict[str, str] | str) -> None:
     if isinstance(expected, str):
         with pytest.raises(ValueError) as info:
@@ -326,22 +450,38 @@ def test_parse_lease_labels(text: str, expected: dict[str, str] | str) -> None:
 def test_gke_command_line(files: dict[str, str]) -> None:
     """kube-up's GCE static pod, gRPC over UDS with token authentication."""
     argv = [
-        "--log-file=/var/log/konnectivity-server.log", "--logtostderr=false",
-        "--log-file-max-size=0", f"--cluster-cert={files['cluster_crt']}",
-        f"--cluster-key={files['cluster_key']}", "--uds-name=/etc/srv/k/konnectivity.socket",
-        "--delete-existing-uds-file", "--mode=grpc", "--server-port=0",
-        "--agent-namespace=kube-system", "--agent-service-account=konnectivity-agent",
+        "--log-file=/var/log/konnectivity-server.log",
+        "--logtostderr=false",
+        "--log-file-max-size=0",
+        f"--cluster-cert={files['cluster_crt']}",
+        f"--cluster-key={files['cluster_key']}",
+        "--uds-name=/etc/srv/k/konnectivity.socket",
+        "--delete-existing-uds-file",
+        "--mode=grpc",
+        "--server-port=0",
+        "--agent-namespace=kube-system",
+        "--agent-service-account=konnectivity-agent",
         "--authentication-audience=system:konnectivity-server",
-        f"--kubeconfig={files['kubeconfig']}", "--proxy-strategies=default",
-        "--agent-port=8132", "--health-port=8133", "--admin-port=8134",
-        "--kubeconfig-qps=75", "--kubeconfig-burst=150", "--keepalive-time=60s",
-        "--frontend-keepalive-time=60s", "--v=2",
+        f"--kubeconfig={files['kubeconfig']}",
+        "--proxy-strategies=default",
+        "--agent-port=8132",
+        "--health-port=8133",
+        "--admin-port=8134",
+        "--kubeconfig-qps=75",
+        "--kubeconfig-burst=150",
+        "--keepalive-time=60s",
+        "--frontend-keepalive-time=60s",
+        "--v=2",
     ]
     line = parse_args(argv, environ={})
     opts = line.options
     assert opts.validate() is None
     assert (opts.uds_name, opts.server_port, opts.agent_port, opts.kubeconfig_qps) == (
-        "/etc/srv/k/konnectivity.socket", 0, 8132, 75.0)
+        "/etc/srv/k/konnectivity.socket",
+        0,
+        8132,
+        75.0,
+    )
     assert opts.keepalive_time == 60.0 and opts.kubeconfig_burst == 150
     assert (line.klog.logtostderr, line.klog.log_file_max_size, line.klog.v) == (False, 0, 2)
     assert "kubeconfig-qps" in line.explicit and "mode" in line.explicit
@@ -351,19 +491,39 @@ def test_gke_command_line(files: dict[str, str]) -> None:
 def test_k0s_style_command_line(files: dict[str, str]) -> None:
     """Space-separated values, HTTP CONNECT over mTLS, two strategies, cipher list."""
     argv = [
-        "--logtostderr=true", "--cluster-cert", files["cluster_crt"], "--cluster-key",
-        files["cluster_key"], "--server-ca-cert", files["ca"], "--server-cert",
-        files["server_crt"], "--server-key", files["server_key"], "--mode", "http-connect",
-        "--proxy-strategies", "destHost,defaultRoute", "--keepalive-time", "30s",
-        "--server-count", "3", "--cipher-suites",
+        "--logtostderr=true",
+        "--cluster-cert",
+        files["cluster_crt"],
+        "--cluster-key",
+        files["cluster_key"],
+        "--server-ca-cert",
+        files["ca"],
+        "--server-cert",
+        files["server_crt"],
+        "--server-key",
+        files["server_key"],
+        "--mode",
+        "http-connect",
+        "--proxy-strategies",
+        "destHost,defaultRoute",
+        "--keepalive-time",
+        "30s",
+        "--server-count",
+        "3",
+        "--cipher-suites",
         "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
-        "--cipher-suites", "TLS_AES_128_GCM_SHA256", "-v", "3",
+        "--cipher-suites",
+        "TLS_AES_128_GCM_SHA256",
+        "-v",
+        "3",
     ]
     line = parse_args(argv, environ={})
     assert line.options.validate() is None
     assert line.options.cipher_suites == [
-        "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256", "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
-        "TLS_AES_128_GCM_SHA256"]
+        "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+        "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+        "TLS_AES_128_GCM_SHA256",
+    ]
     assert (line.options.server_count, line.options.mode, line.klog.v) == (3, "http-connect", 3)
 
 
@@ -375,15 +535,23 @@ def test_deprecated_warn_on_channel_limit() -> None:
     assert notices[0].startswith("Flag --warn-on-channel-limit has been deprecated, ")
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--xfr-channel-size"], "flag needs an argument: --xfr-channel-size"),
-    (["--frontend-write-channel-size=5"], "unknown flag: --frontend-write-channel-size"),
-    (["--server-port=80a"],
-     'invalid argument "80a" for "--server-port" flag: strconv.ParseInt: parsing "80a": '
-     "invalid syntax"),
-    (["--keepalive-time=60"],
-     'invalid argument "60" for "--keepalive-time" flag: time: missing unit in duration "60"'),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--xfr-channel-size"], "flag needs an argument: --xfr-channel-size"),
+        (["--frontend-write-channel-size=5"], "unknown flag: --frontend-write-channel-size"),
+        (
+            ["--server-port=80a"],
+            'invalid argument "80a" for "--server-port" flag: strconv.ParseInt: parsing "80a": '
+            "invalid syntax",
+        ),
+        (
+            ["--keepalive-time=60"],
+            'invalid argument "60" for "--keepalive-time" flag: '
+            'time: missing unit in duration "60"',
+        ),
+    ],
+)
 def test_parse_errors(argv: list[str], message: str) -> None:
     with pytest.raises(FlagError) as info:
         parse_args(argv, environ={})
@@ -398,5 +566,5 @@ def test_help() -> None:
     assert "\nUsage:\n  proxy-server [flags]\n\nFlags:\n" in text
     for flag in build_flagset():
         assert (f"--{flag.name} " in text) is not flag.hidden, flag.name
-    assert '--mode string ' in text and '(default "grpc")' in text
+    assert "--mode string " in text and '(default "grpc")' in text
     assert "(default 1h0m0s)" in text and "  -v, --v Level " in text

@@ -50,7 +50,6 @@ def run_in(bundle: Bundle, argv: list[str]) -> subprocess.CompletedProcess[str]:
     )
 
 
-
 def http_get(port: int, path: str) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(LOOPBACK, port, timeout=10)
     try:

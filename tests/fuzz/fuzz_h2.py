@@ -66,8 +66,12 @@ class Finding(AssertionError):
 
 
 def _frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    return (len(payload).to_bytes(3, "big") + bytes((ftype, flags))
-            + stream_id.to_bytes(4, "big") + payload)
+    return (
+        len(payload).to_bytes(3, "big")
+        + bytes((ftype, flags))
+        + stream_id.to_bytes(4, "big")
+        + payload
+    )
 
 
 CLIENT_START = PREFACE + _frame(4, 0, 0) + _frame(4, 1, 0)
@@ -150,9 +154,10 @@ class Checker:
                 self.react(ev, rng)
             if self.mode & M_PAUSE:
                 self.pause(sid, rng)
-        if len(self.open) > self.max_streams or self.engine.open_streams > max(
-            self.max_streams, len(self.open)
-        ) + 2:
+        if (
+            len(self.open) > self.max_streams
+            or self.engine.open_streams > max(self.max_streams, len(self.open)) + 2
+        ):
             raise Finding(f"{self.engine.open_streams} streams open, limit {self.max_streams}")
 
     def call(self, sid: int, what: str, *args: Any) -> None:

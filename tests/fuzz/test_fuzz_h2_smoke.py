@@ -21,9 +21,9 @@ SECONDS = int(os.environ.get("KF_FUZZ_SECONDS", "10"))
 MAX_LEN = 8192
 
 
-def run_harness(work: Path, seconds: int, env_extra: dict[str, str] | None = None) -> tuple[
-    int, str, list[Path]
-]:
+def run_harness(
+    work: Path, seconds: int, env_extra: dict[str, str] | None = None
+) -> tuple[int, str, list[Path]]:
     corpus = work / "corpus"
     shutil.copytree(SEEDS, corpus)
     cmd = [
@@ -47,8 +47,8 @@ def run_harness(work: Path, seconds: int, env_extra: dict[str, str] | None = Non
         env={**os.environ, **(env_extra or {})},
     )
     output = proc.stdout + proc.stderr
-    crashes = sorted(work.glob("crash-*")) + sorted(work.glob("timeout-*")) + sorted(
-        work.glob("oom-*")
+    crashes = (
+        sorted(work.glob("crash-*")) + sorted(work.glob("timeout-*")) + sorted(work.glob("oom-*"))
     )
     return proc.returncode, output, crashes
 

@@ -121,8 +121,10 @@ def passes_alone(tools: Tools, upstream: Upstream, agent: Path, name: str, tmp: 
     for attempt in range(1, RERUNS + 1):
         log = tmp / f"rerun-{name}-{attempt}.log"
         run = finish(start_suite(tools, upstream, agent, log, only=name), log, RERUN_SECONDS)
-        print(f"{name} alone with our agent, run {attempt}: "
-              f"{'passed' if name in run.passed else 'failed'} (log {log})")
+        print(
+            f"{name} alone with our agent, run {attempt}: "
+            f"{'passed' if name in run.passed else 'failed'} (log {log})"
+        )
         if name in run.passed:
             return True
     return False

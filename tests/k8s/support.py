@@ -196,7 +196,6 @@ def make_pki(folder: Path, w: Worker) -> Pki:
 # --- processes -------------------------------------------------------------------------------
 
 
-
 def program(which: str, impl: str, upstream: Upstream) -> list[str]:
     """``which`` = "server" | "agent" of ``impl`` = "ours" | "upstream"."""
     if impl == "upstream":

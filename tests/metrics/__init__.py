@@ -44,8 +44,12 @@ def definitions(registry: Registry) -> dict[str, list[str]]:
         labels = getattr(collector, "labelnames", ())
         buckets = getattr(collector, "buckets", None)
         rows[collector.name] = [
-            collector.name, collector.type_name, ",".join(labels) or "-",
-            ",".join(format_value(b) for b in buckets) if buckets else "-", collector.help]
+            collector.name,
+            collector.type_name,
+            ",".join(labels) or "-",
+            ",".join(format_value(b) for b in buckets) if buckets else "-",
+            collector.help,
+        ]
     return rows
 
 

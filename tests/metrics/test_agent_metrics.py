@@ -26,8 +26,7 @@ def test_definitions_match_golden_list(fresh: None) -> None:
 
 
 def lines(prefix: str) -> list[str]:
-    return [line for line in m.expose().decode().splitlines()
-            if line.startswith(m.PREFIX + prefix)]
+    return [line for line in m.expose().decode().splitlines() if line.startswith(m.PREFIX + prefix)]
 
 
 def test_open_server_connections_at_zero_from_first_scrape(fresh: None) -> None:
@@ -56,22 +55,30 @@ def test_event_helpers(fresh: None) -> None:
     m.observe_lease_watch(403, "Forbidden")
     assert lines("dial_duration")[:2] == [
         f'{p}dial_duration_seconds_bucket{{le="0.005"}} 0',
-        f'{p}dial_duration_seconds_bucket{{le="0.025"}} 0']
+        f'{p}dial_duration_seconds_bucket{{le="0.025"}} 0',
+    ]
     assert lines("dial_duration")[-3:] == [
         f'{p}dial_duration_seconds_bucket{{le="+Inf"}} 1',
-        f"{p}dial_duration_seconds_sum 0.03", f"{p}dial_duration_seconds_count 1"]
+        f"{p}dial_duration_seconds_sum 0.03",
+        f"{p}dial_duration_seconds_count 1",
+    ]
     assert lines("endpoint_dial") == [f'{p}endpoint_dial_failure_total{{reason="timeout"}} 1']
     assert lines("server_connection_failure") == [
-        f'{p}server_connection_failure_count{{direction="from_server"}} 1']
+        f'{p}server_connection_failure_count{{direction="from_server"}} 1'
+    ]
     assert lines("open_endpoint") == [f"{p}open_endpoint_connections 1"]
     assert lines("stream_packets") == [
         f'{p}stream_packets_total{{packet_type="DIAL_REQ",segment="to_agent"}} 1',
-        f'{p}stream_packets_total{{packet_type="DIAL_RSP",segment="from_agent"}} 1']
+        f'{p}stream_packets_total{{packet_type="DIAL_RSP",segment="from_agent"}} 1',
+    ]
     assert lines("stream_errors") == [
         f'{p}stream_errors_total{{code="Canceled",packet_type="Unknown",segment="to_agent"}} 1',
-        f'{p}stream_errors_total{{code="Unavailable",packet_type="DATA",segment="from_agent"}} 1']
+        f'{p}stream_errors_total{{code="Unavailable",packet_type="DATA",segment="from_agent"}} 1',
+    ]
     assert lines("lease_lists") == [f'{p}lease_lists_total{{http_response_code="200",reason=""}} 1']
     assert lines("lease_watches") == [
-        f'{p}lease_watches_total{{http_response_code="403",reason="Forbidden"}} 1']
+        f'{p}lease_watches_total{{http_response_code="403",reason="Forbidden"}} 1'
+    ]
     assert f'{p}lease_list_latency_seconds_bucket{{http_response_code="200",le="0.005"}} 1' in (
-        lines("lease_list_latency"))
+        lines("lease_list_latency")
+    )

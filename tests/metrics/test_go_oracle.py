@@ -58,19 +58,36 @@ def oracle() -> Path:
     newest = max(path.stat().st_mtime for path in sources)
     if not BINARY.exists() or BINARY.stat().st_mtime < newest:
         CACHE.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, GOMODCACHE=str(CACHE / "mod"), GOCACHE=str(CACHE / "build"),
-                   GOFLAGS="-mod=readonly -buildvcs=false -modcacherw")
+        env = dict(
+            os.environ,
+            GOMODCACHE=str(CACHE / "mod"),
+            GOCACHE=str(CACHE / "build"),
+            GOFLAGS="-mod=readonly -buildvcs=false -modcacherw",
+        )
         partial = BINARY.with_suffix(f".{os.getpid()}.tmp")
-        done = subprocess.run([GO, "build", "-o", str(partial), "."], cwd=SOURCE, env=env,
-                              capture_output=True, text=True, timeout=840, check=False)
+        done = subprocess.run(
+            [GO, "build", "-o", str(partial), "."],
+            cwd=SOURCE,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=840,
+            check=False,
+        )
         assert done.returncode == 0, f"go build failed:\n{done.stderr}"
         partial.replace(BINARY)
     return BINARY
 
 
 def run_go(binary: Path, scenario: Scenario) -> str:
-    done = subprocess.run([str(binary)], input=json.dumps(scenario), capture_output=True,
-                          text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [str(binary)],
+        input=json.dumps(scenario),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -93,8 +110,9 @@ def run_ours(scenario: Scenario) -> str:
         elif kind == ("histogram", False):
             metrics.append(Histogram(name, help_text, buckets=buckets, registry=registry))
         else:
-            metrics.append(HistogramVec(name, help_text, labels, buckets=buckets,
-                                        registry=registry))
+            metrics.append(
+                HistogramVec(name, help_text, labels, buckets=buckets, registry=registry)
+            )
     for op in scenario["ops"]:
         metric = metrics[op["m"]]
         target = metric.labels(*op["l"]) if scenario["metrics"][op["m"]]["vec"] else metric
@@ -123,13 +141,62 @@ def apply(target: CounterChild | GaugeChild | HistogramChild, op: str, value: fl
 # --- scenario generation ----------------------------------------------------------------------
 
 LABEL_NAMES = ["a", "zeta", "code", "segment", "packet_type", "b2", "_u", "Z", "service_method"]
-LABEL_VALUES = ["", "x", "DIAL_REQ", "a\\b", 'say "hi"', "new\nline", "é", "☃ snow", "Z", "z",
-                "0", "10", "9", "from_agent", "to_agent", "\\", '"', "\n", "a,b=c}"]
-HELPS = ["Plain help.", "back\\slash", "new\nline", 'quote " stays', "é ☃ unicode", "",
-         "trailing space ", "\\n literal"]
-SPECIAL = [0.0, -0.0, 1.0, -1.0, 0.5, 1e6, 999999.0, 1e-5, 0.0001, 1e-4 * 0.99, 12.5, 86400.0,
-           1e21, 1e20, 123456.7, 1234567.0, 0.1 + 0.2, 2.0**53, 2.0**64, 5e-324,
-           1.7976931348623157e308, 2.2250738585072014e-308, 1 / 3]
+LABEL_VALUES = [
+    "",
+    "x",
+    "DIAL_REQ",
+    "a\\b",
+    'say "hi"',
+    "new\nline",
+    "é",
+    "☃ snow",
+    "Z",
+    "z",
+    "0",
+    "10",
+    "9",
+    "from_agent",
+    "to_agent",
+    "\\",
+    '"',
+    "\n",
+    "a,b=c}",
+]
+HELPS = [
+    "Plain help.",
+    "back\\slash",
+    "new\nline",
+    'quote " stays',
+    "é ☃ unicode",
+    "",
+    "trailing space ",
+    "\\n literal",
+]
+SPECIAL = [
+    0.0,
+    -0.0,
+    1.0,
+    -1.0,
+    0.5,
+    1e6,
+    999999.0,
+    1e-5,
+    0.0001,
+    1e-4 * 0.99,
+    12.5,
+    86400.0,
+    1e21,
+    1e20,
+    123456.7,
+    1234567.0,
+    0.1 + 0.2,
+    2.0**53,
+    2.0**64,
+    5e-324,
+    1.7976931348623157e308,
+    2.2250738585072014e-308,
+    1 / 3,
+]
 
 
 def random_float(rng: random.Random) -> float:
@@ -156,9 +223,12 @@ def random_scenario(rng: random.Random) -> Scenario:
         vec = rng.random() < 0.7
         labels = rng.sample(LABEL_NAMES, rng.randint(0, 3)) if vec else []
         spec: dict[str, Any] = {
-            "type": kind, "vec": vec, "labels": labels,
+            "type": kind,
+            "vec": vec,
+            "labels": labels,
             "name": f"{rng.choice(['m', 'a_', 'Z', 'z_total_'])}{i}_{rng.randint(0, 99)}",
-            "help": rng.choice(HELPS)}
+            "help": rng.choice(HELPS),
+        }
         if kind == "histogram" and rng.random() < 0.8:
             bounds = sorted({abs(random_float(rng)) for _ in range(rng.randint(1, 12))})
             spec["buckets"] = [repr(b) for b in bounds]
@@ -171,8 +241,9 @@ def random_scenario(rng: random.Random) -> Scenario:
     return {"metrics": metrics, "ops": ops, "process": False}
 
 
-def random_op(rng: random.Random, index: int, kind: str, labels: list[str],
-              buckets: list[str] | None) -> dict[str, Any]:
+def random_op(
+    rng: random.Random, index: int, kind: str, labels: list[str], buckets: list[str] | None
+) -> dict[str, Any]:
     op: dict[str, Any] = {"m": index, "l": labels}
     value = random_float(rng)
     if kind == "counter":
@@ -193,28 +264,53 @@ def random_op(rng: random.Random, index: int, kind: str, labels: list[str],
 
 # --- tests ------------------------------------------------------------------------------------
 
+
 def test_each_type_and_escaping(oracle: Path) -> None:
-    scenario: Scenario = {"process": False, "metrics": [
-        {"type": "counter", "vec": True, "name": "dial_failure_count",
-         "help": 'Counts \\ and\nnewlines, "quotes".', "labels": ["reason", "code"]},
-        {"type": "gauge", "vec": False, "name": "http_connections", "help": "G."},
-        {"type": "gauge", "vec": True, "name": "pending", "help": "G.", "labels": []},
-        {"type": "histogram", "vec": True, "name": "lat_seconds", "help": "H.",
-         "labels": ["http_status_code"],
-         "buckets": ["1e-06", "1e-05", "0.0001", "0.005", "0.025", "0.1", "0.5", "2.5", "12.5"]},
-        {"type": "histogram", "vec": False, "name": "default_seconds", "help": "H."},
-        {"type": "counter", "vec": True, "name": "unused_total", "help": "C.", "labels": ["a"]},
-    ], "ops": [
-        {"m": 0, "l": ["no_agent", 'x"\\\ny'], "op": "inc"},
-        {"m": 0, "l": ["backend_close", "1"], "op": "add", "v": "1000000"},
-        {"m": 0, "l": ["backend_close", "0"], "op": "add", "v": "0.1"},
-        {"m": 1, "l": [], "op": "set", "v": "-3"},
-        {"m": 2, "l": [], "op": "touch"},
-        {"m": 3, "l": ["404"], "op": "observe", "v": "0.0000005"},
-        {"m": 3, "l": ["200"], "op": "observe", "v": "0.005"},
-        {"m": 3, "l": ["200"], "op": "observe", "v": "20"},
-        {"m": 4, "l": [], "op": "observe", "v": "0.3"},
-    ]}
+    scenario: Scenario = {
+        "process": False,
+        "metrics": [
+            {
+                "type": "counter",
+                "vec": True,
+                "name": "dial_failure_count",
+                "help": 'Counts \\ and\nnewlines, "quotes".',
+                "labels": ["reason", "code"],
+            },
+            {"type": "gauge", "vec": False, "name": "http_connections", "help": "G."},
+            {"type": "gauge", "vec": True, "name": "pending", "help": "G.", "labels": []},
+            {
+                "type": "histogram",
+                "vec": True,
+                "name": "lat_seconds",
+                "help": "H.",
+                "labels": ["http_status_code"],
+                "buckets": [
+                    "1e-06",
+                    "1e-05",
+                    "0.0001",
+                    "0.005",
+                    "0.025",
+                    "0.1",
+                    "0.5",
+                    "2.5",
+                    "12.5",
+                ],
+            },
+            {"type": "histogram", "vec": False, "name": "default_seconds", "help": "H."},
+            {"type": "counter", "vec": True, "name": "unused_total", "help": "C.", "labels": ["a"]},
+        ],
+        "ops": [
+            {"m": 0, "l": ["no_agent", 'x"\\\ny'], "op": "inc"},
+            {"m": 0, "l": ["backend_close", "1"], "op": "add", "v": "1000000"},
+            {"m": 0, "l": ["backend_close", "0"], "op": "add", "v": "0.1"},
+            {"m": 1, "l": [], "op": "set", "v": "-3"},
+            {"m": 2, "l": [], "op": "touch"},
+            {"m": 3, "l": ["404"], "op": "observe", "v": "0.0000005"},
+            {"m": 3, "l": ["200"], "op": "observe", "v": "0.005"},
+            {"m": 3, "l": ["200"], "op": "observe", "v": "20"},
+            {"m": 4, "l": [], "op": "observe", "v": "0.3"},
+        ],
+    }
     assert run_ours(scenario) == run_go(oracle, scenario)
 
 
@@ -233,8 +329,10 @@ def test_number_formatting(oracle: Path) -> None:
     scenario: Scenario = {
         "process": False,
         "metrics": [{"type": "gauge", "vec": True, "name": "g", "help": "x", "labels": ["i"]}],
-        "ops": [{"m": 0, "l": [f"{i:05d}"], "op": "set", "v": repr(v)}
-                for i, v in enumerate(values)]}
+        "ops": [
+            {"m": 0, "l": [f"{i:05d}"], "op": "set", "v": repr(v)} for i, v in enumerate(values)
+        ],
+    }
     ours, theirs = run_ours(scenario).splitlines(), run_go(oracle, scenario).splitlines()
     assert len(ours) == len(theirs)
     mismatches = [(a, b) for a, b in zip(ours, theirs, strict=True) if a != b]
@@ -252,6 +350,7 @@ def test_process_metrics_names_types_and_help(oracle: Path) -> None:
         return [line for line in body.splitlines() if line.startswith("#")]
 
     assert headers(ours) == headers(go)
+
     # values from another process: only those that are the same for both can be compared
     def value(body: str, name: str) -> str:
         return next(line for line in body.splitlines() if line.startswith(name + " "))
@@ -260,21 +359,29 @@ def test_process_metrics_names_types_and_help(oracle: Path) -> None:
         assert value(ours, name) == value(go, name)
 
 
-@pytest.mark.parametrize("accept", [
-    "",
-    "text/plain",
-    "*/*",
-    "text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
-    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,"
-    "application/openmetrics-text;version=0.0.1;q=0.4,"
-    "text/plain;version=1.0.0;escaping=allow-utf-8;q=0.3,text/plain;version=0.0.4;q=0.2,*/*;q=0.1",
-    "text/plain;version=0.0.4;escaping=dots",
-    "text/plain;version=0.0.4;escaping=values",
-    "text/plain;escaping=bogus",
-    "text/plain;version=1.0.0;escaping=allow-utf-8",
-    "text/html, text/plain;q=0.9;escaping=dots",
-])
+@pytest.mark.parametrize(
+    "accept",
+    [
+        "",
+        "text/plain",
+        "*/*",
+        "text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+        "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,"
+        "application/openmetrics-text;version=0.0.1;q=0.4,"
+        "text/plain;version=1.0.0;escaping=allow-utf-8;q=0.3,text/plain;version=0.0.4;q=0.2,*/*;q=0.1",
+        "text/plain;version=0.0.4;escaping=dots",
+        "text/plain;version=0.0.4;escaping=values",
+        "text/plain;escaping=bogus",
+        "text/plain;version=1.0.0;escaping=allow-utf-8",
+        "text/html, text/plain;q=0.9;escaping=dots",
+    ],
+)
 def test_content_type(oracle: Path, accept: str) -> None:
-    done = subprocess.run([str(oracle), "-content-type", accept], capture_output=True, text=True,
-                          timeout=60, check=True)
+    done = subprocess.run(
+        [str(oracle), "-content-type", accept],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     assert negotiate_content_type(accept) == done.stdout.strip()

@@ -28,22 +28,50 @@ def text(registry: Registry) -> str:
 
 # --- numbers ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("value", "expected"), [
-    (0.0, "0"), (-0.0, "0"), (1.0, "1"), (-1.0, "-1"), (3, "3"), (3.0, "3"),
-    (0.5, "0.5"), (0.005, "0.005"), (0.0001, "0.0001"), (0.00001, "1e-05"),
-    (0.000001, "1e-06"), (1.5e-7, "1.5e-07"), (12.5, "12.5"), (86400, "86400"),
-    (999999, "999999"), (1e6, "1e+06"), (1234567, "1.234567e+06"), (123456.7, "123456.7"),
-    (-1234567.5, "-1.2345675e+06"), (1e21, "1e+21"), (2.0**64, "1.8446744073709552e+19"),
-    (0.1 + 0.2, "0.30000000000000004"), (1 / 3, "0.3333333333333333"),
-    (5e-324, "5e-324"), (1.7976931348623157e308, "1.7976931348623157e+308"),
-    (math.inf, "+Inf"), (-math.inf, "-Inf"), (math.nan, "NaN"),
-    (100.0, "100"), (0.01, "0.01"), (1.25e5, "125000"), (-0.0003, "-0.0003"),
-])
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (0.0, "0"),
+        (-0.0, "0"),
+        (1.0, "1"),
+        (-1.0, "-1"),
+        (3, "3"),
+        (3.0, "3"),
+        (0.5, "0.5"),
+        (0.005, "0.005"),
+        (0.0001, "0.0001"),
+        (0.00001, "1e-05"),
+        (0.000001, "1e-06"),
+        (1.5e-7, "1.5e-07"),
+        (12.5, "12.5"),
+        (86400, "86400"),
+        (999999, "999999"),
+        (1e6, "1e+06"),
+        (1234567, "1.234567e+06"),
+        (123456.7, "123456.7"),
+        (-1234567.5, "-1.2345675e+06"),
+        (1e21, "1e+21"),
+        (2.0**64, "1.8446744073709552e+19"),
+        (0.1 + 0.2, "0.30000000000000004"),
+        (1 / 3, "0.3333333333333333"),
+        (5e-324, "5e-324"),
+        (1.7976931348623157e308, "1.7976931348623157e+308"),
+        (math.inf, "+Inf"),
+        (-math.inf, "-Inf"),
+        (math.nan, "NaN"),
+        (100.0, "100"),
+        (0.01, "0.01"),
+        (1.25e5, "125000"),
+        (-0.0003, "-0.0003"),
+    ],
+)
 def test_format_value(value: float, expected: str) -> None:
     assert format_value(value) == expected
 
 
 # --- each type --------------------------------------------------------------------------------
+
 
 def test_plain_metrics_show_at_zero() -> None:
     reg = Registry()
@@ -69,7 +97,7 @@ def test_vectors_show_nothing_until_first_child() -> None:
     assert text(reg) == "# HELP g G.\n# TYPE g gauge\ng 0\n"
     c.labels("x").inc()
     h.labels("y")
-    assert "c{a=\"x\"} 1\n" in text(reg)
+    assert 'c{a="x"} 1\n' in text(reg)
     assert 'h_bucket{a="y",le="+Inf"} 0\nh_sum{a="y"} 0\nh_count{a="y"} 0\n' in text(reg)
     c.clear()
     h.remove("y")
@@ -118,8 +146,9 @@ def test_gauge_values() -> None:
 
 def test_histogram_buckets_are_cumulative_and_le_inclusive() -> None:
     reg = Registry()
-    h = HistogramVec("lat_seconds", "Latency.", ("code",), buckets=(0.000001, 0.005, 1, 86400),
-                     registry=reg)
+    h = HistogramVec(
+        "lat_seconds", "Latency.", ("code",), buckets=(0.000001, 0.005, 1, 86400), registry=reg
+    )
     child = h.labels("200")
     values = (0.0000005, 0.000001, 0.003, 0.005, 0.7, 1, 2, 100000, -1)
     for v in values:
@@ -158,6 +187,7 @@ def test_histogram_defaults_and_bucket_checks() -> None:
 
 # --- escaping and ordering --------------------------------------------------------------------
 
+
 def test_help_escaping() -> None:
     reg = Registry()
     Gauge("g", 'back\\slash, new\nline and "quotes"', registry=reg)
@@ -192,19 +222,25 @@ def test_families_sorted_by_name_whatever_the_registration_order() -> None:
     for name in ("b_total", "a_b", "a", "B", "_x"):
         Counter(name, "x", registry=reg)
     assert [line.split()[2] for line in text(reg).splitlines() if line.startswith("# TYPE")] == [
-        "B", "_x", "a", "a_b", "b_total"]
+        "B",
+        "_x",
+        "a",
+        "a_b",
+        "b_total",
+    ]
 
 
 def test_no_suffix_is_added() -> None:
     reg = Registry()
     CounterVec("dial_failure_count", "x", ("reason",), registry=reg).labels("no_agent").inc()
     body = text(reg)
-    assert "dial_failure_count{reason=\"no_agent\"} 1\n" in body
+    assert 'dial_failure_count{reason="no_agent"} 1\n' in body
     assert "_total" not in body
     assert "_created" not in body
 
 
 # --- checks -----------------------------------------------------------------------------------
+
 
 def test_registration_and_label_checks() -> None:
     reg = Registry()
@@ -229,22 +265,30 @@ def test_registration_and_label_checks() -> None:
 
 # --- content type -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("accept", "scheme"), [
-    (None, "underscores"),
-    ("", "underscores"),
-    ("text/plain", "underscores"),
-    ("*/*", "underscores"),
-    ("text/plain;version=0.0.4;q=0.5,*/*;q=0.1", "underscores"),
-    ("application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,"
-     "application/openmetrics-text;version=0.0.1;q=0.4,"
-     "text/plain;version=1.0.0;escaping=allow-utf-8;q=0.3,"
-     "text/plain;version=0.0.4;q=0.2,*/*;q=0.1", "allow-utf-8"),
-    ("text/plain;version=0.0.4;escaping=dots", "dots"),
-    ("text/plain;escaping=bogus", "underscores"),
-])
+
+@pytest.mark.parametrize(
+    ("accept", "scheme"),
+    [
+        (None, "underscores"),
+        ("", "underscores"),
+        ("text/plain", "underscores"),
+        ("*/*", "underscores"),
+        ("text/plain;version=0.0.4;q=0.5,*/*;q=0.1", "underscores"),
+        (
+            "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,"
+            "application/openmetrics-text;version=0.0.1;q=0.4,"
+            "text/plain;version=1.0.0;escaping=allow-utf-8;q=0.3,"
+            "text/plain;version=0.0.4;q=0.2,*/*;q=0.1",
+            "allow-utf-8",
+        ),
+        ("text/plain;version=0.0.4;escaping=dots", "dots"),
+        ("text/plain;escaping=bogus", "underscores"),
+    ],
+)
 def test_negotiate_content_type(accept: str | None, scheme: str) -> None:
     assert negotiate_content_type(accept) == (
-        "text/plain; version=0.0.4; charset=utf-8; escaping=" + scheme)
+        "text/plain; version=0.0.4; charset=utf-8; escaping=" + scheme
+    )
     assert negotiate_content_type(None) == Registry.CONTENT_TYPE
 
 
@@ -270,10 +314,14 @@ def test_process_collector() -> None:
     body = text(reg)
     types = dict(line.split()[2:4] for line in body.splitlines() if line.startswith("# TYPE"))
     assert types == PROCESS_FAMILIES
-    values = {line.split()[0]: float(line.split()[1])
-              for line in body.splitlines() if not line.startswith("#")}
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in body.splitlines()
+        if not line.startswith("#")
+    }
     import resource
     import time
+
     assert 0 < values["process_start_time_seconds"] <= time.time() + 1
     assert values["process_resident_memory_bytes"] > 1 << 20
     assert values["process_virtual_memory_bytes"] >= values["process_resident_memory_bytes"]

@@ -36,8 +36,7 @@ def test_process_metrics_are_exposed(fresh: None) -> None:
 
 
 def lines(prefix: str) -> list[str]:
-    return [line for line in m.expose().decode().splitlines()
-            if line.startswith(m.PREFIX + prefix)]
+    return [line for line in m.expose().decode().splitlines() if line.startswith(m.PREFIX + prefix)]
 
 
 def test_startup_sets_strategies_to_zero(fresh: None) -> None:
@@ -84,7 +83,8 @@ def test_event_helpers(fresh: None) -> None:
     p = m.PREFIX
     assert lines("grpc_connections") == [
         f'{p}grpc_connections{{service_method="Connect"}} 1',
-        f'{p}grpc_connections{{service_method="Proxy"}} 1']
+        f'{p}grpc_connections{{service_method="Proxy"}} 1',
+    ]
     assert lines("http_connections") == [f"{p}http_connections 1"]
     assert lines("pending") == [f"{p}pending_backend_dials 2"]
     assert lines("established") == [f"{p}established_connections 5"]
@@ -93,24 +93,32 @@ def test_event_helpers(fresh: None) -> None:
     assert lines("stream_packets") == [
         f'{p}stream_packets_total{{packet_type="99",segment="from_agent"}} 1',
         f'{p}stream_packets_total{{packet_type="DATA",segment="to_agent"}} 2',
-        f'{p}stream_packets_total{{packet_type="DIAL_REQ",segment="from_client"}} 1']
+        f'{p}stream_packets_total{{packet_type="DIAL_REQ",segment="from_client"}} 1',
+    ]
     errors = p + "stream_errors_total"
     assert lines("stream_errors") == [
         f'{errors}{{code="Canceled",packet_type="DATA",segment="to_client"}} 1',
         f'{errors}{{code="Code(42)",packet_type="Unknown",segment="from_agent"}} 1',
-        f'{errors}{{code="Unavailable",packet_type="Unknown",segment="from_agent"}} 1']
+        f'{errors}{{code="Unavailable",packet_type="Unknown",segment="from_agent"}} 1',
+    ]
     assert lines("culled") == [f"{p}culled_leases_count 1"]
     assert lines("lease_delete_total") == [
-        f'{p}lease_delete_total{{http_status_code="404",reason="NotFound"}} 1']
+        f'{p}lease_delete_total{{http_status_code="404",reason="NotFound"}} 1'
+    ]
     assert lines("lease_list_total") == [
-        f'{p}lease_list_total{{http_status_code="200",reason=""}} 1']
+        f'{p}lease_list_total{{http_status_code="200",reason=""}} 1'
+    ]
     assert f'{p}lease_delete_latency_seconds_bucket{{http_status_code="404",le="0.025"}} 1' in (
-        lines("lease_delete_latency"))
+        lines("lease_delete_latency")
+    )
     assert lines("dial_duration")[2:4] == [
         f'{p}dial_duration_seconds_bucket{{le="0.0001"}} 1',
-        f'{p}dial_duration_seconds_bucket{{le="0.005"}} 1']
+        f'{p}dial_duration_seconds_bucket{{le="0.005"}} 1',
+    ]
     assert lines("dial_duration")[-2:] == [
-        f"{p}dial_duration_seconds_sum 2e-05", f"{p}dial_duration_seconds_count 1"]
+        f"{p}dial_duration_seconds_sum 2e-05",
+        f"{p}dial_duration_seconds_count 1",
+    ]
     assert f'{p}frontend_write_duration_seconds_bucket{{le="0.5"}} 1' in lines("frontend_write")
     assert lines("connection_duration") == []  # not in v0.36.0
 

@@ -29,15 +29,15 @@ LOOPBACK = "127.0.0.1"
 WAIT_SECONDS = 30.0
 
 
-
 def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "konnectivity_fast.server", *args]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
-    return subprocess.run(command(*args), check=False, capture_output=True, timeout=WAIT_SECONDS,
-                          env=env)
+    return subprocess.run(
+        command(*args), check=False, capture_output=True, timeout=WAIT_SECONDS, env=env
+    )
 
 
 @dataclass

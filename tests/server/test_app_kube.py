@@ -60,8 +60,9 @@ def setup(kube_cluster: KubeCluster) -> Setup:
 
 
 @pytest.fixture
-def server(kube_cluster: KubeCluster, setup: Setup, certs: Certs,
-           sock_dir: str) -> Iterator[Running]:
+def server(
+    kube_cluster: KubeCluster, setup: Setup, certs: Certs, sock_dir: str
+) -> Iterator[Running]:
     agent, health, admin = free_ports(3)
     uds = os.path.join(sock_dir, "konnectivity.sock")
     proc = subprocess.Popen(
@@ -98,13 +99,15 @@ def server(kube_cluster: KubeCluster, setup: Setup, certs: Certs,
         proc.communicate(timeout=WAIT_SECONDS)
 
 
-async def connect_agent(server: Running, certs: Certs,
-                        token: str | None) -> tuple[int | None, str, dict[str, str]]:
+async def connect_agent(
+    server: Running, certs: Certs, token: str | None
+) -> tuple[int | None, str, dict[str, str]]:
     """Open a Connect stream (TLS, no client certificate: token-auth mode); the status
     and message if the server ended it, and the response headers."""
     ctx = tls.client_context(certs.ca)
-    proto = await kgrpc.connect(host=LOOPBACK, port=server.agent_port, ssl=ctx,
-                                server_hostname="localhost")
+    proto = await kgrpc.connect(
+        host=LOOPBACK, port=server.agent_port, ssl=ctx, server_hostname="localhost"
+    )
     try:
         metadata = [("agentid", "a1")]
         if token is not None:
@@ -122,16 +125,16 @@ async def connect_agent(server: Running, certs: Certs,
         await proto.aclose()
 
 
-def test_agent_with_a_valid_token_is_admitted(server: Running, setup: Setup,
-                                              certs: Certs) -> None:
+def test_agent_with_a_valid_token_is_admitted(server: Running, setup: Setup, certs: Certs) -> None:
     status, _, headers = asyncio.run(connect_agent(server, certs, setup.good_token))
     assert status is None
     assert headers["serverid"] == SERVER_ID
 
 
 @pytest.mark.parametrize("case", ["missing", "foreign", "garbage"])
-def test_agent_refused_with_upstreams_message(server: Running, setup: Setup, certs: Certs,
-                                              case: str) -> None:
+def test_agent_refused_with_upstreams_message(
+    server: Running, setup: Setup, certs: Certs, case: str
+) -> None:
     token = {"missing": None, "foreign": setup.foreign_token, "garbage": "not-a-jwt"}[case]
     status, message, headers = asyncio.run(connect_agent(server, certs, token))
     assert status == StatusCode.UNKNOWN
@@ -139,14 +142,15 @@ def test_agent_refused_with_upstreams_message(server: Running, setup: Setup, cer
     expected = {
         "missing": "Authentication context was not found in metadata",
         "foreign": "Failed to validate authentication token, err:lookup failed: incoming "
-                   f'request from "intruder" service account. Expected "{AGENT_SA}"',
+        f'request from "intruder" service account. Expected "{AGENT_SA}"',
         "garbage": "Failed to validate authentication token, err:lookup failed: ",
     }[case]
     assert message.startswith(expected), message
 
 
-def test_lease_published_and_deleted_on_sigterm(server: Running, setup: Setup,
-                                                kube_cluster: KubeCluster) -> None:
+def test_lease_published_and_deleted_on_sigterm(
+    server: Running, setup: Setup, kube_cluster: KubeCluster
+) -> None:
     async def lease() -> dict[str, object] | None:
         admin = admin_client(kube_cluster)
         try:

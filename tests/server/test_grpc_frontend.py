@@ -59,12 +59,19 @@ class Env:
 
 @contextlib.asynccontextmanager
 async def running(sock_dir: str, certs: Certs, dial_timeout: float = 0.0) -> AsyncIterator[Env]:
-    proxy = ProxyServer(server_id=SERVER_ID, server_count=SERVER_COUNT, rng=Random(1),
-                        dial_timeout=dial_timeout)
+    proxy = ProxyServer(
+        server_id=SERVER_ID, server_count=SERVER_COUNT, rng=Random(1), dial_timeout=dial_timeout
+    )
     uds = os.path.join(sock_dir, "proxy.sock")
     handle = await start(
-        proxy, uds_path=uds, agent_host="127.0.0.1", agent_port=0,
-        cert_file=certs.server_cert, key_file=certs.server_key, client_ca_file=certs.ca)
+        proxy,
+        uds_path=uds,
+        agent_host="127.0.0.1",
+        agent_port=0,
+        cert_file=certs.server_cert,
+        key_file=certs.server_key,
+        client_ca_file=certs.ca,
+    )
     try:
         yield Env(proxy, handle, uds, certs)
     finally:
@@ -85,11 +92,13 @@ class FakeAgent:
     call: kgrpc.GrpcCall | None = None
     task: asyncio.Task[None] | None = None
 
-    async def connect(self, env: Env,
-                      metadata: list[tuple[str, str]] | None = None) -> kgrpc.GrpcCall:
+    async def connect(
+        self, env: Env, metadata: list[tuple[str, str]] | None = None
+    ) -> kgrpc.GrpcCall:
         ctx = tls.client_context(env.certs.ca, env.certs.client_cert, env.certs.client_key)
-        self.proto = await kgrpc.connect(host="127.0.0.1", port=env.agent_port, ssl=ctx,
-                                         server_hostname="localhost")
+        self.proto = await kgrpc.connect(
+            host="127.0.0.1", port=env.agent_port, ssl=ctx, server_hostname="localhost"
+        )
         if metadata is None:
             metadata = [("agentid", "a1"), ("agentidentifiers", "")]
         self.call = self.proto.start_call(CONNECT_PATH, metadata=metadata)
@@ -141,15 +150,15 @@ class FakeAgent:
                 await self.task
 
 
-async def open_frontend(env: Env, path: str = PROXY_PATH) -> tuple[kgrpc.GrpcProtocol,
-                                                                   kgrpc.GrpcCall]:
+async def open_frontend(
+    env: Env, path: str = PROXY_PATH
+) -> tuple[kgrpc.GrpcProtocol, kgrpc.GrpcCall]:
     proto = await kgrpc.connect(path=env.uds)
     return proto, proto.start_call(path)
 
 
 def dial_req(random: int) -> bytes:
-    message: bytes = encode_packet(
-        Packet(PacketType.DIAL_REQ, DialRequest("tcp", ADDRESS, random)))
+    message: bytes = encode_packet(Packet(PacketType.DIAL_REQ, DialRequest("tcp", ADDRESS, random)))
     return message
 
 
@@ -196,16 +205,18 @@ def test_dial_data_both_ways_close(run: RunFn, sock_dir: str, certs: Certs) -> N
             proto, call = await open_frontend(env)
             call.send(dial_req(42))
             rsp = await recv_packet(call)
-            assert rsp == Packet(PacketType.DIAL_RSP,
-                                 DialResponse(connect_id=CONNECT_ID, random=42))
+            assert rsp == Packet(
+                PacketType.DIAL_RSP, DialResponse(connect_id=CONNECT_ID, random=42)
+            )
             assert env.proxy.router.established_connections == 1
 
             sent: list[bytes] = []
 
             async def send_all() -> None:
                 for i in range(0, len(payload), chunk):
-                    message = encode_packet(Packet(
-                        PacketType.DATA, Data(CONNECT_ID, data=payload[i:i + chunk])))
+                    message = encode_packet(
+                        Packet(PacketType.DATA, Data(CONNECT_ID, data=payload[i : i + chunk]))
+                    )
                     sent.append(message)
                     call.send(message)
                     await call.drain()
@@ -222,8 +233,7 @@ def test_dial_data_both_ways_close(run: RunFn, sock_dir: str, certs: Certs) -> N
             assert bytes(echoed) == payload
             assert bytes(agent.data) == payload
             # The server forwarded the frontend's DATA messages byte for byte.
-            data_messages = [m for m in agent.received
-                             if decode_packet(m).type == PacketType.DATA]
+            data_messages = [m for m in agent.received if decode_packet(m).type == PacketType.DATA]
             assert data_messages == sent
 
             call.send(encode_packet(Packet(PacketType.CLOSE_REQ, CloseRequest(CONNECT_ID))))
@@ -268,8 +278,9 @@ def test_agent_loss_fails_pending_dial(run: RunFn, sock_dir: str, certs: Certs) 
             assert env.proxy.router.pending_dials == 1
             await agent.close()  # the agent goes without answering
             rsp = await recv_packet(call)
-            assert rsp == Packet(PacketType.DIAL_RSP,
-                                 DialResponse(error=ERR_BACKEND_GONE, random=99))
+            assert rsp == Packet(
+                PacketType.DIAL_RSP, DialResponse(error=ERR_BACKEND_GONE, random=99)
+            )
             assert env.proxy.router.pending_dials == 0
             assert env.proxy.router.backends == {}
             call.done_writing()
@@ -308,8 +319,9 @@ def test_dial_timeout(run: RunFn, sock_dir: str, certs: Certs) -> None:
             proto, call = await open_frontend(env)
             call.send(dial_req(11))
             rsp = await recv_packet(call)
-            assert rsp == Packet(PacketType.DIAL_RSP,
-                                 DialResponse(error=ERR_DIAL_TIMEOUT, random=11))
+            assert rsp == Packet(
+                PacketType.DIAL_RSP, DialResponse(error=ERR_DIAL_TIMEOUT, random=11)
+            )
             assert env.proxy.router.pending_dials == 0
             call.done_writing()
             assert await call.wait_status() == StatusCode.OK
@@ -326,8 +338,9 @@ def test_dial_timeout(run: RunFn, sock_dir: str, certs: Certs) -> None:
         ([("agentid", "a"), ("agentid", "b")], "expected one agent ID in the context, got [a b]"),
     ],
 )
-def test_bad_agent_metadata(run: RunFn, sock_dir: str, certs: Certs,
-                            metadata: list[tuple[str, str]], message: str) -> None:
+def test_bad_agent_metadata(
+    run: RunFn, sock_dir: str, certs: Certs, metadata: list[tuple[str, str]], message: str
+) -> None:
     async def main() -> None:
         async with running(sock_dir, certs) as env:
             agent = FakeAgent()

@@ -44,9 +44,16 @@ async def running(sock_dir: str, certs: Certs) -> AsyncIterator[Env]:
     proxy = ProxyServer(server_id=SERVER_ID, server_count=SERVER_COUNT, rng=Random(1))
     uds = os.path.join(sock_dir, "http.sock")
     handle = ServerHandle(proxy)
-    handle.servers.append(await start_agent_listener(
-        proxy, host="127.0.0.1", port=0, cert_file=certs.server_cert,
-        key_file=certs.server_key, client_ca_file=certs.ca))
+    handle.servers.append(
+        await start_agent_listener(
+            proxy,
+            host="127.0.0.1",
+            port=0,
+            cert_file=certs.server_cert,
+            key_file=certs.server_key,
+            client_ca_file=certs.ca,
+        )
+    )
     http = await start_http_connect_uds(proxy, uds)
     try:
         yield Env(proxy, handle, uds, certs)
@@ -129,7 +136,8 @@ def test_no_agent(run: RunFn, sock_dir: str, certs: Certs) -> None:
             response = await reader.read()  # until the server closes
             assert response == (
                 b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n\r\n"
-                b"currently no tunnels available: " + ERR_NO_AGENT.encode())
+                b"currently no tunnels available: " + ERR_NO_AGENT.encode()
+            )
             writer.close()
 
     run(main())
@@ -167,8 +175,7 @@ def test_oversized_headers_431(run: RunFn, sock_dir: str, certs: Certs) -> None:
     run(main())
 
 
-def test_disconnect_during_dial_sends_dial_cls(run: RunFn, sock_dir: str,
-                                               certs: Certs) -> None:
+def test_disconnect_during_dial_sends_dial_cls(run: RunFn, sock_dir: str, certs: Certs) -> None:
     async def main() -> None:
         async with running(sock_dir, certs) as env:
             agent = FakeAgent(answer_dials=False)
@@ -196,12 +203,18 @@ def test_agent_dial_error_response(run: RunFn, sock_dir: str, certs: Certs) -> N
             dial = await agent.alive(wait_for_packet(agent, PacketType.DIAL_REQ))
             assert isinstance(dial.payload, DialRequest) and agent.call is not None
             error = "dial tcp 10.0.0.1:443: i/o timeout"
-            agent.call.send(encode_packet(Packet(
-                PacketType.DIAL_RSP, DialResponse(random=dial.payload.random, error=error))))
+            agent.call.send(
+                encode_packet(
+                    Packet(
+                        PacketType.DIAL_RSP, DialResponse(random=dial.payload.random, error=error)
+                    )
+                )
+            )
             response = await agent.alive(reader.read())
             assert response == (
                 b"HTTP/1.1 504 Gateway Timeout\r\nConnection: close\r\n"
-                b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + error.encode())
+                b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + error.encode()
+            )
             writer.close()
             await agent.close()
 
@@ -217,8 +230,9 @@ def test_agent_close_rsp_closes_client(run: RunFn, sock_dir: str, certs: Certs) 
             writer.write(CONNECT)
             assert await agent.alive(reader.readexactly(len(RESPONSE_200))) == RESPONSE_200
             assert agent.call is not None
-            agent.call.send(encode_packet(Packet(
-                PacketType.CLOSE_RSP, CloseResponse(connect_id=CONNECT_ID))))
+            agent.call.send(
+                encode_packet(Packet(PacketType.CLOSE_RSP, CloseResponse(connect_id=CONNECT_ID)))
+            )
             assert await agent.alive(reader.read()) == b""  # EOF, nothing more
             writer.close()
             await agent.close()
@@ -232,13 +246,19 @@ def test_tcp_mtls_listener(run: RunFn, sock_dir: str, certs: Certs) -> None:
             agent = FakeAgent()
             await agent.start(env)
             server = await start_http_connect_tcp(
-                env.proxy, host="127.0.0.1", port=0, cert_file=certs.server_cert,
-                key_file=certs.server_key, client_ca_file=certs.ca)
+                env.proxy,
+                host="127.0.0.1",
+                port=0,
+                cert_file=certs.server_cert,
+                key_file=certs.server_key,
+                client_ca_file=certs.ca,
+            )
             port = server.sockets[0].getsockname()[1]
             ctx = tls.client_context(certs.ca, certs.client_cert, certs.client_key)
             ctx.set_alpn_protocols(["http/1.1"])
             reader, writer = await asyncio.open_connection(
-                "127.0.0.1", port, ssl=ctx, server_hostname="localhost")
+                "127.0.0.1", port, ssl=ctx, server_hostname="localhost"
+            )
             writer.write(CONNECT + b"ping")
             expected = RESPONSE_200 + b"ping"
             assert await agent.alive(reader.readexactly(len(expected))) == expected

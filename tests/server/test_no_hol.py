@@ -63,10 +63,12 @@ class StreamingAgent:
 
     async def start(self, port: int, certs: Certs) -> None:
         ctx = tls.client_context(certs.ca, certs.client_cert, certs.client_key)
-        self.proto = await kgrpc.connect(host="127.0.0.1", port=port, ssl=ctx,
-                                         server_hostname="localhost")
+        self.proto = await kgrpc.connect(
+            host="127.0.0.1", port=port, ssl=ctx, server_hostname="localhost"
+        )
         self.call = self.proto.start_call(
-            CONNECT_PATH, metadata=[("agentid", "a1"), ("agentidentifiers", "")])
+            CONNECT_PATH, metadata=[("agentid", "a1"), ("agentidentifiers", "")]
+        )
         await self.call.headers_received
         self.reader = asyncio.get_running_loop().create_task(self._serve(self.call))
 
@@ -89,14 +91,15 @@ class StreamingAgent:
         if host.startswith("stream-"):
             tag, size = (int(x) for x in host.removeprefix("stream-").split("-"))
             task = asyncio.get_running_loop().create_task(
-                self._stream(call, connect_id, pattern(tag, size)))
+                self._stream(call, connect_id, pattern(tag, size))
+            )
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
     async def _stream(self, call: kgrpc.GrpcCall, connect_id: int, payload: bytes) -> None:
         view = memoryview(payload)
         for offset in range(0, len(payload), CHUNK):
-            call.send_data_packet(connect_id, view[offset:offset + CHUNK])
+            call.send_data_packet(connect_id, view[offset : offset + CHUNK])
             await call.drain()
 
     async def close(self) -> None:
@@ -123,8 +126,9 @@ class Env:
 
 
 @contextlib.asynccontextmanager
-async def running(sock_dir: str, certs: Certs,
-                  budget: BufferBudget | None = None) -> AsyncIterator[Env]:
+async def running(
+    sock_dir: str, certs: Certs, budget: BufferBudget | None = None
+) -> AsyncIterator[Env]:
     proxy = ProxyServer(server_id="s1", rng=Random(3), budget=budget)
     handle = ServerHandle(proxy)
     http_uds = os.path.join(sock_dir, "http.sock")
@@ -133,9 +137,16 @@ async def running(sock_dir: str, certs: Certs,
     http = await start_http_connect_uds(proxy, http_uds)
     try:
         handle.servers.append(await start_frontend_uds(proxy, grpc_uds))
-        handle.servers.append(await start_agent_listener(
-            proxy, host="127.0.0.1", port=0, cert_file=certs.server_cert,
-            key_file=certs.server_key, client_ca_file=certs.ca))
+        handle.servers.append(
+            await start_agent_listener(
+                proxy,
+                host="127.0.0.1",
+                port=0,
+                cert_file=certs.server_cert,
+                key_file=certs.server_key,
+                client_ca_file=certs.ca,
+            )
+        )
         assert handle.agent_port is not None
         await agent.start(handle.agent_port, certs)
         yield Env(proxy, agent, http_uds, grpc_uds)
@@ -146,8 +157,7 @@ async def running(sock_dir: str, certs: Certs,
         await http.wait_closed()
 
 
-async def http_tunnel(env: Env, target: str) -> tuple[asyncio.StreamReader,
-                                                      asyncio.StreamWriter]:
+async def http_tunnel(env: Env, target: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     # A small read limit: the client's own buffer must not hide a stalled reader.
     reader, writer = await asyncio.open_unix_connection(env.http_uds, limit=CHUNK)
     writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
@@ -179,16 +189,17 @@ async def wait_until(predicate: object, what: str) -> None:
         await asyncio.sleep(0.01)
 
 
-def test_http_stalled_client_does_not_block_neighbours(run: RunFn, sock_dir: str,
-                                                       certs: Certs) -> None:
+def test_http_stalled_client_does_not_block_neighbours(
+    run: RunFn, sock_dir: str, certs: Certs
+) -> None:
     async def main() -> None:
         async with running(sock_dir, certs) as env:
-            stalled_reader, stalled_writer = await http_tunnel(
-                env, f"stream-99-{STALLED_BYTES}:80")
+            stalled_reader, stalled_writer = await http_tunnel(env, f"stream-99-{STALLED_BYTES}:80")
             # The stalled client reads nothing; the server buffers for it.
             await wait_until(lambda: env.proxy.budget.total > 0, "the stalled tunnel blocks")
             busy = await asyncio.gather(
-                *(http_receive(env, tag, BUSY_BYTES) for tag in range(BUSY_TUNNELS)))
+                *(http_receive(env, tag, BUSY_BYTES) for tag in range(BUSY_TUNNELS))
+            )
             for tag, data in enumerate(busy):
                 assert data == pattern(tag, BUSY_BYTES)
             # New dials still work, and the agent's stream was never paused.
@@ -204,7 +215,8 @@ def test_http_stalled_client_does_not_block_neighbours(run: RunFn, sock_dir: str
 
 
 def test_http_spent_budget_pauses_the_agent_stream_only_until_drained(
-        run: RunFn, sock_dir: str, certs: Certs) -> None:
+    run: RunFn, sock_dir: str, certs: Certs
+) -> None:
     tunnel_budget = 1 << 20
     size = 8 << 20
 
@@ -218,7 +230,8 @@ def test_http_spent_budget_pauses_the_agent_stream_only_until_drained(
             # one high-water mark and what the agent had in flight (one stream window).
             protocol = next(iter(env.proxy.router.frontends.values())).conn
             assert protocol.transport.get_write_buffer_size() <= (
-                tunnel_budget + TUNNEL_WRITE_HIGH_WATER + (2 << 20))
+                tunnel_budget + TUNNEL_WRITE_HIGH_WATER + (2 << 20)
+            )
             assert await reader.readexactly(size) == pattern(7, size)
             await wait_until(lambda: not budget.paused(agent_call), "the agent stream resumes")
             assert budget.total == 0
@@ -229,8 +242,9 @@ def test_http_spent_budget_pauses_the_agent_stream_only_until_drained(
     run(main())
 
 
-async def grpc_tunnel(env: Env, target: str, random: int) -> tuple[kgrpc.GrpcProtocol,
-                                                                   kgrpc.GrpcCall, int]:
+async def grpc_tunnel(
+    env: Env, target: str, random: int
+) -> tuple[kgrpc.GrpcProtocol, kgrpc.GrpcCall, int]:
     proto = await kgrpc.connect(path=env.grpc_uds)
     call = proto.start_call(PROXY_PATH)
     call.send(encode_packet(Packet(PacketType.DIAL_REQ, DialRequest("tcp", target, random))))
@@ -255,8 +269,9 @@ async def grpc_receive(env: Env, tag: int, size: int) -> bytes:
 
 
 @pytest.mark.timeout(120)
-def test_grpc_stalled_stream_does_not_block_neighbours(run: RunFn, sock_dir: str,
-                                                       certs: Certs) -> None:
+def test_grpc_stalled_stream_does_not_block_neighbours(
+    run: RunFn, sock_dir: str, certs: Certs
+) -> None:
     async def main() -> None:
         async with running(sock_dir, certs) as env:
             # This frontend's stream is not read: our client role pauses it once its
@@ -264,7 +279,8 @@ def test_grpc_stalled_stream_does_not_block_neighbours(run: RunFn, sock_dir: str
             proto, call, connect_id = await grpc_tunnel(env, f"stream-98-{STALLED_BYTES}:80", 1)
             await wait_until(lambda: env.proxy.budget.total > 0, "the stalled stream blocks")
             busy = await asyncio.gather(
-                *(grpc_receive(env, tag, BUSY_BYTES) for tag in range(BUSY_TUNNELS)))
+                *(grpc_receive(env, tag, BUSY_BYTES) for tag in range(BUSY_TUNNELS))
+            )
             for tag, data in enumerate(busy):
                 assert data == pattern(tag, BUSY_BYTES)
             assert await http_echo(env) == b"still dialling"
@@ -286,8 +302,9 @@ def test_grpc_stalled_stream_does_not_block_neighbours(run: RunFn, sock_dir: str
 ENDLESS = 256 << 20  # more than any budget: a producer that never stops in this test
 
 
-def test_http_client_stalled_past_its_budget_is_closed(run: RunFn, sock_dir: str,
-                                                       certs: Certs) -> None:
+def test_http_client_stalled_past_its_budget_is_closed(
+    run: RunFn, sock_dir: str, certs: Certs
+) -> None:
     """A client that takes nothing while its agent keeps sending spends its budget; the
     agent's stream is paused, and after the stall timeout the tunnel is closed so that the
     agent's other tunnels and new dials flow again."""
@@ -315,8 +332,9 @@ def test_http_client_stalled_past_its_budget_is_closed(run: RunFn, sock_dir: str
 
 
 @pytest.mark.timeout(120)
-def test_grpc_stream_stalled_past_its_budget_is_reset(run: RunFn, sock_dir: str,
-                                                      certs: Certs) -> None:
+def test_grpc_stream_stalled_past_its_budget_is_reset(
+    run: RunFn, sock_dir: str, certs: Certs
+) -> None:
     async def main() -> None:
         budget = BufferBudget(tunnel_budget=1 << 20, stall_timeout=0.5)
         async with running(sock_dir, certs, budget) as env:

@@ -23,8 +23,9 @@ from konnectivity_fast.wire.packets import (
 )
 
 
-def make_router(strategies: Sequence[str] = ("default",), *, seed: int = 1,
-                dial_timeout: float = 0.0) -> Router:
+def make_router(
+    strategies: Sequence[str] = ("default",), *, seed: int = 1, dial_timeout: float = 0.0
+) -> Router:
     return Router(strategies, Random(seed), dial_timeout=dial_timeout)
 
 

@@ -24,8 +24,9 @@ from konnectivity_fast.tunnel import (
 _ids = iter(range(1, 1_000_000))
 
 
-def backend(agent_id: str, identifiers: AgentIdentifiers | None = None, *,
-            draining: bool = False) -> Backend:
+def backend(
+    agent_id: str, identifiers: AgentIdentifiers | None = None, *, draining: bool = False
+) -> Backend:
     made = Backend(next(_ids), agent_id, identifiers or AgentIdentifiers())
     made.draining = draining
     return made
@@ -36,9 +37,11 @@ def backend(agent_id: str, identifiers: AgentIdentifiers | None = None, *,
 
 def test_identifiers_reference_example() -> None:
     parsed = parse_agent_identifiers(
-        "host=node1&ipv4=1.2.3.4&ipv6=::1&cidr=10.0.0.0/8&default-route=true")
-    assert parsed == AgentIdentifiers(ipv4=("1.2.3.4",), ipv6=("::1",), host=("node1",),
-                                      cidr=("10.0.0.0/8",), default_route=True)
+        "host=node1&ipv4=1.2.3.4&ipv6=::1&cidr=10.0.0.0/8&default-route=true"
+    )
+    assert parsed == AgentIdentifiers(
+        ipv4=("1.2.3.4",), ipv6=("::1",), host=("node1",), cidr=("10.0.0.0/8",), default_route=True
+    )
 
 
 def test_identifiers_accumulate_unescape_and_ignore_unknown_keys() -> None:
@@ -46,10 +49,22 @@ def test_identifiers_accumulate_unescape_and_ignore_unknown_keys() -> None:
     assert parsed == AgentIdentifiers(host=("a", "b.c", "c d"), ipv6=("fe80::1",))
 
 
-@pytest.mark.parametrize(("value", "expected"), [
-    ("1", True), ("t", True), ("T", True), ("true", True), ("TRUE", True), ("True", True),
-    ("yes", False), ("0", False), ("false", False), ("", False), ("tRUE", False),
-])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("1", True),
+        ("t", True),
+        ("T", True),
+        ("true", True),
+        ("TRUE", True),
+        ("True", True),
+        ("yes", False),
+        ("0", False),
+        ("false", False),
+        ("", False),
+        ("tRUE", False),
+    ],
+)
 def test_default_route_is_a_go_bool(value: str, expected: bool) -> None:
     assert parse_agent_identifiers(f"default-route={value}").default_route is expected
 
@@ -64,16 +79,19 @@ def test_empty_identifiers() -> None:
     assert parse_agent_identifiers("&&") == AgentIdentifiers()
 
 
-@pytest.mark.parametrize(("value", "error"), [
-    ("host=a;b", "invalid semicolon separator in query"),
-    ("host=%zz", 'invalid URL escape "%zz"'),
-    ("host=ab%4", 'invalid URL escape "%4"'),
-    ("host=%", 'invalid URL escape "%"'),
-    ("h%XYost=a", 'invalid URL escape "%XY"'),
-    # Go keeps the first escape error, but a semicolon error replaces any earlier one.
-    ("host=%zz&ipv4=%yy", 'invalid URL escape "%zz"'),
-    ("host=%zz&a;b", "invalid semicolon separator in query"),
-])
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ("host=a;b", "invalid semicolon separator in query"),
+        ("host=%zz", 'invalid URL escape "%zz"'),
+        ("host=ab%4", 'invalid URL escape "%4"'),
+        ("host=%", 'invalid URL escape "%"'),
+        ("h%XYost=a", 'invalid URL escape "%XY"'),
+        # Go keeps the first escape error, but a semicolon error replaces any earlier one.
+        ("host=%zz&ipv4=%yy", 'invalid URL escape "%zz"'),
+        ("host=%zz&a;b", "invalid semicolon separator in query"),
+    ],
+)
 def test_identifier_parse_errors(value: str, error: str) -> None:
     with pytest.raises(AgentMetadataError) as info:
         parse_agent_identifiers(value)
@@ -83,13 +101,17 @@ def test_identifier_parse_errors(value: str, error: str) -> None:
 def test_agent_metadata() -> None:
     assert agent_from_metadata(["a1"], []) == ("a1", AgentIdentifiers())
     assert agent_from_metadata([""], ["host=n"]) == ("", AgentIdentifiers(host=("n",)))
-    with pytest.raises(AgentMetadataError,
-                       match=r"^expected one agent ID in the context, got \[\]$"):
+    with pytest.raises(
+        AgentMetadataError, match=r"^expected one agent ID in the context, got \[\]$"
+    ):
         agent_from_metadata([], [])
     with pytest.raises(AgentMetadataError, match=r"got \[a b\]$"):
         agent_from_metadata(["a", "b"], [])
-    with pytest.raises(AgentMetadataError, match=r"^expected at most one set of agent "
-                                                 r"identifiers in the context, got \[x y\]$"):
+    with pytest.raises(
+        AgentMetadataError,
+        match=r"^expected at most one set of agent "
+        r"identifiers in the context, got \[x y\]$",
+    ):
         agent_from_metadata(["a"], ["x", "y"])
 
 
@@ -101,16 +123,19 @@ def test_agent_id_is_checked_before_identifiers() -> None:
 # --- port stripping -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("address", "host"), [
-    ("node1:10250", "node1"),
-    ("10.0.0.5:443", "10.0.0.5"),
-    ("node1", "node1"),
-    ("", ""),
-    ("[fe80::1]:443", "fe80::1"),
-    ("fe80::1", "fe80::1"),
-    ("::1", "::1"),
-    ("[fe80::1]", "fe80:"),  # upstream's quirk, kept
-])
+@pytest.mark.parametrize(
+    ("address", "host"),
+    [
+        ("node1:10250", "node1"),
+        ("10.0.0.5:443", "10.0.0.5"),
+        ("node1", "node1"),
+        ("", ""),
+        ("[fe80::1]:443", "fe80::1"),
+        ("fe80::1", "fe80::1"),
+        ("::1", "::1"),
+        ("[fe80::1]", "fe80:"),  # upstream's quirk, kept
+    ],
+)
 def test_remove_port_from_host(address: str, host: str) -> None:
     assert remove_port_from_host(address) == host
 
@@ -133,7 +158,7 @@ def test_default_prefers_the_first_stream_of_an_agent() -> None:
     first, second = backend("a"), backend("a")
     assert manager.add_backend(first)
     assert not manager.add_backend(second)  # no new key
-    assert not manager.add_backend(first)   # already there
+    assert not manager.add_backend(first)  # already there
     assert {manager.backend("x:1") for _ in range(20)} == {first}
     assert manager.num_backends() == 1
     assert manager.remove_backend(first)
@@ -188,8 +213,12 @@ def test_default_removal_keeps_keys_consistent() -> None:
 
 def test_dest_host_matches_identifiers_exactly() -> None:
     manager = DestHostBackendManager(Random(1))
-    node = backend("a", AgentIdentifiers(ipv4=("10.0.0.1",), ipv6=("fe80::1",),
-                                         host=("node1",), cidr=("10.0.0.0/8",)))
+    node = backend(
+        "a",
+        AgentIdentifiers(
+            ipv4=("10.0.0.1",), ipv6=("fe80::1",), host=("node1",), cidr=("10.0.0.0/8",)
+        ),
+    )
     manager.add_backend(node)
     assert manager.num_backends() == 3  # cidr is not a key
     assert manager.backend("10.0.0.1:10250") is node
@@ -197,8 +226,8 @@ def test_dest_host_matches_identifiers_exactly() -> None:
     assert manager.backend("fe80::1") is node
     assert manager.backend("node1:22") is node
     assert manager.backend("node1") is node
-    assert manager.backend("NODE1:22") is None      # case-sensitive
-    assert manager.backend("10.0.0.2:80") is None   # no CIDR matching
+    assert manager.backend("NODE1:22") is None  # case-sensitive
+    assert manager.backend("10.0.0.2:80") is None  # no CIDR matching
     assert manager.backend("node1.example:22") is None
     assert manager.backend("") is None
 

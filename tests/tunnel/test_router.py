@@ -64,11 +64,19 @@ def reply(frontend: Frontend, packet: Packet) -> SendToFrontend:
     return SendToFrontend(frontend, packet, via_connection=False)
 
 
-def established(router: Router, frontend: Frontend, backend: Backend, *, random: int = 7,
-                connect_id: int = 1, now: float = 0.0) -> None:
+def established(
+    router: Router,
+    frontend: Frontend,
+    backend: Backend,
+    *,
+    random: int = 7,
+    connect_id: int = 1,
+    now: float = 0.0,
+) -> None:
     """DIAL_REQ from ``frontend`` answered by ``backend`` with ``connect_id``."""
     assert router.receive_from_frontend(frontend, dial_req(random), now) == [
-        SendToAgent(backend, dial_req(random))]
+        SendToAgent(backend, dial_req(random))
+    ]
     router.receive_from_agent(backend, dial_rsp(random, connect_id), now)
 
 
@@ -93,7 +101,9 @@ def test_grpc_happy_path() -> None:
     assert router.pending_dials == 1
     response = dial_rsp(42, connect_id=5)
     assert router.receive_from_agent(agent, response, 1.25) == [
-        DialDuration(0.25), SendToFrontend(f, response)]
+        DialDuration(0.25),
+        SendToFrontend(f, response),
+    ]
     assert (router.pending_dials, router.established_connections) == (0, 1)
     # The first DATA takes the general path and fixes the stream's connectID.
     assert router.route_frontend_data(f, 5) is None
@@ -101,12 +111,15 @@ def test_grpc_happy_path() -> None:
     assert router.route_frontend_data(f, 5) is agent
     assert router.route_agent_data(agent, 5) is f
     assert router.receive_from_agent(agent, data(5, b"y"), 2.0) == [
-        SendToFrontend(f, data(5, b"y"))]
+        SendToFrontend(f, data(5, b"y"))
+    ]
     assert router.receive_from_frontend(f, close_req(5), 3.0) == [SendToAgent(agent, close_req(5))]
     assert f.stopped
     assert router.route_frontend_data(f, 5) is None
     assert router.receive_from_agent(agent, close_rsp(5), 4.0) == [
-        ConnectionDuration(3.0), SendToFrontend(f, close_rsp(5))]
+        ConnectionDuration(3.0),
+        SendToFrontend(f, close_rsp(5)),
+    ]
     assert_empty(router)
     assert router.remove_frontend(f) == []
     assert not router.frontends
@@ -147,7 +160,9 @@ def test_no_agent_available() -> None:
     router = make_router()
     f = router.add_frontend(GRPC)
     assert router.receive_from_frontend(f, dial_req(11), 0.0) == [
-        fail(R.NO_AGENT), reply(f, dial_rsp(11, error="No agent available"))]
+        fail(R.NO_AGENT),
+        reply(f, dial_rsp(11, error="No agent available")),
+    ]
     assert f.stopped
     router.add_backend("late", AgentIdentifiers())
     assert router.receive_from_frontend(f, dial_req(12), 0.0) == []  # processing stopped
@@ -159,7 +174,8 @@ def test_data_before_dial() -> None:
     router.add_backend("a", AgentIdentifiers())
     f = router.add_frontend(GRPC)
     assert router.receive_from_frontend(f, data(3), 0.0) == [
-        reply(f, close_rsp(3, "backend not initialized"))]
+        reply(f, close_rsp(3, "backend not initialized"))
+    ]
     assert router.receive_from_frontend(f, dial_req(1), 0.0) == []  # stopped
 
 
@@ -168,7 +184,8 @@ def test_close_req_before_dial_keeps_processing() -> None:
     agent = router.add_backend("a", AgentIdentifiers())
     f = router.add_frontend(GRPC)
     assert router.receive_from_frontend(f, close_req(3), 0.0) == [
-        reply(f, close_rsp(3, "backend uninitialized"))]
+        reply(f, close_rsp(3, "backend uninitialized"))
+    ]
     assert router.receive_from_frontend(f, dial_req(1), 0.0) == [SendToAgent(agent, dial_req(1))]
 
 
@@ -179,7 +196,8 @@ def test_close_req_to_a_lost_backend() -> None:
     established(router, f, agent)
     router.remove_backend(agent, 1.0)
     assert router.receive_from_frontend(f, close_req(1), 2.0) == [
-        reply(f, close_rsp(1, "CLOSE_REQ to backend failed"))]
+        reply(f, close_rsp(1, "CLOSE_REQ to backend failed"))
+    ]
     assert f.stopped
 
 
@@ -214,9 +232,11 @@ def test_mismatched_connection_ids() -> None:
     established(router, f, agent, connect_id=1)
     router.receive_from_frontend(f, data(1), 0.0)
     assert router.receive_from_frontend(f, data(2), 0.0) == [
-        SendToAgent(agent, close_req(2)), SendToAgent(agent, close_req(1)),
+        SendToAgent(agent, close_req(2)),
+        SendToAgent(agent, close_req(1)),
         reply(f, close_rsp(2, "mismatched connection IDs")),
-        reply(f, close_rsp(1, "mismatched connection IDs"))]
+        reply(f, close_rsp(1, "mismatched connection IDs")),
+    ]
     assert f.stopped
     assert router.route_frontend_data(f, 1) is None
 
@@ -232,7 +252,8 @@ def test_data_for_a_connection_of_another_stream_is_refused() -> None:
     router.receive_from_frontend(f, dial_req(2), 0.0)
     router.receive_from_agent(agent, dial_rsp(2, 2), 0.0)
     assert router.receive_from_frontend(f, data(1), 0.0) == [
-        reply(f, close_rsp(1, "unrecognized connectID"))]
+        reply(f, close_rsp(1, "unrecognized connectID"))
+    ]
     assert f.stopped
     assert router.receive_from_frontend(victim, data(1), 0.0) == [SendToAgent(agent, data(1))]
 
@@ -245,7 +266,8 @@ def test_close_req_for_a_connection_of_another_stream_is_refused() -> None:
     f = router.add_frontend(GRPC)
     router.receive_from_frontend(f, dial_req(2), 0.0)
     assert router.receive_from_frontend(f, close_req(1), 0.0) == [
-        reply(f, close_rsp(1, "unrecognized connectID"))]
+        reply(f, close_rsp(1, "unrecognized connectID"))
+    ]
     assert router.established_connections == 1
 
 
@@ -259,9 +281,12 @@ def test_frontend_dial_cls_cancels_its_dial_without_telling_the_agent() -> None:
     assert not f.stopped
     # The late DIAL_RSP is unrecognised and its connection closed at the agent (§2.3, §9.5).
     assert router.receive_from_agent(agent, dial_rsp(5, 8), 1.0) == [
-        fail(R.UNRECOGNIZED_RESPONSE), SendToAgent(agent, close_req(8))]
+        fail(R.UNRECOGNIZED_RESPONSE),
+        SendToAgent(agent, close_req(8)),
+    ]
     assert router.receive_from_agent(agent, dial_rsp(5, 0, "refused"), 1.0) == [
-        fail(R.UNRECOGNIZED_RESPONSE)]
+        fail(R.UNRECOGNIZED_RESPONSE)
+    ]
     assert_empty(router)
 
 
@@ -281,7 +306,9 @@ def test_agent_dial_error_is_forwarded_and_not_established() -> None:
     router.receive_from_frontend(f, dial_req(5), 0.0)
     error = "dial tcp 10.0.0.1:443: connect: connection refused"
     assert router.receive_from_agent(agent, dial_rsp(5, 3, error), 0.0) == [
-        fail(R.ERROR_RESPONSE), SendToFrontend(f, dial_rsp(5, 3, error))]
+        fail(R.ERROR_RESPONSE),
+        SendToFrontend(f, dial_rsp(5, 3, error)),
+    ]
     assert_empty(router)
     assert router.route_agent_data(agent, 3) is None
 
@@ -293,7 +320,9 @@ def test_agent_dial_cls_is_forwarded() -> None:
     router.receive_from_frontend(f, dial_req(5), 0.0)
     assert router.receive_from_agent(agent, dial_cls(6), 0.0) == []  # unknown: ignored
     assert router.receive_from_agent(agent, dial_cls(5), 0.0) == [
-        fail(R.BACKEND_CLOSE), SendToFrontend(f, dial_cls(5))]
+        fail(R.BACKEND_CLOSE),
+        SendToFrontend(f, dial_cls(5)),
+    ]
     assert_empty(router)
 
 
@@ -323,7 +352,8 @@ def test_duplicate_dial_id_is_refused() -> None:
     first, second = router.add_frontend(GRPC), router.add_frontend(GRPC)
     router.receive_from_frontend(first, dial_req(5), 0.0)
     assert router.receive_from_frontend(second, dial_req(5), 0.0) == [
-        reply(second, dial_rsp(5, error=ERR_DUPLICATE_DIAL))]
+        reply(second, dial_rsp(5, error=ERR_DUPLICATE_DIAL))
+    ]
     router.receive_from_agent(agent, dial_rsp(5, 1), 0.0)
     assert router.route_agent_data(agent, 1) is first
 
@@ -335,11 +365,14 @@ def test_dial_response_from_another_stream_is_unrecognised() -> None:
     f = router.add_frontend(GRPC)
     router.receive_from_frontend(f, dial_req(5, "n1:1"), 0.0)
     assert router.receive_from_agent(rogue, dial_rsp(5, 4), 0.0) == [
-        fail(R.UNRECOGNIZED_RESPONSE), SendToAgent(rogue, close_req(4))]
+        fail(R.UNRECOGNIZED_RESPONSE),
+        SendToAgent(rogue, close_req(4)),
+    ]
     assert router.receive_from_agent(rogue, dial_cls(5), 0.0) == []
     assert router.pending_dials == 1
     assert router.receive_from_agent(chosen, dial_rsp(5, 4), 0.0)[-1] == SendToFrontend(
-        f, dial_rsp(5, 4))
+        f, dial_rsp(5, 4)
+    )
 
 
 def test_too_many_dials_on_one_stream() -> None:
@@ -350,7 +383,8 @@ def test_too_many_dials_on_one_stream() -> None:
         assert only(router.receive_from_frontend(f, dial_req(random), 0.0), SendToAgent)
     over = MAX_CONNECTIONS_PER_FRONTEND
     assert router.receive_from_frontend(f, dial_req(over), 0.0) == [
-        reply(f, dial_rsp(over, error=ERR_TOO_MANY_DIALS))]
+        reply(f, dial_rsp(over, error=ERR_TOO_MANY_DIALS))
+    ]
     assert router.pending_dials == MAX_CONNECTIONS_PER_FRONTEND
 
 
@@ -383,7 +417,8 @@ def test_drain_prefers_other_agents_and_falls_back() -> None:
     for random in range(2, 30):
         frontend = router.add_frontend(GRPC)
         assert router.receive_from_frontend(frontend, dial_req(random), 0.0) == [
-            SendToAgent(new, dial_req(random))]
+            SendToAgent(new, dial_req(random))
+        ]
     assert router.ready  # draining agents still count
 
 
@@ -411,7 +446,9 @@ def test_frontend_loss_closes_its_dials_and_connections_at_their_agents() -> Non
     router.receive_from_frontend(f, dial_req(2, "hb:1"), 0.0)
     router.receive_from_frontend(bystander, dial_req(3, "hb:1"), 0.0)
     assert router.remove_frontend(f) == [
-        SendToAgent(b, dial_cls(2)), SendToAgent(a, close_req(10))]  # no metric for gRPC
+        SendToAgent(b, dial_cls(2)),
+        SendToAgent(a, close_req(10)),
+    ]  # no metric for gRPC
     assert router.remove_frontend(f) == []
     assert router.pending_dials == 1 and router.established_connections == 0
     # In-flight DATA for the closed connection is dropped; its CLOSE_RSP is not observed.
@@ -420,7 +457,9 @@ def test_frontend_loss_closes_its_dials_and_connections_at_their_agents() -> Non
     assert router.receive_from_agent(a, data(10), 1.0) == [SendToAgent(a, close_req(10))]
     # The late DIAL_RSP of the cancelled dial closes its connection at the agent.
     assert router.receive_from_agent(b, dial_rsp(2, 20), 1.0) == [
-        fail(R.UNRECOGNIZED_RESPONSE), SendToAgent(b, close_req(20))]
+        fail(R.UNRECOGNIZED_RESPONSE),
+        SendToAgent(b, close_req(20)),
+    ]
     assert router.receive_from_frontend(f, data(10), 2.0) == []  # closed: ignored
 
 
@@ -452,8 +491,11 @@ def test_agent_loss_closes_exactly_its_connections_and_fails_its_dials_now() -> 
     router.receive_from_agent(other, dial_rsp(3, 1), 0.0)
     router.receive_from_frontend(f4, dial_req(4, "ha:1"), 1.0)
     assert router.remove_backend(lost, 3.0) == [
-        ConnectionDuration(3.0), SendToFrontend(f1, close_rsp(1, "")),
-        fail(R.BACKEND_CLOSE), reply(f4, dial_rsp(4, error=ERR_BACKEND_GONE))]
+        ConnectionDuration(3.0),
+        SendToFrontend(f1, close_rsp(1, "")),
+        fail(R.BACKEND_CLOSE),
+        reply(f4, dial_rsp(4, error=ERR_BACKEND_GONE)),
+    ]
     assert ERR_BACKEND_GONE == "context canceled"
     assert router.remove_backend(lost, 3.0) == []
     assert router.established_connections == 2 and router.pending_dials == 0
@@ -481,8 +523,11 @@ def test_reused_connect_id_closes_the_old_connection() -> None:
     established(router, old, agent, random=1, connect_id=1)
     router.receive_from_frontend(new, dial_req(2), 5.0)
     assert router.receive_from_agent(agent, dial_rsp(2, 1), 6.0) == [
-        ConnectionDuration(6.0), SendToFrontend(old, close_rsp(1, "")),
-        DialDuration(1.0), SendToFrontend(new, dial_rsp(2, 1))]
+        ConnectionDuration(6.0),
+        SendToFrontend(old, close_rsp(1, "")),
+        DialDuration(1.0),
+        SendToFrontend(new, dial_rsp(2, 1)),
+    ]
     assert router.route_agent_data(agent, 1) is new
     assert router.established_connections == 1
 
@@ -504,14 +549,17 @@ def test_dial_timeout() -> None:
     assert [dial.random for dial in router.dials_due(15.0)] == [1]
     assert router.handle_timer(15.0) == [
         fail(R.BACKEND_DIAL_TIMEOUT),
-        reply(f1, dial_rsp(1, error="timed out waiting for backend dial"))]
+        reply(f1, dial_rsp(1, error="timed out waiting for backend dial")),
+    ]
     assert router.get_timer() == 17.0
     router.receive_from_agent(agent, dial_rsp(2, 1), 16.0)
     assert router.get_timer() is None
     assert router.handle_timer(100.0) == []
     # No DIAL_CLS went to the agent; its late answer is closed there.
     assert router.receive_from_agent(agent, dial_rsp(1, 2), 16.0) == [
-        fail(R.UNRECOGNIZED_RESPONSE), SendToAgent(agent, close_req(2))]
+        fail(R.UNRECOGNIZED_RESPONSE),
+        SendToAgent(agent, close_req(2)),
+    ]
     assert not f1.stopped
 
 
@@ -544,20 +592,25 @@ def test_retire_backend() -> None:
     established(router, f, stalled, random=1, connect_id=1)
     router.receive_from_frontend(g, dial_req(2), 0.0)
     assert router.retire_backend(stalled) == [
-        RetireBackend(stalled), fail(R.BACKEND_DIAL_TIMEOUT),
-        reply(g, dial_rsp(2, error="timed out waiting for backend dial"))]
+        RetireBackend(stalled),
+        fail(R.BACKEND_DIAL_TIMEOUT),
+        reply(g, dial_rsp(2, error="timed out waiting for backend dial")),
+    ]
     assert router.retire_backend(stalled) == []
     assert stalled.draining and not router.ready
     assert router.route_agent_data(stalled, 1) is f  # still flowing until the stream ends
     assert router.remove_backend(stalled, 2.0) == [
-        ConnectionDuration(2.0), SendToFrontend(f, close_rsp(1, ""))]
+        ConnectionDuration(2.0),
+        SendToFrontend(f, close_rsp(1, "")),
+    ]
 
 
 # --- HTTP-CONNECT frontends (§3) --------------------------------------------------------------
 
 
-def http_dial(router: Router, address: str = "10.0.0.5:10250",
-              now: float = 0.0) -> tuple[Frontend, Backend, int]:
+def http_dial(
+    router: Router, address: str = "10.0.0.5:10250", now: float = 0.0
+) -> tuple[Frontend, Backend, int]:
     f = router.add_frontend(HTTP)
     [send] = router.dial_http_connect(f, address, now)
     assert isinstance(send, SendToAgent) and isinstance(send.message, Packet)
@@ -574,13 +627,17 @@ def test_http_happy_path() -> None:
     f, chosen, random = http_dial(router, now=1.0)
     assert chosen is agent
     assert router.receive_from_agent(agent, dial_rsp(random, 4), 1.5) == [
-        DialDuration(0.5), TunnelEstablished(f, 4)]
+        DialDuration(0.5),
+        TunnelEstablished(f, 4),
+    ]
     assert (f.connect_id, f.backend) == (4, agent)
     assert router.route_frontend_data(f, f.connect_id) is agent
     assert router.route_agent_data(agent, 4) is f
     assert router.receive_from_agent(agent, data(4), 2.0) == [SendToFrontend(f, data(4))]
     assert router.receive_from_agent(agent, close_rsp(4), 3.0) == [
-        ConnectionDuration(2.0), CloseFrontend(f, CloseReason.CLOSE_RSP)]
+        ConnectionDuration(2.0),
+        CloseFrontend(f, CloseReason.CLOSE_RSP),
+    ]
     assert f.closed and router.route_frontend_data(f, 4) is None
     assert router.remove_frontend(f) == []  # no redundant CLOSE_REQ
     assert_empty(router)
@@ -591,7 +648,8 @@ def test_http_no_agent_is_not_counted() -> None:
     router = make_router()
     f = router.add_frontend(HTTP)
     assert router.dial_http_connect(f, "x:1", 0.0) == [
-        CloseFrontend(f, CloseReason.NO_AGENT, "No agent available")]
+        CloseFrontend(f, CloseReason.NO_AGENT, "No agent available")
+    ]
     assert f.closed
 
 
@@ -601,7 +659,9 @@ def test_http_dial_error() -> None:
     f, agent, random = http_dial(router)
     error = "dial tcp 10.0.0.5:10250: i/o timeout"
     assert router.receive_from_agent(agent, dial_rsp(random, 2, error), 0.0) == [
-        fail(R.ERROR_RESPONSE), CloseFrontend(f, CloseReason.DIAL_ERROR, error)]
+        fail(R.ERROR_RESPONSE),
+        CloseFrontend(f, CloseReason.DIAL_ERROR, error),
+    ]
     assert_empty(router)
 
 
@@ -610,7 +670,9 @@ def test_http_agent_dial_cls() -> None:
     router.add_backend("a", AgentIdentifiers())
     f, agent, random = http_dial(router)
     assert router.receive_from_agent(agent, dial_cls(random), 0.0) == [
-        fail(R.BACKEND_CLOSE), CloseFrontend(f, CloseReason.DIAL_CLOSED)]
+        fail(R.BACKEND_CLOSE),
+        CloseFrontend(f, CloseReason.DIAL_CLOSED),
+    ]
 
 
 def test_http_agent_lost_while_dialling() -> None:
@@ -618,7 +680,9 @@ def test_http_agent_lost_while_dialling() -> None:
     router.add_backend("a", AgentIdentifiers())
     f, agent, _ = http_dial(router)
     assert router.remove_backend(agent, 1.0) == [
-        fail(R.BACKEND_CLOSE), CloseFrontend(f, CloseReason.DIAL_BACKEND_GONE, "context canceled")]
+        fail(R.BACKEND_CLOSE),
+        CloseFrontend(f, CloseReason.DIAL_BACKEND_GONE, "context canceled"),
+    ]
 
 
 def test_http_dial_timeout() -> None:
@@ -627,9 +691,11 @@ def test_http_dial_timeout() -> None:
     f, agent, random = http_dial(router, now=1.0)
     assert router.handle_timer(3.0) == [
         fail(R.BACKEND_DIAL_TIMEOUT),
-        CloseFrontend(f, CloseReason.DIAL_TIMEOUT, "timed out waiting for backend dial")]
+        CloseFrontend(f, CloseReason.DIAL_TIMEOUT, "timed out waiting for backend dial"),
+    ]
     assert only(router.receive_from_agent(agent, dial_rsp(random, 3), 4.0), SendToAgent) == [
-        SendToAgent(agent, close_req(3))]
+        SendToAgent(agent, close_req(3))
+    ]
 
 
 def test_http_client_leaves_while_dialling() -> None:
@@ -637,7 +703,9 @@ def test_http_client_leaves_while_dialling() -> None:
     router.add_backend("a", AgentIdentifiers())
     f, agent, random = http_dial(router)
     assert router.remove_frontend(f) == [
-        fail(R.FRONTEND_CLOSE), SendToAgent(agent, dial_cls(random))]
+        fail(R.FRONTEND_CLOSE),
+        SendToAgent(agent, dial_cls(random)),
+    ]
     assert_empty(router)
 
 
@@ -660,7 +728,9 @@ def test_http_agent_lost_when_established() -> None:
     f, agent, random = http_dial(router)
     router.receive_from_agent(agent, dial_rsp(random, 6), 0.0)
     assert router.remove_backend(agent, 4.0) == [
-        ConnectionDuration(4.0), CloseFrontend(f, CloseReason.BACKEND_GONE)]
+        ConnectionDuration(4.0),
+        CloseFrontend(f, CloseReason.BACKEND_GONE),
+    ]
 
 
 def test_http_closing_tunnels_are_observed_on_agent_loss() -> None:
@@ -700,11 +770,11 @@ def test_dest_host_routing_with_fallthrough() -> None:
     node = router.add_backend("n", AgentIdentifiers(ipv4=("10.1.1.1",), host=("node1",)))
     generic = router.add_backend("g", AgentIdentifiers())
     assert router.ready
-    for random, (address, target) in enumerate([
-            ("10.1.1.1:10250", node), ("node1:22", node)]):
+    for random, (address, target) in enumerate([("10.1.1.1:10250", node), ("node1:22", node)]):
         f = router.add_frontend(GRPC)
         assert router.receive_from_frontend(f, dial_req(random, address), 0.0) == [
-            SendToAgent(target, dial_req(random, address))]
+            SendToAgent(target, dial_req(random, address))
+        ]
     chosen = set()
     for random in range(10, 60):
         f = router.add_frontend(GRPC)
@@ -739,8 +809,11 @@ def test_server_answers_are_not_connection_writes() -> None:
     (forwarded,) = only(router.receive_from_agent(agent, dial_rsp(2, 1), 0.0), SendToFrontend)
     (echoed,) = only(router.receive_from_agent(agent, data(1), 0.0), SendToFrontend)
     assert forwarded.via_connection and echoed.via_connection
-    (mismatch, _) = only(router.receive_from_frontend(f, data(1), 0.0)
-                         + router.receive_from_frontend(f, data(9), 0.0), SendToFrontend)
+    (mismatch, _) = only(
+        router.receive_from_frontend(f, data(1), 0.0)
+        + router.receive_from_frontend(f, data(9), 0.0),
+        SendToFrontend,
+    )
     assert not mismatch.via_connection
     (lost,) = only(router.remove_backend(agent, 1.0), SendToFrontend)
     assert lost.message == close_rsp(1, "") and lost.via_connection

@@ -61,8 +61,9 @@ IDENTIFIERS = (
     AgentIdentifiers(ipv6=("fe80::1",), host=("n1",)),
     AgentIdentifiers(default_route=True),
 )
-STRATEGIES = st.lists(st.sampled_from(["default", "destHost", "defaultRoute"]),
-                      min_size=1, max_size=3)
+STRATEGIES = st.lists(
+    st.sampled_from(["default", "destHost", "defaultRoute"]), min_size=1, max_size=3
+)
 SMALL = st.integers(min_value=0, max_value=4)
 INDEX = st.integers(min_value=0, max_value=1_000)
 
@@ -79,9 +80,19 @@ def frontend_packet(draw: st.DataObject, known: list[int]) -> Packet:
         return close_req(number)
     if kind == "dial_cls":
         return dial_cls(number)
-    return draw.draw(st.sampled_from([
-        Packet(), Packet(PacketType.DATA), Packet(PacketType.DATA, CloseRequest(1)),
-        dial_rsp(1, 1), close_rsp(1), drain(), Packet(99)]))
+    return draw.draw(
+        st.sampled_from(
+            [
+                Packet(),
+                Packet(PacketType.DATA),
+                Packet(PacketType.DATA, CloseRequest(1)),
+                dial_rsp(1, 1),
+                close_rsp(1),
+                drain(),
+                Packet(99),
+            ]
+        )
+    )
 
 
 def agent_packet(draw: st.DataObject, backend: Backend) -> Packet:
@@ -101,9 +112,19 @@ def agent_packet(draw: st.DataObject, backend: Backend) -> Packet:
         return close_rsp(connect_id, draw.draw(st.sampled_from(["", "Unknown connectID"])))
     if kind == "dial_cls":
         return dial_cls(random)
-    return draw.draw(st.sampled_from([
-        drain(), Packet(), dial_req(1), close_req(1), Packet(PacketType.DRAIN, Drain()),
-        Packet(PacketType.DATA, Data(0)), Packet(77)]))
+    return draw.draw(
+        st.sampled_from(
+            [
+                drain(),
+                Packet(),
+                dial_req(1),
+                close_req(1),
+                Packet(PacketType.DRAIN, Drain()),
+                Packet(PacketType.DATA, Data(0)),
+                Packet(77),
+            ]
+        )
+    )
 
 
 class RouterMachine(RuleBasedStateMachine):
@@ -117,12 +138,21 @@ class RouterMachine(RuleBasedStateMachine):
         self.http_established: set[Frontend] = set()
         self.next_id: dict[Backend, int] = {}  # agents count connectIDs per stream from 1
 
-    @initialize(strategies=STRATEGIES, seed=st.integers(0, 2**32),
-                timeout=st.sampled_from([0.0, 3.0]),
-                agents=st.lists(st.tuples(st.sampled_from(["a", "b", "c"]),
-                                          st.sampled_from(IDENTIFIERS)), max_size=3))
-    def configure(self, strategies: list[str], seed: int, timeout: float,
-                  agents: list[tuple[str, AgentIdentifiers]]) -> None:
+    @initialize(
+        strategies=STRATEGIES,
+        seed=st.integers(0, 2**32),
+        timeout=st.sampled_from([0.0, 3.0]),
+        agents=st.lists(
+            st.tuples(st.sampled_from(["a", "b", "c"]), st.sampled_from(IDENTIFIERS)), max_size=3
+        ),
+    )
+    def configure(
+        self,
+        strategies: list[str],
+        seed: int,
+        timeout: float,
+        agents: list[tuple[str, AgentIdentifiers]],
+    ) -> None:
         self.router = Router(strategies, Random(seed), dial_timeout=timeout)
         for agent_id, identifiers in agents:
             self.add_backend(agent_id, identifiers)
@@ -187,12 +217,14 @@ class RouterMachine(RuleBasedStateMachine):
     def grpc_dial(self, random: int, address: str) -> None:
         frontend = self.router.add_frontend(GRPC)
         self.frontends.append(frontend)
-        self.apply(self.router.receive_from_frontend(frontend, dial_req(random, address),
-                                                     self.now))
+        self.apply(self.router.receive_from_frontend(frontend, dial_req(random, address), self.now))
 
     @precondition(lambda self: self.router.pending_dials)
-    @rule(draw=st.data(), kind=st.sampled_from(["ok", "ok", "ok", "error", "dial_cls"]),
-          reuse=st.booleans())
+    @rule(
+        draw=st.data(),
+        kind=st.sampled_from(["ok", "ok", "ok", "error", "dial_cls"]),
+        reuse=st.booleans(),
+    )
     def agent_answers_a_dial(self, draw: st.DataObject, kind: str, reuse: bool) -> None:
         dials = [d for f in self.router.frontends.values() for d in f.dials.values()]
         dial = draw.draw(st.sampled_from(dials))
@@ -209,14 +241,17 @@ class RouterMachine(RuleBasedStateMachine):
         return [c for b in self.router.backends.values() for c in b.connections.values()]
 
     @precondition(lambda self: self.router.established_connections)
-    @rule(draw=st.data(), kind=st.sampled_from(["agent_data", "close_rsp", "client_data",
-                                                 "client_close"]))
+    @rule(
+        draw=st.data(),
+        kind=st.sampled_from(["agent_data", "close_rsp", "client_data", "client_close"]),
+    )
     def traffic_on_a_connection(self, draw: st.DataObject, kind: str) -> None:
         conn = draw.draw(st.sampled_from(self.connections()))
         frontend, backend, connect_id = conn.frontend, conn.backend, conn.connect_id
         if kind == "agent_data":
             assert self.router.route_agent_data(backend, connect_id) is (
-                frontend if connect_id else None)
+                frontend if connect_id else None
+            )
             effects = self.router.receive_from_agent(backend, data(connect_id), self.now)
         elif kind == "close_rsp":
             effects = self.router.receive_from_agent(backend, close_rsp(connect_id), self.now)
@@ -224,7 +259,8 @@ class RouterMachine(RuleBasedStateMachine):
         elif frontend.mode is HTTP:
             effects = []
             assert self.router.route_frontend_data(frontend, frontend.connect_id) is (
-                backend if connect_id and frontend.backend is backend else None)
+                backend if connect_id and frontend.backend is backend else None
+            )
         else:
             packet = data(connect_id) if kind == "client_data" else close_req(connect_id)
             effects = self.router.receive_from_frontend(frontend, packet, self.now)
