@@ -280,6 +280,36 @@ cdef class H2Connection:
             if s.unconsumed:
                 self._to_consume.add(s)
 
+    def receive_window(self, int32_t stream_id):
+        """Bytes the peer may still send on a stream before it needs more window (what
+        was granted and not yet used, WINDOW_UPDATEs queued here included)."""
+        if stream_id not in self._streams:
+            return 0
+        return max(0, nghttp2_session_get_stream_local_window_size(self._session, stream_id))
+
+    def grant_window(self, int32_t stream_id, Py_ssize_t nbytes):
+        """A paused stream: give the peer back up to ``nbytes`` of what it sent, at once.
+        Consumption (resume_reading) sends WINDOW_UPDATE only once half the window is
+        consumed (nghttp2's rule); a paused stream rationed by its application needs
+        small grants to arrive now. Returns the bytes granted."""
+        cdef _Stream s = self._streams.get(stream_id)
+        cdef Py_ssize_t n
+        cdef int32_t owed
+        if s is None or not s.paused or nbytes <= 0 or s.unconsumed <= 0:
+            return 0
+        n = min(nbytes, s.unconsumed)
+        _check(nghttp2_session_consume_stream(self._session, stream_id, n))
+        s.unconsumed -= n
+        # What nghttp2 holds as consumed but not yet acknowledged: every byte received
+        # and not window-updated is either that or still unconsumed (ours). Acknowledge
+        # it now; nghttp2 takes it off its consumed count, so nothing is given twice.
+        owed = nghttp2_session_get_stream_effective_recv_data_length(
+            self._session, stream_id) - <int32_t>s.unconsumed
+        if owed > 0:
+            _check(nghttp2_submit_window_update(self._session, NGHTTP2_FLAG_NONE,
+                                                stream_id, owed))
+        return n
+
     def ping(self, bytes opaque=_KEEPALIVE_OPAQUE):
         if len(opaque) != 8:
             raise ValueError("PING payload must be 8 bytes")

@@ -188,6 +188,10 @@ cdef extern from "nghttp2/nghttp2.h":
     int32_t nghttp2_session_get_stream_remote_window_size(
         nghttp2_session *session, int32_t stream_id)
     int32_t nghttp2_session_get_remote_window_size(nghttp2_session *session)
+    int32_t nghttp2_session_get_stream_local_window_size(
+        nghttp2_session *session, int32_t stream_id)
+    int32_t nghttp2_session_get_stream_effective_recv_data_length(
+        nghttp2_session *session, int32_t stream_id)
 
     int nghttp2_submit_settings(
         nghttp2_session *session, uint8_t flags, const nghttp2_settings_entry *iv, size_t niv)
@@ -201,6 +205,9 @@ cdef extern from "nghttp2/nghttp2.h":
         nghttp2_session *session, int32_t stream_id, const nghttp2_nv *nva, size_t nvlen)
     int nghttp2_submit_rst_stream(
         nghttp2_session *session, uint8_t flags, int32_t stream_id, uint32_t error_code)
+    int nghttp2_submit_window_update(
+        nghttp2_session *session, uint8_t flags, int32_t stream_id,
+        int32_t window_size_increment)
     int nghttp2_submit_ping(nghttp2_session *session, uint8_t flags, const uint8_t *opaque_data)
     int nghttp2_submit_goaway(
         nghttp2_session *session, uint8_t flags, int32_t last_stream_id, uint32_t error_code,

@@ -2,38 +2,46 @@
 
 An agent has one stream per server and every tunnel it serves is multiplexed on it; the
 Konnectivity protocol has no per-connection flow control. Upstream writes each DATA to its
-frontend synchronously, so one frontend that stops reading stops the agent's stream, and with
-it every tunnel on that agent and every new dial (reference/upstream-server.md §9.1).
+frontend synchronously (``pkg/server/server.go serveRecvBackend``), so one frontend that
+reads slowly slows the agent's stream, and with it every tunnel on that agent and every
+new dial, to its own pace.
 
 Here, agent -> frontend, a DATA is always accepted and queued on its frontend: the HTTP
 client's transport buffer, or the frontend's HTTP/2 stream. A frontend whose queue is above
 its high-water mark (``TUNNEL_WRITE_HIGH_WATER``, or the call's ``CALL_SEND_HIGH_WATER``) is
-*blocked*; the bytes it is given while blocked are *charged* to its ``TunnelBuffer`` and to
-the process's ``BufferBudget``. When the frontend drains below its low-water mark the charge
-is released. Budgets:
+*blocked*; what it has queued beyond that mark is its *charge*, counted in its
+``TunnelBuffer`` and in the process's ``BufferBudget``. When the frontend drains below its
+low-water mark the charge is released. Budgets:
 
-- ``TUNNEL_BUFFER_BUDGET``: a tunnel charged this much pauses the agent stream that fed it
-  (HTTP/2 flow control: the agent soon stops sending on that stream) until the tunnel drains.
+- ``TUNNEL_BUFFER_BUDGET``: a tunnel charged this much *holds* the agent stream that fed it.
+  A held stream is not stopped but *rationed*: the agent may have only
+  ``RATIONED_WINDOW`` bytes in flight beyond what the holding tunnel has room for (HTTP/2
+  window, granted with ``GrpcCall.grant_window``). Every byte the agent sends for another
+  tunnel is granted again at once, and the holding tunnel's bytes only as fast as its
+  frontend reads them, so the other tunnels keep flowing and the held tunnel's queue stays
+  within ``TUNNEL_BUFFER_BUDGET + `` one stream window. The hold ends as soon as the tunnel
+  is back under its budget; it never waits for the tunnel to drain.
 - ``PROCESS_BUFFER_BUDGET``: when all charges together reach it, each agent stream that
-  feeds a blocked tunnel is paused until the total is back under half of it.
+  feeds a blocked tunnel is paused outright (no ration) until the total is back under half.
 
-So one stalled frontend costs at most its tunnel budget and never delays its neighbours until
-that budget is spent; only then does its agent's stream wait (which is what upstream does at
-the first byte). A frontend that then takes nothing at all for ``TUNNEL_STALL_TIMEOUT`` is
-given up on: its tunnel is closed (the adapter's ``abandon``: CLOSE_REQ to the agent, the
-client dropped), its charge released, and the agent's stream resumes. A slow frontend that
-keeps reading is never closed; it only slows its own agent's stream down.
+Rationing is as fair as the agent's sending order allows: an agent that queues a slow
+tunnel's bytes ahead of the others (as upstream's does) still delays them by what it queued;
+ours sends its tunnels in turn (``agent/client.py``). A frontend that takes nothing at all
+for ``TUNNEL_STALL_TIMEOUT`` while holding its agent is given up on: its tunnel is closed
+(the adapter's ``abandon``: CLOSE_REQ to the agent, the client dropped), its charge released.
+A slow frontend that keeps reading is never closed.
 
-Frontend -> agent, a frontend's own source (its socket, or its HTTP/2
-stream) is paused while the agent's call has ``CALL_SEND_HIGH_WATER`` bytes queued; nobody
-else waits.
+Frontend -> agent, a frontend's own source (its socket, or its HTTP/2 stream) is paused
+while the agent's call has ``CALL_SEND_HIGH_WATER`` bytes queued; nobody else waits.
 
 Invariants:
-- Data is never dropped or reordered here: budgets only pause sources, and a tunnel is
-  closed (never truncated) only after it stalled with its budget spent.
-- An agent call is paused while at least one reason (a tunnel over budget, or the process
-  budget) holds, and resumed when the last reason goes; a tunnel's reasons go with it
-  (``release``, on drain or on close).
+- Data is never dropped or reordered here: budgets only ration or pause sources, and a
+  tunnel is closed (never truncated) only after it stalled while holding its agent.
+- An agent call is paused while a tunnel holds it or the process budget is spent, and
+  resumed when the last reason goes; a tunnel's holds go with it (``release``, on drain or
+  close, or when it is back under its budget).
+- While held, an agent call's receive window never exceeds ``RATIONED_WINDOW`` minus the
+  largest amount by which a holding tunnel is over its budget.
 """
 
 from __future__ import annotations
@@ -47,6 +55,8 @@ from konnectivity_fast.verbosity import V
 
 __all__ = [
     "PROCESS_BUFFER_BUDGET",
+    "RATIONED_WINDOW",
+    "RATION_POLL_INTERVAL",
     "TUNNEL_BUFFER_BUDGET",
     "TUNNEL_STALL_TIMEOUT",
     "TUNNEL_WRITE_HIGH_WATER",
@@ -62,14 +72,24 @@ log = logging.getLogger(__name__)
 TUNNEL_WRITE_HIGH_WATER = 1 << 20
 #: The queue below which a blocked HTTP-CONNECT tunnel is writable again.
 TUNNEL_WRITE_LOW_WATER = 256 << 10
-#: Bytes a blocked tunnel may be given before its agent's stream is paused: 16 MiB lets a
+#: Bytes a blocked tunnel may be given before it holds its agent's stream: 16 MiB lets a
 #: slow frontend (kubectl cp to a slow link) fall well behind, four maximum-size messages,
 #: before its neighbours feel it.
 TUNNEL_BUFFER_BUDGET = 16 << 20
-#: How long a tunnel that spent its budget may take nothing before it is closed: long
-#: enough for a slow reader to show progress, short enough that the other tunnels of its
-#: agent (paused meanwhile) and new dials recover before clients time out (10 s, as
-#: konnectivity-client's read timeout: it closes a tunnel whose reader took nothing for 10 s).
+#: What a held agent stream may have in flight beyond the holding tunnel's room: big enough
+#: that the other tunnels of the agent move a useful amount per round trip, small enough
+#: that a slow reader's queue overshoots its budget by little (at 1 MB/s it drains this in
+#: a quarter second).
+RATIONED_WINDOW = 256 << 10
+#: How often a holding tunnel's queue is measured: its frontend's progress is granted to
+#: the agent within this delay (a 1 KiB echo behind a slow reader waits at most about this
+#: plus the agent's own queue).
+RATION_POLL_INTERVAL = 0.005
+#: How long a tunnel holding its agent may take nothing before it is closed: long enough
+#: for a slow reader to show progress, short enough that new dials and the other tunnels
+#: of its agent (rationed meanwhile) recover before clients time out (10 s, as
+#: konnectivity-client's read timeout: it closes a tunnel whose reader took nothing for
+#: 10 s).
 TUNNEL_STALL_TIMEOUT = 10.0
 #: All blocked tunnels together: bounds the server's buffer memory whatever the number of
 #: stalled frontends (1000 stalled tunnels would otherwise be allowed 16 GiB).
@@ -78,18 +98,20 @@ PROCESS_BUFFER_BUDGET = 256 << 20
 
 class TunnelBuffer:
     """What one frontend (an HTTP-CONNECT client, or a gRPC ``Proxy`` stream) was given
-    while blocked, and the agent calls paused on its account."""
+    while blocked, and the agent calls it holds."""
 
     __slots__ = ("abandon", "backlog", "blocked", "charge", "last_backlog", "pausing", "watch")
 
     def __init__(
-        self, backlog: Callable[[], int] | None = None, abandon: Callable[[], None] | None = None
+        self,
+        backlog: Callable[[], int] | None = None,
+        abandon: Callable[[], None] | None = None,
     ) -> None:
         self.blocked = False
         self.charge = 0
         self.pausing: list[GrpcCall] = []
         #: The adapter's: bytes still queued toward the frontend, and how to close the
-        #: tunnel when it stalls with its budget spent.
+        #: tunnel when it stalls while holding its agent.
         self.backlog = backlog
         self.abandon = abandon
         self.last_backlog = 0
@@ -97,20 +119,29 @@ class TunnelBuffer:
 
 
 class BufferBudget:
-    """The process's charges and the agent calls paused because of them."""
+    """The process's charges, and the agent calls held or paused because of them."""
 
     def __init__(
         self,
         tunnel_budget: int = TUNNEL_BUFFER_BUDGET,
         process_budget: int = PROCESS_BUFFER_BUDGET,
         stall_timeout: float = TUNNEL_STALL_TIMEOUT,
+        rationed_window: int = RATIONED_WINDOW,
     ) -> None:
         self.tunnel_budget = tunnel_budget
         self.process_budget = process_budget
         self.stall_timeout = stall_timeout
+        self.rationed_window = rationed_window
         self.total = 0
-        self._reasons: dict[GrpcCall, int] = {}
+        #: Held agent calls and the tunnels holding each.
+        self._holders: dict[GrpcCall, list[TunnelBuffer]] = {}
         self._process_paused: set[GrpcCall] = set()
+        self._poll: asyncio.TimerHandle | None = None
+        #: Held calls that received something since their last ration (one pass per loop
+        #: turn, not one per message).
+        self._received: set[GrpcCall] = set()
+
+    # -- the adapters' events --
 
     def charge(self, tunnel: TunnelBuffer, nbytes: int, agent: GrpcCall) -> None:
         """``nbytes`` from ``agent`` were queued on the blocked ``tunnel``."""
@@ -121,13 +152,11 @@ class BufferBudget:
             # download, not news.
             log.log(
                 V(2),
-                "a tunnel's frontend is %d bytes behind; pausing its agent's stream %d",
+                "a tunnel's frontend is %d bytes behind; rationing its agent's stream %d",
                 tunnel.charge,
                 agent.stream_id,
             )
-            tunnel.pausing.append(agent)
-            self._pause(agent)
-            self._watch(tunnel)
+            self._hold(tunnel, agent)
         if self.total >= self.process_budget and agent not in self._process_paused:
             log.warning(
                 "tunnel buffers hold %d bytes (budget %d); pausing agent stream %d",
@@ -138,21 +167,104 @@ class BufferBudget:
             self._process_paused.add(agent)
             self._pause(agent)
 
+    def received(self, agent: GrpcCall) -> None:
+        """``agent`` delivered a message: if it is held, its window is rationed again at
+        the end of this loop turn (what it sent for other tunnels is granted back)."""
+        if agent in self._holders and agent not in self._received:
+            if not self._received:
+                asyncio.get_running_loop().call_soon(self._ration_received)
+            self._received.add(agent)
+
     def release(self, tunnel: TunnelBuffer) -> None:
-        """``tunnel`` drained (or is gone): forget its charge and its pauses."""
+        """``tunnel`` drained (or is gone): forget its charge and its holds."""
         if tunnel.watch is not None:
             tunnel.watch.cancel()
             tunnel.watch = None
         tunnel.blocked = False
         self.total -= tunnel.charge
         tunnel.charge = 0
-        pausing, tunnel.pausing = tunnel.pausing, []
-        for agent in pausing:
-            self._resume(agent)
+        self._unhold(tunnel)
         if self._process_paused and self.total < self.process_budget // 2:
             paused, self._process_paused = self._process_paused, set()
             for agent in paused:
                 self._resume(agent)
+
+    def paused(self, agent: GrpcCall) -> bool:
+        """Whether ``agent``'s stream is held or paused by a budget."""
+        return agent in self._holders or agent in self._process_paused
+
+    # -- holding and rationing --
+
+    def _hold(self, tunnel: TunnelBuffer, agent: GrpcCall) -> None:
+        tunnel.pausing.append(agent)
+        holders = self._holders.get(agent)
+        if holders is None:
+            self._holders[agent] = [tunnel]
+            self._pause(agent)
+        else:
+            holders.append(tunnel)
+        self._watch(tunnel)
+        if self._poll is None:
+            self._poll = asyncio.get_running_loop().call_later(RATION_POLL_INTERVAL, self._on_poll)
+        self._ration(agent)
+
+    def _unhold(self, tunnel: TunnelBuffer) -> None:
+        pausing, tunnel.pausing = tunnel.pausing, []
+        for agent in pausing:
+            holders = self._holders.get(agent)
+            if holders is None or tunnel not in holders:
+                continue
+            holders.remove(tunnel)
+            if not holders:
+                del self._holders[agent]
+                self._resume(agent)
+            else:
+                self._ration(agent)
+
+    def _on_poll(self) -> None:
+        """Measure the holding tunnels: those back under budget let go; the progress of
+        the others is granted to their agents."""
+        self._poll = None
+        tunnels = {t for holders in self._holders.values() for t in holders}
+        for tunnel in tunnels:
+            self._measure(tunnel)
+            if tunnel.charge < self.tunnel_budget:
+                self._unhold(tunnel)
+        for agent in list(self._holders):
+            self._ration(agent)
+        if self._holders:
+            self._poll = asyncio.get_running_loop().call_later(RATION_POLL_INTERVAL, self._on_poll)
+
+    def _ration_received(self) -> None:
+        received, self._received = self._received, set()
+        for agent in received:
+            if agent in self._holders:
+                self._ration(agent)
+
+    def _ration(self, agent: GrpcCall) -> None:
+        """Grant ``agent`` what keeps its window at the ration (see the invariants)."""
+        if agent in self._process_paused:
+            return
+        holders = self._holders.get(agent)
+        if not holders:
+            return
+        over = max(t.charge for t in holders) - self.tunnel_budget
+        target = self.rationed_window - max(0, over)
+        if target > 0:
+            missing = target - agent.receive_window()
+            if missing > 0:
+                agent.grant_window(missing)
+
+    def _measure(self, tunnel: TunnelBuffer) -> None:
+        """Re-read a tunnel's charge from its queue: it falls as its frontend reads."""
+        if tunnel.backlog is None:
+            return
+        charge = max(0, tunnel.backlog() - TUNNEL_WRITE_HIGH_WATER)
+        if charge < tunnel.charge:
+            self.total -= tunnel.charge - charge
+            tunnel.charge = charge
+
+    # -- stalls --
 
     def _watch(self, tunnel: TunnelBuffer) -> None:
         if tunnel.backlog is None or tunnel.abandon is None or tunnel.watch is not None:
@@ -179,19 +291,18 @@ class BufferBudget:
         self.release(tunnel)
         abandon()
 
-    def paused(self, agent: GrpcCall) -> bool:
-        """Whether ``agent``'s stream is paused by a budget."""
-        return agent in self._reasons
+    # -- the agent call's reading --
 
     def _pause(self, agent: GrpcCall) -> None:
-        count = self._reasons.get(agent, 0)
-        self._reasons[agent] = count + 1
-        if count == 0:
+        """Pause on a first reason (a hold, or the process budget)."""
+        held = agent in self._holders
+        process = agent in self._process_paused
+        if held + process == 1:
             agent.pause_reading()
 
     def _resume(self, agent: GrpcCall) -> None:
-        count = self._reasons.pop(agent, 0) - 1
-        if count > 0:
-            self._reasons[agent] = count
-        elif count == 0:
+        """Resume when no reason is left."""
+        if agent not in self._holders and agent not in self._process_paused:
             agent.resume_reading()
+        elif agent in self._holders:
+            self._ration(agent)

@@ -221,6 +221,7 @@ class _AgentStream:
             server._backend_failed(backend, StatusCode.INTERNAL, _unmarshal_error(exc))
             return
         metrics.observe_packet(metrics.SEGMENT_FROM_AGENT, ptype)
+        server.budget.received(call)
         if ptype == _DATA:
             frontend = server.router.route_agent_data(backend, connect_id)
             if frontend is not None:

@@ -274,6 +274,29 @@ class GrpcCall:
                     self._proto.conn.resume_reading(self.stream_id)
                 self._proto.schedule_flush()
 
+    def receive_window(self) -> int:
+        """Bytes the peer may still send on this stream without more window from us."""
+        if self._closed_code is not None:
+            return 0
+        try:
+            return int(self._proto.conn.receive_window(self.stream_id))
+        except (KeyError, RuntimeError):
+            return 0
+
+    def grant_window(self, nbytes: int) -> int:
+        """Paused: let the peer send up to ``nbytes`` more now (a WINDOW_UPDATE at the
+        next flush), without resuming. Returns the bytes granted (never more than it
+        sent while paused)."""
+        if not self._paused or self._closed_code is not None or nbytes <= 0:
+            return 0
+        try:
+            granted = int(self._proto.conn.grant_window(self.stream_id, nbytes))
+        except (KeyError, RuntimeError):
+            return 0
+        if granted:
+            self._proto.schedule_flush()
+        return granted
+
     def send_headers(self, metadata: Iterable[tuple[str, str]]) -> None:
         """Server role: response headers carrying metadata."""
         self._proto.conn.send_headers(self.stream_id, metadata)

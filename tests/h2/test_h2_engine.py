@@ -487,6 +487,72 @@ def test_window_is_given_back_only_when_consumed() -> None:
     assert updates, "resume_reading gives the window back"
 
 
+def test_grant_window_lets_a_paused_stream_send_exactly_that_much_more() -> None:
+    client, server = connected(server_stream_window=SMALL_WINDOW)
+    sid, _ = open_call(client, server)
+    server.pause_reading(sid)
+    sent = _queue(client, sid)
+    total = sum(len(m) + 5 for m in sent)
+    pump_wire(client, server)
+    assert server.receive_window(sid) == 0
+    assert client.outbound_pending(sid) == total - SMALL_WINDOW
+
+    assert server.grant_window(sid, 1000) == 1000
+    assert server.receive_window(sid) == 1000
+    wire = pump_wire(client, server)
+    updates = [f for f in frames_of(wire.to_client, WINDOW_UPDATE) if f.stream_id == sid]
+    assert len(updates) == 1, "a small grant goes out at once, not at half the window"
+    assert client.outbound_pending(sid) == total - SMALL_WINDOW - 1000
+    assert server.receive_window(sid) == 0
+
+    # Never more than was received: the stream holds SMALL_WINDOW + 1000 bytes, 1000 of
+    # them already given back.
+    assert server.grant_window(sid, 1 << 30) == SMALL_WINDOW
+    pump_wire(client, server)
+    assert client.outbound_pending(sid) == total - 2 * SMALL_WINDOW - 1000
+
+    # Resuming afterwards gives back the rest and everything arrives in order.
+    server.resume_reading(sid)
+    _, se = pump(client, server)
+    assert client.outbound_pending(sid) == 0
+    assert server.receive_window(sid) <= SMALL_WINDOW
+
+
+def test_grant_window_is_a_no_op_unless_paused() -> None:
+    client, server = connected(server_stream_window=SMALL_WINDOW)
+    sid, _ = open_call(client, server)
+    _queue(client, sid, count=10)
+    pump(client, server)
+    assert server.grant_window(sid, 100) == 0
+    assert server.grant_window(sid + 2, 100) == 0  # unknown stream
+    assert server.receive_window(sid + 2) == 0
+
+
+def test_grants_after_consumption_below_half_the_window_never_over_give() -> None:
+    """Bytes consumed before the pause (nghttp2 holds them until half the window) and
+    bytes granted during it are acknowledged once each: the peer's window never exceeds
+    the configured stream window."""
+    client, server = connected(server_stream_window=SMALL_WINDOW)
+    sid, _ = open_call(client, server)
+    _queue(client, sid, count=10)  # 1050 bytes, consumed: below half the window
+    pump(client, server)
+    assert server.receive_window(sid) == SMALL_WINDOW - 1050
+    server.pause_reading(sid)
+    _queue(client, sid, count=100)
+    pump_wire(client, server)
+    assert server.receive_window(sid) == 0
+    server.grant_window(sid, 500)
+    assert server.receive_window(sid) == 500 + 1050
+    pump_wire(client, server)
+    for _ in range(5):
+        server.grant_window(sid, 700)
+        pump_wire(client, server)
+        assert 0 <= server.receive_window(sid) <= SMALL_WINDOW
+    server.resume_reading(sid)
+    pump(client, server)
+    assert server.receive_window(sid) <= SMALL_WINDOW
+
+
 def test_paused_stream_does_not_block_other_streams() -> None:
     client, server = connected(server_stream_window=SMALL_WINDOW)
     slow, _ = open_call(client, server)

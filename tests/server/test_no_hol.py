@@ -214,7 +214,7 @@ def test_http_stalled_client_does_not_block_neighbours(
     run(main())
 
 
-def test_http_spent_budget_pauses_the_agent_stream_only_until_drained(
+def test_http_spent_budget_holds_the_agent_stream_boundedly(
     run: RunFn, sock_dir: str, certs: Certs
 ) -> None:
     tunnel_budget = 1 << 20
@@ -346,6 +346,83 @@ def test_grpc_stream_stalled_past_its_budget_is_reset(
             assert busy == [pattern(tag, 1 << 20) for tag in range(4)]
             assert await http_echo(env) == b"still dialling"
             await wait_until(lambda: call.status is not None, "the stalled stream is reset")
+            await proto.aclose()
+
+    run(main())
+
+
+# A reader that is slow but never stops (kubectl cp to a slow link) must not freeze its
+# agent's other tunnels for (budget / read rate): the agent's stream is rationed while the
+# tunnel is over budget, not stopped until it drained. Measured in bytes, not seconds: how
+# much the slow reader had to take before a 1 KiB echo on another tunnel came back.
+SLOW_BUDGET = 8 << 20
+SLOW_STEP = 16 << 10
+# The test agent queues its streaming data ahead of the echo (up to CALL_SEND_HIGH_WATER,
+# 1 MiB, as a FIFO sender like upstream's agent does), plus the rationed window in flight:
+# the echo needs the slow reader to take about that much, far less than the budget it
+# needed before (the whole charge, SLOW_BUDGET).
+ECHO_BEHIND_SLOW_READER_MAX = 3 << 20
+# A gRPC frontend also holds what is in flight to it and unread: our client role's inbox
+# (CALL_RECV_HIGH_WATER) and the stream window (DEFAULT_STREAM_WINDOW), 1 MiB each.
+GRPC_CLIENT_HOLDS = 2 << 20
+
+
+async def _read_steadily(read: object, counter: list[int]) -> None:
+    """Take SLOW_STEP bytes at a time, yielding between reads, until cancelled."""
+    assert callable(read)
+    while True:
+        counter[0] += await read()
+        await asyncio.sleep(0.001)
+
+
+async def _echo_behind(env: Env, read: object) -> int:
+    budget = env.proxy.budget
+    agent_call = env.agent_call_on_server()
+    await wait_until(lambda: budget.paused(agent_call), "the slow tunnel holds its agent")
+    counter = [0]
+    reader = asyncio.get_running_loop().create_task(_read_steadily(read, counter))
+    try:
+        assert await http_echo(env) == b"still dialling"
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+    return counter[0]
+
+
+def test_http_slow_reader_does_not_freeze_an_echo_on_its_agent(
+    run: RunFn, sock_dir: str, certs: Certs
+) -> None:
+    async def main() -> None:
+        async with running(sock_dir, certs, BufferBudget(tunnel_budget=SLOW_BUDGET)) as env:
+            reader, writer = await http_tunnel(env, f"stream-3-{ENDLESS}:80")
+
+            async def read() -> int:
+                return len(await reader.read(SLOW_STEP))
+
+            taken = await _echo_behind(env, read)
+            assert taken < ECHO_BEHIND_SLOW_READER_MAX, taken
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    run(main())
+
+
+def test_grpc_slow_reader_does_not_freeze_an_echo_on_its_agent(
+    run: RunFn, sock_dir: str, certs: Certs
+) -> None:
+    async def main() -> None:
+        async with running(sock_dir, certs, BufferBudget(tunnel_budget=SLOW_BUDGET)) as env:
+            proto, call, _ = await grpc_tunnel(env, f"stream-4-{ENDLESS}:80", 9)
+
+            async def read() -> int:
+                message = await call.recv()
+                assert message is not None
+                return len(message)
+
+            taken = await _echo_behind(env, read)
+            assert taken < ECHO_BEHIND_SLOW_READER_MAX + GRPC_CLIENT_HOLDS, taken
             await proto.aclose()
 
     run(main())
