@@ -493,13 +493,14 @@ def test_grant_window_lets_a_paused_stream_send_exactly_that_much_more() -> None
     server.pause_reading(sid)
     sent = _queue(client, sid)
     total = sum(len(m) + 5 for m in sent)
-    pump_wire(client, server)
+    events = pump_wire(client, server).server_events
     assert server.receive_window(sid) == 0
     assert client.outbound_pending(sid) == total - SMALL_WINDOW
 
     assert server.grant_window(sid, 1000) == 1000
     assert server.receive_window(sid) == 1000
     wire = pump_wire(client, server)
+    events += wire.server_events
     updates = [f for f in frames_of(wire.to_client, WINDOW_UPDATE) if f.stream_id == sid]
     assert len(updates) == 1, "a small grant goes out at once, not at half the window"
     assert client.outbound_pending(sid) == total - SMALL_WINDOW - 1000
@@ -508,14 +509,15 @@ def test_grant_window_lets_a_paused_stream_send_exactly_that_much_more() -> None
     # Never more than was received: the stream holds SMALL_WINDOW + 1000 bytes, 1000 of
     # them already given back.
     assert server.grant_window(sid, 1 << 30) == SMALL_WINDOW
-    pump_wire(client, server)
+    events += pump_wire(client, server).server_events
     assert client.outbound_pending(sid) == total - 2 * SMALL_WINDOW - 1000
 
     # Resuming afterwards gives back the rest and everything arrives in order.
     server.resume_reading(sid)
-    _, se = pump(client, server)
+    events += pump(client, server)[1]
     assert client.outbound_pending(sid) == 0
     assert server.receive_window(sid) <= SMALL_WINDOW
+    assert messages(events, sid) == sent
 
 
 def test_grant_window_is_a_no_op_unless_paused() -> None:
