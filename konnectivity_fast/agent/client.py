@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 
 from konnectivity_fast.agent.dialerr import DialError
 from konnectivity_fast.agent.endpoint import Endpoint, EndpointPool, dial
+from konnectivity_fast.agent.sender import FairSender
 from konnectivity_fast.metrics import agent as metrics
 from konnectivity_fast.metrics._common import grpc_code_name
-from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER, GrpcCall, GrpcError
+from konnectivity_fast.transport.call import GrpcCall, GrpcError
 from konnectivity_fast.transport.grpc import CLOSE_TIMEOUT, SSL_SHUTDOWN_TIMEOUT, GrpcProtocol
 from konnectivity_fast.verbosity import V
 from konnectivity_fast.wire.codec import decode_packet, encode_packet, peek_data, peek_packet
@@ -172,6 +173,7 @@ class AgentClient:
         self.loop = asyncio.get_running_loop()
         self.proto: GrpcProtocol | None = None
         self.call: GrpcCall | None = None
+        self.sender: FairSender | None = None
         self.server_id = ""
         self.server_count = 0
         self.endpoints: dict[int, Endpoint] = {}
@@ -249,6 +251,7 @@ class AgentClient:
         except GrpcError as exc:
             raise ConnectError(f"opening the Connect stream: {exc.message}") from None
         self.call = call
+        self.sender = FairSender(call, self._send_data)
         call.set_sink(self)
         try:
             headers = await asyncio.wait_for(asyncio.shield(call.headers_received), HEADERS_TIMEOUT)
@@ -321,25 +324,32 @@ class AgentClient:
 
     # -- EndpointOwner ---------------------------------------------------------------------
 
+    @property
+    def congested(self) -> bool:
+        sender = self.sender
+        return sender is not None and sender.congested
+
     def endpoint_data(self, endpoint: Endpoint, data: bytes) -> bool:
+        sender = self.sender
+        if sender is None or self.closed:
+            return True
+        return sender.offer(endpoint, data)
+
+    def _send_data(self, connect_id: int, data: bytes) -> None:
         call = self.call
         if call is None or self.closed:
-            return True
+            return
         metrics.observe_packet(metrics.SEGMENT_FROM_AGENT, _DATA)
-        try:
-            call.send_data_packet(endpoint.connect_id, data)
-        except GrpcError:
-            return True  # the stream's end aborts the endpoint
-        if call.outbound_pending() < CALL_SEND_HIGH_WATER:
-            return True
-        call.when_drained(endpoint.resume_reading)
-        return False
+        with contextlib.suppress(GrpcError):  # the stream's end aborts the endpoint
+            call.send_data_packet(connect_id, data)
 
     def endpoint_lost(self, endpoint: Endpoint, exc: Exception | None) -> None:
         cid = endpoint.connect_id
         if self.endpoints.get(cid) is not endpoint:
             return  # closed by CLOSE_REQ or with the stream: already answered
         del self.endpoints[cid]
+        if self.sender is not None:
+            self.sender.flush(endpoint)  # its last read goes out before its CLOSE_RSP
         metrics.endpoint_connection_closed()
         log.log(
             V(3) if exc is None else V(2),
@@ -517,6 +527,8 @@ class AgentClient:
             )
             return
         metrics.endpoint_connection_closed()
+        if self.sender is not None:
+            self.sender.drop(endpoint)
         self._send(Packet(PacketType.CLOSE_RSP, CloseResponse(connect_id=cid)))
         endpoint.close()
         if endpoint.over_budget:
@@ -536,6 +548,8 @@ class AgentClient:
         self.pool.owners.discard(self)
         endpoints = list(self.endpoints.values())
         self.endpoints.clear()
+        if self.sender is not None:
+            self.sender.clear()
         for endpoint in endpoints:
             metrics.endpoint_connection_closed()
             endpoint.abort()

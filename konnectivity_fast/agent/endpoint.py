@@ -4,12 +4,13 @@ dial that opens it (``dial``) and the memory budget all endpoints share (``Endpo
 Data path and buffering (ARCHITECTURE.md, "the data path"; upstream issue #180):
 
 * Backend -> server. A read lands in the pool's one shared read buffer (the loop runs one
-  callback at a time, so one buffer serves every endpoint), up to ``READ_SIZE`` bytes, and
-  becomes exactly one DATA packet: never split, never merged. After each send the endpoint
-  looks at its server stream's queued output; at ``CALL_SEND_HIGH_WATER`` it pauses *its
-  own* socket reads and resumes when that stream drains. A slow server therefore stops the
-  backends of its stream, one by one, and nothing else; memory is bounded by the stream's
-  high water plus one read per endpoint.
+  callback at a time, so one buffer serves every endpoint), up to ``READ_SIZE`` bytes
+  (``CONGESTED_READ_SIZE`` while the stream is congested), and becomes exactly one DATA
+  packet: never split, never merged. The endpoints of a stream take turns on it
+  (``sender.FairSender``): when the server lets little through, an endpoint waits with
+  one read in hand, its socket paused, so a slow server stops the backends of its stream
+  and nothing else, and no backend's bytes queue up ahead of the others'; memory is
+  bounded by a small queue on the stream plus one read per endpoint.
 
 * Server -> backend. DATA is handed to the backend's transport in the same loop turn,
   whatever its state (all the payloads one read from the server brought for a backend in
@@ -49,6 +50,7 @@ from konnectivity_fast.agent.dialerr import DialError
 
 __all__ = [
     "AGENT_WRITE_BUDGET",
+    "CONGESTED_READ_SIZE",
     "DIAL_TIMEOUT",
     "ENDPOINT_WRITE_BUDGET",
     "READ_SIZE",
@@ -69,6 +71,9 @@ MIN_ATTEMPT_TIMEOUT = 2.0
 #: bigger reads mean far fewer packets per byte, and 128 KiB stays well inside the 4 MiB
 #: gRPC message limit of every receiver and the 10-packet read queue of the Go client.
 READ_SIZE = 128 << 10
+#: Largest backend read while the endpoint's server stream is congested (endpoints take
+#: turns on it, ``sender``): a turn then costs the other tunnels at most this.
+CONGESTED_READ_SIZE = 16 << 10
 #: Server->backend bytes one backend may leave unread before its server stream is paused:
 #: a few HTTP/2 stream windows, so a backend that is briefly slow (a GC pause, a full
 #: socket buffer) never holds up the other tunnels of its stream.
@@ -87,9 +92,14 @@ CLOSE_FLUSH_TIMEOUT = 5.0
 class EndpointOwner(Protocol):
     """The server stream an endpoint belongs to (``client.AgentClient``)."""
 
+    @property
+    def congested(self) -> bool:
+        """Endpoints wait for their turn on the stream: read in small pieces."""
+        ...
+
     def endpoint_data(self, endpoint: Endpoint, data: bytes) -> bool:
-        """Send ``data`` as one DATA packet; False when the stream's output is full (the
-        owner then calls ``endpoint.resume_reading`` once it drains)."""
+        """Send ``data`` as one DATA packet; False when it waits for the endpoint's turn
+        (the owner keeps it, and calls ``endpoint.resume_reading`` once it is sent)."""
         ...
 
     def endpoint_lost(self, endpoint: Endpoint, exc: Exception | None) -> None: ...
@@ -110,6 +120,7 @@ class EndpointPool:
         self.agent_resume = agent_budget // 2
         self._buf = bytearray(READ_SIZE)
         self.view = memoryview(self._buf)
+        self.small_view = self.view[:CONGESTED_READ_SIZE]
         self.total = 0  # upper bound of queued server->backend bytes
         self._backlogged: set[Endpoint] = set()
         self.exhausted = False
@@ -213,13 +224,14 @@ class Endpoint(asyncio.BufferedProtocol):
         t.set_write_buffer_limits(0, 0)  # see the module docstring: event-driven counting
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self.pool.view
+        pool = self.pool
+        return pool.small_view if self.owner.congested else pool.view
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.closing:
             return
         # One read, one DATA packet. The engine keeps a reference, so copy out of the
-        # shared buffer.
+        # shared buffer (both views start at its beginning).
         data = bytes(self.pool.view[:nbytes])
         if not self._established:
             # uvloop starts reading after connection_made even when it paused reading

@@ -100,7 +100,7 @@ class GrpcCall:
         self._paused = False
         self._eof = False
         self._waiter: asyncio.Future[None] | None = None
-        self._drain_cbs: list[Callable[[], None]] | None = None
+        self._drain_cbs: list[tuple[int, Callable[[], None]]] | None = None
         self._headers_fut: asyncio.Future[Metadata] | None = None
         self._headers_seen = False
         self._closed_fut: asyncio.Future[int] | None = None
@@ -219,13 +219,15 @@ class GrpcCall:
             self.when_drained(functools.partial(_wake_future, waiter))
             await waiter
 
-    def when_drained(self, callback: Callable[[], None]) -> None:
+    def when_drained(self, callback: Callable[[], None], *, unsent_below: int = 0) -> None:
         """Call ``callback`` once, when this call's queued output is below
-        ``CALL_SEND_HIGH_WATER`` or the call is gone (soon, if that is already so). Any
-        number of callbacks may wait: several tunnels share one agent's call."""
+        ``CALL_SEND_HIGH_WATER`` (or, with ``unsent_below``, when what the peer does not
+        let out now, ``unsent()``, is below that) or the call is gone (soon, if that is
+        already so). Any number of callbacks may wait: several tunnels share one agent's
+        call."""
         if self._drain_cbs is None:
             self._drain_cbs = []
-        self._drain_cbs.append(callback)
+        self._drain_cbs.append((unsent_below, callback))
         self._proto.watch_drain(self)
 
     def outbound_pending(self) -> int:
@@ -249,12 +251,42 @@ class GrpcCall:
             return False
         return window == 0 or proto.write_paused
 
+    def unsent(self) -> int:
+        """Bytes queued on this call that cannot go out now: beyond the peer's HTTP/2
+        window, or all of them while the socket's buffer is full. A message queued now
+        waits behind these."""
+        pending = self.outbound_pending()
+        if pending == 0 or self._proto.write_paused:
+            return pending
+        try:
+            window = int(self._proto.conn.send_window(self.stream_id))
+        except (KeyError, RuntimeError):
+            return 0
+        return max(0, pending - window)
+
     def _check_drained(self) -> bool:
-        """Run the drain callbacks if the output is low; True when none are left."""
-        if self._drain_cbs is not None and self.outbound_pending() < CALL_SEND_HIGH_WATER:
-            callbacks, self._drain_cbs = self._drain_cbs, None
-            for callback in callbacks:
-                callback()
+        """Run the drain callbacks whose condition holds; True when none are left."""
+        waiting = self._drain_cbs
+        if waiting is None:
+            return True
+        pending = self.outbound_pending()
+        unsent = -1  # measured when some callback asks for it
+        ready: list[Callable[[], None]] = []
+        keep: list[tuple[int, Callable[[], None]]] = []
+        for unsent_below, callback in waiting:
+            if unsent_below:
+                if unsent < 0:
+                    unsent = self.unsent() if pending else 0
+                done = unsent < unsent_below
+            else:
+                done = pending < CALL_SEND_HIGH_WATER
+            if done:
+                ready.append(callback)
+            else:
+                keep.append((unsent_below, callback))
+        self._drain_cbs = keep or None
+        for callback in ready:
+            callback()
         return self._drain_cbs is None
 
     def pause_reading(self) -> None:

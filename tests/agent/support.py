@@ -18,6 +18,7 @@ from netsupport import Certs
 from konnectivity_fast.agent.client import ClientConfig
 from konnectivity_fast.agent.clientset import ClientSet
 from konnectivity_fast.server import PROXY_PATH, ProxyServer, ServerHandle, start
+from konnectivity_fast.server.buffering import BufferBudget
 from konnectivity_fast.transport import grpc as kgrpc
 from konnectivity_fast.transport import tls
 from konnectivity_fast.wire.codec import decode_packet, encode_packet
@@ -56,8 +57,11 @@ async def proxy_server(
     server_id: str = "s1",
     server_count: int = 1,
     agent_port: int = 0,
+    budget: BufferBudget | None = None,
 ) -> AsyncIterator[Server]:
-    proxy = ProxyServer(server_id=server_id, server_count=server_count, rng=random.Random(1))
+    proxy = ProxyServer(
+        server_id=server_id, server_count=server_count, rng=random.Random(1), budget=budget
+    )
     uds = os.path.join(sock_dir, f"{server_id}.sock")
     handle = await start(
         proxy,

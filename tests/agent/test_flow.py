@@ -5,6 +5,7 @@ stays bounded), and the agent's metrics along the way."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 
@@ -13,6 +14,7 @@ import pytest
 from konnectivity_fast.agent.endpoint import READ_SIZE
 from konnectivity_fast.metrics import agent as agent_metrics
 from konnectivity_fast.server import PROXY_PATH
+from konnectivity_fast.server.buffering import BufferBudget
 from konnectivity_fast.transport import grpc as kgrpc
 from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER
 from konnectivity_fast.wire.packets import DialRequest, Packet, PacketType
@@ -203,5 +205,69 @@ def test_metrics_follow_the_traffic(run: RunFn, sock_dir: str, certs: Certs) -> 
                 assert line in text, line
         assert agent_metrics.OPEN_SERVER_CONNECTIONS.labels().value == 0
         await echo.close()
+
+    run(main())
+
+
+# Our agent's tunnels take turns on its server stream (agent.sender): behind a slow
+# frontend whose tunnel holds the stream on the server, a 1 KiB echo on another tunnel
+# waits for the slow reader to take only what is in flight to it, not a queue of the fast
+# backend's bytes. Counted in bytes the slow reader takes, not in seconds.
+SLOW_BUDGET = 8 << 20
+# What the slow gRPC reader holds unread (our client role's inbox and stream window, 1 MiB
+# each), the rationed window on the server and the agent's small queue (UNSENT_LIMIT), plus
+# a few 16 KiB turns. A first-come agent queue (1 MiB before) adds its whole depth.
+ECHO_BEHIND_SLOW_READER_MAX = (2 << 20) + (512 << 10)
+
+
+@pytest.mark.timeout(60)
+def test_slow_frontend_does_not_queue_its_agents_other_tunnels(
+    run: RunFn, sock_dir: str, certs: Certs
+) -> None:
+    async def main() -> None:
+        async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            chunk = b"f" * (256 << 10)
+            with contextlib.suppress(ConnectionError, OSError):
+                while True:
+                    writer.write(chunk)
+                    await writer.drain()
+
+        flood_server = await asyncio.start_server(flood, LOOPBACK, 0)
+        flood_port = flood_server.sockets[0].getsockname()[1]
+        echo = EchoServer()
+        echo_port = await echo.start()
+        budget = BufferBudget(tunnel_budget=SLOW_BUDGET)
+        async with (
+            proxy_server(sock_dir, certs, budget=budget) as server,
+            agent(certs, server.agent_port),
+        ):
+            await until(lambda: server_has_agent(server))
+            (backend,) = server.proxy.router.backends.values()
+            slow = await Tunnel.open(server.uds)
+            await slow.dial(f"{LOOPBACK}:{flood_port}", rnd=1)
+            await until(lambda: budget.paused(backend.conn), what="the slow tunnel holds")
+            taken = 0
+
+            async def read_steadily() -> None:
+                nonlocal taken
+                while True:
+                    message = await slow.call.recv()
+                    assert message is not None
+                    taken += len(message)
+                    await asyncio.sleep(0.001)
+
+            reader = asyncio.get_running_loop().create_task(read_steadily())
+            fast = await Tunnel.open(server.uds)
+            await fast.dial(f"{LOOPBACK}:{echo_port}", rnd=2)
+            fast.write(b"e" * 1024)
+            assert await fast.read_exactly(1024) == b"e" * 1024
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            assert taken < ECHO_BEHIND_SLOW_READER_MAX, taken
+            await fast.aclose()
+            await slow.aclose()
+        await echo.close()
+        flood_server.close()
 
     run(main())
