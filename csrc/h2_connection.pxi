@@ -189,7 +189,7 @@ cdef class H2Connection:
         headers += _metadata_out(metadata)
         self._submit_response(s, headers, True)
 
-    def send_trailers(self, int32_t stream_id, int status=0, str message="", metadata=()):
+    def send_trailers(self, int32_t stream_id, int status=GRPC_OK, str message="", metadata=()):
         """End the call with a status. Trailers-Only when no headers went out yet."""
         cdef _Stream s = self._live(stream_id)
         trailers = [(b"grpc-status", str(status).encode())]
@@ -475,7 +475,7 @@ cdef class H2Connection:
         nghttp2_submit_goaway(self._session, NGHTTP2_FLAG_NONE,
                               nghttp2_session_get_last_proc_stream_id(self._session),
                               code, NULL, 0)
-        ev = _event(_EV_ERROR, 0)
+        ev = _event(EV_ERROR, 0)
         ev.message = why
         self._events.append(ev)
         return 0
@@ -537,7 +537,7 @@ cdef class H2Connection:
                     _on_response_headers(self, s, frame.hd.flags & NGHTTP2_FLAG_END_STREAM)
         elif t == NGHTTP2_PING:
             if frame.hd.flags & NGHTTP2_FLAG_ACK:
-                ev = _event(_EV_PING_ACK, 0)
+                ev = _event(EV_PING_ACK, 0)
                 ev.data = PyBytes_FromStringAndSize(<const char *>frame.ping.opaque_data, 8)
                 self._events.append(ev)
             else:
@@ -550,7 +550,7 @@ cdef class H2Connection:
                                     NGHTTP2_ENHANCE_YOUR_CALM)
                     self._stop_input = True
         elif t == NGHTTP2_GOAWAY:
-            ev = _event(_EV_GOAWAY, frame.goaway.last_stream_id)
+            ev = _event(EV_GOAWAY, frame.goaway.last_stream_id)
             ev.error_code = frame.goaway.error_code
             ev.data = PyBytes_FromStringAndSize(<const char *>frame.goaway.opaque_data,
                                                 frame.goaway.opaque_data_len)
@@ -564,7 +564,7 @@ cdef class H2Connection:
             # A client's clean shutdown that nghttp2 finds malformed (its last-stream-id is
             # one of the client's own streams): report the GOAWAY the peer meant.
             self._peer_left = True
-            ev = _event(_EV_GOAWAY, frame.goaway.last_stream_id)
+            ev = _event(EV_GOAWAY, frame.goaway.last_stream_id)
             ev.error_code = NGHTTP2_NO_ERROR
             ev.data = PyBytes_FromStringAndSize(<const char *>frame.goaway.opaque_data,
                                                 frame.goaway.opaque_data_len)
@@ -581,7 +581,7 @@ cdef class H2Connection:
             elif not self.terminated:
                 # nghttp2 found a protocol error in the peer's input and is closing.
                 self.terminated = True
-                ev = _event(_EV_ERROR, 0)
+                ev = _event(EV_ERROR, 0)
                 ev.message = f"http2: peer violated the protocol (GOAWAY error code " \
                              f"{frame.goaway.error_code} sent)"
                 self._events.append(ev)
@@ -618,16 +618,16 @@ cdef class H2Connection:
             return 0
         if not self.server and not s.finished:
             if error_code == NGHTTP2_CANCEL:
-                status = 1
+                status = GRPC_CANCELLED
             elif error_code == NGHTTP2_REFUSED_STREAM:
-                status = 14
+                status = GRPC_UNAVAILABLE
             else:
-                status = 13
+                status = GRPC_INTERNAL
             self._finish(s, status, f"stream terminated by RST_STREAM with error code: "
                                     f"{error_code}", [])
         self._to_consume.discard(s)
         s.unconsumed = 0
-        ev = _event(_EV_CLOSED, stream_id)
+        ev = _event(EV_CLOSED, stream_id)
         ev.error_code = error_code
         self._events.append(ev)
         return 0
@@ -637,19 +637,20 @@ cdef class H2Connection:
         if s.failed or s.finished:
             return 0
         if s.partial():
-            self._fail_stream(s, 13, "grpc: received an incomplete message before the "
-                                     "end of the stream")
+            self._fail_stream(s, GRPC_INTERNAL, "grpc: received an incomplete message before "
+                                                "the end of the stream")
             return 0
         if self.server:
-            self._events.append(_event(_EV_END, s.id))
+            self._events.append(_event(EV_END, s.id))
         else:
-            self._finish(s, 13, "server closed the stream without sending trailers", [])
+            self._finish(s, GRPC_INTERNAL, "server closed the stream without sending trailers",
+                         [])
             if not s.local_done:
                 self.reset_stream(s.id, NGHTTP2_NO_ERROR)
         return 0
 
     cdef int _emit_message(self, int32_t stream_id, bytes msg) except -1:
-        cdef H2Event ev = _event(_EV_MESSAGE, stream_id)
+        cdef H2Event ev = _event(EV_MESSAGE, stream_id)
         ev.data = msg
         self._events.append(ev)
         return 0
@@ -668,7 +669,7 @@ cdef class H2Connection:
                 self.reset_stream(s.id, NGHTTP2_CANCEL)
             else:
                 self.send_trailers(s.id, status, message)
-            ev = _event(_EV_ABORTED, s.id)
+            ev = _event(EV_ABORTED, s.id)
             ev.status = status
             ev.message = message
             self._events.append(ev)
@@ -683,7 +684,7 @@ cdef class H2Connection:
         if s.finished:
             return 0
         s.finished = True
-        ev = _event(_EV_TRAILERS, s.id)
+        ev = _event(EV_TRAILERS, s.id)
         ev.status = status
         ev.message = message
         ev.metadata = metadata
@@ -700,7 +701,7 @@ cdef class H2Connection:
                 self._session, NGHTTP2_FLAG_NONE,
                 nghttp2_session_get_last_proc_stream_id(self._session),
                 NGHTTP2_ENHANCE_YOUR_CALM, b"too_many_pings", 14))
-            ev = _event(_EV_ERROR, 0)
+            ev = _event(EV_ERROR, 0)
             ev.message = "got too many pings from the client"
             self._events.append(ev)
         return 0

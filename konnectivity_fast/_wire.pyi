@@ -1,7 +1,7 @@
 """Type stub of the compiled core (konnectivity_fast/_wire.pyx + csrc/)."""
 
 from collections.abc import Iterable
-from typing import TypeAlias
+from typing import Final, TypeAlias
 
 from konnectivity_fast.wire.packets import Packet
 
@@ -36,16 +36,21 @@ DEFAULT_KEEPALIVE_TIMEOUT: float
 MAX_OUTBOUND_ACK: int
 MAX_ECHOED_VALUE: int
 
-EV_REQUEST: int
-EV_HEADERS: int
-EV_MESSAGE: int
-EV_END: int
-EV_TRAILERS: int
-EV_ABORTED: int
-EV_CLOSED: int
-EV_PING_ACK: int
-EV_GOAWAY: int
-EV_ERROR: int
+# H2Event.kind (csrc/h2.pxi says which fields each kind carries).
+EV_REQUEST: Final = 1
+EV_HEADERS: Final = 2
+EV_MESSAGE: Final = 3
+EV_END: Final = 4
+EV_TRAILERS: Final = 5
+EV_ABORTED: Final = 6
+EV_CLOSED: Final = 7
+EV_PING_ACK: Final = 8
+EV_GOAWAY: Final = 9
+EV_ERROR: Final = 10
+
+# HTTP/2 error codes (RFC 9113 section 7) of H2Event.error_code.
+H2_NO_ERROR: Final = 0
+H2_CANCEL: Final = 8
 
 def parse_grpc_timeout(value: bytes) -> float: ...
 def encode_grpc_timeout(seconds: float) -> bytes: ...
