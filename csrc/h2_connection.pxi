@@ -395,27 +395,17 @@ cdef class H2Connection:
     cdef int32_t _submit(self, list headers, _Stream s, int32_t stream_id,
                          bint with_data) except -1:
         """Submit a request (stream_id 0) or a response header block."""
-        cdef Py_ssize_t i, n = len(headers)
-        cdef nghttp2_nv *nva = <nghttp2_nv *>malloc(max(n, 1) * sizeof(nghttp2_nv))
+        cdef nghttp2_nv *nva = _nv_array(headers)
         cdef nghttp2_data_provider prd
         cdef int32_t rv
-        if nva is NULL:
-            raise MemoryError()
+        prd.source.ptr = <void *>s
+        prd.read_callback = _cb_read
         try:
-            for i in range(n):
-                name, value = headers[i]
-                nva[i].name = <uint8_t *><char *>name
-                nva[i].namelen = len(name)
-                nva[i].value = <uint8_t *><char *>value
-                nva[i].valuelen = len(value)
-                nva[i].flags = NGHTTP2_NV_FLAG_NONE
-            prd.source.ptr = <void *>s
-            prd.read_callback = _cb_read
             if stream_id == 0:
-                rv = nghttp2_submit_request(self._session, NULL, nva, n,
+                rv = nghttp2_submit_request(self._session, NULL, nva, len(headers),
                                             &prd if with_data else NULL, NULL)
             else:
-                rv = nghttp2_submit_response(self._session, stream_id, nva, n,
+                rv = nghttp2_submit_response(self._session, stream_id, nva, len(headers),
                                              &prd if with_data else NULL)
         finally:
             free(nva)
@@ -429,19 +419,9 @@ cdef class H2Connection:
 
     cdef int _submit_trailer(self, _Stream s) except -1:
         cdef list trailers = s.trailers
-        cdef Py_ssize_t i, n = len(trailers)
-        cdef nghttp2_nv *nva = <nghttp2_nv *>malloc(n * sizeof(nghttp2_nv))
-        if nva is NULL:
-            raise MemoryError()
+        cdef nghttp2_nv *nva = _nv_array(trailers)
         try:
-            for i in range(n):
-                name, value = trailers[i]
-                nva[i].name = <uint8_t *><char *>name
-                nva[i].namelen = len(name)
-                nva[i].value = <uint8_t *><char *>value
-                nva[i].valuelen = len(value)
-                nva[i].flags = NGHTTP2_NV_FLAG_NONE
-            _check(nghttp2_submit_trailer(self._session, s.id, nva, n))
+            _check(nghttp2_submit_trailer(self._session, s.id, nva, len(trailers)))
         finally:
             free(nva)
         s.trailers = None
@@ -711,3 +691,25 @@ cdef inline int _check(int rv) except -1:
     if rv < 0:
         raise RuntimeError(f"nghttp2: {nghttp2_strerror(rv).decode()}")
     return 0
+
+
+cdef nghttp2_nv *_nv_array(list headers) except NULL:
+    """`headers` ((bytes, bytes) pairs) as the name/value array an nghttp2 submit call takes.
+    The array points into the bytes objects of `headers`, which must outlive it; nghttp2
+    copies the fields during the call, so the caller frees the array right after it."""
+    cdef Py_ssize_t i, n = len(headers)
+    cdef nghttp2_nv *nva = <nghttp2_nv *>malloc(max(n, 1) * sizeof(nghttp2_nv))
+    if nva is NULL:
+        raise MemoryError()
+    try:
+        for i in range(n):
+            name, value = headers[i]
+            nva[i].name = <uint8_t *><char *>name
+            nva[i].namelen = len(name)
+            nva[i].value = <uint8_t *><char *>value
+            nva[i].valuelen = len(value)
+            nva[i].flags = NGHTTP2_NV_FLAG_NONE
+    except BaseException:
+        free(nva)
+        raise
+    return nva
