@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import sys
@@ -134,16 +135,22 @@ async def pump_api(
 
 
 async def pump_lean(
-    call: kgrpc.GrpcCall, payloads: list[bytes], window: int, tally: Tally, run: Run
+    call: kgrpc.GrpcCall,
+    payloads: list[bytes],
+    window: int,
+    tally: Tally,
+    run: Run,
+    *,
+    proto: kgrpc.GrpcProtocol,
 ) -> None:
     """Echoes counted in a callback (``GrpcCall.set_sink``); refills of ``window // 2``
-    pre-framed messages."""
+    pre-framed messages, queued on ``call``'s connection ``proto`` directly."""
     prefix = require_compiled().message_prefix
     k, size = len(payloads), len(payloads[0])
     step = size + 5
     # All payloads framed back to back; a refill is one or two slices of it (no copy).
     cycle = memoryview(b"".join(prefix(size) + p for p in payloads))
-    proto, conn, sid = call._proto, call._proto.conn, call.stream_id
+    conn, sid = proto.conn, call.stream_id
     batch = max(1, window // 2)
     sent = received = 0
 
@@ -211,7 +218,7 @@ async def throughput(path: str, size: int, streams: int, inflight: int, client: 
 
     loop.call_later(max(0.0, t0 - time.monotonic()), mark)
     loop.call_later(max(0.0, t1 - time.monotonic()), stop)
-    pump = pump_lean if client == "lean" else pump_api
+    pump = functools.partial(pump_lean, proto=proto) if client == "lean" else pump_api
     pumps = [asyncio.ensure_future(pump(c, payloads, window, tally, run)) for c in calls]
     try:
         await asyncio.wait_for(asyncio.gather(*pumps), (t1 - time.monotonic()) + DRAIN_TIMEOUT)

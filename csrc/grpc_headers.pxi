@@ -4,8 +4,39 @@
 from libc.math cimport ceil
 from libc.stdint cimport uint8_t
 
-# HTTP status of a non-gRPC response -> gRPC status (the gRPC "HTTP to gRPC status" table).
-_HTTP_TO_GRPC = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
+# gRPC status codes (grpc-go codes/codes.go; konnectivity_fast/wire/errors.py StatusCode is
+# the same table for Python). The engine reports these in H2Event.status.
+cdef enum:
+    GRPC_OK = 0
+    GRPC_CANCELLED = 1
+    GRPC_UNKNOWN = 2
+    GRPC_INVALID_ARGUMENT = 3
+    GRPC_DEADLINE_EXCEEDED = 4
+    GRPC_NOT_FOUND = 5
+    GRPC_ALREADY_EXISTS = 6
+    GRPC_PERMISSION_DENIED = 7
+    GRPC_RESOURCE_EXHAUSTED = 8
+    GRPC_FAILED_PRECONDITION = 9
+    GRPC_ABORTED = 10
+    GRPC_OUT_OF_RANGE = 11
+    GRPC_UNIMPLEMENTED = 12
+    GRPC_INTERNAL = 13
+    GRPC_UNAVAILABLE = 14
+    GRPC_DATA_LOSS = 15
+    GRPC_UNAUTHENTICATED = 16
+
+# HTTP status of a non-gRPC response -> gRPC status (the gRPC "HTTP to gRPC status" table;
+# grpc-go internal/transport/http_util.go, its HTTP status conversion table).
+_HTTP_TO_GRPC = {
+    400: GRPC_INTERNAL,
+    401: GRPC_UNAUTHENTICATED,
+    403: GRPC_PERMISSION_DENIED,
+    404: GRPC_UNIMPLEMENTED,
+    429: GRPC_UNAVAILABLE,
+    502: GRPC_UNAVAILABLE,
+    503: GRPC_UNAVAILABLE,
+    504: GRPC_UNAVAILABLE,
+}
 
 
 # grpc-message: percent-encode bytes outside printable ASCII, and '%' itself (gRPC spec).

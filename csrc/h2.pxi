@@ -57,29 +57,25 @@ MAX_OUTBOUND_ACK = 1000
 
 _KEEPALIVE_OPAQUE = b"kf-alive"
 
-# Event kinds (H2Event.kind).
-EV_REQUEST = 1      # server: a new stream; path, metadata, authority, timeout
-EV_HEADERS = 2      # client: response headers; metadata
-EV_MESSAGE = 3      # a complete gRPC message; data (bytes, without the 5-byte prefix)
-EV_END = 4          # server: the client half-closed the stream
-EV_TRAILERS = 5     # client: the call finished; status, message, metadata
-EV_ABORTED = 6      # server: we failed the call ourselves (status, message sent as trailers)
-EV_CLOSED = 7       # the stream is gone; error_code is the RST_STREAM code (0 if clean)
-EV_PING_ACK = 8     # an ACK of our PING arrived; data is its opaque payload
-EV_GOAWAY = 9       # the peer sent GOAWAY; stream_id is last-stream-id, error_code, data
-EV_ERROR = 10       # the connection is unusable; message says why. Flush data_to_send, close.
+# Event kinds (H2Event.kind). `cpdef enum`: C constants inside the engine and, under the same
+# names, plain int constants of the Python module (the adapter compares H2Event.kind with them).
+cpdef enum:
+    EV_REQUEST = 1      # server: a new stream; path, metadata, authority, timeout
+    EV_HEADERS = 2      # client: response headers; metadata
+    EV_MESSAGE = 3      # a complete gRPC message; data (bytes, without the 5-byte prefix)
+    EV_END = 4          # server: the client half-closed the stream
+    EV_TRAILERS = 5     # client: the call finished; status, message, metadata
+    EV_ABORTED = 6      # server: we failed the call ourselves (status, message sent as trailers)
+    EV_CLOSED = 7       # the stream is gone; error_code is the RST_STREAM code (0 if clean)
+    EV_PING_ACK = 8     # an ACK of our PING arrived; data is its opaque payload
+    EV_GOAWAY = 9       # the peer sent GOAWAY; stream_id is last-stream-id, error_code, data
+    EV_ERROR = 10       # the connection is unusable; message says why. Flush data_to_send, close.
 
-cdef enum:
-    _EV_REQUEST = 1
-    _EV_HEADERS = 2
-    _EV_MESSAGE = 3
-    _EV_END = 4
-    _EV_TRAILERS = 5
-    _EV_ABORTED = 6
-    _EV_CLOSED = 7
-    _EV_PING_ACK = 8
-    _EV_GOAWAY = 9
-    _EV_ERROR = 10
+# HTTP/2 error codes (RFC 9113 section 7) that the Python side compares EV_CLOSED's and
+# EV_GOAWAY's error_code with; their values come from nghttp2.h.
+cpdef enum:
+    H2_NO_ERROR = NGHTTP2_NO_ERROR
+    H2_CANCEL = NGHTTP2_CANCEL
 
 cdef class H2Event:
     """One thing that happened on the connection. Fields not meaningful for a kind are

@@ -189,7 +189,7 @@ cdef class H2Connection:
         headers += _metadata_out(metadata)
         self._submit_response(s, headers, True)
 
-    def send_trailers(self, int32_t stream_id, int status=0, str message="", metadata=()):
+    def send_trailers(self, int32_t stream_id, int status=GRPC_OK, str message="", metadata=()):
         """End the call with a status. Trailers-Only when no headers went out yet."""
         cdef _Stream s = self._live(stream_id)
         trailers = [(b"grpc-status", str(status).encode())]
@@ -395,27 +395,17 @@ cdef class H2Connection:
     cdef int32_t _submit(self, list headers, _Stream s, int32_t stream_id,
                          bint with_data) except -1:
         """Submit a request (stream_id 0) or a response header block."""
-        cdef Py_ssize_t i, n = len(headers)
-        cdef nghttp2_nv *nva = <nghttp2_nv *>malloc(max(n, 1) * sizeof(nghttp2_nv))
+        cdef nghttp2_nv *nva = _nv_array(headers)
         cdef nghttp2_data_provider prd
         cdef int32_t rv
-        if nva is NULL:
-            raise MemoryError()
+        prd.source.ptr = <void *>s
+        prd.read_callback = _cb_read
         try:
-            for i in range(n):
-                name, value = headers[i]
-                nva[i].name = <uint8_t *><char *>name
-                nva[i].namelen = len(name)
-                nva[i].value = <uint8_t *><char *>value
-                nva[i].valuelen = len(value)
-                nva[i].flags = NGHTTP2_NV_FLAG_NONE
-            prd.source.ptr = <void *>s
-            prd.read_callback = _cb_read
             if stream_id == 0:
-                rv = nghttp2_submit_request(self._session, NULL, nva, n,
+                rv = nghttp2_submit_request(self._session, NULL, nva, len(headers),
                                             &prd if with_data else NULL, NULL)
             else:
-                rv = nghttp2_submit_response(self._session, stream_id, nva, n,
+                rv = nghttp2_submit_response(self._session, stream_id, nva, len(headers),
                                              &prd if with_data else NULL)
         finally:
             free(nva)
@@ -429,19 +419,9 @@ cdef class H2Connection:
 
     cdef int _submit_trailer(self, _Stream s) except -1:
         cdef list trailers = s.trailers
-        cdef Py_ssize_t i, n = len(trailers)
-        cdef nghttp2_nv *nva = <nghttp2_nv *>malloc(n * sizeof(nghttp2_nv))
-        if nva is NULL:
-            raise MemoryError()
+        cdef nghttp2_nv *nva = _nv_array(trailers)
         try:
-            for i in range(n):
-                name, value = trailers[i]
-                nva[i].name = <uint8_t *><char *>name
-                nva[i].namelen = len(name)
-                nva[i].value = <uint8_t *><char *>value
-                nva[i].valuelen = len(value)
-                nva[i].flags = NGHTTP2_NV_FLAG_NONE
-            _check(nghttp2_submit_trailer(self._session, s.id, nva, n))
+            _check(nghttp2_submit_trailer(self._session, s.id, nva, len(trailers)))
         finally:
             free(nva)
         s.trailers = None
@@ -475,7 +455,7 @@ cdef class H2Connection:
         nghttp2_submit_goaway(self._session, NGHTTP2_FLAG_NONE,
                               nghttp2_session_get_last_proc_stream_id(self._session),
                               code, NULL, 0)
-        ev = _event(_EV_ERROR, 0)
+        ev = _event(EV_ERROR, 0)
         ev.message = why
         self._events.append(ev)
         return 0
@@ -537,7 +517,7 @@ cdef class H2Connection:
                     _on_response_headers(self, s, frame.hd.flags & NGHTTP2_FLAG_END_STREAM)
         elif t == NGHTTP2_PING:
             if frame.hd.flags & NGHTTP2_FLAG_ACK:
-                ev = _event(_EV_PING_ACK, 0)
+                ev = _event(EV_PING_ACK, 0)
                 ev.data = PyBytes_FromStringAndSize(<const char *>frame.ping.opaque_data, 8)
                 self._events.append(ev)
             else:
@@ -550,7 +530,7 @@ cdef class H2Connection:
                                     NGHTTP2_ENHANCE_YOUR_CALM)
                     self._stop_input = True
         elif t == NGHTTP2_GOAWAY:
-            ev = _event(_EV_GOAWAY, frame.goaway.last_stream_id)
+            ev = _event(EV_GOAWAY, frame.goaway.last_stream_id)
             ev.error_code = frame.goaway.error_code
             ev.data = PyBytes_FromStringAndSize(<const char *>frame.goaway.opaque_data,
                                                 frame.goaway.opaque_data_len)
@@ -564,7 +544,7 @@ cdef class H2Connection:
             # A client's clean shutdown that nghttp2 finds malformed (its last-stream-id is
             # one of the client's own streams): report the GOAWAY the peer meant.
             self._peer_left = True
-            ev = _event(_EV_GOAWAY, frame.goaway.last_stream_id)
+            ev = _event(EV_GOAWAY, frame.goaway.last_stream_id)
             ev.error_code = NGHTTP2_NO_ERROR
             ev.data = PyBytes_FromStringAndSize(<const char *>frame.goaway.opaque_data,
                                                 frame.goaway.opaque_data_len)
@@ -581,7 +561,7 @@ cdef class H2Connection:
             elif not self.terminated:
                 # nghttp2 found a protocol error in the peer's input and is closing.
                 self.terminated = True
-                ev = _event(_EV_ERROR, 0)
+                ev = _event(EV_ERROR, 0)
                 ev.message = f"http2: peer violated the protocol (GOAWAY error code " \
                              f"{frame.goaway.error_code} sent)"
                 self._events.append(ev)
@@ -618,16 +598,16 @@ cdef class H2Connection:
             return 0
         if not self.server and not s.finished:
             if error_code == NGHTTP2_CANCEL:
-                status = 1
+                status = GRPC_CANCELLED
             elif error_code == NGHTTP2_REFUSED_STREAM:
-                status = 14
+                status = GRPC_UNAVAILABLE
             else:
-                status = 13
+                status = GRPC_INTERNAL
             self._finish(s, status, f"stream terminated by RST_STREAM with error code: "
                                     f"{error_code}", [])
         self._to_consume.discard(s)
         s.unconsumed = 0
-        ev = _event(_EV_CLOSED, stream_id)
+        ev = _event(EV_CLOSED, stream_id)
         ev.error_code = error_code
         self._events.append(ev)
         return 0
@@ -637,19 +617,20 @@ cdef class H2Connection:
         if s.failed or s.finished:
             return 0
         if s.partial():
-            self._fail_stream(s, 13, "grpc: received an incomplete message before the "
-                                     "end of the stream")
+            self._fail_stream(s, GRPC_INTERNAL, "grpc: received an incomplete message before "
+                                                "the end of the stream")
             return 0
         if self.server:
-            self._events.append(_event(_EV_END, s.id))
+            self._events.append(_event(EV_END, s.id))
         else:
-            self._finish(s, 13, "server closed the stream without sending trailers", [])
+            self._finish(s, GRPC_INTERNAL, "server closed the stream without sending trailers",
+                         [])
             if not s.local_done:
                 self.reset_stream(s.id, NGHTTP2_NO_ERROR)
         return 0
 
     cdef int _emit_message(self, int32_t stream_id, bytes msg) except -1:
-        cdef H2Event ev = _event(_EV_MESSAGE, stream_id)
+        cdef H2Event ev = _event(EV_MESSAGE, stream_id)
         ev.data = msg
         self._events.append(ev)
         return 0
@@ -668,7 +649,7 @@ cdef class H2Connection:
                 self.reset_stream(s.id, NGHTTP2_CANCEL)
             else:
                 self.send_trailers(s.id, status, message)
-            ev = _event(_EV_ABORTED, s.id)
+            ev = _event(EV_ABORTED, s.id)
             ev.status = status
             ev.message = message
             self._events.append(ev)
@@ -683,7 +664,7 @@ cdef class H2Connection:
         if s.finished:
             return 0
         s.finished = True
-        ev = _event(_EV_TRAILERS, s.id)
+        ev = _event(EV_TRAILERS, s.id)
         ev.status = status
         ev.message = message
         ev.metadata = metadata
@@ -700,7 +681,7 @@ cdef class H2Connection:
                 self._session, NGHTTP2_FLAG_NONE,
                 nghttp2_session_get_last_proc_stream_id(self._session),
                 NGHTTP2_ENHANCE_YOUR_CALM, b"too_many_pings", 14))
-            ev = _event(_EV_ERROR, 0)
+            ev = _event(EV_ERROR, 0)
             ev.message = "got too many pings from the client"
             self._events.append(ev)
         return 0
@@ -710,3 +691,25 @@ cdef inline int _check(int rv) except -1:
     if rv < 0:
         raise RuntimeError(f"nghttp2: {nghttp2_strerror(rv).decode()}")
     return 0
+
+
+cdef nghttp2_nv *_nv_array(list headers) except NULL:
+    """`headers` ((bytes, bytes) pairs) as the name/value array an nghttp2 submit call takes.
+    The array points into the bytes objects of `headers`, which must outlive it; nghttp2
+    copies the fields during the call, so the caller frees the array right after it."""
+    cdef Py_ssize_t i, n = len(headers)
+    cdef nghttp2_nv *nva = <nghttp2_nv *>malloc(max(n, 1) * sizeof(nghttp2_nv))
+    if nva is NULL:
+        raise MemoryError()
+    try:
+        for i in range(n):
+            name, value = headers[i]
+            nva[i].name = <uint8_t *><char *>name
+            nva[i].namelen = len(name)
+            nva[i].value = <uint8_t *><char *>value
+            nva[i].valuelen = len(value)
+            nva[i].flags = NGHTTP2_NV_FLAG_NONE
+    except BaseException:
+        free(nva)
+        raise
+    return nva

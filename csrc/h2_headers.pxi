@@ -26,13 +26,13 @@ cdef int _on_request_headers(H2Connection self, _Stream s, bint end_stream) exce
     method = pseudo.get(b":method", b"")
     ctype = pseudo.get(b"content-type", b"")
     if method != b"POST":
-        _early_abort(self, s, b"405", 13,
-                          f"invalid gRPC request method {_echoed(method)!r}")
+        _early_abort(self, s, b"405", GRPC_INTERNAL,
+                     f"invalid gRPC request method {_echoed(method)!r}")
     elif not _is_grpc_content_type(ctype):
-        _early_abort(self, s, b"415", 3,
-                          f"invalid gRPC request content-type {_echoed(ctype)!r}")
+        _early_abort(self, s, b"415", GRPC_INVALID_ARGUMENT,
+                     f"invalid gRPC request content-type {_echoed(ctype)!r}")
     else:
-        ev = _event(_EV_REQUEST, s.id)
+        ev = _event(EV_REQUEST, s.id)
         ev.path = pseudo.get(b":path", b"").decode("latin-1")
         ev.authority = pseudo.get(b":authority", b"").decode("latin-1")
         ev.metadata = metadata
@@ -40,7 +40,7 @@ cdef int _on_request_headers(H2Connection self, _Stream s, bint end_stream) exce
             try:
                 ev.timeout = parse_grpc_timeout(pseudo[b"grpc-timeout"])
             except ValueError as exc:
-                _early_abort(self, s, b"200", 13, str(exc))
+                _early_abort(self, s, b"200", GRPC_INTERNAL, str(exc))
                 return 0
         self._events.append(ev)
     if end_stream:
@@ -65,7 +65,7 @@ cdef int _on_response_headers(H2Connection self, _Stream s, bint end_stream) exc
     cdef dict special = {}
     cdef list metadata = []
     if s.header_overflow:
-        self._fail_stream(s, 13, "header list size exceeded")
+        self._fail_stream(s, GRPC_INTERNAL, "header list size exceeded")
         return 0
     for name, value in s.headers:
         if name[:1] == b":" or name in (b"content-type", b"grpc-status", b"grpc-message"):
@@ -80,16 +80,16 @@ cdef int _on_response_headers(H2Connection self, _Stream s, bint end_stream) exc
         http_status = special.get(b":status", b"")
         if http_status != b"200":
             code = int(http_status) if http_status.isdigit() else 0
-            self._fail_stream(s, _HTTP_TO_GRPC.get(code, 2),
+            self._fail_stream(s, _HTTP_TO_GRPC.get(code, GRPC_UNKNOWN),
                               f"unexpected HTTP status code received from server: "
                               f"{http_status.decode('latin-1')}")
             return 0
         ctype = special.get(b"content-type", b"")
         if not _is_grpc_content_type(ctype):
-            self._fail_stream(s, 13, f"transport: received unexpected content-type "
-                                     f"{_echoed(ctype)!r}")
+            self._fail_stream(s, GRPC_INTERNAL, f"transport: received unexpected content-type "
+                                                f"{_echoed(ctype)!r}")
             return 0
-        ev = _event(_EV_HEADERS, s.id)
+        ev = _event(EV_HEADERS, s.id)
         ev.metadata = metadata
         self._events.append(ev)
         return 0
@@ -98,14 +98,15 @@ cdef int _on_response_headers(H2Connection self, _Stream s, bint end_stream) exc
     raw_status = special.get(b"grpc-status")
     if raw_status is None or not _valid_status(raw_status):
         code = int(special.get(b":status", b"0") or 0) if s.header_blocks == 1 else 200
-        status = _HTTP_TO_GRPC.get(code, 2) if code != 200 else 13
+        status = _HTTP_TO_GRPC.get(code, GRPC_UNKNOWN) if code != 200 else GRPC_INTERNAL
         message = ("server closed the stream without sending trailers"
                    if raw_status is None else f"malformed grpc-status {raw_status!r}")
     else:
         status = int(raw_status)
         message = _percent_decode(special.get(b"grpc-message", b""))
     if s.partial():
-        status, message = 13, "grpc: received an incomplete message before the trailers"
+        status = GRPC_INTERNAL
+        message = "grpc: received an incomplete message before the trailers"
     self._finish(s, status, message, metadata)
     if not s.local_done:
         # The server ended the call while we could still send: as grpc-go, reset.

@@ -68,12 +68,13 @@ cdef class _Stream:
                 length = ((<Py_ssize_t>self.prefix[1] << 24) | (self.prefix[2] << 16)
                           | (self.prefix[3] << 8) | self.prefix[4])
                 if flag != 0:
-                    conn._fail_stream(self, 13, _flag_error(flag))
+                    conn._fail_stream(self, GRPC_INTERNAL, _flag_error(flag))
                     return 0
                 if length > conn.max_message_size:
                     conn._fail_stream(
-                        self, 8, f"grpc: received message larger than max "
-                                 f"({length} vs. {conn.max_message_size})")
+                        self, GRPC_RESOURCE_EXHAUSTED,
+                        f"grpc: received message larger than max "
+                        f"({length} vs. {conn.max_message_size})")
                     return 0
                 if length <= n:
                     # The whole message is in this chunk: one copy, straight to bytes.

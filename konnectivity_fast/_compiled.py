@@ -6,8 +6,11 @@ other than those in this checkout (a stale build), is an ``ImportError`` that sa
 fix it: silently running the slow or an old codec is worse than not starting.
 ``KONNECTIVITY_FAST_REQUIRE_COMPILED=1`` (set in images and CI) forbids the fallback.
 
-The HTTP/2 engine has no pure twin; ``require_compiled()`` returns the extension for the
-layers that need it, whatever the codec choice.
+The HTTP/2 engine has no pure twin; ``require_compiled()`` checks and returns the extension
+for the layers that need it, whatever the codec choice. Package code calls it, then imports
+the names it uses from ``konnectivity_fast._wire``: those are typed by ``_wire.pyi`` (a
+``ModuleType`` is ``Any`` to mypy), and the check has run even when the pure codec was
+chosen and nothing else loaded the extension.
 """
 
 from __future__ import annotations
@@ -67,5 +70,6 @@ def codec_module() -> ModuleType:
 
 
 def require_compiled() -> ModuleType:
-    """The compiled extension, for the HTTP/2 engine (which has no pure twin)."""
+    """The compiled extension, for the HTTP/2 engine (which has no pure twin); an
+    ``ImportError`` saying how to fix it when it is missing or stale."""
     return _extension if _extension is not None else _import_extension()

@@ -1,4 +1,5 @@
 # cython: language_level=3
+# cython: auto_pickle=False, autotestdict=False
 """The compiled core of konnectivity-fast (a Cython hub; its parts live in ``csrc/``).
 
 - ``codec.pxi``: the Packet codec and gRPC framing, the same API as the pure twin
@@ -7,6 +8,11 @@
   the server and the client role.
 
 ``SOURCE_DIGEST`` identifies the sources this build came from (see ``_build.py``).
+
+``_wire.pyi`` is the module's exact type stub, checked against this build by
+``python -m mypy.stubtest konnectivity_fast._wire``. Nothing here is pickled, so Cython's
+automatic pickling (``auto_pickle``) and doctest dictionary (``autotestdict``) are off: they
+would only add names the stub cannot describe.
 """
 
 cdef extern from *:

@@ -10,6 +10,10 @@ echo "== ruff"
 .venv/bin/python -m ruff format --check konnectivity_fast tests bench
 echo "== mypy --strict"
 .venv/bin/python -m mypy
+# The compiled core's stub (konnectivity_fast/_wire.pyi) against the build: mypy checks the
+# engine calls in transport/ through that stub, so it must say what the extension does.
+echo "== stubtest konnectivity_fast._wire"
+.venv/bin/python -m mypy.stubtest konnectivity_fast._wire
 # Peers built from source, cached in .cache/ (skipped when already built): upstream
 # v0.36.0's binaries and the Go konnectivity-client, then kube-apiserver and etcd.
 export GOTOOLCHAIN=${GOTOOLCHAIN:-auto}

@@ -88,3 +88,25 @@ def test_stale_build_is_refused(tmp_path: Path) -> None:
     r = run_python("import konnectivity_fast", tmp_path)
     assert r.returncode != 0
     assert "compiled core is stale" in r.stderr
+
+
+def test_engine_missing_with_pure_codec_fails_loudly() -> None:
+    """The pure codec has no HTTP/2 engine to fall back on: the transport layer refuses."""
+    code = BLOCK_EXTENSION + "import konnectivity_fast.transport.grpc"
+    r = run_python(code, ROOT, KONNECTIVITY_FAST_PURE="1")
+    assert r.returncode != 0
+    assert "compiled core konnectivity_fast._wire is missing" in r.stderr
+
+
+def test_stale_engine_with_pure_codec_is_refused(tmp_path: Path) -> None:
+    """With the pure codec nothing else loads the extension; the transport layer checks it
+    before importing the engine's names from it."""
+    shutil.copytree(ROOT / "konnectivity_fast", tmp_path / "konnectivity_fast")
+    shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
+    assert list((tmp_path / "konnectivity_fast").glob("_wire*.so")), "build first"
+    with (tmp_path / "csrc" / "h2.pxi").open("a") as f:
+        f.write("\n# an edit made after the build\n")
+    code = "import konnectivity_fast.transport.grpc"
+    r = run_python(code, tmp_path, KONNECTIVITY_FAST_PURE="1")
+    assert r.returncode != 0
+    assert "compiled core is stale" in r.stderr

@@ -117,9 +117,11 @@ async def _throughput(call: kgrpc.GrpcCall) -> None:
 def _version() -> None:
     from konnectivity_fast._compiled import require_compiled
 
-    wire = require_compiled()
+    require_compiled()
+    from konnectivity_fast._wire import SOURCE_DIGEST
+
     print(f"konnectivity-fast {__version__}")
-    print(f"codec: {IMPLEMENTATION}; compiled core sources {wire.SOURCE_DIGEST}")
+    print(f"codec: {IMPLEMENTATION}; compiled core sources {SOURCE_DIGEST}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

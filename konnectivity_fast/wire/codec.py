@@ -36,9 +36,16 @@ The codec API (identical in both twins):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from konnectivity_fast._compiled import IMPLEMENTATION, codec_module
 
-_codec = codec_module()
+if TYPE_CHECKING:
+    # Both twins have one API: mypy checks its callers against the compiled core's stub,
+    # which stubtest keeps exact (the pure twin is held to it by the differential tests).
+    import konnectivity_fast._wire as _codec
+else:
+    _codec = codec_module()
 encode_packet = _codec.encode_packet
 decode_packet = _codec.decode_packet
 peek_packet = _codec.peek_packet

@@ -875,6 +875,11 @@ def test_client_reset_is_seen_as_cancel() -> None:
     open_call(client, server)
 
 
+def test_exported_error_codes_are_rfc_9113s() -> None:
+    """The codes the adapter compares EV_CLOSED's error_code with (transport/grpc.py)."""
+    assert (w.H2_NO_ERROR, w.H2_CANCEL) == (NO_ERROR, CANCEL)
+
+
 @pytest.mark.parametrize(
     ("code", "status"),
     [
