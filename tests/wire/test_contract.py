@@ -7,14 +7,17 @@ from __future__ import annotations
 import pytest
 from oracle import pb2
 
+from konnectivity_fast.metrics import server as server_metrics
 from konnectivity_fast.wire import contract
 from konnectivity_fast.wire.contract import (
+    CONNECT_METHOD,
     CONNECT_PATH,
     IMPLEMENTED_EXTENSIONS,
     MAX_CAPABILITIES_LENGTH,
     MAX_EXTENSION_TOKEN_LENGTH,
     MD_CAPABILITIES,
     NO_EXTENSIONS,
+    PROXY_METHOD,
     PROXY_PATH,
     AgentIdentifiers,
     AgentMetadataError,
@@ -45,6 +48,11 @@ def test_paths_are_the_protos_methods() -> None:
     assert paths == {PROXY_PATH, CONNECT_PATH}
     assert PROXY_PATH == "/ProxyService/Proxy"  # what konnectivity-client dials
     assert CONNECT_PATH == "/AgentService/Connect"  # proto/agent/agent_grpc.pb.go
+
+
+def test_metric_method_labels_are_the_methods() -> None:
+    # metrics/ sits beside wire/ and may not import it: its labels are checked here.
+    assert (server_metrics.PROXY, server_metrics.CONNECT) == (PROXY_METHOD, CONNECT_METHOD)
 
 
 # --- agent identifiers ----------------------------------------------------------------------
