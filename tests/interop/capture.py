@@ -85,7 +85,15 @@ class Recorder:
         self.server = socket.socket(socket.AF_UNIX)
         self.server.bind(listen)
         self.server.listen(16)
+        self.sockets = [self.server]
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        """Stop relaying: the listener and every relayed connection close."""
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
 
     def _accept(self) -> None:
         while True:
@@ -94,6 +102,7 @@ class Recorder:
             except OSError:
                 return
             upstream = socket.socket(socket.AF_UNIX)
+            self.sockets += [client, upstream]
             upstream.connect(self.target)
             record = (bytearray(), bytearray())
             self.connections.append(record)

@@ -13,7 +13,10 @@ carries DIAL_REQ, DIAL_RSP, DATA both ways, CLOSE_REQ and CLOSE_RSP. Then:
   what upstream's agent sends it; offering an extension adds exactly the
   ``kf-capabilities`` request key (grpc-go passes unknown metadata through, upstream's
   server reads only its own keys), upstream's server answers none, and our agent's stream
-  negotiates nothing.
+  negotiates nothing;
+- on the frontend, konnectivity-client's Proxy stream (recorded by capture.py's Unix
+  socket relay) gets the same response header keys and packet types from our server,
+  offering an extension, as from upstream's.
 
 Programs offering a test token are started through offering.py (no user-visible flag can
 make them offer one).
@@ -47,10 +50,11 @@ from upstream import (
 
 from konnectivity_fast.agent.client import AgentClient, ClientConfig
 from konnectivity_fast.agent.endpoint import EndpointPool
-from konnectivity_fast.wire.contract import CONNECT_PATH, MD_CAPABILITIES
+from konnectivity_fast.wire.contract import CONNECT_PATH, MD_CAPABILITIES, PROXY_PATH
 
+from .capture import Recorder
 from .harness import READY_BACKENDS, wait_metric
-from .tlsrelay import Exchange, Stream, tls_recorder
+from .tlsrelay import Exchange, Recording, Stream, poll_exchange, tls_recorder
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -210,3 +214,63 @@ def test_nothing_is_negotiated_with_upstream_server(
     assert negotiated == frozenset()
     assert "serverid" in dict(response)
     assert MD_CAPABILITIES not in dict(response)
+
+
+def proxy_stream_done(exchange: Exchange) -> bool:
+    """The server's CLOSE_RSP on the Proxy stream was recorded (konnectivity-client then
+    drops its connection, so no trailers follow)."""
+    try:
+        stream_id = exchange.stream_of(PROXY_PATH)
+    except AssertionError:
+        return False
+    return "CLOSE_RSP" in exchange.responses.get(stream_id, Stream()).packet_types()
+
+
+def observe_frontend(
+    server: str, *, upstream: Upstream, certs: Certs, processes: Processes, tmp: Path
+) -> tuple[list[str], list[str]]:
+    """A Proxy stream from goclient through a Unix socket relay to ``server`` (with
+    upstream's agent): the keys of its response headers, and the packet types."""
+    uds, relay_uds = str(tmp / f"{server}.sock"), str(tmp / f"{server}-relay.sock")
+    ports, aports = server_ports(), agent_ports()
+    server_proc = processes.start(
+        f"frontend-server-{server}",
+        [*command("server", server, upstream), *server_args(uds, certs, ports)],
+    )
+    agent_proc = processes.start(
+        f"frontend-agent-{server}",
+        [str(upstream.proxy_agent), *agent_args(certs, ports.agent, aports)],
+    )
+    recorder = Recorder(relay_uds, uds)
+    try:
+        wait_for(server_proc, ports.health, "/healthz", what=f"{server} proxy-server")
+        wait_metric(ports.admin, READY_BACKENDS, lambda v: v == 1, f"{server} server's agent")
+        with echo_server() as echo:
+            code, result = run_goclient(
+                upstream, f"-uds={relay_uds}", f"-target={LOOPBACK}:{echo}", f"-size={ECHO_SIZE}"
+            )
+        assert code == 0, result
+
+        def recorded() -> Recording | None:
+            return Recording(*recorder.connections[0]) if recorder.connections else None
+
+        exchange = poll_exchange(recorded, proxy_stream_done, "the Proxy stream's end")
+    finally:
+        recorder.close()
+        stop([agent_proc, server_proc])
+    response = exchange.responses[exchange.stream_of(PROXY_PATH)]
+    return response.header_keys(0), response.packet_types()
+
+
+def test_our_server_shows_konnectivity_client_what_upstream_server_does(
+    upstream: Upstream, certs: Certs, processes: Processes, tmp_path: Path
+) -> None:
+    theirs = observe_frontend(
+        "upstream", upstream=upstream, certs=certs, processes=processes, tmp=tmp_path
+    )
+    ours = observe_frontend(
+        "ours+test", upstream=upstream, certs=certs, processes=processes, tmp=tmp_path
+    )
+    assert theirs[1] == ["DIAL_RSP", "DATA", "CLOSE_RSP"], theirs
+    assert ours == theirs
+    assert MD_CAPABILITIES not in ours[0]

@@ -116,14 +116,22 @@ class TlsRecorder:
 
     def wait_for(self, ready: Callable[[Exchange], bool], what: str) -> Exchange:
         """Poll the first connection's recording until ``ready`` holds for it."""
-        deadline = time.monotonic() + WAIT_SECONDS
-        while time.monotonic() < deadline:
-            if self.connections:
-                exchange = Exchange.of(self.connections[0])
-                if ready(exchange):
-                    return exchange
-            time.sleep(POLL_SECONDS)
-        raise AssertionError(f"timed out waiting for {what} on the relay")
+        return poll_exchange(lambda: self.connections[0] if self.connections else None, ready, what)
+
+
+def poll_exchange(
+    recording: Callable[[], Recording | None], ready: Callable[[Exchange], bool], what: str
+) -> Exchange:
+    """Read ``recording()`` (None: nothing yet) as HTTP/2 until ``ready`` holds for it."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while time.monotonic() < deadline:
+        record = recording()
+        if record is not None:
+            exchange = Exchange.of(record)
+            if ready(exchange):
+                return exchange
+        time.sleep(POLL_SECONDS)
+    raise AssertionError(f"timed out waiting for {what} on the relay")
 
 
 @contextlib.contextmanager
