@@ -24,7 +24,7 @@ from konnectivity_fast.wire.contract import (
     FrontendMode,
 )
 
-__all__ = ["Backend", "Frontend", "FrontendMode", "PendingDial", "ProxyClientConnection"]
+__all__ = ["Backend", "Frontend", "PendingDial", "ProxyClientConnection"]
 
 
 class Backend:
