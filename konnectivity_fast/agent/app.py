@@ -39,6 +39,7 @@ from konnectivity_fast.agent.clientset import ClientSet
 from konnectivity_fast.agent.health import admin_routes, health_routes, start_http
 from konnectivity_fast.agent.policy import ServerCounter
 from konnectivity_fast.transport.tls import H2_ALPN
+from konnectivity_fast.wire.contract import IMPLEMENTED_EXTENSIONS, ExtensionSet
 
 __all__ = ["AgentRunOptions", "LeaseCounter", "SetupError", "build_ssl_context", "run"]
 
@@ -142,7 +143,11 @@ def build_ssl_context(options: AgentRunOptions) -> ssl.SSLContext:
     return ctx
 
 
-def client_config(options: AgentRunOptions, ctx: ssl.SSLContext) -> ClientConfig:
+def client_config(
+    options: AgentRunOptions,
+    ctx: ssl.SSLContext,
+    extensions: ExtensionSet = IMPLEMENTED_EXTENSIONS,
+) -> ClientConfig:
     return ClientConfig(
         host=options.proxy_server_host,
         port=options.proxy_server_port,
@@ -154,6 +159,7 @@ def client_config(options: AgentRunOptions, ctx: ssl.SSLContext) -> ClientConfig
         probe_interval=options.probe_interval,
         server_name=options.proxy_server_host,
         warn_on_channel_limit=options.warn_on_channel_limit,
+        extensions=extensions,
     )
 
 
@@ -193,8 +199,10 @@ async def run(
     drain: asyncio.Event | None = None,
     *,
     lease_counter: LeaseCounter | None = None,
+    extensions: ExtensionSet = IMPLEMENTED_EXTENSIONS,
 ) -> int:
-    """Serve until ``stop`` is set; the process's exit code. Raises ``SetupError``."""
+    """Serve until ``stop`` is set; the process's exit code. Raises ``SetupError``.
+    ``extensions``: what the agent offers each server (``wire.contract``)."""
     ctx = build_ssl_context(options)
     counter = ServerCounter()
     if options.count_server_leases:
@@ -204,7 +212,7 @@ async def run(
             return 0
         counter = ServerCounter(lease_counter.count, options.server_count_source)
     clients = ClientSet(
-        client_config(options, ctx),
+        client_config(options, ctx, extensions),
         sync_interval=options.sync_interval,
         sync_interval_cap=options.sync_interval_cap,
         sync_forever=options.sync_forever,

@@ -4,8 +4,11 @@ proxy-server replica (shared/reference/upstream-agent-client.md §2, §4).
 ``connect()`` opens a fresh TCP+TLS connection (so a load balancer may pick another
 replica each time), offers ALPN ``--alpn-proto`` values then ``h2`` and requires that one
 was picked, as grpc-go does, sends ``agentid``, ``agentidentifiers`` and (with a token path)
-``authorization: Bearer <token read now>``, then waits for the server's response headers
-and reads ``serverid`` and ``servercount`` from them, with upstream's error texts.
+``authorization: Bearer <token read now>``, and ``kf-capabilities`` when it offers
+extensions (``ClientConfig.extensions``), then waits for the server's response headers
+and reads ``serverid`` and ``servercount`` from them, with upstream's error texts. The
+extensions the server echoed back that we offered are this stream's
+(``AgentClient.extensions``, ``wire.contract``); an upstream server echoes none.
 
 After that the client is a ``CallSink``: packets are handled as they arrive, with no task
 per stream or per tunnel (§4.2):
@@ -44,7 +47,25 @@ from konnectivity_fast.transport.call import GrpcCall, GrpcError
 from konnectivity_fast.transport.grpc import CLOSE_TIMEOUT, SSL_SHUTDOWN_TIMEOUT, GrpcProtocol
 from konnectivity_fast.verbosity import V
 from konnectivity_fast.wire.codec import decode_packet, encode_packet, peek_data, peek_packet
+from konnectivity_fast.wire.contract import (
+    BEARER_PREFIX,
+    CONNECT_PATH,
+    ERR_UNRECOGNIZED_CONNECT_ID,
+    IMPLEMENTED_EXTENSIONS,
+    MD_AGENT_ID,
+    MD_AGENT_IDENTIFIERS,
+    MD_AUTHORIZATION,
+    MD_SERVER_COUNT,
+    MD_SERVER_ID,
+    NO_EXTENSIONS,
+    ExtensionSet,
+    capabilities_metadata,
+    check_extensions,
+    negotiate_extensions,
+    unmarshal_error,
+)
 from konnectivity_fast.wire.errors import CodecError, StatusCode
+from konnectivity_fast.wire.gotext import go_slice
 from konnectivity_fast.wire.packets import (
     CloseRequest,
     CloseResponse,
@@ -56,7 +77,6 @@ from konnectivity_fast.wire.packets import (
 )
 
 __all__ = [
-    "CONNECT_PATH",
     "AgentClient",
     "ClientConfig",
     "ConnectError",
@@ -64,15 +84,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CONNECT_PATH = "/AgentService/Connect"
-MD_AGENT_ID = "agentid"
-MD_AGENT_IDENTIFIERS = "agentidentifiers"
-MD_AUTHORIZATION = "authorization"
-MD_SERVER_ID = "serverid"
-MD_SERVER_COUNT = "servercount"
-
+# Upstream's agent's CLOSE_RSP error for a CLOSE_REQ of a connectID it does not know.
 ERR_UNKNOWN_CONNECT_ID = "Unknown connectID"
-ERR_UNRECOGNIZED_CONNECT_ID = "unrecognized connectID"
 
 #: Seconds for TCP connect plus TLS handshake: grpc-go's minimum connect timeout.
 CONNECT_TIMEOUT = 20.0
@@ -111,6 +124,11 @@ class ClientConfig:
     # ``--warn-on-channel-limit``: warn when a slow backend pauses its server stream.
     warn_on_channel_limit: bool = False
     extra_metadata: list[tuple[str, str]] = field(default_factory=list)
+    # The extensions this agent offers each server (``wire.contract``).
+    extensions: ExtensionSet = IMPLEMENTED_EXTENSIONS
+
+    def __post_init__(self) -> None:
+        self.extensions = check_extensions(self.extensions)
 
     def metadata(self) -> list[tuple[str, str]]:
         """This attempt's request metadata; the token file is read now (§2.3)."""
@@ -125,7 +143,8 @@ class ClientConfig:
                 ) from None
             # Upstream sends the file verbatim; a trailing newline would make grpc-go refuse
             # the header, so trimming trailing whitespace is a harmless deviation.
-            md.append((MD_AUTHORIZATION, "Bearer " + token.decode("latin-1").rstrip()))
+            md.append((MD_AUTHORIZATION, BEARER_PREFIX + token.decode("latin-1").rstrip()))
+        md.extend(capabilities_metadata(self.extensions))
         md.extend(self.extra_metadata)
         return md
 
@@ -134,15 +153,11 @@ def _one(metadata: list[tuple[str, str]], key: str) -> list[str]:
     return [v for k, v in metadata if k == key]
 
 
-def _go_list(values: list[str]) -> str:
-    return "[" + " ".join(values) + "]"
-
-
 def parse_server_headers(metadata: list[tuple[str, str]]) -> tuple[str, int]:
     """``serverid`` and ``servercount`` from response headers, with upstream's errors."""
     ids = _one(metadata, MD_SERVER_ID)
     if len(ids) != 1:
-        raise ConnectError(f"expected one server ID in the context, got {_go_list(ids)}")
+        raise ConnectError(f"expected one server ID in the context, got {go_slice(ids)}")
     counts = _one(metadata, MD_SERVER_COUNT)
     if len(counts) != 1:
         raise ConnectError(f"expected one server count, got {len(counts)}")
@@ -176,6 +191,8 @@ class AgentClient:
         self.sender: FairSender | None = None
         self.server_id = ""
         self.server_count = 0
+        # Negotiated on this stream once connected: an extension is used only if in here.
+        self.extensions: ExtensionSet = NO_EXTENSIONS
         self.endpoints: dict[int, Endpoint] = {}
         self._dials: set[asyncio.Task[None]] = set()
         self._next_id = 0
@@ -264,6 +281,14 @@ class AgentClient:
         if not headers and call.status is not None:
             raise ConnectError(_status_text(call.status, call.message))
         self.server_id, self.server_count = parse_server_headers(headers)
+        self.extensions = negotiate_extensions(headers, cfg.extensions)
+        if self.extensions:
+            log.log(
+                V(2),
+                "server %s: extensions %s",
+                self.server_id,
+                ",".join(sorted(self.extensions)),
+            )
         if self.closed:
             raise ConnectError(f"the connection to {target} ended")
         return self.server_count
@@ -389,9 +414,7 @@ class AgentClient:
         try:
             ptype, connect_id = peek_packet(message)
         except CodecError as exc:
-            self._recv_failed(
-                StatusCode.INTERNAL, f"grpc: failed to unmarshal the received message: {exc}"
-            )
+            self._recv_failed(StatusCode.INTERNAL, unmarshal_error(exc))
             return
         metrics.observe_packet(metrics.SEGMENT_TO_AGENT, ptype)
         if ptype == _DATA:
@@ -452,9 +475,7 @@ class AgentClient:
         try:
             payload = decode_packet(message).payload
         except CodecError as exc:
-            self._recv_failed(
-                StatusCode.INTERNAL, f"grpc: failed to unmarshal the received message: {exc}"
-            )
+            self._recv_failed(StatusCode.INTERNAL, unmarshal_error(exc))
             return None
         if not isinstance(payload, expected):
             # Upstream's Go agent crashes here; one bad packet is dropped instead.

@@ -21,6 +21,8 @@ import errno
 import os
 import socket
 
+from konnectivity_fast.wire.contract import ERR_IO_TIMEOUT, ERR_TOO_MANY_OPEN_FILES
+
 __all__ = [
     "ALLOWED_PROTOCOLS",
     "DialError",
@@ -38,14 +40,15 @@ __all__ = [
 #: server only ever send ``tcp``. Limiting it is a documented hardening deviation.
 ALLOWED_PROTOCOLS = ("tcp", "tcp4", "tcp6")
 
-# Go's syscall error strings where they differ from lower-casing glibc's strerror.
+# Go's syscall error strings where they differ from lower-casing glibc's strerror. The
+# server reads some of them back (``wire.contract``).
 _GO_ERRNO_TEXT = {
     errno.ECONNREFUSED: "connection refused",
     errno.ECONNRESET: "connection reset by peer",
     errno.EHOSTUNREACH: "no route to host",
     errno.ENETUNREACH: "network is unreachable",
     errno.ETIMEDOUT: "connection timed out",
-    errno.EMFILE: "too many open files",
+    errno.EMFILE: ERR_TOO_MANY_OPEN_FILES,
     errno.EADDRNOTAVAIL: "cannot assign requested address",
 }
 
@@ -104,7 +107,7 @@ def unknown_network_error(protocol: str) -> DialError:
 def lookup_error(protocol: str, host: str, exc: BaseException | None) -> DialError:
     """A failed name lookup, as the cgo resolver prints it."""
     if exc is None:
-        reason = "i/o timeout"
+        reason = ERR_IO_TIMEOUT
     elif isinstance(exc, socket.gaierror) and exc.errno in (
         socket.EAI_NONAME,
         getattr(socket, "EAI_NODATA", socket.EAI_NONAME),
@@ -121,7 +124,7 @@ def lookup_error(protocol: str, host: str, exc: BaseException | None) -> DialErr
 
 def timeout_error(protocol: str, address: str) -> DialError:
     """The 5 s dial budget ran out while connecting to ``address`` (``ip:port``)."""
-    return DialError(f"dial {protocol} {address}: i/o timeout", timeout=True)
+    return DialError(f"dial {protocol} {address}: {ERR_IO_TIMEOUT}", timeout=True)
 
 
 def connect_error(protocol: str, address: str, exc: OSError) -> DialError:

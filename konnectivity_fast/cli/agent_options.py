@@ -38,16 +38,15 @@ from konnectivity_fast.cli.flags import (
 from konnectivity_fast.cli.goparse import GoError, format_duration, go_quote, seconds_to_ns
 from konnectivity_fast.cli.klog import KlogOptions, V, register_klog_flags
 from konnectivity_fast.cli.server_options import parse_lease_labels
+from konnectivity_fast.wire.contract import decode_agent_identifiers
 
 __all__ = [
-    "AGENT_IDENTIFIER_TYPES",
     "SERVER_COUNT_SOURCES",
     "AgentCommandLine",
     "GrpcProxyAgentOptions",
     "LabelRequirement",
     "build_flagset",
     "default_agent_id",
-    "parse_agent_identifiers",
     "parse_args",
     "parse_label_selector",
     "usage",
@@ -57,7 +56,6 @@ log = logging.getLogger(__name__)
 
 PROGRAM = "proxy-agent"
 AGENT_ID_ENV = "PROXY_AGENT_ID"
-AGENT_IDENTIFIER_TYPES = ("ipv4", "ipv6", "cidr", "host", "default-route")
 SERVER_COUNT_SOURCES = ("", "default", "max")
 DEFAULT_LEASE_SELECTOR = "k8s-app=konnectivity-server"
 
@@ -149,7 +147,7 @@ class GrpcProxyAgentOptions:
         if token and (err := _stat_error(token)) is not None:
             return f"error checking service account token path {token}, got {err}"
         try:
-            parse_agent_identifiers(self.agent_identifiers)
+            decode_agent_identifiers(self.agent_identifiers)
         except ValueError as exc:
             return f"agent address is invalid: {exc}"
         if self.kubeconfig_path and (err := _stat_error(self.kubeconfig_path)) is not None:
@@ -182,57 +180,6 @@ def _stat_error(path: str) -> str | None:
     except (OSError, ValueError):
         return None
     return None
-
-
-# -- --agent-identifiers (Go's url.ParseQuery) ----------------------------------------------
-
-_HEX = "0123456789abcdefABCDEF"
-
-
-def _query_unescape(text: str) -> str:
-    """``url.QueryUnescape``: ``%XX`` and ``+`` decoded; a bad escape is an error."""
-    raw = text.encode("utf-8", "surrogateescape")
-    out = bytearray()
-    i = 0
-    while i < len(raw):
-        c = raw[i]
-        if c == 0x25:  # %
-            if i + 2 >= len(raw) or chr(raw[i + 1]) not in _HEX or chr(raw[i + 2]) not in _HEX:
-                bad = raw[i : i + 3].decode("utf-8", "surrogateescape")
-                raise ValueError(f"invalid URL escape {go_quote(bad)}")
-            out.append(int(raw[i + 1 : i + 3], 16))
-            i += 3
-            continue
-        out.append(0x20 if c == 0x2B else c)
-        i += 1
-    return out.decode("utf-8", "surrogateescape")
-
-
-def parse_agent_identifiers(text: str) -> dict[str, list[str]]:
-    """``--agent-identifiers`` as ``url.ParseQuery`` reads it, keys limited to
-    ``AGENT_IDENTIFIER_TYPES`` (values are not checked, as upstream). Raises ``ValueError``
-    with Go's message: the first decoding error, else the first unknown key."""
-    decoded: dict[str, list[str]] = {}
-    error: str | None = None
-    for part in text.split("&"):
-        if ";" in part:
-            error = "invalid semicolon separator in query"  # Go lets this one overwrite
-            continue
-        if not part:
-            continue
-        key, _, value = part.partition("=")
-        try:
-            key, value = _query_unescape(key), _query_unescape(value)
-        except ValueError as exc:
-            error = error or str(exc)
-            continue
-        decoded.setdefault(key, []).append(value)
-    if error is not None:
-        raise ValueError(error)
-    for key in decoded:  # Go walks a map here, so with several bad keys the pick varies
-        if key not in AGENT_IDENTIFIER_TYPES:
-            raise ValueError(f"unknown address type: {key}")
-    return decoded
 
 
 # -- --lease-label-selector (Kubernetes label selector syntax) -------------------------------

@@ -12,7 +12,9 @@ syntax``, ``time: invalid duration "1"``) and their formatting of defaults (``1h
   ``FormatFloat(f, 'g', -1, 32)`` for printing;
 - durations: ``time.ParseDuration`` to integer nanoseconds and ``Duration.String``;
 - CSV: the first record of ``encoding/csv`` (pflag's string slices);
-- ``strconv.Quote`` (Go's ``%q``), which every error message uses to show user input.
+- ``strconv.Quote`` (Go's ``%q``), which every error message uses to show user input; it is
+  ported once, in ``wire/gotext.py`` (the wire contract quotes with it too), and
+  re-exported here.
 
 Go strings are bytes; a Python ``str`` from ``sys.argv`` carries undecodable bytes as
 surrogate escapes, so conversions work on the UTF-8 bytes with ``surrogateescape``.
@@ -23,6 +25,9 @@ from __future__ import annotations
 import math
 import re
 import struct
+
+from konnectivity_fast.wire.gotext import go_bytes as _go_bytes
+from konnectivity_fast.wire.gotext import go_quote
 
 __all__ = [
     "GoError",
@@ -56,47 +61,6 @@ class GoNumError(GoError):
         reason = "invalid syntax" if kind == "syntax" else "value out of range"
         super().__init__(f"strconv.{func}: parsing {go_quote(num)}: {reason}")
         self.kind = kind
-
-
-def _go_bytes(s: str) -> bytes:
-    try:
-        return s.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a lone surrogate that did not come from a byte
-        return s.encode("utf-8", "surrogatepass")
-
-
-def go_quote(s: str) -> str:
-    """``strconv.Quote``: printable runes stay, the rest become Go escapes."""
-    out = ['"']
-    for ch in _go_bytes(s).decode("utf-8", "surrogateescape"):
-        code = ord(ch)
-        if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte
-            out.append(f"\\x{code - 0xDC00:02x}")
-        elif ch in '"\\':
-            out.append("\\" + ch)
-        elif ch.isprintable():
-            out.append(ch)
-        elif ch in _C_ESCAPES:
-            out.append(_C_ESCAPES[ch])
-        elif code < 0x20 or code == 0x7F:
-            out.append(f"\\x{code:02x}")
-        elif code < 0x10000:
-            out.append(f"\\u{code:04x}")
-        else:
-            out.append(f"\\U{code:08x}")
-    out.append('"')
-    return "".join(out)
-
-
-_C_ESCAPES = {
-    "\a": "\\a",
-    "\b": "\\b",
-    "\f": "\\f",
-    "\n": "\\n",
-    "\r": "\\r",
-    "\t": "\\t",
-    "\v": "\\v",
-}
 
 
 # -- integers (strconv.ParseUint / ParseInt) -------------------------------------------------

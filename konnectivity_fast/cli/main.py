@@ -27,8 +27,12 @@ from konnectivity_fast.wire import (
     PacketType,
 )
 from konnectivity_fast.wire.codec import decode_packet, encode_packet, peek_data
+from konnectivity_fast.wire.contract import (
+    IMPLEMENTED_EXTENSIONS,
+    PROXY_PATH,
+    capabilities_metadata,
+)
 
-PROXY_PATH = "/ProxyService/Proxy"
 # The demo's throughput phase: bounded in time and in bytes in flight.
 DEMO_SECONDS = 3.0
 DEMO_PAYLOAD = 32 * 1024
@@ -64,7 +68,9 @@ async def _demo() -> None:
         path = os.path.join(d, "proxy.sock")
         server = await kgrpc.serve(_demo_server, path=path)
         proto = await kgrpc.connect(path=path)
-        call = proto.start_call(PROXY_PATH)
+        # A frontend client advertises the extensions it offers, as every client of ours
+        # does (the demo's toy server answers none of them).
+        call = proto.start_call(PROXY_PATH, capabilities_metadata(IMPLEMENTED_EXTENSIONS))
         script = [
             Packet(PacketType.DIAL_REQ, DialRequest("tcp", "10.0.0.1:10250", 42)),
             Packet(PacketType.DATA, Data(1, data=b"GET /healthz HTTP/1.1\r\n\r\n")),

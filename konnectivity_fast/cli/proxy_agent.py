@@ -14,6 +14,8 @@ Kubernetes client is imported only then, off the default path.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import signal
 import sys
@@ -28,13 +30,16 @@ from konnectivity_fast.cli.agent_options import (
     usage,
 )
 from konnectivity_fast.cli.command import Program, run_program
+from konnectivity_fast.wire.contract import IMPLEMENTED_EXTENSIONS, ExtensionSet
 
 __all__ = ["main"]
 
 log = logging.getLogger("konnectivity_fast.agent")
 
 
-async def _serve(options: GrpcProxyAgentOptions) -> int:
+async def _serve(
+    options: GrpcProxyAgentOptions, extensions: ExtensionSet = IMPLEMENTED_EXTENSIONS
+) -> int:
     loop = asyncio.get_running_loop()
     drain, stop = asyncio.Event(), asyncio.Event()
 
@@ -49,7 +54,9 @@ async def _serve(options: GrpcProxyAgentOptions) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     try:
-        return await run(options, stop, drain, lease_counter=_lease_counter(options))
+        return await run(
+            options, stop, drain, lease_counter=_lease_counter(options), extensions=extensions
+        )
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
@@ -75,9 +82,16 @@ PROXY_AGENT = Program(
 )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The ``proxy-agent`` program; returns the exit code."""
-    return run_program(PROXY_AGENT, argv)
+def main(
+    argv: Sequence[str] | None = None, *, extensions: ExtensionSet = IMPLEMENTED_EXTENSIONS
+) -> int:
+    """The ``proxy-agent`` program; returns the exit code. ``extensions``: what the agent
+    offers each server (``wire.contract``); not a flag, as upstream has none: a program
+    embedding the agent (or a test) may offer less, or a token of its own."""
+    program = dataclasses.replace(
+        PROXY_AGENT, serve=functools.partial(_serve, extensions=extensions)
+    )
+    return run_program(program, argv)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ shutdown, a second one exits 1 at once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -25,13 +27,16 @@ from konnectivity_fast.cli.server_options import (
     usage,
 )
 from konnectivity_fast.server.app import StartupError, run
+from konnectivity_fast.wire.contract import IMPLEMENTED_EXTENSIONS, ExtensionSet
 
 __all__ = ["main"]
 
 log = logging.getLogger("konnectivity_fast.server")
 
 
-async def _serve(options: ProxyRunOptions) -> int:
+async def _serve(
+    options: ProxyRunOptions, extensions: ExtensionSet = IMPLEMENTED_EXTENSIONS
+) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -46,7 +51,7 @@ async def _serve(options: ProxyRunOptions) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     try:
-        return await run(options, stop)
+        return await run(options, stop, extensions=extensions)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
@@ -63,9 +68,16 @@ PROXY_SERVER = Program(
 )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The ``proxy-server`` program; returns the exit code."""
-    return run_program(PROXY_SERVER, argv)
+def main(
+    argv: Sequence[str] | None = None, *, extensions: ExtensionSet = IMPLEMENTED_EXTENSIONS
+) -> int:
+    """The ``proxy-server`` program; returns the exit code. ``extensions``: what the server
+    offers agents and frontends (``wire.contract``); not a flag, as upstream has none: a
+    program embedding the server (or a test) may offer less, or a token of its own."""
+    program = dataclasses.replace(
+        PROXY_SERVER, serve=functools.partial(_serve, extensions=extensions)
+    )
+    return run_program(program, argv)
 
 
 if __name__ == "__main__":

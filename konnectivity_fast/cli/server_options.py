@@ -37,12 +37,10 @@ from konnectivity_fast.cli.flags import (
 from konnectivity_fast.cli.goparse import format_duration, go_quote, seconds_to_ns
 from konnectivity_fast.cli.klog import KlogOptions, V, register_klog_flags
 from konnectivity_fast.kube.labels import parse_lease_labels
+from konnectivity_fast.wire.contract import FrontendMode, ProxyStrategy, parse_proxy_strategies
 
 __all__ = [
     "GO_CIPHER_SUITES",
-    "MODE_GRPC",
-    "MODE_HTTP_CONNECT",
-    "PROXY_STRATEGIES",
     "TLS_VERSIONS",
     "ProxyRunOptions",
     "ServerCommandLine",
@@ -58,9 +56,7 @@ log = logging.getLogger(__name__)
 
 PROGRAM = "proxy-server"
 SERVER_ID_ENV = "PROXY_SERVER_ID"
-MODE_GRPC = "grpc"
-MODE_HTTP_CONNECT = "http-connect"
-PROXY_STRATEGIES = ("default", "destHost", "defaultRoute")
+_MODES = frozenset(FrontendMode)
 TLS_VERSIONS = {
     "VersionTLS10": 0x0301,
     "VersionTLS11": 0x0302,
@@ -114,7 +110,7 @@ class ProxyRunOptions:
     cluster_key: str = ""
     cluster_ca_cert: str = ""
     # Frontend protocol: "grpc" or "http-connect".
-    mode: str = MODE_GRPC
+    mode: str = FrontendMode.GRPC.value
     # Frontend Unix socket; non-empty selects UDS instead of TCP for the frontend.
     uds_name: str = ""
     # Remove a leftover socket file at uds_name before listening.
@@ -146,7 +142,7 @@ class ProxyRunOptions:
     kubeconfig_burst: int = 0
     api_content_type: str = "application/vnd.kubernetes.protobuf"
     # Ordered, comma-separated agent selection strategies.
-    proxy_strategies: str = "default"
+    proxy_strategies: str = ProxyStrategy.DEFAULT.value
     # Go cipher-suite names (TLS 1.2 and below); empty means Go's defaults.
     cipher_suites: list[str] = field(default_factory=list)
     tls_min_version: str = ""  # empty means TLS 1.2
@@ -201,7 +197,7 @@ class ProxyRunOptions:
         return None
 
     def _check_mode(self) -> str | None:
-        if self.mode not in (MODE_GRPC, MODE_HTTP_CONNECT):
+        if self.mode not in _MODES:  # upstream's message, which names its two modes
             return f"mode must be set to either 'grpc' or 'http-connect' not {go_quote(self.mode)}"
         if self.uds_name:
             if self.server_port != 0:
@@ -311,21 +307,6 @@ def _stat_error(path: str) -> str | None:
     return None
 
 
-def parse_proxy_strategies(text: str) -> list[str]:
-    """``--proxy-strategies`` as an ordered list; empty items are skipped. Raises
-    ``ValueError`` with upstream's message."""
-    result = []
-    for item in text.split(","):
-        if not item:
-            continue
-        if item not in PROXY_STRATEGIES:
-            raise ValueError(f"unknown proxy strategy: {item}")
-        result.append(item)
-    if not result:
-        raise ValueError("proxy strategies cannot be empty")
-    return result
-
-
 # (flag, field, type, help); deprecated flags carry their message after the help.
 _FLAGS: tuple[tuple[str, str, ValueType, str], ...] = (
     (
@@ -351,7 +332,12 @@ _FLAGS: tuple[tuple[str, str, ValueType, str], ...] = (
         "CA bundle for agent client certificates; when set, agents must present one. Not "
         "compatible with token authentication.",
     ),
-    ("mode", "mode", STRING, "Protocol spoken to kube-apiserver: 'grpc' or 'http-connect'."),
+    (
+        "mode",
+        "mode",
+        STRING,
+        "Protocol spoken to kube-apiserver: " + " or ".join(f"'{m}'" for m in FrontendMode) + ".",
+    ),
     (
         "uds-name",
         "uds_name",
@@ -485,8 +471,9 @@ _FLAGS: tuple[tuple[str, str, ValueType, str], ...] = (
         "proxy-strategies",
         "proxy_strategies",
         STRING,
-        "Comma-separated, ordered ways to choose an agent for a dial: default, destHost, "
-        "defaultRoute.",
+        "Comma-separated, ordered ways to choose an agent for a dial: "
+        + ", ".join(ProxyStrategy)
+        + ".",
     ),
     (
         "cipher-suites",

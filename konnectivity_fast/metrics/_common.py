@@ -6,6 +6,11 @@ from __future__ import annotations
 
 from konnectivity_fast.metrics.registry import CounterChild, CounterVec, Registry
 
+# The prefix of every metric family of an extension beyond upstream (``wire.contract``).
+# Such a family is registered only when its extension is enabled, so that the default
+# exposition stays upstream's (tests/data/metrics/).
+EXTENSION_PREFIX = "konnectivity_fast_"
+
 # Segments of a tunnel, as label values.
 SEGMENT_FROM_CLIENT = "from_client"
 SEGMENT_TO_CLIENT = "to_client"

@@ -2,7 +2,8 @@
 
 ``proxy``: ``ProxyServer`` (the gRPC frontend and agent services around one
 ``tunnel.Router``); ``listeners``: the ``start`` helpers for its listeners. ``http_connect``: the
-HTTP-CONNECT frontend (``HttpConnectProtocol``) and its listeners.
+HTTP-CONNECT frontend (``HttpConnectProtocol``) and its listeners. The service names and
+paths served are re-exported from their home, ``wire.contract``.
 """
 
 from __future__ import annotations
@@ -18,13 +19,8 @@ from konnectivity_fast.server.listeners import (
     start_agent_listener,
     start_frontend_uds,
 )
-from konnectivity_fast.server.proxy import (
-    AGENT_SERVICE,
-    CONNECT_PATH,
-    PROXY_PATH,
-    PROXY_SERVICE,
-    ProxyServer,
-)
+from konnectivity_fast.server.proxy import ProxyServer
+from konnectivity_fast.wire.contract import AGENT_SERVICE, CONNECT_PATH, PROXY_PATH, PROXY_SERVICE
 
 __all__ = [
     "AGENT_SERVICE",

@@ -46,6 +46,12 @@ from konnectivity_fast.server.startup import (
 )
 from konnectivity_fast.transport import tls
 from konnectivity_fast.transport.grpc import GrpcServer
+from konnectivity_fast.wire.contract import (
+    IMPLEMENTED_EXTENSIONS,
+    ExtensionSet,
+    FrontendMode,
+    parse_proxy_strategies,
+)
 
 __all__ = ["RunOptions", "StartupError", "run"]
 
@@ -99,10 +105,6 @@ class RunOptions(Protocol):
     kubeconfig_burst: int
 
 
-def _strategies(text: str) -> list[str]:
-    return [item for item in text.split(",") if item]
-
-
 def _tls_settings(options: RunOptions) -> TlsSettings:
     return TlsSettings(tls.tls_version(options.tls_min_version), tuple(options.cipher_suites))
 
@@ -113,9 +115,13 @@ async def _frontend_uds(proxy: ProxyServer, options: RunOptions) -> GrpcServer |
         os.unlink(path)
     old = os.umask(UDS_UMASK)
     try:
-        if options.mode == "http-connect":
-            return await start_http_connect_uds(proxy, path)
-        return await start_frontend_uds(proxy, path, keepalive_time=options.frontend_keepalive_time)
+        match FrontendMode(options.mode):  # mypy checks that every mode has a listener
+            case FrontendMode.HTTP_CONNECT:
+                return await start_http_connect_uds(proxy, path)
+            case FrontendMode.GRPC:
+                return await start_frontend_uds(
+                    proxy, path, keepalive_time=options.frontend_keepalive_time
+                )
     except OSError as exc:
         raise ValueError(
             f"failed to listen(unix) name {path}: {listen_error('unix', path, exc)}"
@@ -130,26 +136,28 @@ async def _frontend_tcp(proxy: ProxyServer, options: RunOptions) -> GrpcServer |
     check_tls_files(cert, key, ca)
     settings = _tls_settings(options)
     try:
-        if options.mode == "http-connect":
-            return await start_http_connect_tcp(
-                proxy,
-                host=host,
-                port=port,
-                cert_file=cert,
-                key_file=key,
-                client_ca_file=ca,
-                tls_settings=settings,
-            )
-        return await start_frontend_tcp(
-            proxy,
-            host=host,
-            port=port,
-            cert_file=cert,
-            key_file=key,
-            client_ca_file=ca,
-            tls_settings=settings,
-            keepalive_time=options.frontend_keepalive_time,
-        )
+        match FrontendMode(options.mode):
+            case FrontendMode.HTTP_CONNECT:
+                return await start_http_connect_tcp(
+                    proxy,
+                    host=host,
+                    port=port,
+                    cert_file=cert,
+                    key_file=key,
+                    client_ca_file=ca,
+                    tls_settings=settings,
+                )
+            case FrontendMode.GRPC:
+                return await start_frontend_tcp(
+                    proxy,
+                    host=host,
+                    port=port,
+                    cert_file=cert,
+                    key_file=key,
+                    client_ca_file=ca,
+                    tls_settings=settings,
+                    keepalive_time=options.frontend_keepalive_time,
+                )
     except OSError as exc:
         addr = host_port(options.server_bind_address, port)
         raise ValueError(f"failed to listen on {addr}: {listen_error('tcp', addr, exc)}") from None
@@ -243,14 +251,17 @@ async def _start_http(proxy: ProxyServer, options: RunOptions) -> list[asyncio.S
     return servers
 
 
-async def run(options: RunOptions, stop: asyncio.Event) -> int:
+async def run(
+    options: RunOptions, stop: asyncio.Event, *, extensions: ExtensionSet = IMPLEMENTED_EXTENSIONS
+) -> int:
     """Serve until ``stop`` is set; the process's exit code. A start-up failure raises
-    ``StartupError`` with upstream's message."""
+    ``StartupError`` with upstream's message. ``extensions``: what the server offers to
+    agents and frontends (``wire.contract``)."""
     try:
         kube = _kube_client(options)
     except ConfigError as exc:
         raise StartupError(f"failed to load kubernetes client config: {exc}") from None
-    strategies = _strategies(options.proxy_strategies)
+    strategies = parse_proxy_strategies(options.proxy_strategies)
     server_metrics.startup(strategies)
     proxy = ProxyServer(
         server_id=options.server_id,
@@ -258,6 +269,7 @@ async def run(options: RunOptions, stop: asyncio.Event) -> int:
         strategies=strategies,
         dial_timeout=options.backend_dial_timeout,
         authenticator=_authenticator(options, kube),
+        extensions=extensions,
     )
     try:
         return await _serve(proxy, options, kube, stop)

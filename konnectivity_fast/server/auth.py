@@ -19,12 +19,11 @@ import logging
 
 from konnectivity_fast.kube import KubeClient, KubeError
 from konnectivity_fast.verbosity import V
+from konnectivity_fast.wire.contract import BEARER_PREFIX
 
-__all__ = ["BEARER_PREFIX", "TokenAuthError", "TokenAuthenticator"]
+__all__ = ["TokenAuthError", "TokenAuthenticator"]
 
 log = logging.getLogger(__name__)
-
-BEARER_PREFIX = "Bearer "
 
 
 class TokenAuthError(Exception):
@@ -50,7 +49,7 @@ class TokenAuthenticator:
             raise TokenAuthError(f"too many ({len(authorization_values)}) tokens are received")
         value = authorization_values[0]
         if not value.startswith(BEARER_PREFIX):
-            raise TokenAuthError('received token does not have "Bearer " prefix')
+            raise TokenAuthError(f'received token does not have "{BEARER_PREFIX}" prefix')
         try:
             await self._review(value[len(BEARER_PREFIX) :])
         except TokenAuthError as exc:

@@ -44,9 +44,10 @@ from konnectivity_fast.server.listeners import DEFAULT_TLS, TlsSettings
 from konnectivity_fast.server.proxy import ProxyServer
 from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER, GrpcCall, GrpcError
 from konnectivity_fast.transport.grpc import listen_backlog
-from konnectivity_fast.tunnel import CloseReason, Frontend, FrontendMode
+from konnectivity_fast.tunnel import CloseReason, Frontend
 from konnectivity_fast.tunnel.events import Message
 from konnectivity_fast.wire.codec import peek_data
+from konnectivity_fast.wire.contract import ERR_IO_TIMEOUT, ERR_TOO_MANY_OPEN_FILES, FrontendMode
 from konnectivity_fast.wire.packets import Data, Packet, PacketType
 
 __all__ = [
@@ -92,9 +93,9 @@ _STATUS_TEXT = {
 def dial_error_status(error: str) -> int:
     """The status upstream answers an agent's dial error with (§3.2 step 7)."""
     low = error.lower()
-    if "i/o timeout" in low or "deadline exceeded" in low or "timeout" in low:
+    if ERR_IO_TIMEOUT in low or "deadline exceeded" in low or "timeout" in low:
         return 504
-    if "too many open files" in low:
+    if ERR_TOO_MANY_OPEN_FILES in low:
         return 503
     return 502
 

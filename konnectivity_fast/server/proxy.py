@@ -15,6 +15,11 @@ target's call; anything else is decoded and given to ``receive_from_frontend`` /
 ``receive_from_agent``, whose effects (``tunnel.events``) are carried out in order. One
 loop timer follows ``Router.get_timer()`` (``--backend-dial-timeout``).
 
+Extensions (``wire.contract``): a stream's ``kf-capabilities`` request metadata is
+intersected with what this server offers (``ProxyServer.extensions``); a non-empty result
+is echoed in the stream's response headers and kept on its ``Backend`` or ``Frontend``.
+An empty result sends nothing, so upstream's peers see upstream's headers.
+
 Invariants:
 - ``Backend.conn`` and a gRPC ``Frontend.conn`` are the ``GrpcCall`` to write to; an
   HTTP-CONNECT ``Frontend.conn`` is its ``http_connect.HttpConnectProtocol``
@@ -40,8 +45,6 @@ from konnectivity_fast.server.buffering import TUNNEL_WRITE_HIGH_WATER, BufferBu
 from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER
 from konnectivity_fast.transport.grpc import CallSink, GrpcCall, GrpcError
 from konnectivity_fast.tunnel import (
-    AgentIdentifiers,
-    AgentMetadataError,
     Backend,
     CloseFrontend,
     ConnectionDuration,
@@ -49,40 +52,44 @@ from konnectivity_fast.tunnel import (
     DialFailure,
     Effect,
     Frontend,
-    FrontendMode,
     Message,
     RetireBackend,
     Router,
     SendToAgent,
     SendToFrontend,
     TunnelEstablished,
-    agent_from_metadata,
 )
+from konnectivity_fast.verbosity import V
 from konnectivity_fast.wire.codec import decode_packet, encode_packet, peek_packet
+from konnectivity_fast.wire.contract import (
+    AGENT_SERVICE,
+    CONNECT_PATH,
+    IMPLEMENTED_EXTENSIONS,
+    MD_AGENT_ID,
+    MD_AGENT_IDENTIFIERS,
+    MD_AUTHORIZATION,
+    MD_SERVER_COUNT,
+    MD_SERVER_ID,
+    PROXY_PATH,
+    PROXY_SERVICE,
+    AgentIdentifiers,
+    AgentMetadataError,
+    ExtensionSet,
+    FrontendMode,
+    ProxyStrategy,
+    agent_from_metadata,
+    capabilities_metadata,
+    check_extensions,
+    negotiate_extensions,
+    unmarshal_error,
+)
 from konnectivity_fast.wire.errors import CodecError, StatusCode
 from konnectivity_fast.wire.packets import Packet, PacketType
 
-__all__ = [
-    "AGENT_SERVICE",
-    "CONNECT_PATH",
-    "PROXY_PATH",
-    "PROXY_SERVICE",
-    "ProxyServer",
-]
+__all__ = ["ProxyServer"]
 
 log = logging.getLogger(__name__)
 
-PROXY_SERVICE = "ProxyService"
-AGENT_SERVICE = "AgentService"
-PROXY_PATH = f"/{PROXY_SERVICE}/Proxy"
-CONNECT_PATH = f"/{AGENT_SERVICE}/Connect"
-
-# Metadata keys (§1.3, §1.4): lowercase on the wire.
-MD_AGENT_ID = "agentid"
-MD_AGENT_IDENTIFIERS = "agentidentifiers"
-MD_SERVER_ID = "serverid"
-MD_SERVER_COUNT = "servercount"
-MD_AUTHORIZATION = "authorization"
 # Packets an agent may send before its token review ends: it waits for our headers first,
 # so anything beyond a handful is a broken or hostile peer.
 MAX_PACKETS_BEFORE_AUTH = 16
@@ -104,10 +111,6 @@ def _unknown_path(path: str, service: str) -> str:
     if svc == service:
         return f"unknown method {method} for service {svc}"
     return f"unknown service {svc or method}"
-
-
-def _unmarshal_error(exc: Exception) -> str:
-    return f"grpc: failed to unmarshal the received message: {exc}"
 
 
 def _receive_cancelled(segment: str) -> None:
@@ -155,7 +158,7 @@ class _FrontendStream:
         try:
             ptype, connect_id = peek_packet(message)
         except CodecError as exc:
-            server._frontend_failed(frontend, StatusCode.INTERNAL, _unmarshal_error(exc))
+            server._frontend_failed(frontend, StatusCode.INTERNAL, unmarshal_error(exc))
             return
         metrics.observe_packet(metrics.SEGMENT_FROM_CLIENT, ptype)
         if ptype == _DATA:
@@ -172,7 +175,7 @@ class _FrontendStream:
         try:
             packet = decode_packet(message)
         except CodecError as exc:
-            server._frontend_failed(frontend, StatusCode.INTERNAL, _unmarshal_error(exc))
+            server._frontend_failed(frontend, StatusCode.INTERNAL, unmarshal_error(exc))
             return
         server._apply(
             server.router.receive_from_frontend(frontend, packet, server.loop.time(), message)
@@ -218,7 +221,7 @@ class _AgentStream:
         try:
             ptype, connect_id = peek_packet(message)
         except CodecError as exc:
-            server._backend_failed(backend, StatusCode.INTERNAL, _unmarshal_error(exc))
+            server._backend_failed(backend, StatusCode.INTERNAL, unmarshal_error(exc))
             return
         metrics.observe_packet(metrics.SEGMENT_FROM_AGENT, ptype)
         server.budget.received(call)
@@ -230,7 +233,7 @@ class _AgentStream:
         try:
             packet = decode_packet(message)
         except CodecError as exc:
-            server._backend_failed(backend, StatusCode.INTERNAL, _unmarshal_error(exc))
+            server._backend_failed(backend, StatusCode.INTERNAL, unmarshal_error(exc))
             return
         server._apply(
             server.router.receive_from_agent(backend, packet, server.loop.time(), message)
@@ -345,6 +348,8 @@ class ProxyServer:
     ``--proxy-strategies``. ``dial_timeout``: ``--backend-dial-timeout`` in seconds.
     ``budget``: the buffers toward slow frontends (``buffering``; tests shrink it).
     ``authenticator``: agent token auth (``--agent-namespace``), or None.
+    ``extensions``: the extensions this server offers to agents and frontends
+    (``wire.contract``; every implemented one by default).
     """
 
     def __init__(
@@ -352,14 +357,16 @@ class ProxyServer:
         *,
         server_id: str | None = None,
         server_count: int = 1,
-        strategies: Sequence[str] = ("default",),
+        strategies: Sequence[str] = (ProxyStrategy.DEFAULT,),
         dial_timeout: float = 0.0,
         rng: Random | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         budget: BufferBudget | None = None,
         authenticator: Authenticator | None = None,
+        extensions: ExtensionSet = IMPLEMENTED_EXTENSIONS,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
+        self.extensions = check_extensions(extensions)
         self.server_id = server_id or str(uuid.uuid4())
         self.server_count = server_count
         self.router = Router(strategies, rng or Random(), dial_timeout=dial_timeout)
@@ -376,8 +383,22 @@ class ProxyServer:
 
     def _open_frontend(self, call: GrpcCall) -> CallSink:
         metrics.grpc_connection_opened(metrics.PROXY)
-        frontend = self.router.add_frontend(FrontendMode.GRPC, call)
+        accepted = self._negotiate(call)
+        if accepted:  # else the headers go out with the first message, as upstream's
+            try:
+                call.send_headers(capabilities_metadata(accepted))
+            except (KeyError, RuntimeError) as exc:  # the stream is already gone
+                log.info("frontend stream: sending headers failed: %s", exc)
+                return _NullSink(metrics.PROXY)
+        frontend = self.router.add_frontend(FrontendMode.GRPC, call, accepted)
         return _FrontendStream(self, frontend)
+
+    def _negotiate(self, call: GrpcCall) -> ExtensionSet:
+        """The extensions both this server and the stream's client offer."""
+        accepted = negotiate_extensions(call.metadata, self.extensions)
+        if accepted:
+            log.log(V(2), "stream %d: extensions %s", call.stream_id, ",".join(sorted(accepted)))
+        return accepted
 
     def _open_agent(self, call: GrpcCall) -> CallSink:
         metrics.grpc_connection_opened(metrics.CONNECT)
@@ -406,15 +427,16 @@ class ProxyServer:
     def _admit_agent(
         self, call: GrpcCall, agent_id: str, identifiers: AgentIdentifiers
     ) -> _AgentStream | None:
-        """Send ``serverid``/``servercount``, then route to the agent (§4.1 steps 4-5)."""
+        """Send ``serverid``/``servercount`` (and the accepted extensions, if any), then
+        route to the agent (pkg/server/server.go ``Connect``)."""
+        accepted = self._negotiate(call)
+        headers = [(MD_SERVER_ID, self.server_id), (MD_SERVER_COUNT, str(self.server_count))]
         try:
-            call.send_headers(
-                [(MD_SERVER_ID, self.server_id), (MD_SERVER_COUNT, str(self.server_count))]
-            )
+            call.send_headers(headers + capabilities_metadata(accepted))
         except (KeyError, RuntimeError) as exc:  # the stream is already gone
             log.info("agent %s: sending headers failed: %s", agent_id, exc)
             return None
-        backend = self.router.add_backend(agent_id, identifiers, call)
+        backend = self.router.add_backend(agent_id, identifiers, call, accepted)
         self._update_backend_gauges()
         return _AgentStream(self, backend)
 

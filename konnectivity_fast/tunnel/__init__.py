@@ -1,32 +1,22 @@
 """The proxy-server's routing state, sans-IO (ARCHITECTURE.md, "Layers").
 
-``backends``: agent streams, agent identifiers and the ``--proxy-strategies`` chain.
-``connections``: the frontend, pending-dial and connection records.
+``records``: the agent-stream, frontend, pending-dial and connection records.
+``backends``: the ``--proxy-strategies`` chain that picks an agent stream.
 ``router``: the packet rules (``Router``). ``events``: the effects it returns.
 No sockets, no event loop, no clock: time is an argument, randomness is injected.
+The names the router shares with the wire (strategies, modes, agent identifiers) are
+``wire.contract``'s; the types among them are re-exported here for the router's callers.
 """
 
 from __future__ import annotations
 
 from konnectivity_fast.tunnel.backends import (
-    AgentIdentifiers,
-    AgentMetadataError,
-    Backend,
     BackendManager,
     BackendManagers,
     DefaultBackendManager,
     DefaultRouteBackendManager,
     DestHostBackendManager,
-    ProxyStrategy,
-    agent_from_metadata,
-    parse_agent_identifiers,
     remove_port_from_host,
-)
-from konnectivity_fast.tunnel.connections import (
-    Frontend,
-    FrontendMode,
-    PendingDial,
-    ProxyClientConnection,
 )
 from konnectivity_fast.tunnel.events import (
     CloseFrontend,
@@ -42,6 +32,12 @@ from konnectivity_fast.tunnel.events import (
     SendToAgent,
     SendToFrontend,
     TunnelEstablished,
+)
+from konnectivity_fast.tunnel.records import (
+    Backend,
+    Frontend,
+    PendingDial,
+    ProxyClientConnection,
 )
 from konnectivity_fast.tunnel.replies import (
     ERR_BACKEND_GONE,
@@ -60,6 +56,7 @@ from konnectivity_fast.tunnel.router import (
     MAX_CONNECTIONS_PER_FRONTEND,
     Router,
 )
+from konnectivity_fast.wire.contract import AgentIdentifiers, FrontendMode, ProxyStrategy
 
 __all__ = [
     "ERR_BACKEND_GONE",
@@ -75,7 +72,6 @@ __all__ = [
     "MAX_CLOSING_PER_BACKEND",
     "MAX_CONNECTIONS_PER_FRONTEND",
     "AgentIdentifiers",
-    "AgentMetadataError",
     "Backend",
     "BackendManager",
     "BackendManagers",
@@ -101,7 +97,5 @@ __all__ = [
     "SendToAgent",
     "SendToFrontend",
     "TunnelEstablished",
-    "agent_from_metadata",
-    "parse_agent_identifiers",
     "remove_port_from_host",
 ]

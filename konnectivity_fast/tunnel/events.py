@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING, TypeAlias
 from konnectivity_fast.wire.packets import Packet
 
 if TYPE_CHECKING:
-    from konnectivity_fast.tunnel.backends import Backend
-    from konnectivity_fast.tunnel.connections import Frontend
+    from konnectivity_fast.tunnel.records import Backend, Frontend
 
 __all__ = [
     "CloseFrontend",

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from konnectivity_fast.tunnel.connections import Frontend
 from konnectivity_fast.tunnel.events import Message, RawMessage, SendToFrontend
+from konnectivity_fast.tunnel.records import Frontend
+from konnectivity_fast.wire.contract import ERR_UNRECOGNIZED_CONNECT_ID
 from konnectivity_fast.wire.packets import (
     CloseDial,
     CloseRequest,
@@ -41,7 +42,7 @@ __all__ = [
     "reply",
 ]
 
-# Upstream's error strings (§2.8).
+# Upstream's error strings (pkg/server/server.go).
 ERR_NO_AGENT = "No agent available"
 ERR_DIAL_TIMEOUT = "timed out waiting for backend dial"
 # What upstream answers when the chosen agent stream ends during a dial (the DIAL_REQ send
@@ -57,7 +58,8 @@ ERR_TOO_MANY_DIALS = "too many dials on one stream"
 # A frontend's DATA or CLOSE_REQ for a connectID that is not one of its own connections.
 # Upstream forwards it, so one stream could write into (or close) another stream's tunnel
 # on the same agent; a konnectivity-client only ever uses the connectID of its DIAL_RSP.
-ERR_FOREIGN_CONNECT_ID = "unrecognized connectID"
+# The text is the one upstream's agent answers DATA for an unknown connectID with.
+ERR_FOREIGN_CONNECT_ID = ERR_UNRECOGNIZED_CONNECT_ID
 
 
 P = TypeVar("P", bound=Payload)

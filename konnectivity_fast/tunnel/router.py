@@ -49,13 +49,7 @@ from itertools import count
 from random import Random
 from typing import Any
 
-from konnectivity_fast.tunnel.backends import AgentIdentifiers, Backend, BackendManagers
-from konnectivity_fast.tunnel.connections import (
-    Frontend,
-    FrontendMode,
-    PendingDial,
-    ProxyClientConnection,
-)
+from konnectivity_fast.tunnel.backends import BackendManagers
 from konnectivity_fast.tunnel.events import (
     CloseFrontend,
     CloseReason,
@@ -70,6 +64,12 @@ from konnectivity_fast.tunnel.events import (
     SendToAgent,
     SendToFrontend,
     TunnelEstablished,
+)
+from konnectivity_fast.tunnel.records import (
+    Backend,
+    Frontend,
+    PendingDial,
+    ProxyClientConnection,
 )
 from konnectivity_fast.tunnel.replies import (
     ERR_BACKEND_GONE,
@@ -89,6 +89,12 @@ from konnectivity_fast.tunnel.replies import (
     forward,
     payload_of,
     reply,
+)
+from konnectivity_fast.wire.contract import (
+    NO_EXTENSIONS,
+    AgentIdentifiers,
+    ExtensionSet,
+    FrontendMode,
 )
 from konnectivity_fast.wire.packets import (
     CloseDial,
@@ -203,18 +209,26 @@ class Router:
 
     # --- registration -------------------------------------------------------------------
 
-    def add_frontend(self, mode: FrontendMode, conn: Any = None) -> Frontend:
-        """A new ``Proxy`` stream or HTTP-CONNECT request."""
-        frontend = Frontend(next(self._ids), mode, conn)
+    def add_frontend(
+        self, mode: FrontendMode, conn: Any = None, extensions: ExtensionSet = NO_EXTENSIONS
+    ) -> Frontend:
+        """A new ``Proxy`` stream or HTTP-CONNECT request, with the extensions negotiated
+        on it."""
+        frontend = Frontend(next(self._ids), mode, conn, extensions)
         self._frontends[frontend.id] = frontend
         return frontend
 
     def add_backend(
-        self, agent_id: str, identifiers: AgentIdentifiers, conn: Any = None
+        self,
+        agent_id: str,
+        identifiers: AgentIdentifiers,
+        conn: Any = None,
+        extensions: ExtensionSet = NO_EXTENSIONS,
     ) -> Backend:
-        """A validated, authenticated agent stream whose headers went out: it joins every
-        backend manager (§4.1 step 5)."""
-        backend = Backend(next(self._ids), agent_id, identifiers, conn)
+        """A validated, authenticated agent stream whose headers went out, with the
+        extensions negotiated on it: it joins every backend manager (pkg/server/server.go
+        ``Connect``)."""
+        backend = Backend(next(self._ids), agent_id, identifiers, conn, extensions)
         self._backends[backend.id] = backend
         self.backend_managers.add_backend(backend)
         return backend

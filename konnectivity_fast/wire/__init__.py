@@ -2,7 +2,10 @@
 
 ``packets`` holds the values, ``errors`` the error classes, ``codec`` the codec API of the
 twin chosen at import, ``_codec`` the pure-Python twin. This package imports neither twin
-itself, so the compiled core can import ``packets`` while it loads.
+itself, so the compiled core can import ``packets`` while it loads. ``contract`` holds the
+names and texts both programs agree on beyond the packets (service paths, metadata keys,
+agent identifiers, strategy and mode names, extension negotiation), over ``gotext``'s ports
+of Go's text functions; import them from their modules.
 """
 
 from __future__ import annotations

@@ -19,13 +19,13 @@ from konnectivity_fast.cli.agent_options import (
     GrpcProxyAgentOptions,
     LabelRequirement,
     build_flagset,
-    parse_agent_identifiers,
     parse_args,
     parse_label_selector,
     usage,
 )
 from konnectivity_fast.cli.flags import FlagError
 from konnectivity_fast.cli.klog import KLOG_PREFIX
+from konnectivity_fast.wire.contract import decode_agent_identifiers
 
 from . import flag_surface, read_golden
 
@@ -302,13 +302,13 @@ def test_validation_order(files: dict[str, str], changes: dict[str, Any], prefix
         ("a;b&host=%zz", "invalid semicolon separator in query"),
     ],
 )
-def test_parse_agent_identifiers(text: str, expected: dict[str, list[str]] | str) -> None:
+def test_decode_agent_identifiers(text: str, expected: dict[str, list[str]] | str) -> None:
     if isinstance(expected, str):
         with pytest.raises(ValueError) as info:
-            parse_agent_identifiers(text)
+            decode_agent_identifiers(text)
         assert str(info.value) == expected
     else:
-        assert parse_agent_identifiers(text) == expected
+        assert decode_agent_identifiers(text) == expected
 
 
 @pytest.mark.parametrize(

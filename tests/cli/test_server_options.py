@@ -24,6 +24,8 @@ from konnectivity_fast.cli.server_options import (
     parse_proxy_strategies,
     usage,
 )
+from konnectivity_fast.tunnel.backends import MANAGER_CLASSES
+from konnectivity_fast.wire.contract import FrontendMode, ProxyStrategy
 
 from . import flag_surface, read_golden
 
@@ -425,6 +427,38 @@ def test_parse_proxy_strategies(text: str, expected: list[str] | str) -> None:
             parse_proxy_strategies(text)
     else:
         assert parse_proxy_strategies(text) == expected
+
+
+# Near misses of each name: the command line must refuse what the layers below do not know.
+STRATEGY_CANDIDATES = [*ProxyStrategy, "Default", "desthost", "defaultroute", "random", "dest-host"]
+MODE_CANDIDATES = [*FrontendMode, "GRPC", "http_connect", "httpconnect", "connect", "http"]
+
+
+@pytest.mark.parametrize("name", STRATEGY_CANDIDATES)
+def test_command_line_strategies_are_the_routers(files: dict[str, str], name: str) -> None:
+    """A strategy is known to every layer or to none: the flag accepts exactly the
+    contract's names, and the router has a backend manager for each of them."""
+    message = tcp_options(files, proxy_strategies=name).validate()
+    known = name in set(ProxyStrategy)
+    assert (message is None) == known, message
+    if known:
+        assert MANAGER_CLASSES[ProxyStrategy(name)].strategy == name
+        assert name in usage()
+
+
+def test_every_strategy_has_a_manager() -> None:
+    assert set(MANAGER_CLASSES) == set(ProxyStrategy)
+
+
+@pytest.mark.parametrize("name", MODE_CANDIDATES)
+def test_command_line_modes_are_the_routers(files: dict[str, str], name: str) -> None:
+    """The flag accepts exactly the contract's modes (server/app.py picks a listener for
+    each, which mypy checks), and the help names each of them."""
+    message = tcp_options(files, mode=name).validate()
+    known = name in set(FrontendMode)
+    assert (message is None) == known, message
+    if known:
+        assert f"'{name}'" in usage()
 
 
 @pytest.mark.parametrize(

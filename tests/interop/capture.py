@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import trustme
@@ -84,7 +85,15 @@ class Recorder:
         self.server = socket.socket(socket.AF_UNIX)
         self.server.bind(listen)
         self.server.listen(16)
+        self.sockets = [self.server]
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        """Stop relaying: the listener and every relayed connection close."""
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
 
     def _accept(self) -> None:
         while True:
@@ -93,6 +102,7 @@ class Recorder:
             except OSError:
                 return
             upstream = socket.socket(socket.AF_UNIX)
+            self.sockets += [client, upstream]
             upstream.connect(self.target)
             record = (bytearray(), bytearray())
             self.connections.append(record)
@@ -109,25 +119,37 @@ class Recorder:
             dst.shutdown(socket.SHUT_WR)
 
 
-def grpc_payload(raw: bytes) -> bytes:
-    """The DATA payloads of all streams of one direction, joined per stream in stream
-    order (each connection here carries one Proxy stream)."""
+def frames(raw: bytes) -> Iterator[tuple[int, int, int, bytes]]:
+    """The complete HTTP/2 frames of one direction, after the client preface if it is
+    there: (type, flags, stream id, payload with any padding)."""
     if raw.startswith(PREFACE):
         raw = raw[len(PREFACE) :]
-    streams: dict[int, bytearray] = {}
     pos = 0
     while pos + FRAME_HEADER <= len(raw):
         length = int.from_bytes(raw[pos : pos + 3], "big")
         ftype, flags = raw[pos + 3], raw[pos + 4]
         stream = struct.unpack(">I", raw[pos + 5 : pos + 9])[0] & 0x7FFFFFFF
-        body = raw[pos + FRAME_HEADER : pos + FRAME_HEADER + length]
-        pos += FRAME_HEADER + length
-        if ftype != DATA_FRAME:
-            continue
-        if flags & FLAG_PADDED:
-            pad = body[0]
-            body = body[1 : len(body) - pad]
-        streams.setdefault(stream, bytearray()).extend(body)
+        end = pos + FRAME_HEADER + length
+        if end > len(raw):
+            return  # the rest has not arrived yet
+        yield ftype, flags, stream, raw[pos + FRAME_HEADER : end]
+        pos = end
+
+
+def unpad(flags: int, body: bytes) -> bytes:
+    """A DATA or HEADERS payload without its padding (RFC 9113 section 6.1)."""
+    if flags & FLAG_PADDED:
+        return body[1 : len(body) - body[0]]
+    return body
+
+
+def grpc_payload(raw: bytes) -> bytes:
+    """The DATA payloads of all streams of one direction, joined per stream in stream
+    order (each connection here carries one Proxy stream)."""
+    streams: dict[int, bytearray] = {}
+    for ftype, flags, stream, body in frames(raw):
+        if ftype == DATA_FRAME:
+            streams.setdefault(stream, bytearray()).extend(unpad(flags, body))
     return b"".join(bytes(streams[s]) for s in sorted(streams))
 
 

@@ -40,8 +40,8 @@ from konnectivity_fast.server.listeners import (
     start_frontend_tcp,
     start_frontend_uds,
 )
-from konnectivity_fast.server.proxy import CONNECT_PATH, PROXY_PATH
 from konnectivity_fast.transport.grpc import GrpcServer
+from konnectivity_fast.wire.contract import CONNECT_PATH, PROXY_PATH
 
 T = TypeVar("T")
 

@@ -1,5 +1,6 @@
-"""Agent identifiers, port stripping, the three backend managers, the strategy chain and
-readiness (reference/upstream-server.md §1.3, §4.3-§4.6)."""
+"""Port stripping, the three backend managers, the strategy chain and readiness
+(pkg/server/backend_manager.go and its siblings; the agent identifiers they read are
+tested in tests/wire/test_contract.py)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,11 @@ import pytest
 
 from konnectivity_fast.tunnel import (
     AgentIdentifiers,
-    AgentMetadataError,
     Backend,
     BackendManagers,
     DefaultBackendManager,
     DefaultRouteBackendManager,
     DestHostBackendManager,
-    agent_from_metadata,
-    parse_agent_identifiers,
     remove_port_from_host,
 )
 
@@ -30,94 +28,6 @@ def backend(
     made = Backend(next(_ids), agent_id, identifiers or AgentIdentifiers())
     made.draining = draining
     return made
-
-
-# --- agent identifiers ----------------------------------------------------------------------
-
-
-def test_identifiers_reference_example() -> None:
-    parsed = parse_agent_identifiers(
-        "host=node1&ipv4=1.2.3.4&ipv6=::1&cidr=10.0.0.0/8&default-route=true"
-    )
-    assert parsed == AgentIdentifiers(
-        ipv4=("1.2.3.4",), ipv6=("::1",), host=("node1",), cidr=("10.0.0.0/8",), default_route=True
-    )
-
-
-def test_identifiers_accumulate_unescape_and_ignore_unknown_keys() -> None:
-    parsed = parse_agent_identifiers("host=a&uid=x&host=b%2Ec&weird=1&ipv6=fe80%3A%3A1&host=c+d")
-    assert parsed == AgentIdentifiers(host=("a", "b.c", "c d"), ipv6=("fe80::1",))
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        ("1", True),
-        ("t", True),
-        ("T", True),
-        ("true", True),
-        ("TRUE", True),
-        ("True", True),
-        ("yes", False),
-        ("0", False),
-        ("false", False),
-        ("", False),
-        ("tRUE", False),
-    ],
-)
-def test_default_route_is_a_go_bool(value: str, expected: bool) -> None:
-    assert parse_agent_identifiers(f"default-route={value}").default_route is expected
-
-
-def test_default_route_reads_only_the_first_value() -> None:
-    assert not parse_agent_identifiers("default-route=false&default-route=true").default_route
-    assert parse_agent_identifiers("default-route=true&default-route=false").default_route
-
-
-def test_empty_identifiers() -> None:
-    assert parse_agent_identifiers("") == AgentIdentifiers()
-    assert parse_agent_identifiers("&&") == AgentIdentifiers()
-
-
-@pytest.mark.parametrize(
-    ("value", "error"),
-    [
-        ("host=a;b", "invalid semicolon separator in query"),
-        ("host=%zz", 'invalid URL escape "%zz"'),
-        ("host=ab%4", 'invalid URL escape "%4"'),
-        ("host=%", 'invalid URL escape "%"'),
-        ("h%XYost=a", 'invalid URL escape "%XY"'),
-        # Go keeps the first escape error, but a semicolon error replaces any earlier one.
-        ("host=%zz&ipv4=%yy", 'invalid URL escape "%zz"'),
-        ("host=%zz&a;b", "invalid semicolon separator in query"),
-    ],
-)
-def test_identifier_parse_errors(value: str, error: str) -> None:
-    with pytest.raises(AgentMetadataError) as info:
-        parse_agent_identifiers(value)
-    assert str(info.value) == f"fail to parse url encoded string: {error}"
-
-
-def test_agent_metadata() -> None:
-    assert agent_from_metadata(["a1"], []) == ("a1", AgentIdentifiers())
-    assert agent_from_metadata([""], ["host=n"]) == ("", AgentIdentifiers(host=("n",)))
-    with pytest.raises(
-        AgentMetadataError, match=r"^expected one agent ID in the context, got \[\]$"
-    ):
-        agent_from_metadata([], [])
-    with pytest.raises(AgentMetadataError, match=r"got \[a b\]$"):
-        agent_from_metadata(["a", "b"], [])
-    with pytest.raises(
-        AgentMetadataError,
-        match=r"^expected at most one set of agent "
-        r"identifiers in the context, got \[x y\]$",
-    ):
-        agent_from_metadata(["a"], ["x", "y"])
-
-
-def test_agent_id_is_checked_before_identifiers() -> None:
-    with pytest.raises(AgentMetadataError, match="agent ID"):
-        agent_from_metadata([], ["x", "y"])
 
 
 # --- port stripping -------------------------------------------------------------------------

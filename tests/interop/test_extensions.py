@@ -1,0 +1,276 @@
+"""Upstream peers see nothing new (konnectivity_fast/wire/contract.py, "Extension
+negotiation"), shown on the wire with the real Go programs of v0.36.0.
+
+A TLS-terminating relay (tlsrelay.py) sits between a proxy-agent and a proxy-server and
+records their Connect stream in plain text. One tunnel is dialled through the server's
+gRPC frontend with konnectivity-client (goclient) to an echo backend, so the stream
+carries DIAL_REQ, DIAL_RSP, DATA both ways, CLOSE_REQ and CLOSE_RSP. Then:
+
+- what our server sends upstream's agent has the same header keys and the same sequence
+  of packet types as what upstream's server sends it, also when our server offers an
+  extension (no ``kf-capabilities`` goes back to an agent that advertised none);
+- what our agent sends upstream's server has the same header keys and packet types as
+  what upstream's agent sends it; offering an extension adds exactly the
+  ``kf-capabilities`` request key (grpc-go passes unknown metadata through, upstream's
+  server reads only its own keys), upstream's server answers none, and our agent's stream
+  negotiates nothing;
+- on the frontend, konnectivity-client's Proxy stream (recorded by capture.py's Unix
+  socket relay) gets the same response header keys and packet types from our server,
+  offering an extension, as from upstream's.
+
+Programs offering a test token are started through offering.py (no user-visible flag can
+make them offer one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from netsupport import Certs
+from upstream import (
+    LOOPBACK,
+    Processes,
+    Upstream,
+    agent_args,
+    agent_command,
+    agent_ports,
+    echo_server,
+    run_goclient,
+    server_args,
+    server_command,
+    server_ports,
+    stop,
+    wait_for,
+)
+
+from konnectivity_fast.agent.client import AgentClient, ClientConfig
+from konnectivity_fast.agent.endpoint import EndpointPool
+from konnectivity_fast.wire.contract import CONNECT_PATH, MD_CAPABILITIES, PROXY_PATH
+
+from .capture import Recorder
+from .harness import READY_BACKENDS, wait_metric
+from .tlsrelay import Exchange, Recording, Stream, poll_exchange, tls_recorder
+
+pytestmark = pytest.mark.timeout(300)
+
+OFFERING = Path(__file__).resolve().parent / "offering.py"
+TEST = "test.v1"  # a token no program offers by default
+ECHO_SIZE = 32  # one DATA packet each way
+WAIT_SECONDS = 30.0
+
+
+def command(program: str, which: str, upstream: Upstream) -> list[str]:
+    """``which``: "upstream", "ours", or "ours+test" (ours, offering TEST)."""
+    if which == "ours+test":
+        return [sys.executable, str(OFFERING), program, TEST]
+    pick = server_command if program == "server" else agent_command
+    return pick(which, upstream)
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What one agent and one server said on their Connect stream."""
+
+    request_keys: list[str]  # the agent's request headers
+    response_keys: list[str]  # the server's response headers (serverid, servercount)
+    to_server: list[str]  # packet types, agent to server
+    to_agent: list[str]  # packet types, server to agent
+
+
+def relay_contexts(certs: Certs) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """The relay's side towards the agent (the server's certificate) and towards the
+    server (the agent's client certificate); h2 on both."""
+    toward_agent = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    toward_agent.load_cert_chain(certs.server_cert, certs.server_key)
+    toward_agent.set_alpn_protocols(["h2"])
+    toward_server = ssl.create_default_context(cafile=certs.ca)
+    toward_server.load_cert_chain(certs.client_cert, certs.client_key)
+    toward_server.set_alpn_protocols(["h2"])
+    return toward_agent, toward_server
+
+
+def tunnel_closed(exchange: Exchange) -> bool:
+    try:
+        stream_id = exchange.stream_of(CONNECT_PATH)
+    except AssertionError:
+        return False
+    sent = exchange.requests[stream_id].packet_types()
+    answered = exchange.responses.get(stream_id, Stream()).packet_types()
+    return "CLOSE_RSP" in sent and "CLOSE_REQ" in answered
+
+
+def observe(
+    server: str, agent: str, *, upstream: Upstream, certs: Certs, processes: Processes, tmp: Path
+) -> Seen:
+    """Run ``server`` and ``agent`` through the relay, one echo tunnel, and read the wire."""
+    uds = str(tmp / f"{server}-{agent}.sock")
+    ports = server_ports()
+    server_proc = processes.start(
+        f"server-{server}-{agent}",
+        [*command("server", server, upstream), *server_args(uds, certs, ports)],
+    )
+    wait_for(server_proc, ports.health, "/healthz", what=f"{server} proxy-server")
+    with tls_recorder(ports.agent, *relay_contexts(certs)) as relay:
+        aports = agent_ports()
+        agent_proc = processes.start(
+            f"agent-{server}-{agent}",
+            [*command("agent", agent, upstream), *agent_args(certs, relay.port, aports)],
+        )
+        try:
+            wait_for(agent_proc, aports.health, "/readyz", what=f"{agent} proxy-agent")
+            wait_metric(ports.admin, READY_BACKENDS, lambda v: v == 1, f"{server} server's agent")
+            with echo_server() as echo:
+                code, result = run_goclient(
+                    upstream, f"-uds={uds}", f"-target={LOOPBACK}:{echo}", f"-size={ECHO_SIZE}"
+                )
+            assert code == 0, result
+            exchange = relay.wait_for(tunnel_closed, "the tunnel's CLOSE_REQ and CLOSE_RSP")
+        finally:
+            stop([agent_proc, server_proc])
+    stream_id = exchange.stream_of(CONNECT_PATH)
+    request, response = exchange.requests[stream_id], exchange.responses[stream_id]
+    return Seen(
+        request.header_keys(0),
+        response.header_keys(0),
+        request.packet_types(),
+        response.packet_types(),
+    )
+
+
+def test_our_server_shows_upstream_agent_what_upstream_server_does(
+    upstream: Upstream, certs: Certs, processes: Processes, tmp_path: Path
+) -> None:
+    def run(server: str) -> Seen:
+        return observe(
+            server, "upstream", upstream=upstream, certs=certs, processes=processes, tmp=tmp_path
+        )
+
+    theirs = run("upstream")
+    assert theirs.to_agent == ["DIAL_REQ", "DATA", "CLOSE_REQ"], theirs
+    for ours in (run("ours"), run("ours+test")):
+        assert ours.response_keys == theirs.response_keys
+        assert MD_CAPABILITIES not in ours.response_keys
+        assert ours.to_agent == theirs.to_agent
+        assert ours.to_server == theirs.to_server  # upstream's agent answered the same
+
+
+def test_our_agent_shows_upstream_server_what_upstream_agent_does(
+    upstream: Upstream, certs: Certs, processes: Processes, tmp_path: Path
+) -> None:
+    def run(agent: str) -> Seen:
+        return observe(
+            "upstream", agent, upstream=upstream, certs=certs, processes=processes, tmp=tmp_path
+        )
+
+    theirs = run("upstream")
+    assert theirs.to_server == ["DIAL_RSP", "DATA", "CLOSE_RSP"], theirs
+    plain, offering = run("ours"), run("ours+test")
+    assert plain.request_keys == theirs.request_keys
+    assert sorted([*theirs.request_keys, MD_CAPABILITIES]) == offering.request_keys
+    for ours in (plain, offering):
+        assert MD_CAPABILITIES not in ours.response_keys  # upstream's server answers none
+        assert ours.response_keys == theirs.response_keys
+        assert ours.to_server == theirs.to_server
+        assert ours.to_agent == theirs.to_agent
+
+
+def test_nothing_is_negotiated_with_upstream_server(
+    upstream: Upstream, certs: Certs, processes: Processes, tmp_path: Path
+) -> None:
+    """Our agent's client, offering an extension, connects to upstream's server and keeps
+    an empty negotiated set."""
+    ports = server_ports()
+    uds = str(tmp_path / "upstream.sock")
+    proc = processes.start("server", [str(upstream.proxy_server), *server_args(uds, certs, ports)])
+    wait_for(proc, ports.health, "/healthz", what="upstream proxy-server")
+    ctx = ssl.create_default_context(cafile=certs.ca)
+    ctx.load_cert_chain(certs.client_cert, certs.client_key)
+    ctx.set_alpn_protocols(["h2"])
+    config = ClientConfig(
+        host=LOOPBACK,
+        port=ports.agent,
+        ssl_context=ctx,
+        agent_id="offering-agent",
+        extensions=frozenset({TEST}),
+    )
+
+    async def connect() -> tuple[frozenset[str], list[tuple[str, str]]]:
+        client = AgentClient(config, EndpointPool())
+        await client.connect()
+        try:
+            assert client.call is not None
+            return client.extensions, list(client.call.metadata)
+        finally:
+            client.close()
+            assert client.proto is not None
+            await asyncio.wait_for(client.proto.lost, WAIT_SECONDS)
+
+    negotiated, response = asyncio.run(connect())
+    assert negotiated == frozenset()
+    assert "serverid" in dict(response)
+    assert MD_CAPABILITIES not in dict(response)
+
+
+def proxy_stream_done(exchange: Exchange) -> bool:
+    """The server's CLOSE_RSP on the Proxy stream was recorded (konnectivity-client then
+    drops its connection, so no trailers follow)."""
+    try:
+        stream_id = exchange.stream_of(PROXY_PATH)
+    except AssertionError:
+        return False
+    return "CLOSE_RSP" in exchange.responses.get(stream_id, Stream()).packet_types()
+
+
+def observe_frontend(
+    server: str, *, upstream: Upstream, certs: Certs, processes: Processes, tmp: Path
+) -> tuple[list[str], list[str]]:
+    """A Proxy stream from goclient through a Unix socket relay to ``server`` (with
+    upstream's agent): the keys of its response headers, and the packet types."""
+    uds, relay_uds = str(tmp / f"{server}.sock"), str(tmp / f"{server}-relay.sock")
+    ports, aports = server_ports(), agent_ports()
+    server_proc = processes.start(
+        f"frontend-server-{server}",
+        [*command("server", server, upstream), *server_args(uds, certs, ports)],
+    )
+    agent_proc = processes.start(
+        f"frontend-agent-{server}",
+        [str(upstream.proxy_agent), *agent_args(certs, ports.agent, aports)],
+    )
+    recorder = Recorder(relay_uds, uds)
+    try:
+        wait_for(server_proc, ports.health, "/healthz", what=f"{server} proxy-server")
+        wait_metric(ports.admin, READY_BACKENDS, lambda v: v == 1, f"{server} server's agent")
+        with echo_server() as echo:
+            code, result = run_goclient(
+                upstream, f"-uds={relay_uds}", f"-target={LOOPBACK}:{echo}", f"-size={ECHO_SIZE}"
+            )
+        assert code == 0, result
+
+        def recorded() -> Recording | None:
+            return Recording(*recorder.connections[0]) if recorder.connections else None
+
+        exchange = poll_exchange(recorded, proxy_stream_done, "the Proxy stream's end")
+    finally:
+        recorder.close()
+        stop([agent_proc, server_proc])
+    response = exchange.responses[exchange.stream_of(PROXY_PATH)]
+    return response.header_keys(0), response.packet_types()
+
+
+def test_our_server_shows_konnectivity_client_what_upstream_server_does(
+    upstream: Upstream, certs: Certs, processes: Processes, tmp_path: Path
+) -> None:
+    theirs = observe_frontend(
+        "upstream", upstream=upstream, certs=certs, processes=processes, tmp=tmp_path
+    )
+    ours = observe_frontend(
+        "ours+test", upstream=upstream, certs=certs, processes=processes, tmp=tmp_path
+    )
+    assert theirs[1] == ["DIAL_RSP", "DATA", "CLOSE_RSP"], theirs
+    assert ours == theirs
+    assert MD_CAPABILITIES not in ours[0]
