@@ -10,8 +10,9 @@ profile=${1:-runtime}
 
 APT_PACKAGES=(libnghttp2-dev pkg-config gcc make python3-venv)
 # Tests also need HAProxy (the load balancer in front of several servers), iproute2 and
-# nftables (network namespaces and the load balancer's firewall in the e2e test). Go (>= 1.21, which fetches newer toolchains from the module proxy
-# itself) comes with the machine; scripts/build-*.sh say so clearly when it is missing.
+# nftables (network namespaces, and the load balancer's firewall in
+# tests/remote_control_plane). Go (>= 1.21, which fetches newer toolchains from the module
+# proxy itself) comes with the machine; scripts/build-*.sh say so clearly when it is missing.
 if [ "$profile" = test ]; then
   APT_PACKAGES+=(haproxy iproute2 nftables)
 fi

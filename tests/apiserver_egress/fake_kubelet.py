@@ -13,7 +13,8 @@ Paths:
 - ``GET /ws``: a WebSocket upgrade; each message is echoed back with ``echo:`` before it,
   until a close frame.
 
-Usage (from the repository root): python -m tests.k8s.fake_kubelet ADDRESS PORT CERT KEY
+Usage, from the repository root:
+    python -m tests.apiserver_egress.fake_kubelet ADDRESS PORT CERT KEY
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import threading
 import urllib.parse
 from typing import Any
 
-from tests.k8s import payloads, wsmini
+from tests.apiserver_egress import payloads, wsmini
 
 # How long /stream waits for /release before finishing anyway (a test that died must not
 # leave the handler thread waiting forever).

@@ -53,7 +53,7 @@ def k8s(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream) -> Iterato
                 [
                     sys.executable,
                     "-m",
-                    "tests.k8s.fake_kubelet",
+                    "tests.apiserver_egress.fake_kubelet",
                     worker.kubelet_ip,
                     str(KUBELET_PORT),
                     pki.kubelet_cert,
