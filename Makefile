@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 BUILD_LOCK := /tmp/konnectivity-fast-build.lock
 
-.PHONY: bootstrap build run test test-quick lint fuzz fuzz-long bench bench-echo bench-micro clean
+.PHONY: bootstrap build debug asan run test test-quick lint fuzz fuzz-long bench bench-echo bench-micro clean
 
 bootstrap:
 	scripts/bootstrap.sh test
@@ -14,6 +14,18 @@ bootstrap-runtime:
 # In-place build of the compiled core. flock: parallel builds share ./build.
 build:
 	flock $(BUILD_LOCK) $(PY) setup.py -q build_ext --inplace
+
+# The other tiers of the compiled core (setup.py), built into build/<tier>/ beside the
+# release build, never over it. debug: line tracing, bounds checks and C asserts; run a
+# command with it through scripts/core-tier.sh, e.g.
+#   scripts/core-tier.sh debug .venv/bin/python -m pytest tests/h2
+# asan: AddressSanitizer + UBSan, running the engine, codec and fuzz smoke tests
+# (scripts/asan.sh; `make test` runs its short form).
+debug: bootstrap-runtime
+	scripts/core-tier.sh debug
+
+asan: bootstrap
+	scripts/asan.sh
 
 run:
 	scripts/bootstrap.sh runtime

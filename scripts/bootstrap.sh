@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 profile=${1:-runtime}
 
+# gcc also brings AddressSanitizer's and UBSan's runtimes (libasan8, libubsan1, through
+# libgcc-12-dev) for `make asan`.
 APT_PACKAGES=(libnghttp2-dev pkg-config gcc make python3-venv)
 # Tests also need HAProxy (the load balancer in front of several servers), iproute2 and
 # nftables (network namespaces, and the load balancer's firewall in

@@ -10,6 +10,10 @@ echo "== ruff"
 .venv/bin/python -m ruff format --check konnectivity_fast tests bench
 echo "== mypy --strict"
 .venv/bin/python -m mypy
+# The compiled core again, under AddressSanitizer + UBSan (its own build in build/asan/):
+# the engine, codec and fuzz smoke tests that run compiled code (`make asan`: all of them).
+echo "== asan (short)"
+scripts/asan.sh --short
 # Peers built from source, cached in .cache/ (skipped when already built): upstream
 # v0.36.0's binaries and the Go konnectivity-client, then kube-apiserver and etcd.
 export GOTOOLCHAIN=${GOTOOLCHAIN:-auto}
