@@ -3,7 +3,9 @@
 PY := .venv/bin/python
 BUILD_LOCK := /tmp/konnectivity-fast-build.lock
 
-.PHONY: bootstrap build debug asan run test test-quick lint fuzz fuzz-long bench bench-echo bench-micro clean
+# Every target is a command, none is a file (tests/test_makefile.py checks the list).
+.PHONY: bootstrap bootstrap-runtime build debug asan run test test-quick lint fuzz \
+	fuzz-long bench bench-tunnel bench-echo bench-micro clean images interop
 
 bootstrap:
 	scripts/bootstrap.sh test
@@ -65,7 +67,6 @@ images:
 # (bench/README.md): JSON and PNG in bench/results/. QUICK=1 for the under-2-minutes mode
 # (its own files: tunnel-quick.*). bench-tunnel is the older name.
 TUNNEL_OUT := bench/results/tunnel$(if $(QUICK),-quick)
-.PHONY: bench bench-tunnel
 bench bench-tunnel: build
 	$(PY) -m bench.tunnel $(if $(QUICK),--quick) --json $(TUNNEL_OUT).json --chart $(TUNNEL_OUT).png
 
@@ -73,7 +74,6 @@ bench bench-tunnel: build
 # on konnectivity-client v0.36.0 and v0.37.0, h2spec, wiregen, upstream's suite), then runs
 # the matrix (summary table at the end), h2spec, upstream's suite against our agent and the
 # golden wire fixtures.
-.PHONY: interop
 interop: build
 	bash tests/interop/build.sh >/dev/null
 	$(PY) -m pytest -p no:cacheprovider -rs tests/interop tests/wire/test_golden_fixtures.py
