@@ -4,14 +4,18 @@ PY := .venv/bin/python
 BUILD_LOCK := /tmp/konnectivity-fast-build.lock
 
 # Every target is a command, none is a file (tests/test_makefile.py checks the list).
-.PHONY: bootstrap bootstrap-runtime build debug asan run test test-quick lint fuzz \
-	fuzz-long bench bench-tunnel bench-echo bench-micro clean images interop
+.PHONY: bootstrap bootstrap-runtime bootstrap-bench build debug asan run test test-quick \
+	lint fuzz fuzz-long bench bench-tunnel bench-echo bench-micro clean images interop
 
 bootstrap:
 	scripts/bootstrap.sh test
 
 bootstrap-runtime:
 	scripts/bootstrap.sh runtime
+
+# The benchmarks' dependencies (the bench extra: charts).
+bootstrap-bench:
+	scripts/bootstrap.sh bench
 
 # In-place build of the compiled core. flock: parallel builds share ./build.
 build:
@@ -50,10 +54,10 @@ fuzz: build
 fuzz-long: build
 	$(PY) tests/fuzz/run.py --seconds 3600
 
-bench-echo: bootstrap
+bench-echo: bootstrap-bench
 	$(PY) -m bench.echo
 
-bench-micro: build
+bench-micro: bootstrap-bench
 	$(PY) -m pytest bench/micro --benchmark-only -q
 
 clean:
@@ -67,7 +71,7 @@ images:
 # (bench/README.md): JSON and PNG in bench/results/. QUICK=1 for the under-2-minutes mode
 # (its own files: tunnel-quick.*). bench-tunnel is the older name.
 TUNNEL_OUT := bench/results/tunnel$(if $(QUICK),-quick)
-bench bench-tunnel: build
+bench bench-tunnel: bootstrap-bench
 	$(PY) -m bench.tunnel $(if $(QUICK),--quick) --json $(TUNNEL_OUT).json --chart $(TUNNEL_OUT).png
 
 # Interop with upstream's Go programs: builds the Go tools (tests/interop/build.sh: goclient
