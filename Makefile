@@ -3,7 +3,9 @@
 PY := .venv/bin/python
 BUILD_LOCK := /tmp/konnectivity-fast-build.lock
 
-.PHONY: bootstrap build run test test-quick lint fuzz fuzz-long bench bench-echo bench-micro clean
+# Every target is a command, none is a file (tests/test_makefile.py checks the list).
+.PHONY: bootstrap bootstrap-runtime bootstrap-bench build debug asan run test test-quick \
+	lint fuzz fuzz-long bench bench-tunnel bench-echo bench-micro clean images interop
 
 bootstrap:
 	scripts/bootstrap.sh test
@@ -11,9 +13,25 @@ bootstrap:
 bootstrap-runtime:
 	scripts/bootstrap.sh runtime
 
+# The benchmarks' dependencies (the bench extra: charts).
+bootstrap-bench:
+	scripts/bootstrap.sh bench
+
 # In-place build of the compiled core. flock: parallel builds share ./build.
 build:
 	flock $(BUILD_LOCK) $(PY) setup.py -q build_ext --inplace
+
+# The other tiers of the compiled core (setup.py), built into build/<tier>/ beside the
+# release build, never over it. debug: line tracing, bounds checks and C asserts; run a
+# command with it through scripts/core-tier.sh, e.g.
+#   scripts/core-tier.sh debug .venv/bin/python -m pytest tests/h2
+# asan: AddressSanitizer + UBSan, running the engine, codec and fuzz smoke tests
+# (scripts/asan.sh; `make test` runs its short form).
+debug: bootstrap-runtime
+	scripts/core-tier.sh debug
+
+asan: bootstrap
+	scripts/asan.sh
 
 run:
 	scripts/bootstrap.sh runtime
@@ -36,10 +54,10 @@ fuzz: build
 fuzz-long: build
 	$(PY) tests/fuzz/run.py --seconds 3600
 
-bench-echo: bootstrap
+bench-echo: bootstrap-bench
 	$(PY) -m bench.echo
 
-bench-micro: build
+bench-micro: bootstrap-bench
 	$(PY) -m pytest bench/micro --benchmark-only -q
 
 clean:
@@ -53,15 +71,13 @@ images:
 # (bench/README.md): JSON and PNG in bench/results/. QUICK=1 for the under-2-minutes mode
 # (its own files: tunnel-quick.*). bench-tunnel is the older name.
 TUNNEL_OUT := bench/results/tunnel$(if $(QUICK),-quick)
-.PHONY: bench bench-tunnel
-bench bench-tunnel: build
+bench bench-tunnel: bootstrap-bench
 	$(PY) -m bench.tunnel $(if $(QUICK),--quick) --json $(TUNNEL_OUT).json --chart $(TUNNEL_OUT).png
 
 # Interop with upstream's Go programs: builds the Go tools (tests/interop/build.sh: goclient
 # on konnectivity-client v0.36.0 and v0.37.0, h2spec, wiregen, upstream's suite), then runs
 # the matrix (summary table at the end), h2spec, upstream's suite against our agent and the
 # golden wire fixtures.
-.PHONY: interop
 interop: build
 	bash tests/interop/build.sh >/dev/null
 	$(PY) -m pytest -p no:cacheprovider -rs tests/interop tests/wire/test_golden_fixtures.py

@@ -322,10 +322,6 @@ cdef class H2Connection:
             nghttp2_session_get_last_proc_stream_id(self._session), error_code, debug,
             len(debug)))
 
-    def shutdown_notice(self):
-        """Server: first GOAWAY of a graceful shutdown (no new streams, please)."""
-        _check(nghttp2_submit_shutdown_notice(self._session))
-
     # ---- time -------------------------------------------------------------------------
 
     def get_timer(self):

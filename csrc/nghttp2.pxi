@@ -212,6 +212,5 @@ cdef extern from "nghttp2/nghttp2.h":
     int nghttp2_submit_goaway(
         nghttp2_session *session, uint8_t flags, int32_t last_stream_id, uint32_t error_code,
         const uint8_t *opaque_data, size_t opaque_data_len)
-    int nghttp2_submit_shutdown_notice(nghttp2_session *session)
 
     const char *nghttp2_strerror(int lib_error_code)

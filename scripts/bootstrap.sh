@@ -3,18 +3,25 @@
 #   system packages (libnghttp2-dev for the compiled core, a C compiler),
 #   a virtualenv in .venv with the Python dependencies,
 #   an in-place build of the compiled extension, and an editable install (console scripts).
-# Usage: scripts/bootstrap.sh [runtime|test]   (default: runtime)
+# Usage: scripts/bootstrap.sh [runtime|test|bench]   (default: runtime)
+#   runtime: the programs; test: `make test` (the test and bench extras: the suite runs
+#   the benchmarks' smoke tests, which draw a chart); bench: the benchmarks (both extras).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 profile=${1:-runtime}
 
+# gcc also brings AddressSanitizer's and UBSan's runtimes (libasan8, libubsan1, through
+# libgcc-12-dev) for `make asan`.
 APT_PACKAGES=(libnghttp2-dev pkg-config gcc make python3-venv)
 # Tests also need HAProxy (the load balancer in front of several servers), iproute2 and
-# nftables (network namespaces and the load balancer's firewall in the e2e test). Go (>= 1.21, which fetches newer toolchains from the module proxy
-# itself) comes with the machine; scripts/build-*.sh say so clearly when it is missing.
-if [ "$profile" = test ]; then
-  APT_PACKAGES+=(haproxy iproute2 nftables)
-fi
+# nftables (network namespaces, and the load balancer's firewall in
+# tests/remote_control_plane). Go (>= 1.21, which fetches newer toolchains from the module
+# proxy itself) comes with the machine; scripts/build-*.sh say so clearly when it is missing.
+case "$profile" in
+  runtime | bench) ;;
+  test) APT_PACKAGES+=(haproxy iproute2 nftables) ;;
+  *) echo "bootstrap: unknown profile $profile (runtime, test or bench)" >&2; exit 2 ;;
+esac
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -38,8 +45,9 @@ deps=$(.venv/bin/python - "$profile" <<'PYEOF'
 import sys, tomllib
 meta = tomllib.load(open("pyproject.toml", "rb"))
 deps = list(meta["build-system"]["requires"]) + list(meta["project"]["dependencies"])
-if sys.argv[1] == "test":
-    deps += meta["project"]["optional-dependencies"]["test"]
+extras = meta["project"]["optional-dependencies"]
+if sys.argv[1] in ("test", "bench"):
+    deps += extras["test"] + extras["bench"]
 print("\n".join(deps))
 PYEOF
 )

@@ -14,6 +14,10 @@ echo "== mypy --strict"
 # engine calls in transport/ through that stub, so it must say what the extension does.
 echo "== stubtest konnectivity_fast._wire"
 .venv/bin/python -m mypy.stubtest konnectivity_fast._wire
+# The compiled core again, under AddressSanitizer + UBSan (its own build in build/asan/):
+# the engine, codec and fuzz smoke tests that run compiled code (`make asan`: all of them).
+echo "== asan (short)"
+scripts/asan.sh --short
 # Peers built from source, cached in .cache/ (skipped when already built): upstream
 # v0.36.0's binaries and the Go konnectivity-client, then kube-apiserver and etcd.
 export GOTOOLCHAIN=${GOTOOLCHAIN:-auto}

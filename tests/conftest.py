@@ -12,7 +12,8 @@ from types import ModuleType
 
 import pytest
 from hypothesis import settings
-from oracle import TWINS, load_twin
+
+from tests.support.oracle import TWINS, load_twin
 
 settings.register_profile("ci", max_examples=300, deadline=None)
 settings.register_profile("slow", max_examples=5000, deadline=None)

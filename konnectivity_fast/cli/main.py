@@ -3,7 +3,8 @@
 ``konnectivity-fast demo``  runs a gRPC ``/ProxyService/Proxy`` exchange over a Unix socket
                             through our HTTP/2 engine, printing each Packet, then measures
                             DATA echo throughput for a few seconds.
-``konnectivity-fast version`` prints the version, the codec in use and libnghttp2's build.
+``konnectivity-fast version`` prints the version, the codec in use and the compiled core's
+                            source digest.
 """
 
 from __future__ import annotations

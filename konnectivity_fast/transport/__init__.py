@@ -1,4 +1,4 @@
-"""asyncio adapters over the compiled HTTP/2 engine, shared by server/, agent/ and client/.
+"""asyncio adapters over the compiled HTTP/2 engine, shared by server/ and agent/.
 
 ``grpc``: ``GrpcProtocol`` (one connection) and ``GrpcCall`` (one stream), plus helpers to
 listen and connect. ``tls``: SSL contexts with ALPN ``h2``.

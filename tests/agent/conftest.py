@@ -1,5 +1,5 @@
-"""Fixtures: see tests/netsupport.py and tests/agent/support.py."""
+"""Fixtures: see tests/support/net.py and tests/agent/support.py."""
 
-from netsupport import Certs, RunFn, certs, run, sock_dir
+from tests.support.net import Certs, RunFn, certs, run, sock_dir
 
 __all__ = ["Certs", "RunFn", "certs", "run", "sock_dir"]

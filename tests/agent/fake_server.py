@@ -10,13 +10,12 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from netsupport import Certs
-
 from konnectivity_fast.transport import tls
 from konnectivity_fast.transport.grpc import GrpcCall, GrpcError, GrpcProtocol
 from konnectivity_fast.wire.codec import decode_packet, encode_packet
 from konnectivity_fast.wire.errors import StatusCode
 from konnectivity_fast.wire.packets import Packet
+from tests.support.net import Certs
 
 from .support import LOOPBACK, WAIT
 

@@ -13,8 +13,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from netsupport import Certs
-
 from konnectivity_fast.agent.client import ClientConfig
 from konnectivity_fast.agent.clientset import ClientSet
 from konnectivity_fast.server import PROXY_PATH, ProxyServer, ServerHandle, start
@@ -31,6 +29,7 @@ from konnectivity_fast.wire.packets import (
     Packet,
     PacketType,
 )
+from tests.support.net import Certs
 
 LOOPBACK = "127.0.0.1"
 WAIT = 20.0

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from netsupport import free_ports
+
+from tests.support.net import free_ports
 
 from .conftest import Certs
 from .support import LOOPBACK, EchoServer, Tunnel

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from netsupport import agent_loopback_args
+
+from tests.support.net import agent_loopback_args
 
 from .conftest import Certs
 from .support import LOOPBACK

@@ -16,27 +16,27 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import kubesupport
 import pytest
-from kubesupport import KubeCluster, admin_client, create_namespace, lease, micro_time
-from netsupport import RunFn
 
 from konnectivity_fast.agent.app import SetupError
 from konnectivity_fast.agent.leases import LeaseCounter, is_valid
 from konnectivity_fast.agent.policy import ServerCounter
 from konnectivity_fast.kube import KubeClient
 from konnectivity_fast.metrics import agent as agent_metrics
+from tests.support import kubeapi
+from tests.support.kubeapi import KubeCluster, admin_client, create_namespace, lease, micro_time
+from tests.support.net import RunFn
 
 from .conftest import Certs
 from .support import LOOPBACK
 from .test_app import agent_process, free_ports, get, metric, spawn, wait_for
 
-kube_cluster = kubesupport.kube_cluster
+kube_cluster = kubeapi.kube_cluster
 pytestmark = pytest.mark.timeout(180)
 
 WAIT = 30.0  # bound on polling for the counter to see a change
 PREFIX = "konnectivity_network_proxy_agent_"
-DURATION = kubesupport.LEASE_DURATION
+DURATION = kubeapi.LEASE_DURATION
 
 
 SERVERS = {"k8s-app": "konnectivity-server"}

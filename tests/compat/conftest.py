@@ -1,6 +1,7 @@
-"""Fixtures: the upstream Go peers (tests/upstream.py) and certificates (tests/netsupport.py)."""
+"""Fixtures: the upstream Go peers (tests/support/upstream.py) and certificates
+(tests/support/net.py)."""
 
-from netsupport import Certs, certs, sock_dir
-from upstream import Processes, Upstream, processes, upstream
+from tests.support.net import Certs, certs, sock_dir
+from tests.support.upstream import Processes, Upstream, processes, upstream
 
 __all__ = ["Certs", "Processes", "Upstream", "certs", "processes", "sock_dir", "upstream"]

@@ -15,8 +15,9 @@ import re
 import subprocess
 
 import pytest
-from netsupport import agent_loopback_args
-from upstream import LOOPBACK, Upstream, agent_command, free_ports, server_command
+
+from tests.support.net import agent_loopback_args
+from tests.support.upstream import LOOPBACK, Upstream, agent_command, free_ports, server_command
 
 RUN_SECONDS = 30
 KLOG_ERROR = re.compile(r"^E\d{4} [\d:.]+ +\d+ [^\]]+\] (.*)$")

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from upstream import Upstream
+
+from tests.support.upstream import Upstream
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "flags"
 RUN_SECONDS = 60

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from netsupport import Certs
-from upstream import (
+
+from tests.support.net import Certs
+from tests.support.upstream import (
     LOOPBACK,
     Family,
     Processes,

@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e import nsclient  # the standalone HTTP-CONNECT client of the e2e tests
-from netsupport import Certs, certs, free_ports
+
+from tests.support import nsclient  # a standalone HTTP-CONNECT client
+from tests.support.net import Certs, certs, free_ports
 
 from .images import IMAGES, Bundle, ensure_built, running, unpack
 
@@ -32,7 +33,7 @@ LOOPBACK = "127.0.0.1"
 RUN_SECONDS = 60
 WAIT_SECONDS = 60.0
 POLL_SECONDS = 0.1
-BACKEND = Path(__file__).resolve().parents[1] / "e2e" / "backend.py"
+BACKEND = Path(__file__).resolve().parents[1] / "support" / "backend.py"
 # Where the volumes are bound inside the images.
 CERTS_DIR = "/etc/konnectivity"
 SOCKET_DIR = "/run/konnectivity"

@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import kubesupport
 import pytest
 import yaml
-from kubesupport import KubeCluster, admin_client
 
 from konnectivity_fast.cli import agent_options, server_options
+from tests.support import kubeapi
+from tests.support.kubeapi import KubeCluster, admin_client
 
-kube_cluster = kubesupport.kube_cluster
+kube_cluster = kubeapi.kube_cluster
 pytestmark = pytest.mark.timeout(180)
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -24,7 +24,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for ``oracle``
+# Run as a script: the repository root first, for ``tests.support.oracle`` and for the
+# checkout's own package (not whatever an editable install points at).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 # Import the package even when the compiled build is stale or absent: the compiled twin,
 # when wanted, is loaded (and checked) by ``oracle.load_twin``.
 if os.environ.get("KONNECTIVITY_FAST_REQUIRE_COMPILED") != "1":
@@ -37,7 +39,7 @@ with atheris.instrument_imports(include=["konnectivity_fast"]):
     from konnectivity_fast.wire.errors import GrpcFramingError
     from konnectivity_fast.wire.packets import Data, Packet
 
-import oracle
+from tests.support import oracle
 
 MODES = ("compiled", "official", "mutant")
 READER_LIMIT_MAX = 64  # small limits, so "too large" is reachable from short inputs

@@ -37,6 +37,9 @@ from typing import Any
 
 import atheris
 
+# Run as a script: the checkout's package first (not whatever an editable install points at).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 from konnectivity_fast._compiled import require_compiled
 
 w: Any = require_compiled()

@@ -54,13 +54,13 @@ def compiled_status() -> str | None:
     probe = (
         "import os, sys; sys.path.insert(0, sys.argv[1]);"
         "os.environ.setdefault('KONNECTIVITY_FAST_PURE', '1');"
-        "import oracle; oracle.load_twin('compiled')"
+        "from tests.support import oracle; oracle.load_twin('compiled')"
     )
     env = dict(os.environ)
     if env.get("KONNECTIVITY_FAST_REQUIRE_COMPILED") == "1":
         env.pop("KONNECTIVITY_FAST_PURE", None)
     proc = subprocess.run(
-        [sys.executable, "-c", probe, str(TESTS)],
+        [sys.executable, "-c", probe, str(TESTS.parent)],
         check=False,
         capture_output=True,
         text=True,

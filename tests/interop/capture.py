@@ -11,7 +11,7 @@ gRPC-framed message streams: ``NAME.client.grpc`` (client to server) and
 - ``refused``: a dial to a closed port (DIAL_RSP with upstream agent's error text).
 
 Run from the repository root once the upstream programs and goclient are built (their
-paths come from tests/upstream.py and tests/interop/build.sh):
+paths come from tests/support/upstream.py and tests/interop/build.sh):
 
     .venv/bin/python tests/interop/capture.py tests/data/wire/captured
 

@@ -1,10 +1,12 @@
-"""Fixtures: the upstream Go peers (tests/upstream.py) and certificates (tests/netsupport.py)."""
+"""Fixtures: the upstream Go peers (tests/support/upstream.py) and certificates
+(tests/support/net.py)."""
 
 import pytest
-from netsupport import Certs, certs, sock_dir
-from upstream import Processes, Upstream, processes, upstream
 
-from .harness import Tools, summary_lines, tools
+from tests.support.net import Certs, certs, sock_dir
+from tests.support.upstream import Processes, Upstream, processes, upstream
+
+from .support import Tools, summary_lines, tools
 
 __all__ = [
     "Certs",

@@ -13,10 +13,11 @@ protocol violation (see /tmp/notes/bugs-interop.md of the interop session).
 from __future__ import annotations
 
 import pytest
-from netsupport import Certs
-from upstream import LOOPBACK, Processes, Upstream
 
-from .harness import Tools, echo_server, goclient, start_topology
+from tests.support.net import Certs
+from tests.support.upstream import LOOPBACK, Processes, Upstream
+
+from .support import Tools, echo_server, goclient, start_topology
 
 TUNNELS = 20
 VIOLATION = "peer violated the protocol"

@@ -31,8 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from netsupport import Certs
-from upstream import (
+
+from konnectivity_fast.agent.client import AgentClient, ClientConfig
+from konnectivity_fast.agent.endpoint import EndpointPool
+from konnectivity_fast.wire.contract import CONNECT_PATH, MD_CAPABILITIES, PROXY_PATH
+from tests.support.net import Certs
+from tests.support.upstream import (
     LOOPBACK,
     Processes,
     Upstream,
@@ -48,12 +52,8 @@ from upstream import (
     wait_for,
 )
 
-from konnectivity_fast.agent.client import AgentClient, ClientConfig
-from konnectivity_fast.agent.endpoint import EndpointPool
-from konnectivity_fast.wire.contract import CONNECT_PATH, MD_CAPABILITIES, PROXY_PATH
-
 from .capture import Recorder
-from .harness import READY_BACKENDS, wait_metric
+from .support import READY_BACKENDS, wait_metric
 from .tlsrelay import Exchange, Recording, Stream, poll_exchange, tls_recorder
 
 pytestmark = pytest.mark.timeout(300)

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from netsupport import Certs
-from upstream import (
+
+from tests.support.net import Certs
+from tests.support.upstream import (
     LOOPBACK,
     ROOT,
     Processes,
@@ -37,7 +38,7 @@ from upstream import (
     wait_for,
 )
 
-from .harness import Tools
+from .support import Tools
 
 EXPECTED = ROOT / "tests" / "data" / "h2spec-expected.txt"
 # h2spec's wait for a frame, per case: cases that expect "no answer" take this long, so

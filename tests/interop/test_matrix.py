@@ -42,10 +42,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netsupport import Certs
-from upstream import LOOPBACK, Processes, Upstream, free_ports, scrape
 
-from .harness import (
+from tests.support.net import Certs
+from tests.support.upstream import LOOPBACK, Processes, Upstream, free_ports, scrape
+
+from .support import (
     AGENT,
     READY_BACKENDS,
     SERVER,

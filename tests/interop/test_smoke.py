@@ -16,8 +16,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from netsupport import Certs
-from upstream import (
+
+from tests.support.net import Certs
+from tests.support.upstream import (
     LOOPBACK,
     Processes,
     Upstream,

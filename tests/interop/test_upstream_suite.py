@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from upstream import Upstream
 
-from .harness import Tools
+from tests.support.upstream import Upstream
+
+from .support import Tools
 
 # The suite takes about a minute and a half per run on an idle two-core machine; the bound
 # covers a loaded one. Both runs go at once: the suite mostly waits on its own timers.

@@ -24,10 +24,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from h2.conftest import HpackDecoder
-from oracle import pb2
-
 from konnectivity_fast.wire.packets import PacketType
+from tests.h2.conftest import HpackDecoder
+from tests.support.oracle import pb2
 
 from .capture import CHUNK, DATA_FRAME, frames, unpad
 

@@ -1,9 +1,9 @@
-"""Fixtures: a real kube-apiserver (tests/kubesupport.py) and the socket fixtures of
-tests/netsupport.py."""
+"""Fixtures: a real kube-apiserver (tests/support/kubeapi.py) and the socket fixtures of
+tests/support/net.py."""
 
-import kubesupport
-from netsupport import Certs, RunFn, certs, run
+from tests.support import kubeapi
+from tests.support.net import Certs, RunFn, certs, run
 
-kube_cluster = kubesupport.kube_cluster
+kube_cluster = kubeapi.kube_cluster
 
 __all__ = ["Certs", "RunFn", "certs", "kube_cluster", "run"]

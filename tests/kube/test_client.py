@@ -9,11 +9,11 @@ import contextlib
 from pathlib import Path
 
 import pytest
-from kubesupport import KubeCluster, admin_client, create_namespace
-from netsupport import RunFn
 
 from konnectivity_fast.kube import ApiError, KubeClient, TransportError, load_config
 from konnectivity_fast.kube.config import load_in_cluster
+from tests.support.kubeapi import KubeCluster, admin_client, create_namespace
+from tests.support.net import RunFn
 
 pytestmark = pytest.mark.timeout(120)
 UNTRUSTED = r'^Get "https://127\.0\.0\.1:.*": tls: failed to verify certificate: '

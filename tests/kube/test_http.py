@@ -8,9 +8,9 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-from netsupport import RunFn
 
 from konnectivity_fast.kube.http import MAX_BODY_BYTES, HttpError, HttpPool
+from tests.support.net import RunFn
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,5 +1,5 @@
 """Independent peers for the proxy-server scenario tests, built on grpcio's asyncio API and
-the protobuf runtime (``tests/oracle.py`` compiles our .proto with grpc_tools): nothing here
+the protobuf runtime (``tests/support/oracle.py`` compiles our .proto with grpc_tools): nothing here
 uses our codec or our HTTP/2 engine, so both ends of a tunnel are independent of the code
 under test.
 
@@ -35,7 +35,8 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from oracle import pb2
+
+from tests.support.oracle import pb2
 
 CONNECT_PATH = "/AgentService/Connect"
 PROXY_PATH = "/ProxyService/Proxy"

@@ -1,4 +1,4 @@
-"""Fixtures: see tests/netsupport.py (re-exported), plus the scenario harness.
+"""Fixtures: see tests/support/net.py (re-exported), plus the scenario harness.
 
 ``arun`` runs a scenario's coroutine on a fresh loop (uvloop unless a test parametrizes
 ``loop_kind``) and checks for leaks: the open fds (``/proc/self/fd``, by number and
@@ -30,7 +30,6 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from netsupport import LOOPS, Certs, RunFn, certs, run, sock_dir
 
 from konnectivity_fast.metrics import server as server_metrics
 from konnectivity_fast.server.health import health_routes, start_http
@@ -47,6 +46,7 @@ from konnectivity_fast.server.listeners import (
 from konnectivity_fast.server.proxy import ProxyServer
 from konnectivity_fast.transport import grpc as kgrpc
 from konnectivity_fast.transport import tls
+from tests.support.net import LOOPS, Certs, RunFn, certs, run, sock_dir
 
 from .agent_peer import (
     GrpcDialer,

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from netsupport import Certs, free_ports
 
 from konnectivity_fast.metrics import TEXT_CONTENT_TYPE
 from konnectivity_fast.server import CONNECT_PATH
@@ -24,6 +23,7 @@ from konnectivity_fast.transport import grpc as kgrpc
 from konnectivity_fast.transport import tls
 from konnectivity_fast.wire import DialRequest, DialResponse, Packet, PacketType
 from konnectivity_fast.wire.codec import decode_packet, encode_packet
+from tests.support.net import Certs, free_ports
 
 LOOPBACK = "127.0.0.1"
 WAIT_SECONDS = 30.0

@@ -12,19 +12,19 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import kubesupport
 import pytest
-from kubesupport import KubeCluster, admin_client, create_namespace
-from netsupport import Certs
 
 from konnectivity_fast.server import CONNECT_PATH
 from konnectivity_fast.transport import grpc as kgrpc
 from konnectivity_fast.transport import tls
 from konnectivity_fast.wire.errors import StatusCode
+from tests.support import kubeapi
+from tests.support.kubeapi import KubeCluster, admin_client, create_namespace
+from tests.support.net import Certs
 
 from .test_app import LOOPBACK, WAIT_SECONDS, Running, command, free_ports, wait_healthy
 
-kube_cluster = kubesupport.kube_cluster
+kube_cluster = kubeapi.kube_cluster
 pytestmark = pytest.mark.timeout(120)
 
 AUDIENCE = "kf-test-server"

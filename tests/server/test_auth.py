@@ -8,15 +8,15 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
-import kubesupport
 import pytest
-from kubesupport import ISSUER, KubeCluster, admin_client, create_namespace
-from netsupport import RunFn
 
 from konnectivity_fast.kube import KubeClient, load_config
 from konnectivity_fast.server.auth import TokenAuthenticator, TokenAuthError
+from tests.support import kubeapi
+from tests.support.kubeapi import ISSUER, KubeCluster, admin_client, create_namespace
+from tests.support.net import RunFn
 
-kube_cluster = kubesupport.kube_cluster
+kube_cluster = kubeapi.kube_cluster
 pytestmark = pytest.mark.timeout(120)
 
 AUDIENCE = "kf-proxy-server"
@@ -110,7 +110,7 @@ def test_wrong_tokens(kube_cluster: KubeCluster, tokens: Tokens, run: RunFn) -> 
 
 def test_users_that_are_not_service_accounts(kube_cluster: KubeCluster, run: RunFn) -> None:
     # Static tokens are valid for the API server's own audience only.
-    plain, colons = kubesupport.STATIC_TOKENS
+    plain, colons = kubeapi.STATIC_TOKENS
     assert run(check(kube_cluster, "ns", [f"Bearer {plain}"], audience=ISSUER)) == (
         f"{WRAP}lookup failed: unexpected username format"
     )

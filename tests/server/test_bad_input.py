@@ -1,6 +1,6 @@
 """Bad input on every listener of the proxy-server (issue 3 item 8).
 
-Each test starts one in-process ``ProxyServer`` with all its listeners (``_abuse``), an
+Each test starts one in-process ``ProxyServer`` with all its listeners (``abuse``), an
 echoing grpcio agent and two healthy tunnels (gRPC and HTTP-CONNECT) echoing in the
 background. It then abuses the listeners and checks, for each abusive peer, a clear error or
 a close; then that the healthy tunnels kept flowing and a new dial works
@@ -26,7 +26,7 @@ from konnectivity_fast.server import http_connect
 from konnectivity_fast.transport import grpc as kgrpc
 from konnectivity_fast.transport import http as transport_http
 
-from ._abuse import (
+from .abuse import (
     ADDRESS,
     CLOSE_REQ,
     CLOSE_RSP,

@@ -33,7 +33,7 @@ import grpc
 import grpc.aio
 import pytest
 
-from ._abuse import (
+from .abuse import (
     ADDRESS,
     LOOPBACK,
     PEER_TIMEOUT,

@@ -9,10 +9,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import kubesupport
 import pytest
-from kubesupport import KubeCluster, admin_client, create_namespace
-from netsupport import RunFn
 
 from konnectivity_fast.kube import ApiError, KubeClient
 from konnectivity_fast.metrics import server as server_metrics
@@ -24,8 +21,11 @@ from konnectivity_fast.server.leases import (
     lease_name,
     parse_lease_labels,
 )
+from tests.support import kubeapi
+from tests.support.kubeapi import KubeCluster, admin_client, create_namespace
+from tests.support.net import RunFn
 
-kube_cluster = kubesupport.kube_cluster
+kube_cluster = kubeapi.kube_cluster
 pytestmark = pytest.mark.timeout(120)
 
 LABELS = {"k8s-app": "konnectivity-server", "zone": "a"}
@@ -106,7 +106,7 @@ def test_existing_lease_is_taken_over_and_labels_replaced(
             ns = await create_namespace(client, "takeover")
             name = lease_name("srv-2")
             an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
-            stale = kubesupport.lease(name, {"old": "label"}, renewed=an_hour_ago)
+            stale = kubeapi.lease(name, {"old": "label"}, renewed=an_hour_ago)
             await client.create_lease(ns, stale)
             controller = LeaseController(client, "srv-2", ns, LABELS, gc_period=3600)
             await controller.renew()
@@ -138,11 +138,11 @@ def test_gc_deletes_expired_matching_leases(kube_cluster: KubeCluster, run: RunF
             now = datetime.now(UTC)
             old = now - timedelta(seconds=120)
             leases = {
-                "expired": kubesupport.lease("expired", LABELS, renewed=old),
-                "never-renewed": kubesupport.lease("never-renewed", LABELS, renewed=None),
-                "fresh": kubesupport.lease("fresh", LABELS, renewed=now),
-                "other-labels": kubesupport.lease("other-labels", {"k8s-app": "x"}, renewed=old),
-                "subset-labels": kubesupport.lease("subset-labels", {"zone": "a"}, renewed=old),
+                "expired": kubeapi.lease("expired", LABELS, renewed=old),
+                "never-renewed": kubeapi.lease("never-renewed", LABELS, renewed=None),
+                "fresh": kubeapi.lease("fresh", LABELS, renewed=now),
+                "other-labels": kubeapi.lease("other-labels", {"k8s-app": "x"}, renewed=old),
+                "subset-labels": kubeapi.lease("subset-labels", {"zone": "a"}, renewed=old),
             }
             for lease in leases.values():
                 await client.create_lease(ns, lease)
@@ -168,7 +168,7 @@ def test_gc_precondition_and_not_found(kube_cluster: KubeCluster, run: RunFn) ->
         try:
             ns = await create_namespace(client, "race")
             old = datetime.now(UTC) - timedelta(seconds=120)
-            seen = await client.create_lease(ns, kubesupport.lease("racer", LABELS, renewed=old))
+            seen = await client.create_lease(ns, kubeapi.lease("racer", LABELS, renewed=old))
             # The holder renews between our list and our delete: the delete must lose.
             renewed = dict(
                 seen, spec=dict(seen["spec"], renewTime=format_micro_time(datetime.now(UTC)))
@@ -203,7 +203,7 @@ def test_gc_loop_runs_by_itself(kube_cluster: KubeCluster, run: RunFn) -> None:
             )
             controller.start()
             old = datetime.now(UTC) - timedelta(seconds=120)
-            await client.create_lease(ns, kubesupport.lease("dead-server", LABELS, renewed=old))
+            await client.create_lease(ns, kubeapi.lease("dead-server", LABELS, renewed=old))
 
             async def culled() -> bool:
                 return await get_or_none(client, ns, "dead-server") is None

@@ -10,7 +10,6 @@ from types import ModuleType
 
 import pytest
 from google.protobuf.message import DecodeError
-from oracle import from_official, official_encode, pb2
 
 from konnectivity_fast.wire.errors import (
     CodecError,
@@ -31,6 +30,7 @@ from konnectivity_fast.wire.packets import (
     Packet,
     PacketType,
 )
+from tests.support.oracle import from_official, official_encode, pb2
 
 T = PacketType
 INT64_MAX, INT64_MIN = (1 << 63) - 1, -(1 << 63)

@@ -28,7 +28,6 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from oracle import against_official, load_twin, official_encode, outcome, pb2
 
 from konnectivity_fast.wire.errors import (
     CodecError,
@@ -52,6 +51,7 @@ from konnectivity_fast.wire.packets import (
     Packet,
     PacketType,
 )
+from tests.support.oracle import against_official, load_twin, official_encode, outcome, pb2
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1

@@ -17,16 +17,6 @@ from types import ModuleType
 
 from hypothesis import example, given
 from hypothesis import strategies as st
-from oracle import (
-    Outcome,
-    against_official,
-    from_official,
-    official_encode,
-    official_outcome,
-    outcome,
-    pb2,
-    peek_problem,
-)
 
 import konnectivity_fast.wire._codec as pure
 from konnectivity_fast.wire.errors import VarintError
@@ -40,6 +30,16 @@ from konnectivity_fast.wire.packets import (
     Drain,
     Packet,
     PacketType,
+)
+from tests.support.oracle import (
+    Outcome,
+    against_official,
+    from_official,
+    official_encode,
+    official_outcome,
+    outcome,
+    pb2,
+    peek_problem,
 )
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1

@@ -5,7 +5,6 @@ pkg/server/backend_manager.go), and extension negotiation (``kf-capabilities``).
 from __future__ import annotations
 
 import pytest
-from oracle import pb2
 
 from konnectivity_fast.metrics import server as server_metrics
 from konnectivity_fast.wire import contract
@@ -29,6 +28,7 @@ from konnectivity_fast.wire.contract import (
     negotiate_extensions,
     parse_agent_identifiers,
 )
+from tests.support.oracle import pb2
 
 # Tokens no program offers by default: negotiation is tested with tokens of the test's own.
 TEST = "test.v1"

@@ -17,7 +17,6 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from oracle import from_official, official_encode, pb2
 
 from konnectivity_fast.wire.packets import (
     CloseDial,
@@ -30,6 +29,7 @@ from konnectivity_fast.wire.packets import (
     Packet,
     PacketType,
 )
+from tests.support.oracle import from_official, official_encode, pb2
 
 WIRE = Path(__file__).resolve().parents[1] / "data" / "wire"
 T = PacketType

@@ -2,8 +2,8 @@
 happens), bounded waits, metrics scraped from inside a namespace, and the two frontend
 clients that stand in for kube-apiserver in ``cp``:
 
-* HTTP-CONNECT: tests/e2e/nsclient.py (standard library only), speaking HTTP/1.1 to
-  tests/e2e/backend.py through the tunnel;
+* HTTP-CONNECT: tests/support/nsclient.py (standard library only), speaking HTTP/1.1 to
+  tests/support/backend.py through the tunnel;
 * gRPC: goclient (tests/interop/goclient, built by scripts/build-upstream.sh), upstream's
   published konnectivity-client library, against the backend's raw ports (identity, echo).
 
@@ -31,8 +31,8 @@ from .topology import PREFIX, Namespace
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-NSCLIENT = HERE / "nsclient.py"
-BACKEND = HERE / "backend.py"
+NSCLIENT = ROOT / "tests" / "support" / "nsclient.py"
+BACKEND = ROOT / "tests" / "support" / "backend.py"
 GOCLIENT = ROOT / ".cache" / "upstream" / "v0.36.0" / "bin" / "goclient"
 # The backend's ports in each worker: HTTP, raw echo, raw identity.
 HTTP_PORT, ECHO_PORT, IDENT_PORT = 8080, 8081, 8082

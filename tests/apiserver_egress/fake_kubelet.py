@@ -1,4 +1,4 @@
-"""A small HTTPS "kubelet" for the Kubernetes end-to-end tests, run as a script inside
+"""A small HTTPS "kubelet" for the Kubernetes end-to-end tests, run as a program inside
 the worker network namespace, so kube-apiserver reaches it only through the tunnel.
 
 Paths:
@@ -13,7 +13,8 @@ Paths:
 - ``GET /ws``: a WebSocket upgrade; each message is echoed back with ``echo:`` before it,
   until a close frame.
 
-Usage: fake_kubelet.py ADDRESS PORT CERT KEY
+Usage, from the repository root:
+    python -m tests.apiserver_egress.fake_kubelet ADDRESS PORT CERT KEY
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ import threading
 import urllib.parse
 from typing import Any
 
-import payloads
-import wsmini
+from tests.apiserver_egress import payloads, wsmini
 
 # How long /stream waits for /release before finishing anyway (a test that died must not
 # leave the handler thread waiting forever).

@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netsupport import Certs, free_ports
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.net import Certs, free_ports
+
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "build-upstream.sh"
 # A cold build downloads every module (client-go and friends) and compiles them: minutes
 # on two cores. Bounded so that a wedged download fails instead of hanging the suite.

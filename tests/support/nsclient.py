@@ -4,7 +4,7 @@ it runs anywhere a python3 does: inside a network namespace (``ip netns exec cp 
 nsclient.py ...``) or in the test process.
 
 A tunnel is ``CONNECT host:port HTTP/1.1``; after the proxy's ``200`` the socket carries the
-backend's bytes. Over it this client speaks HTTP/1.1 to tests/e2e/backend.py:
+backend's bytes. Over it this client speaks HTTP/1.1 to tests/support/backend.py:
 ``GET /whoami`` and ``POST /echo`` (the body must come back byte for byte).
 
 As a program it does one operation and prints one JSON document on stdout:

@@ -43,9 +43,9 @@ from konnectivity_fast.wire.packets import (
     Payload,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROTO = ROOT / "konnectivity_fast" / "wire" / "konnectivity.proto"
-GENERATED = Path(__file__).resolve().parent / "_generated"
+GENERATED = ROOT / "tests" / "_generated"
 
 TWINS = ("pure", "compiled")
 #: What both twins must export (see konnectivity_fast/wire/codec.py).

@@ -14,12 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kubesupport import binaries_folder, required
-from upstream import Upstream, upstream
+
+from tests.support.kubeapi import binaries_folder, required
+from tests.support.upstream import Upstream, upstream
 
 from .support import (
-    HERE,
     KUBELET_PORT,
+    ROOT,
     ApiServers,
     Harness,
     free_ports,
@@ -51,7 +52,8 @@ def k8s(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream) -> Iterato
             worker.cmd(
                 [
                     sys.executable,
-                    str(HERE / "fake_kubelet.py"),
+                    "-m",
+                    "tests.apiserver_egress.fake_kubelet",
                     worker.kubelet_ip,
                     str(KUBELET_PORT),
                     pki.kubelet_cert,
@@ -59,6 +61,7 @@ def k8s(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream) -> Iterato
                 ]
             ),
             stdin=subprocess.DEVNULL,
+            cwd=ROOT,  # the import root of ``-m tests...``
             stdout=kubelet_log,
             stderr=subprocess.STDOUT,
         )

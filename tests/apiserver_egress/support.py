@@ -46,9 +46,10 @@ from typing import Any
 
 import pytest
 import trustme
-from kubesupport import KubeCluster, kube_version, running_apiserver, running_etcd
-from netsupport import free_ports
-from upstream import Processes, Upstream, parse_exposition
+
+from tests.support.kubeapi import KubeCluster, kube_version, running_apiserver, running_etcd
+from tests.support.net import free_ports
+from tests.support.upstream import Processes, Upstream, parse_exposition
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent

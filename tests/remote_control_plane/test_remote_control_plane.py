@@ -1,11 +1,11 @@
-"""Remote control plane, end to end, in network namespaces (tests/e2e/topology.py): the seed
-use case of konnectivity. The control plane (``cp``: two proxy-servers with
+"""Remote control plane, end to end, in network namespaces (``topology.py``): the seed use
+case of konnectivity. The control plane (``cp``: two proxy-servers with
 ``--server-count=2``, and the frontend client standing in for kube-apiserver) is reachable
 from the workers (``w1``, ``w2``: one proxy-agent and one backend server each) only through
 HAProxy in ``lb`` (``mode tcp``, round robin), and nothing in ``cp`` can reach a worker
 except through the agents' tunnels.
 
-It runs in each frontend mode (tests/e2e/support.py): HTTP-CONNECT with a standard-library
+It runs in each frontend mode (``support.py``): HTTP-CONNECT with a standard-library
 client, and gRPC with goclient (upstream's konnectivity-client). One test walks the whole
 story, since each step starts from the state the previous one left:
 
@@ -105,8 +105,8 @@ def _require(mode: str) -> None:
         missing.append(f"{GOCLIENT} (scripts/build-upstream.sh)")
     if missing:
         if ci():
-            pytest.fail(f"the e2e test needs {missing}")
-        pytest.skip(f"the e2e test needs {missing}")
+            pytest.fail(f"the remote-control-plane test needs {missing}")
+        pytest.skip(f"the remote-control-plane test needs {missing}")
 
 
 @dataclass

@@ -29,8 +29,6 @@ from typing import Any, NamedTuple, TypeVar
 
 import grpc
 import grpc.aio
-from netsupport import Certs
-from oracle import pb2
 
 from konnectivity_fast.server import ProxyServer, ServerHandle
 from konnectivity_fast.server.health import health_routes, start_http
@@ -42,6 +40,8 @@ from konnectivity_fast.server.listeners import (
 )
 from konnectivity_fast.transport.grpc import GrpcServer
 from konnectivity_fast.wire.contract import CONNECT_PATH, PROXY_PATH
+from tests.support.net import Certs
+from tests.support.oracle import pb2
 
 T = TypeVar("T")
 

@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
-from kubesupport import KubeCluster
+
+from tests.support.kubeapi import KubeCluster
 
 from .support import (
     IMPLS,

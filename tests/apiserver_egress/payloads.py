@@ -1,5 +1,5 @@
 """What the fake kubelet serves and how its webhook decides, shared by the fake kubelet
-(a script run in the worker network namespace) and the tests that check its answers."""
+(a program run in the worker network namespace) and the tests that check its answers."""
 
 from __future__ import annotations
 

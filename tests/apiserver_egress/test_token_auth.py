@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from kubesupport import KubeCluster
+
+from tests.support.kubeapi import KubeCluster
 
 from .support import (
     AUDIENCE,

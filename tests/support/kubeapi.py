@@ -2,7 +2,7 @@
 started on loopback with certificates made here.
 
 ``kube_cluster`` is a session fixture; a test module uses it with
-``kube_cluster = kubesupport.kube_cluster`` (an assignment, so linters see no shadowed
+``kube_cluster = kubeapi.kube_cluster`` (an assignment, so linters see no shadowed
 import). Every module shares one cluster per pytest process (cached on the config) and
 it is stopped when the session ends.
 
@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from konnectivity_fast.kube import KubeClient, load_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "scripts" / "build-kube.sh"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 # Bounds on start-up (a slow shared machine: kube-apiserver's post-start hooks take a

@@ -1,5 +1,5 @@
-"""A backend HTTP/1.1 server for the end-to-end tests, standard library only (it runs in a
-worker's network namespace, or in an image test on loopback):
+"""A backend HTTP/1.1 server, standard library only: it runs in a worker's network
+namespace (tests/remote_control_plane) or on loopback beside a container image (tests/deploy):
 
 * ``GET /whoami``: ``<name> <peer address>``: which worker answered, and from where the
   connection came (the agent dials from the worker itself).

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import pytest
-from kubesupport import KubeCluster
+
+from tests.support.kubeapi import KubeCluster
 
 from . import payloads, wsmini
 from .support import (

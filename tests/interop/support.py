@@ -5,7 +5,7 @@ source, a black hole whose dials never complete), a running topology (one proxy-
 two proxy-agents, ours or upstream's), and the per-cell summary printed at the end of the
 session.
 
-Invariants: every wait is bounded (tests/upstream.py's WAIT_SECONDS or an explicit
+Invariants: every wait is bounded (tests/support/upstream.py's WAIT_SECONDS or an explicit
 timeout); every process started goes through ``Processes`` so that it is stopped at
 teardown and its log shown on failure; nothing listens beyond 127.0.0.1 or the test's
 temporary socket folder.
@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netsupport import Certs
-from upstream import (
+
+from tests.support.net import Certs
+from tests.support.upstream import (
     LABEL,
     LOOPBACK,
     ROOT,
