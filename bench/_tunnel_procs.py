@@ -29,7 +29,9 @@ import trustme
 from bench._echo_proc import CLK_TCK, REPO_ROOT, TERM_GRACE, Child, ChildError, _die_with_parent
 
 LOADGEN_SRC = REPO_ROOT / "bench" / "loadgen"
-LOADGEN_BIN = REPO_ROOT / ".cache" / "bench" / "loadgen"
+# One binary per source digest (loadgen-<digest>): worktrees that share .cache and build
+# different sources never run each other's load generator, nor replace it mid-run.
+LOADGEN_DIR = REPO_ROOT / ".cache" / "bench"
 BUILD_UPSTREAM = REPO_ROOT / "scripts" / "build-upstream.sh"
 LOOPBACK = "127.0.0.1"
 # Both programs validate ports to 1024-49151: pick below the ephemeral range.
@@ -121,22 +123,21 @@ def _digest(paths: list[Path]) -> str:
 
 
 def build_loadgen() -> Path:
-    """Build bench/loadgen into .cache/bench/ unless its sources are unchanged."""
+    """Build bench/loadgen into .cache/bench/loadgen-<digest> unless already built."""
     sources = [*sorted(LOADGEN_SRC.glob("*.go")), LOADGEN_SRC / "go.mod", LOADGEN_SRC / "go.sum"]
-    want = _digest(sources)
-    stamp = LOADGEN_BIN.with_suffix(".stamp")
-    if LOADGEN_BIN.exists() and stamp.exists() and stamp.read_text() == want:
-        return LOADGEN_BIN
+    binary = LOADGEN_DIR / f"loadgen-{_digest(sources)[:16]}"
+    if binary.exists():
+        return binary
     go = os.environ.get("GO") or _which("go")
     if go is None:
         raise ChildError("no Go toolchain (go on PATH or GO=): the load generator cannot be built")
-    LOADGEN_BIN.parent.mkdir(parents=True, exist_ok=True)
+    LOADGEN_DIR.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
         "GOTOOLCHAIN": os.environ.get("GOTOOLCHAIN", "auto"),
         "GOFLAGS": "-mod=readonly -buildvcs=false -modcacherw",
     }
-    tmp = LOADGEN_BIN.with_suffix(f".tmp{os.getpid()}")
+    tmp = binary.with_suffix(f".tmp{os.getpid()}")
     done = subprocess.run(
         [go, "build", "-trimpath", "-o", str(tmp), "."],
         cwd=LOADGEN_SRC,
@@ -148,9 +149,8 @@ def build_loadgen() -> Path:
     )
     if done.returncode != 0:
         raise ChildError(f"building bench/loadgen failed:\n{done.stderr[-4000:]}")
-    tmp.replace(LOADGEN_BIN)
-    stamp.write_text(want)
-    return LOADGEN_BIN
+    tmp.replace(binary)
+    return binary
 
 
 def build_upstream() -> Path:
