@@ -657,6 +657,8 @@ const (
 	paceDebt = 100 * time.Millisecond
 	// Downloads are sampled this often for the time series.
 	sampleEvery = 100 * time.Millisecond
+	// Beside the echo, one new tunnel is set up this often (or back to back when slower).
+	probeEvery = 250 * time.Millisecond
 )
 
 // tally counts what one reader got and the longest time it got nothing, counted from
@@ -695,9 +697,10 @@ func (t *tally) gapTo(now time.Time) {
 	}
 }
 
+// countGapsFrom starts counting gaps afresh at `at`.
 func (t *tally) countGapsFrom(at time.Time) {
 	t.mu.Lock()
-	t.from = at
+	t.from, t.maxGap = at, 0
 	t.mu.Unlock()
 }
 
@@ -799,6 +802,48 @@ func echoFor(c net.Conn, o options, d time.Duration) (lat []time.Duration, timed
 	return lat, false, nil
 }
 
+// probesFor sets up one new tunnel per probeEvery (or back to back when slower) for d,
+// each bounded by o.probe; a set-up still under way at d is waited for (bounded too).
+// A failed or timed-out set-up counts as o.probe.
+func probesFor(o options, d time.Duration) (lat []time.Duration, failures int) {
+	end := time.Now().Add(d)
+	next := time.Now()
+	for time.Now().Before(end) {
+		time.Sleep(time.Until(next))
+		t0 := time.Now()
+		ok, ms := probe(o)
+		if !ok {
+			failures++
+			ms = o.probe.Seconds() * 1e3
+		}
+		lat = append(lat, time.Duration(ms*float64(time.Millisecond)))
+		next = t0.Add(probeEvery)
+	}
+	return lat, failures
+}
+
+// echoAndProbes runs echoFor and probesFor at once for d; their results in `out`
+// (keys prefixed "<prefix>echo_" and "<prefix>setup_").
+func echoAndProbes(c net.Conn, o options, d time.Duration, prefix string, out map[string]any) error {
+	var setups []time.Duration
+	var failures int
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		setups, failures = probesFor(o, d)
+	}()
+	lat, timedOut, err := echoFor(c, o, d)
+	<-done
+	if err != nil {
+		return err
+	}
+	latencyStats(prefix+"echo_", lat, out)
+	out[prefix+"echo_timed_out"] = timedOut
+	latencyStats(prefix+"setup_", setups, out)
+	out[prefix+"setup_failures"] = failures
+	return nil
+}
+
 func latencyStats(prefix string, lat []time.Duration, out map[string]any) {
 	p50, p99 := percentiles(lat)
 	out[prefix+"p50_ms"], out[prefix+"p99_ms"] = p50, p99
@@ -835,8 +880,8 @@ func startSlow(o options, slow net.Conn) (*tally, chan struct{}, time.Time, erro
 	return t, stop, at, nil
 }
 
-// slowEcho: unloaded, the echo for o.base and one new tunnel; then the slow reader for
-// o.fill; then the echo for o.measure and one new tunnel, each bounded by o.probe.
+// slowEcho: unloaded, the echo for o.base beside new tunnels set up one after another;
+// then the slow reader for o.fill; then the echo and the new tunnels again for o.measure.
 func slowEcho(o options, slow net.Conn) map[string]any {
 	c, err := dial(context.Background(), o)
 	if err != nil {
@@ -854,26 +899,17 @@ func slowEcho(o options, slow net.Conn) map[string]any {
 	say("READY")
 	waitLine("GO")
 	out := map[string]any{"rate": o.rate}
-	okAlone, msAlone := probe(o)
-	out["setup_alone_ok"], out["setup_alone_ms"] = okAlone, msAlone
-	lat, _, err := echoFor(c, o, o.base)
-	if err != nil {
+	if err := echoAndProbes(c, o, o.base, "alone_", out); err != nil {
 		return fail(fmt.Errorf("echo alone: %w", err))
 	}
-	latencyStats("alone_", lat, out)
 	t, stop, at, err := startSlow(o, slow)
 	if err != nil {
 		return fail(err)
 	}
 	time.Sleep(o.fill)
-	lat, timedOut, err := echoFor(c, o, o.measure)
-	if err != nil {
+	if err := echoAndProbes(c, o, o.measure, "", out); err != nil {
 		return fail(fmt.Errorf("echo beside the slow reader: %w", err))
 	}
-	latencyStats("echo_", lat, out)
-	out["echo_timed_out"] = timedOut
-	ok, ms := probe(o)
-	out["setup_ok"], out["setup_ms"] = ok, ms
 	elapsed := time.Since(at)
 	close(stop)
 	out["slow_bps"] = float64(t.bytes.Load()) / elapsed.Seconds()
@@ -884,7 +920,8 @@ func slowEcho(o options, slow net.Conn) map[string]any {
 
 // slowDownloads: o.conns endless downloads, alone for o.base, then beside the slow
 // reader for o.fill + o.measure; their throughput alone and from o.from after the slow
-// reader began, and the longest time any of them got nothing from when it began.
+// reader began, and the longest time any of them got nothing, alone (after the warm-up)
+// and from when the slow reader began.
 func slowDownloads(o options, slow net.Conn) map[string]any {
 	conns, err := dialMany(o, o.conns, o.conns)
 	if err != nil {
@@ -940,9 +977,16 @@ func slowDownloads(o options, slow net.Conn) map[string]any {
 	warm := min(o.base/4, 500*time.Millisecond)
 	time.Sleep(warm)
 	b0, t0 := total(), time.Now()
+	for _, t := range tallies {
+		t.countGapsFrom(t0)
+	}
 	time.Sleep(time.Until(start.Add(o.base)))
 	b1, t1 := total(), time.Now()
 	baseBps := float64(b1-b0) / t1.Sub(t0).Seconds()
+	aloneGap := 0.0
+	for _, t := range tallies {
+		aloneGap = max(aloneGap, t.longestGap(t1).Seconds()*1e3)
+	}
 	if err := startDownload(slow); err != nil {
 		return fail(err)
 	}
@@ -1006,6 +1050,7 @@ func slowDownloads(o options, slow net.Conn) map[string]any {
 	return map[string]any{
 		"rate": o.rate, "other_rate": o.otherRate, "conns": len(conns),
 		"base_bps": baseBps, "with_bps": float64(k1-k0) / end.Sub(f0).Seconds(),
+		"nominal_bps": o.otherRate * float64(len(conns)), "alone_gap_ms": aloneGap,
 		"worst_1s_bps": max(worst, 0), "longest_gap_ms": longest, "gaps_ms": gaps,
 		"slow_bps":      float64(slowTally.bytes.Load()) / end.Sub(at).Seconds(),
 		"slow_start_ms": at.Sub(start).Milliseconds(), "from_s": o.from.Seconds(),
