@@ -1,6 +1,7 @@
-"""Processes of the tunnel benchmark: the proxy-server + proxy-agent pairs (ours and
-upstream's v0.36.0), the Go backend and load generator (bench/loadgen), the certificates
-of the mTLS agent link, and the builds they need.
+"""Processes of the tunnel benchmark: the proxy-server + proxy-agent pairs (ours,
+upstream's v0.36.0, or our server with upstream's agent), the Go backend and load
+generator (bench/loadgen), the certificates of the mTLS agent link, and the builds they
+need.
 
 Invariants: every child runs in its own session with ``PR_SET_PDEATHSIG`` = SIGKILL (it
 never outlives the orchestrator) and is tracked by ``Children``, which kills what is left
@@ -42,7 +43,15 @@ POLL = 0.05
 # A cold upstream build downloads and compiles client-go: minutes on 2 cores.
 UPSTREAM_BUILD_TIMEOUT = 1500
 LOADGEN_BUILD_TIMEOUT = 600
-IMPLS = ("ours", "upstream")
+# A pairing names its server and agent: ours, upstream's, or our server with upstream's
+# agent (which tells whether a head-of-line defect is the server's or the agent's).
+IMPLS = ("ours", "upstream", "ours-upstream-agent")
+# impl -> (server, agent)
+SIDES = {
+    "ours": ("ours", "ours"),
+    "upstream": ("upstream", "upstream"),
+    "ours-upstream-agent": ("ours", "upstream"),
+}
 
 
 class Proc(Child):
@@ -250,22 +259,19 @@ def wait_ready(child: Proc, port: int, path: str) -> None:
 
 @dataclass
 class Pair:
-    impl: str  # "ours" or "upstream"
+    impl: str  # one of IMPLS
     mode: str  # "grpc" or "http-connect"
     uds: str
     server: Proc
     agent: Proc
 
 
-def _commands(impl: str, upstream_bin: Path | None) -> tuple[list[str], list[str]]:
-    if impl == "upstream":
+def _command(side: str, program: str, upstream_bin: Path | None) -> list[str]:
+    """The command of one side ("ours" or "upstream") of ``program`` (server or agent)."""
+    if side == "upstream":
         assert upstream_bin is not None
-        return [str(upstream_bin / "proxy-server")], [str(upstream_bin / "proxy-agent")]
-    return [sys.executable, "-m", "konnectivity_fast.server"], [
-        sys.executable,
-        "-m",
-        "konnectivity_fast.agent",
-    ]
+        return [str(upstream_bin / f"proxy-{program}")]
+    return [sys.executable, "-m", f"konnectivity_fast.{program}"]
 
 
 def start_pair(
@@ -280,7 +286,9 @@ def start_pair(
 ) -> Pair:
     """Start a proxy-server (frontend ``mode`` on a Unix socket) and one proxy-agent
     connected to it over mTLS; return once both say ready."""
-    server_cmd, agent_cmd = _commands(impl, upstream_bin)
+    server_side, agent_side = SIDES[impl]
+    server_cmd = _command(server_side, "server", upstream_bin)
+    agent_cmd = _command(agent_side, "agent", upstream_bin)
     agent_port, health, admin, a_health, a_admin = free_ports(5)
     uds = str(sock_dir / f"{impl}-{mode}-{agent_port}.sock")
     server = procs.start(
