@@ -414,7 +414,12 @@ func runBulk(o options) map[string]any {
 // ---- tunnel set-up rate ------------------------------------------------------------------
 
 func setupOnce(o options, buf []byte) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	return setupWithin(o, buf, 10*time.Second)
+}
+
+// setupWithin: one set-up cycle whose dial is bounded by `bound`.
+func setupWithin(o options, buf []byte, bound time.Duration) error {
+	ctx, cancel := context.WithTimeout(context.Background(), bound)
 	defer cancel()
 	c, err := dial(ctx, o)
 	if err != nil {
@@ -811,12 +816,20 @@ func probesFor(o options, d time.Duration) (lat []time.Duration, failures int) {
 	for time.Now().Before(end) {
 		time.Sleep(time.Until(next))
 		t0 := time.Now()
-		ok, ms := probe(o)
-		if !ok {
+		res := make(chan error, 1)
+		go func() { res <- setupWithin(o, make([]byte, setupReply), o.probe) }()
+		took := o.probe
+		select {
+		case err := <-res:
+			if err != nil {
+				failures++
+			} else {
+				took = time.Since(t0)
+			}
+		case <-time.After(o.probe):
 			failures++
-			ms = o.probe.Seconds() * 1e3
 		}
-		lat = append(lat, time.Duration(ms*float64(time.Millisecond)))
+		lat = append(lat, took)
 		next = t0.Add(probeEvery)
 	}
 	return lat, failures
@@ -901,6 +914,9 @@ func slowEcho(o options, slow net.Conn) map[string]any {
 	out := map[string]any{"rate": o.rate}
 	if err := echoAndProbes(c, o, o.base, "alone_", out); err != nil {
 		return fail(fmt.Errorf("echo alone: %w", err))
+	}
+	if out["alone_echo_timed_out"] == true { // its round trip may still be reading c
+		return fail(fmt.Errorf("echo alone: a round trip took more than %s", o.probe))
 	}
 	t, stop, at, err := startSlow(o, slow)
 	if err != nil {
