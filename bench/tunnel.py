@@ -495,7 +495,7 @@ class Bench:
             if cell:  # the chart plots one run's time series: the first's
                 result.pop("series", None)
             cell.append(result)
-            self.progress(f"[{name} {run + 1}/{c.runs}] {target.key:29s} {_brief(name, result)}")
+            self.progress(f"[{name} {run + 1}/{c.runs}] {target.key:32s} {_brief(name, result)}")
         assert target.pair is not None
         stop_pair(self.procs, target.pair)
 
