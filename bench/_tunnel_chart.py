@@ -318,10 +318,11 @@ def _timeline(ax: Axes, cell: dict[str, Any] | None) -> None:
     ax.set_xlabel("s")
     ax.set_ylabel("MB/s (per 100 ms)")
     ax.grid(alpha=0.3)
-    series = next((r["series"] for r in (cell or {}).get("runs", []) if "series" in r), None)
-    if series is None:
+    run = next((r for r in (cell or {}).get("runs", []) if "series" in r), None)
+    if run is None:
         ax.text(0.5, 0.5, "no run", ha="center", va="center", transform=ax.transAxes)
         return
+    series = run["series"]
     t = [int(x) / 1e3 for x in series["t_ms"].split()]
     dt = [b - a for a, b in zip([0.0, *t], t, strict=False)]
 
@@ -333,6 +334,5 @@ def _timeline(ax: Axes, cell: dict[str, Any] | None) -> None:
     for i, kib in enumerate(series["kib"]):
         ax.plot(t, rate(kib), linewidth=0.8, label="8 downloads" if i == 0 else None)
     ax.plot(t, rate(series["slow_kib"]), "k--", linewidth=1.0, label="slow reader")
-    start = next((r["slow_start_ms"] for r in cell["runs"] if "series" in r), 0) / 1e3
-    ax.axvline(start, color="k", linewidth=0.8)
+    ax.axvline(run["slow_start_ms"] / 1e3, color="k", linewidth=0.8)
     ax.legend(fontsize=7, loc="upper right")
