@@ -68,11 +68,20 @@ images:
 	deploy/images/build.sh
 
 # The benchmark: our proxy-server + proxy-agent against upstream v0.36.0 and direct TCP
-# (bench/README.md): JSON and PNG in bench/results/. QUICK=1 for the under-2-minutes mode
-# (its own files: tunnel-quick.*). bench-tunnel is the older name.
+# (bench/README.md): JSON and PNG in bench/results/ (the slow readers' chart: tunnel-slow.png).
+# QUICK=1 for the under-3-minutes mode (its own files: tunnel-quick.*). bench-tunnel is the
+# older name.
 TUNNEL_OUT := bench/results/tunnel$(if $(QUICK),-quick)
 bench bench-tunnel: bootstrap-bench
 	$(PY) -m bench.tunnel $(if $(QUICK),--quick) --json $(TUNNEL_OUT).json --chart $(TUNNEL_OUT).png
+
+# The head-of-line family alone (stalled and slow readers), every pairing, our server with
+# upstream's agent too: bench/results/tunnel-hol.{json,png}. QUICK=1: 1 run, the 4 MB/s
+# reader only (tunnel-hol-quick.*).
+HOL_OUT := bench/results/tunnel-hol$(if $(QUICK),-quick)
+.PHONY: bench-hol
+bench-hol: build
+	$(PY) -m bench.tunnel --family hol $(if $(QUICK),--quick) --json $(HOL_OUT).json --chart $(HOL_OUT).png
 
 # Interop with upstream's Go programs: builds the Go tools (tests/interop/build.sh: goclient
 # on konnectivity-client v0.36.0 and v0.37.0, h2spec, wiregen, upstream's suite), then runs

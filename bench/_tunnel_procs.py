@@ -1,6 +1,7 @@
-"""Processes of the tunnel benchmark: the proxy-server + proxy-agent pairs (ours and
-upstream's v0.36.0), the Go backend and load generator (bench/loadgen), the certificates
-of the mTLS agent link, and the builds they need.
+"""Processes of the tunnel benchmark: the proxy-server + proxy-agent pairs (ours,
+upstream's v0.36.0, or our server with upstream's agent), the Go backend and load
+generator (bench/loadgen), the certificates of the mTLS agent link, and the builds they
+need.
 
 Invariants: every child runs in its own session with ``PR_SET_PDEATHSIG`` = SIGKILL (it
 never outlives the orchestrator) and is tracked by ``Children``, which kills what is left
@@ -29,7 +30,9 @@ import trustme
 from bench._echo_proc import CLK_TCK, REPO_ROOT, TERM_GRACE, Child, ChildError, _die_with_parent
 
 LOADGEN_SRC = REPO_ROOT / "bench" / "loadgen"
-LOADGEN_BIN = REPO_ROOT / ".cache" / "bench" / "loadgen"
+# One binary per source digest (loadgen-<digest>): worktrees that share .cache and build
+# different sources never run each other's load generator, nor replace it mid-run.
+LOADGEN_DIR = REPO_ROOT / ".cache" / "bench"
 BUILD_UPSTREAM = REPO_ROOT / "scripts" / "build-upstream.sh"
 LOOPBACK = "127.0.0.1"
 # Both programs validate ports to 1024-49151: pick below the ephemeral range.
@@ -40,7 +43,15 @@ POLL = 0.05
 # A cold upstream build downloads and compiles client-go: minutes on 2 cores.
 UPSTREAM_BUILD_TIMEOUT = 1500
 LOADGEN_BUILD_TIMEOUT = 600
-IMPLS = ("ours", "upstream")
+# A pairing names its server and agent: ours, upstream's, or our server with upstream's
+# agent (which tells whether a head-of-line defect is the server's or the agent's).
+IMPLS = ("ours", "upstream", "ours-upstream-agent")
+# impl -> (server, agent)
+SIDES = {
+    "ours": ("ours", "ours"),
+    "upstream": ("upstream", "upstream"),
+    "ours-upstream-agent": ("ours", "upstream"),
+}
 
 
 class Proc(Child):
@@ -121,22 +132,21 @@ def _digest(paths: list[Path]) -> str:
 
 
 def build_loadgen() -> Path:
-    """Build bench/loadgen into .cache/bench/ unless its sources are unchanged."""
+    """Build bench/loadgen into .cache/bench/loadgen-<digest> unless already built."""
     sources = [*sorted(LOADGEN_SRC.glob("*.go")), LOADGEN_SRC / "go.mod", LOADGEN_SRC / "go.sum"]
-    want = _digest(sources)
-    stamp = LOADGEN_BIN.with_suffix(".stamp")
-    if LOADGEN_BIN.exists() and stamp.exists() and stamp.read_text() == want:
-        return LOADGEN_BIN
+    binary = LOADGEN_DIR / f"loadgen-{_digest(sources)[:16]}"
+    if binary.exists():
+        return binary
     go = os.environ.get("GO") or _which("go")
     if go is None:
         raise ChildError("no Go toolchain (go on PATH or GO=): the load generator cannot be built")
-    LOADGEN_BIN.parent.mkdir(parents=True, exist_ok=True)
+    LOADGEN_DIR.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
         "GOTOOLCHAIN": os.environ.get("GOTOOLCHAIN", "auto"),
         "GOFLAGS": "-mod=readonly -buildvcs=false -modcacherw",
     }
-    tmp = LOADGEN_BIN.with_suffix(f".tmp{os.getpid()}")
+    tmp = binary.with_suffix(f".tmp{os.getpid()}")
     done = subprocess.run(
         [go, "build", "-trimpath", "-o", str(tmp), "."],
         cwd=LOADGEN_SRC,
@@ -148,9 +158,8 @@ def build_loadgen() -> Path:
     )
     if done.returncode != 0:
         raise ChildError(f"building bench/loadgen failed:\n{done.stderr[-4000:]}")
-    tmp.replace(LOADGEN_BIN)
-    stamp.write_text(want)
-    return LOADGEN_BIN
+    tmp.replace(binary)
+    return binary
 
 
 def build_upstream() -> Path:
@@ -250,22 +259,19 @@ def wait_ready(child: Proc, port: int, path: str) -> None:
 
 @dataclass
 class Pair:
-    impl: str  # "ours" or "upstream"
+    impl: str  # one of IMPLS
     mode: str  # "grpc" or "http-connect"
     uds: str
     server: Proc
     agent: Proc
 
 
-def _commands(impl: str, upstream_bin: Path | None) -> tuple[list[str], list[str]]:
-    if impl == "upstream":
+def _command(side: str, program: str, upstream_bin: Path | None) -> list[str]:
+    """The command of one side ("ours" or "upstream") of ``program`` (server or agent)."""
+    if side == "upstream":
         assert upstream_bin is not None
-        return [str(upstream_bin / "proxy-server")], [str(upstream_bin / "proxy-agent")]
-    return [sys.executable, "-m", "konnectivity_fast.server"], [
-        sys.executable,
-        "-m",
-        "konnectivity_fast.agent",
-    ]
+        return [str(upstream_bin / f"proxy-{program}")]
+    return [sys.executable, "-m", f"konnectivity_fast.{program}"]
 
 
 def start_pair(
@@ -280,7 +286,9 @@ def start_pair(
 ) -> Pair:
     """Start a proxy-server (frontend ``mode`` on a Unix socket) and one proxy-agent
     connected to it over mTLS; return once both say ready."""
-    server_cmd, agent_cmd = _commands(impl, upstream_bin)
+    server_side, agent_side = SIDES[impl]
+    server_cmd = _command(server_side, "server", upstream_bin)
+    agent_cmd = _command(agent_side, "agent", upstream_bin)
     agent_port, health, admin, a_health, a_admin = free_ports(5)
     uds = str(sock_dir / f"{impl}-{mode}-{agent_port}.sock")
     server = procs.start(

@@ -1,13 +1,14 @@
 """Tunnel benchmark: our proxy-server + proxy-agent against upstream's v0.36.0 Go binaries
 and against a direct loopback connection, same machine, same run.
 
-    .venv/bin/python -m bench.tunnel [--quick] [--json out.json] [--chart out.png]
+    .venv/bin/python -m bench.tunnel [--quick] [--family hol] [--json out.json] [--chart out.png]
 
 Each implementation runs as deployed: proxy-server with its frontend (gRPC or HTTP-CONNECT)
 on a Unix socket, one proxy-agent linked to it over TLS with client certificates. The
 backend and the load generators are Go programs (bench/loadgen), each in its own process;
 the gRPC frontend is driven with the published konnectivity-client library, one tunnel per
-gRPC connection as kube-apiserver does. CPU time and RSS come from /proc. Every figure is
+gRPC connection as kube-apiserver does. The head-of-line scenarios also run our server with
+upstream's agent ("ours-upstream-agent"). CPU time and RSS come from /proc. Every figure is
 the median of ``--runs`` runs (min-max beside it), runs interleaved across implementations;
 ratios ours/upstream and ours/direct are printed with the issue's targets (reported, never
 asserted). See bench/README.md for what each figure means.
@@ -34,7 +35,9 @@ from typing import Any
 
 from bench._echo_proc import REPO_ROOT, ChildError, machine_busy_seconds, rss_kib
 from bench._tunnel_procs import (
+    IMPLS,
     LOOPBACK,
+    SIDES,
     Pair,
     Proc,
     Procs,
@@ -45,19 +48,39 @@ from bench._tunnel_procs import (
     start_pair,
     stop_pair,
 )
-from bench._tunnel_report import BULK, brief, render, summarize
-from konnectivity_fast.server.buffering import TUNNEL_STALL_TIMEOUT
+from bench._tunnel_report import BULK, SLOW, brief, render, summarize
+from konnectivity_fast.server.buffering import TUNNEL_BUFFER_BUDGET, TUNNEL_STALL_TIMEOUT
 
 MIB = 1 << 20
 MODES = ("grpc", "http-connect")
-IMPLS = ("ours", "upstream")
-SCENARIOS = ("down1", "up1", "down8", "setup1", "setup16", "rtt", "idle", "holsmall", "hol")
+MIXED = "ours-upstream-agent"
+# The slow-reader scenarios (SLOW in bench/_tunnel_report.py says what each runs).
+SLOW_NAMES = tuple(SLOW)
+SCENARIOS = (
+    "down1",
+    "up1",
+    "down8",
+    "setup1",
+    "setup16",
+    "rtt",
+    "idle",
+    "holsmall",
+    "hol",
+    *SLOW_NAMES,
+)
 # Fresh-pair scenarios in this order: "hol" (an endless stalled download) may wedge the
-# pair for good, so it comes last.
-FRESH = ("idle", "holsmall", "hol")
+# pair for good, so it comes last; each slow-reader scenario gets a pair of its own.
+FRESH = ("idle", "holsmall", "hol", *SLOW_NAMES)
 # The scenarios that run on the long-lived pairs (and on direct TCP); "idle" and "hol"
 # each get fresh pairs (a stalled reader may wedge a pair for good).
 SHARED = ("down1", "up1", "down8", "setup1", "setup16", "rtt")
+# The head-of-line family (``--family hol``, ``make bench-hol``): only these also run our
+# server with upstream's agent, which tells whether a defect is the server's or the agent's.
+HOL_FAMILY = ("holsmall", "hol", *SLOW_NAMES)
+# Its short form (--quick): the 4 MB/s reader, whose freeze (budget / rate) is 4 s.
+HOL_QUICK = ("slow4", "slow4x8", "slow4x8r10")
+# The short form of the family in the quick run of the whole benchmark (make bench QUICK=1).
+QUICK_SLOW = ("slow4",)
 START_TIMEOUT = 60.0
 # Seconds allowed past a load generator's own -timeout for its result line.
 RESULT_GRACE = 15.0
@@ -95,6 +118,26 @@ class Config:
     # TUNNEL_STALL_TIMEOUT (and upstream konnectivity-client's 10 s read timeout), when a
     # proxy that gives up on the stalled tunnel lets the others go again.
     hol_after: float = TUNNEL_STALL_TIMEOUT + 2.0
+    # Slow readers (SLOW): each phase in seconds. "base": the echo or the downloads alone.
+    slow_base: float = 3.0
+    # Slow reading before the echo is measured, and the downloads' phase beside it before
+    # slow_measure: 0 = per rate, the time the reader takes to read a tunnel budget
+    # (TUNNEL_BUFFER_BUDGET / rate: 16.8 s at 1 MB/s, 4.2 s at 4 MB/s) + slow_fill_margin.
+    slow_fill: float = 0.0
+    slow_fill_margin: float = 3.0
+    slow_measure: float = 5.0
+    # Downloads count from this long after the slow reader began ("from the first second").
+    slow_from: float = 1.0
+    # Bound on one echo or one new tunnel beside a slow reader: past the longest freeze
+    # (a budget at 1 MB/s).
+    slow_probe: float = 30.0
+    # One 1 KiB echo per interval at most (an interactive client, not a flood).
+    slow_interval: float = 0.01
+    # Each of the 8 downloads of the "r10" scenarios reads at this rate.
+    slow_other_rate: float = 10e6
+    # "stallx8": how long the 8 downloads run beside the reader that never reads: past
+    # TUNNEL_STALL_TIMEOUT, after which our server closes the stalled tunnel.
+    stall_seconds: float = TUNNEL_STALL_TIMEOUT + 4.0
     verbosity: int = 0
     settle: float = 2.0
     impls: tuple[str, ...] = IMPLS
@@ -117,6 +160,13 @@ QUICK = {
     "hol_probe": 3.0,
     "hol_stall": 0.5,
     "settle": 0.0,
+    "slow_base": 1.5,
+    "slow_fill_margin": 0.5,
+    "slow_measure": 2.0,
+    "stall_seconds": TUNNEL_STALL_TIMEOUT + 2.0,
+    # The mixed pairing runs in the head-of-line family only (--family hol).
+    "impls": ("ours", "upstream"),
+    "scenarios": (*SCENARIOS[: SCENARIOS.index(SLOW_NAMES[0])], *QUICK_SLOW),
 }
 
 Progress = Callable[[str], None]
@@ -155,7 +205,8 @@ class Bench:
         self.source_at_start = _source()
         self.loadavg_at_start = _loadavg().split()
         self.loadgen = str(build_loadgen())
-        self.upstream_bin = build_upstream() if "upstream" in self.config.impls else None
+        uses_upstream = any("upstream" in SIDES[impl] for impl in self.config.impls)
+        self.upstream_bin = build_upstream() if uses_upstream else None
         self.certs = make_certs(self.dir)
         self.backend = self.procs.start("backend", [self.loadgen, "backend"])
         self.target_addr = f"{LOOPBACK}:{int(self.backend.expect('READY', START_TIMEOUT))}"
@@ -330,9 +381,39 @@ class Bench:
         bound = 3 * c.hol_window + 2 * c.hol_probe + after + 60.0
         return self.measure(target, "hol", args, bound)
 
+    def slow_fill(self, rate: float) -> float:
+        """Seconds of slow reading before the measured phase (Config.slow_fill)."""
+        c = self.config
+        return c.slow_fill or TUNNEL_BUFFER_BUDGET / rate + c.slow_fill_margin
+
+    def slow(self, name: str, target: Target) -> dict[str, Any]:
+        """One tunnel read steadily at a slow rate (or never) beside an echo or downloads."""
+        c = self.config
+        kind, rate, paced = SLOW[name]
+        if rate > 0:
+            fill, measure = self.slow_fill(rate), c.slow_measure
+        else:  # a reader that never reads: the downloads beside it from its first second
+            fill, measure = 0.0, c.stall_seconds
+        args = [
+            f"-kind={kind}",
+            f"-rate={rate:g}",
+            f"-other-rate={c.slow_other_rate if paced else 0:g}",
+            f"-conns={c.multi_conns}",
+            f"-base={c.slow_base:g}s",
+            f"-fill={fill:g}s",
+            f"-measure={measure:g}s",
+            f"-from={c.slow_from:g}s",
+            f"-probe={c.slow_probe:g}s",
+            f"-interval={c.slow_interval * 1e3:g}ms",
+        ]
+        bound = 2 * c.slow_base + fill + measure + 4 * c.slow_probe + 30.0
+        return self.measure(target, "slow", args, bound)
+
     def fresh(self, name: str, target: Target) -> dict[str, Any]:
         if name == "idle":
             return self.idle(target)
+        if name in SLOW:
+            return self.slow(name, target)
         c = self.config
         if name == "holsmall":
             return self.hol(target, c.hol_small_bytes, 0.0)
@@ -345,7 +426,8 @@ class Bench:
         out = [Target("direct", "direct")] if c.direct else []
         for mode in c.modes:
             for impl in c.impls:
-                out.append(Target(f"{impl}/{mode}", mode, self.pair(impl, mode)))
+                if impl != MIXED:  # the mixed pairing is for the head-of-line family
+                    out.append(Target(f"{impl}/{mode}", mode, self.pair(impl, mode)))
         return out
 
     def run(self) -> dict[str, Any]:
@@ -379,25 +461,43 @@ class Bench:
         for target in targets:
             if target.pair is not None:
                 stop_pair(self.procs, target.pair)
-        fresh = [s for s in FRESH if s in c.scenarios]
-        for run in range(c.runs if fresh else 0):
-            for mode in c.modes:
-                for impl in c.impls:
-                    target = Target(f"{impl}/{mode}", mode, self.pair(impl, mode))
-                    for name in fresh:
-                        self.wait_quiet()
-                        result = self.fresh(name, target)
-                        runs.setdefault(name, {}).setdefault(target.key, []).append(result)
-                        self.progress(
-                            f"[{name} {run + 1}/{c.runs}] {target.key:22s} {_brief(name, result)}"
-                        )
-                    assert target.pair is not None
-                    stop_pair(self.procs, target.pair)
+        # One pair for idle, holsmall and hol (in that order); one for each slow reader.
+        groups = [[s for s in FRESH if s in c.scenarios and s not in SLOW]]
+        groups += [[s] for s in FRESH if s in c.scenarios and s in SLOW]
+        for run in range(c.runs):
+            for group in groups:
+                for mode in c.modes:
+                    for impl in c.impls:
+                        names = [s for s in group if impl != MIXED or s in HOL_FAMILY]
+                        if names:
+                            self._fresh_pair(run, names, impl, mode, runs)
         machine = _machine(self.upstream_bin)
         machine["loadavg"] = self.loadavg_at_start
         if self.source_at_start != _source():
             machine["source_at_start"] = self.source_at_start
         return summarize(asdict(c), machine, runs)
+
+    def _fresh_pair(
+        self,
+        run: int,
+        names: list[str],
+        impl: str,
+        mode: str,
+        runs: dict[str, dict[str, list[dict[str, Any]]]],
+    ) -> None:
+        """Run ``names`` in order on a new pair, then stop it."""
+        c = self.config
+        target = Target(f"{impl}/{mode}", mode, self.pair(impl, mode))
+        for name in names:
+            self.wait_quiet()
+            result = self.fresh(name, target)
+            cell = runs.setdefault(name, {}).setdefault(target.key, [])
+            if cell:  # the chart plots one run's time series: the first's
+                result.pop("series", None)
+            cell.append(result)
+            self.progress(f"[{name} {run + 1}/{c.runs}] {target.key:32s} {_brief(name, result)}")
+        assert target.pair is not None
+        stop_pair(self.procs, target.pair)
 
     def _revive(self, target: Target) -> None:
         """A pair with a dead process is replaced (and the progress says so)."""
@@ -475,7 +575,12 @@ def run_benchmark(config: Config, progress: Progress = _stderr) -> dict[str, Any
 
 def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="python -m bench.tunnel", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="1 run, small sizes: under 2 minutes")
+    p.add_argument("--quick", action="store_true", help="1 run, small sizes: under 3 minutes")
+    p.add_argument(
+        "--family",
+        choices=("hol",),
+        help="only the head-of-line family (stalled and slow readers), every pairing",
+    )
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--chart", type=Path, help="write a PNG chart here (needs matplotlib)")
     p.add_argument("--runs", type=int)
@@ -491,6 +596,21 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
         "--hol-stall-mib",
         type=int,
         help="MiB the stalled tunnel asks for in the head-of-line test (default 2^20: endless)",
+    )
+    p.add_argument(
+        "--slow-base", type=float, help="s of echo or downloads before the slow reader (3)"
+    )
+    p.add_argument(
+        "--slow-fill",
+        type=float,
+        help="s of slow reading before the measured phase (default per rate: budget/rate + 3)",
+    )
+    p.add_argument("--slow-measure", type=float, help="s of the measured phase (5)")
+    p.add_argument(
+        "--slow-probe", type=float, help="bound on one echo or new tunnel beside it, s (30)"
+    )
+    p.add_argument(
+        "--stall-seconds", type=float, help="s of the 8 downloads beside a stalled reader (14)"
     )
     p.add_argument("--settle", type=float, help="max seconds to wait for a quiet machine (2)")
     p.add_argument("--verbosity", type=int, default=0, help="-v of both programs (0)")
@@ -510,6 +630,10 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     )
     a = p.parse_args(argv)
     config = Config(**QUICK) if a.quick else Config()  # type: ignore[arg-type]
+    if a.family == "hol":
+        config.scenarios = HOL_QUICK if a.quick else HOL_FAMILY
+        config.impls = IMPLS
+        config.direct = False
     overrides: dict[str, Any] = {
         "runs": a.runs,
         "single_bytes": a.single_mib and a.single_mib * MIB,
@@ -521,6 +645,11 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
         "hol_window": a.hol_window,
         "hol_probe": a.hol_probe,
         "hol_stall_bytes": a.hol_stall_mib and a.hol_stall_mib * MIB,
+        "slow_base": a.slow_base,
+        "slow_fill": a.slow_fill,
+        "slow_measure": a.slow_measure,
+        "slow_probe": a.slow_probe,
+        "stall_seconds": a.stall_seconds,
         "settle": a.settle,
         "impls": a.impls and tuple(a.impls),
         "modes": a.modes and tuple(a.modes),
@@ -530,7 +659,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
         if value is not None:
             setattr(config, key, value)
     config.verbosity = a.verbosity
-    config.direct = not a.no_direct
+    config.direct = config.direct and not a.no_direct
     config.profile = a.profile
     config.profile_native = a.profile_native
     if not (1 <= config.runs <= 20 and config.idle_tunnels >= 1 and config.rtt_count >= 1):
@@ -560,8 +689,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.chart is not None:
         from bench._tunnel_chart import chart
 
-        chart(results, args.chart)
-        _stderr(f"chart written to {args.chart}")
+        for path in chart(results, args.chart):
+            _stderr(f"chart written to {path}")
     return 0
 
 
