@@ -13,14 +13,15 @@ its high-water mark (``TUNNEL_WRITE_HIGH_WATER``, or the call's ``CALL_SEND_HIGH
 ``TunnelBuffer`` and in the process's ``BufferBudget``. When the frontend drains below its
 low-water mark the charge is released. Budgets:
 
-- ``TUNNEL_BUFFER_BUDGET``: a tunnel charged this much *holds* the agent stream that fed it.
-  A held stream is not stopped but *rationed*: the agent may have only
-  ``RATIONED_WINDOW`` bytes in flight beyond what the holding tunnel has room for (HTTP/2
-  window, granted with ``GrpcCall.grant_window``). Every byte the agent sends for another
-  tunnel is granted again at once, and the holding tunnel's bytes only as fast as its
-  frontend reads them, so the other tunnels keep flowing and the held tunnel's queue stays
-  within ``TUNNEL_BUFFER_BUDGET + `` one stream window. The hold ends as soon as the tunnel
-  is back under its budget; it never waits for the tunnel to drain.
+- ``TUNNEL_BUFFER_BUDGET``: the most a tunnel may be charged, give or take
+  ``RATIONED_WINDOW``. A tunnel charged within one stream window (``STREAM_WINDOW``, what
+  the agent may have in flight) of it *holds* the agent stream that fed it. A held stream
+  is not stopped but *rationed*: the agent may have in flight only what the holding tunnel
+  has room for, plus ``RATIONED_WINDOW`` (HTTP/2 window, granted with
+  ``GrpcCall.grant_window``). Every byte the agent sends for another tunnel is granted
+  again at once, and the holding tunnel's bytes only as fast as its frontend reads them, so
+  the other tunnels keep flowing. The hold ends as soon as the tunnel is back below where
+  it began; it never waits for the tunnel to drain.
 - ``PROCESS_BUFFER_BUDGET``: when all charges together reach it, each agent stream that
   feeds a blocked tunnel is paused outright (no ration) until the total is back under half.
 
@@ -40,8 +41,9 @@ Invariants:
 - An agent call is paused while a tunnel holds it or the process budget is spent, and
   resumed when the last reason goes; a tunnel's holds go with it (``release``, on drain or
   close, or when it is back under its budget).
-- While held, an agent call's receive window never exceeds ``RATIONED_WINDOW`` minus the
-  largest amount by which a holding tunnel is over its budget.
+- While held, an agent call's receive window never exceeds the smallest room left in a
+  holding tunnel (budget minus charge) plus ``RATIONED_WINDOW``; so no tunnel is charged
+  more than ``TUNNEL_BUFFER_BUDGET + RATIONED_WINDOW``.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import logging
 from collections.abc import Callable
 
 from konnectivity_fast.transport.call import GrpcCall
+from konnectivity_fast.transport.grpc import STREAM_WINDOW
 from konnectivity_fast.verbosity import V
 
 __all__ = [
@@ -77,9 +80,9 @@ TUNNEL_WRITE_LOW_WATER = 256 << 10
 #: before its neighbours feel it.
 TUNNEL_BUFFER_BUDGET = 16 << 20
 #: What a held agent stream may have in flight beyond the holding tunnel's room: big enough
-#: that the other tunnels of the agent move a useful amount per round trip, small enough
-#: that a slow reader's queue overshoots its budget by little (at 1 MB/s it drains this in
-#: a quarter second).
+#: that the other tunnels of the agent move a useful amount per round trip when the slow
+#: one has none, small enough that the slow reader's queue overshoots its budget by little
+#: (at 1 MB/s it drains this in a quarter second).
 RATIONED_WINDOW = 256 << 10
 #: How often a holding tunnel's queue is measured: its frontend's progress is granted to
 #: the agent within this delay (a 1 KiB echo behind a slow reader waits at most about this
@@ -132,6 +135,9 @@ class BufferBudget:
         self.process_budget = process_budget
         self.stall_timeout = stall_timeout
         self.rationed_window = rationed_window
+        #: A tunnel charged this much could reach its budget with what its agent may
+        #: already send: from here on, its agent is rationed.
+        self.hold_at = max(0, tunnel_budget - STREAM_WINDOW)
         self.total = 0
         #: Held agent calls and the tunnels holding each.
         self._holders: dict[GrpcCall, list[TunnelBuffer]] = {}
@@ -147,7 +153,7 @@ class BufferBudget:
         """``nbytes`` from ``agent`` were queued on the blocked ``tunnel``."""
         tunnel.charge += nbytes
         self.total += nbytes
-        if tunnel.charge >= self.tunnel_budget and agent not in tunnel.pausing:
+        if tunnel.charge >= self.hold_at and agent not in tunnel.pausing:
             # V(2): flow control toward a slow client, several times a second on a fast
             # download, not news.
             log.log(
@@ -228,7 +234,7 @@ class BufferBudget:
         tunnels = {t for holders in self._holders.values() for t in holders}
         for tunnel in tunnels:
             self._measure(tunnel)
-            if tunnel.charge < self.tunnel_budget:
+            if tunnel.charge < self.hold_at:
                 self._unhold(tunnel)
         for agent in list(self._holders):
             self._ration(agent)
@@ -248,8 +254,8 @@ class BufferBudget:
         holders = self._holders.get(agent)
         if not holders:
             return
-        over = max(t.charge for t in holders) - self.tunnel_budget
-        target = self.rationed_window - max(0, over)
+        room = self.tunnel_budget - max(t.charge for t in holders)
+        target = room + self.rationed_window
         if target > 0:
             missing = target - agent.receive_window()
             if missing > 0:

@@ -46,6 +46,7 @@ from konnectivity_fast.wire.errors import StatusCode
 # an unchecked one. The names come from the stub, so mypy checks their use.
 require_compiled()
 from konnectivity_fast._wire import (  # noqa: E402
+    DEFAULT_STREAM_WINDOW,
     EV_ABORTED,
     EV_CLOSED,
     EV_END,
@@ -61,10 +62,15 @@ from konnectivity_fast._wire import (  # noqa: E402
     H2Event,
 )
 
+#: The receive window each stream of our connections gives its peer: the most a peer may
+#: send on a paused stream (the engine's default; no listener changes it).
+STREAM_WINDOW = DEFAULT_STREAM_WINDOW
+
 __all__ = [
     "CALL_RECV_HIGH_WATER",
     "CALL_SEND_HIGH_WATER",
     "CLOSED_LOST",
+    "STREAM_WINDOW",
     "CallHost",
     "CallSink",
     "CallbackService",

@@ -15,6 +15,7 @@ from konnectivity_fast.agent.endpoint import READ_SIZE
 from konnectivity_fast.metrics import agent as agent_metrics
 from konnectivity_fast.server import PROXY_PATH
 from konnectivity_fast.server.buffering import BufferBudget
+from konnectivity_fast.server.http_connect import RESPONSE_200, start_http_connect_uds
 from konnectivity_fast.transport import grpc as kgrpc
 from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER
 from konnectivity_fast.wire.packets import DialRequest, Packet, PacketType
@@ -212,12 +213,15 @@ def test_metrics_follow_the_traffic(run: RunFn, sock_dir: str, certs: Certs) -> 
 # Our agent's tunnels take turns on its server stream (agent.sender): behind a slow
 # frontend whose tunnel holds the stream on the server, a 1 KiB echo on another tunnel
 # waits for the slow reader to take only what is in flight to it, not a queue of the fast
-# backend's bytes. Counted in bytes the slow reader takes, not in seconds.
+# backend's bytes. Counted in bytes the slow reader takes, not in seconds. The slow reader
+# is an HTTP-CONNECT client with a small read buffer, so that little sits unread on its
+# side.
 SLOW_BUDGET = 8 << 20
-# What the slow gRPC reader holds unread (our client role's inbox and stream window, 1 MiB
-# each), the rationed window on the server and the agent's small queue (UNSENT_LIMIT), plus
-# a few 16 KiB turns. A first-come agent queue (1 MiB before) adds its whole depth.
-ECHO_BEHIND_SLOW_READER_MAX = (2 << 20) + (512 << 10)
+SLOW_STEP = 16 << 10
+# The rationed window on the server, the agent's small queue (UNSENT_LIMIT), a few 16 KiB
+# turns and the Unix socket's buffers. A first-come agent queue (1 MiB before) adds its
+# whole depth.
+ECHO_BEHIND_SLOW_READER_MAX = 1 << 20
 
 
 @pytest.mark.timeout(60)
@@ -237,23 +241,25 @@ def test_slow_frontend_does_not_queue_its_agents_other_tunnels(
         echo = EchoServer()
         echo_port = await echo.start()
         budget = BufferBudget(tunnel_budget=SLOW_BUDGET)
+        http_uds = os.path.join(sock_dir, "connect.sock")
         async with (
             proxy_server(sock_dir, certs, budget=budget) as server,
             agent(certs, server.agent_port),
         ):
+            http = await start_http_connect_uds(server.proxy, http_uds)
             await until(lambda: server_has_agent(server))
             (backend,) = server.proxy.router.backends.values()
-            slow = await Tunnel.open(server.uds)
-            await slow.dial(f"{LOOPBACK}:{flood_port}", rnd=1)
+            slow_reader, slow_writer = await asyncio.open_unix_connection(http_uds, limit=SLOW_STEP)
+            target = f"{LOOPBACK}:{flood_port}"
+            slow_writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+            assert await slow_reader.readexactly(len(RESPONSE_200)) == RESPONSE_200
             await until(lambda: budget.paused(backend.conn), what="the slow tunnel holds")
             taken = 0
 
             async def read_steadily() -> None:
                 nonlocal taken
                 while True:
-                    message = await slow.call.recv()
-                    assert message is not None
-                    taken += len(message)
+                    taken += len(await slow_reader.read(SLOW_STEP))
                     await asyncio.sleep(0.001)
 
             reader = asyncio.get_running_loop().create_task(read_steadily())
@@ -266,7 +272,8 @@ def test_slow_frontend_does_not_queue_its_agents_other_tunnels(
                 await reader
             assert taken < ECHO_BEHIND_SLOW_READER_MAX, taken
             await fast.aclose()
-            await slow.aclose()
+            slow_writer.close()
+            http.close()
         await echo.close()
         flood_server.close()
 
