@@ -37,7 +37,8 @@ from konnectivity_fast.wire.errors import (
     NestingError, TagError, TruncatedError, Utf8Error, VarintError,
 )
 from konnectivity_fast.wire.packets import (
-    CloseDial, CloseRequest, CloseResponse, Data, DialRequest, DialResponse, Drain, Packet,
+    CloseDial, CloseRequest, CloseResponse, Data, DialRequest, DialResponse, Drain, FlowCredit,
+    Packet,
 )
 
 cdef extern from "kf_codec.h":
@@ -46,8 +47,14 @@ cdef extern from "kf_codec.h":
         KF_K_INT64
         KF_K_STRING
         KF_K_BYTES
-    const unsigned char kf_field_kind[9][4]
-    const unsigned char kf_connect_id_field[9]
+    enum:
+        KF_MEMBER_FLOW_CREDIT
+        KF_ROW_FLOW_CREDIT
+        KF_MEMBER_ROWS
+    int kf_member_row(uint32_t field) noexcept nogil
+    const unsigned char kf_member_field[KF_MEMBER_ROWS]
+    const unsigned char kf_field_kind[KF_MEMBER_ROWS][4]
+    const unsigned char kf_connect_id_field[KF_MEMBER_ROWS]
     int kf_varint_size(uint64_t v) noexcept nogil
     unsigned char* kf_put_varint(unsigned char* out, uint64_t v) noexcept nogil
     int kf_utf8_valid(const unsigned char* p, Py_ssize_t n) noexcept nogil
@@ -70,11 +77,10 @@ cdef enum:
     # Open groups' field numbers live on the C stack up to this depth (real traffic has no
     # groups); deeper nesting moves to one heap array of KF_MAX_GROUP_NESTING + 1 entries.
     KF_GROUP_STACK_INLINE = 32
-    # Packet's own fields: type = 1, then the payload oneof 2..8 (Data is 4).
+    # Packet's own fields: type = 1, then the payload oneof: upstream's 2..8 (Data is 4) and
+    # our flowCredit = 100, whose table row is 9 (kf_codec.h: kf_member_row).
     KF_FIELD_TYPE = 1
-    KF_MEMBER_FIRST = 2
     KF_MEMBER_DATA = 4
-    KF_MEMBER_LAST = 8
     KF_TYPE_DATA = 4
 
 # What went wrong (kf_packet.err), each with the pure twin's error class and text; the first
@@ -98,7 +104,8 @@ MAX_GROUP_NESTING = KF_MAX_GROUP_NESTING
 
 ctypedef struct kf_packet:
     int type              # Packet.type: low 32 bits of the last type varint, sign-extended
-    int which             # payload member (its field number, 2..8); 0 when there is none
+    int which             # payload member's row (kf_codec.h): its field number for 2..8,
+                          # KF_ROW_FLOW_CREDIT for 100; 0 when there is none
     long long ival[4]     # int64 fields of the payload by field number (1..3)
     Py_ssize_t off[4]     # string/bytes fields by field number: offset in the buffer...
     Py_ssize_t len[4]     # ...and length (absent reads as empty, as in proto3)
@@ -233,8 +240,8 @@ cdef Py_ssize_t kfc_skip(const unsigned char* p, Py_ssize_t pos, Py_ssize_t end,
 
 cdef Py_ssize_t kfc_parse_payload(const unsigned char* p, Py_ssize_t pos, Py_ssize_t end,
                                   kf_packet* pkt) noexcept nogil:
-    """Parses one occurrence of the payload member pkt.which in p[pos:end], merging into pkt:
-    the fields it holds overwrite, the others keep their values."""
+    """Parses one occurrence of the payload member in row pkt.which in p[pos:end], merging
+    into pkt: the fields it holds overwrite, the others keep their values."""
     cdef const unsigned char* kinds = kf_field_kind[pkt.which]
     cdef uint32_t field, wt
     cdef int kind
@@ -281,6 +288,7 @@ cdef int kf_parse(const unsigned char* p, Py_ssize_t n, kf_packet* pkt) noexcept
     cdef Py_ssize_t pos = 0, length
     cdef uint32_t field, wt
     cdef uint64_t v
+    cdef int row
     pkt.type = 0
     pkt.which = 0
     kfc_clear_payload(pkt)
@@ -294,16 +302,18 @@ cdef int kf_parse(const unsigned char* p, Py_ssize_t n, kf_packet* pkt) noexcept
             if pos < 0:
                 return -1
             pkt.type = <int32_t><uint32_t>v        # an int32 enum: the low 32 bits
-        elif KF_MEMBER_FIRST <= field <= KF_MEMBER_LAST and wt == 2:
-            pos = kfc_length(p, pos, n, &length, pkt)
-            if pos < 0:
-                return -1
-            if <int>field != pkt.which:             # a different member replaces the payload
-                pkt.which = field
-                kfc_clear_payload(pkt)
-            pos = kfc_parse_payload(p, pos, pos + length, pkt)
         else:
-            pos = kfc_skip(p, pos, n, field, wt, pkt)
+            row = kf_member_row(field) if wt == 2 else 0
+            if row != 0:                            # a payload member (2..8, or 100)
+                pos = kfc_length(p, pos, n, &length, pkt)
+                if pos < 0:
+                    return -1
+                if row != pkt.which:                # a different member replaces the payload
+                    pkt.which = row
+                    kfc_clear_payload(pkt)
+                pos = kfc_parse_payload(p, pos, pos + length, pkt)
+            else:
+                pos = kfc_skip(p, pos, n, field, wt, pkt)
         if pos < 0:
             return -1
     return KF_OK
@@ -416,7 +426,8 @@ cdef inline str kfc_str(const unsigned char* p, const kf_packet* pkt, int field)
 # __post_init__, no own __new__) and that the result equals the constructor's; otherwise
 # kfc_descrs stays None and the classes are simply called. (A hand-written __init__ that
 # converted its arguments would defeat this; packets.py's values are plain by design.)
-cdef list kfc_descrs = None   # by payload member (2..8), 0 for Packet: member descriptors
+cdef list kfc_descrs = None   # by payload member row (kf_packet.which), 0 for Packet: member
+                              # descriptors
 
 
 cdef inline object kfc_make(object cls, int which, object a, object b, object c, int n):
@@ -453,11 +464,14 @@ cdef object kfc_build_payload(const unsigned char* p, const kf_packet* pkt):
         return kfc_make(CloseDial, w, pkt.ival[1], None, None, 1)
     if w == 8:
         return kfc_make(Drain, w, None, None, None, 0)
+    if w == KF_ROW_FLOW_CREDIT:
+        return kfc_make(FlowCredit, w, pkt.ival[1], pkt.ival[2], None, 2)
     return None
 
 
 def _kfc_direct_slots():
-    """Member descriptors by payload member for kfc_make, or None if the shortcut is unsafe."""
+    """Member descriptors by payload member row for kfc_make, or None if the shortcut is
+    unsafe."""
     import dataclasses
     from types import MemberDescriptorType
     classes = {0: (Packet, ("type", "payload")),
@@ -465,8 +479,8 @@ def _kfc_direct_slots():
                3: (DialResponse, ("error", "connect_id", "random")),
                4: (Data, ("connect_id", "error", "data")), 5: (CloseRequest, ("connect_id",)),
                6: (CloseResponse, ("error", "connect_id")), 7: (CloseDial, ("random",)),
-               8: (Drain, ())}
-    descrs = [()] * 9
+               8: (Drain, ()), KF_ROW_FLOW_CREDIT: (FlowCredit, ("connect_id", "bytes"))}
+    descrs = [()] * KF_MEMBER_ROWS
     for which, (cls, names) in classes.items():
         if (not dataclasses.is_dataclass(cls) or cls.__new__ is not object.__new__
                 or hasattr(cls, "__post_init__") or "__dict__" in dir(cls)

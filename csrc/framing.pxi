@@ -42,11 +42,12 @@ cdef inline const char* kfc_utf8(object value, Py_ssize_t* size) except NULL:
 
 
 def encode_packet(packet):
-    """protobuf-go's canonical encoding: type (1) unless 0, then the payload member (2..8),
-    written whenever set, even when empty; negative int64/enum values take 10 bytes."""
+    """protobuf-go's canonical encoding: type (1) unless 0, then the payload member (2..8 or
+    100), written whenever set, even when empty; negative int64/enum values take 10 bytes."""
     cdef long long type_value
     cdef long long ival[4]
-    cdef int which, field, kind, overflow = 0
+    cdef int which, field, kind, overflow = 0   # which: the member's row (kf_codec.h)
+    cdef int member_tag_len
     cdef const char* sval[4]
     cdef Py_ssize_t slen[4]
     cdef Py_ssize_t payload_len = 0, total = 0
@@ -95,6 +96,10 @@ def encode_packet(packet):
         ival[1] = kfc_int64(payload.random)
     elif cls is Drain:
         which = 8
+    elif cls is FlowCredit:
+        which = KF_ROW_FLOW_CREDIT
+        ival[1] = kfc_int64(payload.connect_id)
+        ival[2] = kfc_int64(payload.bytes)
     else:
         raise TypeError(f"not a Packet payload: {cls.__name__}")
 
@@ -113,18 +118,25 @@ def encode_packet(packet):
                 payload_len += 1 + kf_varint_size(<uint64_t>ival[field])
             elif kind != KF_K_NONE and kind != KF_K_INT64 and slen[field] != 0:
                 payload_len += 1 + kf_varint_size(<uint64_t>slen[field]) + slen[field]
+        # The member's tag (wire type 2, length): one byte for upstream's 2..8, whose row is
+        # their field number; flowCredit = 100 (row 9) takes two, a2 06.
+        member_tag_len = 2 if which == KF_ROW_FLOW_CREDIT else 1
         if type_value != 0:
             total += 1 + kf_varint_size(<uint64_t>type_value)
         if which != 0:
-            total += 1 + kf_varint_size(<uint64_t>payload_len) + payload_len
+            total += member_tag_len + kf_varint_size(<uint64_t>payload_len) + payload_len
         result = PyBytes_FromStringAndSize(NULL, total)
         out = <unsigned char*>PyBytes_AS_STRING(result)
         if type_value != 0:
             out[0] = KF_FIELD_TYPE << 3                         # wire type 0: varint
             out = kf_put_varint(out + 1, <uint64_t>type_value)  # negative: sign-extended
         if which != 0:
-            out[0] = (which << 3) | 2                           # wire type 2: length
-            out = kf_put_varint(out + 1, <uint64_t>payload_len)
+            if member_tag_len == 1:
+                out[0] = (which << 3) | 2
+                out += 1
+            else:
+                out = kf_put_varint(out, (<uint64_t>kf_member_field[which] << 3) | 2)
+            out = kf_put_varint(out, <uint64_t>payload_len)
             for field in range(1, 4):
                 kind = kinds[field]
                 if kind == KF_K_INT64 and ival[field] != 0:

@@ -21,9 +21,35 @@ enum {
     KF_K_BYTES = 3   /* length-delimited, any bytes */
 };
 
-/* kf_field_kind[member][field]: member is the payload's field number in Packet (2..8); the
- * payload messages only use field numbers 1..3. Rows 0 and 1 are not payload members. */
-static const unsigned char kf_field_kind[9][4] = {
+/* Packet's payload members and the rows of the tables below.
+ *
+ * The oneof members are upstream's field numbers 2..8 and konnectivity-fast's own
+ * `FlowCredit flowCredit = 100` (extension flow.v1), numbered far away so that no member
+ * upstream adds can collide with it. The tables are indexed by a member's *row*: for 2..8
+ * the row is the field number itself (so the upstream members, the hot path, index them
+ * with no translation at all), and member 100 takes the next free row, 9. A table indexed
+ * by field number would need 101 rows, 92 of them empty, and grow again with the next
+ * extension member; a row map keeps the tables dense and the lookup one compare for
+ * upstream's members. kf_parse stores the row in kf_packet.which; kf_member_field maps it
+ * back to the field number for the encoder. Rows 0 and 1 are not payload members (0 means
+ * "no payload"). */
+#define KF_MEMBER_FLOW_CREDIT 100 /* FlowCredit flowCredit = 100 (flow.v1) */
+#define KF_ROW_FLOW_CREDIT 9
+#define KF_MEMBER_ROWS 10
+
+/* The row of Packet field `field` if it is a payload member, else 0. */
+static inline int kf_member_row(uint32_t field) {
+    if (field - 2u <= 6u) /* 2..8 (unsigned: 0 and 1 wrap around to large values) */
+        return (int)field;
+    return field == KF_MEMBER_FLOW_CREDIT ? KF_ROW_FLOW_CREDIT : 0;
+}
+
+/* The field number in Packet of the member in each row (0 for rows 0 and 1). */
+static const unsigned char kf_member_field[KF_MEMBER_ROWS] = {0, 0, 2, 3, 4, 5, 6, 7, 8,
+                                                              KF_MEMBER_FLOW_CREDIT};
+
+/* kf_field_kind[row][field]: the payload messages only use field numbers 1..3. */
+static const unsigned char kf_field_kind[KF_MEMBER_ROWS][4] = {
     {0, 0, 0, 0},
     {0, 0, 0, 0},
     {0, KF_K_STRING, KF_K_STRING, KF_K_INT64}, /* 2 DialRequest{protocol, address, random} */
@@ -33,10 +59,11 @@ static const unsigned char kf_field_kind[9][4] = {
     {0, KF_K_STRING, KF_K_INT64, 0},           /* 6 CloseResponse{error, connectID} */
     {0, KF_K_INT64, 0, 0},                     /* 7 CloseDial{random} */
     {0, 0, 0, 0},                              /* 8 Drain{} */
+    {0, KF_K_INT64, KF_K_INT64, 0},            /* 9 (member 100) FlowCredit{connectID, bytes} */
 };
 
-/* The field number of connectID in each payload member, 0 for members without one. */
-static const unsigned char kf_connect_id_field[9] = {0, 0, 0, 2, 1, 1, 2, 0, 0};
+/* The field number of connectID in the member of each row, 0 for members without one. */
+static const unsigned char kf_connect_id_field[KF_MEMBER_ROWS] = {0, 0, 0, 2, 1, 1, 2, 0, 0, 1};
 
 /* Bytes of the base-128 varint of v: 1..10. */
 static inline int kf_varint_size(uint64_t v) {

@@ -53,6 +53,7 @@ from konnectivity_fast.wire.packets import (
     DialRequest,
     DialResponse,
     Drain,
+    FlowCredit,
     Packet,
     PacketType,
     Payload,
@@ -76,6 +77,10 @@ _U64 = (1 << 64) - 1
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
 _MAX_PREFIXED_LENGTH = (1 << 32) - 1  # the gRPC prefix holds a 4-byte length
+
+#: Packet's oneof member ``FlowCredit flowCredit = 100`` (konnectivity-fast's flow.v1
+#: extension); upstream's members are 2..8.
+_FLOW_CREDIT_MEMBER = 100
 
 _PREFIX_SIZE = 5  # gRPC message prefix: 1 flag byte, 4-byte big-endian length
 _FLAG_COMPRESSED = 1
@@ -263,6 +268,22 @@ def _pull_drain(buf: bytes, pos: int, end: int, prev: Payload | None) -> Drain:
     return Drain()
 
 
+def _pull_flow_credit(buf: bytes, pos: int, end: int, prev: Payload | None) -> FlowCredit:
+    base = prev if isinstance(prev, FlowCredit) else FlowCredit()
+    connect_id, credit = base.connect_id, base.bytes
+    while pos < end:
+        field, wire, pos = _pull_tag(buf, pos, end, _MAX_FIELD)
+        if field == 1 and wire == _VARINT:  # int64 connectID = 1
+            value, pos = _pull_varint(buf, pos, end)
+            connect_id = _to_int64(value)
+        elif field == 2 and wire == _VARINT:  # int64 bytes = 2
+            value, pos = _pull_varint(buf, pos, end)
+            credit = _to_int64(value)
+        else:
+            pos = _skip_value(buf, field, wire, pos, end)
+    return FlowCredit(connect_id, credit)
+
+
 class _DataSlot:
     """A ``Data`` payload being decoded, plus where its ``data`` bytes lie in the buffer
     (what ``peek_data`` returns a view of)."""
@@ -303,6 +324,7 @@ _PULL_MEMBER: dict[int, Callable[[bytes, int, int, Payload | None], Payload]] = 
     6: _pull_close_response,  # CloseResponse closeResponse = 6
     7: _pull_close_dial,  # CloseDial closeDial = 7
     8: _pull_drain,  # Drain drain = 8
+    _FLOW_CREDIT_MEMBER: _pull_flow_credit,  # FlowCredit flowCredit = 100 (flow.v1)
 }
 
 
@@ -320,7 +342,8 @@ def _pull_packet(buf: bytes) -> tuple[int, Payload | _DataSlot | None]:
         if field == 1 and wire == _VARINT:  # PacketType type = 1 (an int32 enum)
             value, pos = _pull_varint(buf, pos, end)
             packet_type = _to_int32(value)
-        elif 2 <= field <= 8 and wire == _LEN:  # oneof payload, fields 2..8
+        elif wire == _LEN and (2 <= field <= 8 or field == _FLOW_CREDIT_MEMBER):
+            # oneof payload: upstream's members 2..8, and flowCredit = 100
             start, pos = _pull_length(buf, pos, end)
             if field == 4:  # Data data = 4
                 slot = payload if isinstance(payload, _DataSlot) else _DataSlot()
@@ -351,7 +374,7 @@ def peek_packet(buf: Buffer) -> tuple[int, int]:
     connectID is 0 for payloads without one and for no payload."""
     packet = decode_packet(buf)
     payload = packet.payload
-    if isinstance(payload, DialResponse | Data | CloseRequest | CloseResponse):
+    if isinstance(payload, DialResponse | Data | CloseRequest | CloseResponse | FlowCredit):
         return packet.type, payload.connect_id
     return packet.type, 0
 
@@ -423,7 +446,8 @@ def _put_bytes(out: bytearray, key: int, value: bytes) -> None:
 
 def _push_payload(payload: Payload) -> tuple[int, bytes]:
     """Serialize a payload message: (its field number in Packet, its bytes). Tags are
-    ``field << 3 | wire type``; every field number here is below 16, so tags are one byte."""
+    ``field << 3 | wire type``; every field number inside a payload is below 16, so those
+    tags are one byte (the member tag of ``flowCredit = 100`` in Packet takes two)."""
     out = bytearray()
     kind = type(payload)
     if kind is Data:
@@ -459,12 +483,17 @@ def _push_payload(payload: Payload) -> tuple[int, bytes]:
         return 7, bytes(out)
     if kind is Drain:
         return 8, b""
+    if kind is FlowCredit:
+        assert isinstance(payload, FlowCredit)
+        _put_int64(out, 0x08, payload.connect_id)  # connectID = 1
+        _put_int64(out, 0x10, payload.bytes)  # bytes = 2
+        return _FLOW_CREDIT_MEMBER, bytes(out)
     raise TypeError(f"not a Packet payload: {kind.__name__}")
 
 
 def encode_packet(packet: Packet) -> bytes:
     """protobuf-go's canonical encoding of ``packet``: type (1) unless 0, then the payload
-    member (2..8), which is written whenever it is set, even when empty."""
+    member (2..8 or 100), which is written whenever it is set, even when empty."""
     out = bytearray()
     packet_type = packet.type
     if not _INT32_MIN <= packet_type <= _INT32_MAX:
@@ -474,7 +503,7 @@ def encode_packet(packet: Packet) -> bytes:
         out += _varint(packet_type & _U64)
     if packet.payload is not None:
         field, body = _push_payload(packet.payload)
-        out.append(field << 3 | _LEN)
+        out += _varint(field << 3 | _LEN)  # one byte for 2..8, two for 100
         out += _varint(len(body))
         out += body
     return bytes(out)

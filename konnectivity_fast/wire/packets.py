@@ -2,7 +2,10 @@
 
 These mirror the messages of our ``konnectivity.proto`` (beside this module), which
 describes upstream's wire format: field numbers, proto3 semantics, no package. Names are
-the upstream concepts in Python spelling (``connectID`` -> ``connect_id``).
+the upstream concepts in Python spelling (``connectID`` -> ``connect_id``). Beyond
+upstream, one packet type and payload belong to konnectivity-fast's ``flow.v1`` extension
+(``PacketType.FLOW_CREDIT``, ``FlowCredit``), sent only on streams that negotiated it
+(``contract.Extension``).
 
 Invariants:
 - Values are immutable and compare by content, so a decoded packet can be compared with
@@ -32,6 +35,9 @@ class PacketType(IntEnum):
     DATA = 4
     DIAL_CLS = 5
     DRAIN = 6
+    # konnectivity-fast's extension flow.v1, only on streams that negotiated it. Upstream's
+    # numbers grow by one from 0; 100 leaves them room.
+    FLOW_CREDIT = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +94,25 @@ class Data:
     data: bytes = b""
 
 
+@dataclass(frozen=True, slots=True)
+class FlowCredit:
+    """konnectivity-fast's ``flow.v1`` extension (not upstream's): ``bytes`` more DATA
+    payload bytes may be sent for connection ``connect_id`` toward the sender of this
+    packet. Field numbers: connectID=1, bytes=2. Its member number in ``Packet`` is 100."""
+
+    connect_id: int = 0
+    bytes: int = 0  # the wire name; shadows the builtin inside this class body only
+
+
 Payload: TypeAlias = (
-    DialRequest | DialResponse | Data | CloseRequest | CloseResponse | CloseDial | Drain
+    DialRequest
+    | DialResponse
+    | Data
+    | CloseRequest
+    | CloseResponse
+    | CloseDial
+    | Drain
+    | FlowCredit
 )
 
 #: The ``oneof payload`` members by field number of ``Packet``.
@@ -101,6 +124,7 @@ PAYLOAD_FIELDS: dict[int, type[Payload]] = {
     6: CloseResponse,
     7: CloseDial,
     8: Drain,
+    100: FlowCredit,  # flow.v1, far from upstream's members so none of theirs can collide
 }
 PAYLOAD_FIELD_OF: dict[type[Payload], int] = {cls: num for num, cls in PAYLOAD_FIELDS.items()}
 
@@ -113,12 +137,14 @@ PAYLOAD_OF_TYPE: dict[PacketType, type[Payload]] = {
     PacketType.DATA: Data,
     PacketType.DIAL_CLS: CloseDial,
     PacketType.DRAIN: Drain,
+    PacketType.FLOW_CREDIT: FlowCredit,
 }
 
 
 @dataclass(frozen=True, slots=True)
 class Packet:
-    """Field numbers: type=1, then the ``payload`` oneof (2..8, see ``PAYLOAD_FIELDS``)."""
+    """Field numbers: type=1, then the ``payload`` oneof (2..8 and 100, see
+    ``PAYLOAD_FIELDS``)."""
 
     type: int = PacketType.DIAL_REQ
     payload: Payload | None = None

@@ -38,6 +38,7 @@ from konnectivity_fast.wire.packets import (
     DialRequest,
     DialResponse,
     Drain,
+    FlowCredit,
     Packet,
     PacketType,
     Payload,
@@ -145,6 +146,7 @@ _MEMBERS: dict[type[Payload], tuple[str, list[tuple[str, str]]]] = {
     CloseResponse: ("closeResponse", [("error", "error"), ("connect_id", "connectID")]),
     CloseDial: ("closeDial", [("random", "random")]),
     Drain: ("drain", []),
+    FlowCredit: ("flowCredit", [("connect_id", "connectID"), ("bytes", "bytes")]),
 }  # fmt: skip
 _BY_MEMBER = {member: (cls, fields) for cls, (member, fields) in _MEMBERS.items()}
 
@@ -266,7 +268,7 @@ def upb_divergences(data: bytes) -> set[str]:
                     found.add("long_varint")
                 if value > end - pos:
                     return
-                if member == 0 and not groups and 2 <= field <= 8:
+                if member == 0 and not groups and (2 <= field <= 8 or field == 100):
                     walk(pos, pos + value, field)
                 pos += value
 
@@ -308,7 +310,7 @@ def peek_problem(codec: Any, data: bytes, expected: Outcome) -> str | None:
         return None
     packet: Packet = expected[1]
     payload = packet.payload
-    has_id = isinstance(payload, DialResponse | Data | CloseRequest | CloseResponse)
+    has_id = isinstance(payload, DialResponse | Data | CloseRequest | CloseResponse | FlowCredit)
     connect_id = payload.connect_id if has_id else 0  # type: ignore[union-attr]
     peeked = codec.peek_packet(data)
     if peeked != (packet.type, connect_id):

@@ -20,6 +20,9 @@ from konnectivity_fast.wire.errors import (
     VarintError,
 )
 from konnectivity_fast.wire.packets import (
+    PAYLOAD_FIELD_OF,
+    PAYLOAD_FIELDS,
+    PAYLOAD_OF_TYPE,
     CloseDial,
     CloseRequest,
     CloseResponse,
@@ -27,10 +30,11 @@ from konnectivity_fast.wire.packets import (
     DialRequest,
     DialResponse,
     Drain,
+    FlowCredit,
     Packet,
     PacketType,
 )
-from tests.support.oracle import from_official, official_encode, pb2
+from tests.support.oracle import against_official, from_official, official_encode, outcome, pb2
 
 T = PacketType
 INT64_MAX, INT64_MIN = (1 << 63) - 1, -(1 << 63)
@@ -114,6 +118,38 @@ ROUND_TRIP: list[tuple[str, Packet, str]] = [
         "unicode",
         Packet(T.DIAL_REQ, DialRequest(address="h\u00e9\U0001f600:1")),
         "12 0b 12 09 68 c3a9 f09f9880 3a31",
+    ),
+    # flow.v1's FlowCredit: type 100 (64), member 100 (tag 100 << 3 | 2 = 802: a2 06).
+    (
+        "flow credit",
+        Packet(T.FLOW_CREDIT, FlowCredit(7, 65536)),
+        "08 64 a2 06 06 08 07 10 80 80 04",
+    ),
+    ("flow credit, empty", Packet(T.FLOW_CREDIT, FlowCredit()), "08 64 a2 06 00"),
+    ("flow credit, connectID 0", Packet(T.FLOW_CREDIT, FlowCredit(0, 1)), "08 64 a2 06 02 10 01"),
+    ("flow credit, no bytes", Packet(T.FLOW_CREDIT, FlowCredit(5, 0)), "08 64 a2 06 02 08 05"),
+    (
+        "flow credit, negative",
+        Packet(T.FLOW_CREDIT, FlowCredit(-1, INT64_MIN)),
+        "08 64 a2 06 16 08 ff ff ff ff ff ff ff ff ff 01 10 80 80 80 80 80 80 80 80 80 01",
+    ),
+    (
+        "flow credit, max int64",
+        Packet(T.FLOW_CREDIT, FlowCredit(INT64_MAX, INT64_MAX)),
+        "08 64 a2 06 14 08 ff ff ff ff ff ff ff ff 7f 10 ff ff ff ff ff ff ff ff 7f",
+    ),
+    (
+        "flow credit, 32-bit values",
+        Packet(T.FLOW_CREDIT, FlowCredit(1 << 32, (1 << 31) - 1)),
+        "08 64 a2 06 0c 08 80 80 80 80 10 10 ff ff ff ff 07",
+    ),
+    ("flow credit type only", Packet(T.FLOW_CREDIT), "08 64"),
+    ("flow credit without a type", Packet(payload=FlowCredit(3, 4)), "a2 06 04 08 03 10 04"),
+    ("flow credit under DATA", Packet(T.DATA, FlowCredit(1, 2)), "08 04 a2 06 04 08 01 10 02"),
+    (
+        "data under FLOW_CREDIT",
+        Packet(T.FLOW_CREDIT, Data(1, data=b"A")),
+        "08 64 22 05 08 01 1a 01 41",
     ),
 ]
 
@@ -221,6 +257,51 @@ DECODE: list[tuple[str, str | bytes, Packet]] = [
     ("explicit defaults", "08 00 22 06 08 00 12 00 1a 00 08 00", Packet(0, Data())),
     ("fields in reverse order", "22 05 1a 01 41 08 05 08 04", Packet(4, Data(5, data=b"A"))),
     ("bytes are not UTF-8 checked", "22 03 1a 01 ff", Packet(payload=Data(data=b"\xff"))),
+    # flow.v1's FlowCredit (member 100, tag a2 06), by the same rules as upstream's members.
+    ("flow credit in reverse order", "a2 06 04 10 04 08 03", Packet(payload=FlowCredit(3, 4))),
+    (
+        "unknown fields around and inside flow credit",
+        "78 01 a2 06 10 18 05 08 03 7a 01 00 7b 7c 10 04 7d 00000000 08 64 7a 02 abcd",
+        Packet(T.FLOW_CREDIT, FlowCredit(3, 4)),
+    ),
+    ("flow credit member with wire type 0", "08 64 a0 06 05", Packet(T.FLOW_CREDIT)),
+    ("flow credit member as a group", "a3 06 08 05 a4 06 08 64", Packet(T.FLOW_CREDIT)),
+    ("flow credit member with fixed64", "a1 06 0102030405060708", Packet()),
+    ("flow credit member with fixed32", "a5 06 01020304", Packet()),
+    ("flow credit int64 with wire type 2", "a2 06 03 12 01 07", Packet(payload=FlowCredit())),
+    (
+        "flow credit int64 with fixed64",
+        "a2 06 09 11 0102030405060708",
+        Packet(payload=FlowCredit()),
+    ),
+    ("overlong flow credit member tag", "a2 86 80 00 02 08 01", Packet(payload=FlowCredit(1))),
+    (
+        "flow credit from 10-byte varints",
+        "a2 06 16 08 80 80 80 80 80 80 80 80 80 01 10 ff ff ff ff ff ff ff ff ff 01",
+        Packet(payload=FlowCredit(INT64_MIN, -1)),
+    ),
+    ("last scalar wins in flow credit", "a2 06 04 10 05 10 07", Packet(payload=FlowCredit(0, 7))),
+    ("merge flow credit", "a2 06 02 08 05 a2 06 02 10 07", Packet(payload=FlowCredit(5, 7))),
+    (
+        "merge flow credit, explicit zero wins",
+        "a2 06 04 08 05 10 07 a2 06 02 10 00",
+        Packet(payload=FlowCredit(5, 0)),
+    ),
+    ("merge flow credit, empty", "a2 06 04 08 05 10 07 a2 06 00", Packet(payload=FlowCredit(5, 7))),
+    (
+        "data replaced by flow credit",
+        "22 02 08 05 a2 06 02 10 07",
+        Packet(payload=FlowCredit(0, 7)),
+    ),
+    ("flow credit replaced by data", "a2 06 02 08 05 22 02 1a 00", Packet(payload=Data())),
+    ("flow credit replaced by drain", "a2 06 04 08 05 10 07 42 00", Packet(payload=Drain())),
+    (
+        "return to flow credit starts fresh",
+        "a2 06 02 10 07 2a 02 08 01 a2 06 02 08 05",
+        Packet(payload=FlowCredit(5, 0)),
+    ),
+    ("field 100 inside a payload is unknown", "22 04 a2 06 01 00", Packet(payload=Data())),
+    ("field 100 inside a group is unknown", "0b a2 06 00 0c", Packet()),
     ("10001 nested groups (Go's limit)", nested_groups(10001), Packet()),
     (
         "10001 nested groups in a payload",
@@ -283,6 +364,15 @@ ERRORS: list[tuple[str, str | bytes, type[CodecError]]] = [
     ("overlong UTF-8 in close response error", "32 04 0a 02 c080", Utf8Error),
     ("beyond U+10FFFF in data error", "22 06 12 04 f4908080", Utf8Error),
     ("bad UTF-8 after a merge", "12 02 18 01 12 03 0a 01 ff", Utf8Error),
+    ("flow credit member tag cut short", "a2", TruncatedError),
+    ("flow credit length past the end", "a2 06 05 08 01", TruncatedError),
+    ("varint past its flow credit", "a2 06 01 08 05", TruncatedError),
+    ("overflow in flow credit", f"a2 06 0b 10 {TEN_FF} 02", VarintError),
+    ("field 0 in flow credit", "a2 06 02 00 00", TagError),
+    ("wire type 7 in flow credit", "a2 06 01 0f", TagError),
+    ("stray end group of the flow credit member", "a4 06", TagError),
+    ("group never ended in flow credit", "a2 06 02 0b 08", TruncatedError),
+    ("bad tag in flow credit after a merge", "a2 06 02 08 05 a2 06 01 0e", TagError),
     ("groups past Go's limit", nested_groups(10002), NestingError),
     (
         "groups past Go's limit in a payload",
@@ -311,6 +401,16 @@ def test_decode_error(codec: ModuleType, wire: str | bytes, error: type[CodecErr
         codec.peek_packet(buf)
     with pytest.raises(error):
         codec.peek_data(buf)
+
+
+@pytest.mark.parametrize(
+    "wire", [c[1] for c in DECODE + ERRORS], ids=[c[0] for c in DECODE + ERRORS]
+)
+def test_cases_agree_with_official(codec: ModuleType, wire: str | bytes) -> None:
+    """Every decode and error case is upb's verdict too, but for a known upb-vs-Go divergence
+    present in the input (``oracle.upb_divergences``)."""
+    buf = h(wire)
+    assert against_official(buf, outcome(codec.decode_packet, buf)) is None
 
 
 def test_limits(codec: ModuleType) -> None:
@@ -356,10 +456,25 @@ def test_encode_range_errors(codec: ModuleType) -> None:
         Packet(T.CLOSE_REQ, CloseRequest(1 << 63)),
         Packet(T.CLOSE_RSP, CloseResponse(connect_id=1 << 63)),
         Packet(T.DIAL_CLS, CloseDial(1 << 63)),
+        Packet(T.FLOW_CREDIT, FlowCredit(1 << 63)),
+        Packet(T.FLOW_CREDIT, FlowCredit(INT64_MIN - 1)),
+        Packet(T.FLOW_CREDIT, FlowCredit(1, 1 << 63)),
+        Packet(T.FLOW_CREDIT, FlowCredit(bytes=INT64_MIN - 1)),
+        Packet(T.DATA, FlowCredit(bytes=1 << 64)),
     ):
         with pytest.raises(ValueError) as info:
             codec.encode_packet(packet)
         assert not isinstance(info.value, CodecError), packet
+
+
+def test_encode_type_errors(codec: ModuleType) -> None:
+    for packet in (
+        Packet(T.FLOW_CREDIT, FlowCredit("1")),  # type: ignore[arg-type]
+        Packet(T.FLOW_CREDIT, FlowCredit(1, 1.5)),  # type: ignore[arg-type]
+        Packet(T.FLOW_CREDIT, FlowCredit(bytes=b"1")),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(TypeError):
+            codec.encode_packet(packet)
 
 
 def test_encode_lone_surrogate(codec: ModuleType) -> None:
@@ -389,6 +504,14 @@ PEEK: list[tuple[str, int, int]] = [
     ("08 04 2a 02 08 07", 4, 7),  # the payload's ID, whatever the type
     ("08 ff ff ff ff ff ff ff ff ff 01 22 0b 08 ff ff ff ff ff ff ff ff ff 01", -1, -1),
     ("22 02 08 05 2a 02 08 07 22 00", 0, 0),
+    ("08 64 a2 06 04 08 07 10 05", 100, 7),  # FlowCredit's connectID (field 1)
+    ("08 64 a2 06 02 10 05", 100, 0),  # ... absent: 0; bytes (field 2) is not an ID
+    ("08 64 a2 06 0b 08 ff ff ff ff ff ff ff ff ff 01", 100, -1),
+    ("08 04 a2 06 02 08 07", 4, 7),  # under another type, as for CloseRequest above
+    ("a2 06 02 08 05 a2 06 02 10 09", 0, 5),  # merged: the ID of the first occurrence
+    ("a2 06 02 08 05 22 02 08 07", 0, 7),  # replaced by Data
+    ("22 02 08 07 a2 06 00", 0, 0),  # Data replaced by an empty FlowCredit
+    ("08 64 a0 06 07", 100, 0),  # member 100 with the wrong wire type: unknown
 ]
 
 
@@ -412,6 +535,10 @@ PEEK_DATA: list[tuple[str, tuple[int, bytes] | None]] = [
     ("22 02 08 07", None),
     ("08 04 22 02 08 07 08 05", None),  # the last type wins
     ("08 84 80 80 80 10 22 02 08 07", (7, b"")),  # type 2**32+4 is DATA
+    ("08 04 a2 06 02 08 07", None),  # a FlowCredit payload under the DATA type
+    ("08 04 22 03 1a 01 41 a2 06 02 08 05", None),  # Data replaced by FlowCredit
+    ("08 04 a2 06 02 08 05 22 03 1a 01 41", (0, b"A")),  # FlowCredit replaced: fresh Data
+    ("08 64 22 02 08 07", None),  # a Data payload under FLOW_CREDIT
 ]
 
 
@@ -441,6 +568,32 @@ def test_peek_data_shares_memory(codec: ModuleType) -> None:
     assert got is not None
     assert got[1].obj is frozen
     assert got[1].readonly
+
+
+# ------------------------------------------------------------------------ values
+
+
+def test_payload_tables_match_the_proto() -> None:
+    """packets.py's member and type tables are the .proto's, flow.v1's FlowCredit included."""
+    descriptor = pb2().Packet.DESCRIPTOR
+    members = {f.number: f for f in descriptor.oneofs_by_name["payload"].fields}
+    assert set(members) == set(PAYLOAD_FIELDS) == {2, 3, 4, 5, 6, 7, 8, 100}
+    for number, cls in PAYLOAD_FIELDS.items():
+        assert members[number].message_type.name == cls.__name__
+        assert PAYLOAD_FIELD_OF[cls] == number
+    enum = pb2().PacketType.DESCRIPTOR.values_by_number
+    assert {n: v.name for n, v in enum.items()} == {t.value: t.name for t in PacketType}
+    assert T.FLOW_CREDIT == 100 and PAYLOAD_OF_TYPE[T.FLOW_CREDIT] is FlowCredit
+    credit = pb2().FlowCredit.DESCRIPTOR.fields_by_name
+    assert {(f.name, f.number, f.type) for f in credit.values()} == {
+        ("connectID", 1, credit["connectID"].TYPE_INT64),
+        ("bytes", 2, credit["bytes"].TYPE_INT64),
+    }
+    assert Packet(T.FLOW_CREDIT, FlowCredit(1, 2)).payload_matches_type()
+    assert not Packet(T.DATA, FlowCredit(1, 2)).payload_matches_type()
+    assert not Packet(T.FLOW_CREDIT, Data(1)).payload_matches_type()
+    assert not Packet(T.FLOW_CREDIT).payload_matches_type()
+    assert FlowCredit(3, 4) == FlowCredit(connect_id=3, bytes=4) != FlowCredit(4, 3)
 
 
 # ------------------------------------------------------------------------ framing helpers

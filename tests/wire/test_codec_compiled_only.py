@@ -48,6 +48,7 @@ from konnectivity_fast.wire.packets import (
     DialRequest,
     DialResponse,
     Drain,
+    FlowCredit,
     Packet,
     PacketType,
 )
@@ -83,6 +84,9 @@ SAMPLES = [
     Packet(PacketType.CLOSE_RSP, CloseResponse("", 9)),
     Packet(PacketType.DIAL_CLS, CloseDial(42)),
     Packet(PacketType.DRAIN, Drain()),
+    Packet(PacketType.FLOW_CREDIT, FlowCredit(9, 1 << 20)),
+    Packet(PacketType.FLOW_CREDIT, FlowCredit(INT64_MIN, -1)),
+    Packet(PacketType.DATA, FlowCredit()),
     Packet(-5, None),
 ]
 
@@ -387,8 +391,13 @@ payloads = st.one_of(
     st.builds(CloseResponse, texts, int64s),
     st.builds(CloseDial, int64s),
     st.just(Drain()),
+    st.builds(FlowCredit, int64s, int64s),
 )
-packets = st.builds(Packet, st.integers(INT32_MIN, INT32_MAX), payloads)
+packets = st.builds(
+    Packet,
+    st.one_of(st.sampled_from(list(PacketType)), st.integers(INT32_MIN, INT32_MAX)),
+    payloads,
+)
 
 
 def _varint(value: int) -> bytes:
@@ -400,13 +409,14 @@ def _varint(value: int) -> bytes:
 
 
 # Well-formed unknown fields (numbers the schema does not use, or known numbers with the
-# wrong wire type), to append to a valid packet.
+# wrong wire type), to append to a valid packet. 100 is flow.v1's flowCredit member.
+unknown_numbers = st.integers(9, 1000).filter(lambda n: n != 100)
 unknown_fields = st.lists(
     st.one_of(
         st.tuples(st.integers(9, 1000), st.integers(0, (1 << 64) - 1)).map(
             lambda f: _varint(f[0] << 3) + _varint(f[1])
         ),
-        st.tuples(st.integers(9, 1000), st.binary(max_size=20)).map(
+        st.tuples(unknown_numbers, st.binary(max_size=20)).map(
             lambda f: _varint(f[0] << 3 | 2) + _varint(len(f[1])) + f[1]
         ),
         st.sampled_from([h("4b 08 01 4c"), h("25 01020304"), h("11 0102030405060708"), h("20 05")]),

@@ -28,6 +28,7 @@ from konnectivity_fast.wire.packets import (
     DialRequest,
     DialResponse,
     Drain,
+    FlowCredit,
     Packet,
     PacketType,
 )
@@ -53,7 +54,7 @@ int64s = st.one_of(
 )
 enums = st.one_of(
     st.sampled_from(list(PacketType)),
-    st.sampled_from([INT32_MIN, INT32_MAX, -1, 7, 1000]),
+    st.sampled_from([INT32_MIN, INT32_MAX, -1, 7, 99, 101, 1000]),
     st.integers(INT32_MIN, INT32_MAX),
 )
 texts = st.one_of(st.just(""), st.text(), st.sampled_from(["tcp", "10.0.0.1:443"]))
@@ -67,6 +68,7 @@ payloads = st.one_of(
     st.builds(CloseResponse, texts, int64s),
     st.builds(CloseDial, int64s),
     st.just(Drain()),
+    st.builds(FlowCredit, int64s, int64s),
 )
 packets = st.builds(Packet, enums, payloads)
 
@@ -94,6 +96,8 @@ big64 = st.integers(max_value=INT64_MIN - 1) | st.integers(INT64_MAX + 1)
         st.builds(Packet, enums, st.builds(CloseRequest, big64)),
         st.builds(Packet, enums, st.builds(CloseResponse, connect_id=big64)),
         st.builds(Packet, enums, st.builds(CloseDial, big64)),
+        st.builds(Packet, enums, st.builds(FlowCredit, big64)),
+        st.builds(Packet, enums, st.builds(FlowCredit, int64s, big64)),
     )
 )
 def test_encode_rejects_out_of_range(codec: ModuleType, packet: Packet) -> None:
@@ -164,9 +168,10 @@ def field_values(draw: st.DrawFn, field: int, wire: int, depth: int = 0) -> byte
     return tag(draw, field, 3) + inner + tag(draw, field, 4)
 
 
-#: Field numbers of the payload messages, with the wire type each expects.
+#: Field numbers of the payload messages (by member number), with the wire type each expects.
 _SUB_FIELDS = {2: {1: 2, 2: 2, 3: 0}, 3: {1: 2, 2: 0, 3: 0}, 4: {1: 0, 2: 2, 3: 2},
-               5: {1: 0}, 6: {1: 2, 2: 0}, 7: {1: 0}, 8: {}}  # fmt: skip
+               5: {1: 0}, 6: {1: 2, 2: 0}, 7: {1: 0}, 8: {},
+               100: {1: 0, 2: 0}}  # fmt: skip
 
 
 @st.composite
@@ -188,10 +193,12 @@ def assembled(draw: st.DrawFn) -> bytes:
     repeated: merges and replacements), known numbers with wrong wire types, unknowns."""
     out = b""
     for _ in range(draw(st.integers(0, 5))):
-        field = draw(st.sampled_from([1, 1, 2, 3, 4, 4, 4, 5, 6, 7, 8, 9, 16, 19000]))
+        field = draw(
+            st.sampled_from([1, 1, 2, 3, 4, 4, 4, 5, 6, 7, 8, 9, 16, 19000, 99, 100, 100, 101])
+        )
         if field == 1 and draw(st.integers(0, 4)):
             out += tag(draw, 1, 0) + draw(varints())
-        elif 2 <= field <= 8 and draw(st.integers(0, 6)):
+        elif field in _SUB_FIELDS and draw(st.integers(0, 6)):
             body = draw(sub_messages(field))
             out += tag(draw, field, 2) + draw(varints(len(body), TAG_STYLES)) + body
         else:
