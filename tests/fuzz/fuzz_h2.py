@@ -41,6 +41,8 @@ import atheris
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from konnectivity_fast._compiled import require_compiled
+from konnectivity_fast.wire.contract import MD_CAPABILITIES
+from konnectivity_fast.wire.packets import FlowCredit, Packet, PacketType
 
 w: Any = require_compiled()
 
@@ -407,8 +409,9 @@ def _client_bytes(script: Any) -> bytes:
     return bytes(out)
 
 
-def _server_bytes(script: Any) -> bytes:
-    """What a server engine answers to a client running ``script`` (its whole output)."""
+def _server_bytes(script: Any, reply: bytes | None = None) -> bytes:
+    """What a server engine answers to a client running ``script`` (its whole output): on
+    each stream, ``reply`` (by default ``b"reply"`` times the stream id), then trailers."""
     client = w.H2Connection(False)
     server = w.H2Connection(True)
     out = bytearray()
@@ -420,7 +423,7 @@ def _server_bytes(script: Any) -> bytes:
     for ev in events:
         if ev.kind == w.EV_REQUEST and ev.stream_id not in closed:
             server.send_headers(ev.stream_id, [("serverid", "s1")])
-            server.send_message(ev.stream_id, b"reply" * ev.stream_id)
+            server.send_message(ev.stream_id, reply or b"reply" * ev.stream_id)
             server.send_trailers(ev.stream_id, 0 if ev.stream_id == 1 else 7, "dénied 100%")
     out += server.data_to_send()
     return bytes(out)
@@ -450,6 +453,20 @@ def _big(client: Any, out: bytearray) -> None:
     client.send_message(sid, bytes(range(256)) * 20)
 
 
+def _credit_packet(connect_id: int, credit: int) -> bytes:
+    return bytes(w.encode_packet(Packet(PacketType.FLOW_CREDIT, FlowCredit(connect_id, credit))))
+
+
+def _credit(client: Any, out: bytearray) -> None:
+    """A flow.v1 stream (negotiated in its metadata): credit packets among DATA packets; the
+    server's answer (``make_corpus``) is a credit packet too."""
+    sid = client.start_request(PATH, [("agentid", "a1"), (MD_CAPABILITIES, "flow.v1")])
+    for connect_id, credit in ((1, 1 << 16), (2, 1), (-1, (1 << 63) - 1)):
+        client.send_message(sid, _credit_packet(connect_id, credit))
+        client.send_data_packet(sid, connect_id, b"d" * 40)
+    client.end_stream(sid)
+
+
 def _after_client_settings(data: bytes) -> bytes:
     """A client's output without its preface and first SETTINGS frame."""
     assert data.startswith(PREFACE)
@@ -460,9 +477,11 @@ def _after_client_settings(data: bytes) -> bytes:
 def make_corpus(directory: Path) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     seeds: dict[str, bytes] = {}
-    for name, script in {"call": _call, "two": _two_calls, "big": _big}.items():
+    scripts = {"call": _call, "two": _two_calls, "big": _big, "credit": _credit}
+    replies = {"credit": _credit_packet(1, 1 << 20)}
+    for name, script in scripts.items():
         c = _client_bytes(script)
-        s = _server_bytes(script)
+        s = _server_bytes(script, replies.get(name))
         # Server role: the client's bytes as they are (their own preface), with each
         # application behaviour; and after our valid start.
         for mode in (0x00, M_REACT, M_REACT | M_PAUSE | M_SMALL, M_ENFORCE | M_KEEPALIVE):
