@@ -38,8 +38,10 @@ from konnectivity_fast.agent.client import ClientConfig
 from konnectivity_fast.agent.clientset import ClientSet
 from konnectivity_fast.agent.health import admin_routes, health_routes, start_http
 from konnectivity_fast.agent.policy import ServerCounter
+from konnectivity_fast.metrics import agent as agent_metrics
+from konnectivity_fast.metrics import flow as flow_metrics
 from konnectivity_fast.transport.tls import H2_ALPN
-from konnectivity_fast.wire.contract import IMPLEMENTED_EXTENSIONS, ExtensionSet
+from konnectivity_fast.wire.contract import NO_EXTENSIONS, Extension, ExtensionSet
 
 __all__ = ["AgentRunOptions", "LeaseCounter", "SetupError", "build_ssl_context", "run"]
 
@@ -146,7 +148,7 @@ def build_ssl_context(options: AgentRunOptions) -> ssl.SSLContext:
 def client_config(
     options: AgentRunOptions,
     ctx: ssl.SSLContext,
-    extensions: ExtensionSet = IMPLEMENTED_EXTENSIONS,
+    extensions: ExtensionSet = NO_EXTENSIONS,
 ) -> ClientConfig:
     return ClientConfig(
         host=options.proxy_server_host,
@@ -199,11 +201,13 @@ async def run(
     drain: asyncio.Event | None = None,
     *,
     lease_counter: LeaseCounter | None = None,
-    extensions: ExtensionSet = IMPLEMENTED_EXTENSIONS,
+    extensions: ExtensionSet = NO_EXTENSIONS,
 ) -> int:
     """Serve until ``stop`` is set; the process's exit code. Raises ``SetupError``.
     ``extensions``: what the agent offers each server (``wire.contract``)."""
     ctx = build_ssl_context(options)
+    if Extension.FLOW in extensions:
+        flow_metrics.enable(agent_metrics.REGISTRY)
     counter = ServerCounter()
     if options.count_server_leases:
         if lease_counter is None:

@@ -51,13 +51,13 @@ from konnectivity_fast.wire.contract import (
     BEARER_PREFIX,
     CONNECT_PATH,
     ERR_UNRECOGNIZED_CONNECT_ID,
-    IMPLEMENTED_EXTENSIONS,
     MD_AGENT_ID,
     MD_AGENT_IDENTIFIERS,
     MD_AUTHORIZATION,
     MD_SERVER_COUNT,
     MD_SERVER_ID,
     NO_EXTENSIONS,
+    Extension,
     ExtensionSet,
     capabilities_metadata,
     check_extensions,
@@ -72,6 +72,7 @@ from konnectivity_fast.wire.packets import (
     DialRequest,
     DialResponse,
     Drain,
+    FlowCredit,
     Packet,
     PacketType,
 )
@@ -101,6 +102,7 @@ MIN_KEEPALIVE_TIME = 10.0
 _DATA = int(PacketType.DATA)
 _DIAL_REQ = int(PacketType.DIAL_REQ)
 _CLOSE_REQ = int(PacketType.CLOSE_REQ)
+_FLOW_CREDIT = int(PacketType.FLOW_CREDIT)
 
 
 class ConnectError(Exception):
@@ -125,7 +127,7 @@ class ClientConfig:
     warn_on_channel_limit: bool = False
     extra_metadata: list[tuple[str, str]] = field(default_factory=list)
     # The extensions this agent offers each server (``wire.contract``).
-    extensions: ExtensionSet = IMPLEMENTED_EXTENSIONS
+    extensions: ExtensionSet = NO_EXTENSIONS
 
     def __post_init__(self) -> None:
         self.extensions = check_extensions(self.extensions)
@@ -193,6 +195,8 @@ class AgentClient:
         self.server_count = 0
         # Negotiated on this stream once connected: an extension is used only if in here.
         self.extensions: ExtensionSet = NO_EXTENSIONS
+        #: flow.v1 was negotiated: per-tunnel credit (tunnel/flow.py) on this stream.
+        self.flow = False
         self.endpoints: dict[int, Endpoint] = {}
         self._dials: set[asyncio.Task[None]] = set()
         self._next_id = 0
@@ -282,6 +286,7 @@ class AgentClient:
             raise ConnectError(_status_text(call.status, call.message))
         self.server_id, self.server_count = parse_server_headers(headers)
         self.extensions = negotiate_extensions(headers, cfg.extensions)
+        self.flow = Extension.FLOW in self.extensions
         if self.extensions:
             log.log(
                 V(2),
@@ -416,6 +421,9 @@ class AgentClient:
         except CodecError as exc:
             self._recv_failed(StatusCode.INTERNAL, unmarshal_error(exc))
             return
+        if ptype == _FLOW_CREDIT and self.flow:
+            self._on_flow_credit(message, connect_id)
+            return
         metrics.observe_packet(metrics.SEGMENT_TO_AGENT, ptype)
         if ptype == _DATA:
             self._on_data(message, connect_id)
@@ -487,6 +495,22 @@ class AgentClient:
             return None
         return payload
 
+    def _on_flow_credit(self, message: bytes, connect_id: int) -> None:
+        credit = self._decode(message, FlowCredit)
+        if not isinstance(credit, FlowCredit):
+            return
+        endpoint = self.endpoints.get(connect_id)
+        if endpoint is not None:  # else: closed meanwhile, the credit is moot
+            endpoint.add_credit(credit.bytes)
+
+    def endpoint_credit(self, endpoint: Endpoint, nbytes: int) -> None:
+        call = self.call
+        if call is None or self.closed:
+            return
+        packet = Packet(PacketType.FLOW_CREDIT, FlowCredit(endpoint.connect_id, nbytes))
+        with contextlib.suppress(GrpcError):  # the stream's end aborts the endpoint
+            call.send(encode_packet(packet))
+
     def _on_dial_request(self, message: bytes) -> None:
         req = self._decode(message, DialRequest)
         if not isinstance(req, DialRequest):
@@ -521,6 +545,8 @@ class AgentClient:
             endpoint.abort()
             return
         metrics.observe_dial_latency(self.loop.time() - start)
+        if self.flow:
+            endpoint.enable_flow()
         self.endpoints[connect_id] = endpoint
         metrics.endpoint_connection_opened()
         if not self._send(

@@ -47,6 +47,8 @@ from typing import Protocol, cast
 
 from konnectivity_fast.agent import dialerr
 from konnectivity_fast.agent.dialerr import DialError
+from konnectivity_fast.metrics import flow as flow_metrics
+from konnectivity_fast.tunnel.flow import GrowthBudget, ReceiveWindow, SendCredit
 
 __all__ = [
     "AGENT_WRITE_BUDGET",
@@ -104,6 +106,10 @@ class EndpointOwner(Protocol):
 
     def endpoint_lost(self, endpoint: Endpoint, exc: Exception | None) -> None: ...
 
+    def endpoint_credit(self, endpoint: Endpoint, nbytes: int) -> None:
+        """flow.v1: grant the server ``nbytes`` more for this endpoint (FLOW_CREDIT)."""
+        ...
+
     def update_inbound(self) -> None:
         """Re-decide whether the server stream must be paused (``EndpointPool.holds``)."""
         ...
@@ -118,6 +124,8 @@ class EndpointPool:
         self.endpoint_budget = endpoint_budget
         self.agent_budget = agent_budget
         self.agent_resume = agent_budget // 2
+        #: flow.v1: the window growth of every endpoint of the process (tunnel/flow.py).
+        self.growth = GrowthBudget()
         self._buf = bytearray(READ_SIZE)
         self.view = memoryview(self._buf)
         self.small_view = self.view[:CONGESTED_READ_SIZE]
@@ -185,19 +193,23 @@ class Endpoint(asyncio.BufferedProtocol):
     """One backend socket of one tunneled connection."""
 
     __slots__ = (
+        "_credit_paused",
         "_early",
         "_established",
         "_lost",
         "_pending",
         "_pending_size",
         "_read_paused",
+        "_reading",
         "closing",
         "connect_id",
         "counted",
+        "credit",
         "over_budget",
         "owner",
         "pool",
         "transport",
+        "window",
     )
 
     def __init__(self, pool: EndpointPool, owner: EndpointOwner, connect_id: int) -> None:
@@ -210,7 +222,13 @@ class Endpoint(asyncio.BufferedProtocol):
         self.closing = False  # CLOSE_REQ or stream loss: no more DATA either way
         self._established = False
         self._lost = False
-        self._read_paused = False
+        self._read_paused = False  # waiting for its turn on the stream (FairSender)
+        self._credit_paused = False  # flow.v1: its send credit is spent
+        self._reading = False  # the transport is reading
+        #: flow.v1, once negotiated (``enable_flow``): credit toward the server, and the
+        #: window the server may fill toward the backend.
+        self.credit: SendCredit | None = None
+        self.window: ReceiveWindow | None = None
         self._early: list[bytes] = []  # read before the DIAL_RSP went out (uvloop)
         # Server->backend payloads not yet handed to the transport (``write``).
         self._pending: list[bytes | memoryview] | None = None
@@ -225,7 +243,11 @@ class Endpoint(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         pool = self.pool
-        return pool.small_view if self.owner.congested else pool.view
+        view = pool.small_view if self.owner.congested else pool.view
+        credit = self.credit
+        if credit is not None and 0 < credit.credit < len(view):
+            return view[: credit.credit]  # flow.v1: never read more than may be sent
+        return view
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.closing:
@@ -242,6 +264,11 @@ class Endpoint(asyncio.BufferedProtocol):
             return
         if not self.owner.endpoint_data(self, data):
             self.pause_reading()
+        credit = self.credit
+        if credit is not None and not credit.spend(nbytes):
+            flow_metrics.stalled()
+            self._credit_paused = True
+            self._update_reading()
 
     def eof_received(self) -> bool:
         return False  # no half-close in Konnectivity: the whole connection ends
@@ -252,13 +279,18 @@ class Endpoint(asyncio.BufferedProtocol):
         self._lost = True
         self._pending, self._pending_size = None, 0
         self.pool.account(self, 0)
+        if self.window is not None:
+            self.window.release()
         self.owner.endpoint_lost(self, exc)
 
     def pause_writing(self) -> None:
         pass  # counted at each write (``write``)
 
     def resume_writing(self) -> None:
-        self.pool.account(self, 0)
+        if self.window is not None:
+            self._grant()  # flow.v1: the backend took everything
+        else:
+            self.pool.account(self, 0)
 
     # -- used by the owner --
 
@@ -268,28 +300,60 @@ class Endpoint(asyncio.BufferedProtocol):
             return 0
         return t.get_write_buffer_size() + self._pending_size
 
+    def enable_flow(self) -> None:
+        """flow.v1 was negotiated on this endpoint's stream: credit both ways from now (the
+        connection is established by the DIAL_RSP about to go out)."""
+        self.credit = SendCredit()
+        self.window = ReceiveWindow(self.pool.growth)
+
     def start_reading(self) -> None:
         """The DIAL_RSP is on its way: start reading the backend."""
         self._established = True
         early, self._early = self._early, []
+        credit = self.credit
         for data in early:
             if not self.closing and not self.owner.endpoint_data(self, data):
                 self._read_paused = True
-        if not self._read_paused and self.transport is not None and not self.closing:
-            self.transport.resume_reading()
+            if credit is not None and not credit.spend(len(data)):
+                self._credit_paused = True
+        self._update_reading()
 
     def pause_reading(self) -> None:
-        if not self._read_paused:
-            self._read_paused = True
-            if self.transport is not None and not self._lost:
-                self.transport.pause_reading()
+        """Wait for a turn on the stream (the owner calls ``resume_reading``)."""
+        self._read_paused = True
+        self._update_reading()
 
     def resume_reading(self) -> None:
-        if self._read_paused:
-            self._read_paused = False
-            t = self.transport
-            if self._established and t is not None and not self._lost and not self.closing:
-                t.resume_reading()
+        self._read_paused = False
+        self._update_reading()
+
+    def add_credit(self, nbytes: int) -> None:
+        """flow.v1: the server granted ``nbytes`` more."""
+        credit = self.credit
+        if credit is None:
+            return
+        flow_metrics.received(nbytes)
+        if credit.add(nbytes):
+            self._credit_paused = False
+            self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Read from the backend unless a reason holds (turn, credit, not established)."""
+        t = self.transport
+        if t is None or self._lost:
+            return
+        want = (
+            self._established
+            and not self.closing
+            and not self._read_paused
+            and not self._credit_paused
+        )
+        if want and not self._reading:
+            self._reading = True
+            t.resume_reading()
+        elif not want and self._reading:
+            self._reading = False
+            t.pause_reading()
 
     def write(self, data: bytes | memoryview) -> None:
         """Server->backend bytes; queued without limit here, counted against the budget.
@@ -305,7 +369,18 @@ class Endpoint(asyncio.BufferedProtocol):
         else:
             self._pending.append(data)
         self._pending_size += len(data)
-        self.pool.account(self, t.get_write_buffer_size() + self._pending_size)
+        window = self.window
+        if window is None:
+            self.pool.account(self, t.get_write_buffer_size() + self._pending_size)
+        elif not window.receive(len(data)):
+            # flow.v1: bounded by the window instead of the budgets; a server far past
+            # its credit is broken, and only this connection pays for it.
+            log.warning(
+                "server sent %d bytes past its credit on connection %d: closing it",
+                -window.in_flight,
+                self.connect_id,
+            )
+            self.abort()
 
     def flush(self) -> None:
         """Hand the held payloads to the transport (one ``writev`` on uvloop)."""
@@ -318,7 +393,21 @@ class Endpoint(asyncio.BufferedProtocol):
             t.write(pending[0])
         else:
             t.writelines(pending)
-        self.pool.account(self, t.get_write_buffer_size())
+        if self.window is not None:
+            self._grant()
+        else:
+            self.pool.account(self, t.get_write_buffer_size())
+
+    def _grant(self) -> None:
+        """flow.v1: give the server back what the backend took (at most once per loop
+        turn: after ``flush``, and when the backend's queue empties)."""
+        window = self.window
+        if window is None or self.closing or self._lost:
+            return
+        nbytes = window.grant(self.queued())
+        if nbytes:
+            flow_metrics.granted(nbytes)
+            self.owner.endpoint_credit(self, nbytes)
 
     def close(self) -> None:
         """CLOSE_REQ: stop reading, give the backend a bounded time for what is queued,

@@ -61,7 +61,7 @@ class FairSender:
         # out are offered together (Endpoint.start_reading): keep them in order.
         waiting[endpoint] = data if held is None else held + data
         if len(waiting) == 1 and held is None:
-            self.call.when_drained(self._serve, unsent_below=UNSENT_LIMIT)
+            self.call.when_drained(self._serve, below=UNSENT_LIMIT, unsent=True)
         return False
 
     def flush(self, endpoint: Endpoint) -> None:
@@ -82,7 +82,7 @@ class FairSender:
         call = self.call
         while waiting:
             if call.unsent() >= UNSENT_LIMIT:
-                call.when_drained(self._serve, unsent_below=UNSENT_LIMIT)
+                call.when_drained(self._serve, below=UNSENT_LIMIT, unsent=True)
                 return
             endpoint, data = waiting.popitem(last=False)
             self._send(endpoint.connect_id, data)

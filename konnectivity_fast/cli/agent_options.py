@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
 from konnectivity_fast.cli.command import CommandLine, parse_command
+from konnectivity_fast.cli.extensions import add_extension_flags
 from konnectivity_fast.cli.flags import (
     BOOL,
     DURATION,
@@ -111,6 +112,8 @@ class GrpcProxyAgentOptions:
     # Kubernetes client for leases; empty path means in-cluster configuration.
     kubeconfig_path: str = ""
     api_content_type: str = "application/vnd.kubernetes.protobuf"
+    # konnectivity-fast extensions (cli/extensions.py); off: behave as upstream.
+    enable_tunnel_flow_control: bool = False
 
     def validate(self) -> str | None:
         """The first failing check's message, in upstream's order, or ``None``."""
@@ -502,6 +505,7 @@ def build_flagset(
             dest=dest,
             env=AGENT_ID_ENV if dest == "agent_id" else "",
         )
+    add_extension_flags(fs, defaults)
     register_klog_flags(fs, klog_defaults)
     fs.add("help", BOOL, False, f"Show this help for {PROGRAM} and exit.", shorthand="h")
     return fs

@@ -157,7 +157,8 @@ def underscores_to_hyphens(name: str) -> str:
 class Flag:
     """One registered flag. ``dest`` is the key of its value in ``ParseResult.values``;
     two flags may share one (an alias). ``env`` names a variable whose non-empty value
-    replaces the default."""
+    replaces the default. ``extension``: a flag of ours that upstream's program lacks (a
+    konnectivity-fast extension; its help text says so)."""
 
     name: str
     type: ValueType
@@ -168,6 +169,7 @@ class Flag:
     hidden: bool = False
     deprecated: str = ""
     env: str = ""
+    extension: bool = False
 
     @property
     def def_value(self) -> str:
@@ -218,6 +220,7 @@ class FlagSet:
         hidden: bool = False,
         deprecated: str = "",
         env: str = "",
+        extension: bool = False,
     ) -> Flag:
         """Register a flag; like pflag, a deprecated flag is also hidden."""
         key = self._normalize(name)
@@ -237,6 +240,7 @@ class FlagSet:
             hidden or bool(deprecated),
             deprecated,
             env,
+            extension,
         )
         self._flags[key] = flag
         if shorthand:

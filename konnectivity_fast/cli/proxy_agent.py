@@ -30,16 +30,15 @@ from konnectivity_fast.cli.agent_options import (
     usage,
 )
 from konnectivity_fast.cli.command import Program, run_program
-from konnectivity_fast.wire.contract import IMPLEMENTED_EXTENSIONS, ExtensionSet
+from konnectivity_fast.cli.extensions import offered_extensions
+from konnectivity_fast.wire.contract import ExtensionSet
 
 __all__ = ["main"]
 
 log = logging.getLogger("konnectivity_fast.agent")
 
 
-async def _serve(
-    options: GrpcProxyAgentOptions, extensions: ExtensionSet = IMPLEMENTED_EXTENSIONS
-) -> int:
+async def _serve(options: GrpcProxyAgentOptions, extensions: ExtensionSet | None = None) -> int:
     loop = asyncio.get_running_loop()
     drain, stop = asyncio.Event(), asyncio.Event()
 
@@ -55,7 +54,11 @@ async def _serve(
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         return await run(
-            options, stop, drain, lease_counter=_lease_counter(options), extensions=extensions
+            options,
+            stop,
+            drain,
+            lease_counter=_lease_counter(options),
+            extensions=offered_extensions(options) if extensions is None else extensions,
         )
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -82,12 +85,11 @@ PROXY_AGENT = Program(
 )
 
 
-def main(
-    argv: Sequence[str] | None = None, *, extensions: ExtensionSet = IMPLEMENTED_EXTENSIONS
-) -> int:
+def main(argv: Sequence[str] | None = None, *, extensions: ExtensionSet | None = None) -> int:
     """The ``proxy-agent`` program; returns the exit code. ``extensions``: what the agent
-    offers each server (``wire.contract``); not a flag, as upstream has none: a program
-    embedding the agent (or a test) may offer less, or a token of its own."""
+    offers each server (``wire.contract``); None: what its flags enable
+    (``cli/extensions.py``). A program embedding the agent (or a test) may pass its own
+    set, a test token included."""
     program = dataclasses.replace(
         PROXY_AGENT, serve=functools.partial(_serve, extensions=extensions)
     )

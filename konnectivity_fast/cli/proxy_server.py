@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from konnectivity_fast.cli.command import Program, run_program
+from konnectivity_fast.cli.extensions import offered_extensions
 from konnectivity_fast.cli.server_options import (
     PROGRAM,
     ProxyRunOptions,
@@ -27,16 +28,14 @@ from konnectivity_fast.cli.server_options import (
     usage,
 )
 from konnectivity_fast.server.app import StartupError, run
-from konnectivity_fast.wire.contract import IMPLEMENTED_EXTENSIONS, ExtensionSet
+from konnectivity_fast.wire.contract import ExtensionSet
 
 __all__ = ["main"]
 
 log = logging.getLogger("konnectivity_fast.server")
 
 
-async def _serve(
-    options: ProxyRunOptions, extensions: ExtensionSet = IMPLEMENTED_EXTENSIONS
-) -> int:
+async def _serve(options: ProxyRunOptions, extensions: ExtensionSet | None = None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -51,7 +50,8 @@ async def _serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     try:
-        return await run(options, stop, extensions=extensions)
+        offered = offered_extensions(options) if extensions is None else extensions
+        return await run(options, stop, extensions=offered)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
@@ -68,12 +68,11 @@ PROXY_SERVER = Program(
 )
 
 
-def main(
-    argv: Sequence[str] | None = None, *, extensions: ExtensionSet = IMPLEMENTED_EXTENSIONS
-) -> int:
+def main(argv: Sequence[str] | None = None, *, extensions: ExtensionSet | None = None) -> int:
     """The ``proxy-server`` program; returns the exit code. ``extensions``: what the server
-    offers agents and frontends (``wire.contract``); not a flag, as upstream has none: a
-    program embedding the server (or a test) may offer less, or a token of its own."""
+    offers agents and frontends (``wire.contract``); None: what its flags enable
+    (``cli/extensions.py``). A program embedding the server (or a test) may pass its own
+    set, a test token included."""
     program = dataclasses.replace(
         PROXY_SERVER, serve=functools.partial(_serve, extensions=extensions)
     )

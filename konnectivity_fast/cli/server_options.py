@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
 from konnectivity_fast.cli.command import CommandLine, parse_command
+from konnectivity_fast.cli.extensions import add_extension_flags
 from konnectivity_fast.cli.flags import (
     BOOL,
     DURATION,
@@ -157,6 +158,8 @@ class ProxyRunOptions:
     # Seconds; 0 means stop at once / no dial timeout.
     graceful_shutdown_timeout: float = 0.0
     backend_dial_timeout: float = 0.0
+    # konnectivity-fast extensions (cli/extensions.py); off: behave as upstream.
+    enable_tunnel_flow_control: bool = False
 
     def validate(self) -> str | None:
         """The first failing check's message, in upstream's order, or ``None``."""
@@ -554,6 +557,7 @@ def build_flagset(
         )
     for name, kind, default, text, message in _DEPRECATED:
         fs.add(name, kind, default, text, deprecated=message)
+    add_extension_flags(fs, defaults)
     register_klog_flags(fs, klog_defaults)
     fs.add("help", BOOL, False, f"Show this help for {PROGRAM} and exit.", shorthand="h")
     return fs

@@ -550,6 +550,9 @@ class Registry:
         self._collectors.append(collector)
         return collector
 
+    def registered(self, collector: Collector) -> bool:
+        return collector in self._collectors
+
     def unregister(self, collector: Collector) -> None:
         self._collectors.remove(collector)
         self._names.difference_update(collector.names)

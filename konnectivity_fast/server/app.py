@@ -25,6 +25,7 @@ import os
 from typing import Protocol
 
 from konnectivity_fast.kube import ConfigError, KubeClient, load_config
+from konnectivity_fast.metrics import flow as flow_metrics
 from konnectivity_fast.metrics import server as server_metrics
 from konnectivity_fast.server.auth import TokenAuthenticator
 from konnectivity_fast.server.health import admin_routes, health_routes, start_http
@@ -47,7 +48,8 @@ from konnectivity_fast.server.startup import (
 from konnectivity_fast.transport import tls
 from konnectivity_fast.transport.grpc import GrpcServer
 from konnectivity_fast.wire.contract import (
-    IMPLEMENTED_EXTENSIONS,
+    NO_EXTENSIONS,
+    Extension,
     ExtensionSet,
     FrontendMode,
     parse_proxy_strategies,
@@ -252,7 +254,7 @@ async def _start_http(proxy: ProxyServer, options: RunOptions) -> list[asyncio.S
 
 
 async def run(
-    options: RunOptions, stop: asyncio.Event, *, extensions: ExtensionSet = IMPLEMENTED_EXTENSIONS
+    options: RunOptions, stop: asyncio.Event, *, extensions: ExtensionSet = NO_EXTENSIONS
 ) -> int:
     """Serve until ``stop`` is set; the process's exit code. A start-up failure raises
     ``StartupError`` with upstream's message. ``extensions``: what the server offers to
@@ -263,6 +265,8 @@ async def run(
         raise StartupError(f"failed to load kubernetes client config: {exc}") from None
     strategies = parse_proxy_strategies(options.proxy_strategies)
     server_metrics.startup(strategies)
+    if Extension.FLOW in extensions:
+        flow_metrics.enable(server_metrics.REGISTRY)
     proxy = ProxyServer(
         server_id=options.server_id,
         server_count=options.server_count,

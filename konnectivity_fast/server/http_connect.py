@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from email.utils import formatdate
 from typing import cast
 
@@ -40,6 +41,7 @@ from konnectivity_fast.server.buffering import (
     TUNNEL_WRITE_LOW_WATER,
     TunnelBuffer,
 )
+from konnectivity_fast.server.flow import FlowTunnel
 from konnectivity_fast.server.listeners import DEFAULT_TLS, TlsSettings
 from konnectivity_fast.server.proxy import ProxyServer
 from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER, GrpcCall, GrpcError
@@ -170,6 +172,9 @@ class HttpConnectProtocol(asyncio.Protocol):
         self._counted = False  # in the http_connections gauge
         self._held = False  # waiting for the agent call to drain (``when_drained``)
         self.buffer = TunnelBuffer(self._backlog, self._abandon)
+        self.flow: FlowTunnel | None = None  # flow.v1 with its agent (server/flow.py)
+        self._credit_paused = False
+        self._on_emptied: Callable[[], None] | None = None
 
     # --- asyncio.Protocol -----------------------------------------------------------------
 
@@ -198,6 +203,9 @@ class HttpConnectProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.server.budget.release(self.buffer)
+        emptied, self._on_emptied = self._on_emptied, None
+        if emptied is not None:
+            emptied()
 
     def data_received(self, data: bytes) -> None:
         state = self._state
@@ -350,7 +358,13 @@ class HttpConnectProtocol(asyncio.Protocol):
         if not len(data):
             return
         transport.write(data)
-        if self.buffer.blocked and agent is not None:
+        if agent is None:
+            return
+        flow = self.server.flow
+        if agent in flow.agents and self.frontend is not None:
+            # flow.v1: its window bounds it, not a budget
+            flow.received(self.flow_tunnel(agent, self.frontend.connect_id), len(data))
+        elif self.buffer.blocked:
             self.server.budget.charge(self.buffer, len(data), agent)
 
     def close_frontend(self, reason: CloseReason, error: str) -> None:
@@ -375,6 +389,9 @@ class HttpConnectProtocol(asyncio.Protocol):
         except GrpcError as exc:  # upstream logs it; the stream's end cleans up
             metrics.observe_stream_error(metrics.SEGMENT_TO_AGENT, exc.status, _DATA)
             log.debug("DATA on stream %d dropped: %s", call.stream_id, exc)
+        flow = self.server.flow
+        if call in flow.agents:
+            flow.sent(self.flow_tunnel(call, frontend.connect_id), len(data))
         if not self._paused and call.outbound_pending() >= CALL_SEND_HIGH_WATER:
             self._pause()
             self._resume_when_drained()
@@ -395,10 +412,49 @@ class HttpConnectProtocol(asyncio.Protocol):
 
     def _agent_drained(self) -> None:
         self._held = False
-        if self._paused and self._state == _RELAY and self.transport is not None:
+        self._maybe_resume()
+
+    def _maybe_resume(self) -> None:
+        if (
+            self._paused
+            and not self._held
+            and not self._credit_paused
+            and self._state == _RELAY
+            and self.transport is not None
+        ):
             self._paused = False
             with contextlib.suppress(RuntimeError):
                 self.transport.resume_reading()
+
+    # --- flow.v1: server/flow.py's FlowSource ---------------------------------------------
+
+    def flow_tunnel(self, agent: GrpcCall, connect_id: int) -> FlowTunnel:
+        """This tunnel's flow.v1 state with ``agent``, made by the first DATA or credit
+        either way (the connection is established: its ID is known)."""
+        tunnel = self.flow
+        if tunnel is None:
+            tunnel = self.flow = self.server.flow.tunnel(agent, connect_id, self)
+            if self.transport is not None:
+                # resume_writing now reports every emptied queue: when_emptied's event.
+                self.transport.set_write_buffer_limits(0, 0)
+        return tunnel
+
+    def flow_backlog(self) -> int:
+        return self._backlog()
+
+    def when_emptied(self, callback: Callable[[], None]) -> None:
+        self._on_emptied = callback
+
+    def pause_for_credit(self) -> None:
+        self._credit_paused = True
+        self._pause()
+
+    def resume_for_credit(self) -> None:
+        self._credit_paused = False
+        self._maybe_resume()
+
+    def flow_breached(self) -> None:
+        self._abandon()
 
     # --- ending ---------------------------------------------------------------------------
 
@@ -434,6 +490,10 @@ class HttpConnectProtocol(asyncio.Protocol):
         self._state = _CLOSED
         self._buf = bytearray()
         self.server.budget.release(self.buffer)
+        if self.flow is not None:
+            self.server.flow.close(self.flow)
+            self.flow = None
+            self._on_emptied = None
         self._cancel_header_timer()
         self._close_gauge()
         if self.transport is not None:

@@ -35,13 +35,14 @@ import asyncio
 import functools
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from random import Random
 from time import perf_counter
 from typing import Any, Protocol
 
 from konnectivity_fast.metrics import server as metrics
 from konnectivity_fast.server.buffering import TUNNEL_WRITE_HIGH_WATER, BufferBudget, TunnelBuffer
+from konnectivity_fast.server.flow import FlowControl, FlowTunnel, data_size, payload_size
 from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER
 from konnectivity_fast.transport.grpc import CallSink, GrpcCall, GrpcError
 from konnectivity_fast.tunnel import (
@@ -64,16 +65,17 @@ from konnectivity_fast.wire.codec import decode_packet, encode_packet, peek_pack
 from konnectivity_fast.wire.contract import (
     AGENT_SERVICE,
     CONNECT_PATH,
-    IMPLEMENTED_EXTENSIONS,
     MD_AGENT_ID,
     MD_AGENT_IDENTIFIERS,
     MD_AUTHORIZATION,
     MD_SERVER_COUNT,
     MD_SERVER_ID,
+    NO_EXTENSIONS,
     PROXY_PATH,
     PROXY_SERVICE,
     AgentIdentifiers,
     AgentMetadataError,
+    Extension,
     ExtensionSet,
     FrontendMode,
     ProxyStrategy,
@@ -84,7 +86,7 @@ from konnectivity_fast.wire.contract import (
     unmarshal_error,
 )
 from konnectivity_fast.wire.errors import CodecError, StatusCode
-from konnectivity_fast.wire.packets import Packet, PacketType
+from konnectivity_fast.wire.packets import FlowCredit, Packet, PacketType
 
 __all__ = ["ProxyServer"]
 
@@ -103,6 +105,7 @@ class Authenticator(Protocol):
 
 
 _DATA = int(PacketType.DATA)
+_FLOW_CREDIT = int(PacketType.FLOW_CREDIT)
 
 
 def _unknown_path(path: str, service: str) -> str:
@@ -142,7 +145,7 @@ class _FrontendStream:
     """The sink of one ``Proxy`` call, and its buffer toward the frontend (``buffering``).
     ``held``: its reading is paused until the agent call it writes to drains."""
 
-    __slots__ = ("buffer", "ended", "frontend", "held", "server")
+    __slots__ = ("buffer", "credit_paused", "ended", "flow", "frontend", "held", "server")
 
     def __init__(self, server: ProxyServer, frontend: Frontend) -> None:
         self.server = server
@@ -151,6 +154,8 @@ class _FrontendStream:
         self.buffer = TunnelBuffer(call.outbound_pending, self._abandon)
         self.held = False
         self.ended = False  # the client half-closed (a clean EOF)
+        self.flow: FlowTunnel | None = None  # flow.v1 with its agent (server/flow.py)
+        self.credit_paused = False
 
     def on_message(self, call: GrpcCall, message: bytes) -> None:
         server = self.server
@@ -166,6 +171,9 @@ class _FrontendStream:
             if backend is not None:
                 agent: GrpcCall = backend.conn
                 server._send(agent, message, metrics.SEGMENT_TO_AGENT, _DATA)
+                if agent in server.flow.agents:
+                    tunnel = self.flow_tunnel(agent, connect_id)
+                    server.flow.sent(tunnel, payload_size(message))
                 if not self.held and agent.outbound_pending() >= CALL_SEND_HIGH_WATER:
                     # The agent is behind: pause this frontend's stream, and only it.
                     self.held = True
@@ -180,10 +188,48 @@ class _FrontendStream:
         server._apply(
             server.router.receive_from_frontend(frontend, packet, server.loop.time(), message)
         )
+        backend = frontend.backend
+        if ptype == _DATA and backend is not None and backend.conn in server.flow.agents:
+            # The stream's first DATA, sent by the router (it learns the connection).
+            tunnel = self.flow_tunnel(backend.conn, frontend.connect_id)
+            server.flow.sent(tunnel, payload_size(message))
 
     def _agent_drained(self) -> None:
         self.held = False
-        self.frontend.conn.resume_reading()
+        if not self.credit_paused:
+            self.frontend.conn.resume_reading()
+
+    # -- flow.v1: server/flow.py's FlowSource --
+
+    def flow_tunnel(self, agent: GrpcCall, connect_id: int) -> FlowTunnel:
+        """This stream's tunnel with ``agent`` (its connection ``connect_id``), made by
+        the first DATA or credit either way."""
+        tunnel = self.flow
+        if tunnel is None:
+            tunnel = self.flow = self.server.flow.tunnel(agent, connect_id, self)
+        return tunnel
+
+    def flow_backlog(self) -> int:
+        call: GrpcCall = self.frontend.conn
+        return call.outbound_pending()
+
+    def when_emptied(self, callback: Callable[[], None]) -> None:
+        call: GrpcCall = self.frontend.conn
+        call.when_drained(callback, below=1)
+
+    def pause_for_credit(self) -> None:
+        self.credit_paused = True
+        call: GrpcCall = self.frontend.conn
+        call.pause_reading()
+
+    def resume_for_credit(self) -> None:
+        self.credit_paused = False
+        if not self.held:
+            call: GrpcCall = self.frontend.conn
+            call.resume_reading()
+
+    def flow_breached(self) -> None:
+        self._abandon()
 
     def _abandon(self) -> None:
         """The client stalled with its budget spent: reset its stream (CLOSE_REQ for its
@@ -201,6 +247,9 @@ class _FrontendStream:
     def on_closed(self, call: GrpcCall, error_code: int) -> None:
         if error_code and not self.ended:  # reset or connection lost: grpc-go's receive
             _receive_cancelled(metrics.SEGMENT_FROM_CLIENT)  # fails with Canceled
+        if self.flow is not None:
+            self.server.flow.close(self.flow)
+            self.flow = None
         self.server._remove_frontend(self.frontend)
         metrics.grpc_connection_closed(metrics.PROXY)
 
@@ -222,6 +271,9 @@ class _AgentStream:
             ptype, connect_id = peek_packet(message)
         except CodecError as exc:
             server._backend_failed(backend, StatusCode.INTERNAL, unmarshal_error(exc))
+            return
+        if ptype == _FLOW_CREDIT and call in server.flow.agents:
+            server._flow_credit(backend, message, connect_id)
             return
         metrics.observe_packet(metrics.SEGMENT_FROM_AGENT, ptype)
         server.budget.received(call)
@@ -363,7 +415,7 @@ class ProxyServer:
         loop: asyncio.AbstractEventLoop | None = None,
         budget: BufferBudget | None = None,
         authenticator: Authenticator | None = None,
-        extensions: ExtensionSet = IMPLEMENTED_EXTENSIONS,
+        extensions: ExtensionSet = NO_EXTENSIONS,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
         self.extensions = check_extensions(extensions)
@@ -376,6 +428,7 @@ class ProxyServer:
         self._timer_when: float | None = None
         self._closed = False
         self.budget = budget or BufferBudget()
+        self.flow = FlowControl()
         self.authenticator = authenticator
         self._gauges = (0, 0)  # pending dials, established connections, as last set
 
@@ -437,6 +490,8 @@ class ProxyServer:
             log.info("agent %s: sending headers failed: %s", agent_id, exc)
             return None
         backend = self.router.add_backend(agent_id, identifiers, call, accepted)
+        if Extension.FLOW in accepted:
+            self.flow.agents.add(call)
         self._update_backend_gauges()
         return _AgentStream(self, backend)
 
@@ -445,6 +500,7 @@ class ProxyServer:
             self._apply(self.router.remove_frontend(frontend))
 
     def _remove_backend(self, backend: Backend) -> None:
+        self.flow.agents.discard(backend.conn)
         if not backend.closed:
             self._apply(self.router.remove_backend(backend, self.loop.time()))
             self._update_backend_gauges()
@@ -494,6 +550,12 @@ class ProxyServer:
         self._send(call, message, metrics.SEGMENT_TO_CLIENT, ptype)
         if timed:
             metrics.observe_frontend_write_latency(perf_counter() - started)
+        if agent is not None and ptype == _DATA and agent in self.flow.agents:
+            stream = call.sink
+            if isinstance(stream, _FrontendStream):  # flow.v1: its window, not a budget
+                connect_id, size = data_size(message)
+                self.flow.received(stream.flow_tunnel(agent, connect_id), size)
+            return
         if agent is None or call.outbound_pending() < TUNNEL_WRITE_HIGH_WATER:
             return
         sink = call.sink
@@ -504,6 +566,21 @@ class ProxyServer:
             buffer.blocked = True
             call.when_drained(functools.partial(self.budget.release, buffer))
         self.budget.charge(buffer, len(message) if not isinstance(message, Packet) else 0, agent)
+
+    def _flow_credit(self, backend: Backend, message: bytes, connect_id: int) -> None:
+        """A FLOW_CREDIT from a flow.v1 agent: its tunnel may send more."""
+        frontend = self.router.route_agent_data(backend, connect_id)
+        if frontend is None:
+            return  # closed meanwhile: the credit is moot
+        source = frontend.conn if frontend.mode is not FrontendMode.GRPC else frontend.conn.sink
+        try:
+            packet = decode_packet(message)
+        except CodecError as exc:
+            self._backend_failed(backend, StatusCode.INTERNAL, unmarshal_error(exc))
+            return
+        if isinstance(packet.payload, FlowCredit) and source is not None:
+            tunnel = source.flow_tunnel(backend.conn, connect_id)
+            self.flow.credit(tunnel, packet.payload.bytes)
 
     def _message_type(self, message: Message) -> int:
         if isinstance(message, Packet):

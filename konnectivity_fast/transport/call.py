@@ -134,7 +134,7 @@ class GrpcCall:
         self._paused = False
         self._eof = False
         self._waiter: asyncio.Future[None] | None = None
-        self._drain_cbs: list[tuple[int, Callable[[], None]]] | None = None
+        self._drain_cbs: list[tuple[int, bool, Callable[[], None]]] | None = None
         self._headers_fut: asyncio.Future[Metadata] | None = None
         self._headers_seen = False
         self._closed_fut: asyncio.Future[int] | None = None
@@ -228,15 +228,20 @@ class GrpcCall:
             self.when_drained(functools.partial(_wake_future, waiter))
             await waiter
 
-    def when_drained(self, callback: Callable[[], None], *, unsent_below: int = 0) -> None:
-        """Call ``callback`` once, when this call's queued output is below
-        ``CALL_SEND_HIGH_WATER`` (or, with ``unsent_below``, when what the peer does not
-        let out now, ``unsent()``, is below that) or the call is gone (soon, if that is
-        already so). Any number of callbacks may wait: several tunnels share one agent's
-        call."""
+    def when_drained(
+        self,
+        callback: Callable[[], None],
+        *,
+        below: int = CALL_SEND_HIGH_WATER,
+        unsent: bool = False,
+    ) -> None:
+        """Call ``callback`` once, when this call's queued output is below ``below`` (with
+        ``unsent``: when what the peer does not let out now, ``unsent()``, is) or the call
+        is gone (soon, if that is already so). Any number of callbacks may wait: several
+        tunnels share one agent's call."""
         if self._drain_cbs is None:
             self._drain_cbs = []
-        self._drain_cbs.append((unsent_below, callback))
+        self._drain_cbs.append((below, unsent, callback))
         self._host.watch_drain(self)
 
     def outbound_pending(self) -> int:
@@ -419,18 +424,19 @@ class GrpcCall:
         pending = self.outbound_pending()
         unsent = -1  # measured when some callback asks for it
         ready: list[Callable[[], None]] = []
-        keep: list[tuple[int, Callable[[], None]]] = []
-        for unsent_below, callback in waiting:
-            if unsent_below:
+        keep: list[tuple[int, bool, Callable[[], None]]] = []
+        for entry in waiting:
+            below, of_unsent, callback = entry
+            if of_unsent:
                 if unsent < 0:
                     unsent = self.unsent() if pending else 0
-                done = unsent < unsent_below
+                done = unsent < below
             else:
-                done = pending < CALL_SEND_HIGH_WATER
+                done = pending < below
             if done:
                 ready.append(callback)
             else:
-                keep.append((unsent_below, callback))
+                keep.append(entry)
         self._drain_cbs = keep or None
         for callback in ready:
             callback()

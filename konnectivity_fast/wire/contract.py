@@ -16,8 +16,9 @@ tunnel/, server/ and agent/ import them and keep no copy of their own.
 Extension negotiation
 ---------------------
 An extension is a feature beyond upstream's protocol, named by a token (``flow.v1``).
-What each program *offers* is configuration (a constructor argument; by default
-``IMPLEMENTED_EXTENSIONS``, every member of ``Extension``). A client (our agent on
+What each program *offers* is configuration: its flags (cli/extensions.py; none by
+default) or a constructor argument; ``IMPLEMENTED_EXTENSIONS`` is every member of
+``Extension``, what this package can offer. A client (our agent on
 ``Connect``, our frontend clients on ``Proxy``) advertises its offer in the request
 metadata key ``kf-capabilities``, tokens joined by commas. Our server answers with the
 subset it offers too, under the same key, in the response headers that carry
@@ -263,9 +264,12 @@ def agent_from_metadata(
 
 
 class Extension(StrEnum):
-    """The extensions this package implements, by wire token: one line each, e.g.
-    ``FLOW = "flow.v1"``. A token matches ``check_extensions``'s grammar. Every program
-    offers all of them unless configured otherwise (``IMPLEMENTED_EXTENSIONS``)."""
+    """The extensions this package implements, by wire token, one line each. A token
+    matches ``check_extensions``'s grammar. A program offers those its flags enable
+    (cli/extensions.py; none by default)."""
+
+    #: Per-tunnel credit flow control on an agent stream (docs/flow-control.md).
+    FLOW = "flow.v1"
 
 
 # A set of extension tokens. ``Extension`` members are strings, so

@@ -20,6 +20,7 @@ from konnectivity_fast.server.buffering import BufferBudget
 from konnectivity_fast.transport import grpc as kgrpc
 from konnectivity_fast.transport import tls
 from konnectivity_fast.wire.codec import decode_packet, encode_packet
+from konnectivity_fast.wire.contract import NO_EXTENSIONS, ExtensionSet
 from konnectivity_fast.wire.packets import (
     CloseRequest,
     CloseResponse,
@@ -57,9 +58,14 @@ async def proxy_server(
     server_count: int = 1,
     agent_port: int = 0,
     budget: BufferBudget | None = None,
+    extensions: ExtensionSet = NO_EXTENSIONS,
 ) -> AsyncIterator[Server]:
     proxy = ProxyServer(
-        server_id=server_id, server_count=server_count, rng=random.Random(1), budget=budget
+        server_id=server_id,
+        server_count=server_count,
+        rng=random.Random(1),
+        budget=budget,
+        extensions=extensions,
     )
     uds = os.path.join(sock_dir, f"{server_id}.sock")
     handle = await start(

@@ -28,11 +28,15 @@ def read_golden(name: str) -> list[Row]:
 
 
 def flag_surface(fs: FlagSet, golden: list[Row]) -> list[Row]:
-    """Our flags in the golden list's shape. A deprecation message is compared only where
-    the golden row quotes one; a random default is written ``<uuid>``."""
+    """Our flags in the golden list's shape, but our extensions' (upstream has none of
+    them; tests/cli/test_extension_flags.py covers those). A deprecation message is
+    compared only where the golden row quotes one; a random default is written
+    ``<uuid>``."""
     quoted = {row[0]: m for row in golden for m in row[3] if m.startswith("deprecated=")}
     rows = []
     for flag in fs:
+        if flag.extension:
+            continue
         markers = set()
         if flag.shorthand:
             markers.add(f"shorthand={flag.shorthand}")

@@ -57,6 +57,8 @@ DEFAULTS: list[tuple[str, Any, type]] = [  # (field, value, type); durations in 
     ("server_count_source", "default", str),
     ("kubeconfig_path", "", str),
     ("api_content_type", "application/vnd.kubernetes.protobuf", str),
+    # Ours (cli/extensions.py): off, as upstream has no such thing.
+    ("enable_tunnel_flow_control", False, bool),
 ]
 
 

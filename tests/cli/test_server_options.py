@@ -68,6 +68,8 @@ DEFAULTS: list[tuple[str, Any, type]] = [  # (field, value, type); durations in 
     ("lease_label", "k8s-app=konnectivity-server", str),
     ("graceful_shutdown_timeout", 0.0, float),
     ("backend_dial_timeout", 0.0, float),
+    # Ours (cli/extensions.py): off, as upstream has no such thing.
+    ("enable_tunnel_flow_control", False, bool),
 ]
 
 

@@ -1,0 +1,54 @@
+"""The flags of konnectivity-fast's extensions, shared by both programs.
+
+Upstream's flags are declared in ``server_options`` and ``agent_options`` and pinned against
+upstream's binaries (tests/compat). The flags here are ours: each is marked ``extension``
+(tests/compat allows exactly those beyond upstream's), its help text starts with
+``EXTENSION_MARK``, and its default leaves the program behaving as upstream's. An extension
+that changes the wire is offered to peers (``wire.contract``, ``kf-capabilities``) only when
+its flag enables it, and used only on streams where the peer offered it too.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from konnectivity_fast.cli.flags import BOOL, FlagSet, ValueType
+from konnectivity_fast.wire.contract import NO_EXTENSIONS, Extension, ExtensionSet
+
+__all__ = ["EXTENSION_FLAGS", "EXTENSION_MARK", "ExtensionOptions", "add_extension_flags"]
+
+EXTENSION_MARK = "[konnectivity-fast] "
+
+#: (flag, option field, type, help) of the flags both programs have.
+EXTENSION_FLAGS: tuple[tuple[str, str, ValueType, str], ...] = (
+    (
+        "enable-tunnel-flow-control",
+        "enable_tunnel_flow_control",
+        BOOL,
+        "Offer per-tunnel flow control (flow.v1) to peers: with a konnectivity-fast peer "
+        "that offers it too, every tunnel gets its own credit window each way, so a slow "
+        "reader holds only its own tunnel and is never closed for being slow. Upstream "
+        "peers are not affected. Enable it on servers and agents.",
+    ),
+)
+
+
+class ExtensionOptions(Protocol):
+    """The option fields of the extension flags (both programs' options have them)."""
+
+    enable_tunnel_flow_control: bool
+
+
+def add_extension_flags(fs: FlagSet, defaults: object) -> None:
+    for name, dest, kind, text in EXTENSION_FLAGS:
+        fs.add(
+            name, kind, getattr(defaults, dest), EXTENSION_MARK + text, dest=dest, extension=True
+        )
+
+
+def offered_extensions(options: ExtensionOptions) -> ExtensionSet:
+    """What a program offers its peers, from its flags."""
+    offered: set[str] = set()
+    if options.enable_tunnel_flow_control:
+        offered.add(Extension.FLOW)
+    return frozenset(offered) if offered else NO_EXTENSIONS

@@ -1,0 +1,40 @@
+"""Our extensions' flags (cli/extensions.py): in both programs, marked as ours in their
+help, off by default (the programs then offer no extension and behave as upstream's)."""
+
+from __future__ import annotations
+
+import pytest
+
+from konnectivity_fast.cli import agent_options, server_options
+from konnectivity_fast.cli.extensions import EXTENSION_FLAGS, EXTENSION_MARK, offered_extensions
+from konnectivity_fast.wire.contract import NO_EXTENSIONS, Extension
+
+from . import read_golden
+
+PROGRAMS = [(server_options, "proxy-server.txt"), (agent_options, "proxy-agent.txt")]
+
+
+@pytest.mark.parametrize(("options", "golden"), PROGRAMS, ids=["server", "agent"])
+def test_extension_flags_are_ours_and_marked(options: object, golden: str) -> None:
+    flags = {f.name: f for f in options.build_flagset()}  # type: ignore[attr-defined]
+    upstream = {row[0] for row in read_golden(golden)}
+    ours = {name for name, flag in flags.items() if flag.extension}
+    assert ours == {name for name, *_ in EXTENSION_FLAGS}
+    assert not ours & upstream
+    for name in ours:
+        assert flags[name].help.startswith(EXTENSION_MARK)
+        assert not flags[name].hidden
+
+
+@pytest.mark.parametrize(("options", "golden"), PROGRAMS, ids=["server", "agent"])
+def test_no_extension_is_offered_by_default(options: object, golden: str) -> None:
+    parsed = options.parse_args([], environ={})  # type: ignore[attr-defined]
+    assert offered_extensions(parsed.options) == NO_EXTENSIONS
+
+
+@pytest.mark.parametrize(("options", "golden"), PROGRAMS, ids=["server", "agent"])
+def test_flow_control_flag_offers_flow(options: object, golden: str) -> None:
+    parsed = options.parse_args(  # type: ignore[attr-defined]
+        ["--enable-tunnel-flow-control"], environ={}
+    )
+    assert offered_extensions(parsed.options) == {Extension.FLOW}
