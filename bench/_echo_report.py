@@ -1,8 +1,8 @@
 """Results of the echo benchmark: per-run records, the summary (JSON) and the text table.
 
 The summary's shape is fixed by ``REQUIRED_KEYS`` (``missing_keys`` checks a summary
-against it; the smoke test uses that). Targets come from the project's issue; they are
-reported next to the ratios, never asserted.
+against it; the smoke test uses that). Targets are the project's goals (bench/README.md);
+they are reported next to the ratios, never asserted.
 """
 
 from __future__ import annotations

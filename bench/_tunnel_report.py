@@ -1,6 +1,6 @@
 """Figures of the tunnel benchmark: per-run metrics derived from the load generator's raw
 result and /proc, medians with min-max, ratios ours/upstream and ours/direct against the
-issue's targets, and the text table.
+project's targets (``TARGETS``, explained in bench/README.md), and the text table.
 
 Invariants: a run with an error never enters a median (it is counted in ``failed``);
 targets are reported, never asserted; every ratio is ours (or our server with upstream's
@@ -252,14 +252,15 @@ TARGETS: list[tuple[str, str, str, str, float]] = [
     ("holsmall", "kept_pct", "%", "abs_min", 80.0),
     ("holsmall", "new_tunnel_ok", "ok", "abs_min", 1.0),
     ("hol", "base_mb_s", "MB/s", "", 0.0),
-    # From Config.hol_stall (1 s) after the stall began: issue 13's target with flow control.
+    # From Config.hol_stall (1 s) after the stall began: the target with per-tunnel flow
+    # control (flow.v1).
     ("hol", "kept_pct", "%", "abs_min", 90.0),
     ("hol", "new_tunnel_ok", "ok", "abs_min", 1.0),
     ("hol", "new_tunnel_ms", "ms", "", 0.0),
     ("hol", "kept_after_pct", "%", "abs_min", 80.0),
     ("hol", "after_new_tunnel_ok", "ok", "abs_min", 1.0),
 ]
-# Slow readers (issue 13): with any agent no worse than upstream (the echo, a new tunnel,
+# Slow readers (bench/README.md): with any agent no worse than upstream (the echo, a new tunnel,
 # the longest gap); with ours/ours the echo's p99 within 10 ms of its p99 alone and the 8
 # downloads >= 90 % of their throughput alone from the first second.
 for _name, (_kind, _rate, _) in SLOW.items():

@@ -91,7 +91,7 @@ def test_tunnel_benchmark_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str
         for key in TARGET_KEYS - {"direct"}:
             mets = cells[name][key]["metrics"]
             assert "server_cpu_pct" in mets and "loadgen_cpu_pct" in mets, (name, key)
-    # Every target row of the issue is present for both modes.
+    # Every target row (TARGETS) is present for both modes.
     wanted = {(n, m, mode) for n, m, *_ in TARGETS if n in CLASSIC for mode in tunnel.MODES}
     assert {(r["scenario"], r["metric"], r["mode"]) for r in results["rows"]} == wanted
     assert "ours/up" in printed.out and "loadgen %" in printed.out

@@ -10,8 +10,8 @@ the gRPC frontend is driven with the published konnectivity-client library, one 
 gRPC connection as kube-apiserver does. The head-of-line scenarios also run our server with
 upstream's agent ("ours-upstream-agent"). CPU time and RSS come from /proc. Every figure is
 the median of ``--runs`` runs (min-max beside it), runs interleaved across implementations;
-ratios ours/upstream and ours/direct are printed with the issue's targets (reported, never
-asserted). See bench/README.md for what each figure means.
+ratios ours/upstream and ours/direct are printed with the project's targets (reported,
+never asserted). See bench/README.md for what each figure means.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ _HTTP_TO_GRPC = {
 
 # grpc-message: percent-encode bytes outside printable ASCII, and '%' itself (gRPC spec).
 # A leading or trailing space is encoded too: HTTP/2 forbids it at a field value's edges
-# (RFC 9113 §8.2.1), and nghttp2 peers reject such a field.
+# (RFC 9113 section 8.2.1), and nghttp2 peers reject such a field.
 cdef bytes _percent_encode(str message):
     cdef bytes raw = message.encode("utf-8", "surrogateescape")
     cdef bytearray out

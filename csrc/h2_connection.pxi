@@ -484,7 +484,7 @@ cdef class H2Connection:
         cdef _Stream s = self._streams.get(stream_id)
         if s is None or s.header_overflow:
             return 0
-        # RFC 7541 §4.1 size: name + value + 32 per field.
+        # RFC 7541 section 4.1 size: name + value + 32 per field.
         s.header_bytes += namelen + valuelen + 32
         if s.header_bytes > self.max_header_list_size:
             s.header_overflow = True

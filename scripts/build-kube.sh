@@ -22,7 +22,8 @@
 #        KF_KUBE_JOBS=1 scripts/build-kube.sh   (fewer parallel compile jobs)
 set -euo pipefail
 
-# v1.36: the Kubernetes release apiserver-network-proxy v0.36.0 goes with (issue 8).
+# v1.36: the Kubernetes release apiserver-network-proxy v0.36.0 goes with (its go.mod
+# requires the k8s.io v0.36 libraries).
 DEFAULT_KUBE_VERSION=v1.36.3
 KUBE_VERSION=${1:-$DEFAULT_KUBE_VERSION}
 if [[ ! "$KUBE_VERSION" =~ ^v1\.([0-9]+)\.([0-9]+)$ ]]; then

@@ -1,4 +1,4 @@
-"""The proxy-agent's asyncio adapters (ARCHITECTURE.md, "Layers").
+"""The proxy-agent's asyncio adapters (docs/architecture.md, "The layers").
 
 ``client``: ``AgentClient``, one connection and Connect stream to one proxy-server.
 ``endpoint``: backend sockets, dialing and the shared memory budget. ``clientset``:

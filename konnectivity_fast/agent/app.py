@@ -1,5 +1,5 @@
-"""The proxy-agent process: ``run(options, stop, drain)``
-(shared/reference/upstream-agent-client.md §4.8, §6.2).
+"""The proxy-agent process: ``run(options, stop, drain)`` (upstream's
+cmd/agent/app/server.go ``Agent.Run`` and ``runProxyConnection``).
 
 Start-up in upstream's order: build the TLS configuration (CA, optional client pair, ALPN;
 errors are fatal: ``failed to run proxy connection with ...``), start lease counting when
@@ -118,9 +118,10 @@ def _load_key_pair(ctx: ssl.SSLContext, cert: str, key: str) -> None:
 
 
 def build_ssl_context(options: AgentRunOptions) -> ssl.SSLContext:
-    """The agent's TLS client configuration (§2.1): trust only ``--ca-cert`` (read even
-    when empty, as upstream, so an empty flag fails), the client pair when either is set,
-    TLS 1.2 at least, ALPN ``--alpn-proto`` values then ``h2``."""
+    """The agent's TLS client configuration (upstream's pkg/util/certificates.go
+    GetClientTLSConfig): trust only ``--ca-cert`` (read even when empty, as upstream, so an
+    empty flag fails), the client pair when either is set, TLS 1.2 at least, ALPN
+    ``--alpn-proto`` values then ``h2``."""
     try:
         with open(options.ca_cert or ".", "rb") as f:
             ca = f.read()

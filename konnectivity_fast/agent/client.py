@@ -1,5 +1,5 @@
 """``AgentClient``: one connection and one ``/AgentService/Connect`` stream to one
-proxy-server replica (shared/reference/upstream-agent-client.md §2, §4).
+proxy-server replica (upstream's pkg/agent/client.go ``Client``: ``Connect`` and ``Serve``).
 
 ``connect()`` opens a fresh TCP+TLS connection (so a load balancer may pick another
 replica each time), offers ALPN ``--alpn-proto`` values then ``h2`` and requires that one
@@ -11,12 +11,12 @@ extensions the server echoed back that we offered are this stream's
 (``AgentClient.extensions``, ``wire.contract``); an upstream server echoes none.
 
 After that the client is a ``CallSink``: packets are handled as they arrive, with no task
-per stream or per tunnel (§4.2):
+per stream or per tunnel (the packet rules of upstream's ``Client.Serve``):
 
 - DIAL_REQ: a new connectID (1, 2, ... per stream, a failed dial uses one up), a dial task,
   then DIAL_RSP; the endpoint is registered before the DIAL_RSP is sent and read only
   after it.
-- DATA: written to the endpoint (``endpoint`` explains the buffering), or
+- DATA: written to the endpoint (docs/data-path.md explains the buffering), or
   ``CLOSE_RSP{"unrecognized connectID"}`` when there is none; connectID 0 is ignored.
 - CLOSE_REQ: ``CLOSE_RSP{""}`` and the endpoint closes, or ``CLOSE_RSP{"Unknown
   connectID"}``.
@@ -90,9 +90,9 @@ ERR_UNKNOWN_CONNECT_ID = "Unknown connectID"
 
 #: Seconds for TCP connect plus TLS handshake: grpc-go's minimum connect timeout.
 CONNECT_TIMEOUT = 20.0
-#: Seconds to wait for the server's response headers. Upstream waits forever, which lets
-#: one mute server freeze the agent's whole (sequential) sync loop; a documented deviation
-#: (upstream-agent-client.md §10.9).
+#: Seconds to wait for the server's response headers. Upstream waits forever
+#: (pkg/agent/client.go serverID, with a TODO), which lets one mute server freeze the
+#: agent's whole (sequential) sync loop; a deliberate difference (docs/differences.md).
 HEADERS_TIMEOUT = 30.0
 #: grpc-go's keepalive: an unanswered PING closes the connection after 20 s, and no client
 #: pings more often than every 10 s whatever it is configured to.
@@ -133,7 +133,8 @@ class ClientConfig:
         self.extensions = check_extensions(self.extensions)
 
     def metadata(self) -> list[tuple[str, str]]:
-        """This attempt's request metadata; the token file is read now (§2.3)."""
+        """This attempt's request metadata; the token file is read now, on every attempt
+        (upstream's pkg/agent/client.go Client.initializeAuthContext)."""
         md = [(MD_AGENT_ID, self.agent_id), (MD_AGENT_IDENTIFIERS, self.agent_identifiers)]
         if self.token_path:
             try:

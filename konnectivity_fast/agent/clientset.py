@@ -1,5 +1,5 @@
 """``ClientSet``: this agent's connections to every proxy-server replica
-(shared/reference/upstream-agent-client.md §3).
+(upstream's pkg/agent/clientset.go ``ClientSet``: ``sync`` and ``connectOnce``).
 
 One sync loop, strictly sequential as upstream's: try once at once, then sleep
 ``Backoff.idle()`` after a success, a duplicate or nothing to do, or ``Backoff.step()``

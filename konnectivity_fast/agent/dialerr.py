@@ -1,8 +1,9 @@
-"""Go-shaped dial errors for DIAL_RSP (shared/reference/upstream-agent-client.md §4.3).
+"""Go-shaped dial errors for DIAL_RSP.
 
-Upstream's agent sends the text of Go's ``net.Dial`` error back to the server, which turns
-it into an HTTP status by substring (``i/o timeout`` -> 504, ``connection refused`` -> 502,
-...) and hands it verbatim to kube-apiserver callers, where users grep for it. This module
+Upstream's agent (pkg/agent/client.go ``Client.Serve``) sends the text of Go's
+``net.DialTimeout`` error back to the server, which turns it into an HTTP status by
+substring (``i/o timeout`` -> 504, ``connection refused`` -> 502, ...) and hands it
+verbatim to kube-apiserver callers, where users grep for it. This module
 splits a DIAL_REQ address the way ``net.SplitHostPort`` does and spells failures the way
 ``net.OpError``/``net.DNSError`` print:
 
@@ -37,7 +38,7 @@ __all__ = [
 
 #: Networks the agent dials. Upstream passes the DIAL_REQ's protocol straight to Go's
 #: ``net.Dial`` (so ``udp`` or ``unix`` would work there); kube-apiserver and upstream's
-#: server only ever send ``tcp``. Limiting it is a documented hardening deviation.
+#: server only ever send ``tcp``. Limiting it is deliberate hardening (docs/differences.md).
 ALLOWED_PROTOCOLS = ("tcp", "tcp4", "tcp6")
 
 # Go's syscall error strings where they differ from lower-casing glibc's strerror. The

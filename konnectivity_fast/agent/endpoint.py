@@ -1,40 +1,22 @@
 """The agent's side of one tunneled connection: the backend TCP socket (``Endpoint``), the
 dial that opens it (``dial``) and the memory budget all endpoints share (``EndpointPool``).
 
-Data path and buffering (ARCHITECTURE.md, "the data path"; upstream issue #180):
-
-* Backend -> server. A read lands in the pool's one shared read buffer (the loop runs one
-  callback at a time, so one buffer serves every endpoint), up to ``READ_SIZE`` bytes
-  (``CONGESTED_READ_SIZE`` while the stream is congested), and becomes exactly one DATA
-  packet: never split, never merged. The endpoints of a stream take turns on it
-  (``sender.FairSender``): when the server lets little through, an endpoint waits with
-  one read in hand, its socket paused, so a slow server stops the backends of its stream
-  and nothing else, and no backend's bytes queue up ahead of the others'; memory is
-  bounded by a small queue on the stream plus one read per endpoint.
-
-* Server -> backend. DATA is handed to the backend's transport in the same loop turn,
-  whatever its state (all the payloads one read from the server brought for a backend in
-  one call), so one slow backend does not hold up the packets behind it on the shared
-  server stream. What a backend has not taken yet is counted: per endpoint against
-  ``ENDPOINT_WRITE_BUDGET`` and for the whole process against ``AGENT_WRITE_BUDGET``.
-  HTTP/2 multiplexes many tunnels on one stream, so the only source that can be paused is
-  the server stream itself: an endpoint over its budget pauses its own stream (window
-  updates stop, the server's sends on that stream block) until that backend has taken all
-  of it; an exhausted process budget pauses every stream until the queued total is back
-  under half the budget. Within the budgets no backend stalls another (upstream stalls the
-  whole stream as soon as one connection's 150-packet queue is full); past them the agent
-  falls back to upstream's behaviour, with memory bounded by the budget plus one stream
-  window per stream.
-
-  The counting is event-driven: transports are given write limits of 0/0, so asyncio calls
-  ``pause_writing`` whenever bytes stay queued and ``resume_writing`` once they are all
-  written. Between those events an endpoint's count is the queue size at its last write, an
-  upper bound; the process total is recounted exactly before it is declared exhausted.
+Backend -> server, an endpoint reads into the pool's one shared buffer (``READ_SIZE``, or
+``CONGESTED_READ_SIZE`` while its stream is congested) and offers each read to its owner
+as one DATA packet. Server -> backend, it writes what arrives for it once per loop turn and
+counts what its backend has not taken yet against ``ENDPOINT_WRITE_BUDGET``, and the pool
+against ``AGENT_WRITE_BUDGET``; a spent budget pauses the server stream. Why, and what that
+bounds: docs/data-path.md ("Agent, backend to server" and "Agent, server to backend").
 
 Invariants:
 - An endpoint reads nothing from its socket until the owner says the DIAL_RSP went out
   (``start_reading``): a connection's first DATA always follows its DIAL_RSP.
+- One read is one DATA packet, never split, never merged.
 - Every endpoint reports ``connection_lost`` to its owner exactly once.
+- The counting is event-driven: transports are given write limits of 0/0, so asyncio calls
+  ``pause_writing`` whenever bytes stay queued and ``resume_writing`` once they are all
+  written. Between those events an endpoint's count is the queue size at its last write, an
+  upper bound; the process total is recounted exactly before it is declared exhausted.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The proxy-agent's plain-HTTP endpoints (shared/reference/upstream-agent-client.md §5).
+"""The proxy-agent's plain-HTTP endpoints (upstream's cmd/agent/app/server.go
+``runHealthServer`` and ``runAdminServer``).
 
 Routes for ``transport.http``'s small HTTP/1.1 server:
 

@@ -1,5 +1,5 @@
 """Counting proxy-servers by their Leases (``--count-server-leases``,
-shared/reference/upstream-agent-client.md §3.5).
+upstream's pkg/agent/lease_counter.go).
 
 ``LeaseCounter`` keeps a cache of the ``coordination.k8s.io/v1`` Leases in the lease
 namespace that match the label selector, as upstream's informer does: one list, then a
@@ -19,10 +19,10 @@ API server, which filters both the list and the watch; upstream filters its cach
 the same selector, so the Leases counted are the same.
 
 Metrics as upstream: each list feeds ``lease_lists_total`` and
-``lease_list_latency_seconds``; each watch opened also feeds ``lease_lists_total`` (the
-upstream bug the reference describes: ``lease_watches_total`` never moves). A failure that
-is not an API status (connection refused, TLS) feeds only the latency, labelled 200, as
-upstream.
+``lease_list_latency_seconds``; each watch opened also feeds ``lease_lists_total`` (an
+upstream bug: pkg/agent/metrics/metrics.go ``ObserveLeaseWatch`` increments the list
+counter, so ``lease_watches_total`` never moves). A failure that is not an API status
+(connection refused, TLS) feeds only the latency, labelled 200, as upstream.
 
 The Kubernetes client is made in ``start()`` (from ``--kubeconfig``, or in-cluster when
 empty), so its errors come after the TLS ones, in upstream's order; they raise

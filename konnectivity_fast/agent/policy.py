@@ -1,5 +1,6 @@
-"""Pure decisions of the agent's connection upkeep (upstream-agent-client.md §3.2-§3.4):
-the sync loop's backoff with jitter, and how many proxy-servers to hold connections to.
+"""Pure decisions of the agent's connection upkeep (upstream's pkg/agent/clientset.go
+``resetBackoff`` and pkg/agent/server_counter.go): the sync loop's backoff with jitter, and
+how many proxy-servers to hold connections to.
 
 No sockets, no loop, no clock: random numbers come from an injected ``random.Random``.
 """
@@ -67,7 +68,8 @@ class Backoff:
 
 
 class ServerCounter:
-    """How many servers the agent wants connections to (§3.4).
+    """How many servers the agent wants connections to (upstream's
+    pkg/agent/server_counter.go: the response-based and aggregate counters).
 
     The response-based count is the ``servercount`` header of the most recently added new
     server (never lowered). ``lease_count`` is the seam for ``--count-server-leases``: a

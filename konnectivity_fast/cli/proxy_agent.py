@@ -5,7 +5,8 @@ As upstream's cobra command and main do, every error (a flag error, a validation
 ``failed to run proxy connection with <err>``) prints ``Error: <err>`` and the usage to
 stderr, logs ``error: <err>`` and exits 1; ``-h``/``--help`` prints the help and exits 0.
 The first SIGTERM or SIGINT starts the drain (DRAIN to every server, no new connections);
-the second stops the agent, which exits 0 (upstream-agent-client.md §4.8).
+the second stops the agent, which exits 0 (upstream's cmd/agent/app/server.go
+``handleSignals``).
 
 With ``--count-server-leases`` the Lease counter (``agent.leases``) is made here; the
 Kubernetes client is imported only then, off the default path.

@@ -1,6 +1,6 @@
 """The proxy-agent's metrics: upstream v0.36.0's names, types, label names, HELP texts and
-buckets (shared/reference/upstream-agent-client.md §7), on ``REGISTRY`` with the process
-metrics.
+buckets (pkg/agent/metrics/metrics.go ``newAgentMetrics``, and konnectivity-client's
+pkg/common/metrics for the stream families), on ``REGISTRY`` with the process metrics.
 
 ``known_server_count`` is a plain gauge and ``open_server_connections`` is set to 0 at import,
 so both show at 0 from the first scrape (tests and dashboards read the latter as "connected

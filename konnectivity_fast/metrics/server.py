@@ -1,5 +1,6 @@
 """The proxy-server's metrics: upstream v0.36.0's names, types, label names, HELP texts and
-buckets (shared/reference/upstream-server.md §8), on ``REGISTRY`` with the process metrics.
+buckets (pkg/server/metrics/metrics.go ``newServerMetrics``, and konnectivity-client's
+pkg/common/metrics for the stream families), on ``REGISTRY`` with the process metrics.
 
 Which series show from start-up follows upstream: ``http_connections`` and
 ``culled_leases_count`` are plain metrics, shown at 0; ``ready_backend_connections`` and

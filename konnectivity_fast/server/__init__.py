@@ -1,4 +1,4 @@
-"""The proxy-server's asyncio adapters (ARCHITECTURE.md, "Layers").
+"""The proxy-server's asyncio adapters (docs/architecture.md, "The layers").
 
 ``proxy``: ``ProxyServer`` (the gRPC frontend and agent services around one
 ``tunnel.Router``); ``listeners``: the ``start`` helpers for its listeners. ``http_connect``: the

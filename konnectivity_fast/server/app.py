@@ -319,10 +319,11 @@ async def _serve(
 
 
 async def _stop_listeners(handle: ServerHandle, timeout: float) -> None:
-    """Upstream's two shutdown modes (reference §7). ``timeout`` 0: drop the agents at
-    once, then stop the frontend gracefully (its clients finish their streams, bounded by
-    ``GRACEFUL_FRONTEND_LIMIT``); ``timeout`` > 0: stop both gracefully, and whatever is
-    left after ``timeout`` is dropped."""
+    """Upstream's two shutdown modes (cmd/server/app/server.go ``Proxy.Run``; with
+    ``timeout`` 0 in the order of upstream's later main branch, docs/differences.md).
+    ``timeout`` 0: drop the agents at once, then stop the frontend gracefully (its clients
+    finish their streams, bounded by ``GRACEFUL_FRONTEND_LIMIT``); ``timeout`` > 0: stop
+    both gracefully, and whatever is left after ``timeout`` is dropped."""
     frontend, agents = handle.servers[0], handle.servers[1:]
     if timeout <= 0:
         for server in agents:

@@ -1,4 +1,5 @@
-"""Agent token authentication (shared/reference/upstream-server.md §4.2).
+"""Agent token authentication (upstream's pkg/server/server.go authenticateAgentViaToken
+and validateAuthToken).
 
 ``TokenAuthenticator.authenticate(values)`` takes the values of an agent Connect's
 ``authorization`` metadata and either returns (the agent may connect) or raises

@@ -1,39 +1,14 @@
 """Per-tunnel buffering toward frontends: no head-of-line blocking, within a budget.
 
-An agent has one stream per server and every tunnel it serves is multiplexed on it; the
-Konnectivity protocol has no per-connection flow control. Upstream writes each DATA to its
-frontend synchronously (``pkg/server/server.go serveRecvBackend``), so one frontend that
-reads slowly slows the agent's stream, and with it every tunnel on that agent and every
-new dial, to its own pace.
-
-Here, agent -> frontend, a DATA is always accepted and queued on its frontend: the HTTP
-client's transport buffer, or the frontend's HTTP/2 stream. A frontend whose queue is above
-its high-water mark (``TUNNEL_WRITE_HIGH_WATER``, or the call's ``CALL_SEND_HIGH_WATER``) is
-*blocked*; what it has queued beyond that mark is its *charge*, counted in its
-``TunnelBuffer`` and in the process's ``BufferBudget``. When the frontend drains below its
-low-water mark the charge is released. Budgets:
-
-- ``TUNNEL_BUFFER_BUDGET``: the most a tunnel may be charged, give or take
-  ``RATIONED_WINDOW``. A tunnel charged within one stream window (``STREAM_WINDOW``, what
-  the agent may have in flight) of it *holds* the agent stream that fed it. A held stream
-  is not stopped but *rationed*: the agent may have in flight only what the holding tunnel
-  has room for, plus ``RATIONED_WINDOW`` (HTTP/2 window, granted with
-  ``GrpcCall.grant_window``). Every byte the agent sends for another tunnel is granted
-  again at once, and the holding tunnel's bytes only as fast as its frontend reads them, so
-  the other tunnels keep flowing. The hold ends as soon as the tunnel is back below where
-  it began; it never waits for the tunnel to drain.
-- ``PROCESS_BUFFER_BUDGET``: when all charges together reach it, each agent stream that
-  feeds a blocked tunnel is paused outright (no ration) until the total is back under half.
-
-Rationing is as fair as the agent's sending order allows: an agent that queues a slow
-tunnel's bytes ahead of the others (as upstream's does) still delays them by what it queued;
-ours sends its tunnels in turn (``agent/client.py``). A frontend that takes nothing at all
-for ``TUNNEL_STALL_TIMEOUT`` while holding its agent is given up on: its tunnel is closed
-(the adapter's ``abandon``: CLOSE_REQ to the agent, the client dropped), its charge released.
-A slow frontend that keeps reading is never closed.
-
-Frontend -> agent, a frontend's own source (its socket, or its HTTP/2 stream) is paused
-while the agent's call has ``CALL_SEND_HIGH_WATER`` bytes queued; nobody else waits.
+Agent -> frontend, a DATA is always accepted and queued on its frontend (upstream writes it
+synchronously instead: pkg/server/server.go ``serveRecvBackend``). A frontend whose queue is
+above its high-water mark (``TUNNEL_WRITE_HIGH_WATER``) is *blocked*; what it is given then
+is its *charge*, counted in its ``TunnelBuffer`` and in the process's ``BufferBudget``. A
+tunnel charged within one stream window of ``TUNNEL_BUFFER_BUDGET`` *holds* the agent stream
+that fed it: the stream is rationed (``GrpcCall.grant_window``, ``RATIONED_WINDOW``), so the
+agent's other tunnels keep flowing; a holding tunnel whose frontend takes nothing for
+``TUNNEL_STALL_TIMEOUT`` is closed; ``PROCESS_BUFFER_BUDGET`` pauses the feeding streams
+outright. Why, and what that bounds: docs/data-path.md ("Server, agent to frontend").
 
 Invariants:
 - Data is never dropped or reordered here: budgets only ration or pause sources, and a

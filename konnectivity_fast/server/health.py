@@ -1,4 +1,5 @@
-"""The proxy-server's plain-HTTP endpoints (shared/reference/upstream-server.md §6).
+"""The proxy-server's plain-HTTP endpoints (upstream's cmd/server/app/server.go
+runHealthServer and runAdminServer).
 
 Routes for ``transport.http``'s small HTTP/1.1 server:
 
@@ -50,7 +51,8 @@ def _healthz(request: Request) -> Response:
 
 
 def health_routes(ready: Callable[[], bool]) -> dict[str, Handler]:
-    """The health server's paths; ``ready()`` is the router's readiness (§4.6)."""
+    """The health server's paths; ``ready()`` is the router's readiness (the first
+    strategy's manager holds an agent: pkg/server/readiness_manager.go Ready)."""
 
     def readyz(request: Request) -> Response:
         if ready():

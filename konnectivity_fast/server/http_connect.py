@@ -1,4 +1,5 @@
-"""The HTTP-CONNECT frontend (``--mode=http-connect``, reference/upstream-server.md §3).
+"""The HTTP-CONNECT frontend (``--mode=http-connect``; upstream's pkg/server/tunnel.go
+``Tunnel.ServeHTTP``).
 
 One ``HttpConnectProtocol`` per client connection (HTTP/1.1, plain on a Unix socket or
 TLS on TCP). It parses requests incrementally, answers anything but CONNECT with 405 (the
@@ -13,9 +14,10 @@ connection stays usable, as upstream's un-hijacked handler), and for a CONNECT a
 - ``CloseFrontend``: write the response upstream writes for its ``CloseReason``, close.
 
 Client EOF or disconnect is reported with ``Router.remove_frontend``: DIAL_CLS for a pending
-dial, CLOSE_REQ for a tunnel. Unlike upstream (§3.2 step 9) we keep reading while the dial is
-pending, so a client that leaves then is noticed at once; an EOF (even a half-close) then
-counts as leaving, since upstream has no half-close propagation either.
+dial, CLOSE_REQ for a tunnel. Unlike upstream (which reads nothing from the client before
+the dial completes) we keep reading while the dial is pending, so a client that leaves then
+is noticed at once; an EOF (even a half-close) then counts as leaving, since upstream has
+no half-close propagation either.
 
 Backpressure (``server.buffering``): client -> agent, the client socket stops being read
 while the agent call's queued output is at ``CALL_SEND_HIGH_WATER`` or above, and resumes
@@ -67,14 +69,16 @@ log = logging.getLogger(__name__)
 #: Go's ``http.DefaultMaxHeaderBytes`` (1 MiB) plus the 4096 bytes of slack its reader
 #: allows: a request line and headers longer than this get 431, as from Go's server.
 MAX_HEADER_BYTES = (1 << 20) + 4096
-#: Upstream's ``ReadHeaderTimeout`` (§3.1): a request's headers must arrive within this.
+#: Upstream's ``ReadHeaderTimeout`` (cmd/server/app/server.go): a request's headers must
+#: arrive within this.
 READ_HEADER_TIMEOUT = 60.0
 #: Client bytes buffered while the dial is pending before we stop reading the socket.
 PENDING_LIMIT = 1 << 20
 #: How long a rejected request's connection is drained before closing (Go's
 #: ``rstAvoidanceDelay``).
 LINGER = 0.5
-#: The socket's permissions (§3.1, like the gRPC frontend socket).
+#: The socket's permissions (upstream creates it under umask 0007: cmd/server/app/server.go
+#: getUDSListener, as for the gRPC frontend socket).
 UDS_MODE = 0o770
 HTTP11_ALPN = "http/1.1"
 
@@ -93,7 +97,8 @@ _STATUS_TEXT = {
 
 
 def dial_error_status(error: str) -> int:
-    """The status upstream answers an agent's dial error with (§3.2 step 7)."""
+    """The status upstream answers an agent's dial error with (pkg/server/server.go
+    mapDialErrorToHTTPStatus)."""
     low = error.lower()
     if ERR_IO_TIMEOUT in low or "deadline exceeded" in low or "timeout" in low:
         return 504
@@ -514,7 +519,8 @@ class HttpConnectProtocol(asyncio.Protocol):
 
 
 async def start_http_connect_uds(server: ProxyServer, path: str) -> asyncio.Server:
-    """The HTTP-CONNECT frontend on a Unix socket: plain HTTP/1.1, mode 0770 (§3.1)."""
+    """The HTTP-CONNECT frontend on a Unix socket: plain HTTP/1.1, mode 0770 (upstream's
+    cmd/server/app/server.go runUDSFrontendServer)."""
     loop = server.loop
     listener = await loop.create_unix_server(
         lambda: HttpConnectProtocol(server), path, backlog=listen_backlog()
@@ -534,7 +540,8 @@ async def start_http_connect_tcp(
     tls_settings: TlsSettings = DEFAULT_TLS,
 ) -> asyncio.Server:
     """The HTTP-CONNECT frontend on TCP with mTLS: HTTP/1.1 only (ALPN ``http/1.1``), client
-    certificates required and verified against ``client_ca_file`` (§3.1)."""
+    certificates required and verified against ``client_ca_file`` (upstream's
+    cmd/server/app/server.go runMTLSFrontendServer)."""
     ctx = tls_settings.server_context(cert_file, key_file, client_ca_file, alpn=(HTTP11_ALPN,))
     return await server.loop.create_server(
         lambda: HttpConnectProtocol(server),

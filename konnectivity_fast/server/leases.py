@@ -1,5 +1,6 @@
 """The proxy-server's Lease publishing and Lease garbage collection
-(shared/reference/upstream-server.md §5, ``--enable-lease-controller``).
+(upstream's pkg/server/leases/controller.go and gc_controller.go,
+``--enable-lease-controller``).
 
 ``LeaseController`` runs two loops on the event loop:
 
@@ -56,7 +57,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LEASE_NAME_PREFIX = "konnectivity-proxy-server-"
-# Upstream's hard-coded values (§5): lease 30 s, renew and GC every 15 s, 4 % jitter.
+# Upstream's hard-coded values (cmd/server/app/server.go LeaseDuration,
+# LeaseRenewalInterval, LeaseGCInterval): lease 30 s, renew and GC every 15 s; 4 % jitter, as
+# the renewal loop of k8s.io/component-helpers apimachinery/lease/controller.go.
 LEASE_DURATION_SECONDS = 30
 RENEW_PERIOD = 15.0
 GC_PERIOD = 15.0

@@ -1,4 +1,5 @@
-"""The proxy-server's gRPC listeners around a ``ProxyServer`` (reference §1.5).
+"""The proxy-server's gRPC listeners around a ``ProxyServer`` (upstream's
+cmd/server/app/server.go runUDSFrontendServer, runMTLSFrontendServer, runAgentServer).
 
 - ``start_frontend_uds``: the gRPC frontend on a Unix socket, h2c, no auth;
 - ``start_frontend_tcp``: the gRPC frontend on TCP, mTLS always;
@@ -60,7 +61,8 @@ class ServerHandle:
         self.proxy.close()
 
 
-#: grpc-go's keepalive defaults as upstream sets them (§1.5). Agent listener: a ping after
+#: grpc-go's keepalive defaults as upstream sets them (cmd/server/app/server.go
+#: runAgentServer; grpc-go internal/transport/defaults.go). Agent listener: a ping after
 #: ``--keepalive-time`` of silence; clients may ping every 30 s, even with no stream open.
 AGENT_ENGINE_DEFAULTS: dict[str, Any] = {
     "keepalive_time": 3600.0,
@@ -105,7 +107,8 @@ DEFAULT_TLS = TlsSettings()
 
 
 async def start_frontend_uds(proxy: ProxyServer, path: str, **engine_options: Any) -> GrpcServer:
-    """The gRPC frontend on a Unix socket: plaintext h2c, no auth (§1.5)."""
+    """The gRPC frontend on a Unix socket: plaintext h2c, no auth (upstream's
+    runUDSFrontendServer)."""
     options = {**FRONTEND_ENGINE_DEFAULTS, **engine_options}
     return await serve(proxy.frontend_service, path=path, **options)
 
@@ -122,7 +125,7 @@ async def start_frontend_tcp(
     **engine_options: Any,
 ) -> GrpcServer:
     """The gRPC frontend on TCP: mTLS always, client certificates verified against
-    ``client_ca_file`` (§1.5)."""
+    ``client_ca_file`` (upstream's runMTLSFrontendServer)."""
     ctx = tls_settings.server_context(cert_file, key_file, client_ca_file)
     options = {**FRONTEND_ENGINE_DEFAULTS, **engine_options}
     return await serve(proxy.frontend_service, host=host, port=port, ssl=ctx, **options)
@@ -140,7 +143,7 @@ async def start_agent_listener(
     **engine_options: Any,
 ) -> GrpcServer:
     """The agent listener: TCP with TLS (ALPN h2), client certificates required and verified
-    when ``client_ca_file`` is given (§1.5)."""
+    when ``client_ca_file`` is given (upstream's runAgentServer and getTLSConfig)."""
     ctx = tls_settings.server_context(cert_file, key_file, client_ca_file)
     options = {**AGENT_ENGINE_DEFAULTS, **engine_options}
     return await serve(proxy.agent_service, host=host, port=port, ssl=ctx, **options)

@@ -239,7 +239,8 @@ class _FrontendStream:
         self.server._remove_frontend(self.frontend)
 
     def on_end(self, call: GrpcCall) -> None:
-        # Client half-close: the handler returns OK (§2.6), then the stream's cleanup.
+        # Client half-close: the handler returns OK, then the stream's cleanup (upstream's
+        # pkg/server/server.go ProxyServer.Proxy and its deferred cleanup).
         self.ended = True
         call.finish(StatusCode.OK)
         self.server._remove_frontend(self.frontend)
@@ -292,7 +293,8 @@ class _AgentStream:
         )
 
     def on_end(self, call: GrpcCall) -> None:
-        # Receive EOF: the handler returns OK (§4.1 step 7), then the stream's cleanup.
+        # Receive EOF: the handler returns OK, then the stream's cleanup (upstream's
+        # pkg/server/server.go ProxyServer.Connect).
         self.ended = True
         call.finish(StatusCode.OK)
         self.server._remove_backend(self.backend)
@@ -305,9 +307,10 @@ class _AgentStream:
 
 
 class _AuthenticatingSink:
-    """The sink of a ``Connect`` call while its token is reviewed (§4.1 step 3): packets
-    that arrive meanwhile (an agent waits for our headers, so there should be none) are
-    kept, up to ``MAX_PACKETS_BEFORE_AUTH``, and replayed once the agent is admitted."""
+    """The sink of a ``Connect`` call while its token is reviewed (upstream reviews before
+    it reads the stream: pkg/server/server.go ProxyServer.Connect): packets that arrive
+    meanwhile (an agent waits for our headers, so there should be none) are kept, up to
+    ``MAX_PACKETS_BEFORE_AUTH``, and replayed once the agent is admitted."""
 
     __slots__ = ("agent_id", "call", "ended", "gone", "held", "server", "stream", "task")
 
@@ -664,7 +667,8 @@ class ProxyServer:
         self._timer_when = None
         now = self.loop.time()
         # Upstream retires an agent whose DIAL_REQ could not even be sent within
-        # --backend-dial-timeout (§2.2 step 3): output queued that the agent does not read.
+        # --backend-dial-timeout (pkg/server/server.go sendDialRequestToBackend): here,
+        # output queued that the agent does not read.
         stalled = {
             dial.backend
             for dial in self.router.dials_due(now)

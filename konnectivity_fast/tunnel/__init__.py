@@ -1,4 +1,4 @@
-"""The proxy-server's routing state, sans-IO (ARCHITECTURE.md, "Layers").
+"""The proxy-server's routing state, sans-IO (docs/architecture.md, "The layers").
 
 ``records``: the agent-stream, frontend, pending-dial and connection records.
 ``backends``: the ``--proxy-strategies`` chain that picks an agent stream.

@@ -14,8 +14,9 @@ values, in the order they must happen. The adapter performs them in that order:
 - ``RetireBackend``: end the agent's ``Connect`` call with status OK (it will reconnect),
   then report the stream gone with ``Router.remove_backend`` as for any stream end.
 - ``DialFailure``, ``DialDuration``, ``ConnectionDuration``: metric observations, named
-  after upstream's ``dial_failure_count{reason}``, ``dial_duration_seconds`` and
-  ``connection_duration_seconds`` (reference/upstream-server.md §8).
+  after upstream's ``dial_failure_count{reason}`` and ``dial_duration_seconds``
+  (pkg/server/metrics/metrics.go) and the ``connection_duration_seconds`` of its later
+  main branch (v0.36.0 registers none, so the adapter drops that one).
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ class DialFailureReason(StrEnum):
 
 
 class CloseReason(Enum):
-    """Why an HTTP-CONNECT tunnel is closed, and what upstream writes first (§3.2-§3.3).
+    """Why an HTTP-CONNECT tunnel is closed, and what upstream writes first (pkg/server/
+    tunnel.go ``Tunnel.ServeHTTP``, pkg/server/server.go ``ProxyClientConnection.send``).
     ``CloseFrontend.error`` holds the text named here."""
 
     #: ``500 Internal Server Error``, body ``currently no tunnels available: <error>``, no
@@ -98,8 +100,10 @@ class SendToAgent:
 class SendToFrontend:
     """``via_connection``: what an agent sent, forwarded, or the CLOSE_RSP telling of its
     loss (upstream writes these through the connection record and times them in
-    ``frontend_write_duration_seconds``); False for the server's own answers (§2.2, §2.4:
-    no agent, uninitialized backend, mismatched IDs, dial timeout, ...)."""
+    ``frontend_write_duration_seconds``: pkg/server/server.go
+    ``ProxyClientConnection.send``); False for the server's own answers (no agent,
+    uninitialized backend, mismatched IDs, dial timeout, ...), which upstream writes to the
+    stream directly."""
 
     frontend: Frontend
     message: Message

@@ -1,9 +1,11 @@
-"""What the router sends that it makes itself: upstream's error strings (reference §2.8,
-and ours where upstream checks nothing), the packets carrying them, and how a received
-packet is passed on unchanged.
+"""What the router sends that it makes itself: upstream's error strings (those of
+pkg/server/server.go ``serveRecvFrontend``, ``sendDialRequestToBackend`` and
+``startPendingDialTimeout``, and ours where upstream checks nothing), the packets carrying
+them, and how a received packet is passed on unchanged.
 
 A missing or mismatched payload reads as the zero value of the expected one
-(``payload_of``), never as an error: upstream would crash on it (§9.7)."""
+(``payload_of``), never as an error: upstream would crash on it (it reads payloads without
+checking they are there, e.g. in ``serveRecvFrontend``)."""
 
 from __future__ import annotations
 
@@ -67,7 +69,7 @@ P = TypeVar("P", bound=Payload)
 
 def payload_of(packet: Packet, cls: type[P]) -> P:
     """The payload a packet of this type carries; a missing or mismatched payload reads as
-    the zero value (upstream would crash, §9.7)."""
+    the zero value (upstream would crash: a nil payload dereferenced)."""
     payload = packet.payload
     return payload if isinstance(payload, cls) else cls()
 

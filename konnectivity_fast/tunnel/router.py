@@ -17,9 +17,10 @@ is the ``random.Random`` given at construction.
   means "not the common case": the adapter then decodes the packet and calls
   ``receive_from_frontend``/``receive_from_agent``, which apply every rule.
 - CLOSE_REQ goes to the agent; the agent's CLOSE_RSP removes the connection and goes back.
-- The rules are upstream's (reference/upstream-server.md §2-§4, §9), with its error
-  strings and metric labels. Where upstream leaks or mis-routes, we differ, and say so
-  where it happens:
+- The rules are upstream's (pkg/server/server.go ``serveRecvFrontend``,
+  ``serveRecvBackend``, ``Proxy`` and ``Connect``; pkg/server/tunnel.go
+  ``Tunnel.ServeHTTP``), with its error strings and metric labels. Where upstream leaks or
+  mis-routes, we differ, and say so where it happens (all listed in docs/differences.md):
   - the pending dials of a lost (or retired) agent stream fail at once; upstream leaves
     them to the client's own timeout;
   - a DIAL_RSP or DIAL_CLS only counts from the stream the dial was sent to, a frontend
@@ -182,7 +183,8 @@ class Router:
 
     @property
     def ready(self) -> bool:
-        """``/readyz``: the first strategy's manager holds an agent (§4.6)."""
+        """``/readyz``: the first strategy's manager holds an agent (upstream's
+        pkg/server/server.go NewProxyServer, readiness_manager.go Ready)."""
         return self.backend_managers.ready
 
     @property
@@ -235,7 +237,8 @@ class Router:
 
     def remove_frontend(self, frontend: Frontend) -> list[Effect]:
         """The frontend ended (gRPC EOF, cancel or error; HTTP client gone). Its pending
-        dials get DIAL_CLS and its connections CLOSE_REQ, each to its backend (§2.6)."""
+        dials get DIAL_CLS and its connections CLOSE_REQ, each to its backend (upstream's
+        pkg/server/server.go ProxyServer.Proxy, its deferred cleanup)."""
         if frontend.closed:
             return []
         http = frontend.mode is FrontendMode.HTTP_CONNECT
@@ -243,7 +246,7 @@ class Router:
         effects: list[Effect] = []
         for dial in list(frontend.dials.values()):
             self._remove_pending(dial)
-            if http:  # §3.2 step 8; a gRPC stream end is not counted
+            if http:  # as upstream's Tunnel.ServeHTTP; a gRPC stream end is not counted
                 effects.append(DialFailure(DialFailureReason.FRONTEND_CLOSE))
             effects.append(SendToAgent(dial.backend, dial_cls(dial.random)))
         for conn in list(frontend.connections):
@@ -256,7 +259,8 @@ class Router:
 
     def remove_backend(self, backend: Backend, now: float) -> list[Effect]:
         """The agent stream ended (after its received packets were processed): its
-        connections are closed (§4.7) and, unlike upstream, its pending dials fail now."""
+        connections are closed (upstream's serveRecvBackend, its deferred cleanup) and,
+        unlike upstream, its pending dials fail now."""
         if backend.closed:
             return []
         backend.closed = True
@@ -276,8 +280,9 @@ class Router:
 
     def retire_backend(self, backend: Backend) -> list[Effect]:
         """Upstream retires an agent stream whose DIAL_REQ send outlasted the dial timeout
-        (§2.2 step 3): it stops being chosen, is told to go (``RetireBackend``), and its
-        pending dials time out now. Its connections close at ``remove_backend``."""
+        (pkg/server/server.go sendDialRequestToBackend, retireBackend): it stops being
+        chosen, is told to go (``RetireBackend``), and its pending dials time out now. Its
+        connections close at ``remove_backend``."""
         if backend.closed or backend.retired:
             return []
         backend.retired = backend.draining = True
@@ -334,7 +339,8 @@ class Router:
 
     def dial_http_connect(self, frontend: Frontend, address: str, now: float) -> list[Effect]:
         """An HTTP CONNECT to ``address`` (the request-target, not validated): choose an
-        agent and send it ``DIAL_REQ{tcp, address, random}`` (§3.2 steps 4-6)."""
+        agent and send it ``DIAL_REQ{tcp, address, random}`` (upstream's pkg/server/
+        tunnel.go Tunnel.ServeHTTP)."""
         if frontend.mode is not FrontendMode.HTTP_CONNECT:
             raise ValueError(f"{frontend!r} is not an HTTP-CONNECT frontend")
         if frontend.closed or frontend.backend is not None:
@@ -370,7 +376,8 @@ class Router:
 
     def handle_timer(self, now: float) -> list[Effect]:
         """Fail the dials pending for ``--backend-dial-timeout`` or longer. Nothing goes to
-        the agent: its late DIAL_RSP will be answered with CLOSE_REQ (§2.2 step 4)."""
+        the agent: its late DIAL_RSP will be answered with CLOSE_REQ (upstream's
+        startPendingDialTimeout, then serveRecvBackend)."""
         effects: list[Effect] = []
         if self._dial_timeout <= 0:
             return effects

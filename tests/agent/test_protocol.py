@@ -1,6 +1,6 @@
-"""Packet-level conformance of the agent against a scripted server
-(upstream-agent-client.md §11 "agent against a fake server"): metadata, response-header
-errors, ALPN, and the replies to each packet type."""
+"""Packet-level conformance of the agent against a scripted server, to upstream's
+pkg/agent/client.go (Client.Connect, serverID, serverCount, Client.Serve): metadata,
+response-header errors, ALPN, and the replies to each packet type."""
 
 from __future__ import annotations
 

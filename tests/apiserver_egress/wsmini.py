@@ -13,7 +13,7 @@ import os
 import struct
 from typing import BinaryIO
 
-GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
+GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
 TEXT = 0x1
 BINARY = 0x2
 CLOSE = 0x8

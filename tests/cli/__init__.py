@@ -1,8 +1,9 @@
 """Tests of the command line: pflag/klog parsing and the two binaries' option sets.
 
 ``flag_surface`` and ``read_golden`` put a registered ``FlagSet`` and a golden list
-(``tests/data/flags/*.txt``, compiled by hand from the reference documents) in the same
-shape, so a test can compare them row by row.
+(``tests/data/flags/*.txt``, compiled by hand from upstream's source and checked against its
+binaries by tests/compat/test_flags.py) in the same shape, so a test can compare them row
+by row.
 """
 
 from __future__ import annotations

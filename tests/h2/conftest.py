@@ -22,7 +22,7 @@ w: Any = require_compiled()
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 PATH = "/agent.AgentService/Connect"
 
-# Frame types (RFC 9113 §6).
+# Frame types (RFC 9113 section 6).
 DATA = 0x0
 HEADERS = 0x1
 PRIORITY = 0x2
@@ -41,7 +41,7 @@ END_HEADERS = 0x4
 PADDED = 0x8
 PRIORITY_FLAG = 0x20
 
-# Error codes (RFC 9113 §7).
+# Error codes (RFC 9113 section 7).
 NO_ERROR = 0x0
 PROTOCOL_ERROR = 0x1
 INTERNAL_ERROR = 0x2
@@ -146,7 +146,7 @@ def frames_of(data: bytes, ftype: int) -> list[Frame]:
     return [f for f in parse_frames(data) if f.type == ftype]
 
 
-# ---- HPACK literals (RFC 7541 §6.2.2: literal without indexing, new name) -------------
+# ---- HPACK literals (RFC 7541 section 6.2.2: literal without indexing, new name) ------
 
 
 def hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:

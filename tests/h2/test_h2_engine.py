@@ -248,7 +248,7 @@ def test_grpc_message_round_trip(message: str) -> None:
     view.feed(wire.to_client)
     on_wire = dict(view.headers_of(sid)[-1])["grpc-message"]
     # Percent-encoded (gRPC spec): printable ASCII but '%' as is, other bytes as %XX of
-    # their UTF-8; no leading or trailing whitespace (RFC 9113 §8.2.1).
+    # their UTF-8; no leading or trailing whitespace (RFC 9113 section 8.2.1).
     assert all(0x20 <= ord(ch) <= 0x7E for ch in on_wire)
     assert on_wire == on_wire.strip(" \t")
     assert urllib.parse.unquote(on_wire, errors="strict") == message

@@ -2,12 +2,12 @@
 (NO_ERROR, "client transport shutdown") whose last-stream-id is 1, an id the client
 itself opened: grpc-go's habit. nghttp2 on the server side finds that id invalid (a
 client's GOAWAY may only name server-initiated, even streams) and answers GOAWAY
-PROTOCOL_ERROR, which our proxy-server then logs as "peer violated the protocol" and
-records as the connection's error, for every tunnel kube-apiserver closes. Upstream's
-server (grpc-go) takes the same GOAWAY silently.
+PROTOCOL_ERROR. Upstream's server (grpc-go) takes the same GOAWAY silently, so ours must not
+log "peer violated the protocol" or record an error for every tunnel kube-apiserver closes.
 
-This test keeps that visible until the server tells a leaving peer's GOAWAY apart from a
-protocol violation (see /tmp/notes/bugs-interop.md of the interop session).
+The engine tells a leaving peer's GOAWAY apart from a protocol violation
+(csrc/h2_connection.pxi ``H2Connection._on_invalid_frame``); this test keeps it so, for
+both servers.
 """
 
 from __future__ import annotations

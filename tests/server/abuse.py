@@ -1,4 +1,4 @@
-"""Helpers for the bad-input and half-open tests of the proxy-server (issue 3 item 8).
+"""Helpers for the bad-input and half-open tests of the proxy-server.
 
 - ``abused_server``: one in-process ``ProxyServer`` with every listener it can have (gRPC
   frontend on a Unix socket and on TCP+mTLS, HTTP-CONNECT frontend on a Unix socket and on
@@ -47,7 +47,8 @@ T = TypeVar("T")
 
 LOOPBACK = "127.0.0.1"
 ADDRESS = "10.0.0.1:443"
-#: grpc-go's (and grpcio's) default receive limit (§1.5).
+#: grpc-go's (and grpcio's) default receive limit (grpc-go server.go
+#: defaultServerMaxReceiveMessageSize).
 MAX_MESSAGE = 4 * 1024 * 1024
 #: How long a peer waits for the server to answer or close before the test calls it stuck.
 PEER_TIMEOUT = 10.0

@@ -1,4 +1,5 @@
-"""Bad input on every listener of the proxy-server (issue 3 item 8).
+"""Bad input on every listener of the proxy-server: a clear error or a close for the bad
+peer, nothing for anyone else (docs/architecture.md, "Bad input").
 
 Each test starts one in-process ``ProxyServer`` with all its listeners (``abuse``), an
 echoing grpcio agent and two healthy tunnels (gRPC and HTTP-CONNECT) echoing in the
@@ -59,7 +60,7 @@ GARBAGE = bytes(range(256)) * 4 + b"\r\n\r\n"
 HTTP1_GET = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 #: The response Go's dialer error gives for a CONNECT to an address without a port (the agent
-#: reports it, the server maps it to 502, §3.2 step 7).
+#: reports it, the server maps it to 502: pkg/server/server.go mapDialErrorToHTTPStatus).
 NO_PORT_502 = (
     b"HTTP/1.1 502 Bad Gateway\r\nConnection: close\r\n"
     b"Content-Type: text/plain; charset=utf-8\r\n\r\n"
@@ -172,9 +173,9 @@ def test_http1_request_to_grpc_listeners(run: RunFn, sock_dir: str, certs: Certs
 def test_connect_without_port_and_malformed_targets(
     run: RunFn, sock_dir: str, certs: Certs
 ) -> None:
-    """A CONNECT without a port is passed to the agent unvalidated (§3.2 step 3): its dial
-    error comes back as 502. Request lines Go cannot parse get 400. On both HTTP-CONNECT
-    listeners."""
+    """A CONNECT without a port is passed to the agent unvalidated (upstream's
+    pkg/server/tunnel.go Tunnel.ServeHTTP dials r.Host as it is): its dial error comes back
+    as 502. Request lines Go cannot parse get 400. On both HTTP-CONNECT listeners."""
     no_port = b"CONNECT 10.0.0.1 HTTP/1.1\r\nHost: 10.0.0.1\r\n\r\n"
     malformed = [
         b"CONNECT  HTTP/1.1\r\n\r\n",  # no target
@@ -221,7 +222,8 @@ async def read_packet(call: Any) -> Any:
 
 
 async def half_close_ok(call: Any) -> list[Any]:
-    """Half-close, read what is left, and check the server ended the stream OK (§2.6)."""
+    """Half-close, read what is left, and check the server ended the stream OK (upstream's
+    ProxyServer.Proxy returns nil on the client's EOF)."""
     await call.done_writing()
     rest = []
     while (message := await asyncio.wait_for(call.read(), PEER_TIMEOUT)) is not grpc.aio.EOF:
@@ -249,7 +251,8 @@ def frontend_channels(env: AbusedServer) -> dict[str, grpc.aio.Channel]:
 def test_mismatched_packets_from_a_frontend(run: RunFn, sock_dir: str, certs: Certs) -> None:
     """Packets whose type does not match their payload, empty packets and unknown types on
     ``/ProxyService/Proxy`` (UDS and mTLS): read as zero-valued payloads or ignored (upstream
-    crashes, §9.7), the stream stays usable, and the client's half-close ends it OK."""
+    crashes: serveRecvFrontend reads payloads without checking them), the stream stays
+    usable, and the client's half-close ends it OK."""
 
     async def abuse(env: AbusedServer) -> None:
         assert env.agent is not None
@@ -304,7 +307,8 @@ def test_mismatched_packets_from_a_frontend(run: RunFn, sock_dir: str, certs: Ce
             assert (p.type, p.data.connectID, p.data.data) == (DATA, cid, b"still here"), p
             # CLOSE_REQ with no payload: CLOSE_REQ{0} to the agent, which does not know it
             # (its CLOSE_RSP{0} is dropped); the stream stops processing, as after any
-            # CLOSE_REQ (§2.5), and its half-close closes its connection.
+            # CLOSE_REQ (as upstream's serveRecvFrontend), and its half-close closes its
+            # connection.
             await call.write(packet(CLOSE_REQ))
             await call.write(packet(DATA, data={"connectID": cid, "data": b"dropped"}))
             rest = await half_close_ok(call)
@@ -332,8 +336,8 @@ def test_data_for_unknown_connect_id_from_a_frontend(
     run: RunFn, sock_dir: str, certs: Certs
 ) -> None:
     """DATA before any dial gets ``backend not initialized``; DATA with a second connectID
-    gets ``mismatched connection IDs`` for both (§2.4). Neither touches the healthy
-    tunnels."""
+    gets ``mismatched connection IDs`` for both (upstream's serveRecvFrontend, DATA case).
+    Neither touches the healthy tunnels."""
 
     async def abuse(env: AbusedServer) -> None:
         assert env.channel is not None
@@ -372,8 +376,8 @@ def test_data_with_another_tunnels_connect_id_is_not_delivered(
 ) -> None:
     """A frontend stream that dialled, then sends DATA with the connectID of *another*
     stream's connection (on the same agent), must not inject bytes into that tunnel. Upstream
-    forwards such DATA unchecked (§2.4); konnectivity-client only ever uses the connectID
-    of its own DIAL_RSP, so refusing it costs nothing and keeps tunnels apart."""
+    forwards such DATA unchecked (serveRecvFrontend); konnectivity-client only ever uses the
+    connectID of its own DIAL_RSP, so refusing it costs nothing and keeps tunnels apart."""
 
     async def abuse(env: AbusedServer) -> None:
         assert env.channel is not None and env.agent is not None
@@ -472,8 +476,8 @@ def test_mismatched_packets_from_an_agent(run: RunFn, sock_dir: str, certs: Cert
 
 def test_oversize_messages(run: RunFn, sock_dir: str, certs: Certs) -> None:
     """A message of 4 MiB + 1 fails its stream with RESOURCE_EXHAUSTED (grpc-go's default
-    receive limit, §1.5) on the frontend (UDS and mTLS) and on the agent listener; a message
-    of exactly 4 MiB passes."""
+    receive limit, server.go defaultServerMaxReceiveMessageSize) on the frontend (UDS and
+    mTLS) and on the agent listener; a message of exactly 4 MiB passes."""
 
     async def abuse(env: AbusedServer) -> None:
         for name, channel in frontend_channels(env).items():

@@ -298,7 +298,7 @@ def test_frontend_end_closes_its_connection(run: RunFn, sock_dir: str, certs: Ce
             proto, call = await open_frontend(env)
             call.send(dial_req(3))
             assert (await recv_packet(call)).type == PacketType.DIAL_RSP
-            call.done_writing()  # a half-close is a full close of its connection (§2.6)
+            call.done_writing()  # a half-close closes its connection, as upstream's Proxy
             assert await call.wait_status() == StatusCode.OK
             close_req = encode_packet(Packet(PacketType.CLOSE_REQ, CloseRequest(CONNECT_ID)))
             while close_req not in agent.received:

@@ -1,4 +1,4 @@
-"""10 000 half-open connections against a ``proxy-server`` process (issue 3 item 8).
+"""10 000 half-open connections against a ``proxy-server`` process.
 
 The server runs as ``python -m konnectivity_fast.server`` so its descriptors can be counted in
 ``/proc/<pid>/fd``. With a grpcio agent connected and a healthy tunnel echoing through the

@@ -1,4 +1,5 @@
-"""gRPC-mode scenarios (reference/upstream-server.md §2, §4, §9-§10), end to end: grpcio
+"""gRPC-mode scenarios (upstream's pkg/server/server.go Proxy, Connect and their receive
+loops serveRecvFrontend, serveRecvBackend), end to end: grpcio
 frontend dialers and grpcio agents (tests/server/agent_peer.py) around an in-process
 proxy-server, its frontend on a Unix socket (h2c) and on TCP+mTLS. Every scenario ends with
 the registry's metric values and, in teardown, a check that no fd or task was left.
@@ -152,7 +153,8 @@ def test_no_agent_available(arun: RunFn, certs: Certs, sock_dir: str, transport:
                 {
                     **idle_gauges(connects=1, dialled=False),
                     failures("no_agent"): 1,
-                    # Server-made answers are not frontend writes of a connection (§8).
+                    # Server-made answers are not frontend writes of a connection
+                    # (upstream times only ProxyClientConnection.send, pkg/server/server.go).
                     "frontend_write_duration_seconds_count": None,
                     packets("from_client", "DIAL_REQ"): 2,
                     packets("from_client", "DATA"): 1,
@@ -438,7 +440,8 @@ def test_stream_end_cleans_up(
     arun: RunFn, certs: Certs, sock_dir: str, *, transport: str, how: str, pattern: str
 ) -> None:
     """A frontend stream's end sends DIAL_CLS for its pending dial and CLOSE_REQ for its
-    connection to the agent (§2.6), for both client patterns."""
+    connection to the agent (upstream's ProxyServer.Proxy, its deferred cleanup), for both
+    client patterns."""
 
     async def main() -> None:
         async with (
@@ -620,7 +623,8 @@ def scrape_connects() -> float | None:
 def test_stalled_agent_is_retired(arun: RunFn, certs: Certs, sock_dir: str) -> None:
     """An agent that stops reading its stream: once its flow-control window is full, a
     DIAL_REQ to it cannot be sent within --backend-dial-timeout. Upstream then retires the
-    stream (§2.2 step 3, §9.9): the dial fails with "timed out waiting for backend dial"
+    stream (pkg/server/server.go sendDialRequestToBackend, retireBackend): the dial fails
+    with "timed out waiting for backend dial"
     (backend_dial_timeout), the stream is no longer chosen, and its Connect ends with OK.
     Every later dial must go to the healthy agent."""
 

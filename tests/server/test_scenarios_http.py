@@ -1,4 +1,5 @@
-"""HTTP-CONNECT scenarios (reference/upstream-server.md §3, §9.3, §9.11), end to end: clients
+"""HTTP-CONNECT scenarios (upstream's pkg/server/tunnel.go Tunnel.ServeHTTP and the
+HTTP-CONNECT branch of ProxyClientConnection.send in pkg/server/server.go), end to end: clients
 on asyncio streams (Unix socket, and TCP with mTLS, HTTP/1.1 by ALPN), grpcio agents
 (tests/server/agent_peer.py) around an in-process proxy-server. Every scenario ends with the
 registry's metric values and, in teardown, a check that no fd or task was left.
@@ -97,7 +98,8 @@ def test_connect_relay_close(arun: RunFn, certs: Certs, sock_dir: str, transport
                     "dial_duration_seconds_count": 1,
                     "connection_duration_seconds_count": None,  # not in v0.36.0
                     'ready_backends{proxy_strategy="default"}': 1,
-                    # HTTP-CONNECT traffic is counted on the agent side only (§8).
+                    # HTTP-CONNECT traffic is counted on the agent side only (upstream's
+                    # Tunnel.ServeHTTP counts no packet; the agent stream's Send/Recv do).
                     packets("to_agent", "DIAL_REQ"): 1,
                     packets("from_agent", "DIAL_RSP"): 1,
                     packets("to_agent", "CLOSE_REQ"): 1,

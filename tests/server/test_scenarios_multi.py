@@ -1,5 +1,6 @@
 """Scenarios with several agents and tunnels at once, and the rarer packet sequences of
-reference/upstream-server.md §2-§4: connectIDs that collide across agents, an agent's loss
+upstream's rules (pkg/server/server.go serveRecvFrontend, serveRecvBackend) and of our
+differences (docs/differences.md): connectIDs that collide across agents, an agent's loss
 closing exactly its own connections, a DIAL_RSP from the wrong agent, late error answers,
 in-flight agent DATA after a frontend left, several dials on one stream, packets a peer
 should not send, and an HTTP-CONNECT client's half-close.
@@ -169,8 +170,9 @@ def test_agent_data_in_flight_after_frontend_left(arun: RunFn, certs: Certs, soc
 
 
 def test_two_dials_on_one_stream(arun: RunFn, certs: Certs, sock_dir: str) -> None:
-    """§2.7: a second DIAL_REQ on a stream is served too; frontend DATA may use only the
-    first connectID it used; the stream's end closes both connections."""
+    """As upstream's serveRecvFrontend: a second DIAL_REQ on a stream is served too;
+    frontend DATA may use only the first connectID it used; the stream's end closes both
+    connections."""
 
     async def main() -> None:
         async with proxy_env(certs, sock_dir) as env, backend(echo) as echo_backend:

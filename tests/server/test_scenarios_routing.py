@@ -1,7 +1,9 @@
-"""Agent selection and readiness scenarios (reference/upstream-server.md §4.3-§4.6, §6): several
-grpcio agents on one in-process proxy-server, ``--proxy-strategies`` chains, DRAIN, two
-streams of one agent, and ``/readyz`` on the health server flipping as agents come and go.
-Each agent answers dials with an error naming itself, so the frontend sees who was chosen.
+"""Agent selection and readiness scenarios (upstream's pkg/server/backend_manager.go,
+desthost_backend_manager.go, default_route_backend_manager.go, readiness_manager.go and
+cmd/server/app/server.go runHealthServer): several grpcio agents on one in-process
+proxy-server, ``--proxy-strategies`` chains, DRAIN, two streams of one agent, and
+``/readyz`` on the health server flipping as agents come and go. Each agent answers dials
+with an error naming itself, so the frontend sees who was chosen.
 """
 
 from __future__ import annotations

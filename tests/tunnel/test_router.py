@@ -1,7 +1,8 @@
-"""Packet sequences through the router: every rule of reference/upstream-server.md §2-§4
+"""Packet sequences through the router: every rule of upstream's pkg/server/server.go
+serveRecvFrontend, serveRecvBackend and Proxy, and of pkg/server/tunnel.go Tunnel.ServeHTTP
 (gRPC and HTTP-CONNECT frontends, agents), the error paths with upstream's exact strings and
-metric labels, and where we deliberately differ (lost agents fail their pending dials at
-once; dial IDs and responses are checked against their owner)."""
+metric labels, and where we deliberately differ (docs/differences.md: lost agents fail their
+pending dials at once; dial IDs and responses are checked against their owner)."""
 
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ def assert_empty(router: Router) -> None:
         assert not backend.dials and not backend.connections
 
 
-# --- gRPC frontends: the happy path (§2.2-§2.5) -----------------------------------------------
+# --- gRPC frontends: the happy path (serveRecvFrontend, serveRecvBackend) -------------------------
 
 
 def test_grpc_happy_path() -> None:
@@ -242,8 +243,9 @@ def test_mismatched_connection_ids() -> None:
 
 
 def test_data_for_a_connection_of_another_stream_is_refused() -> None:
-    # Upstream forwards a stream's DATA to its backend whatever the connectID (§2.4), so a
-    # stream could write into another stream's tunnel; we answer CLOSE_RSP instead.
+    # Upstream forwards a stream's DATA to its backend whatever the connectID
+    # (serveRecvFrontend), so a stream could write into another stream's tunnel; we answer
+    # CLOSE_RSP instead.
     router = make_router()
     agent = router.add_backend("a", AgentIdentifiers())
     victim = router.add_frontend(GRPC)
@@ -279,7 +281,8 @@ def test_frontend_dial_cls_cancels_its_dial_without_telling_the_agent() -> None:
     assert router.receive_from_frontend(f, dial_cls(5), 0.0) == [fail(R.FRONTEND_CLOSE)]
     assert router.receive_from_frontend(f, dial_cls(5), 0.0) == []  # already gone
     assert not f.stopped
-    # The late DIAL_RSP is unrecognised and its connection closed at the agent (§2.3, §9.5).
+    # The late DIAL_RSP is unrecognised and its connection closed at the agent (upstream's
+    # serveRecvBackend, DIAL_RSP case).
     assert router.receive_from_agent(agent, dial_rsp(5, 8), 1.0) == [
         fail(R.UNRECOGNIZED_RESPONSE),
         SendToAgent(agent, close_req(8)),
@@ -432,7 +435,7 @@ def test_drain_keeps_existing_connections() -> None:
     assert router.receive_from_frontend(f, data(1), 0.0) == [SendToAgent(agent, data(1))]
 
 
-# --- frontend loss (§2.6) ---------------------------------------------------------------------
+# --- frontend loss (ProxyServer.Proxy, its deferred cleanup) --------------------------------------
 
 
 def test_frontend_loss_closes_its_dials_and_connections_at_their_agents() -> None:
@@ -474,7 +477,7 @@ def test_closing_connections_are_bounded() -> None:
     assert 1 not in agent.closing  # the oldest went first
 
 
-# --- agent loss (§4.7, and our improvement) ---------------------------------------------------
+# --- agent loss (serveRecvBackend's cleanup, and our improvement) ---------------------------------
 
 
 def test_agent_loss_closes_exactly_its_connections_and_fails_its_dials_now() -> None:
@@ -532,7 +535,7 @@ def test_reused_connect_id_closes_the_old_connection() -> None:
     assert router.established_connections == 1
 
 
-# --- --backend-dial-timeout (§2.2) ------------------------------------------------------------
+# --- --backend-dial-timeout (sendDialRequestToBackend, startPendingDialTimeout) -------------------
 
 
 def test_dial_timeout() -> None:
@@ -605,7 +608,7 @@ def test_retire_backend() -> None:
     ]
 
 
-# --- HTTP-CONNECT frontends (§3) --------------------------------------------------------------
+# --- HTTP-CONNECT frontends (Tunnel.ServeHTTP) ----------------------------------------------------
 
 
 def http_dial(
@@ -793,12 +796,13 @@ def test_data_of_established_tunnels_ignores_payload_contents() -> None:
     assert router.receive_from_agent(agent, empty, 0.0) == [SendToFrontend(f, empty)]
 
 
-# --- which frontend writes are the server's own (frontend_write_duration_seconds, §8) ---------
+# --- which frontend writes are the server's own (frontend_write_duration_seconds) -----------------
 
 
 def test_server_answers_are_not_connection_writes() -> None:
     """Upstream times the writes it makes through a connection record (what an agent sent,
-    and the CLOSE_RSP of an agent's loss), not the server's own answers of §2.2/§2.4."""
+    and the CLOSE_RSP of an agent's loss: ProxyClientConnection.send), not the server's own
+    answers to a DIAL_REQ or DATA (written to the stream directly)."""
     router = make_router()
     lonely = router.add_frontend(GRPC)
     (no_agent,) = only(router.receive_from_frontend(lonely, dial_req(1), 0.0), SendToFrontend)
