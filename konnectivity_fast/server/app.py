@@ -48,6 +48,7 @@ from konnectivity_fast.transport import tls
 from konnectivity_fast.transport.grpc import GrpcServer
 from konnectivity_fast.wire.contract import (
     IMPLEMENTED_EXTENSIONS,
+    DialBalance,
     ExtensionSet,
     FrontendMode,
     parse_proxy_strategies,
@@ -252,11 +253,16 @@ async def _start_http(proxy: ProxyServer, options: RunOptions) -> list[asyncio.S
 
 
 async def run(
-    options: RunOptions, stop: asyncio.Event, *, extensions: ExtensionSet = IMPLEMENTED_EXTENSIONS
+    options: RunOptions,
+    stop: asyncio.Event,
+    *,
+    extensions: ExtensionSet = IMPLEMENTED_EXTENSIONS,
+    dial_balance: DialBalance = DialBalance.RANDOM,
 ) -> int:
     """Serve until ``stop`` is set; the process's exit code. A start-up failure raises
     ``StartupError`` with upstream's message. ``extensions``: what the server offers to
-    agents and frontends (``wire.contract``)."""
+    agents and frontends (``wire.contract``). ``dial_balance``: how dials choose among a
+    strategy's candidate agents (``tunnel.balance``)."""
     try:
         kube = _kube_client(options)
     except ConfigError as exc:
@@ -270,7 +276,10 @@ async def run(
         dial_timeout=options.backend_dial_timeout,
         authenticator=_authenticator(options, kube),
         extensions=extensions,
+        dial_balance=dial_balance,
     )
+    if dial_balance is not DialBalance.RANDOM:
+        log.info("Dials go to the candidate agent with the fewest open tunnels (%s).", dial_balance)
     try:
         return await _serve(proxy, options, kube, stop)
     finally:

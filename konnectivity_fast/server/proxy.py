@@ -74,6 +74,7 @@ from konnectivity_fast.wire.contract import (
     PROXY_SERVICE,
     AgentIdentifiers,
     AgentMetadataError,
+    DialBalance,
     ExtensionSet,
     FrontendMode,
     ProxyStrategy,
@@ -349,7 +350,9 @@ class ProxyServer:
     ``budget``: the buffers toward slow frontends (``buffering``; tests shrink it).
     ``authenticator``: agent token auth (``--agent-namespace``), or None.
     ``extensions``: the extensions this server offers to agents and frontends
-    (``wire.contract``; every implemented one by default).
+    (``wire.contract``; every implemented one by default). ``dial_balance``: how a dial
+    chooses among its strategy's candidate agents (``tunnel.balance``; upstream's random
+    choice by default).
     """
 
     def __init__(
@@ -364,12 +367,15 @@ class ProxyServer:
         budget: BufferBudget | None = None,
         authenticator: Authenticator | None = None,
         extensions: ExtensionSet = IMPLEMENTED_EXTENSIONS,
+        dial_balance: DialBalance = DialBalance.RANDOM,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
         self.extensions = check_extensions(extensions)
         self.server_id = server_id or str(uuid.uuid4())
         self.server_count = server_count
-        self.router = Router(strategies, rng or Random(), dial_timeout=dial_timeout)
+        self.router = Router(
+            strategies, rng or Random(), dial_timeout=dial_timeout, balance=dial_balance
+        )
         self.frontend_service = _FrontendService(self)
         self.agent_service = _AgentService(self)
         self._timer: asyncio.TimerHandle | None = None

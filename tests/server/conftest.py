@@ -46,6 +46,7 @@ from konnectivity_fast.server.listeners import (
 from konnectivity_fast.server.proxy import ProxyServer
 from konnectivity_fast.transport import grpc as kgrpc
 from konnectivity_fast.transport import tls
+from konnectivity_fast.wire.contract import DialBalance
 from tests.support.net import LOOPS, Certs, RunFn, certs, run, sock_dir
 
 from .agent_peer import (
@@ -329,6 +330,7 @@ async def proxy_env(
     dial_timeout: float = 0.0,
     server_id: str = "scenario-server",
     server_count: int = 2,
+    dial_balance: DialBalance = DialBalance.RANDOM,
 ) -> AsyncIterator[ProxyEnv]:
     server_metrics.reset()
     server_metrics.startup(strategies)
@@ -338,6 +340,7 @@ async def proxy_env(
         strategies=strategies,
         dial_timeout=dial_timeout,
         rng=Random(7),
+        dial_balance=dial_balance,
     )
     handle = ServerHandle(proxy)
     health: asyncio.Server | None = None
