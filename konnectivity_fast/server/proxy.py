@@ -163,6 +163,7 @@ class _FrontendStream:
             return
         metrics.observe_packet(metrics.SEGMENT_FROM_CLIENT, ptype)
         if ptype == _DATA:
+            frontend.bytes_up += len(message)
             backend = server.router.route_frontend_data(frontend, connect_id)
             if backend is not None:
                 agent: GrpcCall = backend.conn
@@ -185,6 +186,11 @@ class _FrontendStream:
     def _agent_drained(self) -> None:
         self.held = False
         self.frontend.conn.resume_reading()
+
+    @property
+    def source_paused(self) -> bool:
+        """The admin listing's "paused": this stream is not read until its agent drains."""
+        return self.held
 
     def _abandon(self) -> None:
         """The client stalled with its budget spent: reset its stream (CLOSE_REQ for its
@@ -498,6 +504,8 @@ class ProxyServer:
             return
         call: GrpcCall = frontend.conn
         self._send(call, message, metrics.SEGMENT_TO_CLIENT, ptype)
+        if ptype == _DATA and not isinstance(message, Packet):
+            frontend.bytes_down += len(message)
         if timed:
             metrics.observe_frontend_write_latency(perf_counter() - started)
         if agent is None or call.outbound_pending() < TUNNEL_WRITE_HIGH_WATER:

@@ -32,6 +32,7 @@ import grpc.aio
 import pytest
 
 from konnectivity_fast.metrics import server as server_metrics
+from konnectivity_fast.server.buffering import BufferBudget
 from konnectivity_fast.server.health import health_routes, start_http
 from konnectivity_fast.server.http_connect import (
     start_http_connect_tcp,
@@ -331,6 +332,7 @@ async def proxy_env(
     server_id: str = "scenario-server",
     server_count: int = 2,
     dial_balance: DialBalance = DialBalance.RANDOM,
+    budget: BufferBudget | None = None,
 ) -> AsyncIterator[ProxyEnv]:
     server_metrics.reset()
     server_metrics.startup(strategies)
@@ -341,6 +343,7 @@ async def proxy_env(
         dial_timeout=dial_timeout,
         rng=Random(7),
         dial_balance=dial_balance,
+        budget=budget,
     )
     handle = ServerHandle(proxy)
     health: asyncio.Server | None = None
