@@ -56,7 +56,8 @@ def tunnel_window(frontend: Frontend) -> int | None:
 
 
 def _side(frontend: Frontend) -> TunnelSide | None:
-    holder = frontend.conn.sink if frontend.mode is FrontendMode.GRPC else frontend.conn
+    conn = frontend.conn
+    holder = getattr(conn, "sink", None) if frontend.mode is FrontendMode.GRPC else conn
     return holder if isinstance(holder, TunnelSide) else None
 
 
