@@ -9,13 +9,14 @@ backend is not being read (``Endpoint.reading_paused``) and whether it pauses it
 stream (over its write budget). Per server: tunnels, dials in progress, bytes, whether
 the stream is paused and whether DRAIN was sent on it.
 
-The handler runs on the loop between packets; it only reads.
+The handler runs on the loop between packets; it only reads, in one pass over the
+endpoints that both counts and chooses the rows (``tunnel.listing.TopN``).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from konnectivity_fast.agent.client import AgentClient
@@ -25,14 +26,14 @@ from konnectivity_fast.transport.http import NOSNIFF, TEXT_PLAIN, Handler, Reque
 from konnectivity_fast.tunnel.listing import (
     JSON_CONTENT_TYPE,
     ListingError,
+    TopN,
     TunnelQuery,
     age,
     encode_listing,
     parse_tunnel_query,
-    top,
     top_peers,
 )
-from konnectivity_fast.wire.contract import TunnelQueryParam
+from konnectivity_fast.wire.contract import TunnelQueryParam, TunnelSort
 
 __all__ = ["PROGRAM", "agent_listing", "tunnel_window", "tunnels_handler"]
 
@@ -45,15 +46,6 @@ def tunnel_window(client: AgentClient, endpoint: Endpoint) -> int | None:
     """The tunnel's flow.v1 credit window, where flow.v1 is negotiated on ``client``'s
     stream; None until flow control exists (the one place to fill it in)."""
     return None
-
-
-def _bytes(pair: Pair) -> int:
-    endpoint = pair[1]
-    return endpoint.bytes_up + endpoint.bytes_down
-
-
-def _start(pair: Pair) -> float:
-    return pair[1].started
 
 
 def _row(client: AgentClient, endpoint: Endpoint, now: float) -> dict[str, Any]:
@@ -73,23 +65,40 @@ def _row(client: AgentClient, endpoint: Endpoint, now: float) -> dict[str, Any]:
     }
 
 
-def _server(client: AgentClient) -> dict[str, Any]:
-    endpoints = client.endpoints.values()
-    return {
-        "server_id": client.server_id,
-        "tunnels": len(client.endpoints),
-        "pending_dials": client.pending_dials,
-        "bytes_up": sum(e.bytes_up for e in endpoints),
-        "bytes_down": sum(e.bytes_down for e in endpoints),
-        "draining": client.drain_sent,
-        "paused": client.inbound_paused,
-    }
-
-
-def _pairs(clients: Iterable[AgentClient]) -> Iterator[Pair]:
+def _scan(
+    clients: Sequence[AgentClient], query: TunnelQuery
+) -> tuple[list[dict[str, Any]], list[Pair]]:
+    """One pass over every endpoint: the per-server counts, and the rows ``query`` chooses
+    (``TopN``)."""
+    servers: list[dict[str, Any]] = []
+    chosen: TopN[Pair] = TopN(query.limit)
+    floor = chosen.floor
+    by_bytes = query.sort is TunnelSort.BYTES
     for client in clients:
+        listed = query.peer is None or client.server_id == query.peer
+        up = down = 0
         for endpoint in client.endpoints.values():
-            yield client, endpoint
+            moved_up = endpoint.bytes_up
+            moved_down = endpoint.bytes_down
+            up += moved_up
+            down += moved_down
+            if listed:
+                key = moved_up + moved_down if by_bytes else -endpoint.started
+                if key > floor:  # most endpoints stop here, without a call
+                    chosen.offer(key, (client, endpoint))
+                    floor = chosen.floor
+        servers.append(
+            {
+                "server_id": client.server_id,
+                "tunnels": len(client.endpoints),
+                "pending_dials": client.pending_dials,
+                "bytes_up": up,
+                "bytes_down": down,
+                "draining": client.drain_sent,
+                "paused": client.inbound_paused,
+            }
+        )
+    return servers, chosen.items()
 
 
 def agent_listing(
@@ -97,10 +106,8 @@ def agent_listing(
 ) -> dict[str, Any]:
     """The listing document of the server connections ``clients`` for ``query`` at loop
     time ``now``."""
-    every = [_server(client) for client in clients]
-    chosen = [c for c in clients if query.peer is None or c.server_id == query.peer]
+    every, rows = _scan(clients, query)
     servers = [s for s in every if query.peer is None or s["server_id"] == query.peer]
-    rows = top(_pairs(chosen), query, _bytes, _start)
     return {
         "program": PROGRAM,
         "agent_id": agent_id,

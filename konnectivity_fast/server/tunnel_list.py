@@ -10,13 +10,12 @@ tunnels, pending dials and bytes, whether one of its streams drains, and whether
 buffering holds or pauses one (``BufferBudget.paused``).
 
 The handler runs on the loop, between packets: it reads, never changes, and costs one pass
-over the open tunnels to count and one to choose the rows (``tunnel.listing.top``).
+over the open tunnels that both counts and chooses the rows (``tunnel.listing.TopN``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast
 
 from konnectivity_fast.server.buffering import TunnelBuffer
 from konnectivity_fast.server.proxy import ProxyServer
@@ -25,21 +24,20 @@ from konnectivity_fast.tunnel import Backend, Frontend, ProxyClientConnection
 from konnectivity_fast.tunnel.listing import (
     JSON_CONTENT_TYPE,
     ListingError,
+    TopN,
     TunnelQuery,
     age,
     encode_listing,
     parse_tunnel_query,
-    top,
     top_peers,
 )
-from konnectivity_fast.wire.contract import FrontendMode, TunnelQueryParam
+from konnectivity_fast.wire.contract import FrontendMode, TunnelQueryParam, TunnelSort
 
 __all__ = ["PROGRAM", "TunnelSide", "server_listing", "tunnel_window", "tunnels_handler"]
 
 PROGRAM = "proxy-server"
 
 
-@runtime_checkable
 class TunnelSide(Protocol):
     """What the listing reads of a frontend's adapter object."""
 
@@ -58,16 +56,11 @@ def tunnel_window(frontend: Frontend) -> int | None:
 def _side(frontend: Frontend) -> TunnelSide | None:
     conn = frontend.conn
     holder = getattr(conn, "sink", None) if frontend.mode is FrontendMode.GRPC else conn
-    return holder if isinstance(holder, TunnelSide) else None
-
-
-def _bytes(conn: ProxyClientConnection) -> int:
-    frontend = conn.frontend
-    return frontend.bytes_up + frontend.bytes_down
-
-
-def _start(conn: ProxyClientConnection) -> float:
-    return conn.start
+    # A plain attribute test: isinstance() on a runtime-checkable Protocol costs ~15 µs a
+    # row, most of a 1000-row listing.
+    if isinstance(getattr(holder, "buffer", None), TunnelBuffer):
+        return cast(TunnelSide, holder)
+    return None
 
 
 def _row(conn: ProxyClientConnection, now: float) -> dict[str, Any]:
@@ -89,49 +82,63 @@ def _row(conn: ProxyClientConnection, now: float) -> dict[str, Any]:
     }
 
 
-def _agents(proxy: ProxyServer, query: TunnelQuery) -> list[dict[str, Any]]:
-    """Per agent ID, over every open stream of it (the filter keeps one agent)."""
+def _agent_entry(backend: Backend) -> dict[str, Any]:
+    return {
+        "agent_id": backend.agent_id,
+        "streams": 0,
+        "tunnels": 0,
+        "pending_dials": 0,
+        "bytes_up": 0,
+        "bytes_down": 0,
+        "draining": False,
+        "paused": False,
+    }
+
+
+def _scan(
+    proxy: ProxyServer, query: TunnelQuery
+) -> tuple[dict[str, dict[str, Any]], list[ProxyClientConnection]]:
+    """One pass over every open tunnel: the per-agent counts, and the rows ``query``
+    chooses (``TopN``). Each tunnel's records are read once: with 100k tunnels the pass
+    is bound by memory reads, not by the arithmetic."""
     budget = proxy.budget
     agents: dict[str, dict[str, Any]] = {}
+    chosen: TopN[ProxyClientConnection] = TopN(query.limit)
+    floor = chosen.floor
+    by_bytes = query.sort is TunnelSort.BYTES
     for backend in proxy.router.backends.values():
-        if query.peer is not None and backend.agent_id != query.peer:
-            continue
         entry = agents.get(backend.agent_id)
         if entry is None:
-            entry = agents[backend.agent_id] = {
-                "agent_id": backend.agent_id,
-                "streams": 0,
-                "tunnels": 0,
-                "pending_dials": 0,
-                "bytes_up": 0,
-                "bytes_down": 0,
-                "draining": False,
-                "paused": False,
-            }
+            entry = agents[backend.agent_id] = _agent_entry(backend)
+        listed = query.peer is None or backend.agent_id == query.peer
+        up = down = 0
+        for conn in backend.connections.values():
+            frontend = conn.frontend
+            moved_up = frontend.bytes_up
+            moved_down = frontend.bytes_down
+            up += moved_up
+            down += moved_down
+            if listed:
+                key = moved_up + moved_down if by_bytes else -conn.start
+                if key > floor:  # most tunnels stop here, without a call
+                    chosen.offer(key, conn)
+                    floor = chosen.floor
         entry["streams"] += 1
         entry["tunnels"] += len(backend.connections)
         entry["pending_dials"] += len(backend.dials)
-        entry["bytes_up"] += sum(c.frontend.bytes_up for c in backend.connections.values())
-        entry["bytes_down"] += sum(c.frontend.bytes_down for c in backend.connections.values())
+        entry["bytes_up"] += up
+        entry["bytes_down"] += down
         entry["draining"] = entry["draining"] or backend.draining
         entry["paused"] = entry["paused"] or budget.paused(backend.conn)
-    return list(agents.values())
-
-
-def _connections(backends: Iterator[Backend]) -> Iterator[ProxyClientConnection]:
-    for backend in backends:
-        yield from backend.connections.values()
+    return agents, chosen.items()
 
 
 def server_listing(proxy: ProxyServer, query: TunnelQuery, now: float) -> dict[str, Any]:
     """The listing document for ``query`` at loop time ``now``."""
     router = proxy.router
-    agents = _agents(proxy, query)
-    backends = (
-        b for b in router.backends.values() if query.peer is None or b.agent_id == query.peer
-    )
-    rows = top(_connections(backends), query, _bytes, _start)
-    every = _agents(proxy, TunnelQuery()) if query.peer is not None else agents
+    agents, rows = _scan(proxy, query)
+    every = list(agents.values())
+    shown = every if query.peer is None else [a for a in every if a["agent_id"] == query.peer]
     return {
         "program": PROGRAM,
         "server_id": proxy.server_id,
@@ -146,10 +153,10 @@ def server_listing(proxy: ProxyServer, query: TunnelQuery, now: float) -> dict[s
             "bytes_up": sum(a["bytes_up"] for a in every),
             "bytes_down": sum(a["bytes_down"] for a in every),
             "buffer_charged": proxy.budget.total,
-            "matched": sum(a["tunnels"] for a in agents),
+            "matched": sum(a["tunnels"] for a in shown),
             "listed": len(rows),
         },
-        "agents": top_peers(agents, query.limit),
+        "agents": top_peers(shown, query.limit),
         "tunnels": [_row(conn, now) for conn in rows],
     }
 

@@ -1,22 +1,23 @@
 """The tunnel listing's sans-IO part (``tunnel.listing``): the query (its validation, the
-limit's clamp), the top-N choice and the JSON encoding."""
+limit's clamp), the top-N choice (against a full sort) and the JSON encoding."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from konnectivity_fast.tunnel.listing import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
     ListingError,
+    TopN,
     TunnelQuery,
     age,
     encode_listing,
     parse_tunnel_query,
-    top,
     top_peers,
 )
 from konnectivity_fast.wire.contract import TunnelQueryParam, TunnelSort
@@ -69,29 +70,27 @@ def test_invalid_queries(query: str, peer: TunnelQueryParam, message: str) -> No
     assert str(exc.value).startswith(message)
 
 
-@dataclass(frozen=True)
-class Item:
-    name: str
-    moved: int
-    start: float
+@given(
+    keys=st.lists(st.integers(0, 5), max_size=40),
+    limit=st.integers(0, 12),
+)
+def test_top_n_keeps_the_largest_keys_first_offered_first(keys: list[int], limit: int) -> None:
+    chosen: TopN[int] = TopN(limit)
+    for index, key in enumerate(keys):
+        if key > chosen.floor:  # how the scans call it: skipping must change nothing
+            chosen.offer(key, index)
+    # sorted() is stable: equal keys keep their offering order.
+    expected = sorted(range(len(keys)), key=lambda i: -keys[i])[:limit]
+    assert chosen.items() == expected
 
 
-ITEMS = [Item("a", 5, 3.0), Item("b", 50, 2.0), Item("c", 0, 1.0), Item("d", 20, 4.0)]
-
-
-def test_top_by_bytes_and_by_age() -> None:
-    def moved(item: Item) -> int:
-        return item.moved
-
-    def start(item: Item) -> float:
-        return item.start
-
-    by_bytes = top(iter(ITEMS), TunnelQuery(TunnelSort.BYTES, 2), moved, start)
-    assert [i.name for i in by_bytes] == ["b", "d"]
-    by_age = top(iter(ITEMS), TunnelQuery(TunnelSort.AGE, 3), moved, start)
-    assert [i.name for i in by_age] == ["c", "b", "a"]
-    assert top(iter(ITEMS), TunnelQuery(limit=0), moved, start) == []
-    assert len(top(iter(ITEMS), TunnelQuery(limit=MAX_LIMIT), moved, start)) == 4
+def test_top_n_offers_without_the_floor_check_too() -> None:
+    chosen: TopN[str] = TopN(2)
+    for key, item in ((1.0, "a"), (3.0, "b"), (2.0, "c"), (3.0, "d"), (0.5, "e")):
+        chosen.offer(key, item)
+    assert chosen.items() == ["b", "d"]
+    assert chosen.floor == 3.0
+    assert TopN[str](0).items() == []
 
 
 def test_top_peers_and_age() -> None:
