@@ -29,6 +29,7 @@ from konnectivity_fast.tunnel.listing import (
     TopN,
     TunnelQuery,
     age,
+    destination,
     encode_listing,
     parse_tunnel_query,
     top_peers,
@@ -54,7 +55,7 @@ def _row(client: AgentClient, endpoint: Endpoint, now: float) -> dict[str, Any]:
     return {
         "connection_id": endpoint.connect_id,
         "server_id": client.server_id,
-        "destination": endpoint.address,
+        "destination": destination(endpoint.address),
         "bytes_up": endpoint.bytes_up,
         "bytes_down": endpoint.bytes_down,
         "buffered": endpoint.queued() + held,

@@ -27,6 +27,7 @@ from konnectivity_fast.tunnel.listing import (
     TopN,
     TunnelQuery,
     age,
+    destination,
     encode_listing,
     parse_tunnel_query,
     top_peers,
@@ -70,7 +71,7 @@ def _row(conn: ProxyClientConnection, now: float) -> dict[str, Any]:
     return {
         "connection_id": conn.connect_id,
         "agent_id": conn.backend.agent_id,
-        "destination": conn.address,
+        "destination": destination(conn.address),
         "frontend": frontend.mode.value,
         "bytes_up": frontend.bytes_up,
         "bytes_down": frontend.bytes_down,

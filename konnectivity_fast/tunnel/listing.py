@@ -21,10 +21,11 @@ proxy-server, ``agent``/``server`` on the proxy-agent)::
                   "age_seconds": s}],
      ...}                                       # program-specific extras
 
-``bytes_up`` flows toward the destination (frontend -> agent -> backend), ``bytes_down``
-back. ``buffered``: bytes this process holds for the tunnel toward its slow side.
-``paused``: the tunnel's own source is not being read; ``holding``: the tunnel holds its
-shared agent stream (the server's ``TunnelBuffer.pausing``, the agent's backend over its
+``destination`` is the dial address (cut past ``MAX_DESTINATION_CHARS``). ``bytes_up``
+flows toward the destination (frontend -> agent -> backend), ``bytes_down`` back.
+``buffered``: bytes this process holds for the tunnel toward its slow side. ``paused``:
+the tunnel's own source is not being read; ``holding``: the tunnel holds its shared agent
+stream (the server's ``TunnelBuffer.pausing``, the agent's backend over its
 write budget). ``window``: the tunnel's flow-control credit window where one is
 negotiated, else null. Totals and the peer counts cover the whole process (``matched``:
 the tunnels the filter keeps); ``tunnels`` holds at most ``limit`` rows.
@@ -53,11 +54,13 @@ from konnectivity_fast.wire.gotext import parse_query
 __all__ = [
     "DEFAULT_LIMIT",
     "JSON_CONTENT_TYPE",
+    "MAX_DESTINATION_CHARS",
     "MAX_LIMIT",
     "ListingError",
     "TopN",
     "TunnelQuery",
     "age",
+    "destination",
     "encode_listing",
     "parse_tunnel_query",
     "top_peers",
@@ -72,6 +75,10 @@ MAX_LIMIT = 1000
 # convert very long digit strings).
 _MAX_LIMIT_DIGITS = 9
 JSON_CONTENT_TYPE = "application/json"
+#: A destination longer than this is cut (and marked): a DNS name and a port fit in 260
+#: characters, and a frontend may send any text as a dial address (up to a 4 MiB message),
+#: which a listing of ``MAX_LIMIT`` rows must not repeat in full.
+MAX_DESTINATION_CHARS = 260
 
 T = TypeVar("T")
 
@@ -167,6 +174,13 @@ def _rank(entry: tuple[float, int, Any]) -> tuple[float, int]:
 def top_peers(peers: Iterable[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
     """The peer summaries with the most tunnels, at most ``limit``."""
     return heapq.nlargest(limit, peers, key=lambda peer: int(peer["tunnels"]))
+
+
+def destination(address: str) -> str:
+    """A dial address as listed: whole, or cut to ``MAX_DESTINATION_CHARS`` with ``...``."""
+    if len(address) <= MAX_DESTINATION_CHARS:
+        return address
+    return address[: MAX_DESTINATION_CHARS - 3] + "..."
 
 
 def age(now: float, start: float) -> float:

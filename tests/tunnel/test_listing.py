@@ -11,11 +11,13 @@ from hypothesis import strategies as st
 
 from konnectivity_fast.tunnel.listing import (
     DEFAULT_LIMIT,
+    MAX_DESTINATION_CHARS,
     MAX_LIMIT,
     ListingError,
     TopN,
     TunnelQuery,
     age,
+    destination,
     encode_listing,
     parse_tunnel_query,
     top_peers,
@@ -91,6 +93,14 @@ def test_top_n_offers_without_the_floor_check_too() -> None:
     assert chosen.items() == ["b", "d"]
     assert chosen.floor == 3.0
     assert TopN[str](0).items() == []
+
+
+def test_long_destinations_are_cut() -> None:
+    assert destination("node-1.example:10250") == "node-1.example:10250"
+    edge = "h" * MAX_DESTINATION_CHARS
+    assert destination(edge) == edge
+    cut = destination("h" * (4 << 20))
+    assert len(cut) == MAX_DESTINATION_CHARS and cut.endswith("...")
 
 
 def test_top_peers_and_age() -> None:
