@@ -4,7 +4,8 @@ cmd/agent/app/server.go ``Agent.Run`` and ``runProxyConnection``).
 Start-up in upstream's order: build the TLS configuration (CA, optional client pair, ALPN;
 errors are fatal: ``failed to run proxy connection with ...``), start lease counting when
 asked (the seam below), start the ``ClientSet`` sync loop, then the health server, then
-the admin server (a listen failure is only logged). Then:
+the admin server (``/metrics``'s redirect and our tunnel listing; a listen failure is
+only logged). Then:
 
 - ``drain`` set (first SIGTERM/SIGINT): one DRAIN on every server stream, no new server
   connections; existing streams keep serving dials; readiness is unchanged;
@@ -38,6 +39,7 @@ from konnectivity_fast.agent.client import ClientConfig
 from konnectivity_fast.agent.clientset import ClientSet
 from konnectivity_fast.agent.health import admin_routes, health_routes, start_http
 from konnectivity_fast.agent.policy import ServerCounter
+from konnectivity_fast.agent.tunnel_list import tunnels_handler
 from konnectivity_fast.metrics import agent as agent_metrics
 from konnectivity_fast.metrics import flow as flow_metrics
 from konnectivity_fast.transport.tls import H2_ALPN
@@ -237,7 +239,7 @@ async def run(
         "admin",
         options.admin_bind_address,
         options.admin_server_port,
-        admin_routes(options.health_server_port),
+        admin_routes(options.health_server_port, tunnels_handler(options.agent_id, clients)),
     )
     if admin is not None:
         http.append(admin)

@@ -392,6 +392,17 @@ class AgentClient:
         if endpoint.over_budget:
             self.update_inbound()
 
+    @property
+    def pending_dials(self) -> int:
+        """Dials in progress (the admin listing)."""
+        return len(self._dials)
+
+    @property
+    def inbound_paused(self) -> bool:
+        """The server stream is not read: a backend is over its budget, or the process's
+        (the admin listing)."""
+        return self._inbound_paused
+
     def update_inbound(self) -> None:
         call = self.call
         if call is None:
@@ -533,7 +544,9 @@ class AgentClient:
         start = self.loop.time()
         try:
             endpoint = await dial(
-                req.protocol, req.address, lambda: Endpoint(self.pool, self, connect_id)
+                req.protocol,
+                req.address,
+                lambda: Endpoint(self.pool, self, connect_id, req.address, start),
             )
         except DialError as exc:
             metrics.observe_dial_failure(

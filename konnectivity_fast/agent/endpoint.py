@@ -172,7 +172,9 @@ class EndpointPool:
 
 
 class Endpoint(asyncio.BufferedProtocol):
-    """One backend socket of one tunneled connection."""
+    """One backend socket of one tunneled connection, dialled to ``address`` at ``started``
+    (loop time). ``bytes_up`` (server -> backend) and ``bytes_down`` (backend -> server)
+    count its payload bytes for the admin listing, one integer add per read or write."""
 
     __slots__ = (
         "_credit_paused",
@@ -183,6 +185,9 @@ class Endpoint(asyncio.BufferedProtocol):
         "_pending_size",
         "_read_paused",
         "_reading",
+        "address",
+        "bytes_down",
+        "bytes_up",
         "closing",
         "connect_id",
         "counted",
@@ -190,14 +195,26 @@ class Endpoint(asyncio.BufferedProtocol):
         "over_budget",
         "owner",
         "pool",
+        "started",
         "transport",
         "window",
     )
 
-    def __init__(self, pool: EndpointPool, owner: EndpointOwner, connect_id: int) -> None:
+    def __init__(
+        self,
+        pool: EndpointPool,
+        owner: EndpointOwner,
+        connect_id: int,
+        address: str = "",
+        started: float = 0.0,
+    ) -> None:
         self.pool = pool
         self.owner = owner
         self.connect_id = connect_id
+        self.address = address
+        self.started = started
+        self.bytes_up = 0
+        self.bytes_down = 0
         self.transport: asyncio.Transport | None = None
         self.counted = 0
         self.over_budget = False
@@ -237,6 +254,7 @@ class Endpoint(asyncio.BufferedProtocol):
         # One read, one DATA packet. The engine keeps a reference, so copy out of the
         # shared buffer (both views start at its beginning).
         data = bytes(self.pool.view[:nbytes])
+        self.bytes_down += nbytes
         if not self._established:
             # uvloop starts reading after connection_made even when it paused reading
             # there: hold this read until the DIAL_RSP is out, and pause again.
@@ -275,6 +293,12 @@ class Endpoint(asyncio.BufferedProtocol):
             self.pool.account(self, 0)
 
     # -- used by the owner --
+
+    @property
+    def reading_paused(self) -> bool:
+        """The admin listing's "paused": the backend is not read (waiting for its turn on
+        the server stream, or the stream's window)."""
+        return self._read_paused
 
     def queued(self) -> int:
         t = self.transport
@@ -351,6 +375,7 @@ class Endpoint(asyncio.BufferedProtocol):
         else:
             self._pending.append(data)
         self._pending_size += len(data)
+        self.bytes_up += len(data)
         window = self.window
         if window is None:
             self.pool.account(self, t.get_write_buffer_size() + self._pending_size)

@@ -7,8 +7,9 @@ Routes for ``transport.http``'s small HTTP/1.1 server:
   ``ok``, up before any server is reached), ``/readyz`` and the deprecated ``/ready`` (the
   ``ping`` and ``server-connected`` checks, upstream's bodies, ``?verbose``), ``/metrics``;
 - admin (``--admin-bind-address``:``--admin-server-port``, 8094): ``/metrics`` answers
-  ``301`` to the same path and query on the health port of the host the client used. The
-  pprof paths are Go's; they answer 404 here.
+  ``301`` to the same path and query on the health port of the host the client used; ours
+  beyond upstream, the tunnel listing (``ADMIN_TUNNELS_PATH``, ``tunnel_list``), only on
+  this port. The pprof paths are Go's; they answer 404 here.
 
 A failure to listen is only logged, as upstream does.
 """
@@ -30,6 +31,7 @@ from konnectivity_fast.transport.http import (
     Response,
     start_http,
 )
+from konnectivity_fast.wire.contract import ADMIN_TUNNELS_PATH
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -78,8 +80,9 @@ def health_routes(ready: Callable[[], bool]) -> dict[str, Handler]:
     return {"/healthz": _healthz, "/readyz": readyz, "/ready": readyz, "/metrics": _metrics}
 
 
-def admin_routes(health_port: int) -> dict[str, Handler]:
-    """The admin server's paths: ``/metrics`` moved to the health port."""
+def admin_routes(health_port: int, tunnels: Handler | None = None) -> dict[str, Handler]:
+    """The admin server's paths: ``/metrics`` moved to the health port, and, given its
+    handler, the tunnel listing."""
 
     def redirect(request: Request) -> Response:
         host = request.headers.get("host", "")
@@ -97,4 +100,7 @@ def admin_routes(health_port: int) -> dict[str, Handler]:
             body = f'<a href="{href}">Moved Permanently</a>.\n\n'.encode()
         return 301, TEXT_HTML, body, (("Location", target),)
 
-    return {"/metrics": redirect}
+    routes: dict[str, Handler] = {"/metrics": redirect}
+    if tunnels is not None:
+        routes[ADMIN_TUNNELS_PATH] = tunnels
+    return routes

@@ -64,6 +64,11 @@ class FairSender:
             self.call.when_drained(self._serve, below=UNSENT_LIMIT, unsent=True)
         return False
 
+    def held(self, endpoint: Endpoint) -> int:
+        """Bytes of ``endpoint``'s read waiting for its turn (the admin listing)."""
+        data = self._waiting.get(endpoint)
+        return 0 if data is None else len(data)
+
     def flush(self, endpoint: Endpoint) -> None:
         """The endpoint ends: its waiting read goes out now, ahead of its CLOSE_RSP."""
         data = self._waiting.pop(endpoint, None)

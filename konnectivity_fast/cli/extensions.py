@@ -12,10 +12,18 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from konnectivity_fast.cli.flags import BOOL, FlagSet, ValueType
-from konnectivity_fast.wire.contract import NO_EXTENSIONS, Extension, ExtensionSet
+from konnectivity_fast.cli.flags import BOOL, STRING, FlagSet, ValueType
+from konnectivity_fast.wire.contract import NO_EXTENSIONS, DialBalance, Extension, ExtensionSet
 
-__all__ = ["EXTENSION_FLAGS", "EXTENSION_MARK", "ExtensionOptions", "add_extension_flags"]
+__all__ = [
+    "EXTENSION_FLAGS",
+    "EXTENSION_MARK",
+    "SERVER_EXTENSION_FLAGS",
+    "ExtensionOptions",
+    "add_extension_flags",
+    "check_dial_balance",
+    "offered_extensions",
+]
 
 EXTENSION_MARK = "[konnectivity-fast] "
 
@@ -33,14 +41,39 @@ EXTENSION_FLAGS: tuple[tuple[str, str, ValueType, str], ...] = (
 )
 
 
+#: The proxy-server's own.
+SERVER_EXTENSION_FLAGS: tuple[tuple[str, str, ValueType, str], ...] = (
+    (
+        "dial-balance",
+        "dial_balance",
+        STRING,
+        "How a dial picks among the agents its proxy strategies allow: "
+        + " or ".join(DialBalance)
+        + ". random is upstream's choice; least-tunnels sends each dial to a candidate "
+        "with the fewest open tunnels (ties random), so load spreads evenly over agents.",
+    ),
+)
+
+
+def check_dial_balance(value: str) -> str | None:
+    """The validation error for ``--dial-balance``, or None."""
+    if value in DialBalance._value2member_map_:
+        return None
+    return f"--dial-balance must be one of {', '.join(DialBalance)}, got {value!r}"
+
+
 class ExtensionOptions(Protocol):
     """The option fields of the extension flags (both programs' options have them)."""
 
     enable_tunnel_flow_control: bool
 
 
-def add_extension_flags(fs: FlagSet, defaults: object) -> None:
-    for name, dest, kind, text in EXTENSION_FLAGS:
+def add_extension_flags(
+    fs: FlagSet,
+    defaults: object,
+    flags: tuple[tuple[str, str, ValueType, str], ...] = EXTENSION_FLAGS,
+) -> None:
+    for name, dest, kind, text in flags:
         fs.add(
             name, kind, getattr(defaults, dest), EXTENSION_MARK + text, dest=dest, extension=True
         )

@@ -5,6 +5,8 @@
                             DATA echo throughput for a few seconds.
 ``konnectivity-fast version`` prints the version, the codec in use and the compiled core's
                             source digest.
+``konnectivity-fast tunnels`` shows a proxy-server's or proxy-agent's open tunnels, read
+                            from its admin port (``cli/tunnels.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from collections.abc import Sequence
 
 from konnectivity_fast import IMPLEMENTATION, __version__
+from konnectivity_fast.cli import tunnels
 from konnectivity_fast.transport import grpc as kgrpc
 from konnectivity_fast.wire import (
     CloseRequest,
@@ -139,7 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="a Proxy-service exchange and a DATA echo measurement")
     sub.add_parser("version", help="version, codec and build information")
+    tunnels.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "tunnels":
+        return tunnels.main(args)
     if args.command == "version":
         _version()
         return 0

@@ -28,7 +28,7 @@ from konnectivity_fast.cli.server_options import (
     usage,
 )
 from konnectivity_fast.server.app import StartupError, run
-from konnectivity_fast.wire.contract import ExtensionSet
+from konnectivity_fast.wire.contract import DialBalance, ExtensionSet
 
 __all__ = ["main"]
 
@@ -51,7 +51,8 @@ async def _serve(options: ProxyRunOptions, extensions: ExtensionSet | None = Non
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         offered = offered_extensions(options) if extensions is None else extensions
-        return await run(options, stop, extensions=offered)
+        balance = DialBalance(options.dial_balance)
+        return await run(options, stop, extensions=offered, dial_balance=balance)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)

@@ -23,7 +23,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
 from konnectivity_fast.cli.command import CommandLine, parse_command
-from konnectivity_fast.cli.extensions import add_extension_flags
+from konnectivity_fast.cli.extensions import (
+    EXTENSION_FLAGS,
+    SERVER_EXTENSION_FLAGS,
+    add_extension_flags,
+    check_dial_balance,
+)
 from konnectivity_fast.cli.flags import (
     BOOL,
     DURATION,
@@ -160,6 +165,7 @@ class ProxyRunOptions:
     backend_dial_timeout: float = 0.0
     # konnectivity-fast extensions (cli/extensions.py); off: behave as upstream.
     enable_tunnel_flow_control: bool = False
+    dial_balance: str = "random"
 
     def validate(self) -> str | None:
         """The first failing check's message, in upstream's order, or ``None``."""
@@ -169,12 +175,17 @@ class ProxyRunOptions:
             self._check_ports,
             self._check_auth,
             self._check_tuning,
+            self._check_extensions,
         ):
             error = check()
             if error is not None:
                 return error
         self.needs_kubernetes_client = self._uses_token_auth() or self.enable_lease_controller
         return None
+
+    def _check_extensions(self) -> str | None:
+        """Our flags (cli/extensions.py), after all of upstream's checks."""
+        return check_dial_balance(self.dial_balance)
 
     def _check_files(self) -> str | None:
         for side, cert, key, ca in (
@@ -557,7 +568,7 @@ def build_flagset(
         )
     for name, kind, default, text, message in _DEPRECATED:
         fs.add(name, kind, default, text, deprecated=message)
-    add_extension_flags(fs, defaults)
+    add_extension_flags(fs, defaults, EXTENSION_FLAGS + SERVER_EXTENSION_FLAGS)
     register_klog_flags(fs, klog_defaults)
     fs.add("help", BOOL, False, f"Show this help for {PROGRAM} and exit.", shorthand="h")
     return fs

@@ -9,8 +9,8 @@ satisfies ``RunOptions``; the server layer does not import the CLI) and:
    or TCP+mTLS on ``--server-port``), then the agent listener (TLS; mTLS with
    ``--cluster-ca-cert``); an error here is fatal (exit 1);
 3. parses ``--lease-label`` (even when unused, as upstream: a bad value stops the process),
-   starts the lease controller if enabled, then the admin and health servers (a listen
-   error there is only logged);
+   starts the lease controller if enabled, then the admin server (``/metrics`` and our
+   tunnel listing) and the health server (a listen error there is only logged);
 4. waits for ``stop``, then shuts down in upstream's two modes (``_stop_listeners``): health
    and admin go first; with ``--graceful-shutdown-timeout`` 0 the Lease is deleted, agents
    are dropped and the frontend stops gracefully; with a timeout everything stops
@@ -45,10 +45,12 @@ from konnectivity_fast.server.startup import (
     host_port,
     listen_error,
 )
+from konnectivity_fast.server.tunnel_list import tunnels_handler
 from konnectivity_fast.transport import tls
 from konnectivity_fast.transport.grpc import GrpcServer
 from konnectivity_fast.wire.contract import (
     NO_EXTENSIONS,
+    DialBalance,
     Extension,
     ExtensionSet,
     FrontendMode,
@@ -237,7 +239,10 @@ async def _start_http(proxy: ProxyServer, options: RunOptions) -> list[asyncio.S
     servers: list[asyncio.Server] = []
     log.info("Starting admin server for debug connections.")
     admin = await start_http(
-        "admin", options.admin_bind_address, options.admin_port, admin_routes()
+        "admin",
+        options.admin_bind_address,
+        options.admin_port,
+        admin_routes(tunnels_handler(proxy)),
     )
     if admin is not None:
         servers.append(admin)
@@ -254,11 +259,16 @@ async def _start_http(proxy: ProxyServer, options: RunOptions) -> list[asyncio.S
 
 
 async def run(
-    options: RunOptions, stop: asyncio.Event, *, extensions: ExtensionSet = NO_EXTENSIONS
+    options: RunOptions,
+    stop: asyncio.Event,
+    *,
+    extensions: ExtensionSet = NO_EXTENSIONS,
+    dial_balance: DialBalance = DialBalance.RANDOM,
 ) -> int:
     """Serve until ``stop`` is set; the process's exit code. A start-up failure raises
     ``StartupError`` with upstream's message. ``extensions``: what the server offers to
-    agents and frontends (``wire.contract``)."""
+    agents and frontends (``wire.contract``). ``dial_balance``: how dials choose among a
+    strategy's candidate agents (``tunnel.balance``)."""
     try:
         kube = _kube_client(options)
     except ConfigError as exc:
@@ -274,7 +284,10 @@ async def run(
         dial_timeout=options.backend_dial_timeout,
         authenticator=_authenticator(options, kube),
         extensions=extensions,
+        dial_balance=dial_balance,
     )
+    if dial_balance is not DialBalance.RANDOM:
+        log.info("Dials go to the candidate agent with the fewest open tunnels (%s).", dial_balance)
     try:
         return await _serve(proxy, options, kube, stop)
     finally:

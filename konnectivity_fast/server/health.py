@@ -5,8 +5,10 @@ Routes for ``transport.http``'s small HTTP/1.1 server:
 
 - the health server (``--health-bind-address``:``--health-port``): ``/healthz``,
   ``/readyz`` and ``/ready`` (deprecated alias), ``/metrics``;
-- the admin server (``--admin-bind-address``:``--admin-port``): ``/metrics``. pprof is
-  Go-specific: its paths answer 404 here.
+- the admin server (``--admin-bind-address``:``--admin-port``): ``/metrics``, and ours
+  beyond upstream, the tunnel listing (``ADMIN_TUNNELS_PATH``, ``tunnel_list``): only
+  here, never on the health, agent or frontend ports. pprof is Go-specific: its paths
+  answer 404 here.
 
 Paths are exact, any method is accepted (HEAD gets the headers only), the query string is
 ignored.
@@ -27,6 +29,7 @@ from konnectivity_fast.transport.http import (
     Response,
     start_http,
 )
+from konnectivity_fast.wire.contract import ADMIN_TUNNELS_PATH
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -62,6 +65,10 @@ def health_routes(ready: Callable[[], bool]) -> dict[str, Handler]:
     return {"/healthz": _healthz, "/readyz": readyz, "/ready": readyz, "/metrics": _metrics}
 
 
-def admin_routes() -> dict[str, Handler]:
-    """The admin server's paths (``/metrics``, kept for backward compatibility)."""
-    return {"/metrics": _metrics}
+def admin_routes(tunnels: Handler | None = None) -> dict[str, Handler]:
+    """The admin server's paths: ``/metrics`` (kept for backward compatibility) and, given
+    its handler, the tunnel listing."""
+    routes: dict[str, Handler] = {"/metrics": _metrics}
+    if tunnels is not None:
+        routes[ADMIN_TUNNELS_PATH] = tunnels
+    return routes

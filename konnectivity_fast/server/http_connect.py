@@ -363,6 +363,8 @@ class HttpConnectProtocol(asyncio.Protocol):
         if not len(data):
             return
         transport.write(data)
+        if self.frontend is not None:
+            self.frontend.bytes_down += len(data)
         if agent is None:
             return
         flow = self.server.flow
@@ -387,6 +389,7 @@ class HttpConnectProtocol(asyncio.Protocol):
         backend = self.server.router.route_frontend_data(frontend, frontend.connect_id)
         if backend is None:
             return  # the tunnel is ending
+        frontend.bytes_up += len(data)
         call: GrpcCall = backend.conn
         metrics.observe_packet(metrics.SEGMENT_TO_AGENT, _DATA)
         try:
@@ -460,6 +463,12 @@ class HttpConnectProtocol(asyncio.Protocol):
 
     def flow_breached(self) -> None:
         self._abandon()
+
+    @property
+    def source_paused(self) -> bool:
+        """The admin listing's "paused": the client's socket is not read (its agent is
+        behind, or the dial is pending with ``PENDING_LIMIT`` bytes buffered)."""
+        return self._paused
 
     # --- ending ---------------------------------------------------------------------------
 

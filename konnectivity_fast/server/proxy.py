@@ -75,6 +75,7 @@ from konnectivity_fast.wire.contract import (
     PROXY_SERVICE,
     AgentIdentifiers,
     AgentMetadataError,
+    DialBalance,
     Extension,
     ExtensionSet,
     FrontendMode,
@@ -167,6 +168,7 @@ class _FrontendStream:
             return
         metrics.observe_packet(metrics.SEGMENT_FROM_CLIENT, ptype)
         if ptype == _DATA:
+            frontend.bytes_up += len(message)
             backend = server.router.route_frontend_data(frontend, connect_id)
             if backend is not None:
                 agent: GrpcCall = backend.conn
@@ -230,6 +232,11 @@ class _FrontendStream:
 
     def flow_breached(self) -> None:
         self._abandon()
+
+    @property
+    def source_paused(self) -> bool:
+        """The admin listing's "paused": this stream is not read until its agent drains."""
+        return self.held
 
     def _abandon(self) -> None:
         """The client stalled with its budget spent: reset its stream (CLOSE_REQ for its
@@ -404,7 +411,9 @@ class ProxyServer:
     ``budget``: the buffers toward slow frontends (``buffering``; tests shrink it).
     ``authenticator``: agent token auth (``--agent-namespace``), or None.
     ``extensions``: the extensions this server offers to agents and frontends
-    (``wire.contract``; every implemented one by default).
+    (``wire.contract``; every implemented one by default). ``dial_balance``: how a dial
+    chooses among its strategy's candidate agents (``tunnel.balance``; upstream's random
+    choice by default).
     """
 
     def __init__(
@@ -419,12 +428,15 @@ class ProxyServer:
         budget: BufferBudget | None = None,
         authenticator: Authenticator | None = None,
         extensions: ExtensionSet = NO_EXTENSIONS,
+        dial_balance: DialBalance = DialBalance.RANDOM,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
         self.extensions = check_extensions(extensions)
         self.server_id = server_id or str(uuid.uuid4())
         self.server_count = server_count
-        self.router = Router(strategies, rng or Random(), dial_timeout=dial_timeout)
+        self.router = Router(
+            strategies, rng or Random(), dial_timeout=dial_timeout, balance=dial_balance
+        )
         self.frontend_service = _FrontendService(self)
         self.agent_service = _AgentService(self)
         self._timer: asyncio.TimerHandle | None = None
@@ -551,6 +563,8 @@ class ProxyServer:
             return
         call: GrpcCall = frontend.conn
         self._send(call, message, metrics.SEGMENT_TO_CLIENT, ptype)
+        if ptype == _DATA and not isinstance(message, Packet):
+            frontend.bytes_down += len(message)
         if timed:
             metrics.observe_frontend_write_latency(perf_counter() - started)
         if agent is not None and ptype == _DATA and agent in self.flow.agents:

@@ -1,7 +1,8 @@
 """The proxy-server's routing state, sans-IO (docs/architecture.md, "The layers").
 
 ``records``: the agent-stream, frontend, pending-dial and connection records.
-``backends``: the ``--proxy-strategies`` chain that picks an agent stream.
+``backends``: the ``--proxy-strategies`` chain that picks an agent stream; ``balance``: the
+opt-in least-loaded choice among a strategy's candidates (ours).
 ``router``: the packet rules (``Router``). ``events``: the effects it returns.
 No sockets, no event loop, no clock: time is an argument, randomness is injected.
 The names the router shares with the wire (strategies, modes, agent identifiers) are
@@ -18,6 +19,7 @@ from konnectivity_fast.tunnel.backends import (
     DestHostBackendManager,
     remove_port_from_host,
 )
+from konnectivity_fast.tunnel.balance import least_loaded, open_tunnels
 from konnectivity_fast.tunnel.events import (
     CloseFrontend,
     CloseReason,
@@ -56,7 +58,12 @@ from konnectivity_fast.tunnel.router import (
     MAX_CONNECTIONS_PER_FRONTEND,
     Router,
 )
-from konnectivity_fast.wire.contract import AgentIdentifiers, FrontendMode, ProxyStrategy
+from konnectivity_fast.wire.contract import (
+    AgentIdentifiers,
+    DialBalance,
+    FrontendMode,
+    ProxyStrategy,
+)
 
 __all__ = [
     "ERR_BACKEND_GONE",
@@ -81,6 +88,7 @@ __all__ = [
     "DefaultBackendManager",
     "DefaultRouteBackendManager",
     "DestHostBackendManager",
+    "DialBalance",
     "DialDuration",
     "DialFailure",
     "DialFailureReason",
@@ -97,5 +105,7 @@ __all__ = [
     "SendToAgent",
     "SendToFrontend",
     "TunnelEstablished",
+    "least_loaded",
+    "open_tunnels",
     "remove_port_from_host",
 ]

@@ -13,6 +13,10 @@ agent identifiers the strategies read are part of the wire contract (``wire.cont
 - DRAIN marks a stream (never an agent) as draining, for good. Selection avoids draining
   streams when a non-draining candidate exists, and falls back to a draining one otherwise.
 - The server is ready iff the *first* manager of the chain holds at least one key.
+- With ``DialBalance.LEAST_TUNNELS`` (ours, opt-in) each strategy keeps its candidates and
+  picks the least loaded of them (``tunnel.balance``): ``default`` and ``defaultRoute``
+  among every key's first stream (the streams their random scan looks at), ``destHost``
+  among the streams under the dial's host. ``RANDOM`` is upstream's rule, unchanged.
 
 Invariants:
 - In every manager, a key is present iff its list is non-empty, a backend appears at most
@@ -30,8 +34,9 @@ from collections.abc import Iterable, Sequence
 from random import Random
 from typing import ClassVar
 
+from konnectivity_fast.tunnel.balance import least_loaded
 from konnectivity_fast.tunnel.records import Backend
-from konnectivity_fast.wire.contract import ERR_NO_PROXY_STRATEGIES, ProxyStrategy
+from konnectivity_fast.wire.contract import ERR_NO_PROXY_STRATEGIES, DialBalance, ProxyStrategy
 
 __all__ = [
     "MANAGER_CLASSES",
@@ -123,6 +128,15 @@ class _BackendStorage:
                 fallback = backend
         return fallback
 
+    def least_loaded_first(self, rng: Random) -> Backend | None:
+        """Among every key's first stream (what ``random_pick`` looks at), the least
+        loaded (``balance.least_loaded``)."""
+        return least_loaded((streams[0] for streams in self._backends.values()), rng)
+
+    def least_loaded_under(self, key: str, rng: Random) -> Backend | None:
+        """Among the streams under ``key``, the least loaded."""
+        return least_loaded(self._backends.get(key, ()), rng)
+
 
 class BackendManager(ABC):
     """One proxy strategy: which keys a backend is stored under, and how a backend is
@@ -130,8 +144,9 @@ class BackendManager(ABC):
 
     strategy: ClassVar[ProxyStrategy]
 
-    def __init__(self, rng: Random) -> None:
+    def __init__(self, rng: Random, balance: DialBalance = DialBalance.RANDOM) -> None:
         self._rng = rng
+        self._least = balance is DialBalance.LEAST_TUNNELS
         self._storage = _BackendStorage()
 
     @abstractmethod
@@ -166,6 +181,8 @@ class DefaultBackendManager(BackendManager):
         return (backend.agent_id,)
 
     def backend(self, address: str) -> Backend | None:
+        if self._least:
+            return self._storage.least_loaded_first(self._rng)
         return self._storage.random_pick(self._rng)
 
 
@@ -181,7 +198,11 @@ class DestHostBackendManager(BackendManager):
 
     def backend(self, address: str) -> Backend | None:
         host = remove_port_from_host(address)
-        return self._storage.first_available(host) if host else None
+        if not host:
+            return None
+        if self._least:
+            return self._storage.least_loaded_under(host, self._rng)
+        return self._storage.first_available(host)
 
 
 class DefaultRouteBackendManager(BackendManager):
@@ -193,6 +214,8 @@ class DefaultRouteBackendManager(BackendManager):
         return (backend.agent_id,) if backend.identifiers.default_route else ()
 
     def backend(self, address: str) -> Backend | None:
+        if self._least:
+            return self._storage.least_loaded_first(self._rng)
         return self._storage.random_pick(self._rng)
 
 
@@ -204,13 +227,17 @@ MANAGER_CLASSES: dict[ProxyStrategy, type[BackendManager]] = {
 
 class BackendManagers:
     """The ordered ``--proxy-strategies`` chain. ``strategies`` must already be validated
-    (``wire.contract.parse_proxy_strategies``); duplicates are allowed."""
+    (``wire.contract.parse_proxy_strategies``); duplicates are allowed. ``balance``: how
+    every manager of the chain chooses among its candidates."""
 
-    def __init__(self, strategies: Sequence[str], rng: Random) -> None:
+    def __init__(
+        self, strategies: Sequence[str], rng: Random, balance: DialBalance = DialBalance.RANDOM
+    ) -> None:
         if not strategies:
             raise ValueError(ERR_NO_PROXY_STRATEGIES)
+        self.balance = balance
         self.managers: tuple[BackendManager, ...] = tuple(
-            MANAGER_CLASSES[ProxyStrategy(name)](rng) for name in strategies
+            MANAGER_CLASSES[ProxyStrategy(name)](rng, balance) for name in strategies
         )
         # The deprecated ready_backend_connections gauge follows the last manager changed.
         self._last_changed: BackendManager = self.managers[0]

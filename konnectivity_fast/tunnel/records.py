@@ -91,10 +91,18 @@ class Frontend:
     ``stopped`` (later packets are dropped, as upstream's processor stops), ``closed``,
     ``dials`` (by random) and ``connections`` (an insertion-ordered set). Hashable by
     identity.
+
+    ``bytes_up`` (toward the agent) and ``bytes_down`` (toward the frontend) are the
+    adapter's counters of the DATA it relayed for the admin listing, one integer add per
+    DATA: payload bytes for HTTP-CONNECT, whole DATA messages for gRPC (the payload plus a
+    few bytes of protobuf framing each: the fast path never decodes them). A gRPC stream
+    carries one tunnel in practice (konnectivity-client's), so these are its tunnel's.
     """
 
     __slots__ = (
         "backend",
+        "bytes_down",
+        "bytes_up",
         "closed",
         "conn",
         "connect_id",
@@ -123,6 +131,8 @@ class Frontend:
         self.closed = False
         self.dials: dict[int, PendingDial] = {}
         self.connections: dict[ProxyClientConnection, None] = {}
+        self.bytes_up = 0
+        self.bytes_down = 0
 
     def __repr__(self) -> str:
         state = " closed" if self.closed else " stopped" if self.stopped else ""
@@ -149,15 +159,17 @@ class PendingDial:
 
 
 class ProxyClientConnection:
-    """An established connection: ``connect_id`` on ``backend``, serving ``frontend``."""
+    """An established connection: ``connect_id`` on ``backend``, serving ``frontend``, to
+    the dial's ``address``, dialled at ``start``."""
 
-    __slots__ = ("backend", "connect_id", "frontend", "random", "start")
+    __slots__ = ("address", "backend", "connect_id", "frontend", "random", "start")
 
     def __init__(self, dial: PendingDial, connect_id: int) -> None:
         self.connect_id = connect_id
         self.random = dial.random
         self.frontend = dial.frontend
         self.backend = dial.backend
+        self.address = dial.address
         self.start = dial.start
 
     def __repr__(self) -> str:

@@ -94,6 +94,7 @@ from konnectivity_fast.tunnel.replies import (
 from konnectivity_fast.wire.contract import (
     NO_EXTENSIONS,
     AgentIdentifiers,
+    DialBalance,
     ExtensionSet,
     FrontendMode,
 )
@@ -148,15 +149,21 @@ class Router:
 
     ``strategies``: the validated ``--proxy-strategies`` list. ``rng``: every random draw
     (agent choice, HTTP-CONNECT dial IDs). ``dial_timeout``: ``--backend-dial-timeout`` in
-    seconds, 0 for none.
+    seconds, 0 for none. ``balance``: how a strategy chooses among its candidates
+    (``tunnel.balance``; upstream's random choice by default).
     """
 
     def __init__(
-        self, strategies: Sequence[str], rng: Random, *, dial_timeout: float = 0.0
+        self,
+        strategies: Sequence[str],
+        rng: Random,
+        *,
+        dial_timeout: float = 0.0,
+        balance: DialBalance = DialBalance.RANDOM,
     ) -> None:
         if dial_timeout < 0:
             raise ValueError("dial_timeout must be >= 0")
-        self.backend_managers = BackendManagers(strategies, rng)
+        self.backend_managers = BackendManagers(strategies, rng, balance)
         self._rng = rng
         self._dial_timeout = dial_timeout
         self._ids = count(1)

@@ -9,6 +9,9 @@ tunnel/, server/ and agent/ import them and keep no copy of their own.
 - agent identifiers (``agentidentifiers``): the agent's check of its flag and the server's
   reading of the metadata, both over one port of Go's ``url.ParseQuery`` (``gotext``);
 - the proxy strategy names (``--proxy-strategies``) and frontend mode names (``--mode``);
+- ours, beyond upstream: the dial-balancing names (``DialBalance``) and the admin port's
+  tunnel listing (``ADMIN_TUNNELS_PATH``, its query parameters and sort keys), which the
+  programs serve and ``konnectivity-fast tunnels`` reads;
 - error texts that one program writes and the other reads or passes on. Texts only one
   program produces stay with it (the server's answers are in ``tunnel/replies.py``).
 - extension negotiation for features beyond upstream (below).
@@ -50,6 +53,7 @@ from typing import TypeAlias
 from konnectivity_fast.wire.gotext import go_slice, parse_query
 
 __all__ = [
+    "ADMIN_TUNNELS_PATH",
     "AGENT_IDENTIFIER_TYPES",
     "AGENT_SERVICE",
     "BEARER_PREFIX",
@@ -75,11 +79,14 @@ __all__ = [
     "PROXY_SERVICE",
     "AgentIdentifiers",
     "AgentMetadataError",
+    "DialBalance",
     "Extension",
     "ExtensionSet",
     "FrontendMode",
     "IdentifierType",
     "ProxyStrategy",
+    "TunnelQueryParam",
+    "TunnelSort",
     "advertised_extensions",
     "agent_from_metadata",
     "capabilities_metadata",
@@ -169,6 +176,40 @@ class FrontendMode(StrEnum):
 
     GRPC = "grpc"
     HTTP_CONNECT = "http-connect"
+
+
+class DialBalance(StrEnum):
+    """How a strategy chooses among its candidate agent streams for a dial (ours: the
+    proxy-server's ``--dial-balance``, cli/extensions.py).
+    ``RANDOM`` is upstream's rule and the default; ``LEAST_TUNNELS`` picks a candidate
+    with the fewest open tunnels (``tunnel/balance.py``)."""
+
+    RANDOM = "random"
+    LEAST_TUNNELS = "least-tunnels"
+
+
+# --- the admin port's tunnel listing (ours) -------------------------------------------------
+
+# Both programs serve it on their admin port (plain HTTP, as upstream's admin port), never
+# on an agent-facing or frontend port; ``tunnel/listing.py`` builds it.
+ADMIN_TUNNELS_PATH = "/debug/tunnels"
+
+
+class TunnelQueryParam(StrEnum):
+    """The listing's query parameters. ``AGENT`` filters on the server, ``SERVER`` on the
+    agent; each program refuses the other's."""
+
+    SORT = "sort"
+    LIMIT = "limit"
+    AGENT = "agent"
+    SERVER = "server"
+
+
+class TunnelSort(StrEnum):
+    """The listing's orders: most bytes moved first, or oldest first."""
+
+    BYTES = "bytes"
+    AGE = "age"
 
 
 # --- agent identifiers --------------------------------------------------------------------

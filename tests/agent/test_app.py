@@ -272,3 +272,62 @@ def test_three_servers_behind_haproxy(
             )
             assert metric(agent.health, "open_server_connections") == 1
             assert metric(agent.health, "known_server_count") == 3
+
+
+def tunnels_command(admin: int) -> str:
+    """``konnectivity-fast tunnels --admin=...``, as a person runs it: its output."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "konnectivity_fast.cli.main",
+            "tunnels",
+            f"--admin={LOOPBACK}:{admin}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_tunnels_command_reads_both_programs(certs: Certs, sock_dir: str, tmp_path: Path) -> None:
+    """With one tunnel open through the two programs, ``konnectivity-fast tunnels`` shows
+    it from each admin port, each from its side; the health ports do not serve the
+    listing."""
+    with (
+        server_process(certs, sock_dir, tmp_path, "srv-a") as server,
+        agent_process(certs, tmp_path, server.agent) as agent,
+    ):
+        wait_for(lambda: get(server.health, "/readyz")[0] == 200, "server has the agent")
+        outputs: dict[str, str] = {}
+
+        async def with_a_tunnel() -> str:
+            echo = EchoServer()
+            port = await echo.start()
+            tunnel = await Tunnel.open(server.uds)
+            assert (await tunnel.dial(f"{LOOPBACK}:{port}")).error == ""
+            tunnel.write(b"t" * 3000)
+            assert await tunnel.read_exactly(3000) == b"t" * 3000
+            for name, admin in (("server", server.admin), ("agent", agent.admin)):
+                outputs[name] = await asyncio.to_thread(tunnels_command, admin)
+            await tunnel.close_and_wait()
+            await tunnel.aclose()
+            await echo.close()
+            return f"{LOOPBACK}:{port}"
+
+        destination = asyncio.run(asyncio.wait_for(with_a_tunnel(), WAIT))
+        head, peers, _, title, row = outputs["server"].splitlines()
+        assert head.startswith("proxy-server srv-a: 1 tunnel on 1 agent, 0 pending dials; ")
+        assert peers == "agents: agent-e2e 1"
+        assert title.split()[:4] == ["CONN", "AGENT", "DESTINATION", "FRONTEND"]
+        assert row.split()[1:6] == ["agent-e2e", destination, "grpc", "2.9KiB", "2.9KiB"]
+        head, peers, _, title, row = outputs["agent"].splitlines()
+        assert head.startswith("proxy-agent agent-e2e: 1 tunnel via 1 server, 0 pending dials; ")
+        assert peers == "servers: srv-a 1"
+        assert title.split()[:3] == ["CONN", "SERVER", "DESTINATION"]
+        assert row.split()[1:5] == ["srv-a", destination, "2.9KiB", "2.9KiB"]
+        for health in (server.health, agent.health):
+            assert get(health, "/debug/tunnels")[0] == 404

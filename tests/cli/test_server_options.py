@@ -70,6 +70,7 @@ DEFAULTS: list[tuple[str, Any, type]] = [  # (field, value, type); durations in 
     ("backend_dial_timeout", 0.0, float),
     # Ours (cli/extensions.py): off, as upstream has no such thing.
     ("enable_tunnel_flow_control", False, bool),
+    ("dial_balance", "random", str),
 ]
 
 

@@ -32,6 +32,7 @@ import grpc.aio
 import pytest
 
 from konnectivity_fast.metrics import server as server_metrics
+from konnectivity_fast.server.buffering import BufferBudget
 from konnectivity_fast.server.health import health_routes, start_http
 from konnectivity_fast.server.http_connect import (
     start_http_connect_tcp,
@@ -46,6 +47,7 @@ from konnectivity_fast.server.listeners import (
 from konnectivity_fast.server.proxy import ProxyServer
 from konnectivity_fast.transport import grpc as kgrpc
 from konnectivity_fast.transport import tls
+from konnectivity_fast.wire.contract import DialBalance
 from tests.support.net import LOOPS, Certs, RunFn, certs, run, sock_dir
 
 from .agent_peer import (
@@ -329,6 +331,8 @@ async def proxy_env(
     dial_timeout: float = 0.0,
     server_id: str = "scenario-server",
     server_count: int = 2,
+    dial_balance: DialBalance = DialBalance.RANDOM,
+    budget: BufferBudget | None = None,
 ) -> AsyncIterator[ProxyEnv]:
     server_metrics.reset()
     server_metrics.startup(strategies)
@@ -338,6 +342,8 @@ async def proxy_env(
         strategies=strategies,
         dial_timeout=dial_timeout,
         rng=Random(7),
+        dial_balance=dial_balance,
+        budget=budget,
     )
     handle = ServerHandle(proxy)
     health: asyncio.Server | None = None
