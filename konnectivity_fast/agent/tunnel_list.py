@@ -44,9 +44,11 @@ Pair = tuple[AgentClient, Endpoint]
 
 
 def tunnel_window(client: AgentClient, endpoint: Endpoint) -> int | None:
-    """The tunnel's flow.v1 credit window, where flow.v1 is negotiated on ``client``'s
-    stream; None until flow control exists (the one place to fill it in)."""
-    return None
+    """The tunnel's flow.v1 window toward its backend (what the server may have in flight
+    plus what waits for the backend), where flow.v1 is negotiated on ``client``'s stream;
+    None elsewhere."""
+    window = endpoint.window
+    return None if window is None else window.window
 
 
 def _row(client: AgentClient, endpoint: Endpoint, now: float) -> dict[str, Any]:

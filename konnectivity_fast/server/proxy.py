@@ -235,8 +235,9 @@ class _FrontendStream:
 
     @property
     def source_paused(self) -> bool:
-        """The admin listing's "paused": this stream is not read until its agent drains."""
-        return self.held
+        """The admin listing's "paused": this stream is not read until its agent drains
+        (or, with flow.v1, until its agent grants credit)."""
+        return self.held or self.credit_paused
 
     def _abandon(self) -> None:
         """The client stalled with its budget spent: reset its stream (CLOSE_REQ for its

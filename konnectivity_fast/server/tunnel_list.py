@@ -49,9 +49,12 @@ class TunnelSide(Protocol):
 
 
 def tunnel_window(frontend: Frontend) -> int | None:
-    """The tunnel's flow.v1 credit window, where flow.v1 is negotiated on its streams;
-    None until flow control exists (the one place to fill it in)."""
-    return None
+    """The tunnel's flow.v1 window toward its frontend (what the agent may have in flight
+    plus what waits for the frontend), where flow.v1 is negotiated; None elsewhere."""
+    conn = frontend.conn
+    holder = getattr(conn, "sink", None) if frontend.mode is FrontendMode.GRPC else conn
+    tunnel = getattr(holder, "flow", None)
+    return None if tunnel is None else int(tunnel.window.window)
 
 
 def _side(frontend: Frontend) -> TunnelSide | None:

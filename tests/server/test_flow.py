@@ -12,8 +12,11 @@ import os
 
 import pytest
 
+from konnectivity_fast.agent.tunnel_list import agent_listing
 from konnectivity_fast.server.http_connect import RESPONSE_200, start_http_connect_uds
+from konnectivity_fast.server.tunnel_list import server_listing
 from konnectivity_fast.tunnel.flow import MAX_WINDOW, OVERSHOOT_LIMIT
+from konnectivity_fast.tunnel.listing import TunnelQuery
 from konnectivity_fast.wire.contract import NO_EXTENSIONS, Extension, ExtensionSet
 from tests.agent.support import (
     LOOPBACK,
@@ -120,7 +123,6 @@ def test_a_stopped_reader_holds_only_its_window_and_resumes(
             stopped_reader, stopped_writer = await _connect_tunnel(uds, port)
             stopped_writer.write(f"99 {STOPPED_BYTES}\n".encode())
             (frontend,) = server.proxy.router.frontends.values()
-            stopped = frontend.conn  # its HttpConnectProtocol
             loop = asyncio.get_running_loop()
             deadline = loop.time() + PAUSE_SECONDS
             worst_server = 0
@@ -133,10 +135,25 @@ def test_a_stopped_reader_holds_only_its_window_and_resumes(
                 expected = [hashlib.sha256(pattern(t, BUSY_BYTES)).hexdigest() for t in range(BUSY)]
                 assert digests == expected
                 rounds += 1
-                assert stopped.flow is not None
-                held = stopped.transport.get_write_buffer_size()
-                assert held <= stopped.flow.window.window + OVERSHOOT_LIMIT, held
-                worst_server = max(worst_server, held)
+                # As the admin listings show it, on both sides.
+                now = loop.time()
+                (row,) = [
+                    r
+                    for r in server_listing(server.proxy, TunnelQuery(limit=1000), now)["tunnels"]
+                    if r["connection_id"] == frontend.connect_id
+                ]
+                assert row["window"] is not None
+                assert 0 <= row["buffered"] <= row["window"] + OVERSHOOT_LIMIT, row
+                worst_server = max(worst_server, row["buffered"])
+                (agent_row,) = [
+                    r
+                    for r in agent_listing("agent-1", [client], TunnelQuery(limit=1000), now)[
+                        "tunnels"
+                    ]
+                    if r["connection_id"] == frontend.connect_id
+                ]
+                assert agent_row["window"] is not None
+                assert agent_row["buffered"] <= agent_row["window"], agent_row
                 # On the agent, its backend is not read past the credit it has spent.
                 endpoint = client.endpoints[frontend.connect_id]
                 assert endpoint.credit is not None and endpoint.credit.credit <= 0
