@@ -64,11 +64,18 @@ ECHO_SIZE = 32  # one DATA packet each way
 WAIT_SECONDS = 30.0
 
 
+FLOW_FLAG = "--enable-tunnel-flow-control"  # ours: offers flow.v1 (docs/flow-control.md)
+FLOW_CREDIT = "FLOW_CREDIT"  # ours (PacketType 100), never upstream's
+
+
 def command(program: str, which: str, upstream: Upstream) -> list[str]:
-    """``which``: "upstream", "ours", or "ours+test" (ours, offering TEST)."""
+    """``which``: "upstream", "ours", "ours+test" (ours, offering TEST) or "ours+flow"
+    (ours with flow.v1 enabled by its real flag)."""
     if which == "ours+test":
         return [sys.executable, str(OFFERING), program, TEST]
     pick = server_command if program == "server" else agent_command
+    if which == "ours+flow":
+        return [*pick("ours", upstream), FLOW_FLAG]
     return pick(which, upstream)
 
 
@@ -105,7 +112,15 @@ def tunnel_closed(exchange: Exchange) -> bool:
 
 
 def observe(
-    server: str, agent: str, *, upstream: Upstream, certs: Certs, processes: Processes, tmp: Path
+    server: str,
+    agent: str,
+    *,
+    upstream: Upstream,
+    certs: Certs,
+    processes: Processes,
+    tmp: Path,
+    size: int = ECHO_SIZE,
+    rounds: int = 1,
 ) -> Seen:
     """Run ``server`` and ``agent`` through the relay, one echo tunnel, and read the wire."""
     uds = str(tmp / f"{server}-{agent}.sock")
@@ -126,7 +141,11 @@ def observe(
             wait_metric(ports.admin, READY_BACKENDS, lambda v: v == 1, f"{server} server's agent")
             with echo_server() as echo:
                 code, result = run_goclient(
-                    upstream, f"-uds={uds}", f"-target={LOOPBACK}:{echo}", f"-size={ECHO_SIZE}"
+                    upstream,
+                    f"-uds={uds}",
+                    f"-target={LOOPBACK}:{echo}",
+                    f"-size={size}",
+                    f"-rounds={rounds}",
                 )
             assert code == 0, result
             exchange = relay.wait_for(tunnel_closed, "the tunnel's CLOSE_REQ and CLOSE_RSP")
@@ -152,7 +171,7 @@ def test_our_server_shows_upstream_agent_what_upstream_server_does(
 
     theirs = run("upstream")
     assert theirs.to_agent == ["DIAL_REQ", "DATA", "CLOSE_REQ"], theirs
-    for ours in (run("ours"), run("ours+test")):
+    for ours in (run("ours"), run("ours+test"), run("ours+flow")):
         assert ours.response_keys == theirs.response_keys
         assert MD_CAPABILITIES not in ours.response_keys
         assert ours.to_agent == theirs.to_agent
@@ -169,10 +188,11 @@ def test_our_agent_shows_upstream_server_what_upstream_agent_does(
 
     theirs = run("upstream")
     assert theirs.to_server == ["DIAL_RSP", "DATA", "CLOSE_RSP"], theirs
-    plain, offering = run("ours"), run("ours+test")
+    plain, offering, flow = run("ours"), run("ours+test"), run("ours+flow")
     assert plain.request_keys == theirs.request_keys
     assert sorted([*theirs.request_keys, MD_CAPABILITIES]) == offering.request_keys
-    for ours in (plain, offering):
+    assert sorted([*theirs.request_keys, MD_CAPABILITIES]) == flow.request_keys
+    for ours in (plain, offering, flow):
         assert MD_CAPABILITIES not in ours.response_keys  # upstream's server answers none
         assert ours.response_keys == theirs.response_keys
         assert ours.to_server == theirs.to_server
@@ -274,3 +294,32 @@ def test_our_server_shows_konnectivity_client_what_upstream_server_does(
     assert theirs[1] == ["DIAL_RSP", "DATA", "CLOSE_RSP"], theirs
     assert ours == theirs
     assert MD_CAPABILITIES not in ours[0]
+
+
+def test_flow_credit_is_on_the_wire_between_ours_only(
+    upstream: Upstream, certs: Certs, processes: Processes, tmp_path: Path
+) -> None:
+    """The other side of the tests above, so that they can fail: between our server and
+    our agent, both with flow.v1 enabled, a transfer of several windows carries credit
+    packets both ways (and the server's answer names the extension); with upstream's
+    agent or server in the pair, the same transfer carries none. (1 MiB a round: a
+    konnectivity-client write is one DATA packet, and gRPC's default limit is 4 MiB.)"""
+
+    def run(server: str, agent: str) -> Seen:
+        return observe(
+            server,
+            agent,
+            upstream=upstream,
+            certs=certs,
+            processes=processes,
+            tmp=tmp_path,
+            size=1 << 20,
+            rounds=4,
+        )
+
+    ours = run("ours+flow", "ours+flow")
+    assert MD_CAPABILITIES in ours.response_keys
+    assert FLOW_CREDIT in ours.to_agent and FLOW_CREDIT in ours.to_server, ours
+    for mixed in (run("ours+flow", "upstream"), run("upstream", "ours+flow")):
+        assert MD_CAPABILITIES not in mixed.response_keys
+        assert FLOW_CREDIT not in mixed.to_agent and FLOW_CREDIT not in mixed.to_server
