@@ -20,6 +20,7 @@ include "nghttp2.pxi"
 include "grpc_headers.pxi"
 include "h2_keepalive.pxi"
 include "h2_stream.pxi"
+include "h2_flood.pxi"
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
@@ -52,7 +53,9 @@ PING_IDLE_INTERVAL = 7200.0
 # grpc-go's default wait for a keepalive ping's ACK.
 DEFAULT_KEEPALIVE_TIMEOUT = 20.0
 # Frames of SETTINGS/PING ACKs nghttp2 may queue for a peer that does not read: a flood
-# guard (nghttp2's own default is 1000).
+# guard (nghttp2's own default is 1000). The adapter stops reading a peer that does not
+# read long before (transport/grpc.py MAX_QUEUED_RESPONSE_FRAMES, grpc-go's 50), so only a
+# burst of over 1000 such frames in one read reaches it: GOAWAY ENHANCE_YOUR_CALM.
 MAX_OUTBOUND_ACK = 1000
 
 _KEEPALIVE_OPAQUE = b"kf-alive"
@@ -164,7 +167,8 @@ cdef int _cb_header(nghttp2_session *session, const nghttp2_frame *frame, const 
     except BaseException as exc:
         conn._error = exc
         return NGHTTP2_ERR_CALLBACK_FAILURE
-    return 0
+    # A refused peer (a header flood): stop parsing the rest of this read.
+    return NGHTTP2_ERR_CALLBACK_FAILURE if conn._stop_input else 0
 
 
 cdef int _cb_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,

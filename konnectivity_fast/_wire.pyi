@@ -44,6 +44,10 @@ MAX_PING_STRIKES: int
 PING_IDLE_INTERVAL: float
 DEFAULT_KEEPALIVE_TIMEOUT: float
 MAX_OUTBOUND_ACK: int
+CONTROL_FRAME_BURST: int
+CONTROL_FRAME_RATE: float
+CONTROL_FRAME_REFUND: float
+HEADER_FLOOD_FACTOR: int
 MAX_ECHOED_VALUE: int
 
 # H2Event.kind (csrc/h2.pxi says which fields each kind carries).
@@ -122,6 +126,8 @@ class H2Connection:
     def want_close(self) -> bool: ...
     @property
     def open_streams(self) -> int: ...
+    @property
+    def queued_frames(self) -> int: ...
     def outbound_pending(self, stream_id: int) -> int: ...
     def send_window(self, stream_id: int) -> int: ...
     def send_headers(self, stream_id: int, metadata: Iterable[tuple[str, str]] = ()) -> None: ...
