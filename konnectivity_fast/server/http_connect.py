@@ -180,6 +180,8 @@ class HttpConnectProtocol(asyncio.Protocol):
         self.flow: FlowTunnel | None = None  # flow.v1 with its agent (server/flow.py)
         self._credit_paused = False
         self._on_emptied: Callable[[], None] | None = None
+        # Reading stopped: the client does not read our answers (``pause_writing``).
+        self._answers_unread = False
 
     # --- asyncio.Protocol -----------------------------------------------------------------
 
@@ -191,6 +193,12 @@ class HttpConnectProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.buffer.blocked = True
+        if self._state != _RELAY and self.transport is not None:
+            # A client that sends requests without reading our answers (405s to pipelined
+            # requests) is not read either until it catches up, as Go's server serves one
+            # request at a time: what it makes us hold is the transport's high-water mark.
+            self._answers_unread = True
+            self.transport.pause_reading()
 
     def _backlog(self) -> int:
         transport = self.transport
@@ -211,6 +219,11 @@ class HttpConnectProtocol(asyncio.Protocol):
         emptied, self._on_emptied = self._on_emptied, None
         if emptied is not None:
             emptied()
+        if self._answers_unread:
+            self._answers_unread = False
+            transport = self.transport
+            if not self._paused and transport is not None and not transport.is_closing():
+                transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         state = self._state
@@ -427,6 +440,7 @@ class HttpConnectProtocol(asyncio.Protocol):
             self._paused
             and not self._held
             and not self._credit_paused
+            and not self._answers_unread
             and self._state == _RELAY
             and self.transport is not None
         ):
