@@ -47,6 +47,8 @@ cdef class H2Connection:
                  double keepalive_time=0.0, double keepalive_timeout=DEFAULT_KEEPALIVE_TIMEOUT,
                  bint keepalive_without_streams=True,
                  double min_ping_interval=-1.0, bint ping_without_streams=False,
+                 double control_frame_burst=CONTROL_FRAME_BURST,
+                 double control_frame_rate=CONTROL_FRAME_RATE,
                  str user_agent="konnectivity-fast", double now=0.0):
         cdef nghttp2_option *opt = NULL
         cdef nghttp2_settings_entry iv[4]
@@ -71,7 +73,7 @@ cdef class H2Connection:
         self._ka.last_ping_at = -1e18
         self._ka.on_receive(now)
         self._budget = _FrameBudget.__new__(_FrameBudget)
-        self._budget.start(now)
+        self._budget.start(control_frame_burst, control_frame_rate, now)
         if nghttp2_option_new(&opt) != 0:
             raise MemoryError()
         try:

@@ -44,24 +44,27 @@ _TOO_MANY_CONTROL_FRAMES = b"too_many_control_frames"
 cdef class _FrameBudget:
     """A token bucket of control frames, refilled with time and by our own output."""
 
+    cdef double burst
+    cdef double rate
     cdef double tokens
     cdef double updated
 
-    cdef inline void start(self, double now):
-        self.tokens = CONTROL_FRAME_BURST
+    cdef inline void start(self, double burst, double rate, double now):
+        self.burst = burst
+        self.rate = rate
+        self.tokens = burst
         self.updated = now
 
     cdef inline bint spend(self, double now):
         """One control frame arrived at `now`: False once the bucket is empty."""
         if now > self.updated:
-            self.tokens = min(<double>CONTROL_FRAME_BURST,
-                              self.tokens + (now - self.updated) * CONTROL_FRAME_RATE)
+            self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
             self.updated = now
         self.tokens -= 1.0
         return self.tokens >= 0.0
 
     cdef inline void refund(self):
-        if self.tokens < CONTROL_FRAME_BURST:
+        if self.tokens < self.burst:
             self.tokens += CONTROL_FRAME_REFUND
 
 

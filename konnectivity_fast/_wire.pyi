@@ -116,6 +116,8 @@ class H2Connection:
         keepalive_without_streams: bool = True,
         min_ping_interval: float = -1.0,
         ping_without_streams: bool = False,
+        control_frame_burst: float = ...,
+        control_frame_rate: float = ...,
         user_agent: str = ...,
         now: float = 0.0,
     ) -> None: ...

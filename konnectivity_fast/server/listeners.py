@@ -13,7 +13,6 @@ Keepalive and ping enforcement default to what upstream configures on grpc-go
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +60,16 @@ class ServerHandle:
         self.proxy.close()
 
 
+#: Control frames an agent connection may send at once, and per second after that, before
+#: it is refused (the engine's flood guard, csrc/h2_flood.pxi; the frontends keep the
+#: engine's larger default, for kube-apiserver's cancellations). An agent holds one Connect
+#: stream per connection and never resets it: its control frames are its SETTINGS, its
+#: keepalive PINGs, and the WINDOW_UPDATEs and PINGs that answer our data (which earn their
+#: frame back). nghttp2's own burst for resets; a reset flood from an authenticated agent is
+#: cut after this many streams instead of ten times as many.
+AGENT_CONTROL_FRAME_BURST = 1000
+AGENT_CONTROL_FRAME_RATE = 100.0
+
 #: grpc-go's keepalive defaults as upstream sets them (cmd/server/app/server.go
 #: runAgentServer; grpc-go internal/transport/defaults.go). Agent listener: a ping after
 #: ``--keepalive-time`` of silence; clients may ping every 30 s, even with no stream open.
@@ -68,6 +77,8 @@ AGENT_ENGINE_DEFAULTS: dict[str, Any] = {
     "keepalive_time": 3600.0,
     "min_ping_interval": 30.0,
     "ping_without_streams": True,
+    "control_frame_burst": AGENT_CONTROL_FRAME_BURST,
+    "control_frame_rate": AGENT_CONTROL_FRAME_RATE,
 }
 #: Frontend listener: a ping after ``--frontend-keepalive-time``; grpc-go's default policy
 #: (pings every 5 min at most, none without a stream).

@@ -12,8 +12,9 @@ reports each stream's events to the call's event methods (a message goes straigh
 call's public ``sink`` when it has one) and never touches a call's private state.
 
 Invariants:
-- A ``GrpcCall`` exists from the stream's first event until ``EV_CLOSED``; its ``closed``
-  future is then done and it is forgotten.
+- A ``GrpcCall`` exists from the stream's first event until ``EV_CLOSED``, or until the
+  connection is closing or gone (every call then ends as lost); its ``closed`` future is
+  then done and it is forgotten.
 - Keepalive and ping enforcement run in the engine; this adapter only arms one timer at
   ``H2Connection.get_timer()``.
 - A peer that does not read stops being read (grpc-go's throttle): while the transport's
@@ -255,16 +256,21 @@ class GrpcProtocol(asyncio.BufferedProtocol):
         if self._setup_timer is not None:
             self._setup_timer.cancel()
             self._setup_timer = None
-        message = self.error or "connection lost"
-        for call in list(self.calls.values()):
-            call._on_closed(CLOSED_LOST, StatusCode.UNAVAILABLE, message)
-        self.calls.clear()
-        self._drain_watch.clear()
+        self._end_calls()
         if not self.connected.done():
             self.connected.set_exception(ConnectionError("connection lost before set-up"))
             self.connected.exception()
         if not self.lost.done():
             self.lost.set_result(None)
+
+    def _end_calls(self) -> None:
+        """Every call ends as lost: the connection is gone or can take no more input."""
+        message = self.error or "connection lost"
+        calls = list(self.calls.values())
+        self.calls.clear()
+        self._drain_watch.clear()
+        for call in calls:
+            call._on_closed(CLOSED_LOST, StatusCode.UNAVAILABLE, message)
 
     @property
     def write_paused(self) -> bool:
@@ -367,7 +373,11 @@ class GrpcProtocol(asyncio.BufferedProtocol):
         if self._drain_watch:
             self._drain_watch = {call for call in self._drain_watch if not call._on_flushed()}
         if self.conn.want_close:
+            # Its calls end now, not when the socket is gone: a TLS close may wait a second
+            # for the peer's close_notify, and a refused peer's calls (an agent's streams)
+            # must not be chosen meanwhile.
             self._close_transport()
+            self._end_calls()
             return
         self._arm_timer()
         if self._throttled and not self._write_paused:

@@ -67,5 +67,5 @@ class RateLimitedLog:
             held, since = self._suppressed, now - self._suppressed_since
             self._suppressed = 0
             msg = f"{msg} ({held} similar lines suppressed in the last {since:.0f}s)"
-        self._logger.log(self._level, msg, *args)
+        self._logger.log(self._level, msg, *args, stacklevel=2)
         return True
