@@ -42,6 +42,7 @@ from konnectivity_fast.agent.policy import ServerCounter
 from konnectivity_fast.agent.tunnel_list import tunnels_handler
 from konnectivity_fast.metrics import agent as agent_metrics
 from konnectivity_fast.metrics import flow as flow_metrics
+from konnectivity_fast.transport.accept import Listener
 from konnectivity_fast.transport.tls import H2_ALPN
 from konnectivity_fast.wire.contract import NO_EXTENSIONS, Extension, ExtensionSet
 
@@ -226,7 +227,7 @@ async def run(
         counter=counter,
     )
     clients.start()
-    http: list[asyncio.Server] = []
+    http: list[Listener] = []
     health = await start_http(
         "health",
         options.health_server_host,

@@ -46,6 +46,7 @@ from konnectivity_fast.server.buffering import (
 from konnectivity_fast.server.flow import FlowTunnel
 from konnectivity_fast.server.listeners import DEFAULT_TLS, TlsSettings
 from konnectivity_fast.server.proxy import ProxyServer
+from konnectivity_fast.transport.accept import Listener, listen_tcp, listen_unix
 from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER, GrpcCall, GrpcError
 from konnectivity_fast.transport.grpc import listen_backlog
 from konnectivity_fast.tunnel import CloseReason, Frontend
@@ -541,12 +542,11 @@ class HttpConnectProtocol(asyncio.Protocol):
 # --- listeners ------------------------------------------------------------------------------
 
 
-async def start_http_connect_uds(server: ProxyServer, path: str) -> asyncio.Server:
+async def start_http_connect_uds(server: ProxyServer, path: str) -> Listener:
     """The HTTP-CONNECT frontend on a Unix socket: plain HTTP/1.1, mode 0770 (upstream's
     cmd/server/app/server.go runUDSFrontendServer)."""
-    loop = server.loop
-    listener = await loop.create_unix_server(
-        lambda: HttpConnectProtocol(server), path, backlog=listen_backlog()
+    listener = await listen_unix(
+        "frontend", lambda: HttpConnectProtocol(server), path, backlog=listen_backlog()
     )
     os.chmod(path, UDS_MODE)
     return listener
@@ -561,12 +561,13 @@ async def start_http_connect_tcp(
     key_file: str,
     client_ca_file: str | None,
     tls_settings: TlsSettings = DEFAULT_TLS,
-) -> asyncio.Server:
+) -> Listener:
     """The HTTP-CONNECT frontend on TCP with mTLS: HTTP/1.1 only (ALPN ``http/1.1``), client
     certificates required and verified against ``client_ca_file`` (upstream's
     cmd/server/app/server.go runMTLSFrontendServer)."""
     ctx = tls_settings.server_context(cert_file, key_file, client_ca_file, alpn=(HTTP11_ALPN,))
-    return await server.loop.create_server(
+    return await listen_tcp(
+        "frontend",
         lambda: HttpConnectProtocol(server),
         host,
         port,

@@ -19,6 +19,7 @@ from typing import Any
 
 from konnectivity_fast.server.proxy import ProxyServer
 from konnectivity_fast.transport import tls
+from konnectivity_fast.transport.accept import Listener
 from konnectivity_fast.transport.grpc import GrpcServer, serve
 
 __all__ = [
@@ -40,7 +41,7 @@ class ServerHandle:
     connection (GOAWAY, then abort after a grace period)."""
 
     proxy: ProxyServer
-    servers: list[GrpcServer | asyncio.Server] = field(default_factory=list)
+    servers: list[GrpcServer | Listener] = field(default_factory=list)
 
     @property
     def agent_port(self) -> int | None:
@@ -121,7 +122,7 @@ async def start_frontend_uds(proxy: ProxyServer, path: str, **engine_options: An
     """The gRPC frontend on a Unix socket: plaintext h2c, no auth (upstream's
     runUDSFrontendServer)."""
     options = {**FRONTEND_ENGINE_DEFAULTS, **engine_options}
-    return await serve(proxy.frontend_service, path=path, **options)
+    return await serve(proxy.frontend_service, path=path, name="frontend", **options)
 
 
 async def start_frontend_tcp(
@@ -139,7 +140,9 @@ async def start_frontend_tcp(
     ``client_ca_file`` (upstream's runMTLSFrontendServer)."""
     ctx = tls_settings.server_context(cert_file, key_file, client_ca_file)
     options = {**FRONTEND_ENGINE_DEFAULTS, **engine_options}
-    return await serve(proxy.frontend_service, host=host, port=port, ssl=ctx, **options)
+    return await serve(
+        proxy.frontend_service, host=host, port=port, ssl=ctx, name="frontend", **options
+    )
 
 
 async def start_agent_listener(
@@ -157,7 +160,7 @@ async def start_agent_listener(
     when ``client_ca_file`` is given (upstream's runAgentServer and getTLSConfig)."""
     ctx = tls_settings.server_context(cert_file, key_file, client_ca_file)
     options = {**AGENT_ENGINE_DEFAULTS, **engine_options}
-    return await serve(proxy.agent_service, host=host, port=port, ssl=ctx, **options)
+    return await serve(proxy.agent_service, host=host, port=port, ssl=ctx, name="agent", **options)
 
 
 async def start(

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from konnectivity_fast._compiled import require_compiled
+from konnectivity_fast.transport.accept import Listener, listen_tcp, listen_unix
 from konnectivity_fast.transport.call import (
     CALL_RECV_HIGH_WATER,
     CALL_SEND_HIGH_WATER,
@@ -507,7 +508,7 @@ class GrpcServer:
     3.11's ``asyncio.Server.close`` leaves accepted connections open."""
 
     def __init__(self) -> None:
-        self.server: asyncio.Server | None = None
+        self.server: Listener | None = None
         self.connections: set[GrpcProtocol] = set()
 
     @property
@@ -572,9 +573,11 @@ async def serve(
     host: str | None = None,
     port: int = 0,
     ssl: Any = None,
+    name: str = "grpc",
     **engine_options: Any,
 ) -> GrpcServer:
-    """Listen for gRPC on a Unix socket (h2c) or TCP (h2 over ``ssl``, or h2c without)."""
+    """Listen for gRPC on a Unix socket (h2c) or TCP (h2 over ``ssl``, or h2c without).
+    ``name``: the listener's name in log lines (``transport.accept``)."""
     loop = asyncio.get_running_loop()
     result = GrpcServer()
 
@@ -593,9 +596,9 @@ async def serve(
         args["ssl_handshake_timeout"] = CONNECTION_TIMEOUT
     backlog = listen_backlog()
     if path is not None:
-        result.server = await loop.create_unix_server(factory, path, backlog=backlog, **args)
+        result.server = await listen_unix(name, factory, path, backlog=backlog, **args)
     else:
-        result.server = await loop.create_server(factory, host, port, backlog=backlog, **args)
+        result.server = await listen_tcp(name, factory, host, port, backlog=backlog, **args)
     return result
 
 
