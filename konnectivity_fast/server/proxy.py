@@ -450,6 +450,7 @@ class ProxyServer:
         self.flow = FlowControl()
         self.authenticator = authenticator
         self._gauges = (0, 0)  # pending dials, established connections, as last set
+        self._backend_gauges: tuple[object, ...] | None = None  # as last set
 
     # --- streams --------------------------------------------------------------------------
 
@@ -662,8 +663,15 @@ class ProxyServer:
             self._gauges = current
 
     def _update_backend_gauges(self) -> None:
+        """Set the agent gauges, when they changed: an agent reconnecting (or a flapping
+        one) adds and removes a stream of an agent the gauges already count."""
         managers = self.router.backend_managers
-        for strategy, count in managers.ready_backends().items():
+        ready = managers.ready_backends()
+        current = (*ready.items(), managers.ready_backend_connections)
+        if current == self._backend_gauges:
+            return
+        self._backend_gauges = current
+        for strategy, count in ready.items():
             metrics.set_ready_backends(strategy, count)
         metrics.set_backend_count_deprecated(managers.ready_backend_connections)
 

@@ -115,6 +115,9 @@ class Listener:
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._exhausted_since: dict[int, float] = {}
         self._closed = False
+        # TCP sockets get TCP_NODELAY as uvloop's own servers set it (read once: the
+        # socket's ``family`` property builds an enum each time).
+        self._tcp = bool(sockets) and sockets[0].family != socket.AF_UNIX
         # Accept errors come in bursts (every retry while exhausted): a few lines per
         # listener and interval, the rest counted.
         self._log_error = RateLimitedLog(log, logging.ERROR)
@@ -215,7 +218,7 @@ class Listener:
     def _start_connection(self, conn: socket.socket) -> None:
         try:
             conn.setblocking(False)
-            if conn.family in (socket.AF_INET, socket.AF_INET6):
+            if self._tcp:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             conn.close()  # the client already left
