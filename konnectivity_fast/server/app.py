@@ -25,6 +25,7 @@ import os
 from typing import Protocol
 
 from konnectivity_fast.kube import ConfigError, KubeClient, load_config
+from konnectivity_fast.metrics import accept as accept_metrics
 from konnectivity_fast.metrics import flow as flow_metrics
 from konnectivity_fast.metrics import server as server_metrics
 from konnectivity_fast.server.auth import TokenAuthenticator
@@ -47,7 +48,7 @@ from konnectivity_fast.server.startup import (
 )
 from konnectivity_fast.server.tunnel_list import tunnels_handler
 from konnectivity_fast.transport import tls
-from konnectivity_fast.transport.accept import Listener
+from konnectivity_fast.transport.accept import Listener, set_exhaustion_observer
 from konnectivity_fast.transport.grpc import GrpcServer
 from konnectivity_fast.wire.contract import (
     NO_EXTENSIONS,
@@ -276,6 +277,9 @@ async def run(
         raise StartupError(f"failed to load kubernetes client config: {exc}") from None
     strategies = parse_proxy_strategies(options.proxy_strategies)
     server_metrics.startup(strategies)
+    # Failed accepts (descriptor exhaustion) are counted; nothing shows until one.
+    accept_metrics.enable(server_metrics.REGISTRY)
+    set_exhaustion_observer(accept_metrics.exhausted)
     if Extension.FLOW in extensions:
         flow_metrics.enable(server_metrics.REGISTRY)
     proxy = ProxyServer(

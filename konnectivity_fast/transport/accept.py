@@ -10,7 +10,9 @@ without a word: clients are reset, and an agent reconnecting then backs off for 
 ``Listener`` does what Go does, waiting at most ``ACCEPT_RETRY_MAX``, and says so in the
 log, in grpc-go's words with the listener and the descriptor limit added, at a bounded
 rate (``ratelog``): ``Accept error: accept tcp 127.0.0.1:8091: accept4: too many open
-files; retrying in 5ms (agent listener, open files limit 1024)``.
+files; retrying in 5ms (agent listener, open files limit 1024)``. Each failure is also
+reported to the process's observer (``set_exhaustion_observer``: the programs count them in
+``konnectivity_fast_accept_exhausted_total``).
 
 Each accepted socket becomes a transport through ``loop.connect_accepted_socket`` (TLS
 handshake included, in a task of its own); the listener keeps the sockets' creation as
@@ -46,6 +48,7 @@ __all__ = [
     "Listener",
     "listen_tcp",
     "listen_unix",
+    "set_exhaustion_observer",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,17 @@ ACCEPTS_PER_WAKEUP = 128
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+#: Told of every accept that failed for lack of resources: (listener name, errno name).
+ExhaustionObserver = Callable[[str, str], None]
+
+# The process's observer, if any (its metric: transport/ imports no metrics, the programs
+# set it).
+_observers: list[ExhaustionObserver] = []
+
+
+def set_exhaustion_observer(observer: ExhaustionObserver | None) -> None:
+    """Have ``observer`` told of each failed accept from now on (None: nobody)."""
+    _observers[:] = [] if observer is None else [observer]
 
 
 def _go_duration(seconds: float) -> str:
@@ -205,6 +219,8 @@ class Listener:
         )
         if exc.errno not in _EXHAUSTED:
             log.debug("unexpected accept error on %s listener: %r", self.name, exc)
+        for observe in _observers:
+            observe(self.name, errno.errorcode.get(exc.errno or 0, str(exc.errno)))
         self._loop.remove_reader(fd)
         self._timers[fd] = self._loop.call_later(delay, self._resume, sock)
 

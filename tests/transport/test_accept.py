@@ -20,7 +20,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from konnectivity_fast.transport.accept import ACCEPT_RETRY_MAX, listen_unix
+from konnectivity_fast.transport.accept import (
+    ACCEPT_RETRY_MAX,
+    listen_unix,
+    set_exhaustion_observer,
+)
 
 from .conftest import RunFn
 
@@ -66,10 +70,13 @@ def exhausted() -> Iterator[list[int]]:
 def test_connections_wait_out_descriptor_exhaustion(
     run: RunFn, sock_dir: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    observed: list[tuple[str, str]] = []
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
         path = os.path.join(sock_dir, "a.sock")
         listener = await listen_unix("test", Echo, path, backlog=64)
+        set_exhaustion_observer(lambda *failure: observed.append(failure))
         clients = [socket.socket(socket.AF_UNIX) for _ in range(CLIENTS)]
         try:
             for c in clients:
@@ -89,6 +96,7 @@ def test_connections_wait_out_descriptor_exhaustion(
                     got = await asyncio.wait_for(loop.sock_recv(c, 16), WAIT)
                     assert got == b"ping"
         finally:
+            set_exhaustion_observer(None)
             for c in clients:
                 c.close()
             listener.close()
@@ -103,3 +111,6 @@ def test_connections_wait_out_descriptor_exhaustion(
     assert any(
         r.getMessage().startswith("Accepting again on test listener") for r in caplog.records
     )
+    # Every failed accept reached the observer (the programs' metric), logged or not.
+    assert observed and set(observed) == {("test", "EMFILE")}
+    assert len(observed) >= len(errors)
