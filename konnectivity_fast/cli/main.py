@@ -2,6 +2,8 @@
 
 ``konnectivity-fast demo``     runs the real proxy-server and proxy-agent programs and carries
                                requests through both frontends (``cli/demo/``).
+``konnectivity-fast doctor``   checks a load balancer in front of proxy-servers, or a running
+                               server's or agent's health (``cli/doctor/``).
 ``konnectivity-fast version``  prints the version, the codec in use and the compiled core's
                                source digest.
 
@@ -31,6 +33,7 @@ def _version(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from konnectivity_fast.cli.demo import command as demo
+    from konnectivity_fast.cli.doctor import command as doctor
 
     parser = argparse.ArgumentParser(
         prog="konnectivity-fast",
@@ -39,8 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     # The subcommand table: name -> (adds its parser, runs it).
     demo.add_parser(sub)
+    doctor.add_parser(sub)
     sub.add_parser("version", help="version, codec and build information")
-    runners = {"demo": demo.run, "version": _version}
+    runners = {"demo": demo.run, "doctor": doctor.run, "version": _version}
     args = parser.parse_args(argv)
     return runners[args.command](args)
 

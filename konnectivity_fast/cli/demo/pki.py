@@ -24,9 +24,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = ["VALIDITY", "Pki", "make_pki"]
 
-# Long enough for a demo left running with --keep over a weekend, short enough that a
-# forgotten key is worthless soon.
-VALIDITY = datetime.timedelta(days=7)
+# Beyond the doctor's 30-day warning (the demo's certificates are not the point of its
+# output), short enough that a forgotten key is worthless soon enough.
+VALIDITY = datetime.timedelta(days=45)
 # Clock skew between this machine and a peer (all local here): Kubernetes' own tools
 # backdate certificates by this much.
 BACKDATE = datetime.timedelta(minutes=5)

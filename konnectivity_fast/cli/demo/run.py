@@ -13,8 +13,10 @@ import asyncio
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +47,17 @@ MODE_TITLES = {
     FrontendMode.GRPC: "gRPC frontend (/ProxyService/Proxy, as konnectivity-client speaks it)",
     FrontendMode.HTTP_CONNECT: "HTTP-CONNECT frontend (CONNECT host:port, kube-apiserver's egress)",
 }
+
+
+def _tool() -> str:
+    """How to run ``konnectivity-fast`` from a shell here."""
+    found = shutil.which("konnectivity-fast")
+    beside = Path(sys.executable).parent / "konnectivity-fast"
+    if found:
+        return "konnectivity-fast"
+    if beside.is_file():
+        return str(beside)
+    return f"{sys.executable} -m konnectivity_fast.cli.main"
 
 
 def _where(place: layout_mod.Place) -> str:
@@ -228,39 +241,48 @@ class Demo:
         if lay.network is not None:
             extra["namespaces"] = lay.network.names
         write_state(self.folder, self.procs.started, extra)
-        out.section("Left running (--keep); try by hand:")
-        for server in lay.servers:
-            target = lay.backends[0].address
-            if server.mode == FrontendMode.HTTP_CONNECT:
-                out.line(
-                    f"  curl --unix-socket {server.uds} -p -x http://proxy http://{target}/healthz"
-                )
-        for server in lay.servers:
-            out.line(
-                "  "
-                + server.place.shell(
-                    f"curl -s http://127.0.0.1:{server.health_port}/metrics | grep ^konnectivity"
-                )
+        out.section("Left running (--keep). Try by hand:")
+        for line in self.by_hand():
+            out.line(f"  {line}")
+        out.line(f"Stop everything: {_tool()} demo --stop={self.folder}")
+
+    def by_hand(self) -> list[str]:
+        """Commands a person can paste, each tested by tests/cli/test_demo.py."""
+        lay, tool = self.layout, _tool()
+        target = lay.backends[0].address
+        lines = [
+            "# a request through the HTTP-CONNECT frontend (curl cannot CONNECT on a Unix socket):"
+        ]
+        lines += [
+            f"{sys.executable} -m konnectivity_fast.cli.demo.through -i --uds={s.uds} "
+            f"http://{target}/healthz"
+            for s in lay.servers
+            if s.mode == FrontendMode.HTTP_CONNECT
+        ]
+        lines.append("# the programs' metrics, servers then agents:")
+        for place, port in [(s.place, s.health_port) for s in lay.servers] + [
+            (a.place, a.health_port) for a in lay.agents
+        ]:
+            lines.append(
+                place.shell(f"curl -s http://127.0.0.1:{port}/metrics | grep ^konnectivity")
             )
-        for agent in lay.agents:
-            out.line(
-                "  "
-                + agent.place.shell(
-                    f"curl -s http://127.0.0.1:{agent.health_port}/metrics | grep ^konnectivity"
-                )
+        pki = self.folder / "pki"
+        agent = lay.agents[0]
+        lines.append("# the doctor: the load balancer as an agent sees it, then the programs:")
+        tls = f"--ca-cert={pki}/ca.pem --agent-cert={pki}/agent.pem --agent-key={pki}/agent-key.pem"
+        address = f"{agent.proxy_host}:{agent.proxy_port}"
+        lines.append(agent.place.shell(f"{tool} doctor lb --address={address} {tls}"))
+        health = " ".join(f"--health=127.0.0.1:{s.health_port}" for s in lay.servers)
+        lines.append(lay.servers[0].place.shell(f"{tool} doctor server {health}"))
+        for a in lay.agents if lay.network is not None else lay.agents[:1]:
+            agents = (
+                f"--health=127.0.0.1:{a.health_port}"
+                if lay.network is not None
+                else " ".join(f"--health=127.0.0.1:{b.health_port}" for b in lay.agents)
             )
-        if lay.network is None:
-            host, port = lay.lb_listen[0]
-            pki = self.folder / "pki"
-            out.line(
-                f"  konnectivity-fast doctor lb --address={host}:{port} --ca-cert={pki}/ca.pem "
-                f"--agent-cert={pki}/agent.pem --agent-key={pki}/agent-key.pem"
-            )
-            out.line(
-                f"  konnectivity-fast doctor server --health=127.0.0.1:{lay.servers[0].health_port}"
-            )
-        out.line(f"  logs: {self.folder}/*.log")
-        out.line(f"Stop them: konnectivity-fast demo --stop={self.folder}")
+            lines.append(a.place.shell(f"{tool} doctor agent {agents}"))
+        lines.append(f"# logs: {self.folder}/*.log")
+        return lines
 
     def tear_down(self) -> None:
         # Another Ctrl-C or SIGTERM must not cut the clean-up short.
@@ -308,6 +330,8 @@ async def run_demo(options: DemoOptions, out: Out) -> int:
         out.line(f"\ndemo: FAILED: {exc}")
     except netns.NetnsError as exc:
         out.line(f"\ndemo: FAILED setting up the network namespaces: {exc}")
+    except Exception:  # a bug: say so, with where, and still clean up
+        out.line(f"\ndemo: FAILED with an unexpected error:\n{traceback.format_exc()}")
     except asyncio.CancelledError:
         interrupted = True
         out.line("\ndemo: interrupted")
