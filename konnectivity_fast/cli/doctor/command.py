@@ -23,15 +23,20 @@ readiness and metrics (server, agent). Works with upstream's programs as with ou
 Exit code 0: nothing wrong; 1: something is wrong; 2: the check could not run.
 """
 
+EXIT_CODES = "exit codes: 0 nothing wrong (warnings aside), 1 something wrong, 2 cannot check"
+
 LB_DESCRIPTION = """\
 Connect to the agents' address (what agents use as --proxy-server-host and
 --proxy-server-port) --tries times, as a proxy-agent connects: TLS with the agent's
 certificate or token, ALPN h2, /AgentService/Connect. Read each answer's serverid and
 servercount, then leave at once: the doctor sends no agent identifiers and a DRAIN with
-its request, and never takes a dial. Then say whether the balancer spreads agents over
-every replica (round robin and complete), keeps them on one (sticky), misses replicas
-(short), or whether the servers' counts disagree, with what to change; and check each
-replica's certificate: chain, names (SANs against --proxy-server-host) and expiry.
+its request, and never takes a dial (on upstream's servers, but for a window of
+microseconds while the server registers the stream and reads the DRAIN).
+
+Then say whether the balancer spreads agents over every replica (round robin and
+complete), keeps them on one (sticky) or misses replicas (short), or whether the
+servers' counts disagree, with what to change; and check each replica's certificate:
+chain, names (SANs against --proxy-server-host) and expiry.
 """
 
 
@@ -46,39 +51,26 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "lb",
         help="is the agents' load-balanced address spreading agents over every server?",
         description=LB_DESCRIPTION,
+        epilog=EXIT_CODES,
     )
-    lb.add_argument("--address", required=True, help="HOST:PORT the agents connect to")
+    flags: list[tuple[str, str, str]] = [  # (flag, metavar, help)
+        ("--proxy-server-host", "NAME", "the agents' TLS server name (default: HOST of --address)"),
+        ("--ca-cert", "FILE", "CA bundle the servers' certificates chain to (agents' --ca-cert)"),
+        ("--agent-cert", "FILE", "client certificate, as the agents' --agent-cert"),
+        ("--agent-key", "FILE", "its key, as the agents' --agent-key"),
+        ("--service-account-token-path", "FILE", "a token, for servers that check agents' tokens"),
+    ]
+    lb.add_argument("--address", required=True, metavar="HOST:PORT", help="the agents' address")
     lb.add_argument(
-        "--tries",
-        type=int,
-        default=DEFAULT_TRIES,
+        "--tries", type=int, default=DEFAULT_TRIES, metavar="N",
         help="connections to make (default: %(default)s)",
-    )
+    )  # fmt: skip
+    for flag, metavar, text in flags:
+        lb.add_argument(flag, default="", metavar=metavar, help=text)
     lb.add_argument(
-        "--proxy-server-host",
-        default="",
-        help="the TLS server name agents use (default: HOST of --address)",
-    )
-    lb.add_argument(
-        "--ca-cert",
-        default="",
-        help="CA bundle the servers' certificate must chain to (the agents' --ca-cert)",
-    )
-    lb.add_argument(
-        "--agent-cert", default="", help="client certificate, as the agents' --agent-cert"
-    )
-    lb.add_argument("--agent-key", default="", help="its key, as the agents' --agent-key")
-    lb.add_argument(
-        "--service-account-token-path",
-        default="",
-        help="a token file, for servers that authenticate agents by token",
-    )
-    lb.add_argument(
-        "--warn-days",
-        type=float,
-        default=DEFAULT_WARN_DAYS,
+        "--warn-days", type=float, default=DEFAULT_WARN_DAYS, metavar="DAYS",
         help="warn about certificates ending within this many days (default: %(default)g)",
-    )
+    )  # fmt: skip
     for name, kind in (("server", "proxy-server"), ("agent", "proxy-agent")):
         port = "8092" if name == "server" else "8093"
         admin = "8095" if name == "server" else "8094"
@@ -88,6 +80,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             description=f"Read a running {kind}'s /healthz, /readyz and /metrics (its health "
             f"port, {port} by default) and report what is abnormal. Give --health once per "
             f"{kind} to compare them.",
+            epilog=EXIT_CODES,
         )
         p.add_argument(
             "--health",
