@@ -41,6 +41,8 @@ __all__ = ["DemoFailure", "DemoOptions", "run_demo"]
 # Bound on the programs starting and the agents holding every server.
 READY_SECONDS = 45.0
 POLL_SECONDS = 0.1
+# The demo's folder holds Unix sockets (at most 108 bytes a path, "http-connect.sock" in it).
+MAX_FOLDER_CHARS = 80
 # The shell's convention for a program ended by Ctrl-C (128 + SIGINT).
 EXIT_INTERRUPTED = 130
 MODE_TITLES = {
@@ -89,8 +91,11 @@ class Demo:
     def __init__(self, options: DemoOptions, out: Out) -> None:
         self.options = options
         self.out = out
-        # Short: Unix socket paths must stay under 108 bytes.
+        # Short: Unix socket paths must stay under 108 bytes (a long $TMPDIR would not).
         self.folder = Path(tempfile.mkdtemp(prefix="kf-demo-"))
+        if len(str(self.folder)) > MAX_FOLDER_CHARS:
+            self.folder.rmdir()
+            self.folder = Path(tempfile.mkdtemp(prefix="kf-demo-", dir="/tmp"))
         net = netns.Network() if options.topology == "remote" else None
         self.layout = (
             layout_mod.remote_layout(self.folder, net)

@@ -9,6 +9,7 @@ are good (warnings, such as a certificate ending soon, do not fail it); 1 otherw
 from __future__ import annotations
 
 import argparse
+import textwrap
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -21,6 +22,9 @@ from konnectivity_fast.cli.doctor.tlscheck import SECONDS_PER_DAY, agent_cert_ex
 from konnectivity_fast.cli.doctor.verdict import judge
 
 __all__ = ["LbOptions", "run_lb"]
+
+# Long verdicts are wrapped at this width.
+WIDTH = 92
 
 
 @dataclass(frozen=True)
@@ -92,9 +96,13 @@ async def run_lb(opts: LbOptions) -> int:
     problems += _report_certificates(attempts, opts)
     verdict = judge(attempts)
     print()
-    print(f"Verdict: {verdict.kind.upper()}: {verdict.summary}.")
+    print(textwrap.fill(f"Verdict: {verdict.kind.upper()}: {verdict.summary}.", WIDTH))
     if verdict.fix:
-        print(f"  Fix: {verdict.fix}.")
+        print(
+            textwrap.fill(
+                f"Fix: {verdict.fix}.", WIDTH, initial_indent="  ", subsequent_indent="  "
+            )
+        )
     failed = problems or not verdict.ok
     print(f"\ndoctor lb: {'PROBLEMS FOUND' if failed else 'ok'} (exit {1 if failed else 0})")
     return 1 if failed else 0

@@ -105,7 +105,7 @@ def judge(attempts: Sequence[Attempt]) -> Verdict:
         )
     return Verdict(
         SHORT,
-        f"{landed} reached only {seen} of the {count} servers advertised: the other "
-        f"{count - seen} never answered through this address, so agents never hold them",
+        f"{landed} reached only {seen} of the {count} servers advertised: {count - seen} "
+        "never answered through this address, so agents never hold every server",
         FIX_SHORT.format(seen=seen),
     )
