@@ -180,6 +180,9 @@ class SniffingTlsServer(asyncio.Server):
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             log.debug("TLS handshake failed: %s", exc)
             sock.close()
+        except asyncio.CancelledError:  # the server closed during the handshake
+            sock.close()
+            raise
 
     def close(self) -> None:
         if not self._open:
