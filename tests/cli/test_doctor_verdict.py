@@ -54,3 +54,13 @@ def test_failed_tries_do_not_count_as_servers() -> None:
 )
 def test_name_matching_as_go(names: tuple[str, ...], host: str, ok: bool) -> None:
     assert matches(names, host) is ok
+
+
+@pytest.mark.parametrize(
+    ("days", "start"),
+    [(400.0, "ok: "), (12.0, "WARNING: "), (-1.0, "EXPIRED on ")],
+)
+def test_expiry_words(days: float, start: str) -> None:
+    from konnectivity_fast.cli.doctor.lb import _expiry
+
+    assert _expiry(days, "2027-01-01 00:00 UTC", 30.0).startswith(start)
