@@ -158,7 +158,7 @@ class Demo:
             out.row(
                 "backend",
                 f"pid {proc.pid:<7} http://{backend.address}",
-                f"{_where(backend.place)}{backend.name}: stands in for a kubelet (/healthz, /bulk)",
+                f"{_where(backend.place)}{backend.name}, a kubelet stand-in (/healthz, /bulk)",
             )
         for server in lay.servers:
             proc = self.start(f"proxy-server {server.mode}", lay.server_argv(server, pki))
