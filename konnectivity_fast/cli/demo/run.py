@@ -140,14 +140,13 @@ class Demo:
                     "(a --keep one?); stop it first with the --stop command it printed"
                 )
             netns.up(lay.network)
+            net = lay.network
+            workers = ", ".join(f"{n} {a}" for n, a, _ in net.worker_addresses)
             out.row(
                 "network namespaces",
-                f"cp {lay.network.cp_address}, workers "
-                + ", ".join(
-                    f"{n.removeprefix(netns.PREFIX)} {a}"
-                    for n, a, _ in lay.network.worker_addresses
-                )
-                + "; lb forwards nothing: HAProxy is the only way in",
+                f"{net.cp} {net.cp_address} (control plane), {workers}",
+                f"{net.lb} forwards nothing: HAProxy there is the only way from a worker to the",
+                "control plane, and nothing on the control plane can reach a worker",
             )
         pki = make_pki(self.folder / "pki", lay.server_names)
         out.row(
