@@ -33,9 +33,11 @@ debug: bootstrap-runtime
 asan: bootstrap
 	scripts/asan.sh
 
+# The real proxy-server and proxy-agent at work (konnectivity-fast demo --help); e.g.
+# make run ARGS=--keep, or ARGS=--topology=remote (as root, with ip and haproxy).
 run:
 	scripts/bootstrap.sh runtime
-	$(PY) -m konnectivity_fast.cli.main demo
+	$(PY) -m konnectivity_fast.cli.main demo $(ARGS)
 
 test:
 	scripts/test.sh
