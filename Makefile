@@ -34,9 +34,11 @@ debug: bootstrap-runtime
 asan: bootstrap
 	scripts/asan.sh
 
+# The real proxy-server and proxy-agent at work (konnectivity-fast demo --help); e.g.
+# make run ARGS=--keep, or ARGS=--topology=remote (as root, with ip and haproxy).
 run:
 	scripts/bootstrap.sh runtime
-	$(PY) -m konnectivity_fast.cli.main demo
+	$(PY) -m konnectivity_fast.cli.main demo $(ARGS)
 
 test:
 	scripts/test.sh
@@ -76,9 +78,9 @@ TUNNEL_OUT := bench/results/tunnel$(if $(QUICK),-quick)
 bench bench-tunnel: bootstrap-bench
 	$(PY) -m bench.tunnel $(if $(QUICK),--quick) --json $(TUNNEL_OUT).json --chart $(TUNNEL_OUT).png
 
-# The head-of-line family alone (stalled and slow readers), every pairing, our server with
-# upstream's agent too: bench/results/tunnel-hol.{json,png}. QUICK=1: 1 run, the 4 MB/s
-# reader only (tunnel-hol-quick.*).
+# The head-of-line family alone (stalled and slow readers), every pairing (our server with
+# upstream's agent, and ours with flow.v1, too): bench/results/tunnel-hol.{json,png}.
+# QUICK=1: 1 run, the 4 MB/s reader only (tunnel-hol-quick.*).
 HOL_OUT := bench/results/tunnel-hol$(if $(QUICK),-quick)
 .PHONY: bench-hol
 bench-hol: build

@@ -1,2 +1,2 @@
 """Command-line entry points. ``main``: the ``konnectivity-fast`` tool (what upstream
-lacks: a wire demo, version and build information)."""
+lacks: the demo, the doctor, version and build information)."""

@@ -16,12 +16,18 @@ own. The token file is read again when older than ``TOKEN_FILE_REFRESH`` (projec
 rotate), as client-go does.
 
 Every file is read here, once, so a bad path fails at startup with its name.
+
+Values are typed as client-go types them: the YAML is resolved as go-yaml v2 does
+(``kube.yamlsubset``: ``insecure-skip-tls-verify: yes`` is true) and a value of the wrong
+JSON type for its Go field (``"true"`` quoted, or ``1``, for that boolean) refuses the file
+with encoding/json's words, as client-go's loader does.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -165,7 +171,7 @@ def load_kubeconfig(path: str, context: str | None = None) -> ClientConfig:
     token = user.get("token") or None
     token_file = user.get("tokenFile") or None
     if token_file:
-        token_file = os.path.join(base, token_file)
+        token_file = os.path.join(base, str(token_file))
         _read(token_file, "tokenFile")
     basic = None
     if user.get("username"):
@@ -178,10 +184,34 @@ def load_kubeconfig(path: str, context: str | None = None) -> ClientConfig:
         token=str(token) if token else None,
         token_file=token_file,
         basic_auth=basic,
-        insecure_skip_tls_verify=cluster.get("insecure-skip-tls-verify") is True,
-        tls_server_name=cluster.get("tls-server-name") or None,
+        insecure_skip_tls_verify=_flag(cluster, "insecure-skip-tls-verify", path),
+        tls_server_name=str(cluster.get("tls-server-name") or "") or None,
         namespace=str(ctx.get("namespace")) if ctx.get("namespace") else None,
     )
+
+
+def _json_type(value: Any) -> str:
+    """The JSON type encoding/json names in its errors."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+def _flag(cluster: dict[str, Any], name: str, path: str) -> bool:
+    """A boolean field of a cluster: what client-go's JSON decoding of it gives."""
+    value = cluster.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ConfigError(
+            f"error loading config file {json.dumps(path)}: json: cannot unmarshal "
+            f"{_json_type(value)} into Go struct field Cluster.clusters.cluster.{name} of type bool"
+        )
+    return value
 
 
 def _named(doc: dict[str, Any], section: str, key: str, name: str, path: str) -> dict[str, Any]:

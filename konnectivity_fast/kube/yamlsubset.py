@@ -10,10 +10,14 @@ rest with a clear ``YamlError`` naming the line, so no YAML library is needed at
 - plain, ``'single'`` and ``"double"`` quoted scalars (with the escapes JSON has), the
   flow forms ``{}`` and ``[]``, ``# comments``, a leading ``---`` and a trailing ``...``.
 
-Scalars stay strings, except ``true``/``false`` (booleans) and ``null``/``~``/empty
-(None): kubeconfig readers only look at strings and the ``insecure-skip-tls-verify``
-boolean. Anchors, tags, block scalars (``|``, ``>``), multi-line plain scalars and flow
-collections with content are refused.
+Plain (unquoted) scalars are resolved as go-yaml v2 resolves them, which is what client-go
+reads kubeconfigs with (sigs.k8s.io/yaml): the YAML 1.1 booleans (``y``, ``yes``, ``on``,
+``true`` and ``n``, ``no``, ``off``, ``false``, each in lower, Title and UPPER case),
+``null``/``~``/empty (None), integers (decimal, ``0x``, ``0o``, ``0b``, a leading ``0`` for
+octal, ``_`` separators) and floats; anything else, and every quoted scalar, is a string.
+Timestamps stay strings (sigs.k8s.io/yaml turns them into JSON strings too). Anchors,
+tags, block scalars (``|``, ``>``), multi-line plain scalars and flow collections with
+content are refused.
 """
 
 from __future__ import annotations
@@ -33,6 +37,26 @@ _KEY = re.compile(
     r"""|[^\s#'"{\[\]}:,&*!|>%@`-][^:#]*?|-[^\s:#][^:#]*?)\s*:(?:\s+|$)"""
 )
 _REFUSED_START = set("&*!|>%@`")
+# go-yaml v2's resolve table (resolve.go): plain scalars that are not strings.
+_BOOLEANS = {
+    **dict.fromkeys(
+        ("y", "Y", "yes", "Yes", "YES", "true", "True", "TRUE", "on", "On", "ON"), True
+    ),
+    **dict.fromkeys(
+        ("n", "N", "no", "No", "NO", "false", "False", "FALSE", "off", "Off", "OFF"), False
+    ),
+}
+_NULLS = frozenset(("", "~", "null", "Null", "NULL"))
+_SPECIAL_FLOATS = {
+    **dict.fromkeys((".nan", ".NaN", ".NAN"), float("nan")),
+    **dict.fromkeys((".inf", ".Inf", ".INF", "+.inf", "+.Inf", "+.INF"), float("inf")),
+    **dict.fromkeys(("-.inf", "-.Inf", "-.INF"), float("-inf")),
+}
+# go-yaml's yamlStyleFloat, and what strconv.ParseFloat takes after a leading ".".
+_FLOAT = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$")
+_DOT_FLOAT = re.compile(r"^\.[0-9]+([eE][-+]?[0-9]+)?$")
+_INT_BASES = {"0x": 16, "0X": 16, "0o": 8, "0O": 8, "0b": 2, "0B": 2}
+_DIGITS = {2: "01", 8: "01234567", 10: "0123456789", 16: "0123456789abcdefABCDEF"}
 
 
 class YamlError(ValueError):
@@ -180,10 +204,42 @@ def _scalar(text: str, number: int) -> Any:
         return {} if text == "{}" else []
     if text[0] in _REFUSED_START or text[0] in "{[":
         raise YamlError(f"line {number}: unsupported YAML construct: {text}")
-    if text in ("~", "null", "Null", "NULL"):
+    return _resolve(text)
+
+
+def _resolve(text: str) -> Any:
+    """A plain scalar's value, as go-yaml v2's ``resolve`` gives it."""
+    if text in _NULLS:
         return None
-    if text in ("true", "True", "TRUE"):
-        return True
-    if text in ("false", "False", "FALSE"):
-        return False
+    if text in _BOOLEANS:
+        return _BOOLEANS[text]
+    if text in _SPECIAL_FLOATS:
+        return _SPECIAL_FLOATS[text]
+    if text[0] == ".":
+        return float(text) if _DOT_FLOAT.match(text) else text
+    if not (text[0].isdigit() or text[0] in "+-"):
+        return text
+    plain = text.replace("_", "")
+    number = _go_int(plain)
+    if number is not None:
+        return number
+    if _FLOAT.match(plain):
+        return float(plain)
     return text
+
+
+def _go_int(text: str) -> int | None:
+    """Go's ``strconv.ParseInt(text, 0, 64)`` (or ParseUint): prefixes 0x, 0o, 0b, and a
+    leading 0 for octal."""
+    sign, body = (text[0], text[1:]) if text[:1] in "+-" else ("", text)
+    base = _INT_BASES.get(body[:2], 0)
+    if base:
+        body = body[2:]
+    elif len(body) > 1 and body[0] == "0":
+        base, body = 8, body[1:]
+    else:
+        base = 10
+    if not body or not all(c in _DIGITS[base] for c in body):
+        return None
+    value = int(sign + body, base)
+    return value if -(1 << 63) <= value < (1 << 64) else None

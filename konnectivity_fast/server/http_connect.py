@@ -46,9 +46,17 @@ from konnectivity_fast.server.buffering import (
 from konnectivity_fast.server.flow import FlowTunnel
 from konnectivity_fast.server.listeners import DEFAULT_TLS, TlsSettings
 from konnectivity_fast.server.proxy import ProxyServer
-from konnectivity_fast.transport.accept import Listener, listen_tcp, listen_unix
+from konnectivity_fast.transport.accept import Listener, listen_unix
 from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER, GrpcCall, GrpcError
+from konnectivity_fast.transport.gotls import start_sniffing_tls_server
 from konnectivity_fast.transport.grpc import listen_backlog
+from konnectivity_fast.transport.httphead import (
+    POST_TOLERANCE,
+    HeadError,
+    head_end,
+    leading_blank_bytes,
+    parse_head,
+)
 from konnectivity_fast.tunnel import CloseReason, Frontend
 from konnectivity_fast.tunnel.events import Message
 from konnectivity_fast.wire.codec import peek_data
@@ -147,13 +155,23 @@ def _go_error(status: str) -> bytes:
     return b"HTTP/1.1 " + status.encode() + _ERROR_HEADERS + status.encode()
 
 
-def _response_405(head: bool, close: bool) -> bytes:
-    """``http.Error(w, ..., 405)`` as Go's server writes it."""
-    lines = [b"HTTP/1.1 405 Method Not Allowed\r\n", _TEXT, b"X-Content-Type-Options: nosniff\r\n"]
-    if close:
-        lines.append(b"Connection: close\r\n")
+def _response_405(head: bool, close: bool, http10: bool = False) -> bytes:
+    """``http.Error(w, ..., 405)`` as Go's server writes it: its status line in the request's
+    HTTP version, ``Connection`` last, and only when it says something the version does
+    not imply (close for HTTP/1.1, keep-alive for HTTP/1.0)."""
+    version = b"HTTP/1.0" if http10 else b"HTTP/1.1"
+    lines = [
+        version + b" 405 Method Not Allowed\r\n",
+        _TEXT,
+        b"X-Content-Type-Options: nosniff\r\n",
+    ]
     lines.append(f"Date: {formatdate(usegmt=True)}\r\n".encode())
-    lines.append(f"Content-Length: {len(BODY_405)}\r\n\r\n".encode())
+    lines.append(f"Content-Length: {len(BODY_405)}\r\n".encode())
+    if close and not http10:
+        lines.append(b"Connection: close\r\n")
+    elif http10 and not close:
+        lines.append(b"Connection: keep-alive\r\n")
+    lines.append(b"\r\n")
     if not head:
         lines.append(BODY_405)
     return b"".join(lines)
@@ -173,6 +191,8 @@ class HttpConnectProtocol(asyncio.Protocol):
         self._state = _HEADERS
         self._buf = bytearray()  # request bytes not yet parsed / pipelined tunnel bytes
         self._skip = 0  # request body bytes still to discard after a 405
+        self._scanned = 0  # bytes of ``_buf`` already searched for the end of a head
+        self._after_post = False  # the last request was a POST (Go's leniency after one)
         self._timer: asyncio.TimerHandle | None = None
         self._paused = False
         self._counted = False  # in the http_connections gauge
@@ -263,6 +283,7 @@ class HttpConnectProtocol(asyncio.Protocol):
             self._close()
 
     def _parse(self) -> None:
+        """Read request heads as Go's server does (``transport.httphead``)."""
         while self._state == _HEADERS:
             buf = self._buf
             if self._skip:
@@ -271,42 +292,38 @@ class HttpConnectProtocol(asyncio.Protocol):
                 self._skip -= n
                 if self._skip:
                     return
-            while buf[:2] == b"\r\n":  # Go skips blank lines before a request
-                del buf[:2]
-            end = buf.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES + 4)
+            if self._after_post:  # Go skips up to 4 CR/LF after a POST, nowhere else
+                if len(buf) < POST_TOLERANCE:
+                    return
+                del buf[: leading_blank_bytes(buf)]
+                self._after_post = False
+            end = head_end(buf, self._scanned)
             if end < 0:
+                self._scanned = len(buf)
                 if len(buf) > MAX_HEADER_BYTES:
                     self._reject(_go_error("431 Request Header Fields Too Large"))
                 return
-            if end > MAX_HEADER_BYTES:
+            if end > MAX_HEADER_BYTES + 4:
                 self._reject(_go_error("431 Request Header Fields Too Large"))
                 return
             head = bytes(buf[:end])
-            del buf[: end + 4]
+            del buf[:end]
+            self._scanned = 0
             self._request(head)
 
     def _request(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ")
-        if len(parts) != 3 or not parts[0] or not parts[1]:
-            self._reject(_go_error("400 Bad Request"))
+        try:
+            parsed = parse_head(head)
+        except HeadError as exc:
+            self._reject(_go_error(exc.status))
             return
-        method_b, target_b, version = parts
-        if version not in (b"HTTP/1.1", b"HTTP/1.0"):
-            self._reject(_go_error("505 HTTP Version Not Supported"))
+        self._after_post = parsed.method == "POST"
+        headers = {name.lower(): values[0] for name, values in parsed.headers.items()}
+        if parsed.method != "CONNECT":
+            version = b"HTTP/1.0" if parsed.version == (1, 0) else b"HTTP/1.1"
+            self._not_connect(parsed.method, version, headers)
             return
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not name or name != name.strip():
-                self._reject(_go_error("400 Bad Request"))
-                return
-            headers[name.decode("latin-1").lower()] = value.strip().decode("latin-1")
-        method = method_b.decode("latin-1")
-        if method != "CONNECT":
-            self._not_connect(method, version, headers)
-            return
-        self._connect(target_b.decode("latin-1"))
+        self._connect(parsed.target)
 
     def _not_connect(self, method: str, version: bytes, headers: dict[str, str]) -> None:
         """405; keep-alive continues unless the request's body cannot be skipped."""
@@ -322,7 +339,7 @@ class HttpConnectProtocol(asyncio.Protocol):
                 self._reply_and_close(_go_error("400 Bad Request"))
                 return
             self._skip = int(length)
-        response = _response_405(method == "HEAD", close)
+        response = _response_405(method == "HEAD", close, version == b"HTTP/1.0")
         self._close_gauge()
         if close:
             self._reply_and_close(response)
@@ -564,14 +581,16 @@ async def start_http_connect_tcp(
 ) -> Listener:
     """The HTTP-CONNECT frontend on TCP with mTLS: HTTP/1.1 only (ALPN ``http/1.1``), client
     certificates required and verified against ``client_ca_file`` (upstream's
-    cmd/server/app/server.go runMTLSFrontendServer)."""
+    cmd/server/app/server.go runMTLSFrontendServer); plain HTTP answered as Go's TLS
+    server answers it."""
     ctx = tls_settings.server_context(cert_file, key_file, client_ca_file, alpn=(HTTP11_ALPN,))
-    return await listen_tcp(
+    # Plain HTTP sent to this port gets Go's 400 (transport.gotls).
+    return await start_sniffing_tls_server(
         "frontend",
         lambda: HttpConnectProtocol(server),
         host,
         port,
-        ssl=ctx,
+        context=ctx,
         backlog=listen_backlog(),
-        ssl_handshake_timeout=READ_HEADER_TIMEOUT,
+        handshake_timeout=READ_HEADER_TIMEOUT,
     )

@@ -267,9 +267,11 @@ async def listen_tcp(
     ssl: ssl_module.SSLContext | None = None,
     ssl_handshake_timeout: float | None = None,
     ssl_shutdown_timeout: float | None = None,
+    listener_class: type[Listener] = Listener,
 ) -> Listener:
     """Listen on every address of ``host`` (None: all interfaces) as
-    ``loop.create_server`` would, and start accepting."""
+    ``loop.create_server`` would, and start accepting (with ``listener_class``: a
+    ``Listener`` that does more per connection, such as ``transport.gotls``'s)."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(
         host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -295,7 +297,7 @@ async def listen_tcp(
         for sock in sockets:
             sock.close()
         raise
-    listener = Listener(
+    listener = listener_class(
         name,
         sockets,
         factory,

@@ -2,9 +2,11 @@
 
 One request per connection (``Connection: close``), as much as Go's ``net/http`` shows to
 a probe or a Prometheus scrape: exact paths, any method (HEAD gets the headers only),
-absolute-form targets, ``404 page not found``, ``400``/``431`` for heads Go refuses.
-Request heads are bounded (``MAX_HEADER_BYTES``, ``READ_HEADER_TIMEOUT``: the limits
-upstream sets on its servers); a request body is never read. Dates are written by hand:
+absolute-form targets, ``404 page not found``. Heads are read as Go reads them
+(``transport.httphead``: bare-LF line ends too), and those Go refuses get Go's raw error
+reply (``400 Bad Request...``, ``431``, ``505``). Request heads are bounded
+(``MAX_HEADER_BYTES``, ``READ_HEADER_TIMEOUT``: the limits upstream sets on its servers);
+a request body is never read. Dates are written by hand:
 ``email.utils`` costs about a MiB of RSS in a process that should stay small.
 """
 
@@ -17,6 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from konnectivity_fast.transport.accept import Listener, listen_tcp
+from konnectivity_fast.transport.httphead import HeadError, error_response, head_end, parse_head
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -38,15 +41,18 @@ READ_HEADER_TIMEOUT = 60.0
 #: The listen backlog of these servers: asyncio.start_server's default, ample for probes
 #: and scrapes.
 HTTP_BACKLOG = 100
+#: Go's server reads this much past MaxHeaderBytes before it answers 431.
+GO_HEADER_SLACK = 4096
+#: Bytes read from the socket at a time while looking for the end of a head.
+READ_CHUNK = 64 << 10
+TOO_LARGE = "431 Request Header Fields Too Large"
 TEXT_PLAIN = "text/plain; charset=utf-8"
 NOSNIFF = (("X-Content-Type-Options", "nosniff"),)
 
 _REASONS = {
     200: "OK",
     301: "Moved Permanently",
-    400: "Bad Request",
     404: "Not Found",
-    431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
@@ -60,6 +66,7 @@ class Request:
     path: str
     query: str  # raw, without '?'; empty when absent
     headers: Mapping[str, str]  # lower-case names
+    http10: bool = False  # an HTTP/1.0 request: Go answers in that version
 
 
 # (status, content type, body, extra headers)
@@ -82,9 +89,16 @@ def _not_found() -> Response:
 
 
 def _render(
-    status: int, content_type: str, body: bytes, extra: tuple[tuple[str, str], ...], head: bool
+    status: int,
+    content_type: str,
+    body: bytes,
+    extra: tuple[tuple[str, str], ...],
+    *,
+    head: bool,
+    http10: bool = False,
 ) -> bytes:
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}"]
+    version = "HTTP/1.0" if http10 else "HTTP/1.1"
+    lines = [f"{version} {status} {_REASONS.get(status, 'Unknown')}"]
     lines.extend(f"{name}: {value}" for name, value in extra)
     lines.append(f"Content-Type: {content_type}")
     lines.append(f"Date: {http_date()}")
@@ -94,47 +108,43 @@ def _render(
     return header if head else header + body
 
 
-def _parse(head: bytes) -> Request | None:
-    """The request in a request head, or ``None`` when malformed."""
-    request_line, *header_lines = head.decode("latin-1").split("\r\n")
-    parts = request_line.split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[1]:
-        return None
-    method, target = parts[0], parts[1]
+def _request(head: bytes) -> Request:
+    """The request in a request head; raises ``HeadError`` for one Go refuses."""
+    parsed = parse_head(head)
+    target = parsed.target
     if target.startswith(("http://", "https://")):  # absolute form
         after = target.split("://", 1)[1]
         slash = after.find("/")
         target = after[slash:] if slash >= 0 else "/"
     path, _, query = target.split("#", 1)[0].partition("?")
-    headers: dict[str, str] = {}
-    for line in header_lines:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            return None
-        headers[name.lower()] = value.strip()
-    return Request(method, path, query, headers)
+    headers = {name.lower(): values[0] for name, values in parsed.headers.items()}
+    return Request(parsed.method, path, query, headers, parsed.version == (1, 0))
 
 
 async def _read_head(reader: asyncio.StreamReader) -> bytes | None:
-    try:
-        return await reader.readuntil(b"\r\n\r\n")
-    except asyncio.LimitOverrunError:
-        return None
-    except asyncio.IncompleteReadError:
-        return b""
+    """The request head (its empty line included); None when it is too large, b"" when
+    the client left first."""
+    buf = bytearray()
+    while (end := head_end(buf)) < 0:
+        if len(buf) > MAX_HEADER_BYTES + GO_HEADER_SLACK:
+            return None
+        chunk = await reader.read(READ_CHUNK)
+        if not chunk:
+            return b""
+        buf += chunk
+    return bytes(buf[:end])
 
 
 def _respond(routes: Mapping[str, Handler], head: bytes | None) -> bytes:
     if head is None:
-        return _render(431, TEXT_PLAIN, b"431 Request Header Fields Too Large", (), False)
-    request = _parse(head[:-4])
-    if request is None:
-        return _render(400, TEXT_PLAIN, b"400 Bad Request", (), False)
+        return error_response(TOO_LARGE)
+    try:
+        request = _request(head)
+    except HeadError as exc:
+        return error_response(exc.status)
     handler = routes.get(request.path)
     status, ctype, body, extra = handler(request) if handler else _not_found()
-    return _render(status, ctype, body, extra, request.method == "HEAD")
+    return _render(status, ctype, body, extra, head=request.method == "HEAD", http10=request.http10)
 
 
 def _connection_handler(
@@ -171,7 +181,7 @@ async def start_http(
 
     def factory() -> asyncio.StreamReaderProtocol:
         # What asyncio.start_server makes per connection, accepted by our Listener.
-        reader = asyncio.StreamReader(limit=MAX_HEADER_BYTES, loop=loop)
+        reader = asyncio.StreamReader(loop=loop)
         return asyncio.StreamReaderProtocol(reader, handler, loop=loop)
 
     try:

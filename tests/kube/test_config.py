@@ -166,14 +166,23 @@ def test_in_cluster_errors(tmp_path: Path) -> None:
     ("text", "value"),
     [
         ("", None),
-        ("---\na: 1\n...\nignored: after end\n", {"a": "1"}),
+        ("---\na: 1\n...\nignored: after end\n", {"a": 1}),
         ("a:\n  - x\n  -\n    b: c\n  - 'q: r'\n", {"a": ["x", {"b": "c"}, "q: r"]}),
         (
             'a: "tab\\there"\nb: ~\nc: false\nd:\n',
             {"a": "tab\there", "b": None, "c": False, "d": None},
         ),
         ("url: https://h:1/x#frag\n", {"url": "https://h:1/x#frag"}),
-        ("- a: 1\n  b: 2\n- c\n", [{"a": "1", "b": "2"}, "c"]),
+        ("- a: 1\n  b: '2'\n- c\n", [{"a": 1, "b": "2"}, "c"]),
+        # go-yaml v2's plain scalars: YAML 1.1 booleans, Go integer forms, floats.
+        (
+            "a: yes\nb: Off\nc: Y\nd: oN\ne: 'yes'\n",
+            {"a": True, "b": False, "c": True, "d": "oN", "e": "yes"},
+        ),
+        (
+            "a: 017\nb: 0x1F\nc: -0b11\nd: 1_000\ne: 08\nf: .5\ng: 1.2.3\n",
+            {"a": 15, "b": 31, "c": -3, "d": 1000, "e": 8.0, "f": 0.5, "g": "1.2.3"},
+        ),
     ],
 )
 def test_yaml_subset(text: str, value: object) -> None:
@@ -216,3 +225,39 @@ def test_bad_tls_material_is_a_config_error() -> None:
     bad_pair = ClientConfig(server="https://h", client_cert_pem=b"x", client_key_pem=b"y")
     with pytest.raises(ConfigError, match="invalid TLS material"):
         KubeClient(bad_pair)
+
+
+# Every plain spelling go-yaml v2 reads as a boolean (resolve.go), and some it does not.
+TRUE_SPELLINGS = ["y", "Y", "yes", "Yes", "YES", "true", "True", "TRUE", "on", "On", "ON"]
+FALSE_SPELLINGS = ["n", "N", "no", "No", "NO", "false", "False", "FALSE", "off", "Off", "OFF"]
+REFUSED = {"'true'": "string", '"yes"': "string", "yEs": "string", "1": "number", "0.5": "number"}
+
+
+def insecure_kubeconfig(tmp_path: Path, value: str) -> str:
+    path = tmp_path / "config"
+    path.write_text(
+        "current-context: c\ncontexts:\n- name: c\n  context:\n    cluster: k\n"
+        "clusters:\n- name: k\n  cluster:\n    server: https://h\n"
+        f"    insecure-skip-tls-verify: {value}\n"
+    )
+    return str(path)
+
+
+@pytest.mark.parametrize("value", TRUE_SPELLINGS + FALSE_SPELLINGS + ["~", "null", ""])
+def test_insecure_skip_tls_verify_spellings(tmp_path: Path, value: str) -> None:
+    config = load_kubeconfig(insecure_kubeconfig(tmp_path, value))
+    assert config.insecure_skip_tls_verify is (value in TRUE_SPELLINGS)
+
+
+@pytest.mark.parametrize(("value", "kind"), REFUSED.items())
+def test_insecure_skip_tls_verify_not_a_boolean(tmp_path: Path, value: str, kind: str) -> None:
+    """client-go refuses the file, with encoding/json's words (checked against upstream's
+    binary in tests/compat/test_kubeconfig.py)."""
+    path = insecure_kubeconfig(tmp_path, value)
+    message = (
+        f'error loading config file "{path}": json: cannot unmarshal {kind} into Go struct '
+        "field Cluster.clusters.cluster.insecure-skip-tls-verify of type bool"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_kubeconfig(path)
+    assert str(info.value) == message

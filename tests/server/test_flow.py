@@ -105,6 +105,8 @@ def test_flow_is_used_only_when_both_offer_it(
 
 
 @pytest.mark.timeout(PAUSE_SECONDS + 120)
+@pytest.mark.run_timeout(PAUSE_SECONDS + 90)
+@pytest.mark.parametrize("run", ["uvloop"], indirect=True)  # a minute is enough once
 def test_a_stopped_reader_holds_only_its_window_and_resumes(
     run: RunFn, sock_dir: str, certs: Certs
 ) -> None:

@@ -26,11 +26,17 @@ LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
 RunFn = Callable[[Coroutine[Any, Any, Any]], Any]
 
 
+#: Seconds a test's coroutine may run (``@pytest.mark.run_timeout(s)`` gives a test more).
+RUN_TIMEOUT = 60.0
+
+
 @pytest.fixture(params=sorted(LOOPS))
 def run(request: pytest.FixtureRequest) -> Iterator[RunFn]:
     """Run a coroutine to completion on a fresh loop of the parametrized kind."""
+    marker = request.node.get_closest_marker("run_timeout")
+    bound = float(marker.args[0]) if marker is not None else RUN_TIMEOUT
     with asyncio.Runner(loop_factory=LOOPS[request.param]) as runner:
-        yield lambda coro: runner.run(asyncio.wait_for(coro, 60))
+        yield lambda coro: runner.run(asyncio.wait_for(coro, bound))
 
 
 @dataclass

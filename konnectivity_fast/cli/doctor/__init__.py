@@ -1,0 +1,1 @@
+"""``konnectivity-fast doctor``: checks of a deployment from outside."""
