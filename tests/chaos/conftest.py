@@ -6,12 +6,13 @@ and the programs a test starts, stopped at teardown with their logs shown on fai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pytest
 import uvloop
@@ -28,6 +29,15 @@ __all__ = ["LONG", "Certs", "Chaos", "certs", "impls"]
 LONG = os.environ.get("KF_CHAOS", "") == "long"
 #: A scenario's own bound (below pytest's): the long form's transfers take longer.
 SCENARIO_TIMEOUT = 850.0 if LONG else 180.0
+#: Seconds a backend or peer gets to close at the end of a scenario.
+CLOSE_TIMEOUT = 10.0
+
+
+class Closable(Protocol):
+    async def close(self) -> None: ...
+
+
+_Closable = TypeVar("_Closable", bound=Closable)
 
 
 def impls() -> tuple[str, ...]:
@@ -48,6 +58,7 @@ class Chaos:
     certs: Certs
     programs: list[Program] = field(default_factory=list)
     report: list[str] = field(default_factory=list)
+    closers: list[Any] = field(default_factory=list)
 
     def keep(self, program: Program) -> Program:
         self.programs.append(program)
@@ -58,9 +69,24 @@ class Chaos:
         self.report.append(line)
         print(line)
 
+    def closing(self, thing: _Closable) -> _Closable:
+        """Close ``thing`` (a backend...) when the scenario ends, passed or failed: a
+        server left open on the loop keeps the loop from closing."""
+        self.closers.append(thing)
+        return thing
+
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        async def guarded() -> Any:
+            try:
+                return await asyncio.wait_for(coro, SCENARIO_TIMEOUT)
+            finally:
+                for thing in reversed(self.closers):
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(thing.close(), CLOSE_TIMEOUT)
+                self.closers.clear()
+
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(asyncio.wait_for(coro, SCENARIO_TIMEOUT))
+            return runner.run(guarded())
 
 
 @pytest.fixture

@@ -29,8 +29,10 @@ LOOPBACK = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: Seconds a program has to answer /healthz (ours imports its modules first).
 START_TIMEOUT = 30.0
-#: Seconds a stopping program gets after SIGTERM before SIGKILL.
+#: Seconds a stopping program gets after SIGTERM before SIGKILL...
 STOP_TIMEOUT = 10.0
+#: ... after a first SIGTERM, which only makes an agent drain, before the second.
+DRAIN_WAIT = 0.5
 POLL = 0.05
 HTTP_TIMEOUT = 5.0
 #: Upstream's test framework's agent sync settings: a lost server is retried quickly.
@@ -99,11 +101,11 @@ class Program:
         if not self.alive():
             return
         assert self.proc is not None
-        # Upstream's agent drains on the first SIGTERM and stops on the second.
-        for _ in range(2):
+        # Both agents drain on the first SIGTERM and stop on the second.
+        for wait in (DRAIN_WAIT, STOP_TIMEOUT):
             self.proc.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(STOP_TIMEOUT / 2)
+                self.proc.wait(wait)
                 return
         self.proc.kill()
         self.proc.wait(STOP_TIMEOUT)

@@ -2,9 +2,10 @@
 checked with SHA-256, and probes that keep making round trips beside an attack.
 
 - ``Source``: a TCP backend (in this process) that sends every connection the same random
-  blob, whose SHA-256 the test knows; with ``reset_after`` it resets the connection
-  (SO_LINGER 0) after that many bytes, with ``half_close`` it shuts down its sending side
-  after the blob and keeps reading.
+  blob, whose SHA-256 the test knows, then closes it (which ends the tunnel); with
+  ``reset_after`` it resets the connection (SO_LINGER 0) after that many bytes, with
+  ``half_close`` it shuts down its sending side after the blob and keeps reading until
+  the tunnel closes it.
 - ``download``: one tunnel to a backend (HTTP-CONNECT or gRPC frontend), reading until
   the tunnel ends; its bytes, their hash and how it ended.
 - ``Prober``: an echo round trip through a fresh tunnel every ``PROBE_INTERVAL``, with its
@@ -14,7 +15,6 @@ checked with SHA-256, and probes that keep making round trips beside an attack.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
 import socket
@@ -86,7 +86,7 @@ class Source:
                 return
             if self.half_close:
                 writer.write_eof()
-            await reader.read()  # until the tunnel's end closes it
+                await reader.read()  # until the tunnel's end closes it
         except (ConnectionError, OSError):
             pass
         finally:
@@ -188,6 +188,7 @@ class Prober:
     latencies: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
+    stopped: bool = False
 
     def start(self) -> Prober:
         self.task = asyncio.get_running_loop().create_task(self._run())
@@ -216,12 +217,10 @@ class Prober:
         return time.perf_counter() - started
 
     async def _run(self) -> None:
-        while True:
+        while not self.stopped:
             try:
                 self.latencies.append(await asyncio.wait_for(self.once(), STALL))
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:  # a probe that failed: recorded, and on we go
+            except Exception as exc:  # a probe that failed: recorded, and on we go
                 self.failures.append(f"{type(exc).__name__}: {exc}"[:200])
             await asyncio.sleep(PROBE_INTERVAL)
 
@@ -245,7 +244,11 @@ class Prober:
         )
 
     async def stop(self) -> None:
+        # Python 3.11's wait_for may swallow a cancellation that comes as its inner call
+        # completes: the flag ends the loop anyway, and waiting with asyncio.wait (not
+        # by awaiting the task under suppress(CancelledError)) never swallows a
+        # cancellation of the caller's own.
+        self.stopped = True
         if self.task is not None:
             self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+            await asyncio.wait([self.task], timeout=STALL)

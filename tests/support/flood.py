@@ -63,7 +63,8 @@ async def flood_stream(
             await asyncio.wait_for(writer.drain(), STALLED)
         except TimeoutError:
             return Flood(sent, "stopped reading")
-        except (ConnectionError, OSError):
+        except (ConnectionError, OSError, RuntimeError):
+            # RuntimeError: uvloop's "the handler is closed" once the server closed.
             return Flood(sent, "closed")
         sent += len(chunk)
     return Flood(sent, "kept reading")
