@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import logging
 import os
 import time
@@ -68,8 +69,8 @@ def tune_malloc() -> bool:
 # budgets (docs/data-path.md), the process kept its peak RSS for ever (190 MiB after 20
 # stalled 8 MiB downloads, 30 MiB before). ``IdleTrimmer`` asks glibc to give it all back
 # (``malloc_trim(0)``, which also releases free pages inside the heap) once the process is
-# idle and has grown since it last did; a busy process is never trimmed, so steady
-# throughput keeps what the thresholds bought.
+# idle and has grown since it last did, after a full collection of cyclic garbage; a busy
+# process is never trimmed, so steady throughput keeps what the thresholds bought.
 
 #: Seconds between two looks at the process: memory comes back within two of them of the
 #: end of a burst.
@@ -109,8 +110,10 @@ class IdleTrimmer:
         rss: Callable[[], int] = _rss_bytes,
         cpu: Callable[[], float] = time.process_time,
         clock: Callable[[], float] = time.monotonic,
+        collect: Callable[[], int] = gc.collect,
     ) -> None:
         self._trim = trim
+        self._collect = collect
         self._rss = rss
         self._cpu = cpu
         self._clock = clock
@@ -128,6 +131,10 @@ class IdleTrimmer:
         self.baseline = min(self.baseline, rss)
         if busy >= TRIM_IDLE_CPU or rss - self.baseline < TRIM_MIN_GROWTH:
             return False
+        # Garbage in reference cycles first (a flood's connections: protocols, calls,
+        # exceptions with their tracebacks): an idle process allocates nothing, so the
+        # collector's oldest generation would keep it, and the memory under it, for ever.
+        self._collect()
         self._trim()
         after = self._rss()
         self.baseline = after
