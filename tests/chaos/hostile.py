@@ -205,14 +205,20 @@ def bogus(kind: str, n: int) -> object:
 
 
 async def bogus_packets(port: int, certs: Certs, kinds: Sequence[str], count: int) -> TestAgent:
-    """An agent connection that sends ``count`` packets of each of ``kinds``; returned
-    open (the caller closes it) so that the server's answers can be looked at."""
+    """An agent connection that sends ``count`` packets of each of ``kinds``, or fewer if
+    the server ends its stream first; returned open (the caller closes it) so that the
+    server's answers can be looked at."""
     creds = agent_credentials(certs.ca_pem, certs.client_cert_pem, certs.client_key_pem)
     agent = TestAgent(f"{LOOPBACK}:{port}", creds, agent_id="bogus-agent")
     await agent.start()
     for kind in kinds:
         for n in range(count):
-            await agent.send(bogus(kind, n))
+            if agent.status is not None:  # the server ended the stream: nobody reads
+                return agent
+            try:
+                await asyncio.wait_for(agent.send(bogus(kind, n)), CONNECT_TIMEOUT)
+            except TimeoutError:  # the stream is gone and its send queue full
+                return agent
     return agent
 
 

@@ -79,7 +79,9 @@ async def attack(chaos: Chaos, impl: str, mode: str, tcp: bool) -> tuple[Outcome
     frontend_tls = tls_client(chaos.certs, alpn) if tcp else None
     async with backend(echo) as echo_backend:
         # A TCP frontend has no Unix socket for the probe: the floods' other checks remain.
-        prober = None if tcp else Prober(spec.uds, echo_backend.address, mode).start()
+        prober = None
+        if not tcp:
+            prober = chaos.closing(Prober(spec.uds, echo_backend.address, mode).start())
         if prober is not None:
             await prober.flowing()
         await asyncio.sleep(0.5)  # let the start-up's garbage settle before the baseline

@@ -243,6 +243,10 @@ class Prober:
             f"{len(ms)} ok, {len(self.failures)} failed"
         )
 
+    async def close(self) -> None:
+        """``stop``, for ``Chaos.closing``: a scenario that fails still stops its probes."""
+        await self.stop()
+
     async def stop(self) -> None:
         # Python 3.11's wait_for may swallow a cancellation that comes as its inner call
         # completes: the flag ends the loop anyway, and waiting with asyncio.wait (not
