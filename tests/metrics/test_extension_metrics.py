@@ -57,3 +57,5 @@ def test_accept_exhaustion_counter_shows_only_once_counted(fresh: None) -> None:
     assert 'konnectivity_fast_accept_exhausted_total{error="ENFILE",listener="health"} 1' in text
     server.reset()
     assert EXTENSION_PREFIX not in server.expose().decode()
+    for registry in (server.REGISTRY, agent.REGISTRY):
+        registry.unregister(accept.ACCEPT_EXHAUSTED)
