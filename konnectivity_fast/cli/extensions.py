@@ -16,12 +16,15 @@ from konnectivity_fast.cli.flags import BOOL, STRING, FlagSet, ValueType
 from konnectivity_fast.wire.contract import NO_EXTENSIONS, DialBalance, Extension, ExtensionSet
 
 __all__ = [
+    "AGENT_EXTENSION_FLAGS",
+    "DISCOVERY_SOURCES",
     "EXTENSION_FLAGS",
     "EXTENSION_MARK",
     "SERVER_EXTENSION_FLAGS",
     "ExtensionOptions",
     "add_extension_flags",
     "check_dial_balance",
+    "check_discovery",
     "offered_extensions",
 ]
 
@@ -53,6 +56,65 @@ SERVER_EXTENSION_FLAGS: tuple[tuple[str, str, ValueType, str], ...] = (
         "with the fewest open tunnels (ties random), so load spreads evenly over agents.",
     ),
 )
+
+
+#: ``--server-discovery`` values: where the agent learns each server's direct address.
+DISCOVERY_SOURCES = ("headers", "leases", "service")
+
+#: The proxy-agent's own: direct server endpoints (docs/high-availability.md).
+AGENT_EXTENSION_FLAGS: tuple[tuple[str, str, ValueType, str], ...] = (
+    (
+        "proxy-server-list",
+        "proxy_server_list",
+        STRING,
+        "Comma-separated host:port of each proxy-server replica, dialled directly (one "
+        "connection per server ID) besides --proxy-server-host, which stays the way to "
+        'servers not listed. Set --proxy-server-host to "" to use only direct endpoints. '
+        "TLS still verifies the name --proxy-server-tls-name.",
+    ),
+    (
+        "server-discovery",
+        "server_discovery",
+        STRING,
+        "Comma-separated sources of direct server endpoints: headers (each of our servers "
+        "lists every replica's --agent-advertise-address), leases (the annotation our "
+        "servers put on their Leases; needs --count-server-leases), service (the ready "
+        "EndpointSlices of --proxy-server-service). Empty: upstream's behaviour, only "
+        "--proxy-server-host.",
+    ),
+    (
+        "proxy-server-service",
+        "proxy_server_service",
+        STRING,
+        "<namespace>/<name> of the Service in front of the proxy-servers, for "
+        "--server-discovery=service (needs list and watch on endpointslices).",
+    ),
+    (
+        "proxy-server-tls-name",
+        "proxy_server_tls_name",
+        STRING,
+        "The name every proxy-server certificate is checked against, and the TLS server "
+        "name sent, on every connection (default: --proxy-server-host), so direct dials to "
+        "replica addresses verify the certificates the load balancer name already has.",
+    ),
+)
+
+
+def check_discovery(sources: str, service: str, count_leases: bool) -> str | None:
+    """The validation error for ``--server-discovery`` and ``--proxy-server-service``."""
+    names = [name.strip() for name in sources.split(",") if name.strip()]
+    for name in names:
+        if name not in DISCOVERY_SOURCES:
+            return (
+                f"--server-discovery must list some of {', '.join(DISCOVERY_SOURCES)}, got {name!r}"
+            )
+    if "leases" in names and not count_leases:
+        return "--server-discovery=leases needs --count-server-leases"
+    if ("service" in names) != bool(service):
+        return "--server-discovery=service and --proxy-server-service go together"
+    if service and (service.count("/") != 1 or "" in service.split("/")):
+        return f"--proxy-server-service must be <namespace>/<name>, got {service!r}"
+    return None
 
 
 def check_dial_balance(value: str) -> str | None:

@@ -7,6 +7,7 @@ import pytest
 
 from konnectivity_fast.cli import agent_options, server_options
 from konnectivity_fast.cli.extensions import (
+    AGENT_EXTENSION_FLAGS,
     EXTENSION_FLAGS,
     EXTENSION_MARK,
     SERVER_EXTENSION_FLAGS,
@@ -18,7 +19,7 @@ from . import read_golden
 
 PROGRAMS = [(server_options, "proxy-server.txt"), (agent_options, "proxy-agent.txt")]
 # Each program's own extension flags, beside the ones both have.
-OWN = {"proxy-server.txt": SERVER_EXTENSION_FLAGS, "proxy-agent.txt": ()}
+OWN = {"proxy-server.txt": SERVER_EXTENSION_FLAGS, "proxy-agent.txt": AGENT_EXTENSION_FLAGS}
 
 
 @pytest.mark.parametrize(("options", "golden"), PROGRAMS, ids=["server", "agent"])
