@@ -15,10 +15,10 @@ stop when asked. An attempt (``connect_once``):
    server ID is already connected (then it is closed: ``duplicate server: <id>``).
 
 A duplicate costs upstream one ``--sync-interval`` (upstream issue #816: with 5 replicas
-about 5 s to find the last one); here a streak of duplicates shorter than the sticky
-window (``StickyDetector``) retries after ``DUPLICATE_RETRY_DELAY``, so a round-robin
-balancer is walked through in milliseconds, and only a balancer that keeps answering with
-held servers falls back to the interval.
+about 5 s to find the last one); here, while servers are missing, the next attempt after
+a new server or a duplicate comes after ``DUPLICATE_RETRY_DELAY``, so a round-robin
+balancer is walked through in milliseconds; only once the sticky window
+(``StickyDetector``) is full of duplicates does the loop fall back to the interval.
 
 **Detect and say it** (always on): when the last ``StickyDetector.window`` attempts all
 reached held servers while some are missing, the balancer is suspected sticky or short:
@@ -212,10 +212,7 @@ class ClientSet:
                 await self.connect_once()
             except DuplicateServerError as exc:
                 self.backoff.reset()
-                if self.sticky.in_streak(self.known_count()):
-                    delay = jitter(DUPLICATE_RETRY_DELAY, 1.0, self._rng)
-                else:
-                    delay = self.backoff.idle()
+                delay = self._pause()
                 log.log(V(4), "%s", exc)
             except ConnectError as exc:
                 log.error("cannot connect once: %s", exc)
@@ -223,8 +220,17 @@ class ClientSet:
                 delay = self.backoff.step()
             else:
                 self.backoff.reset()
-                delay = self.backoff.idle()
+                delay = self._pause()
             await self._sleep(delay)
+
+    def _pause(self) -> float:
+        """The pause after a success or a duplicate: short while servers are missing and
+        the balancer is not (yet) suspected of always answering with held ones, else the
+        sync interval."""
+        count = self.known_count()
+        if len(self.clients) < count and self.sticky.may_move(count):
+            return jitter(DUPLICATE_RETRY_DELAY, 1.0, self._rng)
+        return self.backoff.idle()
 
     async def _sleep(self, delay: float) -> None:
         with contextlib.suppress(TimeoutError):

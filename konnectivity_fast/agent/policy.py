@@ -142,10 +142,10 @@ class StickyDetector:
         self.suspected = True
         return True
 
-    def in_streak(self, count: int) -> bool:
-        """Duplicates in a row, but fewer than the window: retry soon, the next attempt
-        may well reach another server."""
-        return 0 < self.in_a_row < self.window(count)
+    def may_move(self, count: int) -> bool:
+        """Fewer duplicates in a row than the window: the next attempt may well reach
+        another server, so it is worth making soon."""
+        return self.in_a_row < self.window(count)
 
     def satisfied(self) -> None:
         """Every known server is held (whatever the path): nothing to suspect."""
