@@ -43,6 +43,7 @@ cdef class _Stream:
     cdef bint remote_ended      # the peer sent END_STREAM
     cdef bint finished          # the call's outcome has been reported (client: trailers)
     cdef bint failed            # inbound framing failed: ignore further data
+    cdef bint reset_sent        # we submitted RST_STREAM (nghttp2 may reset it too)
 
     def __cinit__(self):
         self.headers = []

@@ -36,6 +36,8 @@ class MessageReader:
     @property
     def pending(self) -> int: ...
 
+def libnghttp2_version() -> str: ...
+
 DEFAULT_MAX_CONCURRENT_STREAMS: int
 DEFAULT_STREAM_WINDOW: int
 DEFAULT_CONNECTION_WINDOW: int
