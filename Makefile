@@ -4,8 +4,9 @@ PY := .venv/bin/python
 BUILD_LOCK := /tmp/konnectivity-fast-build.lock
 
 # Every target is a command, none is a file (tests/test_makefile.py checks the list).
-.PHONY: bootstrap bootstrap-runtime bootstrap-bench build debug asan run test test-quick \
-	lint fuzz fuzz-long bench bench-tunnel bench-echo bench-micro clean images interop
+.PHONY: bootstrap bootstrap-runtime bootstrap-bench build debug asan vendored wheel run test \
+	test-quick lint fuzz fuzz-long bench bench-tunnel bench-echo bench-micro \
+	clean images interop
 
 bootstrap:
 	scripts/bootstrap.sh test
@@ -32,6 +33,17 @@ debug: bootstrap-runtime
 
 asan: bootstrap
 	scripts/asan.sh
+
+# The engine and codec tests against the pinned libnghttp2 that the wheel compiles in
+# (scripts/fetch-nghttp2.sh), in build/vendored/ beside the release build; `make test`
+# runs them too. KF_NGHTTP2_SRC=DIR tries another nghttp2 source tree the same way.
+vendored: bootstrap
+	scripts/core-tier.sh vendored $(PY) -m pytest -q -p no:cacheprovider tests/h2 tests/wire
+
+# The installable wheel, with the pinned libnghttp2 compiled in and repaired to a
+# manylinux tag, in dist/ (scripts/wheel.sh; README "Installing the wheel").
+wheel:
+	scripts/wheel.sh
 
 # The real proxy-server and proxy-agent at work (konnectivity-fast demo --help); e.g.
 # make run ARGS=--keep, or ARGS=--topology=remote (as root, with ip and haproxy).
@@ -63,7 +75,7 @@ bench-micro: bootstrap-bench
 	$(PY) -m pytest bench/micro --benchmark-only -q
 
 clean:
-	rm -rf build konnectivity_fast/_wire.c konnectivity_fast/_wire*.so
+	rm -rf build dist konnectivity_fast/_wire.c konnectivity_fast/_wire*.so
 
 # Container images (OCI archives in .cache/images/) without a Docker engine; needs root.
 images:
