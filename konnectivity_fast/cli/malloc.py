@@ -9,13 +9,16 @@ less CPU per GiB moved with fixed thresholds like the ones below (bench/README.m
 
 Invariants: applied once, before the event loop starts; skipped when the C library has no
 ``mallopt`` (musl) or when the operator already tunes malloc through ``GLIBC_TUNABLES``.
+The calls go through the compiled core (``csrc/process.pxi``), not ``ctypes``, which
+would stay loaded in both programs for one call.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
+
+from konnectivity_fast._compiled import require_compiled
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +41,18 @@ def tune_malloc() -> bool:
     """Apply the thresholds; True if they were applied."""
     if "malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
-    try:
-        # The symbols the interpreter is linked with (its C library among them): no
-        # ctypes.util.find_library, which runs ldconfig or a compiler to search.
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
-    ok = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    # A missing or stale build fails here, before the import below could load it
+    # unchecked; the name comes from the stub, so mypy checks its use (_compiled.py).
+    require_compiled()
+    from konnectivity_fast._wire import mallopt
+
+    results = (
+        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
     )
+    if -1 in results:
+        return False  # no mallopt in this C library
+    ok = all(r == 1 for r in results)
     if not ok:
         log.warning("mallopt refused the allocator thresholds; using glibc's defaults")
     return ok
