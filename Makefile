@@ -5,7 +5,7 @@ BUILD_LOCK := /tmp/konnectivity-fast-build.lock
 
 # Every target is a command, none is a file (tests/test_makefile.py checks the list).
 .PHONY: bootstrap bootstrap-runtime bootstrap-bench build debug asan vendored wheel run test \
-	test-quick lint fuzz fuzz-long bench bench-tunnel bench-echo bench-micro \
+	test-quick lint fuzz fuzz-long bench bench-tunnel bench-echo bench-micro bench-agent-rss \
 	clean images interop
 
 bootstrap:
@@ -73,6 +73,12 @@ bench-echo: bootstrap-bench
 
 bench-micro: bootstrap-bench
 	$(PY) -m pytest bench/micro --benchmark-only -q
+
+# Idle RSS of our proxy-agent and upstream's holding three proxy-servers, same run
+# (bench/agent_rss.py): with default flags, then counting Leases as the DaemonSet does.
+bench-agent-rss: bootstrap-bench
+	$(PY) -m bench.agent_rss --json bench/results/agent-rss.json
+	$(PY) -m bench.agent_rss --leases --json bench/results/agent-rss-leases.json
 
 clean:
 	rm -rf build dist konnectivity_fast/_wire.c konnectivity_fast/_wire*.so
