@@ -202,6 +202,22 @@ cdef int _cb_invalid_frame(nghttp2_session *session, const nghttp2_frame *frame,
     return NGHTTP2_ERR_CALLBACK_FAILURE if conn._stop_input else 0
 
 
+cdef int _cb_begin_frame(nghttp2_session *session, const nghttp2_frame_hd *hd,
+                         void *user_data) noexcept:
+    cdef H2Connection conn = <H2Connection>user_data
+    if hd.type == NGHTTP2_PRIORITY and hd.stream_id == 0:
+        # RFC 9113 6.3: a connection error of type PROTOCOL_ERROR, as grpc-go and
+        # nghttp2 1.52 make it. Releases that ignore every PRIORITY frame (1.68, 1.70)
+        # would let it pass, and nghttp2 calls nothing else for it: refuse it here.
+        try:
+            conn._terminate("http2: PRIORITY frame on stream 0", NGHTTP2_PROTOCOL_ERROR)
+        except BaseException as exc:
+            conn._error = exc
+        conn._stop_input = True
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+    return 0
+
+
 cdef int _cb_invalid_header(nghttp2_session *session, const nghttp2_frame *frame,
                             const uint8_t *name, size_t namelen, const uint8_t *value,
                             size_t valuelen, uint8_t flags, void *user_data) noexcept:
@@ -245,6 +261,7 @@ cdef nghttp2_session_callbacks *_make_callbacks() except NULL:
     nghttp2_session_callbacks_set_on_begin_headers_callback(cbs, _cb_begin_headers)
     nghttp2_session_callbacks_set_on_header_callback(cbs, _cb_header)
     nghttp2_session_callbacks_set_on_invalid_header_callback(cbs, _cb_invalid_header)
+    nghttp2_session_callbacks_set_on_begin_frame_callback(cbs, _cb_begin_frame)
     nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, _cb_frame_recv)
     nghttp2_session_callbacks_set_on_frame_send_callback(cbs, _cb_frame_send)
     nghttp2_session_callbacks_set_on_invalid_frame_recv_callback(cbs, _cb_invalid_frame)

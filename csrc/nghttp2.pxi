@@ -102,6 +102,8 @@ cdef extern from "nghttp2/nghttp2.h":
         nghttp2_session *session, const nghttp2_frame *frame, const uint8_t *name,
         size_t namelen, const uint8_t *value, size_t valuelen, uint8_t flags,
         void *user_data)
+    ctypedef int (*nghttp2_on_begin_frame_callback)(
+        nghttp2_session *session, const nghttp2_frame_hd *hd, void *user_data)
     ctypedef int (*nghttp2_on_invalid_header_callback)(
         nghttp2_session *session, const nghttp2_frame *frame, const uint8_t *name,
         size_t namelen, const uint8_t *value, size_t valuelen, uint8_t flags,
@@ -113,6 +115,7 @@ cdef extern from "nghttp2/nghttp2.h":
         NGHTTP2_FLAG_ACK
         NGHTTP2_DATA
         NGHTTP2_HEADERS
+        NGHTTP2_PRIORITY
         NGHTTP2_RST_STREAM
         NGHTTP2_SETTINGS
         NGHTTP2_PING
@@ -162,6 +165,8 @@ cdef extern from "nghttp2/nghttp2.h":
         nghttp2_session_callbacks *cbs, nghttp2_on_header_callback cb)
     void nghttp2_session_callbacks_set_on_invalid_header_callback(
         nghttp2_session_callbacks *cbs, nghttp2_on_invalid_header_callback cb)
+    void nghttp2_session_callbacks_set_on_begin_frame_callback(
+        nghttp2_session_callbacks *cbs, nghttp2_on_begin_frame_callback cb)
 
     int nghttp2_option_new(nghttp2_option **option_ptr)
     void nghttp2_option_del(nghttp2_option *option)

@@ -180,6 +180,8 @@ BAD_FRAMES: dict[str, tuple[bytes, int | None]] = {
         PROTOCOL_ERROR,
     ),
     "goaway-on-stream": (frame(GOAWAY, 0, 1, b"\x00" * 8), PROTOCOL_ERROR),
+    # RFC 9113 6.3; nghttp2 1.68 and later ignore PRIORITY frames, the engine refuses this.
+    "priority-on-stream-0": (frame(PRIORITY, 0, 0, b"\x00\x00\x00\x01\x10"), PROTOCOL_ERROR),
     "oversized-data": (frame(DATA, 0, 1, b"x" * 20000), FRAME_SIZE_ERROR),
     "oversized-headers": (frame(HEADERS, END_HEADERS, 1, b"x" * 16385), FRAME_SIZE_ERROR),
     "hpack-bad-index": (frame(HEADERS, END_HEADERS, 1, b"\xbf"), COMPRESSION_ERROR),
