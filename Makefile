@@ -95,9 +95,9 @@ TUNNEL_OUT := bench/results/tunnel$(if $(QUICK),-quick)
 bench bench-tunnel: bootstrap-bench
 	$(PY) -m bench.tunnel $(if $(QUICK),--quick) --json $(TUNNEL_OUT).json --chart $(TUNNEL_OUT).png
 
-# The head-of-line family alone (stalled and slow readers), every pairing, our server with
-# upstream's agent too: bench/results/tunnel-hol.{json,png}. QUICK=1: 1 run, the 4 MB/s
-# reader only (tunnel-hol-quick.*).
+# The head-of-line family alone (stalled and slow readers), every pairing (our server with
+# upstream's agent, and ours with flow.v1, too): bench/results/tunnel-hol.{json,png}.
+# QUICK=1: 1 run, the 4 MB/s reader only (tunnel-hol-quick.*).
 HOL_OUT := bench/results/tunnel-hol$(if $(QUICK),-quick)
 .PHONY: bench-hol
 bench-hol: build

@@ -1,7 +1,7 @@
 """The tunnel benchmark's PNG charts: one panel per figure family, bars per scenario and
-frontend mode for ours, upstream and direct TCP (medians, with min-max whiskers); and for
-the head-of-line family (slow readers) a second chart, with the time series of the 8
-downloads of one run for each pairing.
+frontend mode for ours, upstream and direct TCP (medians, with min-max whiskers), and ours
+with flow.v1 where it ran; and for the head-of-line family (slow readers) a second chart,
+with the time series of the 8 downloads of one run for each pairing.
 
 Invariant: it only reads the results document (``bench.tunnel`` writes it); a figure
 missing from it is left out of its panel, never invented. matplotlib is imported here
@@ -22,13 +22,15 @@ from matplotlib.axes import Axes
 from bench._tunnel_report import SLOW, TITLES
 
 MIXED = "ours-upstream-agent"
+FLOW = "ours-flow"
 SERIES = (
     ("ours", "#1f77b4"),
+    (FLOW, "#9467bd"),
     (MIXED, "#2ca02c"),
     ("upstream", "#ff7f0e"),
     ("direct", "#7f7f7f"),
 )
-LABELS = {MIXED: "our server + upstream's agent"}
+LABELS = {MIXED: "our server + upstream's agent", FLOW: "ours, flow.v1"}
 MODE_SHORT = {"grpc": "gRPC", "http-connect": "CONNECT"}
 # (panel title, y label, log scale, [(group label, scenario, metric)], series shown)
 PANELS: list[tuple[str, str, bool, list[tuple[str, str, str]], tuple[str, ...]]] = [
@@ -37,7 +39,7 @@ PANELS: list[tuple[str, str, bool, list[tuple[str, str, str]], tuple[str, ...]]]
         "MB/s",
         True,
         [("down 1x", "down1", "mb_s"), ("up 1x", "up1", "mb_s"), ("down 8x", "down8", "mb_s")],
-        ("ours", "upstream", "direct"),
+        ("ours", FLOW, "upstream", "direct"),
     ),
     (
         "Server + agent CPU per GiB (lower is better)",
@@ -48,7 +50,7 @@ PANELS: list[tuple[str, str, bool, list[tuple[str, str, str]], tuple[str, ...]]]
             ("up 1x", "up1", "cpu_s_per_gib"),
             ("down 8x", "down8", "cpu_s_per_gib"),
         ],
-        ("ours", "upstream"),
+        ("ours", FLOW, "upstream"),
     ),
     (
         "Tunnel set-up rate (higher is better)",
@@ -83,7 +85,7 @@ PANELS: list[tuple[str, str, bool, list[tuple[str, str, str]], tuple[str, ...]]]
             ("endless stall", "hol", "kept_pct"),
             ("endless stall,\n{after:g} s later", "hol", "kept_after_pct"),
         ],
-        ("ours", MIXED, "upstream"),
+        ("ours", FLOW, MIXED, "upstream"),
     ),
 ]
 # The head-of-line family's bar panels, as PANELS.
@@ -98,7 +100,7 @@ HOL_PANELS: list[tuple[str, str, bool, list[tuple[str, str, str]], tuple[str, ..
             ("4 MB/s\np99", "slow4", "echo_p99_ms"),
             ("4 MB/s\nmax", "slow4", "echo_max_ms"),
         ],
-        ("ours", MIXED, "upstream"),
+        ("ours", FLOW, MIXED, "upstream"),
     ),
     (
         "Longest new-tunnel set-up beside a slow reader (lower is better)",
@@ -109,7 +111,7 @@ HOL_PANELS: list[tuple[str, str, bool, list[tuple[str, str, str]], tuple[str, ..
             ("1 MB/s", "slow1", "setup_max_ms"),
             ("4 MB/s", "slow4", "setup_max_ms"),
         ],
-        ("ours", MIXED, "upstream"),
+        ("ours", FLOW, MIXED, "upstream"),
     ),
     (
         "8 downloads beside a slow reader: % of their rate alone, from 1 s",
@@ -122,7 +124,7 @@ HOL_PANELS: list[tuple[str, str, bool, list[tuple[str, str, str]], tuple[str, ..
             ("4,\nr10", "slow4x8r10", "kept_pct"),
             ("0", "stallx8", "kept_pct"),
         ],
-        ("ours", MIXED, "upstream"),
+        ("ours", FLOW, MIXED, "upstream"),
     ),
     (
         "8 downloads: longest time one got nothing (lower is better)",
@@ -135,7 +137,7 @@ HOL_PANELS: list[tuple[str, str, bool, list[tuple[str, str, str]], tuple[str, ..
             ("4,\nr10", "slow4x8r10", "longest_gap_ms"),
             ("0", "stallx8", "longest_gap_ms"),
         ],
-        ("ours", MIXED, "upstream"),
+        ("ours", FLOW, MIXED, "upstream"),
     ),
 ]
 # The time series shown: the first of these scenarios in the results.

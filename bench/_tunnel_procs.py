@@ -1,13 +1,14 @@
 """Processes of the tunnel benchmark: the proxy-server + proxy-agent pairs (ours,
-upstream's v0.36.0, or our server with upstream's agent), the Go backend and load
-generator (bench/loadgen), the certificates of the mTLS agent link, and the builds they
-need.
+upstream's v0.36.0, our server with upstream's agent, or ours with per-tunnel flow control
+``flow.v1``), the Go backend and load generator (bench/loadgen), the certificates of the
+mTLS agent link, and the builds they need.
 
 Invariants: every child runs in its own session with ``PR_SET_PDEATHSIG`` = SIGKILL (it
 never outlives the orchestrator) and is tracked by ``Children``, which kills what is left
 by pid. Every wait has a deadline. Our programs and upstream's get the same command line
 (the flags are upstream's): frontend on a Unix socket, agent link over TLS with client
-certificates on 127.0.0.1, health and admin ports on 127.0.0.1, the same verbosity.
+certificates on 127.0.0.1, health and admin ports on 127.0.0.1, the same verbosity; a
+pairing adds only the extension flags it is named for (``FLAGS``).
 """
 
 from __future__ import annotations
@@ -43,15 +44,25 @@ POLL = 0.05
 # A cold upstream build downloads and compiles client-go: minutes on 2 cores.
 UPSTREAM_BUILD_TIMEOUT = 1500
 LOADGEN_BUILD_TIMEOUT = 600
-# A pairing names its server and agent: ours, upstream's, or our server with upstream's
-# agent (which tells whether a head-of-line defect is the server's or the agent's).
-IMPLS = ("ours", "upstream", "ours-upstream-agent")
+# A pairing names its server and agent: ours, upstream's, our server with upstream's agent
+# (which tells whether a head-of-line defect is the server's or the agent's), or ours with
+# per-tunnel flow control (docs/flow-control.md) offered by both, so negotiated.
+MIXED = "ours-upstream-agent"
+FLOW = "ours-flow"
+IMPLS = ("ours", "upstream", MIXED, FLOW)
 # impl -> (server, agent)
 SIDES = {
     "ours": ("ours", "ours"),
     "upstream": ("upstream", "upstream"),
-    "ours-upstream-agent": ("ours", "upstream"),
+    MIXED: ("ours", "upstream"),
+    FLOW: ("ours", "ours"),
 }
+# impl -> flags given to both its server and its agent, beyond the common command line.
+FLAGS: dict[str, tuple[str, ...]] = {FLOW: ("--enable-tunnel-flow-control=true",)}
+# The server's counter of flow.v1 credit (konnectivity_fast/metrics/flow.py), on /metrics
+# only when the flag is on: "granted" is what the server let the agent send (downloads),
+# "received" what the agent let the server send (uploads).
+FLOW_CREDIT_METRIC = "konnectivity_fast_flow_credit_bytes_total"
 
 
 class Proc(Child):
@@ -264,6 +275,7 @@ class Pair:
     uds: str
     server: Proc
     agent: Proc
+    health: int = 0  # the server's health port (/metrics)
 
 
 def _command(side: str, program: str, upstream_bin: Path | None) -> list[str]:
@@ -287,8 +299,8 @@ def start_pair(
     """Start a proxy-server (frontend ``mode`` on a Unix socket) and one proxy-agent
     connected to it over mTLS; return once both say ready."""
     server_side, agent_side = SIDES[impl]
-    server_cmd = _command(server_side, "server", upstream_bin)
-    agent_cmd = _command(agent_side, "agent", upstream_bin)
+    server_cmd = [*_command(server_side, "server", upstream_bin), *FLAGS.get(impl, ())]
+    agent_cmd = [*_command(agent_side, "agent", upstream_bin), *FLAGS.get(impl, ())]
     agent_port, health, admin, a_health, a_admin = free_ports(5)
     uds = str(sock_dir / f"{impl}-{mode}-{agent_port}.sock")
     server = procs.start(
@@ -329,7 +341,28 @@ def start_pair(
     )
     wait_ready(agent, a_health, "/readyz")
     wait_ready(server, health, "/readyz")
-    return Pair(impl, mode, uds, server, agent)
+    pair = Pair(impl, mode, uds, server, agent, health)
+    if FLAGS.get(impl) and flow_credit(pair) is None:
+        raise ChildError(f"{server.name}: no {FLOW_CREDIT_METRIC} on /metrics: flow.v1 is off")
+    return pair
+
+
+def flow_credit(pair: Pair) -> dict[str, float] | None:
+    """The server's flow.v1 credit counters by direction ("granted", "received"), from its
+    /metrics; None where the metric is absent (flow control not offered)."""
+    try:
+        url = f"http://{LOOPBACK}:{pair.health}/metrics"
+        with urllib.request.urlopen(url, timeout=5.0) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(FLOW_CREDIT_METRIC + "{"):
+            labels, _, value = line.rpartition(" ")
+            direction = labels.split('direction="', 1)[1].split('"', 1)[0]
+            found[direction] = float(value)
+    return found if found or f"# TYPE {FLOW_CREDIT_METRIC}" in text else None
 
 
 def stop_pair(procs: Procs, pair: Pair) -> None:

@@ -8,7 +8,9 @@ on a Unix socket, one proxy-agent linked to it over TLS with client certificates
 backend and the load generators are Go programs (bench/loadgen), each in its own process;
 the gRPC frontend is driven with the published konnectivity-client library, one tunnel per
 gRPC connection as kube-apiserver does. The head-of-line scenarios also run our server with
-upstream's agent ("ours-upstream-agent"). CPU time and RSS come from /proc. Every figure is
+upstream's agent ("ours-upstream-agent"), and ours with per-tunnel flow control flow.v1 on
+both sides ("ours-flow", which also runs the bulk transfers: flow control on vs off). CPU
+time and RSS come from /proc. Every figure is
 the median of ``--runs`` runs (min-max beside it), runs interleaved across implementations;
 ratios ours/upstream and ours/direct are printed with the project's targets (reported,
 never asserted). See bench/README.md for what each figure means.
@@ -35,8 +37,10 @@ from typing import Any
 
 from bench._echo_proc import REPO_ROOT, ChildError, machine_busy_seconds, rss_kib
 from bench._tunnel_procs import (
+    FLOW,
     IMPLS,
     LOOPBACK,
+    MIXED,
     SIDES,
     Pair,
     Proc,
@@ -44,6 +48,7 @@ from bench._tunnel_procs import (
     build_loadgen,
     build_upstream,
     cpu_split,
+    flow_credit,
     make_certs,
     start_pair,
     stop_pair,
@@ -53,7 +58,6 @@ from konnectivity_fast.server.buffering import TUNNEL_BUFFER_BUDGET, TUNNEL_STAL
 
 MIB = 1 << 20
 MODES = ("grpc", "http-connect")
-MIXED = "ours-upstream-agent"
 # The slow-reader scenarios (SLOW in bench/_tunnel_report.py says what each runs).
 SLOW_NAMES = tuple(SLOW)
 SCENARIOS = (
@@ -77,6 +81,13 @@ SHARED = ("down1", "up1", "down8", "setup1", "setup16", "rtt")
 # The head-of-line family (``--family hol``, ``make bench-hol``): only these also run our
 # server with upstream's agent, which tells whether a defect is the server's or the agent's.
 HOL_FAMILY = ("holsmall", "hol", *SLOW_NAMES)
+# The scenarios of the pairings that do not run them all: our server with upstream's agent
+# runs the head-of-line family; ours with flow.v1 runs it too, and the bulk transfers
+# (flow control on vs off, the same run).
+PAIRING_SCENARIOS: dict[str, tuple[str, ...]] = {
+    MIXED: HOL_FAMILY,
+    FLOW: (*HOL_FAMILY, *BULK),
+}
 # Its short form (--quick): the 4 MB/s reader, whose freeze (budget / rate) is 4 s.
 HOL_QUICK = ("slow4", "slow4x8", "slow4x8r10")
 # The short form of the family in the quick run of the whole benchmark (make bench QUICK=1).
@@ -164,7 +175,7 @@ QUICK = {
     "slow_fill_margin": 0.5,
     "slow_measure": 2.0,
     "stall_seconds": TUNNEL_STALL_TIMEOUT + 2.0,
-    # The mixed pairing runs in the head-of-line family only (--family hol).
+    # The mixed and flow.v1 pairings run with --family hol (--impls adds them here).
     "impls": ("ours", "upstream"),
     "scenarios": (*SCENARIOS[: SCENARIOS.index(SLOW_NAMES[0])], *QUICK_SLOW),
 }
@@ -174,6 +185,11 @@ Progress = Callable[[str], None]
 
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+def runs_scenario(impl: str, name: str) -> bool:
+    """Whether pairing ``impl`` takes part in scenario ``name`` (PAIRING_SCENARIOS)."""
+    return name in PAIRING_SCENARIOS.get(impl, (name,))
 
 
 @dataclass
@@ -257,21 +273,31 @@ class Bench:
             ],
         )
         pids = {**target.pids(), "loadgen": loadgen.pid, "backend": self.backend.pid}
+        flow = target.pair is not None and target.pair.impl == FLOW
         try:
             loadgen.expect("READY", START_TIMEOUT)
             spies = self._spy(target, command, args)
+            credit0 = flow_credit(target.pair) if flow and target.pair else None
             c0 = {k: cpu_split(p) for k, p in pids.items()}
             m0, w0 = machine_busy_seconds(), time.monotonic()
             loadgen.write_line("GO")
             line = loadgen.expect("RESULT", timeout + RESULT_GRACE)
             w1, m1 = time.monotonic(), machine_busy_seconds()
             c1 = {k: cpu_split(p) for k, p in pids.items()}
+            credit1 = flow_credit(target.pair) if flow and target.pair else None
             self._unspy(spies)
             self.procs.finish(loadgen, RESULT_GRACE)
         except ChildError as exc:
             self.procs.stop(loadgen)
             return {"error": str(exc)[:2000]}
         result: dict[str, Any] = json.loads(line)
+        if credit0 is not None and credit1 is not None:
+            # flow.v1 credit the server granted / received during the run: > 0 shows the
+            # extension was negotiated and used (its 256 KiB initial windows are not counted).
+            for direction in ("granted", "received"):
+                result[f"flow_credit_{direction}_bytes"] = credit1.get(
+                    direction, 0.0
+                ) - credit0.get(direction, 0.0)
         wall = w1 - w0
         cpu = {f"{k}_cpu_s": sum(c1[k]) - sum(c0[k]) for k in pids}
         # The kernel's share (syscalls, loopback TCP, Unix sockets) of each process's CPU.
@@ -285,11 +311,13 @@ class Bench:
     def _spy(self, target: Target, command: str, args: list[str]) -> list[Proc]:
         """With --profile: py-spy (raw collapsed stacks, non-blocking) on our server and
         agent for the duration of one load-generator run; not counted in their CPU."""
-        if not self.config.profile or target.pair is None or target.pair.impl != "ours":
+        pair = target.pair
+        if not self.config.profile or pair is None or SIDES[pair.impl] != ("ours", "ours"):
             return []
         out = Path(self.config.profile)
         out.mkdir(parents=True, exist_ok=True)
-        tag = "-".join([command, target.mode, *(a.lstrip("-").split("=")[-1] for a in args)])
+        impl = [] if pair.impl == "ours" else [pair.impl]
+        tag = "-".join([command, *impl, target.mode, *(a.lstrip("-").split("=")[-1] for a in args)])
         spies = []
         for role, proc in (("server", target.pair.server), ("agent", target.pair.agent)):
             spy = self.procs.start(
@@ -421,12 +449,14 @@ class Bench:
 
     # -- the plan --
 
-    def targets(self) -> list[Target]:
+    def targets(self, shared: list[str]) -> list[Target]:
+        """The long-lived pairs (and direct TCP): a pairing only if it runs one of
+        ``shared``."""
         c = self.config
         out = [Target("direct", "direct")] if c.direct else []
         for mode in c.modes:
             for impl in c.impls:
-                if impl != MIXED:  # the mixed pairing is for the head-of-line family
+                if any(runs_scenario(impl, s) for s in shared):
                     out.append(Target(f"{impl}/{mode}", mode, self.pair(impl, mode)))
         return out
 
@@ -434,7 +464,7 @@ class Bench:
         c = self.config
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
         shared = [s for s in SHARED if s in c.scenarios]
-        targets = self.targets() if shared else []
+        targets = self.targets(shared) if shared else []
         self.progress(
             "pairs up: "
             + ", ".join(
@@ -443,21 +473,24 @@ class Bench:
                 if t.pair
             )
         )
-        step, total = 0, c.runs * len(shared) * len(targets)
+        plan = [
+            (name, target)
+            for name in shared
+            for target in targets
+            if target.pair is None or runs_scenario(target.pair.impl, name)
+        ]
+        step, total = 0, c.runs * len(plan)
         # Interleaved (run 1 of every cell, then run 2, ...): a slow spell of the shared
         # machine does not fall on one implementation only.
         for _run in range(c.runs):
-            for name in shared:
-                for target in targets:
-                    step += 1
-                    busy = self.wait_quiet()
-                    result = self.scenario(name, target)
-                    result["busy_before_pct"] = busy
-                    runs.setdefault(name, {}).setdefault(target.key, []).append(result)
-                    self.progress(
-                        f"[{step}/{total}] {name:8s} {target.key:22s} {_brief(name, result)}"
-                    )
-                    self._revive(target)
+            for name, target in plan:
+                step += 1
+                busy = self.wait_quiet()
+                result = self.scenario(name, target)
+                result["busy_before_pct"] = busy
+                runs.setdefault(name, {}).setdefault(target.key, []).append(result)
+                self.progress(f"[{step}/{total}] {name:8s} {target.key:22s} {_brief(name, result)}")
+                self._revive(target)
         for target in targets:
             if target.pair is not None:
                 stop_pair(self.procs, target.pair)
@@ -468,7 +501,7 @@ class Bench:
             for group in groups:
                 for mode in c.modes:
                     for impl in c.impls:
-                        names = [s for s in group if impl != MIXED or s in HOL_FAMILY]
+                        names = [s for s in group if runs_scenario(impl, s)]
                         if names:
                             self._fresh_pair(run, names, impl, mode, runs)
         machine = _machine(self.upstream_bin)

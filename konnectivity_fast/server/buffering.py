@@ -78,7 +78,7 @@ class TunnelBuffer:
     """What one frontend (an HTTP-CONNECT client, or a gRPC ``Proxy`` stream) was given
     while blocked, and the agent calls it holds."""
 
-    __slots__ = ("abandon", "backlog", "blocked", "charge", "last_backlog", "pausing", "watch")
+    __slots__ = ("abandon", "backlog", "blocked", "charge", "fed", "last_taken", "pausing", "watch")
 
     def __init__(
         self,
@@ -87,12 +87,14 @@ class TunnelBuffer:
     ) -> None:
         self.blocked = False
         self.charge = 0
+        #: Every byte ever charged (never falls): with the backlog, what the frontend took.
+        self.fed = 0
         self.pausing: list[GrpcCall] = []
         #: The adapter's: bytes still queued toward the frontend, and how to close the
         #: tunnel when it stalls while holding its agent.
         self.backlog = backlog
         self.abandon = abandon
-        self.last_backlog = 0
+        self.last_taken = 0
         self.watch: asyncio.TimerHandle | None = None
 
 
@@ -127,6 +129,7 @@ class BufferBudget:
     def charge(self, tunnel: TunnelBuffer, nbytes: int, agent: GrpcCall) -> None:
         """``nbytes`` from ``agent`` were queued on the blocked ``tunnel``."""
         tunnel.charge += nbytes
+        tunnel.fed += nbytes
         self.total += nbytes
         if tunnel.charge >= self.hold_at and agent not in tunnel.pausing:
             # V(2): flow control toward a slow client, several times a second on a fast
@@ -250,7 +253,7 @@ class BufferBudget:
     def _watch(self, tunnel: TunnelBuffer) -> None:
         if tunnel.backlog is None or tunnel.abandon is None or tunnel.watch is not None:
             return
-        tunnel.last_backlog = tunnel.backlog()
+        tunnel.last_taken = tunnel.fed - tunnel.backlog()
         tunnel.watch = asyncio.get_running_loop().call_later(
             self.stall_timeout, self._check_stalled, tunnel
         )
@@ -260,7 +263,9 @@ class BufferBudget:
         if not tunnel.pausing or tunnel.backlog is None or tunnel.abandon is None:
             return
         backlog = tunnel.backlog()
-        if backlog < tunnel.last_backlog:  # slow, not stalled: keep waiting
+        # Progress is what the frontend took, not a shorter queue: a rationed tunnel is
+        # refilled as it reads, so a steady reader's queue stays as long as it was.
+        if tunnel.fed - backlog > tunnel.last_taken:  # slow, not stalled: keep waiting
             self._watch(tunnel)
             return
         log.warning(

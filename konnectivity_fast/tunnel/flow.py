@@ -12,9 +12,12 @@ established connection has a credit window in each direction (docs/flow-control.
   ``in flight + buffered <= window`` (in flight: granted and not yet received; buffered:
   received and not yet taken by the consumer) and grants the rest, in pieces of at least a
   quarter window, as the consumer drains. The window doubles, up to ``MAX_WINDOW``, while
-  the consumer keeps up and the peer has spent most of its credit (the window, not the
+  the consumer holds little and the peer has spent most of its credit (the window, not the
   consumer, limits the tunnel), and halves back toward ``INITIAL_WINDOW`` while the
-  consumer is behind. Growth beyond the initial window is shared process-wide
+  consumer holds most of it (it is the limit: a bigger window would only sit in its
+  queue). A consumer that is merely busy holds part of the window in any fast pipeline;
+  halving on that kept a fast download between 256 KiB and 2 MiB (bench/ down1, gRPC:
+  0.83x of flow off before, 0.97x after). Growth beyond the initial window is shared process-wide
   (``GrowthBudget``), which bounds what all tunnels together can hold.
 
 Sans-IO: sizes in, decisions out; the adapters (server/flow.py, agent/) move the bytes.
@@ -136,9 +139,10 @@ class ReceiveWindow:
 
     def _adapt(self, buffered: int) -> None:
         window = self.window
-        if buffered == 0 and self.in_flight <= window // 4 and window < MAX_WINDOW:
+        quarter = window // 4
+        if buffered <= quarter and self.in_flight <= quarter and window < MAX_WINDOW:
             self._resize(min(window * 2, MAX_WINDOW))
-        elif buffered >= window // 2 and window > INITIAL_WINDOW:
+        elif buffered >= window - quarter and window > INITIAL_WINDOW:
             self._resize(max(window // 2, INITIAL_WINDOW))
 
     def _resize(self, window: int) -> None:

@@ -331,6 +331,38 @@ def test_http_client_stalled_past_its_budget_is_closed(
     run(main())
 
 
+# A steady reader kept read several stall timeouts while its tunnel holds the agent: the
+# rationing refills its queue as fast as it reads, so its queue never gets shorter, yet it
+# is slow, not stalled (it used to be closed after one timeout: bench/ slow1 read 0.41 MB/s
+# of its 1 MB/s).
+STEADY_READS = 400
+STEADY_READ = 16 << 10
+
+
+def test_http_steady_reader_over_budget_is_never_closed(
+    run: RunFn, sock_dir: str, certs: Certs
+) -> None:
+    async def main() -> None:
+        budget = BufferBudget(tunnel_budget=1 << 20, stall_timeout=0.3)
+        async with running(sock_dir, certs, budget) as env:
+            reader, writer = await http_tunnel(env, f"stream-7-{ENDLESS}:80")
+            agent_call = env.agent_call_on_server()
+            await wait_until(lambda: budget.paused(agent_call), "the tunnel holds its agent")
+            got = bytearray()
+            for _ in range(STEADY_READS):  # over 4 s: a dozen stall timeouts
+                chunk = await reader.read(STEADY_READ)
+                assert chunk, f"the steady reader was closed after {len(got)} bytes"
+                got += chunk
+                await asyncio.sleep(0.01)
+            assert bytes(got) == pattern(7, len(got))
+            assert budget.paused(agent_call), "the tunnel still holds its agent"
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    run(main())
+
+
 @pytest.mark.timeout(120)
 def test_grpc_stream_stalled_past_its_budget_is_reset(
     run: RunFn, sock_dir: str, certs: Certs
