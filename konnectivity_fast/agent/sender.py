@@ -22,15 +22,17 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable
 
-from konnectivity_fast.agent.endpoint import Endpoint
+from konnectivity_fast.agent.endpoint import READ_SIZE, Endpoint
 from konnectivity_fast.transport.call import GrpcCall
 
 __all__ = ["UNSENT_LIMIT", "FairSender"]
 
-#: Bytes an agent queues on a server stream beyond what the server lets out now: enough to
-#: keep the connection busy between two window updates, little enough that a reply queued
-#: behind it waits ~64 ms at 1 MB/s instead of a whole queue's worth.
-UNSENT_LIMIT = 64 << 10
+#: Bytes an agent queues on a server stream beyond what the server lets out now: one small
+#: read, so that a window update finds something to send at once while the endpoints read
+#: more, and a reply queued behind it waits ~16 ms at 1 MB/s (64 KiB: the echo beside a
+#: 4 MB/s reader took 40-70 ms at p50 in bench/ slow4; 16 KiB with small reads: 40 ms,
+#: and the bulk transfers kept their throughput).
+UNSENT_LIMIT = 16 << 10
 
 
 class FairSender:
@@ -46,8 +48,10 @@ class FairSender:
 
     @property
     def congested(self) -> bool:
-        """Endpoints are waiting for their turn."""
-        return bool(self._waiting)
+        """Endpoints are waiting for their turn, or the server would not let a full-size
+        read out at once: it would queue ahead of the next endpoint's bytes (one 128 KiB
+        read past a rationed window kept a 1 KiB reply ~0.3 s behind a 1 MB/s reader)."""
+        return bool(self._waiting) or self.call.send_room() < READ_SIZE
 
     def offer(self, endpoint: Endpoint, data: bytes) -> bool:
         """Send ``data`` now, or keep it for the endpoint's turn and return False (the

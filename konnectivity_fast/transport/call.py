@@ -265,6 +265,19 @@ class GrpcCall:
             return False
         return window == 0 or host.write_paused
 
+    def send_room(self) -> int:
+        """Bytes a message queued now could send at once: the peer's HTTP/2 window left
+        after what is already queued (0 while the socket's buffer is full)."""
+        pending = self.outbound_pending()
+        host = self._host
+        if host.write_paused or self._closed_code is not None:
+            return 0
+        try:
+            window = host.conn.send_window(self.stream_id)
+        except (KeyError, RuntimeError):
+            return 0
+        return max(0, window - pending)
+
     def unsent(self) -> int:
         """Bytes queued on this call that cannot go out now: beyond the peer's HTTP/2
         window, or all of them while the socket's buffer is full. A message queued now

@@ -231,11 +231,17 @@ def test_a_frontend_that_stops_reading_pauses_the_backend_read(
             assert await reader.readexactly(len(RESPONSE_200)) == RESPONSE_200
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 20
-            while not (rows := (await listing(port))["tunnels"]) or not rows[0]["paused"]:
-                assert loop.time() < deadline, "the agent never paused the backend read"
+            # The agent may pause its read before the server holds (its window is short
+            # already): wait for both.
+            while True:
+                rows = (await listing(port))["tunnels"]
+                seen_rows = server_listing(server.proxy, TunnelQuery(), loop.time())["tunnels"]
+                if rows and rows[0]["paused"] and seen_rows and seen_rows[0]["holding"]:
+                    break
+                assert loop.time() < deadline, f"the agent never paused: {rows} {seen_rows}"
                 await asyncio.sleep(0.02)
-            (seen,) = server_listing(server.proxy, TunnelQuery(), loop.time())["tunnels"]
-            assert seen["holding"] is True and seen["buffered"] > 0
+            (seen,) = seen_rows
+            assert seen["buffered"] > 0
             assert seen["frontend"] == "http-connect"
             await reader.readexactly(size)
             await until(lambda: clients.clients["s1"].endpoints, what="the tunnel")
