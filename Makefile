@@ -6,7 +6,7 @@ BUILD_LOCK := /tmp/konnectivity-fast-build.lock
 # Every target is a command, none is a file (tests/test_makefile.py checks the list).
 .PHONY: bootstrap bootstrap-runtime bootstrap-bench build debug asan vendored wheel run test \
 	test-quick lint fuzz fuzz-long bench bench-tunnel bench-echo bench-micro bench-agent-rss \
-	clean images interop
+	clean images interop chaos bench-abuse
 
 bootstrap:
 	scripts/bootstrap.sh test
@@ -110,3 +110,17 @@ bench-hol: build
 interop: build
 	bash tests/interop/build.sh >/dev/null
 	$(PY) -m pytest -p no:cacheprovider -rs tests/interop tests/wire/test_golden_fixtures.py
+
+# The chaos family's long form (tests/chaos/, KF_CHAOS=long): kill -9 mid-transfer, broken
+# backends, slow readers, floods on every listener, descriptor exhaustion, hostile agents,
+# with bigger transfers and longer floods than `make test`'s short form, every mode, TCP
+# frontends, memory given back after a minute of idleness, and upstream v0.36.0's server
+# attacked the same way where it can be (its figures printed beside ours; built first if
+# needed). About 15 minutes.
+chaos: build
+	KF_CHAOS=long KONNECTIVITY_FAST_REQUIRE_COMPILED=1 $(PY) -m pytest -p no:cacheprovider -q -s tests/chaos
+
+# What hostile agents cost the server, ours against upstream v0.36.0 (bench/abuse.py):
+# CPU per bogus packet and per agent connect.
+bench-abuse: build
+	$(PY) -m bench.abuse

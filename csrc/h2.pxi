@@ -20,6 +20,7 @@ include "nghttp2.pxi"
 include "grpc_headers.pxi"
 include "h2_keepalive.pxi"
 include "h2_stream.pxi"
+include "h2_flood.pxi"
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
@@ -52,7 +53,9 @@ PING_IDLE_INTERVAL = 7200.0
 # grpc-go's default wait for a keepalive ping's ACK.
 DEFAULT_KEEPALIVE_TIMEOUT = 20.0
 # Frames of SETTINGS/PING ACKs nghttp2 may queue for a peer that does not read: a flood
-# guard (nghttp2's own default is 1000).
+# guard (nghttp2's own default is 1000). The adapter stops reading a peer that does not
+# read long before (transport/grpc.py MAX_QUEUED_RESPONSE_FRAMES, grpc-go's 50), so only a
+# burst of over 1000 such frames in one read reaches it: GOAWAY ENHANCE_YOUR_CALM.
 MAX_OUTBOUND_ACK = 1000
 
 _KEEPALIVE_OPAQUE = b"kf-alive"
@@ -164,7 +167,8 @@ cdef int _cb_header(nghttp2_session *session, const nghttp2_frame *frame, const 
     except BaseException as exc:
         conn._error = exc
         return NGHTTP2_ERR_CALLBACK_FAILURE
-    return 0
+    # A refused peer (a header flood): stop parsing the rest of this read.
+    return NGHTTP2_ERR_CALLBACK_FAILURE if conn._stop_input else 0
 
 
 cdef int _cb_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
@@ -205,17 +209,20 @@ cdef int _cb_invalid_frame(nghttp2_session *session, const nghttp2_frame *frame,
 cdef int _cb_begin_frame(nghttp2_session *session, const nghttp2_frame_hd *hd,
                          void *user_data) noexcept:
     cdef H2Connection conn = <H2Connection>user_data
-    if hd.type == NGHTTP2_PRIORITY and hd.stream_id == 0:
-        # RFC 9113 6.3: a connection error of type PROTOCOL_ERROR, as grpc-go and
-        # nghttp2 1.52 make it. Releases that ignore every PRIORITY frame (1.68, 1.70)
-        # would let it pass, and nghttp2 calls nothing else for it: refuse it here.
-        try:
-            conn._terminate("http2: PRIORITY frame on stream 0", NGHTTP2_PROTOCOL_ERROR)
-        except BaseException as exc:
-            conn._error = exc
-        conn._stop_input = True
+    if hd.type != NGHTTP2_PRIORITY:
+        return 0
+    try:
+        if hd.stream_id == 0:
+            # RFC 9113 6.3: a connection error of type PROTOCOL_ERROR, as grpc-go and
+            # nghttp2 1.52 make it. Releases that ignore every PRIORITY frame (1.68,
+            # 1.70) would let it pass, and call nothing else for it: refuse it here.
+            conn._refuse(NGHTTP2_PROTOCOL_ERROR, b"", "http2: PRIORITY frame on stream 0")
+        else:
+            _spend_control_frame(conn, hd)
+    except BaseException as exc:
+        conn._error = exc
         return NGHTTP2_ERR_CALLBACK_FAILURE
-    return 0
+    return NGHTTP2_ERR_CALLBACK_FAILURE if conn._stop_input else 0
 
 
 cdef int _cb_invalid_header(nghttp2_session *session, const nghttp2_frame *frame,

@@ -30,6 +30,11 @@ cdef class H2Connection:
     # The peer's GOAWAY(NO_ERROR) was malformed (grpc-go clients name their own last
     # stream): nghttp2 answers GOAWAY(PROTOCOL_ERROR), but the peer only meant to leave.
     cdef bint _peer_left
+    # Flood guards (h2_flood.pxi): the control-frame budget, the number of event batches
+    # taken so far, and the streams reset before their request was taken.
+    cdef _FrameBudget _budget
+    cdef Py_ssize_t _batches
+    cdef set _unseen
 
     def __cinit__(self):
         self._session = NULL
@@ -42,6 +47,8 @@ cdef class H2Connection:
                  double keepalive_time=0.0, double keepalive_timeout=DEFAULT_KEEPALIVE_TIMEOUT,
                  bint keepalive_without_streams=True,
                  double min_ping_interval=-1.0, bint ping_without_streams=False,
+                 double control_frame_burst=CONTROL_FRAME_BURST,
+                 double control_frame_rate=CONTROL_FRAME_RATE,
                  str user_agent="konnectivity-fast", double now=0.0):
         cdef nghttp2_option *opt = NULL
         cdef nghttp2_settings_entry iv[4]
@@ -65,6 +72,8 @@ cdef class H2Connection:
         self._ka.ping_without_streams = ping_without_streams
         self._ka.last_ping_at = -1e18
         self._ka.on_receive(now)
+        self._budget = _FrameBudget.__new__(_FrameBudget)
+        self._budget.start(control_frame_burst, control_frame_rate, now)
         if nghttp2_option_new(&opt) != 0:
             raise MemoryError()
         try:
@@ -75,6 +84,10 @@ cdef class H2Connection:
             nghttp2_option_set_no_auto_ping_ack(opt, 1)
             # grpc-go sends grpc-message values with edge spaces unencoded: accept them.
             nghttp2_option_set_no_rfc9113_leading_and_trailing_ws_validation(opt, 1)
+            # Resets and glitches (newer nghttp2) are counted by the control-frame
+            # budget instead, the same on every release (h2_flood.pxi, kf_nghttp2.h).
+            kf_option_disable_stream_reset_rate_limit(opt)
+            kf_option_disable_glitch_rate_limit(opt)
             if server:
                 rv = nghttp2_session_server_new2(&self._session, _CALLBACKS, <void *>self, opt)
             else:
@@ -122,7 +135,10 @@ cdef class H2Connection:
         finally:
             PyBuffer_Release(&view)
         self._raise_callback_error()
-        if rv < 0:
+        if rv == NGHTTP2_ERR_FLOODED:
+            self._terminate("http2: too many SETTINGS and PING acknowledgements queued for "
+                            "a peer that does not read", NGHTTP2_ENHANCE_YOUR_CALM)
+        elif rv < 0:
             self._terminate(f"http2: {nghttp2_strerror(<int>rv).decode()}",
                             NGHTTP2_PROTOCOL_ERROR)
         return self.take_events()
@@ -131,6 +147,9 @@ cdef class H2Connection:
         """Events queued since the last call (sending can close streams, too)."""
         cdef list events = self._events
         self._events = []
+        self._batches += 1
+        if self._unseen is not None:
+            return _without_unseen(self, events)
         return events
 
     # ---- output -----------------------------------------------------------------------
@@ -164,6 +183,12 @@ cdef class H2Connection:
     @property
     def open_streams(self):
         return len(self._streams)
+
+    @property
+    def queued_frames(self):
+        """Frames other than DATA (ACKs, RST_STREAMs, HEADERS, ...) waiting to be written:
+        what a peer that does not read has made us owe it."""
+        return nghttp2_session_get_outbound_queue_size(self._session)
 
     def outbound_pending(self, int32_t stream_id):
         """Bytes queued on a stream and not yet framed (flow control or not sent yet)."""
@@ -483,10 +508,14 @@ cdef class H2Connection:
     cdef int _on_header(self, int32_t stream_id, const uint8_t *name, size_t namelen,
                         const uint8_t *value, size_t valuelen) except -1:
         cdef _Stream s = self._streams.get(stream_id)
-        if s is None or s.header_overflow:
+        if s is None or self._stop_input:
             return 0
         # RFC 7541 section 4.1 size: name + value + 32 per field.
         s.header_bytes += namelen + valuelen + 32
+        if s.header_bytes > HEADER_FLOOD_FACTOR * self.max_header_list_size:
+            self._refuse(NGHTTP2_ENHANCE_YOUR_CALM, b"",
+                         "header list far above the limit (CONTINUATION flood)")
+            return 0
         if s.header_bytes > self.max_header_list_size:
             s.header_overflow = True
             s.headers = []
@@ -499,6 +528,10 @@ cdef class H2Connection:
         cdef int t = frame.hd.type
         cdef _Stream s
         cdef H2Event ev
+        if t != NGHTTP2_PRIORITY:  # charged as it began (_cb_begin_frame)
+            _spend_control_frame(self, &frame.hd)
+        if self._stop_input:
+            return 0
         if t == NGHTTP2_DATA:
             if frame.hd.flags & NGHTTP2_FLAG_END_STREAM:
                 s = self._streams.get(frame.hd.stream_id)
@@ -519,7 +552,9 @@ cdef class H2Connection:
                 self._events.append(ev)
             else:
                 if self._ka.ping_breaks_policy(self._now, bool(self._streams)):
-                    self._refuse_pings()
+                    # grpc-go's words (internal/transport/http2_server.go handlePing).
+                    self._refuse(NGHTTP2_ENHANCE_YOUR_CALM, b"too_many_pings",
+                                 "got too many pings from the client")
                 if not self.terminated and nghttp2_submit_ping(
                         self._session, NGHTTP2_FLAG_ACK, frame.ping.opaque_data) < 0:
                     # nghttp2 refuses to queue more ACKs for a peer that does not read.
@@ -582,6 +617,7 @@ cdef class H2Connection:
         if t == NGHTTP2_HEADERS or t == NGHTTP2_DATA:
             # grpc-go forgives a client's earlier pings once the server has sent something.
             self._ka.forgive = True
+            self._budget.refund()
             if (self.server and t == NGHTTP2_HEADERS
                     and frame.hd.flags & NGHTTP2_FLAG_END_STREAM):
                 s = self._streams.get(frame.hd.stream_id)
@@ -608,6 +644,9 @@ cdef class H2Connection:
         cdef _Stream s = self._streams.pop(stream_id, None)
         cdef H2Event ev
         if s is None:
+            return 0
+        if _forget_unseen_stream(self, s, error_code):
+            self._to_consume.discard(s)
             return 0
         if not self.server and not s.finished:
             if error_code == NGHTTP2_CANCEL:
@@ -707,13 +746,13 @@ cdef class H2Connection:
             s = self._streams.get(stream_id)
             if s is not None:
                 self._finish(s, GRPC_INTERNAL, "malformed response from the server", [])
-        self._terminate(f"http2: {what} from the peer on stream {stream_id}",
-                        NGHTTP2_PROTOCOL_ERROR)
-        self._stop_input = True
+        self._refuse(NGHTTP2_PROTOCOL_ERROR, b"",
+                     f"http2: {what} from the peer on stream {stream_id}")
         return 0
 
-    cdef int _refuse_pings(self) except -1:
-        """The peer broke the ping policy: GOAWAY ENHANCE_YOUR_CALM "too_many_pings"."""
+    cdef int _refuse(self, uint32_t code, bytes debug, str why) except -1:
+        """The peer broke a rule (ping policy, a flood guard): GOAWAY `code` with `debug`,
+        EV_ERROR `why`, and the rest of the current read is not processed."""
         cdef H2Event ev
         if not self.terminated:
             self.terminated = True
@@ -721,9 +760,9 @@ cdef class H2Connection:
             _check(nghttp2_submit_goaway(
                 self._session, NGHTTP2_FLAG_NONE,
                 nghttp2_session_get_last_proc_stream_id(self._session),
-                NGHTTP2_ENHANCE_YOUR_CALM, b"too_many_pings", 14))
+                code, debug, len(debug)))
             ev = _event(EV_ERROR, 0)
-            ev.message = "got too many pings from the client"
+            ev.message = why
             self._events.append(ev)
         return 0
 

@@ -43,6 +43,7 @@ cdef int _on_request_headers(H2Connection self, _Stream s, bint end_stream) exce
                 _early_abort(self, s, b"200", GRPC_INTERNAL, str(exc))
                 return 0
         self._events.append(ev)
+        s.announced_in = self._batches
     if end_stream:
         self._on_remote_end(s)
     return 0

@@ -44,11 +44,15 @@ cdef class _Stream:
     cdef bint finished          # the call's outcome has been reported (client: trailers)
     cdef bint failed            # inbound framing failed: ignore further data
     cdef bint reset_sent        # we submitted RST_STREAM (nghttp2 may reset it too)
+    # Server role: the event batch (H2Connection._batches) that carries this stream's
+    # EV_REQUEST, or -1: a reset before that batch is taken hides the stream (h2_flood.pxi).
+    cdef Py_ssize_t announced_in
 
     def __cinit__(self):
         self.headers = []
         self.outq = []
         self.body = None
+        self.announced_in = -1
 
     cdef int feed(self, H2Connection conn, const uint8_t *p, Py_ssize_t n) except -1:
         """Reassemble gRPC messages from one DATA chunk, emitting EV_MESSAGE for each."""

@@ -131,6 +131,7 @@ cdef extern from "nghttp2/nghttp2.h":
         NGHTTP2_ERR_BAD_CLIENT_MAGIC
         NGHTTP2_ERR_HTTP_HEADER
         NGHTTP2_ERR_HTTP_MESSAGING
+        NGHTTP2_ERR_FLOODED
         NGHTTP2_SETTINGS_ENABLE_PUSH
         NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS
         NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE
@@ -191,6 +192,7 @@ cdef extern from "nghttp2/nghttp2.h":
     int nghttp2_session_send(nghttp2_session *session)
     int nghttp2_session_want_read(nghttp2_session *session)
     int nghttp2_session_want_write(nghttp2_session *session)
+    size_t nghttp2_session_get_outbound_queue_size(nghttp2_session *session)
     int nghttp2_session_consume(nghttp2_session *session, int32_t stream_id, size_t size)
     int nghttp2_session_consume_connection(nghttp2_session *session, size_t size)
     int nghttp2_session_consume_stream(nghttp2_session *session, int32_t stream_id, size_t size)

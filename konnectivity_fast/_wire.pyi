@@ -48,6 +48,10 @@ MAX_PING_STRIKES: int
 PING_IDLE_INTERVAL: float
 DEFAULT_KEEPALIVE_TIMEOUT: float
 MAX_OUTBOUND_ACK: int
+CONTROL_FRAME_BURST: int
+CONTROL_FRAME_RATE: float
+CONTROL_FRAME_REFUND: float
+HEADER_FLOOD_FACTOR: int
 MAX_ECHOED_VALUE: int
 
 # H2Event.kind (csrc/h2.pxi says which fields each kind carries).
@@ -116,6 +120,8 @@ class H2Connection:
         keepalive_without_streams: bool = True,
         min_ping_interval: float = -1.0,
         ping_without_streams: bool = False,
+        control_frame_burst: float = ...,
+        control_frame_rate: float = ...,
         user_agent: str = ...,
         now: float = 0.0,
     ) -> None: ...
@@ -126,6 +132,8 @@ class H2Connection:
     def want_close(self) -> bool: ...
     @property
     def open_streams(self) -> int: ...
+    @property
+    def queued_frames(self) -> int: ...
     def outbound_pending(self, stream_id: int) -> int: ...
     def send_window(self, stream_id: int) -> int: ...
     def send_headers(self, stream_id: int, metadata: Iterable[tuple[str, str]] = ()) -> None: ...

@@ -40,8 +40,10 @@ from konnectivity_fast.agent.clientset import ClientSet
 from konnectivity_fast.agent.health import admin_routes, health_routes, start_http
 from konnectivity_fast.agent.policy import ServerCounter
 from konnectivity_fast.agent.tunnel_list import tunnels_handler
+from konnectivity_fast.metrics import accept as accept_metrics
 from konnectivity_fast.metrics import agent as agent_metrics
 from konnectivity_fast.metrics import flow as flow_metrics
+from konnectivity_fast.transport.accept import Listener, set_exhaustion_observer
 from konnectivity_fast.transport.tls import H2_ALPN
 from konnectivity_fast.wire.contract import NO_EXTENSIONS, Extension, ExtensionSet
 
@@ -209,6 +211,9 @@ async def run(
     """Serve until ``stop`` is set; the process's exit code. Raises ``SetupError``.
     ``extensions``: what the agent offers each server (``wire.contract``)."""
     ctx = build_ssl_context(options)
+    # Failed accepts (descriptor exhaustion) are counted; nothing shows until one.
+    accept_metrics.enable(agent_metrics.REGISTRY)
+    set_exhaustion_observer(accept_metrics.exhausted)
     if Extension.FLOW in extensions:
         flow_metrics.enable(agent_metrics.REGISTRY)
     counter = ServerCounter()
@@ -226,7 +231,7 @@ async def run(
         counter=counter,
     )
     clients.start()
-    http: list[asyncio.Server] = []
+    http: list[Listener] = []
     health = await start_http(
         "health",
         options.health_server_host,

@@ -6,6 +6,8 @@ gives its options dataclass, klog's options and what the user passed explicitly.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -14,7 +16,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from konnectivity_fast.cli.flags import FlagError, FlagSet
 from konnectivity_fast.cli.klog import KLOG_PREFIX, KlogOptions, setup_logging
-from konnectivity_fast.cli.malloc import tune_malloc
+from konnectivity_fast.cli.malloc import idle_trimmer, tune_malloc
 
 T = TypeVar("T")
 
@@ -90,6 +92,19 @@ class Program(Generic[OptionsT]):
     startup_prefix: str = ""
 
 
+async def _serving(serve: Coroutine[Any, Any, int]) -> int:
+    """``serve``, with the idle trimmer (cli/malloc.py) running beside it."""
+    trimmer = idle_trimmer()
+    task = asyncio.get_running_loop().create_task(trimmer.run()) if trimmer else None
+    try:
+        return await serve
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 def run_program(program: Program[OptionsT], argv: Sequence[str] | None) -> int:
     """Upstream's cobra command and main: parse, ``--help``, klog set-up, validation, then
     serve on uvloop; every error is reported by ``report_error``. The exit code."""
@@ -113,7 +128,7 @@ def run_program(program: Program[OptionsT], argv: Sequence[str] | None) -> int:
 
     tune_malloc()
     try:
-        return int(uvloop.run(program.serve(options)))
+        return int(uvloop.run(_serving(program.serve(options))))
     except program.startup_errors as exc:
         message = f"{program.startup_prefix}{exc}"
         return report_error(program.name, program.flagset(), message, command.klog)

@@ -25,6 +25,7 @@ import os
 from typing import Protocol
 
 from konnectivity_fast.kube import ConfigError, KubeClient, load_config
+from konnectivity_fast.metrics import accept as accept_metrics
 from konnectivity_fast.metrics import flow as flow_metrics
 from konnectivity_fast.metrics import server as server_metrics
 from konnectivity_fast.server.auth import TokenAuthenticator
@@ -47,6 +48,7 @@ from konnectivity_fast.server.startup import (
 )
 from konnectivity_fast.server.tunnel_list import tunnels_handler
 from konnectivity_fast.transport import tls
+from konnectivity_fast.transport.accept import Listener, set_exhaustion_observer
 from konnectivity_fast.transport.grpc import GrpcServer
 from konnectivity_fast.wire.contract import (
     NO_EXTENSIONS,
@@ -113,7 +115,7 @@ def _tls_settings(options: RunOptions) -> TlsSettings:
     return TlsSettings(tls.tls_version(options.tls_min_version), tuple(options.cipher_suites))
 
 
-async def _frontend_uds(proxy: ProxyServer, options: RunOptions) -> GrpcServer | asyncio.Server:
+async def _frontend_uds(proxy: ProxyServer, options: RunOptions) -> GrpcServer | Listener:
     path = options.uds_name
     if options.delete_uds_file and os.path.lexists(path):
         os.unlink(path)
@@ -134,7 +136,7 @@ async def _frontend_uds(proxy: ProxyServer, options: RunOptions) -> GrpcServer |
         os.umask(old)
 
 
-async def _frontend_tcp(proxy: ProxyServer, options: RunOptions) -> GrpcServer | asyncio.Server:
+async def _frontend_tcp(proxy: ProxyServer, options: RunOptions) -> GrpcServer | Listener:
     host, port = options.server_bind_address or None, options.server_port
     cert, key, ca = options.server_cert, options.server_key, options.server_ca_cert
     check_tls_files(cert, key, ca)
@@ -207,7 +209,7 @@ async def _listen(proxy: ProxyServer, options: RunOptions) -> ServerHandle:
     return handle
 
 
-async def _close_http(servers: list[asyncio.Server]) -> None:
+async def _close_http(servers: list[Listener]) -> None:
     for server in servers:
         server.close()
     for server in servers:
@@ -234,9 +236,9 @@ def _authenticator(options: RunOptions, kube: KubeClient | None) -> TokenAuthent
     )
 
 
-async def _start_http(proxy: ProxyServer, options: RunOptions) -> list[asyncio.Server]:
+async def _start_http(proxy: ProxyServer, options: RunOptions) -> list[Listener]:
     """Step 7: admin, then health (a listen error there is only logged)."""
-    servers: list[asyncio.Server] = []
+    servers: list[Listener] = []
     log.info("Starting admin server for debug connections.")
     admin = await start_http(
         "admin",
@@ -275,6 +277,9 @@ async def run(
         raise StartupError(f"failed to load kubernetes client config: {exc}") from None
     strategies = parse_proxy_strategies(options.proxy_strategies)
     server_metrics.startup(strategies)
+    # Failed accepts (descriptor exhaustion) are counted; nothing shows until one.
+    accept_metrics.enable(server_metrics.REGISTRY)
+    set_exhaustion_observer(accept_metrics.exhausted)
     if Extension.FLOW in extensions:
         flow_metrics.enable(server_metrics.REGISTRY)
     proxy = ProxyServer(
@@ -350,21 +355,21 @@ async def _stop_listeners(handle: ServerHandle, timeout: float) -> None:
     handle.proxy.close()
 
 
-def _abort(server: GrpcServer | asyncio.Server) -> None:
+def _abort(server: GrpcServer | Listener) -> None:
     if isinstance(server, GrpcServer):
         server.abort()
     else:
         server.close()
 
 
-def _stop_gracefully(server: GrpcServer | asyncio.Server) -> None:
+def _stop_gracefully(server: GrpcServer | Listener) -> None:
     if isinstance(server, GrpcServer):
         server.stop_gracefully()
     else:  # HTTP-CONNECT: stop listening; established tunnels are not tracked (as upstream)
         server.close()
 
 
-async def _wait_stopped(servers: list[GrpcServer | asyncio.Server], timeout: float) -> None:
+async def _wait_stopped(servers: list[GrpcServer | Listener], timeout: float) -> None:
     waits = [s.wait_stopped() if isinstance(s, GrpcServer) else s.wait_closed() for s in servers]
     try:
         await asyncio.wait_for(asyncio.gather(*waits), timeout)

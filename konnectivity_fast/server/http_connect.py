@@ -46,6 +46,7 @@ from konnectivity_fast.server.buffering import (
 from konnectivity_fast.server.flow import FlowTunnel
 from konnectivity_fast.server.listeners import DEFAULT_TLS, TlsSettings
 from konnectivity_fast.server.proxy import ProxyServer
+from konnectivity_fast.transport.accept import Listener, listen_unix
 from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER, GrpcCall, GrpcError
 from konnectivity_fast.transport.gotls import start_sniffing_tls_server
 from konnectivity_fast.transport.grpc import listen_backlog
@@ -200,6 +201,8 @@ class HttpConnectProtocol(asyncio.Protocol):
         self.flow: FlowTunnel | None = None  # flow.v1 with its agent (server/flow.py)
         self._credit_paused = False
         self._on_emptied: Callable[[], None] | None = None
+        # Reading stopped: the client does not read our answers (``pause_writing``).
+        self._answers_unread = False
 
     # --- asyncio.Protocol -----------------------------------------------------------------
 
@@ -211,6 +214,12 @@ class HttpConnectProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.buffer.blocked = True
+        if self._state != _RELAY and self.transport is not None:
+            # A client that sends requests without reading our answers (405s to pipelined
+            # requests) is not read either until it catches up, as Go's server serves one
+            # request at a time: what it makes us hold is the transport's high-water mark.
+            self._answers_unread = True
+            self.transport.pause_reading()
 
     def _backlog(self) -> int:
         transport = self.transport
@@ -231,6 +240,11 @@ class HttpConnectProtocol(asyncio.Protocol):
         emptied, self._on_emptied = self._on_emptied, None
         if emptied is not None:
             emptied()
+        if self._answers_unread:
+            self._answers_unread = False
+            transport = self.transport
+            if not self._paused and transport is not None and not transport.is_closing():
+                transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         state = self._state
@@ -444,6 +458,7 @@ class HttpConnectProtocol(asyncio.Protocol):
             self._paused
             and not self._held
             and not self._credit_paused
+            and not self._answers_unread
             and self._state == _RELAY
             and self.transport is not None
         ):
@@ -544,12 +559,11 @@ class HttpConnectProtocol(asyncio.Protocol):
 # --- listeners ------------------------------------------------------------------------------
 
 
-async def start_http_connect_uds(server: ProxyServer, path: str) -> asyncio.Server:
+async def start_http_connect_uds(server: ProxyServer, path: str) -> Listener:
     """The HTTP-CONNECT frontend on a Unix socket: plain HTTP/1.1, mode 0770 (upstream's
     cmd/server/app/server.go runUDSFrontendServer)."""
-    loop = server.loop
-    listener = await loop.create_unix_server(
-        lambda: HttpConnectProtocol(server), path, backlog=listen_backlog()
+    listener = await listen_unix(
+        "frontend", lambda: HttpConnectProtocol(server), path, backlog=listen_backlog()
     )
     os.chmod(path, UDS_MODE)
     return listener
@@ -564,14 +578,15 @@ async def start_http_connect_tcp(
     key_file: str,
     client_ca_file: str | None,
     tls_settings: TlsSettings = DEFAULT_TLS,
-) -> asyncio.Server:
+) -> Listener:
     """The HTTP-CONNECT frontend on TCP with mTLS: HTTP/1.1 only (ALPN ``http/1.1``), client
     certificates required and verified against ``client_ca_file`` (upstream's
     cmd/server/app/server.go runMTLSFrontendServer); plain HTTP answered as Go's TLS
     server answers it."""
     ctx = tls_settings.server_context(cert_file, key_file, client_ca_file, alpn=(HTTP11_ALPN,))
-    # Not loop.create_server: plain HTTP sent to this port gets Go's 400 (transport.gotls).
+    # Plain HTTP sent to this port gets Go's 400 (transport.gotls).
     return await start_sniffing_tls_server(
+        "frontend",
         lambda: HttpConnectProtocol(server),
         host,
         port,

@@ -13,13 +13,13 @@ Keepalive and ping enforcement default to what upstream configures on grpc-go
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
 from konnectivity_fast.server.proxy import ProxyServer
 from konnectivity_fast.transport import tls
+from konnectivity_fast.transport.accept import Listener
 from konnectivity_fast.transport.grpc import GrpcServer, serve
 
 __all__ = [
@@ -41,7 +41,7 @@ class ServerHandle:
     connection (GOAWAY, then abort after a grace period)."""
 
     proxy: ProxyServer
-    servers: list[GrpcServer | asyncio.Server] = field(default_factory=list)
+    servers: list[GrpcServer | Listener] = field(default_factory=list)
 
     @property
     def agent_port(self) -> int | None:
@@ -61,6 +61,17 @@ class ServerHandle:
         self.proxy.close()
 
 
+#: Control frames an agent connection may send at once, and per second after that, before
+#: it is refused (the engine's flood guard, csrc/h2_flood.pxi): the engine's defaults, as
+#: on the frontends. An agent's control frames are its SETTINGS, its keepalive PINGs, and
+#: the WINDOW_UPDATEs and PINGs that answer our data; each DATA frame we send earns one
+#: back, but a peer may answer with more than one per frame (a grpcio agent carrying 1000
+#: tunnels spent a budget of a tenth of this in a second: tests/server/
+#: test_scenarios_bulk.py). A reset flood costs little beyond the budget: streams reset in
+#: the read that opened them never become calls.
+AGENT_CONTROL_FRAME_BURST = 10000
+AGENT_CONTROL_FRAME_RATE = 1000.0
+
 #: grpc-go's keepalive defaults as upstream sets them (cmd/server/app/server.go
 #: runAgentServer; grpc-go internal/transport/defaults.go). Agent listener: a ping after
 #: ``--keepalive-time`` of silence; clients may ping every 30 s, even with no stream open.
@@ -68,6 +79,8 @@ AGENT_ENGINE_DEFAULTS: dict[str, Any] = {
     "keepalive_time": 3600.0,
     "min_ping_interval": 30.0,
     "ping_without_streams": True,
+    "control_frame_burst": AGENT_CONTROL_FRAME_BURST,
+    "control_frame_rate": AGENT_CONTROL_FRAME_RATE,
 }
 #: Frontend listener: a ping after ``--frontend-keepalive-time``; grpc-go's default policy
 #: (pings every 5 min at most, none without a stream).
@@ -110,7 +123,7 @@ async def start_frontend_uds(proxy: ProxyServer, path: str, **engine_options: An
     """The gRPC frontend on a Unix socket: plaintext h2c, no auth (upstream's
     runUDSFrontendServer)."""
     options = {**FRONTEND_ENGINE_DEFAULTS, **engine_options}
-    return await serve(proxy.frontend_service, path=path, **options)
+    return await serve(proxy.frontend_service, path=path, name="frontend", **options)
 
 
 async def start_frontend_tcp(
@@ -128,7 +141,9 @@ async def start_frontend_tcp(
     ``client_ca_file`` (upstream's runMTLSFrontendServer)."""
     ctx = tls_settings.server_context(cert_file, key_file, client_ca_file)
     options = {**FRONTEND_ENGINE_DEFAULTS, **engine_options}
-    return await serve(proxy.frontend_service, host=host, port=port, ssl=ctx, **options)
+    return await serve(
+        proxy.frontend_service, host=host, port=port, ssl=ctx, name="frontend", **options
+    )
 
 
 async def start_agent_listener(
@@ -146,7 +161,7 @@ async def start_agent_listener(
     when ``client_ca_file`` is given (upstream's runAgentServer and getTLSConfig)."""
     ctx = tls_settings.server_context(cert_file, key_file, client_ca_file)
     options = {**AGENT_ENGINE_DEFAULTS, **engine_options}
-    return await serve(proxy.agent_service, host=host, port=port, ssl=ctx, **options)
+    return await serve(proxy.agent_service, host=host, port=port, ssl=ctx, name="agent", **options)
 
 
 async def start(

@@ -45,6 +45,7 @@ from konnectivity_fast.server.buffering import TUNNEL_WRITE_HIGH_WATER, BufferBu
 from konnectivity_fast.server.flow import FlowControl, FlowTunnel, data_size, payload_size
 from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER
 from konnectivity_fast.transport.grpc import CallSink, GrpcCall, GrpcError
+from konnectivity_fast.transport.ratelog import RateLimitedLog
 from konnectivity_fast.tunnel import (
     Backend,
     CloseFrontend,
@@ -92,6 +93,8 @@ from konnectivity_fast.wire.packets import FlowCredit, Packet, PacketType
 __all__ = ["ProxyServer"]
 
 log = logging.getLogger(__name__)
+# Refused agent streams: one line each, but a peer opening streams in a loop gets a few.
+_log_refused = RateLimitedLog(log)
 
 # Packets an agent may send before its token review ends: it waits for our headers first,
 # so anything beyond a handful is a broken or hostile peer.
@@ -339,7 +342,7 @@ class _AuthenticatingSink:
             await auth.authenticate(tokens)
         except Exception as exc:  # any failure refuses this agent only, as upstream
             if not self.gone:
-                log.info("agent %s refused: %s", self.agent_id, exc)
+                _log_refused("agent %s refused: %s", self.agent_id, exc)
                 self.call.finish(StatusCode.UNKNOWN, str(exc))
             return
         if self.gone:
@@ -447,6 +450,7 @@ class ProxyServer:
         self.flow = FlowControl()
         self.authenticator = authenticator
         self._gauges = (0, 0)  # pending dials, established connections, as last set
+        self._backend_gauges: tuple[object, ...] | None = None  # as last set
 
     # --- streams --------------------------------------------------------------------------
 
@@ -457,7 +461,7 @@ class ProxyServer:
             try:
                 call.send_headers(capabilities_metadata(accepted))
             except (KeyError, RuntimeError) as exc:  # the stream is already gone
-                log.info("frontend stream: sending headers failed: %s", exc)
+                log.log(V(2), "frontend stream: sending headers failed: %s", exc)
                 return _NullSink(metrics.PROXY)
         frontend = self.router.add_frontend(FrontendMode.GRPC, call, accepted)
         return _FrontendStream(self, frontend)
@@ -484,7 +488,7 @@ class ProxyServer:
         try:
             agent_id, parsed = agent_from_metadata(agent_ids, identifiers)
         except AgentMetadataError as exc:
-            log.info("agent stream refused: %s", exc)
+            _log_refused("agent stream refused: %s", exc)
             call.finish(StatusCode.UNKNOWN, str(exc))
             return _NullSink(metrics.CONNECT)
         if self.authenticator is None:
@@ -502,8 +506,8 @@ class ProxyServer:
         headers = [(MD_SERVER_ID, self.server_id), (MD_SERVER_COUNT, str(self.server_count))]
         try:
             call.send_headers(headers + capabilities_metadata(accepted))
-        except (KeyError, RuntimeError) as exc:  # the stream is already gone
-            log.info("agent %s: sending headers failed: %s", agent_id, exc)
+        except (KeyError, RuntimeError) as exc:  # the stream is already gone (reset)
+            log.log(V(2), "agent %s: sending headers failed: %s", agent_id, exc)
             return None
         backend = self.router.add_backend(agent_id, identifiers, call, accepted)
         if Extension.FLOW in accepted:
@@ -659,8 +663,15 @@ class ProxyServer:
             self._gauges = current
 
     def _update_backend_gauges(self) -> None:
+        """Set the agent gauges, when they changed: an agent reconnecting (or a flapping
+        one) adds and removes a stream of an agent the gauges already count."""
         managers = self.router.backend_managers
-        for strategy, count in managers.ready_backends().items():
+        ready = managers.ready_backends()
+        current = (*ready.items(), managers.ready_backend_connections)
+        if current == self._backend_gauges:
+            return
+        self._backend_gauges = current
+        for strategy, count in ready.items():
             metrics.set_ready_backends(strategy, count)
         metrics.set_backend_count_deprecated(managers.ready_backend_connections)
 

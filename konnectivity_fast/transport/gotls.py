@@ -8,10 +8,10 @@ writes ``HTTP/1.0 400 Bad Request`` and "Client sent an HTTP request to an HTTPS
 that is not TLS is closed without a word (no TLS alert either).
 
 asyncio's TLS servers cannot do that: they hand the first bytes to OpenSSL, and uvloop
-starts reading a connection before its protocol could pause it. So this listener accepts
-connections itself, peeks at the first bytes with ``MSG_PEEK`` (nothing is consumed from a
-TLS client), and only then passes the socket to ``loop.connect_accepted_socket`` with the
-TLS context, or answers and closes it.
+starts reading a connection before its protocol could pause it. So this listener (a
+``transport.accept.Listener``, which accepts connections itself) peeks at the first bytes
+with ``MSG_PEEK`` (nothing is consumed from a TLS client), and only then passes the socket
+to ``loop.connect_accepted_socket`` with the TLS context, or answers and closes it.
 
 Invariants: a connection is either handed to TLS untouched or closed by us; every sniffed
 socket is closed when the server closes; the sniffing phase is bounded by the handshake
@@ -22,15 +22,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["PLAIN_HTTP_REPLY", "SniffingTlsServer", "looks_like_http", "start_sniffing_tls_server"]
+from konnectivity_fast.transport.accept import Listener, listen_tcp
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "PLAIN_HTTP_REPLY",
+    "SniffingTlsListener",
+    "looks_like_http",
+    "start_sniffing_tls_server",
+]
 
 #: What Go writes to a plain HTTP request on a TLS port, then it closes.
 PLAIN_HTTP_REPLY = (
@@ -44,8 +48,6 @@ _TLS_FIRST_TYPES = (0x15, 0x16)
 _HTTP_STARTS = frozenset((b"GET /", b"HEAD ", b"POST ", b"PUT /", b"OPTIO"))
 #: Bytes already received that are read and dropped before closing a non-TLS client.
 DRAIN_BYTES = 64 << 10
-#: Seconds the accept loop pauses after running out of file descriptors (as asyncio does).
-ACCEPT_RETRY_DELAY = 1.0
 
 
 def looks_like_http(header: bytes) -> bool:
@@ -56,7 +58,7 @@ def looks_like_http(header: bytes) -> bool:
 class _Sniff:
     """One accepted connection until it is known to speak TLS (or not)."""
 
-    def __init__(self, server: SniffingTlsServer, sock: socket.socket) -> None:
+    def __init__(self, server: SniffingTlsListener, sock: socket.socket) -> None:
         self.server = server
         self.sock = sock
         self.seen = b""  # bytes consumed from a client that is not speaking TLS
@@ -109,136 +111,59 @@ class _Sniff:
             self.sock.close()
 
 
-class SniffingTlsServer(asyncio.Server):
-    """The listening sockets, their accept loop and the connections being sniffed.
+class SniffingTlsListener(Listener):
+    """A TLS ``Listener`` (``transport.accept``: its accept loop, its waits when descriptors
+    run out) whose connections are sniffed before they are handed to TLS."""
 
-    Only what callers of an ``asyncio.Server`` here use is provided (``sockets``,
-    ``close``, ``wait_closed``, ``is_serving``); asyncio's own serving machinery is not."""
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        listeners: list[socket.socket],
-        factory: Callable[[], asyncio.Protocol],
-        context: ssl.SSLContext,
-        handshake_timeout: float,
-    ) -> None:
-        super().__init__(loop, [], factory, context, 0, handshake_timeout)
-        self.loop = loop
-        self.listeners = listeners
-        self.factory = factory
-        self.context = context
-        self.handshake_timeout = handshake_timeout
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loop = asyncio.get_running_loop()
+        # Sniffing counts against the handshake's time (the module's invariants).
+        timeout = self._ssl_args.get("ssl_handshake_timeout")
+        assert timeout is not None, "a sniffing listener needs a handshake timeout"
+        self.handshake_timeout = float(timeout)
         self.sniffing: set[_Sniff] = set()
-        self.handshakes: set[asyncio.Task[Any]] = set()
-        self._open = True
-        for sock in listeners:
-            loop.add_reader(sock.fileno(), self._accept, sock)
 
-    @property
-    def sockets(self) -> tuple[socket.socket, ...]:
-        return tuple(self.listeners)
-
-    def is_serving(self) -> bool:
-        return self._open
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                sock, _ = listener.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return
-            except OSError as exc:  # EMFILE and friends: pause accepting for a while
-                log.error("accept failed on %s: %s", listener.getsockname(), exc)
-                self.loop.remove_reader(listener.fileno())
-                self.loop.call_later(ACCEPT_RETRY_DELAY, self._resume_accept, listener)
-                return
-            sock.setblocking(False)
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.sniffing.add(_Sniff(self, sock))
-
-    def _resume_accept(self, listener: socket.socket) -> None:
-        if self._open:
-            self.loop.add_reader(listener.fileno(), self._accept, listener)
+    def _start_connection(self, conn: socket.socket) -> None:
+        try:
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            conn.close()  # the client already left
+            return
+        self.sniffing.add(_Sniff(self, conn))
 
     def hand_over(self, sock: socket.socket) -> None:
         """A TLS client: the loop's TLS transport takes the socket, as if it had accepted
         it (the protocol's ``connection_made`` comes after the handshake)."""
-        task = self.loop.create_task(self._handshake(sock))
-        self.handshakes.add(task)
-        task.add_done_callback(self.handshakes.discard)
-
-    async def _handshake(self, sock: socket.socket) -> None:
-        try:
-            await self.loop.connect_accepted_socket(
-                self.factory,
-                sock,
-                ssl=self.context,
-                ssl_handshake_timeout=self.handshake_timeout,
-            )
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            log.debug("TLS handshake failed: %s", exc)
-            sock.close()
-        except asyncio.CancelledError:  # the server closed during the handshake
-            sock.close()
-            raise
+        super()._start_connection(sock)
 
     def close(self) -> None:
-        if not self._open:
-            return
-        self._open = False
-        for listener in self.listeners:
-            with contextlib.suppress(ValueError, OSError):
-                self.loop.remove_reader(listener.fileno())
-            listener.close()
+        super().close()
         for sniff in list(self.sniffing):
             sniff.close()
-        for task in list(self.handshakes):
-            task.cancel()
-
-    async def wait_closed(self) -> None:
-        if self.handshakes:
-            await asyncio.gather(*self.handshakes, return_exceptions=True)
-
-
-def _listeners(host: str | None, port: int, backlog: int) -> list[socket.socket]:
-    """Listening sockets as asyncio's ``create_server`` makes them: one per address of
-    ``host`` (every interface, IPv4 and IPv6, when empty)."""
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    listeners: list[socket.socket] = []
-    seen: set[tuple[int, Any]] = set()
-    try:
-        for family, kind, proto, _, address in infos:
-            if (family, address) in seen:
-                continue
-            seen.add((family, address))
-            sock = socket.socket(family, kind, proto)
-            listeners.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(backlog)
-            sock.setblocking(False)
-    except OSError:
-        for sock in listeners:
-            sock.close()
-        raise
-    return listeners
 
 
 async def start_sniffing_tls_server(
-    factory: Callable[[], asyncio.Protocol],
+    name: str,
+    factory: Callable[[], asyncio.BaseProtocol],
     host: str | None,
     port: int,
     *,
     context: ssl.SSLContext,
     backlog: int,
     handshake_timeout: float,
-) -> SniffingTlsServer:
+) -> SniffingTlsListener:
     """Listen on ``host:port`` for TLS, answering plain HTTP as Go does (module doc)."""
-    loop = asyncio.get_running_loop()
-    return SniffingTlsServer(
-        loop, _listeners(host, port, backlog), factory, context, handshake_timeout
+    listener = await listen_tcp(
+        name,
+        factory,
+        host,
+        port,
+        backlog=backlog,
+        ssl=context,
+        ssl_handshake_timeout=handshake_timeout,
+        listener_class=SniffingTlsListener,
     )
+    assert isinstance(listener, SniffingTlsListener)
+    return listener

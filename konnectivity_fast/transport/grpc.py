@@ -12,10 +12,19 @@ reports each stream's events to the call's event methods (a message goes straigh
 call's public ``sink`` when it has one) and never touches a call's private state.
 
 Invariants:
-- A ``GrpcCall`` exists from the stream's first event until ``EV_CLOSED``; its ``closed``
-  future is then done and it is forgotten.
+- A ``GrpcCall`` exists from the stream's first event until ``EV_CLOSED``, or until the
+  connection is closing or gone (every call then ends as lost); its ``closed`` future is
+  then done and it is forgotten.
 - Keepalive and ping enforcement run in the engine; this adapter only arms one timer at
   ``H2Connection.get_timer()``.
+- A peer that does not read stops being read (grpc-go's throttle): while the transport's
+  writing is paused and the engine owes the peer ``MAX_QUEUED_RESPONSE_FRAMES`` frames or
+  more (ACKs, resets, headers: the answers its own frames made), its socket is not read;
+  reading resumes once the output drains. Queued DATA never stops reading, so two peers
+  that both send more than they read cannot deadlock.
+- A connection the engine wants closed is closed whether or not the peer reads: reading
+  stops at once, and the socket is aborted after ``CLOSE_TIMEOUT`` if its output does not
+  drain.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from konnectivity_fast._compiled import require_compiled
+from konnectivity_fast.transport.accept import Listener, listen_tcp, listen_unix
 from konnectivity_fast.transport.buffers import zeroed_buffer
 from konnectivity_fast.transport.call import (
     CALL_RECV_HIGH_WATER,
@@ -40,6 +50,7 @@ from konnectivity_fast.transport.call import (
     Handler,
     Metadata,
 )
+from konnectivity_fast.transport.ratelog import RateLimitedLog
 from konnectivity_fast.wire.errors import StatusCode
 
 # The HTTP/2 engine has no pure twin: a missing or stale build fails here with how to fix
@@ -87,9 +98,16 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# A peer that breaks the protocol or floods us gets one line, a stream of such peers a few.
+_log_connection_error = RateLimitedLog(log)
 
 # Seconds a closing connection may take to flush before it is aborted.
 CLOSE_TIMEOUT = 5.0
+# Frames other than DATA the engine may owe a peer whose socket is full before we stop
+# reading it: grpc-go's maxQueuedTransportResponseFrames (internal/transport/controlbuf.go),
+# after which its server stops reading frames until its writer catches up. What a peer that
+# does not read can make us hold is this many small frames, not one per frame it sends.
+MAX_QUEUED_RESPONSE_FRAMES = 50
 # Seconds an accepted connection has to finish its TLS handshake and send the HTTP/2 client
 # preface and SETTINGS: grpc-go's ConnectionTimeout default. Idle half-open peers are
 # reaped instead of holding an fd forever. Read at each accept (tests shorten it).
@@ -160,6 +178,9 @@ class GrpcProtocol(asyncio.BufferedProtocol):
         self._tasks: set[asyncio.Task[None]] = set()
         self._flush_scheduled = False
         self._write_paused = False
+        # Reading stopped because the peer does not read what it made us owe it.
+        self._throttled = False
+        self._abort_timer: asyncio.TimerHandle | None = None
         # Calls with drain callbacks waiting (``GrpcCall.when_drained``), checked per flush.
         self._drain_watch: set[GrpcCall] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -205,6 +226,15 @@ class GrpcProtocol(asyncio.BufferedProtocol):
                 self._setup_timer.cancel()
                 self._setup_timer = None
         self._flush()
+        if (
+            self._write_paused
+            and not self._throttled
+            and self.conn.queued_frames >= MAX_QUEUED_RESPONSE_FRAMES
+            and self.transport is not None
+            and not self.transport.is_closing()
+        ):
+            self._throttled = True
+            self.transport.pause_reading()
 
     def _setup_timeout(self) -> None:
         self._setup_timer = None
@@ -220,21 +250,29 @@ class GrpcProtocol(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+            self._abort_timer = None
         if self._timer is not None:
             self._timer.cancel()
         if self._setup_timer is not None:
             self._setup_timer.cancel()
             self._setup_timer = None
-        message = self.error or "connection lost"
-        for call in list(self.calls.values()):
-            call._on_closed(CLOSED_LOST, StatusCode.UNAVAILABLE, message)
-        self.calls.clear()
-        self._drain_watch.clear()
+        self._end_calls()
         if not self.connected.done():
             self.connected.set_exception(ConnectionError("connection lost before set-up"))
             self.connected.exception()
         if not self.lost.done():
             self.lost.set_result(None)
+
+    def _end_calls(self) -> None:
+        """Every call ends as lost: the connection is gone or can take no more input."""
+        message = self.error or "connection lost"
+        calls = list(self.calls.values())
+        self.calls.clear()
+        self._drain_watch.clear()
+        for call in calls:
+            call._on_closed(CLOSED_LOST, StatusCode.UNAVAILABLE, message)
 
     @property
     def write_paused(self) -> bool:
@@ -268,11 +306,22 @@ class GrpcProtocol(asyncio.BufferedProtocol):
         return call
 
     def close(self) -> None:
-        """Graceful: GOAWAY, flush, close the transport."""
+        """Graceful: GOAWAY, flush, close the transport (aborted after ``CLOSE_TIMEOUT``
+        if the peer does not take what is left)."""
         if self.transport is not None and not self.transport.is_closing():
             self.conn.goaway()
             self._flush()
-            self.transport.close()
+            self._close_transport()
+
+    def _close_transport(self) -> None:
+        """Close: reading stops now; the output left goes out, or is dropped with the
+        socket after ``CLOSE_TIMEOUT`` (a peer that does not read must not hold it)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.close()
+        if self._abort_timer is None and not self.lost.done():
+            self._abort_timer = self.loop.call_later(CLOSE_TIMEOUT, transport.abort)
 
     def close_when_idle(self) -> None:
         """Graceful: GOAWAY (no new streams), and close once the open streams have ended."""
@@ -310,8 +359,10 @@ class GrpcProtocol(asyncio.BufferedProtocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         transport = self.transport
-        if transport is None or transport.is_closing() or self._write_paused:
+        if transport is None or transport.is_closing():
             return
+        if self._write_paused and not self.conn.want_close:
+            return  # the output stays in the engine, on its streams, until the peer reads
         data = self.conn.data_to_send()
         while True:
             if data:
@@ -324,9 +375,16 @@ class GrpcProtocol(asyncio.BufferedProtocol):
         if self._drain_watch:
             self._drain_watch = {call for call in self._drain_watch if not call._on_flushed()}
         if self.conn.want_close:
-            transport.close()
-        else:
-            self._arm_timer()
+            # Its calls end now, not when the socket is gone: a TLS close may wait a second
+            # for the peer's close_notify, and a refused peer's calls (an agent's streams)
+            # must not be chosen meanwhile.
+            self._close_transport()
+            self._end_calls()
+            return
+        self._arm_timer()
+        if self._throttled and not self._write_paused:
+            self._throttled = False
+            transport.resume_reading()
 
     def _arm_timer(self) -> None:
         when = self.conn.get_timer()
@@ -379,7 +437,17 @@ class GrpcProtocol(asyncio.BufferedProtocol):
                 self.goaway = (ev.stream_id, ev.error_code, ev.data or b"")
             elif kind == EV_ERROR:
                 self.error = ev.message
-                log.info("HTTP/2 connection error: %s", ev.message)
+                _log_connection_error("HTTP/2 connection error: %s (%s)", ev.message, self._peer())
+
+    def _peer(self) -> str:
+        """The peer's address for a log line (a Unix socket's peer has none: its path)."""
+        transport = self.transport
+        if transport is None:
+            return "unknown peer"
+        peer = transport.get_extra_info("peername")
+        if peer:
+            return f"peer {peer[0]}:{peer[1]}" if isinstance(peer, tuple) else f"peer {peer}"
+        return f"unix socket {transport.get_extra_info('sockname') or ''}".rstrip()
 
     def _on_request(self, ev: H2Event) -> None:
         path = ev.path or ""
@@ -441,7 +509,7 @@ class GrpcServer:
     3.11's ``asyncio.Server.close`` leaves accepted connections open."""
 
     def __init__(self) -> None:
-        self.server: asyncio.Server | None = None
+        self.server: Listener | None = None
         self.connections: set[GrpcProtocol] = set()
 
     @property
@@ -506,9 +574,11 @@ async def serve(
     host: str | None = None,
     port: int = 0,
     ssl: Any = None,
+    name: str = "grpc",
     **engine_options: Any,
 ) -> GrpcServer:
-    """Listen for gRPC on a Unix socket (h2c) or TCP (h2 over ``ssl``, or h2c without)."""
+    """Listen for gRPC on a Unix socket (h2c) or TCP (h2 over ``ssl``, or h2c without).
+    ``name``: the listener's name in log lines (``transport.accept``)."""
     loop = asyncio.get_running_loop()
     result = GrpcServer()
 
@@ -527,9 +597,9 @@ async def serve(
         args["ssl_handshake_timeout"] = CONNECTION_TIMEOUT
     backlog = listen_backlog()
     if path is not None:
-        result.server = await loop.create_unix_server(factory, path, backlog=backlog, **args)
+        result.server = await listen_unix(name, factory, path, backlog=backlog, **args)
     else:
-        result.server = await loop.create_server(factory, host, port, backlog=backlog, **args)
+        result.server = await listen_tcp(name, factory, host, port, backlog=backlog, **args)
     return result
 
 

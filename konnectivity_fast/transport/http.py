@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
+from konnectivity_fast.transport.accept import Listener, listen_tcp
 from konnectivity_fast.transport.httphead import HeadError, error_response, head_end, parse_head
 
 __all__ = [
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 #: Go's http.Server limits that upstream sets: header bytes and the time to read them.
 MAX_HEADER_BYTES = 1 << 20
 READ_HEADER_TIMEOUT = 60.0
+#: The listen backlog of these servers: asyncio.start_server's default, ample for probes
+#: and scrapes.
+HTTP_BACKLOG = 100
 #: Go's server reads this much past MaxHeaderBytes before it answers 431.
 GO_HEADER_SLACK = 4096
 #: Bytes read from the socket at a time while looking for the end of a head.
@@ -169,11 +173,19 @@ def _connection_handler(
 
 async def start_http(
     name: str, host: str, port: int, routes: Mapping[str, Handler]
-) -> asyncio.Server | None:
+) -> Listener | None:
     """Serve ``routes`` on ``host:port`` (empty host: every interface). A failure to listen
     is only logged, as upstream does, and gives ``None``."""
+    loop = asyncio.get_running_loop()
+    handler = _connection_handler(routes)
+
+    def factory() -> asyncio.StreamReaderProtocol:
+        # What asyncio.start_server makes per connection, accepted by our Listener.
+        reader = asyncio.StreamReader(loop=loop)
+        return asyncio.StreamReaderProtocol(reader, handler, loop=loop)
+
     try:
-        return await asyncio.start_server(_connection_handler(routes), host or None, port)
+        return await listen_tcp(name, factory, host or None, port, backlog=HTTP_BACKLOG)
     except OSError as exc:
         log.error("%s server could not listen on %s:%d: %s", name, host, port, exc)
         return None

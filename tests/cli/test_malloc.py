@@ -69,3 +69,99 @@ def test_operator_tunables_win() -> None:
     applied, mapped, _ = _probe("tune", {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=131072"})
     assert not applied
     assert mapped >= 4 << 20
+
+
+# A burst the way the programs make one: many 128 KiB payloads (a DATA read each), with the
+# thresholds applied, then all but a few freed. Prints RSS (MiB) after the burst, then after
+# a look at a busy process, then after a look at the same process idle.
+_BURST = r"""
+import sys
+from konnectivity_fast.cli.malloc import IdleTrimmer, _malloc_trim, _rss_bytes, tune_malloc
+
+class Fake:
+    def __init__(self):
+        self.now = 0.0
+    def __call__(self):
+        return self.now
+
+tune_malloc()
+clock, cpu = Fake(), Fake()
+trimmer = IdleTrimmer(_malloc_trim(), cpu=cpu, clock=clock)
+start = trimmer.baseline >> 20
+held = [bytes(128 << 10) for _ in range(1600)]
+kept = held[::100]  # a few survive, scattered over the heap: nothing is at its top
+del held
+mib = lambda: _rss_bytes() >> 20
+burst = mib()
+clock.now, cpu.now = 10.0, 5.0  # half a core since the start: busy
+busy_trimmed = trimmer.check()
+after_busy = mib()
+clock.now, cpu.now = 20.0, 5.01  # idle since the last look
+idle_trimmed = trimmer.check()
+print(busy_trimmed, idle_trimmed, start, burst, after_busy, mib())
+"""
+
+
+def test_an_idle_process_gives_a_burst_back_and_a_busy_one_keeps_it() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _BURST],
+        env={**os.environ, "GLIBC_TUNABLES": ""},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.split()
+    busy_trimmed, idle_trimmed = out[0] == "True", out[1] == "True"
+    start, burst, after_busy, after_idle = (int(x) for x in out[2:])
+    assert burst >= start + 100  # most of the 200 MiB burst is still resident
+    assert not busy_trimmed and after_busy >= start + 100
+    assert idle_trimmed
+    assert after_idle <= start + 20, (start, burst, after_idle)
+
+
+# Garbage in reference cycles the way a flood of connections leaves it (each object points
+# at itself), with the automatic collector off as in a process that allocates nothing more:
+# the idle trimmer collects it before trimming. Prints RSS (MiB) at the start, after the
+# burst, and after the idle look.
+_CYCLES = r"""
+import gc
+from konnectivity_fast.cli.malloc import IdleTrimmer, _malloc_trim, _rss_bytes, tune_malloc
+
+class Fake:
+    def __init__(self):
+        self.now = 0.0
+    def __call__(self):
+        return self.now
+
+class Conn:
+    def __init__(self):
+        self.me = self
+        self.buf = [bytes(64) for _ in range(40)]
+
+tune_malloc()
+gc.disable()
+clock, cpu = Fake(), Fake()
+trimmer = IdleTrimmer(_malloc_trim(), cpu=cpu, clock=clock)
+mib = lambda: _rss_bytes() >> 20
+start = mib()
+for _ in range(100_000):
+    Conn()
+burst = mib()
+clock.now, cpu.now = 10.0, 0.01
+trimmer.check()
+print(start, burst, mib())
+"""
+
+
+def test_the_idle_trimmer_collects_cyclic_garbage_first() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _CYCLES],
+        env={**os.environ, "GLIBC_TUNABLES": ""},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.split()
+    start, burst, after = (int(x) for x in out)
+    assert burst >= start + 100, (start, burst)  # the cycles are still there
+    assert after <= start + 20, (start, burst, after)

@@ -360,30 +360,125 @@ def test_settings_flood_from_a_peer_that_does_not_read() -> None:
     assert_connection_ended(server, events, out)
 
 
-@pytest.mark.parametrize(
-    "unit",
-    [ping(), settings_frame(), ping(ack=True), window_update(0, 1)],
-    ids=["ping", "settings", "ping-ack", "window-update"],
-)
-def test_control_frame_flood_from_a_reading_peer_is_answered_in_proportion(unit: bytes) -> None:
-    """A peer that reads its answers may send control frames at will: the answer per
-    frame is bounded (one ACK at most), nothing accumulates."""
+CONTROL_UNITS = {
+    "ping": ping(),
+    "settings": settings_frame(),
+    "ping-ack": ping(ack=True),
+    "window-update": window_update(0, 1),
+    "priority": frame(PRIORITY, 0, 3, b"\x00\x00\x00\x01\x10"),
+    "rst-stream": rst_stream(1),
+    "empty-data": data_frame(1, b""),
+}
+
+
+@pytest.mark.parametrize("unit", list(CONTROL_UNITS.values()), ids=list(CONTROL_UNITS))
+def test_control_frame_flood_from_a_reading_peer_is_refused(unit: bytes) -> None:
+    """A peer that reads its answers still may not send control frames at will: each is
+    answered with at most one frame, and past CONTROL_FRAME_BURST (no time passing here)
+    the peer gets GOAWAY ENHANCE_YOUR_CALM "too_many_control_frames" and nothing more is
+    taken in."""
+    server = w.H2Connection(True)
+    server.receive_data(START + headers_frame(1, request_headers()))
+    server.data_to_send()
+    sent = received = 0
+    events: list[Any] = []
+    out = b""
+    for _ in range(2 * w.CONTROL_FRAME_BURST // 1000):
+        chunk = unit * 1000
+        events += server.receive_data(chunk)
+        out = bytes(server.data_to_send())
+        events += server.take_events()
+        sent += len(chunk)
+        received += len(out)
+        assert len(out) <= len(chunk) + 64
+        if server.want_close:
+            break
+    assert [(f.error_code, f.debug_data) for f in goaways(out)] == [
+        (ENHANCE_YOUR_CALM, b"too_many_control_frames")
+    ]
+    assert sent <= (w.CONTROL_FRAME_BURST + 1000) * len(unit)
+    assert received <= sent + 64 * 50
+    assert_connection_ended(server, events, out)
+
+
+def test_control_frames_are_refilled_by_time_and_by_our_output() -> None:
+    """The budget refills at CONTROL_FRAME_RATE per second, and each HEADERS or DATA frame
+    we send earns one frame back (a grpc-go peer answers our data with WINDOW_UPDATEs and
+    PINGs): a steady peer below the rate, or one acknowledging our data, is never refused."""
+    burst, rate = w.CONTROL_FRAME_BURST, w.CONTROL_FRAME_RATE
+    server = w.H2Connection(True, now=0.0)
+    server.receive_data(START + headers_frame(1, request_headers()), 0.0)
+    server.data_to_send()
+    now = 0.0
+    for i in range(3):  # three bursts, each after the bucket had time to refill
+        now = i * burst / rate
+        server.receive_data(window_update(0, 1) * (burst - 10), now)
+        server.data_to_send()
+        assert not server.want_close
+    # Empty now but for ten frames: each DATA frame we send pays for one more.
+    for i in range(100):
+        server.send_message(1, b"x" * 10)
+        server.data_to_send()
+        server.receive_data(window_update(0, 1), now)
+        assert not server.want_close, i
+    server.receive_data(window_update(0, 1) * 20, now)
+    assert server.want_close
+
+
+def test_rapid_reset() -> None:
+    """HEADERS + RST_STREAM, again and again (CVE-2023-44487): a stream reset in the read
+    that carries its request is never reported (no call, no work for the application), so
+    nothing accumulates; the resets are control frames, and past CONTROL_FRAME_BURST the
+    peer gets GOAWAY ENHANCE_YOUR_CALM."""
     server = w.H2Connection(True)
     server.receive_data(START)
     server.data_to_send()
     sent = received = 0
-    for _ in range(50):
-        chunk = unit * 1000
-        events = server.receive_data(chunk)
-        out = server.data_to_send()
+    events: list[Any] = []
+    out = b""
+    for batch in range(2 * w.CONTROL_FRAME_BURST // 200):
+        data = b"".join(
+            headers_frame(sid, request_headers()) + rst_stream(sid)
+            for sid in range(batch * 400 + 1, batch * 400 + 401, 2)
+        )
+        events += server.receive_data(data)
+        out = bytes(server.data_to_send())
         events += server.take_events()
-        sent += len(chunk)
+        sent += len(data)
         received += len(out)
-        assert len(events) <= 1000
-        assert len(out) <= len(chunk) + 64
+        assert server.open_streams <= 1
+        assert len(out) <= 1024
         if server.want_close:
             break
-    assert received <= sent + 64 * 50
+    # The request whose reset tripped the limit is reported: input stopped before the reset.
+    assert len(of_kind(events, w.EV_REQUEST)) <= 1
+    assert of_kind(events, w.EV_CLOSED) == []
+    assert [(f.error_code, f.debug_data) for f in goaways(out)] == [
+        (ENHANCE_YOUR_CALM, b"too_many_control_frames")
+    ]
+    assert received <= sent // 10
+
+
+def test_a_stream_reset_after_its_request_was_taken_is_reported() -> None:
+    """Only a reset in the same read hides a stream: once the application saw the request,
+    it sees the stream close (EV_CLOSED with the peer's code)."""
+    server = w.H2Connection(True)
+    server.receive_data(START)
+    server.data_to_send()
+    events = server.receive_data(headers_frame(1, request_headers()))
+    assert kinds(events) == [w.EV_REQUEST]
+    events = server.receive_data(rst_stream(1) + headers_frame(3, request_headers()))
+    events += server.receive_data(rst_stream(3))
+    assert [(e.kind, e.stream_id) for e in events] == [
+        (w.EV_CLOSED, 1),
+        (w.EV_REQUEST, 3),
+        (w.EV_CLOSED, 3),
+    ]
+    hidden = server.receive_data(
+        headers_frame(5, request_headers()) + data_frame(5, grpc_message(b"m")) + rst_stream(5)
+    )
+    assert hidden == []
+    assert server.open_streams == 0
 
 
 def test_continuation_flood_ends_the_connection() -> None:
@@ -433,34 +528,6 @@ def test_huge_header_blocks_use_bounded_memory() -> None:
     assert resets == 100
     assert peak < 2 << 20, f"peak Python memory {peak} B for 11 MB of headers"
     assert not server.want_close
-
-
-def test_rapid_reset() -> None:
-    """HEADERS + RST_STREAM, again and again (CVE-2023-44487): every stream is gone at
-    once, nothing accumulates; nghttp2 may also end the connection."""
-    server = w.H2Connection(True)
-    server.receive_data(START)
-    server.data_to_send()
-    sent = received = 0
-    requests = closed = 0
-    for batch in range(50):
-        data = b"".join(
-            headers_frame(sid, request_headers()) + rst_stream(sid)
-            for sid in range(batch * 400 + 1, batch * 400 + 401, 2)
-        )
-        events = server.receive_data(data)
-        out = server.data_to_send()
-        events += server.take_events()
-        sent += len(data)
-        received += len(out)
-        requests += len(of_kind(events, w.EV_REQUEST))
-        closed += len(of_kind(events, w.EV_CLOSED))
-        assert server.open_streams == 0
-        assert len(out) <= 1024
-        if server.want_close:
-            break
-    assert requests == closed
-    assert received <= sent // 10
 
 
 def test_stream_churn_with_data_bounded_state() -> None:

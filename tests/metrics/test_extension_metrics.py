@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 import konnectivity_fast
-from konnectivity_fast.metrics import agent, server
+from konnectivity_fast.metrics import accept, agent, server
 from konnectivity_fast.metrics._common import EXTENSION_PREFIX
 from konnectivity_fast.wire.contract import ProxyStrategy
 
@@ -39,3 +39,23 @@ def test_default_exposition_has_no_extension_family(fresh: None) -> None:
 def test_extension_prefix_is_not_upstreams() -> None:
     assert not server.PREFIX.startswith(EXTENSION_PREFIX)
     assert not agent.PREFIX.startswith(EXTENSION_PREFIX)
+
+
+def test_accept_exhaustion_counter_shows_only_once_counted(fresh: None) -> None:
+    """Enabled on both programs' registries at start-up, the counter of failed accepts
+    adds nothing to a scrape until an accept fails; then one series per listener and
+    error."""
+    for registry, expose in ((server.REGISTRY, server.expose), (agent.REGISTRY, agent.expose)):
+        accept.enable(registry)
+        accept.enable(registry)  # idempotent
+        assert EXTENSION_PREFIX not in expose().decode()
+    accept.exhausted("agent", "EMFILE")
+    accept.exhausted("agent", "EMFILE")
+    accept.exhausted("health", "ENFILE")
+    text = server.expose().decode()
+    assert 'konnectivity_fast_accept_exhausted_total{error="EMFILE",listener="agent"} 2' in text
+    assert 'konnectivity_fast_accept_exhausted_total{error="ENFILE",listener="health"} 1' in text
+    server.reset()
+    assert EXTENSION_PREFIX not in server.expose().decode()
+    for registry in (server.REGISTRY, agent.REGISTRY):
+        registry.unregister(accept.ACCEPT_EXHAUSTED)

@@ -48,9 +48,7 @@ from konnectivity_fast.server.proxy import ProxyServer
 from konnectivity_fast.transport import grpc as kgrpc
 from konnectivity_fast.transport import tls
 from konnectivity_fast.wire.contract import DialBalance
-from tests.support.net import LOOPS, Certs, RunFn, certs, run, sock_dir
-
-from .agent_peer import (
+from tests.support.agent_peer import (
     GrpcDialer,
     HttpTunnel,
     TestAgent,
@@ -58,6 +56,7 @@ from .agent_peer import (
     connect_request,
     open_http,
 )
+from tests.support.net import LOOPS, Certs, RunFn, certs, run, sock_dir
 
 __all__ = ["Certs", "ProxyEnv", "RunFn", "arun", "certs", "proxy_env", "run", "sock_dir"]
 

@@ -16,8 +16,8 @@ import pytest
 
 from konnectivity_fast.cli.server_options import parse_args
 from konnectivity_fast.wire.contract import DialBalance
+from tests.support.agent_peer import backend, echo
 
-from .agent_peer import backend, echo
 from .conftest import Certs, RunFn, proxy_env
 
 AGENTS = ("a", "b", "c")

@@ -1,6 +1,6 @@
 """Volume scenarios: 64 MiB in each direction at once through one tunnel, byte-exact (gRPC and
 HTTP-CONNECT mode), and 1000 concurrent tunnels through one agent to a real echo backend,
-each round-tripping a few KiB. Peers are grpcio (tests/server/agent_peer.py); the backends
+each round-tripping a few KiB. Peers are grpcio (tests/support/agent_peer.py); the backends
 are real TCP servers on 127.0.0.1. No timing is asserted: the run fixture bounds each test.
 """
 
@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from .agent_peer import backend, bulk, close_req, data, echo
+from tests.support.agent_peer import backend, bulk, close_req, data, echo
+
 from .conftest import Certs, RunFn, check_metrics, proxy_env
 
 BULK_SIZE = 64 << 20

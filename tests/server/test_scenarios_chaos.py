@@ -15,7 +15,7 @@ import socket
 import grpc
 import pytest
 
-from .agent_peer import (
+from tests.support.agent_peer import (
     HttpTunnel,
     ProxyStream,
     backend,
@@ -26,6 +26,7 @@ from .agent_peer import (
     ptype,
     wait_until,
 )
+
 from .conftest import Certs, ProxyEnv, RunFn, check_metrics, proxy_env, scrape
 
 TUNNELS = 160

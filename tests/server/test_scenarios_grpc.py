@@ -1,6 +1,6 @@
 """gRPC-mode scenarios (upstream's pkg/server/server.go Proxy, Connect and their receive
 loops serveRecvFrontend, serveRecvBackend), end to end: grpcio
-frontend dialers and grpcio agents (tests/server/agent_peer.py) around an in-process
+frontend dialers and grpcio agents (tests/support/agent_peer.py) around an in-process
 proxy-server, its frontend on a Unix socket (h2c) and on TCP+mTLS. Every scenario ends with
 the registry's metric values and, in teardown, a check that no fd or task was left.
 """
@@ -14,7 +14,7 @@ import socket
 import grpc
 import pytest
 
-from .agent_peer import (
+from tests.support.agent_peer import (
     DialPolicy,
     backend,
     close_req,
@@ -27,6 +27,7 @@ from .agent_peer import (
     ptype,
     wait_until,
 )
+
 from .conftest import (
     ZERO_OR_ABSENT,
     Certs,

@@ -1,7 +1,7 @@
 """HTTP-CONNECT scenarios (upstream's pkg/server/tunnel.go Tunnel.ServeHTTP and the
 HTTP-CONNECT branch of ProxyClientConnection.send in pkg/server/server.go), end to end: clients
 on asyncio streams (Unix socket, and TCP with mTLS, HTTP/1.1 by ALPN), grpcio agents
-(tests/server/agent_peer.py) around an in-process proxy-server. Every scenario ends with the
+(tests/support/agent_peer.py) around an in-process proxy-server. Every scenario ends with the
 registry's metric values and, in teardown, a check that no fd or task was left.
 """
 
@@ -11,7 +11,7 @@ import asyncio
 
 import pytest
 
-from .agent_peer import (
+from tests.support.agent_peer import (
     DialPolicy,
     HttpTunnel,
     backend,
@@ -20,6 +20,7 @@ from .agent_peer import (
     hello,
     wait_until,
 )
+
 from .conftest import (
     ZERO_OR_ABSENT,
     Certs,

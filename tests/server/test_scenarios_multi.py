@@ -14,7 +14,7 @@ import contextlib
 import grpc
 import grpc.aio
 
-from .agent_peer import (
+from tests.support.agent_peer import (
     DialPolicy,
     ProxyStream,
     backend,
@@ -29,6 +29,7 @@ from .agent_peer import (
     ptype,
     wait_until,
 )
+
 from .conftest import Certs, RunFn, check_metrics, failures, packets, proxy_env
 from .test_scenarios_grpc import UNREACHABLE, frontend_gone
 

@@ -19,7 +19,7 @@ from typing import IO
 import grpc
 import pytest
 
-from .agent_peer import (
+from tests.support.agent_peer import (
     GrpcDialer,
     TestAgent,
     agent_credentials,
@@ -30,6 +30,7 @@ from .agent_peer import (
     echo,
     open_http,
 )
+
 from .conftest import Certs, RunFn
 from .test_app import free_ports
 

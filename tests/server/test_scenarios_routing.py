@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .agent_peer import DialPolicy, ProxyStream, TestAgent, backend, data, echo, wait_until
+from tests.support.agent_peer import (
+    DialPolicy,
+    ProxyStream,
+    TestAgent,
+    backend,
+    data,
+    echo,
+    wait_until,
+)
+
 from .conftest import Certs, ProxyEnv, RunFn, check_metrics, proxy_env
 
 

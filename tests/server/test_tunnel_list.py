@@ -18,8 +18,8 @@ from konnectivity_fast.server.health import admin_routes, start_http
 from konnectivity_fast.server.tunnel_list import tunnels_handler
 from konnectivity_fast.tunnel.listing import MAX_LIMIT
 from konnectivity_fast.wire.contract import ADMIN_TUNNELS_PATH
+from tests.support.agent_peer import ProxyStream, backend, bulk, data
 
-from .agent_peer import ProxyStream, backend, bulk, data
 from .conftest import Certs, ProxyEnv, RunFn, proxy_env
 
 UP = 1000  # bytes the client sends
