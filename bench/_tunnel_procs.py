@@ -286,6 +286,27 @@ def _command(side: str, program: str, upstream_bin: Path | None) -> list[str]:
     return [sys.executable, "-m", f"konnectivity_fast.{program}"]
 
 
+def server_flags(
+    mode: str, uds: str, certs: Certs, *, agent_port: int, health: int, admin: int
+) -> list[str]:
+    """A proxy-server's flags for benchmarks, the same for ours and upstream's: frontend
+    ``mode`` on the Unix socket ``uds``, mTLS agent port, health and admin on loopback."""
+    return [
+        f"--mode={mode}",
+        f"--uds-name={uds}",
+        "--server-port=0",
+        f"--cluster-cert={certs.server_cert}",
+        f"--cluster-key={certs.server_key}",
+        f"--cluster-ca-cert={certs.ca}",
+        f"--agent-bind-address={LOOPBACK}",
+        f"--agent-port={agent_port}",
+        f"--health-bind-address={LOOPBACK}",
+        f"--health-port={health}",
+        f"--admin-bind-address={LOOPBACK}",
+        f"--admin-port={admin}",
+    ]
+
+
 def start_pair(
     procs: Procs,
     *,
@@ -307,18 +328,7 @@ def start_pair(
         f"{impl}-{mode}-server",
         [
             *server_cmd,
-            f"--mode={mode}",
-            f"--uds-name={uds}",
-            "--server-port=0",
-            f"--cluster-cert={certs.server_cert}",
-            f"--cluster-key={certs.server_key}",
-            f"--cluster-ca-cert={certs.ca}",
-            f"--agent-bind-address={LOOPBACK}",
-            f"--agent-port={agent_port}",
-            f"--health-bind-address={LOOPBACK}",
-            f"--health-port={health}",
-            f"--admin-bind-address={LOOPBACK}",
-            f"--admin-port={admin}",
+            *server_flags(mode, uds, certs, agent_port=agent_port, health=health, admin=admin),
             f"--v={verbosity}",
         ],
     )

@@ -44,6 +44,7 @@ from bench._tunnel_procs import (
     build_upstream,
     free_ports,
     make_certs,
+    server_flags,
     wait_ready,
 )
 
@@ -97,18 +98,14 @@ def start_server(
         f"{impl}-server",
         [
             *_program(impl, "server", upstream),
-            "--mode=grpc",
-            f"--uds-name={tmp}/{impl}-{agent_port}.sock",
-            "--server-port=0",
-            f"--cluster-cert={certs.server_cert}",
-            f"--cluster-key={certs.server_key}",
-            f"--cluster-ca-cert={certs.ca}",
-            f"--agent-bind-address={LOOPBACK}",
-            f"--agent-port={agent_port}",
-            f"--health-bind-address={LOOPBACK}",
-            f"--health-port={health}",
-            f"--admin-bind-address={LOOPBACK}",
-            f"--admin-port={admin}",
+            *server_flags(
+                "grpc",
+                f"{tmp}/{impl}-{agent_port}.sock",
+                certs,
+                agent_port=agent_port,
+                health=health,
+                admin=admin,
+            ),
         ],
     )
     wait_ready(server, health, "/healthz")

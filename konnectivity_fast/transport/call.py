@@ -258,39 +258,33 @@ class GrpcCall:
         window is spent, or the socket's buffer is full (the peer does not read)."""
         if self.outbound_pending() == 0:
             return False
-        host = self._host
-        try:
-            window = host.conn.send_window(self.stream_id)
-        except (KeyError, RuntimeError):
-            return False
-        return window == 0 or host.write_paused
+        window = self._send_window()
+        return window is not None and (window == 0 or self._host.write_paused)
 
     def send_room(self) -> int:
         """Bytes a message queued now could send at once: the peer's HTTP/2 window left
         after what is already queued (0 while the socket's buffer is full)."""
-        pending = self.outbound_pending()
-        host = self._host
-        if host.write_paused or self._closed_code is not None:
+        if self._host.write_paused or self._closed_code is not None:
             return 0
-        try:
-            window = host.conn.send_window(self.stream_id)
-        except (KeyError, RuntimeError):
-            return 0
-        return max(0, window - pending)
+        window = self._send_window()
+        return 0 if window is None else max(0, window - self.outbound_pending())
 
     def unsent(self) -> int:
         """Bytes queued on this call that cannot go out now: beyond the peer's HTTP/2
         window, or all of them while the socket's buffer is full. A message queued now
         waits behind these."""
         pending = self.outbound_pending()
-        host = self._host
-        if pending == 0 or host.write_paused:
+        if pending == 0 or self._host.write_paused:
             return pending
+        window = self._send_window()
+        return 0 if window is None else max(0, pending - window)
+
+    def _send_window(self) -> int | None:
+        """The peer's HTTP/2 window for this stream (None once the stream is gone)."""
         try:
-            window = host.conn.send_window(self.stream_id)
+            return self._host.conn.send_window(self.stream_id)
         except (KeyError, RuntimeError):
-            return 0
-        return max(0, pending - window)
+            return None
 
     def pause_reading(self) -> None:
         """Callback style: stop giving this stream's window back, so its peer soon stops

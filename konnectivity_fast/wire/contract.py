@@ -311,6 +311,8 @@ class Extension(StrEnum):
 
     #: Per-tunnel credit flow control on an agent stream (docs/flow-control.md).
     FLOW = "flow.v1"
+    #: Servers list every replica's direct address for agents (wire/endpoints.py).
+    SERVER_ENDPOINTS = "server-endpoints.v1"
 
 
 # A set of extension tokens. ``Extension`` members are strings, so

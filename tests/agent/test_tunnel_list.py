@@ -23,6 +23,7 @@ from konnectivity_fast.server.tunnel_list import server_listing
 from konnectivity_fast.transport.http import start_http
 from konnectivity_fast.tunnel.listing import TunnelQuery
 from konnectivity_fast.wire.contract import ADMIN_TUNNELS_PATH
+from tests.support.net import http_get
 
 from .conftest import Certs, RunFn
 from .support import LOOPBACK, Tunnel, agent, proxy_server, server_has_agent, until
@@ -31,19 +32,6 @@ UP = 1000
 DOWN = 5000
 AGENT_ID = "agent-1"  # support.agent_config's
 HEALTH_PORT = 8093  # only named in /metrics' redirect here
-
-
-async def http_get(port: int, target: str) -> tuple[int, bytes]:
-    reader, writer = await asyncio.open_connection(LOOPBACK, port)
-    try:
-        writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        response = await reader.read()
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
-    head, _, body = response.partition(b"\r\n\r\n")
-    return int(head.split(b" ")[1]), body
 
 
 @contextlib.asynccontextmanager

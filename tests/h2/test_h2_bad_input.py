@@ -360,12 +360,14 @@ def test_settings_flood_from_a_peer_that_does_not_read() -> None:
     assert_connection_ended(server, events, out)
 
 
+# A control frame that asks for no answer: floods of it test the budget alone.
+PRIORITY_UNIT = frame(PRIORITY, 0, 3, b"\x00\x00\x00\x01\x10")
+
 CONTROL_UNITS = {
     "ping": ping(),
     "settings": settings_frame(),
     "ping-ack": ping(ack=True),
-    "window-update": window_update(0, 1),
-    "priority": frame(PRIORITY, 0, 3, b"\x00\x00\x00\x01\x10"),
+    "priority": PRIORITY_UNIT,
     "rst-stream": rst_stream(1),
     "empty-data": data_frame(1, b""),
 }
@@ -403,8 +405,8 @@ def test_control_frame_flood_from_a_reading_peer_is_refused(unit: bytes) -> None
 
 def test_control_frames_are_refilled_by_time_and_by_our_output() -> None:
     """The budget refills at CONTROL_FRAME_RATE per second, and each HEADERS or DATA frame
-    we send earns one frame back (a grpc-go peer answers our data with WINDOW_UPDATEs and
-    PINGs): a steady peer below the rate, or one acknowledging our data, is never refused."""
+    we send earns one frame back (a grpc-go peer answers our data with PINGs): a steady
+    peer below the rate, or one acknowledging our data, is never refused."""
     burst, rate = w.CONTROL_FRAME_BURST, w.CONTROL_FRAME_RATE
     server = w.H2Connection(True, now=0.0)
     server.receive_data(START + headers_frame(1, request_headers()), 0.0)
@@ -412,16 +414,29 @@ def test_control_frames_are_refilled_by_time_and_by_our_output() -> None:
     now = 0.0
     for i in range(3):  # three bursts, each after the bucket had time to refill
         now = i * burst / rate
-        server.receive_data(window_update(0, 1) * (burst - 10), now)
+        server.receive_data(PRIORITY_UNIT * (burst - 10), now)
         server.data_to_send()
         assert not server.want_close
     # Empty now but for ten frames: each DATA frame we send pays for one more.
     for i in range(100):
         server.send_message(1, b"x" * 10)
         server.data_to_send()
-        server.receive_data(window_update(0, 1), now)
+        server.receive_data(PRIORITY_UNIT, now)
         assert not server.want_close, i
-    server.receive_data(window_update(0, 1) * 20, now)
+    server.receive_data(PRIORITY_UNIT * 20, now)
+    assert server.want_close
+
+
+def test_window_updates_are_not_charged() -> None:
+    """WINDOW_UPDATE asks for no answer: a grpcio peer sends two for every message it reads,
+    far past the control budget at high message rates, and is never refused for it."""
+    server = w.H2Connection(True, now=0.0)
+    server.receive_data(START + headers_frame(1, request_headers()), 0.0)
+    server.data_to_send()
+    server.receive_data(window_update(0, 1) * (2 * w.CONTROL_FRAME_BURST), 0.0)
+    server.data_to_send()
+    assert not server.want_close
+    server.receive_data(PRIORITY_UNIT * (w.CONTROL_FRAME_BURST + 1), 0.0)
     assert server.want_close
 
 

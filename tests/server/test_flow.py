@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -182,6 +183,30 @@ def test_a_stopped_reader_holds_only_its_window_and_resumes(
     run(main())
 
 
+@contextlib.asynccontextmanager
+async def _flow_tunnel(
+    sock_dir: str,
+    certs: Certs,
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[Tunnel]:
+    """A gRPC tunnel to a backend served by ``handler``, through our server and agent
+    with flow.v1 on both."""
+    backend = await asyncio.start_server(handler, LOOPBACK, 0)
+    port = backend.sockets[0].getsockname()[1]
+    try:
+        async with (
+            proxy_server(sock_dir, certs, extensions=FLOW) as server,
+            agent(certs, server.agent_port, extensions=FLOW),
+        ):
+            await until(lambda: server_has_agent(server))
+            tunnel = await Tunnel.open(server.uds)
+            await tunnel.dial(f"{LOOPBACK}:{port}")
+            yield tunnel
+            await tunnel.aclose()
+    finally:
+        backend.close()
+
+
 @pytest.mark.timeout(120)
 def test_both_directions_byte_exact_over_grpc(run: RunFn, sock_dir: str, certs: Certs) -> None:
     """32 MiB up and down on one gRPC tunnel, with credit both ways."""
@@ -198,15 +223,7 @@ def test_both_directions_byte_exact_over_grpc(run: RunFn, sock_dir: str, certs: 
                     await writer.drain()
             writer.close()
 
-        backend = await asyncio.start_server(echo, LOOPBACK, 0)
-        port = backend.sockets[0].getsockname()[1]
-        async with (
-            proxy_server(sock_dir, certs, extensions=FLOW) as server,
-            agent(certs, server.agent_port, extensions=FLOW),
-        ):
-            await until(lambda: server_has_agent(server))
-            tunnel = await Tunnel.open(server.uds)
-            await tunnel.dial(f"{LOOPBACK}:{port}")
+        async with _flow_tunnel(sock_dir, certs, echo) as tunnel:
 
             async def send() -> None:
                 for offset in range(0, size, CHUNK):
@@ -221,8 +238,6 @@ def test_both_directions_byte_exact_over_grpc(run: RunFn, sock_dir: str, certs: 
                 got += len(chunk)
             await sender
             assert received.hexdigest() == hashlib.sha256(up).hexdigest()
-            await tunnel.aclose()
-        backend.close()
 
     run(main())
 
@@ -244,17 +259,7 @@ def test_a_backend_that_speaks_first_over_grpc(run: RunFn, sock_dir: str, certs:
                 await reader.read()
             writer.close()
 
-        backend = await asyncio.start_server(talker, LOOPBACK, 0)
-        port = backend.sockets[0].getsockname()[1]
-        async with (
-            proxy_server(sock_dir, certs, extensions=FLOW) as server,
-            agent(certs, server.agent_port, extensions=FLOW),
-        ):
-            await until(lambda: server_has_agent(server))
-            tunnel = await Tunnel.open(server.uds)
-            await tunnel.dial(f"{LOOPBACK}:{port}")
+        async with _flow_tunnel(sock_dir, certs, talker) as tunnel:
             assert await tunnel.read_exactly(size) == data
-            await tunnel.aclose()
-        backend.close()
 
     run(main())

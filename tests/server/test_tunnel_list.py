@@ -19,25 +19,13 @@ from konnectivity_fast.server.tunnel_list import tunnels_handler
 from konnectivity_fast.tunnel.listing import MAX_LIMIT
 from konnectivity_fast.wire.contract import ADMIN_TUNNELS_PATH
 from tests.support.agent_peer import ProxyStream, backend, bulk, data
+from tests.support.net import http_get
 
 from .conftest import Certs, ProxyEnv, RunFn, proxy_env
 
 UP = 1000  # bytes the client sends
 DOWN = 5000  # bytes the backend answers with: unequal, so swapped directions show
 STALL_BLOB = 8 << 20  # what the backend sends a client that stops reading
-
-
-async def http_get(port: int, target: str) -> tuple[int, bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        response = await reader.read()
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
-    head, _, body = response.partition(b"\r\n\r\n")
-    return int(head.split(b" ")[1]), body
 
 
 @contextlib.asynccontextmanager

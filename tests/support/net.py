@@ -6,6 +6,7 @@ The conftest.py of each such folder re-exports them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import tempfile
@@ -126,3 +127,17 @@ def agent_loopback_args() -> list[str]:
         "--admin-bind-address=127.0.0.1",
         f"--admin-server-port={admin}",
     ]
+
+
+async def http_get(port: int, target: str, host: str = "127.0.0.1") -> tuple[int, bytes]:
+    """One HTTP/1.1 GET on a fresh connection, read to its end: (status, body)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        response = await reader.read()
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body
