@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
@@ -41,9 +40,15 @@ from konnectivity_fast.cli.flags import (
     ValueType,
     command_usage,
 )
-from konnectivity_fast.cli.goparse import GoError, format_duration, go_quote, seconds_to_ns
+from konnectivity_fast.cli.goparse import (
+    GoError,
+    format_duration,
+    go_quote,
+    new_uuid,
+    seconds_to_ns,
+)
 from konnectivity_fast.cli.klog import KlogOptions, V, register_klog_flags
-from konnectivity_fast.cli.server_options import parse_lease_labels
+from konnectivity_fast.kube.labels import parse_lease_labels
 from konnectivity_fast.wire.contract import decode_agent_identifiers
 from konnectivity_fast.wire.endpoints import parse_address_list
 
@@ -71,7 +76,7 @@ def default_agent_id(environ: Mapping[str, str] | None = None) -> str:
     """``$PROXY_AGENT_ID`` when non-empty, otherwise a UUIDv4 made once per process run;
     ``--agent-id`` wins over both."""
     environ = os.environ if environ is None else environ
-    return environ.get(AGENT_ID_ENV) or str(uuid.uuid4())
+    return environ.get(AGENT_ID_ENV) or new_uuid()
 
 
 @dataclass

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
@@ -40,7 +39,7 @@ from konnectivity_fast.cli.flags import (
     ValueType,
     command_usage,
 )
-from konnectivity_fast.cli.goparse import format_duration, go_quote, seconds_to_ns
+from konnectivity_fast.cli.goparse import format_duration, go_quote, new_uuid, seconds_to_ns
 from konnectivity_fast.cli.klog import KlogOptions, V, register_klog_flags
 from konnectivity_fast.kube.labels import parse_lease_labels
 from konnectivity_fast.wire.contract import FrontendMode, ProxyStrategy, parse_proxy_strategies
@@ -100,7 +99,7 @@ def default_server_id(environ: Mapping[str, str] | None = None) -> str:
     """``$PROXY_SERVER_ID`` when non-empty, otherwise a fresh UUIDv4; ``--server-id`` wins
     over both."""
     environ = os.environ if environ is None else environ
-    return environ.get(SERVER_ID_ENV) or str(uuid.uuid4())
+    return environ.get(SERVER_ID_ENV) or new_uuid()
 
 
 @dataclass
