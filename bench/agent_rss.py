@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -120,8 +120,15 @@ def wait_for_servers(agent: Proc, health_port: int) -> None:
     raise ChildError(f"{agent.name}: never held {SERVERS} servers within {READY_TIMEOUT} s")
 
 
-def start_servers(procs: Procs, certs: Certs, folder: Path, extra: Sequence[str] = ()) -> list[int]:
-    """Our proxy-servers, ready; their agent ports. ``extra``: more flags for each."""
+def start_servers(
+    procs: Procs,
+    certs: Certs,
+    folder: Path,
+    extra: Sequence[str] = (),
+    own_flags: Callable[[int], Sequence[str]] | None = None,
+) -> list[int]:
+    """Our proxy-servers, ready; their agent ports. ``extra``: more flags for each;
+    ``own_flags``: a server's own flags, from its agent port."""
     agent_ports: list[int] = []
     for i in range(SERVERS):
         agent_port, health, admin = free_ports(3)
@@ -146,6 +153,7 @@ def start_servers(procs: Procs, certs: Certs, folder: Path, extra: Sequence[str]
                 f"--admin-port={admin}",
                 f"--v={VERBOSITY}",
                 *extra,
+                *(own_flags(agent_port) if own_flags else ()),
             ],
         )
         wait_ready(server, health, "/healthz")
