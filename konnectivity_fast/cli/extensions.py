@@ -14,6 +14,7 @@ from typing import Protocol
 
 from konnectivity_fast.cli.flags import BOOL, STRING, FlagSet, ValueType
 from konnectivity_fast.wire.contract import NO_EXTENSIONS, DialBalance, Extension, ExtensionSet
+from konnectivity_fast.wire.endpoints import parse_address
 
 __all__ = [
     "AGENT_EXTENSION_FLAGS",
@@ -22,10 +23,13 @@ __all__ = [
     "EXTENSION_MARK",
     "SERVER_EXTENSION_FLAGS",
     "ExtensionOptions",
+    "ServerExtensionOptions",
     "add_extension_flags",
+    "check_advertise_address",
     "check_dial_balance",
     "check_discovery",
     "offered_extensions",
+    "offered_server_extensions",
 ]
 
 EXTENSION_MARK = "[konnectivity-fast] "
@@ -54,6 +58,17 @@ SERVER_EXTENSION_FLAGS: tuple[tuple[str, str, ValueType, str], ...] = (
         + " or ".join(DialBalance)
         + ". random is upstream's choice; least-tunnels sends each dial to a candidate "
         "with the fewest open tunnels (ties random), so load spreads evenly over agents.",
+    ),
+    (
+        "agent-advertise-address",
+        "agent_advertise_address",
+        STRING,
+        "host:port ([ipv6]:port) at which agents can reach this server directly, such as "
+        "its own address or a per-replica load-balancer port. Our agents that ask for it "
+        "(server-endpoints.v1) are told it, with every other server's from their Leases, "
+        "and connect to each server directly; with --enable-lease-controller it is also "
+        "published on this server's Lease (konnectivity-fast.io/agent-endpoint). Empty: "
+        "nothing advertised, as upstream.",
     ),
 )
 
@@ -117,6 +132,17 @@ def check_discovery(sources: str, service: str, count_leases: bool) -> str | Non
     return None
 
 
+def check_advertise_address(value: str) -> str | None:
+    """The validation error for ``--agent-advertise-address``, or None."""
+    if not value:
+        return None
+    try:
+        parse_address(value)
+    except ValueError as exc:
+        return f"--agent-advertise-address: {exc}"
+    return None
+
+
 def check_dial_balance(value: str) -> str | None:
     """The validation error for ``--dial-balance``, or None."""
     if value in DialBalance._value2member_map_:
@@ -128,6 +154,12 @@ class ExtensionOptions(Protocol):
     """The option fields of the extension flags (both programs' options have them)."""
 
     enable_tunnel_flow_control: bool
+
+
+class ServerExtensionOptions(ExtensionOptions, Protocol):
+    """The proxy-server's own extension option fields."""
+
+    agent_advertise_address: str
 
 
 def add_extension_flags(
@@ -147,3 +179,12 @@ def offered_extensions(options: ExtensionOptions) -> ExtensionSet:
     if options.enable_tunnel_flow_control:
         offered.add(Extension.FLOW)
     return frozenset(offered) if offered else NO_EXTENSIONS
+
+
+def offered_server_extensions(options: ServerExtensionOptions) -> ExtensionSet:
+    """What the proxy-server offers agents and frontends, from its flags: the common ones,
+    and ``server-endpoints.v1`` when it has an address to advertise."""
+    offered = offered_extensions(options)
+    if options.agent_advertise_address:
+        offered |= {Extension.SERVER_ENDPOINTS}
+    return offered

@@ -26,6 +26,7 @@ from konnectivity_fast.cli.extensions import (
     EXTENSION_FLAGS,
     SERVER_EXTENSION_FLAGS,
     add_extension_flags,
+    check_advertise_address,
     check_dial_balance,
 )
 from konnectivity_fast.cli.flags import (
@@ -165,6 +166,7 @@ class ProxyRunOptions:
     # konnectivity-fast extensions (cli/extensions.py); off: behave as upstream.
     enable_tunnel_flow_control: bool = False
     dial_balance: str = "random"
+    agent_advertise_address: str = ""
 
     def validate(self) -> str | None:
         """The first failing check's message, in upstream's order, or ``None``."""
@@ -184,7 +186,9 @@ class ProxyRunOptions:
 
     def _check_extensions(self) -> str | None:
         """Our flags (cli/extensions.py), after all of upstream's checks."""
-        return check_dial_balance(self.dial_balance)
+        return check_dial_balance(self.dial_balance) or check_advertise_address(
+            self.agent_advertise_address
+        )
 
     def _check_files(self) -> str | None:
         for side, cert, key, ca in (

@@ -10,7 +10,11 @@ satisfies ``RunOptions``; the server layer does not import the CLI) and:
    ``--cluster-ca-cert``); an error here is fatal (exit 1);
 3. parses ``--lease-label`` (even when unused, as upstream: a bad value stops the process),
    starts the lease controller if enabled, then the admin server (``/metrics`` and our
-   tunnel listing) and the health server (a listen error there is only logged);
+   tunnel listing) and the health server (a listen error there is only logged). Ours: the
+   ``ServerDirectory`` (server/directory.py) holds this server's
+   ``--agent-advertise-address``, the lease controller writes it on the Lease and feeds the
+   directory the Leases it lists, and agents that negotiate ``server-endpoints.v1`` are
+   told every replica's address from it;
 4. waits for ``stop``, then shuts down in upstream's two modes (``_stop_listeners``): health
    and admin go first; with ``--graceful-shutdown-timeout`` 0 the Lease is deleted, agents
    are dropped and the frontend stops gracefully; with a timeout everything stops
@@ -29,6 +33,7 @@ from konnectivity_fast.metrics import accept as accept_metrics
 from konnectivity_fast.metrics import flow as flow_metrics
 from konnectivity_fast.metrics import server as server_metrics
 from konnectivity_fast.server.auth import TokenAuthenticator
+from konnectivity_fast.server.directory import ServerDirectory
 from konnectivity_fast.server.health import admin_routes, health_routes, start_http
 from konnectivity_fast.server.http_connect import start_http_connect_tcp, start_http_connect_uds
 from konnectivity_fast.server.leases import LeaseController, parse_lease_labels
@@ -58,6 +63,7 @@ from konnectivity_fast.wire.contract import (
     FrontendMode,
     parse_proxy_strategies,
 )
+from konnectivity_fast.wire.endpoints import parse_address
 
 __all__ = ["RunOptions", "StartupError", "run"]
 
@@ -109,6 +115,7 @@ class RunOptions(Protocol):
     kubeconfig_path: str
     kubeconfig_qps: float
     kubeconfig_burst: int
+    agent_advertise_address: str  # ours: host:port, validated; empty when not set
 
 
 def _tls_settings(options: RunOptions) -> TlsSettings:
@@ -291,18 +298,37 @@ async def run(
         extensions=extensions,
         dial_balance=dial_balance,
     )
+    directory = _directory(options, proxy.server_id)
+    proxy.server_endpoints = directory.agent_endpoints
     if dial_balance is not DialBalance.RANDOM:
         log.info("Dials go to the candidate agent with the fewest open tunnels (%s).", dial_balance)
     try:
-        return await _serve(proxy, options, kube, stop)
+        return await _serve(proxy, options, kube, stop, directory)
     finally:
         proxy.close()
         if kube is not None:
             await kube.close()
 
 
+def _directory(options: RunOptions, server_id: str) -> ServerDirectory:
+    """This server's entry from its flags; the others come from the Leases it lists."""
+    advertised = options.agent_advertise_address
+    try:
+        endpoint = parse_address(advertised) if advertised else None
+    except ValueError as exc:  # the command line checks it first; an embedder may not
+        raise StartupError(f"invalid --agent-advertise-address: {exc}") from None
+    directory = ServerDirectory(server_id, agent_endpoint=endpoint)
+    if advertised:
+        log.info("Agents are told to reach this server at %s.", directory.agent_endpoint)
+    return directory
+
+
 async def _serve(
-    proxy: ProxyServer, options: RunOptions, kube: KubeClient | None, stop: asyncio.Event
+    proxy: ProxyServer,
+    options: RunOptions,
+    kube: KubeClient | None,
+    stop: asyncio.Event,
+    directory: ServerDirectory,
 ) -> int:
     handle = await _listen(proxy, options)
     leases: LeaseController | None = None
@@ -312,7 +338,14 @@ async def _serve(
         await _stop_listeners(handle, 0.0)
         raise StartupError(str(exc)) from None
     if options.enable_lease_controller and kube is not None:
-        leases = LeaseController(kube, proxy.server_id, options.lease_namespace, labels)
+        leases = LeaseController(
+            kube,
+            proxy.server_id,
+            options.lease_namespace,
+            labels,
+            annotations=directory.own_annotations(),
+            on_list=directory.update,
+        )
         leases.start()
     http = await _start_http(proxy, options)
     frontend = options.uds_name or f"{options.server_bind_address}:{options.server_port}"

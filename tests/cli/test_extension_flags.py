@@ -12,6 +12,7 @@ from konnectivity_fast.cli.extensions import (
     EXTENSION_MARK,
     SERVER_EXTENSION_FLAGS,
     offered_extensions,
+    offered_server_extensions,
 )
 from konnectivity_fast.wire.contract import NO_EXTENSIONS, Extension
 
@@ -46,3 +47,14 @@ def test_flow_control_flag_offers_flow(options: object, golden: str) -> None:
         ["--enable-tunnel-flow-control"], environ={}
     )
     assert offered_extensions(parsed.options) == {Extension.FLOW}
+
+
+def test_advertise_address_offers_server_endpoints() -> None:
+    parsed = server_options.parse_args(["--agent-advertise-address=10.0.0.5:8091"], environ={})
+    assert offered_server_extensions(parsed.options) == {Extension.SERVER_ENDPOINTS}
+    both = server_options.parse_args(
+        ["--agent-advertise-address=lb:8141", "--enable-tunnel-flow-control"], environ={}
+    )
+    assert offered_server_extensions(both.options) == {Extension.SERVER_ENDPOINTS, Extension.FLOW}
+    plain = server_options.parse_args([], environ={})
+    assert offered_server_extensions(plain.options) == NO_EXTENSIONS
