@@ -8,8 +8,12 @@
   ``--agent-advertise-address``: each Lease carries its server's address, each server
   tells an agent that offers ``server-endpoints.v1`` about both, and also about a third
   (foreign) Lease until that one expires; a server stopped (its Lease deleted) drops out
-  of the other's header. The programs keep upstream's periods (GC list every 15 s), so
-  the waits below are bounded by those.
+  of the other's header.
+- Our ``proxy-agent`` program with ``--server-discovery=headers``, given one server's
+  address only, connects to both servers (the agent side of the same contract).
+
+The programs keep upstream's periods (GC list every 15 s), so the waits below are bounded
+by those.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
@@ -39,7 +44,7 @@ from tests.support import kubeapi
 from tests.support.kubeapi import KubeCluster, admin_client, create_namespace
 from tests.support.net import Certs, RunFn
 
-from .test_app import LOOPBACK, WAIT_SECONDS, Running, command, free_ports, wait_healthy
+from .test_app import LOOPBACK, WAIT_SECONDS, Running, command, free_ports, get, wait_healthy
 from .test_server_endpoints import connect_headers
 
 kube_cluster = kubeapi.kube_cluster
@@ -156,8 +161,16 @@ def test_gc_list_feeds_the_directory(kube_cluster: KubeCluster, run: RunFn) -> N
 
 
 def start_server(
-    cluster: KubeCluster, certs: Certs, sock_dir: str, *, ns: str, server_id: str, advertise: str
+    cluster: KubeCluster,
+    certs: Certs,
+    sock_dir: str,
+    *,
+    ns: str,
+    server_id: str,
+    advertise: str | None = None,
 ) -> Running:
+    """A proxy-server program; ``advertise``: its --agent-advertise-address (None: its own
+    agent port on loopback, which agents can really dial)."""
     agent, health, admin = free_ports(3)
     uds = os.path.join(sock_dir, f"{server_id}.sock")
     proc = subprocess.Popen(
@@ -178,7 +191,7 @@ def start_server(
             "--enable-lease-controller",
             f"--lease-namespace={ns}",
             f"--lease-label={LABEL}",
-            f"--agent-advertise-address={advertise}",
+            f"--agent-advertise-address={advertise or f'{LOOPBACK}:{agent}'}",
         ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -274,3 +287,66 @@ def test_two_servers_tell_agents_about_each_other(
     b.proc.send_signal(signal.SIGTERM)
     assert b.proc.wait(timeout=WAIT_SECONDS) == 0
     wait_told(a, certs, {"srv-a": a_addr}, "srv-a after srv-b stopped")
+
+
+READY_BACKENDS = "konnectivity_network_proxy_server_ready_backend_connections"
+
+
+def ready_backends(server: Running) -> float | None:
+    text = get(server.admin_port, "/metrics")[2].decode()
+    for line in text.splitlines():
+        if line.startswith(READY_BACKENDS + " "):
+            return float(line.split()[1])
+    return None
+
+
+def test_our_agent_follows_the_header_to_every_server(
+    kube_cluster: KubeCluster, certs: Certs, sock_dir: str, servers: list[Running]
+) -> None:
+    async def namespace() -> str:
+        client = admin_client(kube_cluster)
+        try:
+            return await create_namespace(client, "follow")
+        finally:
+            await client.close()
+
+    ns = asyncio.run(namespace())
+    # srv-b first: srv-a's first list, at its start, already holds srv-b's Lease.
+    for server_id in ("srv-b", "srv-a"):
+        servers.append(start_server(kube_cluster, certs, sock_dir, ns=ns, server_id=server_id))
+    b, a = servers
+    wait_told(
+        a,
+        certs,
+        {"srv-a": Address(LOOPBACK, a.agent_port), "srv-b": Address(LOOPBACK, b.agent_port)},
+        "srv-a",
+    )
+    health, admin = free_ports(2)
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "konnectivity_fast.agent",
+            f"--ca-cert={certs.ca}",
+            f"--agent-cert={certs.client_cert}",
+            f"--agent-key={certs.client_key}",
+            f"--proxy-server-host={LOOPBACK}",
+            f"--proxy-server-port={a.agent_port}",  # srv-a only: srv-b from its header
+            f"--health-server-host={LOOPBACK}",
+            f"--health-server-port={health}",
+            f"--admin-server-port={admin}",
+            "--agent-id=follower",
+            "--server-discovery=headers",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not (ready_backends(a) == 1 and ready_backends(b) == 1):
+            assert agent.poll() is None, "the agent exited"
+            assert time.monotonic() < deadline, (ready_backends(a), ready_backends(b))
+            time.sleep(0.2)
+    finally:
+        agent.kill()
+        agent.communicate(timeout=WAIT_SECONDS)
