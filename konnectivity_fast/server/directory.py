@@ -127,7 +127,8 @@ class ServerDirectory:
 
     def update(self, leases: Iterable[Lease]) -> bool:
         """Replace what is known of other servers with the valid ones among ``leases`` (a
-        whole list, as the lease controller reads it); True when that changed anything."""
+        whole list, as the lease controller reads it); True when the servers or their
+        endpoints changed (a renewal alone changes nothing)."""
         now = self._clock()
         candidates: dict[str, ServerEntry] = {}
         for lease in leases:
