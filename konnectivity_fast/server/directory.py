@@ -12,10 +12,13 @@ upstream; docs/high-availability.md "Direct endpoints: the server side").
 This server's own endpoints come from its configuration (constructor arguments); the
 others' from the server Leases the lease controller lists (``update``, fed by its GC
 loop's list). A Lease counts while it is valid: its holder (the server ID) is set and it
-has not expired (kube/leases.py, upstream's rule). Reads judge validity against the clock
-each time, so a server that stops renewing drops out at its Lease's expiry even when no
-list arrives after it (the API server unreachable); a Lease deleted (a server stopped
-cleanly) drops out with the next list.
+has not expired (kube/leases.py, upstream's rule), judged when the list arrives. Between
+lists the directory holds what the last one showed, which may be a list period old: a
+holder renewing on time (every 15 s, Leases of 30 s) may have renewed since, so a Lease is
+kept until ``LIST_STALENESS`` past the expiry that list showed, and a live server never
+flickers out between two lists. A server that dies drops out at the first list after its
+Lease expired, or ``LIST_STALENESS`` after the expiry when no list comes (the API server
+unreachable); a Lease deleted (a server stopped cleanly) drops out with the next list.
 
 Reading, each a ``Callable[[], Mapping[str, Address]]`` other parts can hold:
 
@@ -39,9 +42,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from konnectivity_fast.kube.leases import Lease, lease_expiry
+from konnectivity_fast.server.leases import GC_PERIOD, JITTER
 from konnectivity_fast.verbosity import V
 from konnectivity_fast.wire.endpoints import (
     AGENT_ENDPOINT_ANNOTATION,
@@ -51,13 +55,17 @@ from konnectivity_fast.wire.endpoints import (
     parse_address,
 )
 
-__all__ = ["MAX_DIRECTORY_SERVERS", "ServerDirectory", "ServerEntry"]
+__all__ = ["LIST_STALENESS", "MAX_DIRECTORY_SERVERS", "ServerDirectory", "ServerEntry"]
 
 log = logging.getLogger(__name__)
 
 # The header carries at most MAX_SERVER_ENDPOINTS entries, this server's included, and
 # peering needs no more peers than an agent may be told of servers.
 MAX_DIRECTORY_SERVERS = MAX_SERVER_ENDPOINTS - 1
+# How old the last list may be when read: the lease controller lists every GC period plus
+# its jitter, and a list or a renewal may take a few seconds more on a loaded API server.
+LIST_LATENCY_MARGIN = 5.0
+LIST_STALENESS = timedelta(seconds=GC_PERIOD * (1 + JITTER) + LIST_LATENCY_MARGIN)
 
 
 def _wall_clock() -> datetime:
@@ -67,17 +75,20 @@ def _wall_clock() -> datetime:
 @dataclass(frozen=True)
 class ServerEntry:
     """One other server, from its Lease: its endpoints (None when its Lease has no valid
-    annotation) and when its Lease expires."""
+    annotation) and until when it counts (its Lease's expiry as listed, plus the list's
+    staleness allowance)."""
 
     agent_endpoint: Address | None
     peer_endpoint: Address | None
-    expires: datetime
+    valid_until: datetime
 
 
 class ServerDirectory:
     """Server ID -> endpoints; see the module docstring. ``server_id``: this server's.
     ``agent_endpoint``, ``peer_endpoint``: this server's own (None: it advertises none).
-    ``clock``: the wall clock (UTC), Leases' times being wall-clock times."""
+    ``clock``: the wall clock (UTC), Leases' times being wall-clock times.
+    ``staleness``: how long past a listed expiry an entry still counts (``LIST_STALENESS``;
+    the lease controller's list period, if it is given another)."""
 
     def __init__(
         self,
@@ -86,11 +97,13 @@ class ServerDirectory:
         agent_endpoint: Address | None = None,
         peer_endpoint: Address | None = None,
         clock: Callable[[], datetime] = _wall_clock,
+        staleness: timedelta = LIST_STALENESS,
     ) -> None:
         self.server_id = server_id
         self.agent_endpoint = agent_endpoint
         self.peer_endpoint = peer_endpoint
         self._clock = clock
+        self._staleness = staleness
         self._others: dict[str, ServerEntry] = {}
         self._rejected: set[tuple[str, str, str]] = set()  # (server, annotation, value)
 
@@ -101,7 +114,7 @@ class ServerDirectory:
         found = {self.server_id: self.agent_endpoint} if self.agent_endpoint else {}
         now = self._clock()
         for server_id, entry in self._others.items():
-            if entry.agent_endpoint is not None and entry.expires > now:
+            if entry.agent_endpoint is not None and entry.valid_until > now:
                 found[server_id] = entry.agent_endpoint
         return found
 
@@ -111,7 +124,7 @@ class ServerDirectory:
         return {
             server_id: entry.peer_endpoint
             for server_id, entry in self._others.items()
-            if entry.peer_endpoint is not None and entry.expires > now
+            if entry.peer_endpoint is not None and entry.valid_until > now
         }
 
     def own_annotations(self) -> dict[str, str]:
@@ -137,7 +150,7 @@ class ServerDirectory:
                 continue
             server_id, entry = found
             known = candidates.get(server_id)
-            if known is None or entry.expires > known.expires:  # the freshest Lease wins
+            if known is None or entry.valid_until > known.valid_until:  # the freshest wins
                 candidates[server_id] = entry
         others = {key: candidates[key] for key in sorted(candidates)[:MAX_DIRECTORY_SERVERS]}
         if len(candidates) > len(others):
@@ -168,10 +181,14 @@ class ServerDirectory:
         annotations = meta.get("annotations") if isinstance(meta, dict) else None
         if not isinstance(annotations, dict):
             annotations = {}
+        try:
+            valid_until = expires + self._staleness
+        except OverflowError:  # an expiry near year 9999
+            valid_until = expires
         return holder, ServerEntry(
             self._annotation(holder, annotations, AGENT_ENDPOINT_ANNOTATION),
             self._annotation(holder, annotations, PEER_ENDPOINT_ANNOTATION),
-            expires,
+            valid_until,
         )
 
     def _annotation(

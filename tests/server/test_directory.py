@@ -11,7 +11,10 @@ from typing import Any
 import pytest
 
 from konnectivity_fast.kube.leases import Lease
-from konnectivity_fast.server.directory import MAX_DIRECTORY_SERVERS, ServerDirectory
+from konnectivity_fast.server.directory import (
+    MAX_DIRECTORY_SERVERS,
+    ServerDirectory,
+)
 from konnectivity_fast.server.leases import format_micro_time
 from konnectivity_fast.wire.endpoints import (
     AGENT_ENDPOINT_ANNOTATION,
@@ -113,24 +116,45 @@ def test_peers_from_valid_leases(clock: Clock) -> None:
     assert directory.agent_endpoints() == {"s1": SELF, "s2": Address("10.0.0.2", 8091)}
 
 
-def test_expiry_is_judged_when_read(clock: Clock) -> None:
+def test_expiry_between_lists(clock: Clock) -> None:
     """No list after the last one (the API server unreachable): a Lease that is not
-    renewed still drops out at its expiry; a deleted one drops out with the next list."""
-    directory = ServerDirectory("s1", agent_endpoint=SELF, clock=clock)
-    directory.update(
-        [
-            lease("s2", agent="h2:1", peer="h2:2", duration=30),
-            lease("s3", agent="h3:1", peer="h3:2", duration=60),
-        ]
-    )
-    clock.now = T0 + timedelta(seconds=29)
+    renewed drops out ``staleness`` after its expiry; a list that shows it expired, or
+    without it (deleted), drops it at once."""
+    grace = timedelta(seconds=10)
+    directory = ServerDirectory("s1", agent_endpoint=SELF, clock=clock, staleness=grace)
+    s2 = lease("s2", agent="h2:1", peer="h2:2", duration=30)
+    s3 = lease("s3", agent="h3:1", peer="h3:2", duration=60)
+    directory.update([s2, s3])
+    clock.now = T0 + timedelta(seconds=30) + grace - timedelta(microseconds=1)
     assert set(directory.agent_endpoints()) == {"s1", "s2", "s3"}
-    clock.now = T0 + timedelta(seconds=30)  # expired at renewTime + duration
+    clock.now = T0 + timedelta(seconds=30) + grace
     assert set(directory.agent_endpoints()) == {"s1", "s3"}
     assert set(directory.peer_endpoints()) == {"s3"}
-    directory.update([])  # s3's Lease deleted
+    # A list showing s3 expired drops it with no grace; so does one without it.
+    clock.now = T0 + timedelta(seconds=60)
+    assert directory.update([s2, s3])
     assert directory.agent_endpoints() == {"s1": SELF}
-    assert directory.peer_endpoints() == {}
+    directory.update([lease("s3", agent="h3:1", renewed=clock.now)])
+    assert set(directory.agent_endpoints()) == {"s1", "s3"}
+    directory.update([])
+    assert directory.agent_endpoints() == {"s1": SELF}
+
+
+def test_live_server_never_flickers_out_between_lists(clock: Clock) -> None:
+    """Upstream's periods: a holder renews every 15 s (plus jitter) a Lease of 30 s, and
+    the list comes every 15 s (plus jitter). A list made just before a renewal shows a
+    Lease that expires before the next list; the server must stay listed meanwhile."""
+    directory = ServerDirectory("s1", agent_endpoint=SELF, clock=clock)
+    renewed = T0 - timedelta(seconds=15.5)  # the holder renews again at T0 + 0.1
+    directory.update([lease("s2", agent="h2:1", renewed=renewed)])
+    next_list = T0 + timedelta(seconds=15.6)
+    for seconds in range(16):
+        clock.now = min(T0 + timedelta(seconds=seconds), next_list)
+        assert "s2" in directory.agent_endpoints(), clock.now
+    # A server that died then goes with the list after its expiry.
+    clock.now = next_list
+    assert directory.update([lease("s2", agent="h2:1", renewed=renewed)])
+    assert directory.agent_endpoints() == {"s1": SELF}
 
 
 def test_freshest_lease_of_a_holder_wins(clock: Clock) -> None:
