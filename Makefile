@@ -6,7 +6,7 @@ BUILD_LOCK := /tmp/konnectivity-fast-build.lock
 # Every target is a command, none is a file (tests/test_makefile.py checks the list).
 .PHONY: bootstrap bootstrap-runtime bootstrap-bench build debug asan vendored wheel run test \
 	test-quick lint fuzz fuzz-long bench bench-tunnel bench-echo bench-micro bench-agent-rss \
-	clean images interop chaos bench-abuse
+	clean images interop chaos ha bench-abuse
 
 bootstrap:
 	scripts/bootstrap.sh test
@@ -119,6 +119,15 @@ interop: build
 # needed). About 15 minutes.
 chaos: build
 	KF_CHAOS=long KONNECTIVITY_FAST_REQUIRE_COMPILED=1 $(PY) -m pytest -p no:cacheprovider -q -s tests/chaos
+
+# The highly-available control plane's long form (tests/apiserver_egress/test_ha.py,
+# KF_HA=long): three real kube-apiservers, each with a proxy-server, behind a sticky
+# HAProxy; a minute-long guard window and every server implementation. Needs root and
+# haproxy; builds upstream v0.36.0 and kube-apiserver first if needed. A few minutes.
+ha: build
+	scripts/build-upstream.sh >/dev/null
+	scripts/build-kube.sh >/dev/null
+	KF_HA=long KONNECTIVITY_FAST_REQUIRE_COMPILED=1 $(PY) -m pytest -p no:cacheprovider -q -s tests/apiserver_egress/test_ha.py
 
 # What hostile agents cost the server, ours against upstream v0.36.0 (bench/abuse.py):
 # CPU per bogus packet and per agent connect.

@@ -2,7 +2,8 @@
 the worker network namespace, so kube-apiserver reaches it only through the tunnel.
 
 Paths:
-- ``GET /healthz``: ``ok``; ``GET /hello``: ``payloads.HELLO``;
+- ``GET /healthz``: ``ok``; ``GET /hello``: ``payloads.HELLO``; ``GET /address``: the
+  address it serves on (which node answered);
 - ``GET /big[?size=N]``: ``payloads.big_body(N)`` with a Content-Length;
 - ``GET /stream``: chunked; the first line at once, the others once ``GET /release`` came
   (so a reader proves the response streams instead of arriving whole);
@@ -54,6 +55,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._send(200, b"ok")
         elif path == "/hello":
             self._send(200, payloads.HELLO)
+        elif path == "/address":
+            self._send(200, self.server.server_address[0].encode())
         elif path == "/big":
             query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
             size = int(query.get("size", [str(payloads.BIG_SIZE)])[0])

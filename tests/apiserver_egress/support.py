@@ -26,6 +26,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -80,7 +81,7 @@ KUBECTL_SECONDS = 60.0
 class Worker:
     ns: str
     subnet: str  # the /24 guarded in the root namespace
-    root_ip: str  # root end of the veth (/32): where agents dial
+    root_ip: str  # where agents dial: the root end of the veth (/32), or ``via``'s
     worker_ip: str  # worker end of the veth
     kubelet_ip: str  # on the worker's lo: reachable only from inside the worker
 
@@ -107,14 +108,18 @@ def _free_subnet() -> str:
 
 
 @contextlib.contextmanager
-def worker_namespace() -> Iterator[Worker]:
+def worker_namespace(suffix: str = "", via: str = "") -> Iterator[Worker]:
+    """A worker; ``suffix`` tells a second one apart. With ``via`` (another worker's
+    ``root_ip``) its agents dial that address, routed through this worker's own veth (the
+    root end is the gateway): one address and one certificate serve both workers, which
+    the root side still sees as two sources."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
         message = "the Kubernetes e2e tests need root and iproute2 (network namespaces)"
         if os.environ.get("CI") == "true":
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
     net = _free_subnet()
-    tag = f"{os.getpid() % 100000}"
+    tag = f"{os.getpid() % 100000}{suffix}"
     w = Worker(f"kf-worker-{tag}", f"{net}.0/24", f"{net}.1", f"{net}.2", f"{net}.10")
     root_if, worker_if = f"kfr{tag}", f"kfw{tag}"
     # The guard first, before any address of the subnet exists anywhere.
@@ -131,6 +136,9 @@ def worker_namespace() -> Iterator[Worker]:
             _ip("-n", w.ns, "link", "set", worker_if, "up")
             _ip("-n", w.ns, "addr", "add", f"{w.kubelet_ip}/32", "dev", "lo")
             check_kubelet_unroutable(w)
+            if via:
+                _ip("-n", w.ns, "route", "add", f"{via}/32", "via", w.root_ip, "dev", worker_if)
+                w = dataclasses.replace(w, root_ip=via)
             yield w
         finally:
             _ip("netns", "del", w.ns, check=False)  # takes the veth pair with it
@@ -290,14 +298,22 @@ class Harness:
         return server
 
     def start_agent(
-        self, impl: str, name: str, port: int, *extra: str, host: str = ""
+        self,
+        impl: str,
+        name: str,
+        port: int,
+        *extra: str,
+        host: str = "",
+        worker: Worker | None = None,
     ) -> subprocess.Popen[bytes]:
-        """A proxy-agent in the worker namespace dialing ``host`` (ROOT_IP) : ``port``."""
+        """A proxy-agent in the worker namespace (``worker``'s if given) dialing ``host``
+        (ROOT_IP) : ``port``."""
+        worker = worker or self.worker
         health, admin = free_ports(2)  # free in the worker namespace: nothing else there
         args = [
             *program("agent", impl, self.upstream),
             f"--ca-cert={self.pki.ca_file}",
-            f"--proxy-server-host={host or self.worker.root_ip}",
+            f"--proxy-server-host={host or worker.root_ip}",
             f"--proxy-server-port={port}",
             "--health-server-host=127.0.0.1",
             f"--health-server-port={health}",
@@ -308,15 +324,17 @@ class Harness:
             "--sync-interval-cap=1s",
             *extra,
         ]
-        proc = self.procs.start(f"agent-{name}", self.worker.cmd(args))
+        proc = self.procs.start(f"agent-{name}", worker.cmd(args))
         proc.health_port = health  # type: ignore[attr-defined]
+        proc.worker = worker  # type: ignore[attr-defined]
         return proc
 
     def agent_metrics(self, agent: subprocess.Popen[bytes]) -> dict[str, float]:
-        """The agent's /metrics, fetched from inside the worker namespace."""
+        """The agent's /metrics, fetched from inside its worker namespace."""
         port = agent.health_port  # type: ignore[attr-defined]
+        worker: Worker = agent.worker  # type: ignore[attr-defined]
         done = subprocess.run(
-            self.worker.cmd(["curl", "-sS", "--max-time", "5", f"http://127.0.0.1:{port}/metrics"]),
+            worker.cmd(["curl", "-sS", "--max-time", "5", f"http://127.0.0.1:{port}/metrics"]),
             capture_output=True,
             text=True,
             timeout=15,
@@ -405,6 +423,11 @@ class ApiServers:
         self._etcd = self._stack.enter_context(running_etcd(bin_dir, folder))
         self._current: tuple[str, KubeCluster, contextlib.ExitStack] | None = None
 
+    @property
+    def etcd_url(self) -> str:
+        """The shared etcd, for apiservers started elsewhere (each with its own prefix)."""
+        return self._etcd
+
     def get(self, mode: str = "") -> KubeCluster:
         """The apiserver for ``mode``; "" means whichever runs (the first mode if none)."""
         if self._current is not None and mode in ("", self._current[0]):
@@ -484,10 +507,10 @@ def kubectl_path() -> Path:
     return ROOT / ".cache" / "kube" / kube_version() / "bin" / "kubectl"
 
 
-def register_node(cluster: KubeCluster, w: Worker) -> None:
+def register_node(cluster: KubeCluster, w: Worker, name: str = NODE_NAME) -> None:
     """A Node whose InternalIP and kubelet port are the fake kubelet's, as a kubelet
     registers itself (the status is written through its subresource)."""
-    apply(cluster, {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE_NAME}})
+    apply(cluster, {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
     status = {
         "status": {
             "addresses": [{"type": "InternalIP", "address": w.kubelet_ip}],
@@ -506,7 +529,7 @@ def register_node(cluster: KubeCluster, w: Worker) -> None:
         cluster,
         "patch",
         "node",
-        NODE_NAME,
+        name,
         "--subresource=status",
         "--type=merge",
         "-p",
