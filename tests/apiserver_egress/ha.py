@@ -25,14 +25,19 @@ reach every server even behind a sticky load balancer)::
   node: ``GET /api/v1/nodes/<node>/proxy/address``, which the node's kubelet answers with
   its own address.
 
-``ha_plane`` holds what lives for a module (workers, kubelets, apiservers, Nodes);
-``Plane.start`` starts one scenario's servers, HAProxy and agents (stopped by the
-``harness`` fixture after the test). Flags are templates filled per server and per agent
+``ha_plane`` holds what lives for a module (workers, kubelets, apiservers, Nodes, and a
+"ghost" Node no agent serves); ``Plane.start`` starts one scenario's servers, HAProxy and
+agents (``start_servers`` then ``Run.start_agents``, to act in between), all stopped by the
+``harness`` fixture after the test. Flags are templates filled per server and per agent
 (``SERVER_FIELDS``, ``AGENT_FIELDS``), so a scenario is a few lines::
 
     run = plane.start(harness, servers="ours", agents="upstream",
-                      server_flags=["--agent-advertise-address={advertise}"])
-    run.wait_all_answer()
+                      server_flags=["--enable-peer-forwarding", "--peer-port={peer_port}"])
+    run.wait_all_answer()  # every replica, both nodes, 200 from the right kubelet
+
+Checks: ``Run.answer``/``answers``/``all_answer``/``wait_all_answer``/``watch`` (through
+the replicas), ``Run.agent_metric``/``wait_agents``/``agent_log``, ``Run.state`` (for
+messages), ``Run.wait`` (any bounded wait that fails with the answers and the state).
 
 ``KF_HA=long`` is the long form (longer guard window, every pairing); needs root, iproute2
 and HAProxy (scripts/bootstrap.sh), skipped without them except in CI.
@@ -42,6 +47,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import http.client
 import os
 import shutil
@@ -81,6 +87,7 @@ REPLICAS = 3
 ETCD_PREFIX = "/registry-ha"
 MODE = "grpc-uds"  # each apiserver's egress: its own server's Unix socket
 NODE_B = "kf-worker-2"
+GHOST = "kf-ghost"
 # Agent metrics (upstream's names, then ours: registered only when the feature is on).
 OPEN = "konnectivity_network_proxy_agent_open_server_connections"
 KNOWN = "konnectivity_network_proxy_agent_known_server_count"
@@ -105,6 +112,9 @@ SERVER_FIELDS = (
     "peer_endpoints",  # <id>=127.0.0.1:<peer_port> of every other server, comma-separated
     "kubeconfig",  # admin kubeconfig of the kube-apiserver beside it
     "namespace",  # a namespace made for this scenario (e.g. --lease-namespace)
+    "cert",  # the servers' certificate (127.0.0.1 and DIAL), key and CA: e.g. --peer-cert
+    "key",
+    "ca",
 )
 #: Fields of ``agent_flags`` templates, per agent (one per node).
 AGENT_FIELDS = (
@@ -122,11 +132,8 @@ AGENT_FIELDS = (
 class Node:
     name: str
     worker: Worker
-
-    @property
-    def address(self) -> str:
-        """The kubelet's address: what its node proxy answers, its agent's identifier."""
-        return self.worker.kubelet_ip
+    # The kubelet's address: what its node proxy answers, its agent's identifier.
+    address: str
 
 
 @dataclass(frozen=True)
@@ -162,6 +169,7 @@ class Plane:
 
     k8s: Harness
     nodes: tuple[Node, ...]
+    ghost: Node  # a registered Node that no agent serves (its address is nowhere)
     replicas: tuple[KubeCluster, ...]
     uds: tuple[str, ...]
     context: ssl.SSLContext  # system:masters, trusted by every replica
@@ -181,30 +189,42 @@ class Plane:
         via: str = "sticky",
         server_count: int | None = REPLICAS,
     ) -> Run:
-        """One scenario: ``servers`` ("ours" | "upstream") beside each replica with
-        ``server_flags``, HAProxy, then one ``agents`` per node dialing HAProxy's ``via``
-        port ("sticky" | "rr") with ``agent_flags``. ``server_count`` None leaves
-        ``--server-count`` out (e.g. with the lease controller)."""
+        """One scenario: ``start_servers`` then ``Run.start_agents``."""
+        run = self.start_servers(harness, servers, server_flags, server_count=server_count)
+        run.start_agents(agents, agent_flags, via=via)
+        return run
+
+    def start_servers(
+        self,
+        harness: Harness,
+        servers: str = "ours",
+        server_flags: Sequence[str] = (),
+        *,
+        server_count: int | None = REPLICAS,
+    ) -> Run:
+        """``servers`` ("ours" | "upstream") beside each replica with ``server_flags``,
+        then HAProxy. ``server_count`` None leaves ``--server-count`` out (e.g. with the
+        lease controller)."""
         if HAPROXY is None:  # checked by ha_plane already; kept for the type checker
             pytest.skip("haproxy is not installed")
         rr, sticky, *direct = free_ports(2 + REPLICAS, self.dial)
         ports = Ports(rr, sticky, tuple(direct), tuple(free_ports(REPLICAS)))
-        cluster = self.replicas[0]
-        namespace = new_namespace(cluster, "ha")
-        server_list = ",".join(f"{self.dial}:{p}" for p in ports.direct)
-        run = Run(self, harness, ports)
+        run = Run(self, harness, ports, new_namespace(self.replicas[0], "ha"))
         for i in range(REPLICAS):
             fields = {
                 "index": i,
                 "id": f"s{i}",
                 "advertise": f"{self.dial}:{ports.direct[i]}",
-                "server_list": server_list,
+                "server_list": run.server_list,
                 "peer_port": ports.peer[i],
                 "peer_endpoints": ",".join(
                     f"s{j}=127.0.0.1:{ports.peer[j]}" for j in range(REPLICAS) if j != i
                 ),
                 "kubeconfig": self.replicas[i].kubeconfig,
-                "namespace": namespace,
+                "namespace": run.namespace,
+                "cert": harness.pki.proxy_cert,
+                "key": harness.pki.proxy_key,
+                "ca": harness.pki.ca_file,
             }
             count = [f"--server-count={server_count}"] if server_count is not None else []
             run.servers.append(
@@ -223,26 +243,6 @@ class Plane:
         config = harness.folder / "haproxy.cfg"
         config.write_text(haproxy_config(self.dial, ports, [s.agent_port for s in run.servers]))
         run.haproxy = harness.procs.start("haproxy", [HAPROXY, "-f", str(config), "-db"])
-        port = {"sticky": ports.sticky, "rr": ports.rr}[via]
-        for node in self.nodes:
-            fields = {
-                "node": node.name,
-                "host": self.dial,
-                "server_list": server_list,
-                "rr_port": ports.rr,
-                "sticky_port": ports.sticky,
-                "kubeconfig": cluster.kubeconfig,
-                "namespace": namespace,
-            }
-            run.agents[node.name] = harness.start_agent(
-                agents,
-                node.name,
-                port,
-                *harness.mtls_agent_args(),
-                f"--agent-identifiers=ipv4={node.address}",
-                *(flag.format(**fields) for flag in agent_flags),
-                worker=node.worker,
-            )
         return run
 
 
@@ -274,9 +274,43 @@ class Run:
     plane: Plane
     harness: Harness
     ports: Ports
+    namespace: str  # made for this scenario
     servers: list[ProxyServer] = field(default_factory=list)
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     haproxy: subprocess.Popen[bytes] | None = None
+
+    @property
+    def server_list(self) -> str:
+        """Every server's own HAProxy address, comma-separated."""
+        return ",".join(f"{self.plane.dial}:{p}" for p in self.ports.direct)
+
+    def start_agents(
+        self, agents: str = "ours", agent_flags: Sequence[str] = (), *, via: str = "sticky"
+    ) -> None:
+        """One ``agents`` ("ours" | "upstream") per node with ``agent_flags``, dialing
+        HAProxy's ``via`` port: "sticky", "rr", or "s<i>" (server i alone: a balancer
+        whose pool lacks the others)."""
+        ports = {"sticky": self.ports.sticky, "rr": self.ports.rr}
+        ports.update({f"s{i}": p for i, p in enumerate(self.ports.direct)})
+        for node in self.plane.nodes:
+            fields = {
+                "node": node.name,
+                "host": self.plane.dial,
+                "server_list": self.server_list,
+                "rr_port": self.ports.rr,
+                "sticky_port": self.ports.sticky,
+                "kubeconfig": self.plane.replicas[0].kubeconfig,
+                "namespace": self.namespace,
+            }
+            self.agents[node.name] = self.harness.start_agent(
+                agents,
+                node.name,
+                ports[via],
+                *self.harness.mtls_agent_args(),
+                f"--agent-identifiers=ipv4={node.address}",
+                *(flag.format(**fields) for flag in agent_flags),
+                worker=node.worker,
+            )
 
     # -- through the kube-apiservers ------------------------------------------------------
 
@@ -389,10 +423,18 @@ def ha_plane(k8s: Harness, folder: Path) -> Iterator[Plane]:
     with worker_namespace("b", via=k8s.worker.root_ip) as worker_b, contextlib.ExitStack() as stack:
         stack.enter_context(_kubelet(k8s, worker_b, folder))
         replicas = _replicas(k8s, folder, uds, stack)
-        nodes = (Node(NODE_NAME, k8s.worker), Node(NODE_B, worker_b))
-        for node in nodes:
-            register_node(replicas[0], node.worker, node.name)
-        yield Plane(k8s, nodes, replicas, uds, admin_ssl(replicas[0]))
+        nodes = (
+            Node(NODE_NAME, k8s.worker, k8s.worker.kubelet_ip),
+            Node(NODE_B, worker_b, worker_b.kubelet_ip),
+        )
+        # In worker A's guarded /24, on no interface: only a tunnel could ever dial it.
+        ghost_ip = k8s.worker.kubelet_ip.rsplit(".", 1)[0] + ".99"
+        ghost = Node(GHOST, k8s.worker, ghost_ip)
+        for node in (*nodes, ghost):
+            register_node(
+                replicas[0], dataclasses.replace(node.worker, kubelet_ip=node.address), node.name
+            )
+        yield Plane(k8s, nodes, ghost, replicas, uds, admin_ssl(replicas[0]))
 
 
 @contextlib.contextmanager
