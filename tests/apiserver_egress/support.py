@@ -260,13 +260,16 @@ class Harness:
         *extra: str,
         agent_bind: str = "",
         uds: str = "",
+        agent_port: int = 0,
     ) -> ProxyServer:
         """A proxy-server whose frontend is the one the apiserver's egress configuration
-        names (or, with ``uds``, a Unix socket of its own: one of several servers)."""
+        names (or, with ``uds``, a Unix socket of its own: one of several servers);
+        ``agent_port``: one reserved by the caller (0: a free one)."""
         protocol, transport = MODES[mode]
         if uds:
             transport = "uds"
         agent, health, admin = free_ports(3)
+        agent = agent_port or agent
         args = [
             *program("server", impl, self.upstream),
             f"--mode={'grpc' if protocol == 'GRPC' else 'http-connect'}",

@@ -17,18 +17,21 @@ three replicas, for both nodes.
    HAProxy port>`` and the lease controller: once the servers know each other, agents
    through the sticky port hold 3/3 within 10 s. An agent that joined while its server
    knew only itself never learns the others (xfail, strict: a gap found here).
-5. ``--server-discovery=leases`` against the same servers: 3/3, every replica answers.
+5. ``--server-discovery=leases`` against the same servers: 3/3, every replica answers;
+   in the long form a 4th server joins (every agent within 30 s) and is killed (missing
+   count back at 0 once its Lease expired).
 6. Server peering with upstream's agents through the sticky port: every replica answers
    for both nodes though a server holds no agent; a Node no agent serves gets
    ``No agent available`` from each replica in under a second (skipped until the
    ``peering`` branch is merged).
 
-``KF_HA=long`` (``make ha``): a minute-long guard window, and scenarios 2 and 3 with both
-server implementations.
+``KF_HA=long`` (``make ha``): a minute-long guard window, scenarios 2 and 3 with both
+server implementations, and the 4th server of scenario 5.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -36,11 +39,13 @@ from collections.abc import Iterator
 import pytest
 
 from konnectivity_fast.cli import extensions
+from tests.support.net import free_ports
 
 from .ha import (
     KNOWN,
     LONG,
     MISSING,
+    MODE,
     OPEN,
     READY_BACKENDS,
     REPLICAS,
@@ -57,6 +62,10 @@ pytestmark = pytest.mark.timeout(900 if LONG else 300)
 GUARD_SECONDS = 60.0 if LONG else 15.0
 # The issue's bound for header discovery: every agent holds 3/3 within 10 s.
 HEADERS_SECONDS = 10.0
+# A server started later is held by every agent within this (the issue's bound); a killed
+# one's Lease expires 30 s after its last renewal (every 15 s), then agents list again.
+FOURTH_SERVER_SECONDS = 30.0
+LEASE_EXPIRY_SECONDS = 75.0
 # What our server logs when its directory of the other servers changes.
 KNOWN_FROM_LEASES = "servers known from Leases: "
 # The issue's bound for "No agent available" with peering and no agent anywhere.
@@ -210,6 +219,40 @@ def test_lease_discovery_reaches_every_server(plane: Plane, harness: Harness) ->
     for node in run.agents:
         assert run.agent_metric(node, MISSING) == 0, run.state()
     print(f"leases: 3/3 held after {held:.1f} s, every replica answering {answered:.1f} s later")
+    if LONG:
+        _fourth_server_comes_and_goes(plane, harness, run)
+
+
+def _fourth_server_comes_and_goes(plane: Plane, harness: Harness, run: Run) -> None:
+    """A 4th server (beside no kube-apiserver, in no balancer pool: reachable only at its
+    advertised address) gets every agent within 30 s; killed (its Lease left to expire),
+    the agents' missing count is back at 0 once the Lease has expired."""
+    (port,) = free_ports(1, plane.dial)
+    extra = harness.start_server(
+        "ours",
+        MODE,
+        "s3",
+        f"--cluster-ca-cert={harness.pki.ca_file}",
+        "--proxy-strategies=destHost",
+        f"--agent-advertise-address={plane.dial}:{port}",
+        "--enable-lease-controller",
+        f"--kubeconfig={plane.replicas[0].kubeconfig}",
+        f"--lease-namespace={run.namespace}",
+        agent_bind=plane.dial,
+        agent_port=port,
+        uds=os.path.join(os.path.dirname(plane.uds[0]), "ha-extra.sock"),
+    )
+    joined = run.wait_agents(OPEN, REPLICAS + 1, timeout=FOURTH_SERVER_SECONDS)
+    assert extra.metrics().get(READY_BACKENDS) == len(plane.nodes), run.state()
+    extra.proc.kill()
+    extra.proc.wait(timeout=30)
+    run.wait_agents(OPEN, REPLICAS)
+    # Its Lease, renewed within the last 15 s, still counts for 15 s at least: missing.
+    for node in run.agents:
+        assert run.agent_metric(node, MISSING) == 1, run.state()
+    gone = run.wait_agents(MISSING, 0, timeout=LEASE_EXPIRY_SECONDS)
+    run.wait_all_answer()
+    print(f"leases: s3 held by every agent after {joined:.1f} s, forgotten {gone:.1f} s after")
 
 
 @pytest.mark.skipif(
