@@ -4,6 +4,7 @@
 ``backends``: the ``--proxy-strategies`` chain that picks an agent stream; ``balance``: the
 opt-in least-loaded choice among a strategy's candidates (ours).
 ``router``: the packet rules (``Router``). ``events``: the effects it returns.
+``peering``: ``PeeringRouter``, which hands dials no agent here takes to peer servers.
 No sockets, no event loop, no clock: time is an argument, randomness is injected.
 The names the router shares with the wire (strategies, modes, agent identifiers) are
 ``wire.contract``'s; the types among them are re-exported here for the router's callers.
@@ -28,6 +29,8 @@ from konnectivity_fast.tunnel.events import (
     DialFailure,
     DialFailureReason,
     Effect,
+    EndPeer,
+    ForwardDial,
     Message,
     RawMessage,
     RetireBackend,
@@ -35,6 +38,7 @@ from konnectivity_fast.tunnel.events import (
     SendToFrontend,
     TunnelEstablished,
 )
+from konnectivity_fast.tunnel.peering import PeerBackend, PeeringRouter
 from konnectivity_fast.tunnel.records import (
     Backend,
     Frontend,
@@ -93,9 +97,13 @@ __all__ = [
     "DialFailure",
     "DialFailureReason",
     "Effect",
+    "EndPeer",
+    "ForwardDial",
     "Frontend",
     "FrontendMode",
     "Message",
+    "PeerBackend",
+    "PeeringRouter",
     "PendingDial",
     "ProxyClientConnection",
     "ProxyStrategy",

@@ -71,6 +71,13 @@ DEFAULTS: list[tuple[str, Any, type]] = [  # (field, value, type); durations in 
     # Ours (cli/extensions.py): off, as upstream has no such thing.
     ("enable_tunnel_flow_control", False, bool),
     ("dial_balance", "random", str),
+    ("enable_peer_forwarding", False, bool),
+    ("peer_port", 0, int),
+    ("peer_bind_address", "", str),
+    ("peer_endpoints", "", str),
+    ("peer_cert", "", str),
+    ("peer_key", "", str),
+    ("peer_ca_cert", "", str),
 ]
 
 
