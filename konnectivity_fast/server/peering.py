@@ -356,6 +356,8 @@ class PeerForwarder:
     ) -> str:
         try:
             proto = await self._connection(peer_id, address)
+            if not _alive(proto):  # lost since (a peer refusing our certificate under
+                raise ConnectionError("connection lost")  # TLS 1.3 closes it just after)
             call = proto.start_call(
                 PROXY_PATH,
                 [(MD_FORWARDED_FROM, self.server_id)],
@@ -416,7 +418,12 @@ def _usable(task: asyncio.Task[GrpcProtocol]) -> bool:
     """A finished connect task whose connection can take a new stream."""
     if task.cancelled() or task.exception() is not None:
         return False
-    proto = task.result()
+    return _alive(task.result())
+
+
+def _alive(proto: GrpcProtocol) -> bool:
+    """A connection that can take a new stream: a stream started on a lost one would never
+    end (nothing reports its loss twice)."""
     transport = proto.transport
     return (
         transport is not None
