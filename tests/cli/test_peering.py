@@ -14,9 +14,7 @@ import pytest
 from konnectivity_fast.cli.server_options import ProxyRunOptions, parse_args
 from konnectivity_fast.server.peering import parse_peer_endpoints, static_peers, union_peers
 from konnectivity_fast.wire.endpoints import Address
-from tests.support.net import Certs, certs, free_ports
-
-__all__ = ["certs"]  # the fixture
+from tests.support.net import Certs, free_ports
 
 WAIT_SECONDS = 30.0
 
