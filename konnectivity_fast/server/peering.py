@@ -462,26 +462,6 @@ class _RefusedSink:
         pass
 
 
-class _ForwardedStream:
-    """A forwarded stream's sink: the frontend's own, counted in the peer-streams gauge."""
-
-    __slots__ = ("inner",)
-
-    def __init__(self, inner: CallSink) -> None:
-        self.inner = inner
-        peer_metrics.stream_opened(peer_metrics.FORWARDED)
-
-    def on_message(self, call: GrpcCall, message: bytes) -> None:
-        self.inner.on_message(call, message)
-
-    def on_end(self, call: GrpcCall) -> None:
-        self.inner.on_end(call)
-
-    def on_closed(self, call: GrpcCall, error_code: int) -> None:
-        peer_metrics.stream_closed(peer_metrics.FORWARDED)
-        self.inner.on_closed(call, error_code)
-
-
 class _PeerService:
     """``ProxyService`` for peers: every stream is a forwarded frontend."""
 
@@ -496,7 +476,16 @@ class _PeerService:
             return _RefusedSink()
         origin = next((v for k, v in call.metadata if k == MD_FORWARDED_FROM), "?")
         log.log(V(3), "stream %d forwarded by peer %s", call.stream_id, origin)
-        return _ForwardedStream(self.proxy._open_frontend(call, forwarded=True))
+        # The frontend's own sink, unwrapped: the data path recognises it by its class
+        # (its buffer toward the peer is charged and budgeted as any frontend's).
+        sink = self.proxy._open_frontend(call, forwarded=True)
+        peer_metrics.stream_opened(peer_metrics.FORWARDED)
+        call.closed.add_done_callback(_forwarded_closed)
+        return sink
+
+
+def _forwarded_closed(_: asyncio.Future[int]) -> None:
+    peer_metrics.stream_closed(peer_metrics.FORWARDED)
 
 
 async def start_peer_listener(
