@@ -38,7 +38,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 from collections.abc import Callable, Mapping
@@ -391,6 +390,8 @@ class PeerForwarder:
             known, task = entry
             if known == address and not (task.done() and not _usable(task)):
                 return await asyncio.shield(task)
+            if known != address and task.done() and _usable(task):
+                task.result().close_when_idle()  # the peer moved: the old one may go
         task = self.proxy.loop.create_task(self._connect(address))
         task.add_done_callback(_retrieve)
         self._connections[peer_id] = (address, task)
@@ -499,9 +500,7 @@ async def start_peer_listener(
     tls_settings: TlsSettings,
 ) -> GrpcServer:
     """The peer listener: ``ProxyService`` on TCP, mTLS with ``ca_file`` always."""
-    ctx = tls_settings.server_context(cert_file, key_file, ca_file)
-    with contextlib.suppress(AttributeError):
-        ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx = tls_settings.server_context(cert_file, key_file, ca_file)  # CERT_REQUIRED
     return await serve(
         _PeerService(proxy), host=host, port=port, ssl=ctx, name="peer", **FRONTEND_ENGINE_DEFAULTS
     )
