@@ -673,6 +673,13 @@ class ProxyServer:
             elif isinstance(effect, ForwardDial):
                 self._forward(effect)
             elif isinstance(effect, EndPeer) and self.forwarder is not None:
+                for message in effect.final:
+                    self._send(
+                        effect.backend.conn,
+                        message,
+                        metrics.SEGMENT_TO_AGENT,
+                        self._message_type(message),
+                    )
                 self.forwarder.end(effect.backend)
         self._arm_timer()
         self._update_gauges()

@@ -16,7 +16,8 @@ values, in the order they must happen. The adapter performs them in that order:
 - ``ForwardDial`` (server peering, ``tunnel.peering``): no agent here takes the dial; ask
   the peer servers, then report the outcome (``PeeringRouter.peer_answered`` or
   ``peer_unavailable``).
-- ``EndPeer``: a peer stream carries nothing any more: half-close it (if it was opened).
+- ``EndPeer``: a peer stream carries nothing any more: send its ``final`` messages, then
+  half-close it (if it was opened).
 - ``DialFailure``, ``DialDuration``, ``ConnectionDuration``: metric observations, named
   after upstream's ``dial_failure_count{reason}`` and ``dial_duration_seconds``
   (pkg/server/metrics/metrics.go) and the ``connection_duration_seconds`` of its later
@@ -145,9 +146,11 @@ class ForwardDial:
 
 @dataclass(frozen=True, slots=True)
 class EndPeer:
-    """The router forgot ``backend``, a peer stream: end it (``conn`` None: never opened)."""
+    """The router forgot ``backend``, a peer stream: send it ``final`` (in order), then end
+    it (``conn`` None: never opened; ``final`` is then empty)."""
 
     backend: Backend
+    final: tuple[Message, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,8 +23,10 @@ included; connectIDs are the peer's (its agent's), so nothing is rewritten on th
    available``, at once).
 3. Whenever a ``PeerBackend`` owns no dial and no connection any more (the dial failed or
    was cancelled, the connection closed either way, the frontend left), the router
-   forgets it and emits ``EndPeer``: the adapter half-closes its stream, and the peer
-   server cleans up its side as for any client that leaves.
+   forgets it and emits ``EndPeer``, carrying the last packets for it (the CLOSE_REQ of a
+   frontend that left): the adapter sends them and half-closes the stream (or withdraws
+   a dial still being offered), and the peer server cleans up its side as for any client
+   that leaves.
 
 Invariants (beyond ``Router``'s):
 - A forwarded frontend's dial is never forwarded (hop limit 1: no loops, whatever the
@@ -49,6 +51,7 @@ from konnectivity_fast.tunnel.events import (
     Effect,
     EndPeer,
     ForwardDial,
+    SendToAgent,
     SendToFrontend,
     TunnelEstablished,
 )
@@ -172,6 +175,13 @@ class PeeringRouter(Router):
     def remove_backend(self, backend: Backend, now: float) -> list[Effect]:
         return self._finish(super().remove_backend(backend, now))
 
+    def retire_backend(self, backend: Backend) -> list[Effect]:
+        """Agent streams only: a peer stream carries one dial, which ``handle_timer``
+        already bounds, and is ended rather than retired."""
+        if isinstance(backend, PeerBackend):
+            return []
+        return self._finish(super().retire_backend(backend))
+
     def dial_http_connect(self, frontend: Frontend, address: str, now: float) -> list[Effect]:
         return self._finish(super().dial_http_connect(frontend, address, now))
 
@@ -212,5 +222,11 @@ class PeeringRouter(Router):
             backend.closed = True
             backend.closing.clear()
             del self._backends[backend.id]
-            effects.append(EndPeer(backend))
+            # What this call sends the peer goes out with the end (nothing is addressed to
+            # a closed backend); a stream never opened gets nothing.
+            final = [e for e in effects if isinstance(e, SendToAgent) and e.backend is backend]
+            if final:
+                effects[:] = [e for e in effects if e not in final]
+            opened = backend.conn is not None
+            effects.append(EndPeer(backend, tuple(e.message for e in final) if opened else ()))
         return effects

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from random import Random
 
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import initialize, invariant, precondition, rule
+
 from konnectivity_fast.tunnel import (
     ERR_NO_AGENT,
     AgentIdentifiers,
@@ -14,6 +18,7 @@ from konnectivity_fast.tunnel import (
     CloseReason,
     DialFailure,
     DialFailureReason,
+    Effect,
     EndPeer,
     ForwardDial,
     Frontend,
@@ -29,6 +34,7 @@ from konnectivity_fast.tunnel.peering import PEER_AGENT_PREFIX, is_no_agent
 from konnectivity_fast.wire.packets import DialResponse
 
 from . import close_req, close_rsp, data, dial_cls, dial_req, dial_rsp, only
+from .test_router_properties import RouterMachine
 
 GRPC, HTTP = FrontendMode.GRPC, FrontendMode.HTTP_CONNECT
 CONN = object()  # the adapter's stream to the peer, as the router stores it
@@ -109,7 +115,7 @@ def test_frontend_gone_closes_the_connection_then_ends_the_stream() -> None:
     peer = dial.backend
     answer(r, dial, connect_id=4)
     effects = r.remove_frontend(frontend)
-    assert effects == [SendToAgent(peer, close_req(4)), EndPeer(peer)]
+    assert effects == [EndPeer(peer, (close_req(4),))]
     # The peer's late answers are dropped.
     assert r.receive_from_agent(peer, data(4), 3.0) == []
     assert r.receive_from_agent(peer, close_rsp(4), 3.0) == []
@@ -160,8 +166,8 @@ def test_frontend_gone_while_forwarding() -> None:
     frontend = r.add_frontend(GRPC)
     dial = forwarded_dial(r, frontend, random=8)
     effects = r.remove_frontend(frontend)
-    # The DIAL_CLS goes to a stream not opened yet (the adapter skips it), then it ends.
-    assert effects == [SendToAgent(dial.backend, dial_cls(8)), EndPeer(dial.backend)]
+    # Nothing goes to a stream not opened yet: the adapter withdraws the dial itself.
+    assert effects == [EndPeer(dial.backend)]
 
 
 def test_dial_timeout_covers_forwarded_dials() -> None:
@@ -219,3 +225,86 @@ def test_http_connect_without_any_peer_agent() -> None:
         CloseFrontend(frontend, CloseReason.NO_AGENT, ERR_NO_AGENT),
         EndPeer(effect.dial.backend),
     ]
+
+
+class PeeringMachine(RouterMachine):
+    """The router's random sequences (test_router_properties) on a ``PeeringRouter``, plus
+    the adapter's reports on forwarded dials and forwarded frontends: every invariant of
+    the router holds, and a peer backend carries exactly one dial or connection while the
+    router knows it, is ended once when it forgets it, and no forwarded frontend's dial is
+    ever forwarded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = PeeringRouter(["default"], Random(0))
+        self.ended: set[PeerBackend] = set()
+
+    @initialize(seed=st.integers(0, 2**32), timeout=st.sampled_from([0.0, 3.0]))
+    def configure(  # type: ignore[override]
+        self, seed: int, timeout: float
+    ) -> None:
+        self.router = PeeringRouter(["default"], Random(seed), dial_timeout=timeout)
+
+    @rule(random=st.integers(0, 10**6), address=st.sampled_from(["10.0.0.1:443", "x:1"]))
+    def forwarded_frontend_dials(self, random: int, address: str) -> None:
+        frontend = self.router.add_frontend(GRPC, forwarded=True)
+        self.frontends.append(frontend)
+        effects = self.router.receive_from_frontend(frontend, dial_req(random, address), self.now)
+        assert not [e for e in effects if isinstance(e, ForwardDial)]
+        self.apply(effects)
+
+    def forwarding(self) -> list[PendingDial]:
+        return [
+            d
+            for f in self.router.frontends.values()
+            for d in f.dials.values()
+            if isinstance(d.backend, PeerBackend) and d.backend.conn is None
+        ]
+
+    @precondition(lambda self: self.forwarding())
+    @rule(draw=st.data(), kind=st.sampled_from(["ok", "ok", "error", "unavailable"]))
+    def peer_reports(self, draw: st.DataObject, kind: str) -> None:
+        dial = draw.draw(st.sampled_from(self.forwarding()))
+        if kind == "unavailable":
+            effects = self.router.peer_unavailable(dial)
+        else:
+            error = "refused" if kind == "error" else ""
+            response = DialResponse(error=error, connect_id=1, random=1)
+            answered = self.router.peer_answered(dial, "s2", CONN, response, self.now)
+            assert answered is not None
+            effects = answered
+        self.apply(effects)
+
+    def apply(self, effects: list[Effect]) -> None:  # type: ignore[override]
+        for effect in effects:
+            if isinstance(effect, ForwardDial):
+                assert not effect.dial.frontend.forwarded
+                self.backends.append(effect.dial.backend)
+            if isinstance(effect, EndPeer):
+                backend = effect.backend
+                assert isinstance(backend, PeerBackend) and backend.closed
+                assert backend not in self.ended
+                self.ended.add(backend)
+        super().apply(effects)
+
+    @invariant()
+    def peer_backends_carry_one_tunnel(self) -> None:
+        for backend in self.router.backends.values():
+            if isinstance(backend, PeerBackend):
+                assert len(backend.dials) + len(backend.connections) == 1
+
+    @invariant()
+    def managers_hold_exactly_the_open_unretired_backends(self) -> None:
+        """The router's own check, peer backends aside: no manager ever holds one."""
+        chosen = {
+            b
+            for b in self.router.backends.values()
+            if not b.retired and not isinstance(b, PeerBackend)
+        }
+        for manager in self.router.backend_managers.managers:
+            stored = {b for streams in manager._storage._backends.values() for b in streams}
+            assert stored == {b for b in chosen if list(manager.keys_of(b))}
+
+
+PeeringMachine.TestCase.settings = settings(settings(), stateful_step_count=40)
+TestPeeringMachine = PeeringMachine.TestCase
