@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from random import Random
 
+from konnectivity_fast.metrics import peering as peer_metrics
 from konnectivity_fast.server import ProxyServer, ServerHandle
 from konnectivity_fast.server.buffering import RATIONED_WINDOW, BufferBudget
 from konnectivity_fast.server.http_connect import RESPONSE_200, start_http_connect_uds
@@ -31,9 +33,10 @@ from konnectivity_fast.server.peering import (
     static_peers,
 )
 from konnectivity_fast.transport import grpc as kgrpc
+from konnectivity_fast.tunnel import ERR_NO_AGENT
 from konnectivity_fast.wire.codec import decode_packet, encode_packet
 from konnectivity_fast.wire.contract import PROXY_PATH
-from konnectivity_fast.wire.endpoints import Address
+from konnectivity_fast.wire.endpoints import MD_FORWARDED_FROM, Address
 from konnectivity_fast.wire.packets import (
     CloseResponse,
     Data,
@@ -53,6 +56,8 @@ SMALL_BUDGET = 2 << 20
 # More than what s1 takes for a stalled reader (its client's inbox and window, its budget),
 # so the rest waits on s2.
 BUDGETED_BYTES = 12 << 20
+# Each dial asks the down peer first with probability 1/2: that none does is 2**-20.
+DIALS_PAST_A_DOWN_PEER = 20
 BUSY_TUNNELS = 4
 BUSY_BYTES = 2 << 20
 
@@ -101,8 +106,11 @@ class Pair:
 
 
 @contextlib.asynccontextmanager
-async def peered(sock_dir: str, certs: Certs, tunnel_budget: int = 0) -> AsyncIterator[Pair]:
-    """``tunnel_budget``: both servers' per-tunnel budget (0: the default)."""
+async def peered(
+    sock_dir: str, certs: Certs, tunnel_budget: int = 0, extra: dict[str, Address] | None = None
+) -> AsyncIterator[Pair]:
+    """``tunnel_budget``: both servers' per-tunnel budget (0: the default). ``extra``: more
+    peers in both lists."""
     servers = [
         ProxyServer(
             server_id=f"s{i}",
@@ -134,6 +142,7 @@ async def peered(sock_dir: str, certs: Certs, tunnel_budget: int = 0) -> AsyncIt
             handle.servers.append(listener)
             ports[server.server_id] = listener.sockets[0].getsockname()[1]
         peers = {sid: Address("127.0.0.1", port) for sid, port in ports.items()}
+        peers.update(extra or {})
         context = peer_client_context(certs.ca, certs.server_cert, certs.server_key, DEFAULT_TLS)
         for server in servers:
             forwarder = PeerForwarder(
@@ -297,5 +306,57 @@ def test_stalled_reader_is_budgeted_on_both_servers(
             await wait_until(lambda: pair.s2.budget.total == 0, "s2's charge is released")
             await proto.aclose()
             await wait_until(pair.idle, "both servers forget the tunnel")
+
+    arun(main())
+
+
+def dials(result: str) -> float:
+    return peer_metrics.PEER_DIALS.labels(result).value
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_unreachable_peer_is_skipped(arun: RunFn, sock_dir: str, certs: Certs) -> None:
+    """A listed peer that is down costs an error count, not the dial: the next peer has the
+    agent (the order is random, so both orders occur over the dials)."""
+
+    async def main() -> None:
+        down = {"s3": Address("127.0.0.1", closed_port())}
+        async with peered(sock_dir, certs, extra=down) as pair:
+            errors, ok = dials("error"), dials("ok")
+            for tag in range(DIALS_PAST_A_DOWN_PEER):
+                reader, writer = await http_tunnel(pair, f"once-{tag}-1000:80")
+                assert await reader.readexactly(1000) == pattern(tag, 1000)
+                writer.close()
+                await writer.wait_closed()
+            assert dials("ok") - ok == DIALS_PAST_A_DOWN_PEER
+            assert 0 < dials("error") - errors <= DIALS_PAST_A_DOWN_PEER
+            await wait_until(pair.idle, "both servers forget every tunnel")
+
+    arun(main())
+
+
+def test_stream_naming_a_forwarder_is_not_forwarded(
+    arun: RunFn, sock_dir: str, certs: Certs
+) -> None:
+    """The hop limit holds on the ordinary frontend too: a stream that says it was
+    forwarded gets upstream's error from s1 without s1 asking anyone."""
+
+    async def main() -> None:
+        async with peered(sock_dir, certs) as pair:
+            asked = sum(dials(r) for r in ("ok", "no_agent", "error"))
+            proto = await kgrpc.connect(path=pair.grpc_uds)
+            call = proto.start_call(PROXY_PATH, [(MD_FORWARDED_FROM, "s9")])
+            request = DialRequest("tcp", "once-1-10:80", 5)
+            call.send(encode_packet(Packet(PacketType.DIAL_REQ, request)))
+            message = await call.recv()
+            assert message is not None
+            assert decode_packet(message).payload == DialResponse(error=ERR_NO_AGENT, random=5)
+            assert sum(dials(r) for r in ("ok", "no_agent", "error")) == asked
+            await proto.aclose()
 
     arun(main())
