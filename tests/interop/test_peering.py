@@ -206,7 +206,9 @@ def test_no_agent_anywhere_fails_at_once_without_loop(
     streams_closed([s1, s2])
 
 
+@pytest.mark.parametrize("foreign", ["forwarder", "peer"])
 def test_peer_with_foreign_certificate_is_refused(
+    foreign: str,
     *,
     upstream: Upstream,
     certs: Certs,
@@ -215,16 +217,15 @@ def test_peer_with_foreign_certificate_is_refused(
     echo_port: int,
     foreign_certs: tuple[str, str, str],
 ) -> None:
-    """s1 presents a certificate from another CA (and trusts only that CA): s2 refuses it,
-    s1 refuses s2's; the dial gets upstream's error, counted as a peer error."""
+    """One server presents a certificate from another CA (both trust only the common CA):
+    ``forwarder``, s1's is refused by s2's listener; ``peer``, s2's is refused by s1 as it
+    dials. Either way the tunnel is not made, the client gets upstream's error, and s1
+    counts a peer error."""
     cert, key, _ = foreign_certs
-    s1, s2 = start_servers(
-        processes,
-        certs,
-        sock_dir,
-        "grpc",
-        tls=[(cert, key, certs.ca), (certs.server_cert, certs.server_key, certs.ca)],
-    )
+    ours = (certs.server_cert, certs.server_key, certs.ca)
+    theirs = (cert, key, certs.ca)
+    tls = [theirs, ours] if foreign == "forwarder" else [ours, theirs]
+    s1, s2 = start_servers(processes, certs, sock_dir, "grpc", tls=tls)
     start_agent(processes, upstream, certs, "ours", s2)
     code, result = run_goclient(
         upstream, "-mode=grpc", f"-uds={s1.uds}", f"-target={LOOPBACK}:{echo_port}"
