@@ -5,7 +5,8 @@ When no agent here can take a dial, ``tunnel.peering.PeeringRouter`` emits ``For
 and ``PeerForwarder.forward`` offers the dial to the peers, one at a time, in random order:
 
 1. a connection to the peer (one HTTP/2 connection per peer, kept and shared by every
-   forwarded dial; TCP + mTLS, made within ``PEER_CONNECT_TIMEOUT``);
+   forwarded dial; TCP + mTLS, made within ``PEER_CONNECT_TIMEOUT``; a peer that could
+   not be reached is skipped for ``PEER_RETRY_AFTER``);
 2. a ``/ProxyService/Proxy`` stream on it with ``kf-forwarded-from: <our server ID>``, and
    DIAL_REQ with the frontend's protocol and address and the peer backend's own random;
 3. the peer's first packet must be that dial's DIAL_RSP. ``No agent available`` (or a
@@ -69,6 +70,7 @@ from konnectivity_fast.wire.packets import (
 
 __all__ = [
     "PEER_CONNECT_TIMEOUT",
+    "PEER_RETRY_AFTER",
     "PeerForwarder",
     "PeerSource",
     "PeeringRunOptions",
@@ -89,6 +91,10 @@ PeerSource = Callable[[], Mapping[str, Address]]
 # answered in 5 s is down or cut off, and the next one is tried while the client (whose own
 # dial timeouts are 10 s and more) still waits.
 PEER_CONNECT_TIMEOUT = 5.0
+# A peer that could not be reached is skipped for this long, so that a down (or black-holed)
+# peer costs one failed attempt, not one per dial, while a restarted one is back within
+# seconds. The client then gets its answer from the other peers, at once.
+PEER_RETRY_AFTER = 5.0
 
 _DATA = int(PacketType.DATA)
 _DIAL_RSP = int(PacketType.DIAL_RSP)
@@ -281,6 +287,8 @@ class PeerForwarder:
         self._tasks: set[asyncio.Task[None]] = set()
         # Unattached peer backends -> the stream their dial is being offered on.
         self._attempts: dict[Backend, GrpcCall] = {}
+        # Peers that could not be reached -> when to try them again (PEER_RETRY_AFTER).
+        self._down: dict[str, float] = {}
         self._closed = False
 
     # --- ProxyServer's DialForwarder ---------------------------------------------------
@@ -329,8 +337,17 @@ class PeerForwarder:
     # --- one forwarded dial ------------------------------------------------------------
 
     def _candidates(self) -> list[tuple[str, Address]]:
+        """The peers to ask, in random order: all but us and those recently unreachable."""
+        now = self.proxy.loop.time()
+        for peer_id, until in list(self._down.items()):
+            if until <= now:
+                del self._down[peer_id]
         try:
-            peers = [(pid, addr) for pid, addr in self.peers().items() if pid != self.server_id]
+            peers = [
+                (pid, addr)
+                for pid, addr in self.peers().items()
+                if pid != self.server_id and pid not in self._down
+            ]
         except Exception:  # a broken source must not break dialling
             log.exception("reading the peer list failed")
             peers = []
@@ -366,6 +383,7 @@ class PeerForwarder:
         except (OSError, TimeoutError, GrpcError, ssl.SSLError) as exc:
             log.log(V(1), "peer %s at %s unreachable: %s", peer_id, address, exc or type(exc))
             peer_metrics.dialled(peer_metrics.DIAL_ERROR)
+            self._down[peer_id] = self.proxy.loop.time() + PEER_RETRY_AFTER
             return peer_metrics.DIAL_ERROR
         if self.proxy.router.pending_dial(dial.random) is not dial:
             call.cancel()
