@@ -4,9 +4,9 @@ PY := .venv/bin/python
 BUILD_LOCK := /tmp/konnectivity-fast-build.lock
 
 # Every target is a command, none is a file (tests/test_makefile.py checks the list).
-.PHONY: bootstrap bootstrap-runtime bootstrap-bench build debug asan run test test-quick \
-	lint fuzz fuzz-long bench bench-tunnel bench-echo bench-micro clean images interop \
-	chaos bench-abuse
+.PHONY: bootstrap bootstrap-runtime bootstrap-bench build debug asan vendored wheel run test \
+	test-quick lint fuzz fuzz-long bench bench-tunnel bench-echo bench-micro bench-agent-rss \
+	clean images interop chaos bench-abuse
 
 bootstrap:
 	scripts/bootstrap.sh test
@@ -33,6 +33,17 @@ debug: bootstrap-runtime
 
 asan: bootstrap
 	scripts/asan.sh
+
+# The engine and codec tests against the pinned libnghttp2 that the wheel compiles in
+# (scripts/fetch-nghttp2.sh), in build/vendored/ beside the release build; `make test`
+# runs them too. KF_NGHTTP2_SRC=DIR tries another nghttp2 source tree the same way.
+vendored: bootstrap
+	scripts/core-tier.sh vendored $(PY) -m pytest -q -p no:cacheprovider tests/h2 tests/wire
+
+# The installable wheel, with the pinned libnghttp2 compiled in and repaired to a
+# manylinux tag, in dist/ (scripts/wheel.sh; README "Installing the wheel").
+wheel:
+	scripts/wheel.sh
 
 # The real proxy-server and proxy-agent at work (konnectivity-fast demo --help); e.g.
 # make run ARGS=--keep, or ARGS=--topology=remote (as root, with ip and haproxy).
@@ -63,8 +74,14 @@ bench-echo: bootstrap-bench
 bench-micro: bootstrap-bench
 	$(PY) -m pytest bench/micro --benchmark-only -q
 
+# Idle RSS of our proxy-agent and upstream's holding three proxy-servers, same run
+# (bench/agent_rss.py): with default flags, then counting Leases as the DaemonSet does.
+bench-agent-rss: bootstrap-bench
+	$(PY) -m bench.agent_rss --json bench/results/agent-rss.json
+	$(PY) -m bench.agent_rss --leases --json bench/results/agent-rss-leases.json
+
 clean:
-	rm -rf build konnectivity_fast/_wire.c konnectivity_fast/_wire*.so
+	rm -rf build dist konnectivity_fast/_wire.c konnectivity_fast/_wire*.so
 
 # Container images (OCI archives in .cache/images/) without a Docker engine; needs root.
 images:

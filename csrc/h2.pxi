@@ -198,11 +198,43 @@ cdef int _cb_invalid_frame(nghttp2_session *session, const nghttp2_frame *frame,
                            int lib_error_code, void *user_data) noexcept:
     cdef H2Connection conn = <H2Connection>user_data
     try:
-        conn._on_invalid_frame(frame)
+        conn._on_invalid_frame(frame, lib_error_code)
     except BaseException as exc:
         conn._error = exc
         return NGHTTP2_ERR_CALLBACK_FAILURE
-    return 0
+    # A malformed message ends the connection: stop parsing the rest of this read.
+    return NGHTTP2_ERR_CALLBACK_FAILURE if conn._stop_input else 0
+
+
+cdef int _cb_begin_frame(nghttp2_session *session, const nghttp2_frame_hd *hd,
+                         void *user_data) noexcept:
+    cdef H2Connection conn = <H2Connection>user_data
+    if hd.type != NGHTTP2_PRIORITY:
+        return 0
+    try:
+        if hd.stream_id == 0:
+            # RFC 9113 6.3: a connection error of type PROTOCOL_ERROR, as grpc-go and
+            # nghttp2 1.52 make it. Releases that ignore every PRIORITY frame (1.68,
+            # 1.70) would let it pass, and call nothing else for it: refuse it here.
+            conn._refuse(NGHTTP2_PROTOCOL_ERROR, b"", "http2: PRIORITY frame on stream 0")
+        else:
+            _spend_control_frame(conn, hd)
+    except BaseException as exc:
+        conn._error = exc
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+    return NGHTTP2_ERR_CALLBACK_FAILURE if conn._stop_input else 0
+
+
+cdef int _cb_invalid_header(nghttp2_session *session, const nghttp2_frame *frame,
+                            const uint8_t *name, size_t namelen, const uint8_t *value,
+                            size_t valuelen, uint8_t flags, void *user_data) noexcept:
+    # A field nghttp2 finds invalid (RFC 9113 8.2.1: bad characters in a name or value)
+    # makes the message malformed. Without this callback nghttp2 drops such a field and
+    # delivers the rest of the message, and which fields it drops rather than refuses
+    # changed between releases (1.70 drops a value holding CR LF that 1.52 refuses).
+    # Failing here makes every release report it as a malformed message (invalid-frame
+    # callback, or its own connection error), which _on_invalid_frame turns into ours.
+    return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE
 
 
 cdef int _cb_data_chunk(nghttp2_session *session, uint8_t flags, int32_t stream_id,
@@ -235,6 +267,8 @@ cdef nghttp2_session_callbacks *_make_callbacks() except NULL:
     nghttp2_session_callbacks_set_send_data_callback(cbs, _cb_send_data)
     nghttp2_session_callbacks_set_on_begin_headers_callback(cbs, _cb_begin_headers)
     nghttp2_session_callbacks_set_on_header_callback(cbs, _cb_header)
+    nghttp2_session_callbacks_set_on_invalid_header_callback(cbs, _cb_invalid_header)
+    nghttp2_session_callbacks_set_on_begin_frame_callback(cbs, _cb_begin_frame)
     nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, _cb_frame_recv)
     nghttp2_session_callbacks_set_on_frame_send_callback(cbs, _cb_frame_send)
     nghttp2_session_callbacks_set_on_invalid_frame_recv_callback(cbs, _cb_invalid_frame)
@@ -244,6 +278,13 @@ cdef nghttp2_session_callbacks *_make_callbacks() except NULL:
 
 
 cdef nghttp2_session_callbacks *_CALLBACKS = _make_callbacks()
+
+
+def libnghttp2_version():
+    """The version of the libnghttp2 running the engine: the system library's (whatever
+    the dynamic linker loaded, which may differ from the one built against), or the
+    pinned release compiled into a vendored build (a wheel)."""
+    return nghttp2_version(0).version_str.decode("ascii")
 
 
 include "h2_connection.pxi"

@@ -84,8 +84,10 @@ cdef class H2Connection:
             nghttp2_option_set_no_auto_ping_ack(opt, 1)
             # grpc-go sends grpc-message values with edge spaces unencoded: accept them.
             nghttp2_option_set_no_rfc9113_leading_and_trailing_ws_validation(opt, 1)
-            # Resets are counted by the control-frame budget instead (h2_flood.pxi).
+            # Resets and glitches (newer nghttp2) are counted by the control-frame
+            # budget instead, the same on every release (h2_flood.pxi, kf_nghttp2.h).
             kf_option_disable_stream_reset_rate_limit(opt)
+            kf_option_disable_glitch_rate_limit(opt)
             if server:
                 rv = nghttp2_session_server_new2(&self._session, _CALLBACKS, <void *>self, opt)
             else:
@@ -287,6 +289,7 @@ cdef class H2Connection:
             return
         s.local_done = True
         s.finished = True
+        s.reset_sent = True
         _check(nghttp2_submit_rst_stream(self._session, NGHTTP2_FLAG_NONE, stream_id,
                                          error_code))
 
@@ -525,7 +528,8 @@ cdef class H2Connection:
         cdef int t = frame.hd.type
         cdef _Stream s
         cdef H2Event ev
-        _spend_control_frame(self, frame)
+        if t != NGHTTP2_PRIORITY:  # charged as it began (_cb_begin_frame)
+            _spend_control_frame(self, &frame.hd)
         if self._stop_input:
             return 0
         if t == NGHTTP2_DATA:
@@ -565,8 +569,14 @@ cdef class H2Connection:
             self._events.append(ev)
         return 0
 
-    cdef int _on_invalid_frame(self, const nghttp2_frame *frame) except -1:
+    cdef int _on_invalid_frame(self, const nghttp2_frame *frame, int lib_error_code) except -1:
         cdef H2Event ev
+        if (lib_error_code == NGHTTP2_ERR_HTTP_HEADER
+                or lib_error_code == NGHTTP2_ERR_HTTP_MESSAGING):
+            # nghttp2 found a malformed request or response (RFC 9113 8.1.1) and reset
+            # its stream: end the connection instead (see _malformed).
+            self._malformed(frame.hd.stream_id, "malformed message")
+            return 0
         if (frame.hd.type == NGHTTP2_GOAWAY and frame.goaway.error_code == NGHTTP2_NO_ERROR
                 and not self._peer_left):
             # A client's clean shutdown that nghttp2 finds malformed (its last-stream-id is
@@ -594,6 +604,16 @@ cdef class H2Connection:
                              f"{frame.goaway.error_code} sent)"
                 self._events.append(ev)
             return 0
+        if (t == NGHTTP2_RST_STREAM and frame.rst_stream.error_code == NGHTTP2_PROTOCOL_ERROR
+                and not self.terminated):
+            s = self._streams.get(frame.hd.stream_id)
+            if s is None or not s.reset_sent:
+                # A reset that nghttp2 sent, not the application (reset_stream): a stream
+                # error it found where it calls no callback (nghttp2 1.52: DATA longer
+                # than its content-length; a stream over our limit once the peer has our
+                # SETTINGS). The same rule as in _on_invalid_frame.
+                self._malformed(frame.hd.stream_id, "stream error (RST_STREAM PROTOCOL_ERROR)")
+                return 0
         if t == NGHTTP2_HEADERS or t == NGHTTP2_DATA:
             # grpc-go forgives a client's earlier pings once the server has sent something.
             self._ka.forgive = True
@@ -701,6 +721,33 @@ cdef class H2Connection:
         ev.message = message
         ev.metadata = metadata
         self._events.append(ev)
+        return 0
+
+    cdef int _malformed(self, int32_t stream_id, str what) except -1:
+        """The peer sent a malformed request or response on `stream_id` (`what` says
+        which fault): GOAWAY PROTOCOL_ERROR, and the rest of the current read is not
+        processed.
+
+        RFC 9113 8.1.1 makes this a stream error, which 5.4.1 lets an endpoint treat as a
+        connection error. nghttp2 1.68 does so itself, and no option turns that off short
+        of dropping its HTTP validation; 1.52 and 1.70 reset the stream. grpc-go resets
+        the stream (docs/differences.md).
+        Ending the connection in every release keeps the engine the same whichever
+        libnghttp2 it runs on (the system's, or a wheel's). Nothing of value is lost: the
+        peers of a Konnectivity server and agent speak gRPC through grpc-go, which sends
+        no malformed message, so one comes from a broken or hostile peer, and a
+        connection that ends cannot be used to make us reset streams without bound."""
+        cdef _Stream s
+        if self.terminated:
+            return 0
+        if not self.server:
+            # nghttp2 closes the stream when its reset goes out, maybe in a later
+            # data_to_send: the call's outcome must come now, before EV_ERROR.
+            s = self._streams.get(stream_id)
+            if s is not None:
+                self._finish(s, GRPC_INTERNAL, "malformed response from the server", [])
+        self._refuse(NGHTTP2_PROTOCOL_ERROR, b"",
+                     f"http2: {what} from the peer on stream {stream_id}")
         return 0
 
     cdef int _refuse(self, uint32_t code, bytes debug, str why) except -1:

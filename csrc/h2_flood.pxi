@@ -18,6 +18,7 @@ from libc.stdint cimport uint64_t
 
 cdef extern from "kf_nghttp2.h":
     int kf_option_disable_stream_reset_rate_limit(nghttp2_option *option)
+    int kf_option_disable_glitch_rate_limit(nghttp2_option *option)
 
 
 # Control frames a peer may send at once, and per second after that, before it is refused
@@ -71,17 +72,19 @@ cdef class _FrameBudget:
             self.tokens += CONTROL_FRAME_REFUND
 
 
-cdef inline bint _is_control_frame(const nghttp2_frame *frame):
+cdef inline bint _is_control_frame(const nghttp2_frame_hd *hd):
     """A received frame that carries no application data (see _FrameBudget)."""
-    cdef int t = frame.hd.type
+    cdef int t = hd.type
     if t == NGHTTP2_DATA:
-        return frame.hd.length == 0 and not (frame.hd.flags & NGHTTP2_FLAG_END_STREAM)
+        return hd.length == 0 and not (hd.flags & NGHTTP2_FLAG_END_STREAM)
     return t != NGHTTP2_HEADERS and t != NGHTTP2_WINDOW_UPDATE
 
 
-cdef int _spend_control_frame(H2Connection self, const nghttp2_frame *frame) except -1:
-    """Charge a received frame to the control budget; refuse the peer when it is spent."""
-    if _is_control_frame(frame) and not self._budget.spend(self._now):
+cdef int _spend_control_frame(H2Connection self, const nghttp2_frame_hd *hd) except -1:
+    """Charge a received frame to the control budget; refuse the peer when it is spent.
+    Called as each frame is complete (_on_frame_recv), but for PRIORITY frames as they
+    begin (_cb_begin_frame): nghttp2 1.68 and later ignore them and call nothing else."""
+    if _is_control_frame(hd) and not self._budget.spend(self._now):
         self._refuse(NGHTTP2_ENHANCE_YOUR_CALM, _TOO_MANY_CONTROL_FRAMES,
                      "too many control frames (SETTINGS, PING, RST_STREAM, empty DATA, ...) "
                      "from the peer")

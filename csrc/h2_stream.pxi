@@ -43,6 +43,7 @@ cdef class _Stream:
     cdef bint remote_ended      # the peer sent END_STREAM
     cdef bint finished          # the call's outcome has been reported (client: trailers)
     cdef bint failed            # inbound framing failed: ignore further data
+    cdef bint reset_sent        # we submitted RST_STREAM (nghttp2 may reset it too)
     # Server role: the event batch (H2Connection._batches) that carries this stream's
     # EV_REQUEST, or -1: a reset before that batch is taken hides the stream (h2_flood.pxi).
     cdef Py_ssize_t announced_in

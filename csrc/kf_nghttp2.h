@@ -26,4 +26,21 @@ static inline int kf_option_disable_stream_reset_rate_limit(nghttp2_option *opti
     return 1;
 }
 
+/* Newer nghttp2 releases (1.68 and 1.70; not 1.52) also limit "glitches" (by default 1000
+ * at once, 33 per second): frames they ignore or find suspicious (PRIORITY, empty DATA,
+ * unknown frame types, refused HEADERS), ending the connection with ENHANCE_YOUR_CALM when
+ * they come faster. The engine counts those with every other control frame
+ * (csrc/h2_flood.pxi), the same on every release, so it switches this limit off too where
+ * the library has it. */
+void nghttp2_option_set_glitch_rate_limit(nghttp2_option *option, uint64_t burst,
+                                          uint64_t rate) __attribute__((weak));
+
+static inline int kf_option_disable_glitch_rate_limit(nghttp2_option *option)
+{
+    if (nghttp2_option_set_glitch_rate_limit == NULL)
+        return 0;
+    nghttp2_option_set_glitch_rate_limit(option, UINT64_MAX, UINT64_MAX);
+    return 1;
+}
+
 #endif

@@ -102,6 +102,12 @@ cdef extern from "nghttp2/nghttp2.h":
         nghttp2_session *session, const nghttp2_frame *frame, const uint8_t *name,
         size_t namelen, const uint8_t *value, size_t valuelen, uint8_t flags,
         void *user_data)
+    ctypedef int (*nghttp2_on_begin_frame_callback)(
+        nghttp2_session *session, const nghttp2_frame_hd *hd, void *user_data)
+    ctypedef int (*nghttp2_on_invalid_header_callback)(
+        nghttp2_session *session, const nghttp2_frame *frame, const uint8_t *name,
+        size_t namelen, const uint8_t *value, size_t valuelen, uint8_t flags,
+        void *user_data)
 
     enum:
         NGHTTP2_FLAG_NONE
@@ -123,6 +129,8 @@ cdef extern from "nghttp2/nghttp2.h":
         NGHTTP2_ERR_CALLBACK_FAILURE
         NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE
         NGHTTP2_ERR_BAD_CLIENT_MAGIC
+        NGHTTP2_ERR_HTTP_HEADER
+        NGHTTP2_ERR_HTTP_MESSAGING
         NGHTTP2_ERR_FLOODED
         NGHTTP2_SETTINGS_ENABLE_PUSH
         NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS
@@ -156,6 +164,10 @@ cdef extern from "nghttp2/nghttp2.h":
         nghttp2_session_callbacks *cbs, nghttp2_on_begin_headers_callback cb)
     void nghttp2_session_callbacks_set_on_header_callback(
         nghttp2_session_callbacks *cbs, nghttp2_on_header_callback cb)
+    void nghttp2_session_callbacks_set_on_invalid_header_callback(
+        nghttp2_session_callbacks *cbs, nghttp2_on_invalid_header_callback cb)
+    void nghttp2_session_callbacks_set_on_begin_frame_callback(
+        nghttp2_session_callbacks *cbs, nghttp2_on_begin_frame_callback cb)
 
     int nghttp2_option_new(nghttp2_option **option_ptr)
     void nghttp2_option_del(nghttp2_option *option)
@@ -217,3 +229,11 @@ cdef extern from "nghttp2/nghttp2.h":
         const uint8_t *opaque_data, size_t opaque_data_len)
 
     const char *nghttp2_strerror(int lib_error_code)
+
+    ctypedef struct nghttp2_info:
+        int age
+        int version_num
+        const char *version_str
+        const char *proto_str
+
+    nghttp2_info *nghttp2_version(int least_version)

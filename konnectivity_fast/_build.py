@@ -12,32 +12,42 @@ package is importable.
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
+import glob
+import os
 
-_ROOT = Path(__file__).resolve().parent.parent
-_PACKAGE = Path(__file__).resolve().parent
+# Plain os.path, not pathlib, and hashlib only when a digest is computed: every program
+# imports this module, and an installed wheel never computes one (docs/architecture.md,
+# "The agent's imports").
+_PACKAGE = os.path.dirname(os.path.realpath(__file__))
+_ROOT = os.path.dirname(_PACKAGE)
 
 #: Files whose content defines the compiled extension, relative to the project root.
 _SOURCE_GLOBS = ("csrc/*.pxi", "csrc/*.pxd", "csrc/*.h", "csrc/*.c", "konnectivity_fast/_wire.pyx")
 
 
-def source_files() -> list[Path]:
-    files: list[Path] = []
+def source_files() -> list[str]:
+    """The files, relative to the project root, with ``/`` separators, in digest order."""
+    files: list[str] = []
     for pattern in _SOURCE_GLOBS:
-        files.extend(sorted(_ROOT.glob(pattern)))
+        found = glob.glob(os.path.join(_ROOT, pattern))
+        files.extend(sorted(os.path.relpath(f, _ROOT).replace(os.sep, "/") for f in found))
     return files
 
 
 def sources_present() -> bool:
-    return (_ROOT / "csrc").is_dir() and (_PACKAGE / "_wire.pyx").is_file()
+    return os.path.isdir(os.path.join(_ROOT, "csrc")) and os.path.isfile(
+        os.path.join(_PACKAGE, "_wire.pyx")
+    )
 
 
 def source_digest() -> str:
+    import hashlib
+
     h = hashlib.sha256()
-    for path in source_files():
-        h.update(path.relative_to(_ROOT).as_posix().encode())
+    for name in source_files():
+        h.update(name.encode())
         h.update(b"\0")
-        h.update(path.read_bytes())
+        with open(os.path.join(_ROOT, name), "rb") as f:
+            h.update(f.read())
         h.update(b"\0")
     return h.hexdigest()[:16]

@@ -6,6 +6,7 @@
   ``konnectivity_fast.wire._codec``, plus the DATA fast path.
 - ``h2.pxi``: ``H2Connection``, one sans-IO HTTP/2 + gRPC connection over libnghttp2, for
   the server and the client role.
+- ``process.pxi``: glibc's ``mallopt`` and ``malloc_trim`` for ``cli/malloc.py``.
 
 ``SOURCE_DIGEST`` identifies the sources this build came from (see ``_build.py``).
 
@@ -23,3 +24,4 @@ SOURCE_DIGEST = KF_SOURCE_DIGEST.decode("ascii")
 include "codec.pxi"
 include "framing.pxi"
 include "h2.pxi"
+include "process.pxi"

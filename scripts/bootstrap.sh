@@ -3,9 +3,10 @@
 #   system packages (libnghttp2-dev for the compiled core, a C compiler),
 #   a virtualenv in .venv with the Python dependencies,
 #   an in-place build of the compiled extension, and an editable install (console scripts).
-# Usage: scripts/bootstrap.sh [runtime|test|bench]   (default: runtime)
-#   runtime: the programs; test: `make test` (the test and bench extras: the suite runs
-#   the benchmarks' smoke tests, which draw a chart); bench: the benchmarks (both extras).
+# Usage: scripts/bootstrap.sh [runtime|test|bench|wheel]   (default: runtime)
+#   runtime: the programs; test: `make test` (the test, bench and wheel extras: the suite
+#   runs the benchmarks' smoke tests, which draw a chart, and builds the wheel); bench: the
+#   benchmarks (test and bench extras); wheel: `make wheel` (the wheel extra: auditwheel).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 profile=${1:-runtime}
@@ -17,10 +18,13 @@ APT_PACKAGES=(libnghttp2-dev pkg-config gcc make python3-venv)
 # nftables (network namespaces, and the load balancer's firewall in
 # tests/remote_control_plane). Go (>= 1.21, which fetches newer toolchains from the module
 # proxy itself) comes with the machine; scripts/build-*.sh say so clearly when it is missing.
+# The pinned libnghttp2 of the wheel and of the vendored test build is downloaded with curl
+# (scripts/fetch-nghttp2.sh).
 case "$profile" in
   runtime | bench) ;;
-  test) APT_PACKAGES+=(haproxy iproute2 nftables) ;;
-  *) echo "bootstrap: unknown profile $profile (runtime, test or bench)" >&2; exit 2 ;;
+  wheel) APT_PACKAGES+=(curl ca-certificates) ;;
+  test) APT_PACKAGES+=(haproxy iproute2 nftables curl ca-certificates) ;;
+  *) echo "bootstrap: unknown profile $profile (runtime, test, bench or wheel)" >&2; exit 2 ;;
 esac
 
 missing=()
@@ -48,6 +52,8 @@ deps = list(meta["build-system"]["requires"]) + list(meta["project"]["dependenci
 extras = meta["project"]["optional-dependencies"]
 if sys.argv[1] in ("test", "bench"):
     deps += extras["test"] + extras["bench"]
+if sys.argv[1] in ("test", "wheel"):
+    deps += extras["wheel"]
 print("\n".join(deps))
 PYEOF
 )

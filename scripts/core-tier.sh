@@ -4,7 +4,12 @@
 #
 #   scripts/core-tier.sh debug [COMMAND...]   line tracing, bounds checks, C asserts (-O0 -g)
 #   scripts/core-tier.sh asan  [COMMAND...]   AddressSanitizer + UBSan (and C asserts)
+#   scripts/core-tier.sh vendored [COMMAND...] release, with the pinned libnghttp2 compiled
+#                                              in (the wheel's; scripts/fetch-nghttp2.sh)
 #   e.g. scripts/core-tier.sh asan .venv/bin/python -m pytest -q tests/h2
+#
+# KF_VENDOR_NGHTTP2=1 compiles the pinned libnghttp2 into the debug or asan tier too, and
+# KF_NGHTTP2_SRC=DIR builds a vendored tier against another nghttp2 source tree (setup.py).
 #
 # The release build in place (konnectivity_fast/_wire*.so) is never replaced: every Python
 # process started by COMMAND, and their Python children, load konnectivity_fast._wire from
@@ -25,9 +30,9 @@ cd "$(dirname "$0")/.."
 root=$PWD
 tier=${1:-}
 case "$tier" in
-debug | asan) shift ;;
+debug | asan | vendored) shift ;;
 *)
-    echo "usage: scripts/core-tier.sh debug|asan [COMMAND...]" >&2
+    echo "usage: scripts/core-tier.sh debug|asan|vendored [COMMAND...]" >&2
     exit 2
     ;;
 esac
@@ -80,7 +85,10 @@ if sys.argv[1] == "debug":
     core.decode_packet(core.encode_packet(core.decode_packet(b"\x08\x06")))
     sys.settrace(None)
     assert "codec.pxi" in traced, f"no line of codec.pxi traced (traced: {sorted(traced)})"
-print(f"core-tier: {sys.argv[1]} core {core.__file__} (sources {core.SOURCE_DIGEST})")
+print(
+    f"core-tier: {sys.argv[1]} core {core.__file__} (sources {core.SOURCE_DIGEST}, "
+    f"libnghttp2 {core.libnghttp2_version()})"
+)
 PYEOF
 
 [ "$#" -gt 0 ] || exit 0

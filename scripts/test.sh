@@ -18,6 +18,11 @@ echo "== stubtest konnectivity_fast._wire"
 # the engine, codec and fuzz smoke tests that run compiled code (`make asan`: all of them).
 echo "== asan (short)"
 scripts/asan.sh --short
+# The engine and codec tests again with the pinned libnghttp2 that the wheel compiles in
+# (its own build in build/vendored/): the engine must be right on the system's release
+# (Debian 12: 1.52) and on the wheel's (`make vendored`).
+echo "== vendored libnghttp2: tests/h2 tests/wire"
+scripts/core-tier.sh vendored .venv/bin/python -m pytest -q -p no:cacheprovider tests/h2 tests/wire
 # Peers built from source, cached in .cache/ (skipped when already built): upstream
 # v0.36.0's binaries and the Go konnectivity-client, then kube-apiserver and etcd.
 export GOTOOLCHAIN=${GOTOOLCHAIN:-auto}

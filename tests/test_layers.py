@@ -18,7 +18,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "konnectivity_fast"
 # layer -> project modules it may import (prefixes); "" is the package root's own modules.
 ALLOWED: dict[str, tuple[str, ...]] = {
     "metrics": ("konnectivity_fast.metrics",),
-    "kube": ("konnectivity_fast.kube",),
+    # _lazy: names loaded on first use; imports nothing of the project.
+    "kube": ("konnectivity_fast.kube", "konnectivity_fast._lazy"),
     # _wire is the compiled core (the codec's fast twin and the HTTP/2 engine), imported for
     # its names after _compiled has checked the build.
     "wire": (
@@ -27,7 +28,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "konnectivity_fast._build",
         "konnectivity_fast._wire",
     ),
-    "tunnel": ("konnectivity_fast.wire", "konnectivity_fast.tunnel"),
+    "tunnel": ("konnectivity_fast.wire", "konnectivity_fast.tunnel", "konnectivity_fast._lazy"),
     "transport": (
         "konnectivity_fast.wire",
         "konnectivity_fast.transport",

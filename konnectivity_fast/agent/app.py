@@ -33,10 +33,13 @@ import errno
 import logging
 import os
 import ssl
+from collections.abc import Mapping
+from random import Random
 from typing import Protocol
 
 from konnectivity_fast.agent.client import ClientConfig
-from konnectivity_fast.agent.clientset import ClientSet
+from konnectivity_fast.agent.clientset import ClientSet, EndpointSource
+from konnectivity_fast.agent.discovery import EndpointBook, Source
 from konnectivity_fast.agent.health import admin_routes, health_routes, start_http
 from konnectivity_fast.agent.policy import ServerCounter
 from konnectivity_fast.agent.tunnel_list import tunnels_handler
@@ -46,8 +49,17 @@ from konnectivity_fast.metrics import flow as flow_metrics
 from konnectivity_fast.transport.accept import Listener, set_exhaustion_observer
 from konnectivity_fast.transport.tls import H2_ALPN
 from konnectivity_fast.wire.contract import NO_EXTENSIONS, Extension, ExtensionSet
+from konnectivity_fast.wire.endpoints import Address, parse_address_list
 
-__all__ = ["AgentRunOptions", "LeaseCounter", "SetupError", "build_ssl_context", "run"]
+__all__ = [
+    "AgentRunOptions",
+    "EndpointWatcher",
+    "LeaseCounter",
+    "SetupError",
+    "build_ssl_context",
+    "discovery_names",
+    "run",
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +90,26 @@ class AgentRunOptions(Protocol):
     warn_on_channel_limit: bool
     count_server_leases: bool
     server_count_source: str
+    proxy_server_list: str
+    server_discovery: str
+    proxy_server_tls_name: str
 
 
 class LeaseCounter(Protocol):
-    """Counts the valid proxy-server Leases (``--count-server-leases``)."""
+    """Counts the valid proxy-server Leases (``--count-server-leases``); ``endpoints``:
+    the agent endpoints our servers publish on them (``--server-discovery=leases``)."""
 
     async def start(self) -> None: ...
     def count(self) -> int: ...
+    def endpoints(self) -> Mapping[Address, str]: ...
+    async def close(self) -> None: ...
+
+
+class EndpointWatcher(Protocol):
+    """Ready endpoints of the proxy-servers' Service (``--server-discovery=service``)."""
+
+    async def start(self) -> None: ...
+    def endpoints(self) -> Mapping[Address, str]: ...
     async def close(self) -> None: ...
 
 
@@ -150,6 +175,11 @@ def build_ssl_context(options: AgentRunOptions) -> ssl.SSLContext:
     return ctx
 
 
+def discovery_names(text: str) -> frozenset[str]:
+    """The ``--server-discovery`` names (the CLI checked them)."""
+    return frozenset(name.strip() for name in text.split(",") if name.strip())
+
+
 def client_config(
     options: AgentRunOptions,
     ctx: ssl.SSLContext,
@@ -164,7 +194,7 @@ def client_config(
         token_path=options.service_account_token_path,
         keepalive_time=options.keepalive_time,
         probe_interval=options.probe_interval,
-        server_name=options.proxy_server_host,
+        server_name=options.proxy_server_tls_name or options.proxy_server_host,
         warn_on_channel_limit=options.warn_on_channel_limit,
         extensions=extensions,
     )
@@ -206,6 +236,7 @@ async def run(
     drain: asyncio.Event | None = None,
     *,
     lease_counter: LeaseCounter | None = None,
+    service_watcher: EndpointWatcher | None = None,
     extensions: ExtensionSet = NO_EXTENSIONS,
 ) -> int:
     """Serve until ``stop`` is set; the process's exit code. Raises ``SetupError``.
@@ -223,12 +254,19 @@ async def run(
         if not await _start_leases(lease_counter, stop):
             return 0
         counter = ServerCounter(lease_counter.count, options.server_count_source)
+    sources = _direct_sources(options, lease_counter, service_watcher)
+    if service_watcher is not None:
+        await service_watcher.start()
     clients = ClientSet(
         client_config(options, ctx, extensions),
         sync_interval=options.sync_interval,
         sync_interval_cap=options.sync_interval_cap,
         sync_forever=options.sync_forever,
         counter=counter,
+        book=EndpointBook(options.sync_interval, options.sync_interval_cap, Random())
+        if sources is not None
+        else None,
+        sources=sources,
     )
     clients.start()
     http: list[Listener] = []
@@ -269,4 +307,31 @@ async def run(
             await server.wait_closed()
         if lease_counter is not None and options.count_server_leases:
             await lease_counter.close()
+        if service_watcher is not None:
+            await service_watcher.close()
     return 0
+
+
+def _direct_sources(
+    options: AgentRunOptions,
+    lease_counter: LeaseCounter | None,
+    service_watcher: EndpointWatcher | None,
+) -> dict[Source, EndpointSource] | None:
+    """The direct endpoint sources the flags ask for; None: upstream's agent (the header
+    source is the ``ClientSet``'s own)."""
+    discovery = discovery_names(options.server_discovery)
+    if not options.proxy_server_list and not discovery:
+        return None
+    sources: dict[Source, EndpointSource] = {}
+    if options.proxy_server_list:
+        static = dict.fromkeys(parse_address_list(options.proxy_server_list), "")
+        sources[Source.STATIC] = lambda: static
+    if "leases" in discovery:
+        if lease_counter is None:
+            raise SetupError("--server-discovery=leases needs --count-server-leases")
+        sources[Source.LEASE] = lease_counter.endpoints
+    if "service" in discovery:
+        if service_watcher is None:
+            raise SetupError("--server-discovery=service needs --proxy-server-service")
+        sources[Source.SERVICE] = service_watcher.endpoints
+    return sources

@@ -194,6 +194,8 @@ class AgentClient:
         self.sender: FairSender | None = None
         self.server_id = ""
         self.server_count = 0
+        # The Connect response headers (the agent's discovery reads ours beyond upstream's).
+        self.response_headers: list[tuple[str, str]] = []
         # Negotiated on this stream once connected: an extension is used only if in here.
         self.extensions: ExtensionSet = NO_EXTENSIONS
         #: flow.v1 was negotiated: per-tunnel credit (tunnel/flow.py) on this stream.
@@ -286,6 +288,7 @@ class AgentClient:
         if not headers and call.status is not None:
             raise ConnectError(_status_text(call.status, call.message))
         self.server_id, self.server_count = parse_server_headers(headers)
+        self.response_headers = headers
         self.extensions = negotiate_extensions(headers, cfg.extensions)
         self.flow = Extension.FLOW in self.extensions
         if self.extensions:

@@ -1,48 +1,87 @@
 """``ClientSet``: this agent's connections to every proxy-server replica
-(upstream's pkg/agent/clientset.go ``ClientSet``: ``sync`` and ``connectOnce``).
+(upstream's pkg/agent/clientset.go ``ClientSet``: ``sync`` and ``connectOnce``), and ours
+beyond it: direct endpoints (docs/high-availability.md).
 
-One sync loop, strictly sequential as upstream's: try once at once, then sleep
-``Backoff.idle()`` after a success, a duplicate or nothing to do, or ``Backoff.step()``
-after a failure; stop when asked. An attempt (``connect_once``):
+**The balancer loop**, strictly sequential as upstream's: try once at once, then sleep
+``Backoff.idle()`` after a success or nothing to do, or ``Backoff.step()`` after a failure;
+stop when asked. An attempt (``connect_once``):
 
 1. does nothing once draining (no new connections after the first SIGTERM);
-2. asks the ``ServerCounter`` how many servers there are (``known_server_count``);
+2. asks how many servers there are (``known_count``: the ``ServerCounter``, and with
+   direct endpoints also every server ID a source names);
 3. does nothing when that many are connected, unless ``--sync-forever``;
 4. otherwise opens a new ``AgentClient`` (a new TCP connection, so the host name is
    resolved again and a load balancer may pick another replica), and keeps it unless its
    server ID is already connected (then it is closed: ``duplicate server: <id>``).
 
-Only a new unique server's ``servercount`` header updates the response-based count.
-``open_server_connections`` follows the map on every add and remove.
+A duplicate costs upstream one ``--sync-interval`` (upstream issue #816: with 5 replicas
+about 5 s to find the last one); here, while servers are missing, the next attempt after
+a new server or a duplicate comes after ``DUPLICATE_RETRY_DELAY``, so a round-robin
+balancer is walked through in milliseconds; only once the sticky window
+(``StickyDetector``) is full of duplicates does the loop fall back to the interval.
 
-Sticky load balancers (every new connection reaching the same replica) leave the agent on
-fewer servers than it knows of, forever; upstream says nothing. This loop logs a warning
-after ``STICKY_WARN_AFTER`` duplicates in a row while short of servers, and again every
-``STICKY_WARN_AFTER`` more; the metrics show it as ``open_server_connections`` below
-``known_server_count``.
+**Detect and say it** (always on): when the last ``StickyDetector.window`` attempts all
+reached held servers while some are missing, the balancer is suspected sticky or short:
+the gauge ``konnectivity_fast_agent_lb_sticky_suspected`` is registered and set to 1, and
+a warning names the balancer, the server it keeps returning and how many are missing
+(again every ``STICKY_LOG_INTERVAL`` while it lasts). Holding every known server sets it
+back to 0.
+
+**Direct endpoints** (with an ``EndpointBook``): a second loop dials the book's due
+addresses (``EndpointBook.due``), at most ``MAX_DIRECT_ATTEMPTS`` at once, each with
+``ClientConfig.server_name`` unchanged so certificates verify against the name users
+already have. It wakes when a source or the set of held servers changes, or when a
+backed-off address becomes due. Sources are polled each turn (``sources``); the header
+source is the union of the ``kf-server-endpoints`` of the servers held (kept while none
+is). With no book, and a non-empty ``--proxy-server-host``, this is upstream's agent.
+
+Invariants: at most one ``AgentClient`` per server ID whatever the path;
+``open_server_connections`` follows the map on every add and remove.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from random import Random
 
 from konnectivity_fast.agent.client import AgentClient, ClientConfig, ConnectError
+from konnectivity_fast.agent.discovery import EndpointBook, Source
 from konnectivity_fast.agent.endpoint import EndpointPool
-from konnectivity_fast.agent.policy import Backoff, ServerCounter
+from konnectivity_fast.agent.policy import Backoff, ServerCounter, StickyDetector, jitter
 from konnectivity_fast.metrics import agent as metrics
+from konnectivity_fast.metrics import discovery as discovery_metrics
 from konnectivity_fast.verbosity import V
+from konnectivity_fast.wire.contract import Extension
+from konnectivity_fast.wire.endpoints import MD_SERVER_ENDPOINTS, Address, parse_server_endpoints
 
-__all__ = ["STICKY_WARN_AFTER", "ClientSet", "DuplicateServerError"]
+__all__ = [
+    "DUPLICATE_RETRY_DELAY",
+    "MAX_DIRECT_ATTEMPTS",
+    "STICKY_LOG_INTERVAL",
+    "ClientSet",
+    "DuplicateServerError",
+    "EndpointSource",
+]
 
 log = logging.getLogger(__name__)
 
-#: Duplicates in a row, while connected to fewer servers than known, before the agent warns
-#: that the load balancer looks sticky (about this many seconds at the default interval).
-STICKY_WARN_AFTER = 30
+#: Seconds before the next try after a duplicate inside a streak (class docstring): one
+#: TLS handshake on a LAN takes a few milliseconds, so this is a handful of attempts per
+#: second at most, for at most the sticky window.
+DUPLICATE_RETRY_DELAY = 0.05
+#: The sticky warning is repeated this often (seconds) while the balancer stays suspect:
+#: visible in any log window, not a flood.
+STICKY_LOG_INTERVAL = 600.0
+#: Direct dials in flight at once: a few replicas answer at once, and unreachable ones
+#: (each up to the 20 s connect timeout) do not hold up the others.
+MAX_DIRECT_ATTEMPTS = 8
+
+#: A direct endpoint source: address -> the server ID it claims there ("" unknown).
+EndpointSource = Callable[[], Mapping[Address, str]]
 
 
 class DuplicateServerError(ConnectError):
@@ -54,7 +93,7 @@ class DuplicateServerError(ConnectError):
 
 
 class ClientSet:
-    """The sync loop and the map of server ID -> ``AgentClient``."""
+    """The sync loops and the map of server ID -> ``AgentClient``."""
 
     def __init__(
         self,
@@ -67,20 +106,31 @@ class ClientSet:
         pool: EndpointPool | None = None,
         rng: Random | None = None,
         client_factory: Callable[..., AgentClient] = AgentClient,
+        book: EndpointBook | None = None,
+        sources: Mapping[Source, EndpointSource] | None = None,
     ) -> None:
         self.config = config
+        self.sync_interval = sync_interval
         self.sync_forever = sync_forever
         self.counter = counter or ServerCounter()
         self.pool = pool or EndpointPool()
-        self.backoff = Backoff(sync_interval, sync_interval_cap, rng or Random())
+        self._rng = rng or Random()
+        self.backoff = Backoff(sync_interval, sync_interval_cap, self._rng)
         self._client_factory = client_factory
         self.clients: dict[str, AgentClient] = {}
         self.draining = False
         self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._connecting: AgentClient | None = None
-        self.duplicates_in_a_row = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._connecting: set[AgentClient] = set()
+        self.sticky = StickyDetector()
+        self._sticky_logged_at: float | None = None
         self.attempts = 0
+        # Direct endpoints: the book, its sources, and which address each client came by.
+        self.book = book
+        self.sources: dict[Source, EndpointSource] = dict(sources or {})
+        self._via: dict[AgentClient, Address] = {}
+        self._header_endpoints: dict[Address, str] = {}
+        self._wake = asyncio.Event()
 
     # -- state -----------------------------------------------------------------------------
 
@@ -92,19 +142,69 @@ class ClientSet:
     def healthy_clients_count(self) -> int:
         return sum(1 for client in self.clients.values() if client.ready)
 
-    def _update_gauge(self) -> None:
+    @property
+    def duplicates_in_a_row(self) -> int:
+        return self.sticky.in_a_row
+
+    def known_count(self) -> int:
+        """How many servers to hold: the counter's, or more when sources name more."""
+        count = self.counter.count()
+        if self.book is not None:
+            count = max(count, len(self.book.claimed_ids() | self.clients.keys()))
+        return count
+
+    def _update_gauges(self) -> None:
         metrics.set_server_connections_count(len(self.clients))
+        if self.book is not None:
+            missing = self.known_count() - len(self.clients)
+            discovery_metrics.MISSING_SERVERS.set(max(0, missing))
 
     def _removed(self, client: AgentClient) -> None:
+        address = self._via.pop(client, None)
+        if address is not None and self.book is not None:
+            self.book.lost(address, asyncio.get_running_loop().time())
         if self.clients.get(client.server_id) is client:
             del self.clients[client.server_id]
             log.info("disconnected from server %s (%d left)", client.server_id, len(self.clients))
-            self._update_gauge()
+            self._changed()
 
-    # -- the loop --------------------------------------------------------------------------
+    def _adopt(self, client: AgentClient, count: int, path: str) -> None:
+        """Keep a connected client (its ID is not held yet)."""
+        self.counter.last_received = client.server_count
+        self.clients[client.server_id] = client
+        client.start()
+        log.info(
+            "connected to server %s %s (%d of %d; it counts %d)",
+            client.server_id,
+            "directly at " + f"{client.config.host}:{client.config.port}"
+            if path == discovery_metrics.PATH_DIRECT
+            else "through the load balancer",
+            len(self.clients),
+            count,
+            client.server_count,
+        )
+        if self.draining:  # the drain started while this one was connecting
+            client.send_drain()
+        self._changed()
+
+    def _changed(self) -> None:
+        """The set of held servers changed: refresh what depends on it."""
+        if self.book is not None:
+            self._refresh_header_source()
+            if len(self.clients) >= self.known_count():
+                self._satisfied()
+            self._wake.set()
+        self._update_gauges()
+
+    # -- the balancer loop -----------------------------------------------------------------
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        if self.config.host:
+            self._tasks.append(loop.create_task(self._run()))
+        if self.book is not None:
+            discovery_metrics.enable(metrics.REGISTRY)
+            self._tasks.append(loop.create_task(self._run_direct()))
 
     async def _run(self) -> None:
         while not self._stop.is_set():
@@ -112,72 +212,185 @@ class ClientSet:
                 await self.connect_once()
             except DuplicateServerError as exc:
                 self.backoff.reset()
-                delay = self.backoff.idle()
+                delay = self._pause()
                 log.log(V(4), "%s", exc)
             except ConnectError as exc:
                 log.error("cannot connect once: %s", exc)
+                self._count_attempt(discovery_metrics.PATH_LB, discovery_metrics.RESULT_ERROR)
                 delay = self.backoff.step()
             else:
                 self.backoff.reset()
-                delay = self.backoff.idle()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), delay)
+                delay = self._pause()
+            await self._sleep(delay)
+
+    def _pause(self) -> float:
+        """The pause after a success or a duplicate: short while servers are missing and
+        the balancer is not (yet) suspected of always answering with held ones, else the
+        sync interval."""
+        count = self.known_count()
+        if len(self.clients) < count and self.sticky.may_move(count):
+            return jitter(DUPLICATE_RETRY_DELAY, 1.0, self._rng)
+        return self.backoff.idle()
+
+    async def _sleep(self, delay: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), delay)
 
     async def connect_once(self) -> None:
         """One sync step; raises ``ConnectError`` (or ``DuplicateServerError``)."""
         if self.draining:
             return
-        count = self.counter.count()
+        count = self.known_count()
         metrics.set_server_count(count)
         if not self.sync_forever and len(self.clients) >= count:
-            self.duplicates_in_a_row = 0
+            self._satisfied()
             return
         self.attempts += 1
         client = self._client_factory(self.config, self.pool, self._removed)
-        self._connecting = client
+        self._connecting.add(client)
         try:
-            server_count = await client.connect()
+            await client.connect()
         finally:
-            self._connecting = None
+            self._connecting.discard(client)
         if self._stop.is_set():
             client.close("stopping")
             return
         if client.server_id in self.clients:
             client.close("duplicate")
-            self._note_duplicate(count)
+            self._count_attempt(discovery_metrics.PATH_LB, discovery_metrics.RESULT_DUPLICATE)
+            self._note_duplicate(client.server_id, count)
             raise DuplicateServerError(client.server_id)
-        self.duplicates_in_a_row = 0
-        self.counter.last_received = server_count
-        self.clients[client.server_id] = client
-        self._update_gauge()
-        client.start()
-        log.info(
-            "connected to server %s (%d of %d; it counts %d)",
-            client.server_id,
+        self.sticky.new_server()
+        self._count_attempt(discovery_metrics.PATH_LB, discovery_metrics.RESULT_NEW)
+        self._adopt(client, count, discovery_metrics.PATH_LB)
+
+    def _count_attempt(self, path: str, result: str) -> None:
+        if self.book is not None:
+            discovery_metrics.attempt(path, result)
+
+    def _note_duplicate(self, server_id: str, count: int) -> None:
+        if self.sync_forever and len(self.clients) >= count:
+            return  # --sync-forever looking for new servers: duplicates are expected
+        newly = self.sticky.duplicate(server_id, len(self.clients), count)
+        if not self.sticky.suspected:
+            return
+        now = asyncio.get_running_loop().time()
+        if newly:
+            discovery_metrics.enable_sticky(metrics.REGISTRY)
+            discovery_metrics.LB_STICKY_SUSPECTED.set(1)
+        elif (
+            self._sticky_logged_at is not None
+            and now - self._sticky_logged_at < STICKY_LOG_INTERVAL
+        ):
+            return
+        self._sticky_logged_at = now
+        self._warn_sticky(count)
+
+    def _warn_sticky(self, count: int) -> None:
+        returned = max(self.sticky.recent, key=self.sticky.recent.__getitem__)
+        log.warning(
+            "the load balancer at %s:%d looks sticky or short: its last %d connections all "
+            "reached servers already connected (mostly %s); connected to %d of %d "
+            "proxy-servers, %d missing, so kube-apiservers beside the missing ones answer "
+            '"No agent available". Fix: balance round robin without session affinity, '
+            "with every replica in the pool, or give this agent direct endpoints "
+            "(--server-discovery=headers with --agent-advertise-address on the servers, "
+            "or --proxy-server-list)",
+            self.config.host,
+            self.config.port,
+            self.sticky.in_a_row,
+            returned,
             len(self.clients),
             count,
-            server_count,
+            count - len(self.clients),
         )
-        if self.draining:  # the drain started while this one was connecting
-            client.send_drain()
 
-    def _note_duplicate(self, count: int) -> None:
-        if len(self.clients) >= count:
-            return  # --sync-forever looking for new servers: duplicates are expected
-        self.duplicates_in_a_row += 1
-        if self.duplicates_in_a_row % STICKY_WARN_AFTER == 0:
-            log.warning(
-                "connected to %d of %d proxy-servers, and the last %d connections to %s:%d "
-                "all reached servers already connected (%s): the load balancer in front of "
-                "the proxy-servers looks sticky (session affinity or connection reuse), so "
-                "the other servers cannot reach this agent",
-                len(self.clients),
-                count,
-                self.duplicates_in_a_row,
-                self.config.host,
-                self.config.port,
-                ", ".join(sorted(self.clients)),
-            )
+    def _satisfied(self) -> None:
+        if self.sticky.suspected:
+            log.info("connected to every known proxy-server: the load balancer is not suspected")
+            discovery_metrics.LB_STICKY_SUSPECTED.set(0)
+        self.sticky.satisfied()
+
+    # -- direct endpoints ------------------------------------------------------------------
+
+    def _refresh_header_source(self) -> None:
+        """The header source: what the servers held now list (kept while none is held, so
+        a reconnect can use the last answer)."""
+        found: dict[Address, str] = {}
+        answered = False
+        for client in self.clients.values():
+            if Extension.SERVER_ENDPOINTS not in client.extensions:
+                continue
+            answered = True
+            values = [v for k, v in client.response_headers if k == MD_SERVER_ENDPOINTS]
+            for server_id, address in parse_server_endpoints(values).items():
+                found.setdefault(address, server_id)
+        if answered or not self.clients:
+            if answered:
+                self._header_endpoints = found
+            self.sources[Source.HEADER] = lambda: self._header_endpoints
+
+    async def _run_direct(self) -> None:
+        assert self.book is not None
+        book = self.book
+        loop = asyncio.get_running_loop()
+        in_flight: set[asyncio.Task[None]] = set()
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()
+                for source, endpoints in self.sources.items():
+                    book.set_source(source, endpoints())
+                for source, n in book.counts().items():
+                    discovery_metrics.SERVER_ENDPOINTS.labels(source.value).set(n)
+                self._update_gauges()
+                now = loop.time()
+                if not self.draining:
+                    for address in book.due(now, self.clients.keys()):
+                        if len(in_flight) >= MAX_DIRECT_ATTEMPTS:
+                            break
+                        book.started(address)
+                        task = loop.create_task(self._dial_direct(address))
+                        in_flight.add(task)
+                        task.add_done_callback(in_flight.discard)
+                await self._wait_direct(book.next_due(self.clients.keys()), now)
+        finally:
+            for task in in_flight:
+                task.cancel()
+
+    async def _wait_direct(self, next_due: float | None, now: float) -> None:
+        """Until a change, the next due address, or a source poll (each sync interval)."""
+        delay = self.sync_interval
+        if next_due is not None:
+            delay = min(delay, max(0.0, next_due - now))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def _dial_direct(self, address: Address) -> None:
+        assert self.book is not None
+        loop = asyncio.get_running_loop()
+        config = dataclasses.replace(self.config, host=address.host, port=address.port)
+        client = self._client_factory(config, self.pool, self._removed)
+        self._connecting.add(client)
+        try:
+            await client.connect()
+        except ConnectError as exc:
+            log.log(V(2), "direct endpoint %s: %s", address, exc)
+            self._count_attempt(discovery_metrics.PATH_DIRECT, discovery_metrics.RESULT_ERROR)
+            self.book.failed(address, loop.time())
+            return
+        finally:
+            self._connecting.discard(client)
+            self._wake.set()
+        if self._stop.is_set() or self.draining or client.server_id in self.clients:
+            client.close("duplicate")
+            self._count_attempt(discovery_metrics.PATH_DIRECT, discovery_metrics.RESULT_DUPLICATE)
+            log.log(V(4), "direct endpoint %s: duplicate server: %s", address, client.server_id)
+            self.book.connected(address, client.server_id, kept=False)
+            return
+        self._count_attempt(discovery_metrics.PATH_DIRECT, discovery_metrics.RESULT_NEW)
+        self.book.connected(address, client.server_id, kept=True)
+        self._via[client] = address
+        self._adopt(client, self.known_count(), discovery_metrics.PATH_DIRECT)
 
     # -- drain and stop --------------------------------------------------------------------
 
@@ -192,13 +405,14 @@ class ClientSet:
     async def stop(self) -> None:
         """End the loop and close every connection."""
         self._stop.set()
-        if self._connecting is not None:
-            self._connecting.close("stopping")
-        if self._task is not None:
-            self._task.cancel()
+        for client in list(self._connecting):
+            client.close("stopping")
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         for client in list(self.clients.values()):
             client.close("stopping")
         self.clients.clear()
-        self._update_gauge()
+        self._update_gauges()

@@ -30,6 +30,7 @@ from typing import Protocol, cast
 from konnectivity_fast.agent import dialerr
 from konnectivity_fast.agent.dialerr import DialError
 from konnectivity_fast.metrics import flow as flow_metrics
+from konnectivity_fast.transport.buffers import zeroed_buffer
 from konnectivity_fast.tunnel.flow import GrowthBudget, ReceiveWindow, SendCredit
 
 __all__ = [
@@ -108,8 +109,7 @@ class EndpointPool:
         self.agent_resume = agent_budget // 2
         #: flow.v1: the window growth of every endpoint of the process (tunnel/flow.py).
         self.growth = GrowthBudget()
-        self._buf = bytearray(READ_SIZE)
-        self.view = memoryview(self._buf)
+        self.view = zeroed_buffer(READ_SIZE)
         self.small_view = self.view[:CONGESTED_READ_SIZE]
         self.total = 0  # upper bound of queued server->backend bytes
         self._backlogged: set[Endpoint] = set()

@@ -13,8 +13,11 @@ from random import Random
 __all__ = [
     "BACKOFF_FACTOR",
     "JITTER_FACTOR",
+    "STICKY_MIN_WINDOW",
+    "STICKY_WINDOW_PER_SERVER",
     "Backoff",
     "ServerCounter",
+    "StickyDetector",
     "jitter",
 ]
 
@@ -95,3 +98,57 @@ class ServerCounter:
         if self.source == "max":
             leases = max(leases, self.response_count())
         return leases if leases > 0 else MIN_SERVER_COUNT
+
+
+# Sticky detection looks at the last max(STICKY_MIN_WINDOW, STICKY_WINDOW_PER_SERVER x
+# count) attempts through the balancer. A round-robin balancer in front of n servers
+# returns a new one within a few tries; a streak of 3n duplicates from a fair one is
+# unlikely even with other agents' connections interleaved ((1-1/n)^(3n) < 5 % for any n),
+# and the floor of 5 keeps a single server from being judged on one or two tries.
+STICKY_MIN_WINDOW = 5
+STICKY_WINDOW_PER_SERVER = 3
+
+
+class StickyDetector:
+    """Is the load balancer sticky or short? (docs/high-availability.md, "Detect and say
+    it"). Fed each attempt through the balancer; ``suspected`` while the agent holds fewer
+    servers than it knows of and the last ``window(count)`` attempts all reached servers
+    it already held. ``recent`` counts which servers those duplicates reached."""
+
+    def __init__(self) -> None:
+        self.in_a_row = 0
+        self.recent: dict[str, int] = {}
+        self.suspected = False
+
+    @staticmethod
+    def window(count: int) -> int:
+        return max(STICKY_MIN_WINDOW, STICKY_WINDOW_PER_SERVER * count)
+
+    def new_server(self) -> None:
+        """An attempt reached a server not held before: the balancer moves."""
+        self.in_a_row = 0
+        self.recent.clear()
+
+    def duplicate(self, server_id: str, held: int, count: int) -> bool:
+        """An attempt reached ``server_id``, already held; True when this makes the
+        balancer suspected (it was not before)."""
+        if held >= count:
+            self.satisfied()
+            return False
+        self.in_a_row += 1
+        self.recent[server_id] = self.recent.get(server_id, 0) + 1
+        if self.suspected or self.in_a_row < self.window(count):
+            return False
+        self.suspected = True
+        return True
+
+    def may_move(self, count: int) -> bool:
+        """Fewer duplicates in a row than the window: the next attempt may well reach
+        another server, so it is worth making soon."""
+        return self.in_a_row < self.window(count)
+
+    def satisfied(self) -> None:
+        """Every known server is held (whatever the path): nothing to suspect."""
+        self.in_a_row = 0
+        self.recent.clear()
+        self.suspected = False

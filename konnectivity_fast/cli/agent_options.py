@@ -20,12 +20,16 @@ from __future__ import annotations
 import logging
 import os
 import re
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
 from konnectivity_fast.cli.command import CommandLine, parse_command
-from konnectivity_fast.cli.extensions import add_extension_flags
+from konnectivity_fast.cli.extensions import (
+    AGENT_EXTENSION_FLAGS,
+    EXTENSION_FLAGS,
+    add_extension_flags,
+    check_discovery,
+)
 from konnectivity_fast.cli.flags import (
     BOOL,
     DURATION,
@@ -36,10 +40,17 @@ from konnectivity_fast.cli.flags import (
     ValueType,
     command_usage,
 )
-from konnectivity_fast.cli.goparse import GoError, format_duration, go_quote, seconds_to_ns
+from konnectivity_fast.cli.goparse import (
+    GoError,
+    format_duration,
+    go_quote,
+    new_uuid,
+    seconds_to_ns,
+)
 from konnectivity_fast.cli.klog import KlogOptions, V, register_klog_flags
-from konnectivity_fast.cli.server_options import parse_lease_labels
+from konnectivity_fast.kube.labels import parse_lease_labels
 from konnectivity_fast.wire.contract import decode_agent_identifiers
+from konnectivity_fast.wire.endpoints import parse_address_list
 
 __all__ = [
     "SERVER_COUNT_SOURCES",
@@ -65,7 +76,7 @@ def default_agent_id(environ: Mapping[str, str] | None = None) -> str:
     """``$PROXY_AGENT_ID`` when non-empty, otherwise a UUIDv4 made once per process run;
     ``--agent-id`` wins over both."""
     environ = os.environ if environ is None else environ
-    return environ.get(AGENT_ID_ENV) or str(uuid.uuid4())
+    return environ.get(AGENT_ID_ENV) or new_uuid()
 
 
 @dataclass
@@ -114,6 +125,10 @@ class GrpcProxyAgentOptions:
     api_content_type: str = "application/vnd.kubernetes.protobuf"
     # konnectivity-fast extensions (cli/extensions.py); off: behave as upstream.
     enable_tunnel_flow_control: bool = False
+    proxy_server_list: str = ""
+    server_discovery: str = ""
+    proxy_server_service: str = ""
+    proxy_server_tls_name: str = ""
 
     def validate(self) -> str | None:
         """The first failing check's message, in upstream's order, or ``None``."""
@@ -164,6 +179,24 @@ class GrpcProxyAgentOptions:
             return (
                 "--server-count-source must be one of '', 'default', 'max', got "
                 f"{self.server_count_source}"
+            )
+        return self._validate_direct()
+
+    def _validate_direct(self) -> str | None:
+        """Our direct-endpoint flags (cli/extensions.py AGENT_EXTENSION_FLAGS)."""
+        try:
+            parse_address_list(self.proxy_server_list)
+        except ValueError as exc:
+            return f"--proxy-server-list: {exc}"
+        error = check_discovery(
+            self.server_discovery, self.proxy_server_service, self.count_server_leases
+        )
+        if error is not None:
+            return error
+        if not self.proxy_server_host and not (self.proxy_server_list or self.server_discovery):
+            return (
+                "--proxy-server-host may be empty only with --proxy-server-list or "
+                "--server-discovery"
             )
         return None
 
@@ -505,7 +538,7 @@ def build_flagset(
             dest=dest,
             env=AGENT_ID_ENV if dest == "agent_id" else "",
         )
-    add_extension_flags(fs, defaults)
+    add_extension_flags(fs, defaults, EXTENSION_FLAGS + AGENT_EXTENSION_FLAGS)
     register_klog_flags(fs, klog_defaults)
     fs.add("help", BOOL, False, f"Show this help for {PROGRAM} and exit.", shorthand="h")
     return fs

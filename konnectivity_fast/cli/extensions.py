@@ -14,16 +14,23 @@ from typing import Protocol
 
 from konnectivity_fast.cli.flags import BOOL, INT, STRING, FlagSet, ValueType
 from konnectivity_fast.wire.contract import NO_EXTENSIONS, DialBalance, Extension, ExtensionSet
+from konnectivity_fast.wire.endpoints import parse_address
 
 __all__ = [
+    "AGENT_EXTENSION_FLAGS",
+    "DISCOVERY_SOURCES",
     "EXTENSION_FLAGS",
     "EXTENSION_MARK",
     "PEER_EXTENSION_FLAGS",
     "SERVER_EXTENSION_FLAGS",
     "ExtensionOptions",
+    "ServerExtensionOptions",
     "add_extension_flags",
+    "check_advertise_address",
     "check_dial_balance",
+    "check_discovery",
     "offered_extensions",
+    "offered_server_extensions",
 ]
 
 EXTENSION_MARK = "[konnectivity-fast] "
@@ -52,6 +59,17 @@ SERVER_EXTENSION_FLAGS: tuple[tuple[str, str, ValueType, str], ...] = (
         + " or ".join(DialBalance)
         + ". random is upstream's choice; least-tunnels sends each dial to a candidate "
         "with the fewest open tunnels (ties random), so load spreads evenly over agents.",
+    ),
+    (
+        "agent-advertise-address",
+        "agent_advertise_address",
+        STRING,
+        "host:port ([ipv6]:port) at which agents can reach this server directly, such as "
+        "its own address or a per-replica load-balancer port. Our agents that ask for it "
+        "(server-endpoints.v1) are told it, with every other server's from their Leases, "
+        "and connect to each server directly; with --enable-lease-controller it is also "
+        "published on this server's Lease (konnectivity-fast.io/agent-endpoint). Empty: "
+        "nothing advertised, as upstream.",
     ),
 )
 
@@ -105,6 +123,74 @@ PEER_EXTENSION_FLAGS: tuple[tuple[str, str, ValueType, str], ...] = (
     ),
 )
 SERVER_EXTENSION_FLAGS = SERVER_EXTENSION_FLAGS + PEER_EXTENSION_FLAGS
+#: ``--server-discovery`` values: where the agent learns each server's direct address.
+DISCOVERY_SOURCES = ("headers", "leases", "service")
+
+#: The proxy-agent's own: direct server endpoints (docs/high-availability.md).
+AGENT_EXTENSION_FLAGS: tuple[tuple[str, str, ValueType, str], ...] = (
+    (
+        "proxy-server-list",
+        "proxy_server_list",
+        STRING,
+        "Comma-separated host:port of each proxy-server replica, dialled directly (one "
+        "connection per server ID) besides --proxy-server-host, which stays the way to "
+        'servers not listed. Set --proxy-server-host to "" to use only direct endpoints. '
+        "TLS still verifies the name --proxy-server-tls-name.",
+    ),
+    (
+        "server-discovery",
+        "server_discovery",
+        STRING,
+        "Comma-separated sources of direct server endpoints: headers (each of our servers "
+        "lists every replica's --agent-advertise-address), leases (the annotation our "
+        "servers put on their Leases; needs --count-server-leases), service (the ready "
+        "EndpointSlices of --proxy-server-service). Empty: upstream's behaviour, only "
+        "--proxy-server-host.",
+    ),
+    (
+        "proxy-server-service",
+        "proxy_server_service",
+        STRING,
+        "<namespace>/<name> of the Service in front of the proxy-servers, for "
+        "--server-discovery=service (needs list and watch on endpointslices).",
+    ),
+    (
+        "proxy-server-tls-name",
+        "proxy_server_tls_name",
+        STRING,
+        "The name every proxy-server certificate is checked against, and the TLS server "
+        "name sent, on every connection (default: --proxy-server-host), so direct dials to "
+        "replica addresses verify the certificates the load balancer name already has.",
+    ),
+)
+
+
+def check_discovery(sources: str, service: str, count_leases: bool) -> str | None:
+    """The validation error for ``--server-discovery`` and ``--proxy-server-service``."""
+    names = [name.strip() for name in sources.split(",") if name.strip()]
+    for name in names:
+        if name not in DISCOVERY_SOURCES:
+            return (
+                f"--server-discovery must list some of {', '.join(DISCOVERY_SOURCES)}, got {name!r}"
+            )
+    if "leases" in names and not count_leases:
+        return "--server-discovery=leases needs --count-server-leases"
+    if ("service" in names) != bool(service):
+        return "--server-discovery=service and --proxy-server-service go together"
+    if service and (service.count("/") != 1 or "" in service.split("/")):
+        return f"--proxy-server-service must be <namespace>/<name>, got {service!r}"
+    return None
+
+
+def check_advertise_address(value: str) -> str | None:
+    """The validation error for ``--agent-advertise-address``, or None."""
+    if not value:
+        return None
+    try:
+        parse_address(value)
+    except ValueError as exc:
+        return f"--agent-advertise-address: {exc}"
+    return None
 
 
 def check_dial_balance(value: str) -> str | None:
@@ -118,6 +204,12 @@ class ExtensionOptions(Protocol):
     """The option fields of the extension flags (both programs' options have them)."""
 
     enable_tunnel_flow_control: bool
+
+
+class ServerExtensionOptions(ExtensionOptions, Protocol):
+    """The proxy-server's own extension option fields."""
+
+    agent_advertise_address: str
 
 
 def add_extension_flags(
@@ -137,3 +229,12 @@ def offered_extensions(options: ExtensionOptions) -> ExtensionSet:
     if options.enable_tunnel_flow_control:
         offered.add(Extension.FLOW)
     return frozenset(offered) if offered else NO_EXTENSIONS
+
+
+def offered_server_extensions(options: ServerExtensionOptions) -> ExtensionSet:
+    """What the proxy-server offers agents and frontends, from its flags: the common ones,
+    and ``server-endpoints.v1`` when it has an address to advertise."""
+    offered = offered_extensions(options)
+    if options.agent_advertise_address:
+        offered |= {Extension.SERVER_ENDPOINTS}
+    return offered

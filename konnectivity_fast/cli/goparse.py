@@ -12,6 +12,7 @@ syntax``, ``time: invalid duration "1"``) and their formatting of defaults (``1h
   ``FormatFloat(f, 'g', -1, 32)`` for printing;
 - durations: ``time.ParseDuration`` to integer nanoseconds and ``Duration.String``;
 - CSV: the first record of ``encoding/csv`` (pflag's string slices);
+- ``uuid.New().String()`` of google/uuid (default server and agent IDs);
 - ``strconv.Quote`` (Go's ``%q``), which every error message uses to show user input; it is
   ported once, in ``wire/gotext.py`` (the wire contract quotes with it too), and
   re-exported here.
@@ -23,6 +24,7 @@ surrogate escapes, so conversions work on the UTF-8 bytes with ``surrogateescape
 from __future__ import annotations
 
 import math
+import os
 import re
 import struct
 
@@ -35,6 +37,7 @@ __all__ = [
     "format_duration",
     "format_float32",
     "go_quote",
+    "new_uuid",
     "parse_bool",
     "parse_duration",
     "parse_float32",
@@ -474,3 +477,15 @@ def write_csv_record(fields: list[str]) -> str:
         )
         out.append('"' + field.replace('"', '""') + '"' if needs else field)
     return ",".join(out)
+
+
+def new_uuid() -> str:
+    """google/uuid's ``uuid.New().String()``: a random (version 4, RFC 9562 variant) UUID
+    in its 36-character text form, as upstream makes default server and agent IDs. Made
+    here from ``os.urandom`` rather than with the ``uuid`` module, which imports
+    ``platform`` and more (about half a MiB the agent would keep for one call)."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40  # version 4
+    b[8] = (b[8] & 0x3F) | 0x80  # variant: RFC 9562 (10xx)
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

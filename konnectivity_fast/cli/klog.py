@@ -23,13 +23,10 @@ severity (klog's INFO file), so ``--one-output`` changes nothing.
 
 from __future__ import annotations
 
-import getpass
 import logging
 import os
-import platform
 import socket
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -321,7 +318,7 @@ class _KlogFileHandler(logging.Handler):
             now = time.strftime("%Y/%m/%d %H:%M:%S")
             f.write(
                 f"Log file created at: {now}\nRunning on machine: {socket.gethostname()}\n"
-                f"Binary: Python {platform.python_version()} on {sys.platform}\n"
+                f"Binary: Python {sys.version.split()[0]} on {sys.platform}\n"
                 "Log line format: [IWEF]mmdd hh:mm:ss.uuuuuu threadid file:line] msg\n"
             )
         self._written = 0
@@ -352,6 +349,10 @@ def _log_dir_path(directory: str, program: str) -> Callable[[], str]:
     """klog's file naming under ``--log-dir``, plus its ``<program>.INFO`` symlink."""
 
     def new_path() -> str:
+        # Imported here, as tempfile below: only a program that writes log files needs
+        # them (modules cost resident memory; docs/architecture.md).
+        import getpass
+
         try:
             user = getpass.getuser()
         except (KeyError, OSError):
@@ -395,6 +396,8 @@ def setup_logging(
             path = opts.log_file
             new_path: Callable[[], str] = lambda: path  # noqa: E731
         else:
+            import tempfile
+
             new_path = _log_dir_path(opts.log_dir or tempfile.gettempdir(), program)
         max_bytes = opts.log_file_max_size * 1024 * 1024
         handlers.append(_KlogFileHandler(new_path, max_bytes, not opts.skip_log_headers))

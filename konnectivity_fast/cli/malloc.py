@@ -10,19 +10,21 @@ less CPU per GiB moved with fixed thresholds like the ones below (bench/README.m
 
 Invariants: applied once, before the event loop starts; skipped when the C library has no
 ``mallopt`` (musl) or when the operator already tunes malloc through ``GLIBC_TUNABLES``.
-The idle trimmer never trims a busy process (see below).
+The idle trimmer never trims a busy process (see below). The calls go through the
+compiled core (``csrc/process.pxi``), not ``ctypes``, which would stay loaded in both
+programs for two calls.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import gc
 import logging
 import os
 import time
 from collections.abc import Callable
 
+from konnectivity_fast._compiled import require_compiled
 from konnectivity_fast.verbosity import V
 
 log = logging.getLogger(__name__)
@@ -46,17 +48,18 @@ def tune_malloc() -> bool:
     """Apply the thresholds; True if they were applied."""
     if "malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
-    try:
-        # The symbols the interpreter is linked with (its C library among them): no
-        # ctypes.util.find_library, which runs ldconfig or a compiler to search.
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
-    ok = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    # A missing or stale build fails here, before the import below could load it
+    # unchecked; the name comes from the stub, so mypy checks its use (_compiled.py).
+    require_compiled()
+    from konnectivity_fast._wire import mallopt
+
+    results = (
+        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
     )
+    if -1 in results:
+        return False  # no mallopt in this C library
+    ok = all(r == 1 for r in results)
     if not ok:
         log.warning("mallopt refused the allocator thresholds; using glibc's defaults")
     return ok
@@ -89,14 +92,14 @@ def _rss_bytes() -> int:
 
 
 def _malloc_trim() -> Callable[[], int] | None:
-    """glibc's ``malloc_trim(0)``, or None where the C library has none (musl)."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    """glibc's ``malloc_trim(0)``, or None where the C library has none (musl). Asking
+    trims once, at start-up, which costs nothing."""
+    require_compiled()  # as in tune_malloc
+    from konnectivity_fast._wire import malloc_trim
+
+    if malloc_trim(0) == -1:
         return None
-    trim.argtypes = (ctypes.c_size_t,)
-    trim.restype = ctypes.c_int
-    return lambda: int(trim(0))
+    return lambda: malloc_trim(0)
 
 
 class IdleTrimmer:

@@ -22,7 +22,13 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from konnectivity_fast.agent.app import LeaseCounter, SetupError, run
+from konnectivity_fast.agent.app import (
+    EndpointWatcher,
+    LeaseCounter,
+    SetupError,
+    discovery_names,
+    run,
+)
 from konnectivity_fast.cli.agent_options import (
     PROGRAM,
     GrpcProxyAgentOptions,
@@ -32,7 +38,7 @@ from konnectivity_fast.cli.agent_options import (
 )
 from konnectivity_fast.cli.command import Program, run_program
 from konnectivity_fast.cli.extensions import offered_extensions
-from konnectivity_fast.wire.contract import ExtensionSet
+from konnectivity_fast.wire.contract import Extension, ExtensionSet
 
 __all__ = ["main"]
 
@@ -59,7 +65,8 @@ async def _serve(options: GrpcProxyAgentOptions, extensions: ExtensionSet | None
             stop,
             drain,
             lease_counter=_lease_counter(options),
-            extensions=offered_extensions(options) if extensions is None else extensions,
+            service_watcher=_service_watcher(options),
+            extensions=_offered(options) if extensions is None else extensions,
         )
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -72,6 +79,26 @@ def _lease_counter(options: GrpcProxyAgentOptions) -> LeaseCounter | None:
     from konnectivity_fast.agent.leases import LeaseCounter as Leases
 
     return Leases(options.lease_namespace, options.lease_label, kubeconfig=options.kubeconfig_path)
+
+
+def _service_watcher(options: GrpcProxyAgentOptions) -> EndpointWatcher | None:
+    if "service" not in discovery_names(options.server_discovery):
+        return None
+    from konnectivity_fast.agent.service import ServiceEndpoints
+
+    namespace, name = options.proxy_server_service.split("/")
+    return ServiceEndpoints(
+        namespace, name, options.proxy_server_port, kubeconfig=options.kubeconfig_path
+    )
+
+
+def _offered(options: GrpcProxyAgentOptions) -> ExtensionSet:
+    """What the agent offers each server: the shared extension flags, and the servers'
+    endpoint lists when it discovers servers from them."""
+    offered = offered_extensions(options)
+    if "headers" in discovery_names(options.server_discovery):
+        offered = offered | {Extension.SERVER_ENDPOINTS}
+    return offered
 
 
 PROXY_AGENT = Program(

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from konnectivity_fast.cli.command import Program, run_program
-from konnectivity_fast.cli.extensions import offered_extensions
+from konnectivity_fast.cli.extensions import offered_server_extensions
 from konnectivity_fast.cli.server_options import (
     PROGRAM,
     ProxyRunOptions,
@@ -50,7 +50,7 @@ async def _serve(options: ProxyRunOptions, extensions: ExtensionSet | None = Non
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     try:
-        offered = offered_extensions(options) if extensions is None else extensions
+        offered = offered_server_extensions(options) if extensions is None else extensions
         balance = DialBalance(options.dial_balance)
         return await run(options, stop, extensions=offered, dial_balance=balance)
     finally:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
@@ -27,6 +26,7 @@ from konnectivity_fast.cli.extensions import (
     EXTENSION_FLAGS,
     SERVER_EXTENSION_FLAGS,
     add_extension_flags,
+    check_advertise_address,
     check_dial_balance,
 )
 from konnectivity_fast.cli.flags import (
@@ -40,7 +40,7 @@ from konnectivity_fast.cli.flags import (
     ValueType,
     command_usage,
 )
-from konnectivity_fast.cli.goparse import format_duration, go_quote, seconds_to_ns
+from konnectivity_fast.cli.goparse import format_duration, go_quote, new_uuid, seconds_to_ns
 from konnectivity_fast.cli.klog import KlogOptions, V, register_klog_flags
 from konnectivity_fast.cli.peering import check_peering
 from konnectivity_fast.kube.labels import parse_lease_labels
@@ -101,7 +101,7 @@ def default_server_id(environ: Mapping[str, str] | None = None) -> str:
     """``$PROXY_SERVER_ID`` when non-empty, otherwise a fresh UUIDv4; ``--server-id`` wins
     over both."""
     environ = os.environ if environ is None else environ
-    return environ.get(SERVER_ID_ENV) or str(uuid.uuid4())
+    return environ.get(SERVER_ID_ENV) or new_uuid()
 
 
 @dataclass
@@ -167,6 +167,7 @@ class ProxyRunOptions:
     # konnectivity-fast extensions (cli/extensions.py); off: behave as upstream.
     enable_tunnel_flow_control: bool = False
     dial_balance: str = "random"
+    agent_advertise_address: str = ""
     # Server peering (cli/peering.py); the peer TLS files default to the server's.
     enable_peer_forwarding: bool = False
     peer_port: int = 0
@@ -194,7 +195,11 @@ class ProxyRunOptions:
 
     def _check_extensions(self) -> str | None:
         """Our flags (cli/extensions.py), after all of upstream's checks."""
-        return check_dial_balance(self.dial_balance) or check_peering(self)
+        return (
+            check_dial_balance(self.dial_balance)
+            or check_advertise_address(self.agent_advertise_address)
+            or check_peering(self)
+        )
 
     def _check_files(self) -> str | None:
         for side, cert, key, ca in (

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-__all__ = ["Lease", "is_expired", "lease_start", "parse_micro_time"]
+__all__ = ["Lease", "is_expired", "lease_expiry", "lease_start", "parse_micro_time"]
 
 Lease = dict[str, Any]
 
@@ -32,10 +32,19 @@ def lease_start(lease: Lease) -> datetime | None:
     return parse_micro_time(spec.get("renewTime")) or parse_micro_time(spec.get("acquireTime"))
 
 
-def is_expired(lease: Lease, now: datetime) -> bool:
+def lease_expiry(lease: Lease) -> datetime | None:
+    """When it expires (its start plus its duration), or None when it has no start."""
     start = lease_start(lease)
     if start is None:
-        return True
+        return None
     duration = (lease.get("spec") or {}).get("leaseDurationSeconds")
     seconds = duration if isinstance(duration, int) else 0
-    return start + timedelta(seconds=seconds) <= now
+    try:
+        return start + timedelta(seconds=seconds)
+    except OverflowError:  # a start near year 9999, or a duration past timedelta's range
+        return datetime.max.replace(tzinfo=UTC) if seconds > 0 else datetime.min.replace(tzinfo=UTC)
+
+
+def is_expired(lease: Lease, now: datetime) -> bool:
+    expiry = lease_expiry(lease)
+    return expiry is None or expiry <= now

@@ -12,6 +12,7 @@ definitions.
 from __future__ import annotations
 
 from konnectivity_fast.metrics._common import (
+    EXTENSION_PREFIX,
     PACKET_TYPE_UNKNOWN,
     SEGMENT_FROM_AGENT,
     SEGMENT_TO_AGENT,
@@ -170,9 +171,12 @@ def observe_lease_watch(http_code: int, reason: str) -> None:
 
 
 def reset() -> None:
-    """Back to the state right after import (for tests)."""
-    for collector in REGISTRY.collectors():
-        if isinstance(collector, (Gauge, CounterVec, GaugeVec, HistogramVec)):
+    """Back to the state right after import (for tests): extension families, which
+    features register when they start, are unregistered too."""
+    for collector in list(REGISTRY.collectors()):
+        if str(getattr(collector, "name", "")).startswith(EXTENSION_PREFIX):
+            REGISTRY.unregister(collector)
+        elif isinstance(collector, (Gauge, CounterVec, GaugeVec, HistogramVec)):
             collector.reset()
     _packets.clear()
     _initial()

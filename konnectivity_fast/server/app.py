@@ -10,7 +10,11 @@ satisfies ``RunOptions``; the server layer does not import the CLI) and:
    ``--cluster-ca-cert``); an error here is fatal (exit 1);
 3. parses ``--lease-label`` (even when unused, as upstream: a bad value stops the process),
    starts the lease controller if enabled, then the admin server (``/metrics`` and our
-   tunnel listing) and the health server (a listen error there is only logged);
+   tunnel listing) and the health server (a listen error there is only logged). Ours: the
+   ``ServerDirectory`` (server/directory.py) holds this server's
+   ``--agent-advertise-address``, the lease controller writes it on the Lease and feeds the
+   directory the Leases it lists, and agents that negotiate ``server-endpoints.v1`` are
+   told every replica's address from it;
 4. waits for ``stop``, then shuts down in upstream's two modes (``_stop_listeners``): health
    and admin go first; with ``--graceful-shutdown-timeout`` 0 the Lease is deleted, agents
    are dropped and the frontend stops gracefully; with a timeout everything stops
@@ -30,6 +34,7 @@ from konnectivity_fast.metrics import flow as flow_metrics
 from konnectivity_fast.metrics import peering as peer_metrics
 from konnectivity_fast.metrics import server as server_metrics
 from konnectivity_fast.server.auth import TokenAuthenticator
+from konnectivity_fast.server.directory import ServerDirectory
 from konnectivity_fast.server.health import admin_routes, health_routes, start_http
 from konnectivity_fast.server.http_connect import start_http_connect_tcp, start_http_connect_uds
 from konnectivity_fast.server.leases import LeaseController, parse_lease_labels
@@ -40,7 +45,12 @@ from konnectivity_fast.server.listeners import (
     start_frontend_tcp,
     start_frontend_uds,
 )
-from konnectivity_fast.server.peering import PeerForwarder, PeeringRunOptions, start_peering
+from konnectivity_fast.server.peering import (
+    PeerForwarder,
+    PeeringRunOptions,
+    peer_advertised,
+    start_peering,
+)
 from konnectivity_fast.server.proxy import ProxyServer
 from konnectivity_fast.server.startup import (
     StartupError,
@@ -60,6 +70,7 @@ from konnectivity_fast.wire.contract import (
     FrontendMode,
     parse_proxy_strategies,
 )
+from konnectivity_fast.wire.endpoints import parse_address
 
 __all__ = ["RunOptions", "StartupError", "run"]
 
@@ -112,6 +123,7 @@ class RunOptions(PeeringRunOptions, Protocol):
     kubeconfig_path: str
     kubeconfig_qps: float
     kubeconfig_burst: int
+    agent_advertise_address: str  # ours: host:port, validated; empty when not set
 
 
 def _tls_settings(options: RunOptions) -> TlsSettings:
@@ -295,23 +307,44 @@ async def run(
         dial_balance=dial_balance,
         forward_dials=options.enable_peer_forwarding,
     )
+    directory = _directory(options, proxy.server_id)
+    proxy.server_endpoints = directory.agent_endpoints
     if options.enable_peer_forwarding:
         peer_metrics.enable(server_metrics.REGISTRY)
     if dial_balance is not DialBalance.RANDOM:
         log.info("Dials go to the candidate agent with the fewest open tunnels (%s).", dial_balance)
     try:
-        return await _serve(proxy, options, kube, stop)
+        return await _serve(proxy, options, kube, stop, directory)
     finally:
         proxy.close()
         if kube is not None:
             await kube.close()
 
 
+def _directory(options: RunOptions, server_id: str) -> ServerDirectory:
+    """This server's entry from its flags; the others come from the Leases it lists."""
+    advertised = options.agent_advertise_address
+    try:
+        endpoint = parse_address(advertised) if advertised else None
+    except ValueError as exc:  # the command line checks it first; an embedder may not
+        raise StartupError(f"invalid --agent-advertise-address: {exc}") from None
+    directory = ServerDirectory(
+        server_id, agent_endpoint=endpoint, peer_endpoint=peer_advertised(options)
+    )
+    if advertised:
+        log.info("Agents are told to reach this server at %s.", directory.agent_endpoint)
+    return directory
+
+
 async def _serve(
-    proxy: ProxyServer, options: RunOptions, kube: KubeClient | None, stop: asyncio.Event
+    proxy: ProxyServer,
+    options: RunOptions,
+    kube: KubeClient | None,
+    stop: asyncio.Event,
+    directory: ServerDirectory,
 ) -> int:
     handle = await _listen(proxy, options)
-    forwarder = await _start_peering(proxy, options, handle)
+    forwarder = await _start_peering(proxy, options, handle, directory)
     leases: LeaseController | None = None
     try:
         labels = parse_lease_labels(options.lease_label)  # step 5, even when unused
@@ -319,7 +352,14 @@ async def _serve(
         await _stop_listeners(handle, 0.0)
         raise StartupError(str(exc)) from None
     if options.enable_lease_controller and kube is not None:
-        leases = LeaseController(kube, proxy.server_id, options.lease_namespace, labels)
+        leases = LeaseController(
+            kube,
+            proxy.server_id,
+            options.lease_namespace,
+            labels,
+            annotations=directory.own_annotations(),
+            on_list=directory.update,
+        )
         leases.start()
     http = await _start_http(proxy, options)
     frontend = options.uds_name or f"{options.server_bind_address}:{options.server_port}"
@@ -346,14 +386,17 @@ async def _serve(
 
 
 async def _start_peering(
-    proxy: ProxyServer, options: RunOptions, handle: ServerHandle
+    proxy: ProxyServer, options: RunOptions, handle: ServerHandle, directory: ServerDirectory
 ) -> PeerForwarder | None:
     """Server peering (``server.peering``), with ``--enable-peer-forwarding``: the
-    forwarder, and the peer listener (stopped with the agent listener)."""
+    forwarder (peers: ``--peer-endpoints``, then the other servers' Leases), and the peer
+    listener (stopped with the agent listener)."""
     if not options.enable_peer_forwarding:
         return None
     try:
-        forwarder, listener = await start_peering(proxy, options, _tls_settings(options))
+        forwarder, listener = await start_peering(
+            proxy, options, _tls_settings(options), extra_peers=directory.peer_endpoints
+        )
     except ValueError as exc:
         await _stop_listeners(handle, 0.0)
         raise StartupError(f"failed to run the peer server: {exc}") from None

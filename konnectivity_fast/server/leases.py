@@ -7,12 +7,18 @@
 - **renew**: keeps the ``coordination.k8s.io/v1`` Lease ``konnectivity-proxy-server-<id>``
   in the lease namespace with ``holderIdentity=<id>``, ``leaseDurationSeconds=30`` and
   ``renewTime=now``, its labels replaced by the ``--lease-label`` map on every write.
-  Created when missing. Updates carry the last seen resourceVersion; on a conflict the
-  Lease is read again and the update retried, a bounded number of times;
+  Annotations are merged, not replaced (ours, beyond upstream): the ``annotations`` map
+  (this server's endpoints, server/directory.py) is written over the Lease's own, and a
+  key of ``managed_annotations`` the map lacks is removed, so a flag turned off takes its
+  annotation away while annotations others wrote stay. Created when missing. Updates
+  carry the last seen resourceVersion; on a conflict the Lease is read again and the
+  update retried, a bounded number of times;
 - **GC**: lists the Leases matching the label map and deletes each expired one
   (``(renewTime or acquireTime) + leaseDurationSeconds <= now``; no time at all means
   expired) with a resourceVersion precondition, so a Lease renewed meanwhile survives.
-  NotFound is tolerated. List and delete calls feed upstream's lease metrics.
+  NotFound is tolerated. List and delete calls feed upstream's lease metrics. Each list
+  is also handed, whole, to ``on_list`` (ours: the server directory learns its peers'
+  endpoints from it, so no second list is made).
 
 Both loops run their work at once, then after each run wait ``period`` plus up to
 ``jitter * period`` (wait.JitterUntil with sliding=true). Periods and duration are
@@ -30,7 +36,7 @@ import copy
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from datetime import UTC, datetime
 
 from konnectivity_fast.kube import ApiError, KubeClient, KubeError
@@ -38,12 +44,14 @@ from konnectivity_fast.kube.labels import parse_lease_labels
 from konnectivity_fast.kube.leases import Lease, is_expired, parse_micro_time
 from konnectivity_fast.metrics import server as server_metrics
 from konnectivity_fast.verbosity import V
+from konnectivity_fast.wire.endpoints import AGENT_ENDPOINT_ANNOTATION, PEER_ENDPOINT_ANNOTATION
 
 __all__ = [
     "GC_PERIOD",
     "JITTER",
     "LEASE_DURATION_SECONDS",
     "LEASE_NAME_PREFIX",
+    "MANAGED_ANNOTATIONS",
     "RENEW_PERIOD",
     "LeaseController",
     "format_micro_time",
@@ -69,6 +77,11 @@ JITTER = 0.04
 MAX_UPDATE_RETRIES = 5
 # Deleting our own Lease at shutdown must not hold the shutdown up for long.
 STOP_DELETE_TIMEOUT = 5.0
+# The annotations this controller owns on its Lease: written when configured, removed
+# when not (module docstring).
+MANAGED_ANNOTATIONS: frozenset[str] = frozenset(
+    {AGENT_ENDPOINT_ANNOTATION, PEER_ENDPOINT_ANNOTATION}
+)
 
 
 def lease_name(server_id: str) -> str:
@@ -87,7 +100,9 @@ def label_selector(labels: Mapping[str, str]) -> str:
 
 
 class LeaseController:
-    """Publishes this server's Lease and removes expired ones; see the module docstring."""
+    """Publishes this server's Lease and removes expired ones; see the module docstring.
+    ``annotations``: written on the Lease; ``managed_annotations``: the keys removed when
+    ``annotations`` lacks them. ``on_list``: called with each GC list of Leases."""
 
     def __init__(
         self,
@@ -100,11 +115,17 @@ class LeaseController:
         renew_period: float = RENEW_PERIOD,
         gc_period: float = GC_PERIOD,
         jitter: float = JITTER,
+        annotations: Mapping[str, str] | None = None,
+        managed_annotations: Collection[str] = MANAGED_ANNOTATIONS,
+        on_list: Callable[[list[Lease]], object] | None = None,
     ) -> None:
         self._client = client
         self._server_id = server_id
         self._namespace = namespace
         self._labels = dict(labels)
+        self._annotations = dict(annotations or {})
+        self._managed = frozenset(managed_annotations) | frozenset(self._annotations)
+        self._on_list = on_list
         self._duration = lease_duration_seconds
         self._renew_period = renew_period
         self._gc_period = gc_period
@@ -188,7 +209,19 @@ class LeaseController:
 
     def _stamped(self, base: Lease) -> Lease:
         lease = copy.deepcopy(base)
-        lease.setdefault("metadata", {})["labels"] = dict(self._labels)
+        meta = lease.setdefault("metadata", {})
+        meta["labels"] = dict(self._labels)
+        old = meta.get("annotations")
+        kept = (
+            {k: v for k, v in old.items() if k not in self._managed}
+            if isinstance(old, dict)
+            else {}
+        )
+        annotations = kept | self._annotations
+        if annotations:
+            meta["annotations"] = annotations
+        else:
+            meta.pop("annotations", None)
         spec = lease.setdefault("spec", {})
         spec["holderIdentity"] = self._server_id
         spec["leaseDurationSeconds"] = self._duration
@@ -208,6 +241,8 @@ class LeaseController:
             raise
         server_metrics.observe_lease_list_latency(200, time.monotonic() - started)
         server_metrics.observe_lease_list(200, "")
+        if self._on_list is not None:
+            self._on_list(leases)
         now = datetime.now(UTC)
         for lease in leases:
             if is_expired(lease, now):

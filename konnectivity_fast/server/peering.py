@@ -75,6 +75,7 @@ __all__ = [
     "PeerSource",
     "PeeringRunOptions",
     "parse_peer_endpoints",
+    "peer_advertised",
     "peer_client_context",
     "start_peer_listener",
     "start_peering",
@@ -543,6 +544,22 @@ class PeeringRunOptions(Protocol):
     peer_cert: str
     peer_key: str
     peer_ca_cert: str
+
+
+# Bind addresses that name no one address: a peer could not dial them.
+_WILDCARDS = frozenset({"", "0.0.0.0", "::"})
+
+
+def peer_advertised(options: PeeringRunOptions) -> Address | None:
+    """The peer endpoint this server publishes on its Lease (the
+    ``konnectivity-fast.io/peer-endpoint`` annotation, ``server.directory``): its peer
+    listener at ``--peer-bind-address`` when that names one address (a pod IP, say);
+    None without peering, without a listener, or bound to every address."""
+    if not options.enable_peer_forwarding or not options.peer_port:
+        return None
+    if options.peer_bind_address in _WILDCARDS:
+        return None
+    return Address(options.peer_bind_address, options.peer_port)
 
 
 async def start_peering(

@@ -18,7 +18,9 @@ loop timer follows ``Router.get_timer()`` (``--backend-dial-timeout``).
 Extensions (``wire.contract``): a stream's ``kf-capabilities`` request metadata is
 intersected with what this server offers (``ProxyServer.extensions``); a non-empty result
 is echoed in the stream's response headers and kept on its ``Backend`` or ``Frontend``.
-An empty result sends nothing, so upstream's peers see upstream's headers.
+An empty result sends nothing, so upstream's peers see upstream's headers. An agent stream
+that negotiated ``server-endpoints.v1`` also gets ``kf-server-endpoints`` in those headers
+(``wire.endpoints``), from ``ProxyServer.server_endpoints``.
 
 Invariants:
 - ``Backend.conn`` and a gRPC ``Frontend.conn`` are the ``GrpcCall`` to write to; an
@@ -35,7 +37,7 @@ import asyncio
 import functools
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from random import Random
 from time import perf_counter
 from typing import Any, Protocol
@@ -91,7 +93,12 @@ from konnectivity_fast.wire.contract import (
     negotiate_extensions,
     unmarshal_error,
 )
-from konnectivity_fast.wire.endpoints import MD_FORWARDED_FROM
+from konnectivity_fast.wire.endpoints import (
+    MD_FORWARDED_FROM,
+    MD_SERVER_ENDPOINTS,
+    Address,
+    format_server_endpoints,
+)
 from konnectivity_fast.wire.errors import CodecError, StatusCode
 from konnectivity_fast.wire.packets import FlowCredit, Packet, PacketType
 
@@ -431,8 +438,11 @@ class ProxyServer:
     ``extensions``: the extensions this server offers to agents and frontends
     (``wire.contract``; every implemented one by default). ``dial_balance``: how a dial
     chooses among its strategy's candidate agents (``tunnel.balance``; upstream's random
-    choice by default). ``forward_dials``: server peering (``tunnel.peering``); dials no
-    agent takes go to ``forwarder``, set before the listeners start.
+    choice by default). ``server_endpoints``: every replica's agent-facing address, this
+    one's included (``server.directory.ServerDirectory.agent_endpoints``), read for each
+    agent stream that negotiated ``server-endpoints.v1``; None or empty: no header.
+    ``forward_dials``: server peering (``tunnel.peering``); dials no agent takes go to
+    ``forwarder``, set before the listeners start.
     """
 
     def __init__(
@@ -448,12 +458,14 @@ class ProxyServer:
         authenticator: Authenticator | None = None,
         extensions: ExtensionSet = NO_EXTENSIONS,
         dial_balance: DialBalance = DialBalance.RANDOM,
+        server_endpoints: Callable[[], Mapping[str, Address]] | None = None,
         forward_dials: bool = False,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
         self.extensions = check_extensions(extensions)
         self.server_id = server_id or str(uuid.uuid4())
         self.server_count = server_count
+        self.server_endpoints = server_endpoints
         router_class = PeeringRouter if forward_dials else Router
         self.router = router_class(
             strategies, rng or Random(), dial_timeout=dial_timeout, balance=dial_balance
@@ -526,8 +538,9 @@ class ProxyServer:
         route to the agent (pkg/server/server.go ``Connect``)."""
         accepted = self._negotiate(call)
         headers = [(MD_SERVER_ID, self.server_id), (MD_SERVER_COUNT, str(self.server_count))]
+        headers += capabilities_metadata(accepted) + self._endpoints_metadata(accepted)
         try:
-            call.send_headers(headers + capabilities_metadata(accepted))
+            call.send_headers(headers)
         except (KeyError, RuntimeError) as exc:  # the stream is already gone (reset)
             log.log(V(2), "agent %s: sending headers failed: %s", agent_id, exc)
             return None
@@ -536,6 +549,13 @@ class ProxyServer:
             self.flow.agents.add(call)
         self._update_backend_gauges()
         return _AgentStream(self, backend)
+
+    def _endpoints_metadata(self, accepted: ExtensionSet) -> list[tuple[str, str]]:
+        """``kf-server-endpoints`` for an agent stream that negotiated it, else nothing."""
+        if Extension.SERVER_ENDPOINTS not in accepted or self.server_endpoints is None:
+            return []
+        endpoints = format_server_endpoints(self.server_endpoints())
+        return [(MD_SERVER_ENDPOINTS, endpoints)] if endpoints else []
 
     def _remove_frontend(self, frontend: Frontend) -> None:
         if not frontend.closed:

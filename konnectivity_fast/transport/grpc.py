@@ -37,6 +37,7 @@ from typing import Any, cast
 
 from konnectivity_fast._compiled import require_compiled
 from konnectivity_fast.transport.accept import Listener, listen_tcp, listen_unix
+from konnectivity_fast.transport.buffers import zeroed_buffer
 from konnectivity_fast.transport.call import (
     CALL_RECV_HIGH_WATER,
     CALL_SEND_HIGH_WATER,
@@ -145,7 +146,7 @@ _READ_BUFFERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, memoryview] 
 def _read_buffer(loop: asyncio.AbstractEventLoop) -> memoryview:
     view = _READ_BUFFERS.get(loop)
     if view is None:
-        view = _READ_BUFFERS[loop] = memoryview(bytearray(READ_BUFFER_SIZE))
+        view = _READ_BUFFERS[loop] = zeroed_buffer(READ_BUFFER_SIZE)
     return view
 
 

@@ -42,7 +42,6 @@ loop's clock).
 from __future__ import annotations
 
 import heapq
-import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -190,4 +189,6 @@ def age(now: float, start: float) -> float:
 
 def encode_listing(document: Mapping[str, Any]) -> bytes:
     """The answer's body: compact JSON, keys in the order built, a final newline."""
+    import json  # only when asked: the agent keeps no module it may never use
+
     return json.dumps(document, separators=(",", ":")).encode() + b"\n"

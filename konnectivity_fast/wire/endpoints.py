@@ -22,12 +22,19 @@ Parsing never fails on peer input: a malformed entry is skipped, and a header lo
 ``MAX_SERVER_ENDPOINTS_LENGTH`` or with more than ``MAX_SERVER_ENDPOINTS`` entries is cut
 at the bound, so a peer cannot make an agent dial without limit. Configuration (flags) is
 checked strictly by ``parse_address``, which raises ``ValueError`` with a readable text.
+Both accept only what a dialer and an HTTP/2 header can carry: a host is a DNS name or
+IPv4 literal (letters, digits, ``.``, ``-``, ``_``) or a bracketed IPv6 literal, a server
+ID is visible ASCII without a separator, and ``format_server_endpoints`` leaves out any
+entry ``parse_server_endpoints`` would skip, so what one side writes the other reads back
+whole.
 
 Invariants: pure functions, no I/O; nothing here imports anything above wire/.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -35,6 +42,7 @@ __all__ = [
     "AGENT_ENDPOINT_ANNOTATION",
     "MAX_SERVER_ENDPOINTS",
     "MAX_SERVER_ENDPOINTS_LENGTH",
+    "MAX_SERVER_ID_LENGTH",
     "MD_FORWARDED_FROM",
     "MD_SERVER_ENDPOINTS",
     "PEER_ENDPOINT_ANNOTATION",
@@ -56,8 +64,18 @@ MAX_SERVER_ENDPOINTS = 64
 # 64 entries of a UUID (36), '=', a host name and a port fit in 8 KiB; grpc-go's default
 # header list limit is 16 KiB, so the header never endangers the stream it rides on.
 MAX_SERVER_ENDPOINTS_LENGTH = 8192
+# Server IDs are UUIDs by default (36) or an operator's name, also a Lease name's suffix;
+# a DNS subdomain's 253 bounds them.
+MAX_SERVER_ID_LENGTH = 253
 # RFC 1035's limit on a whole domain name.
 _MAX_HOST_LENGTH = 253
+# Five digits hold every port; a longer text is refused before int() sees it.
+_MAX_PORT_DIGITS = 5
+# What a host may be: a DNS name or IPv4 literal (letters, digits, '.', '-', '_'), or,
+# between brackets, an IPv6 literal (``ipaddress``'s syntax, a zone as ``%name``).
+# Nothing else reaches a dialer, so a peer cannot hand an agent control characters,
+# spaces or URL syntax to dial.
+_NAME_HOST = re.compile(r"[A-Za-z0-9._-]+")
 # Characters that would make an entry ambiguous in the header's list syntax.
 _SEPARATORS = frozenset(",= \t")
 
@@ -73,6 +91,18 @@ class Address:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+def _valid_host(host: str) -> bool:
+    if not host or len(host) > _MAX_HOST_LENGTH:
+        return False
+    if ":" not in host:
+        return _NAME_HOST.fullmatch(host) is not None
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return _NAME_HOST.fullmatch(host.partition("%")[2] or "x") is not None
+
+
 def parse_address(text: str) -> Address:
     """``host:port`` or ``[v6]:port``; raises ``ValueError`` naming what is wrong."""
     if text.startswith("["):
@@ -80,13 +110,20 @@ def parse_address(text: str) -> Address:
         if end < 0 or text[end + 1 : end + 2] != ":":
             raise ValueError(f"{text!r} is not host:port ([ipv6]:port for IPv6)")
         host, port_text = text[1:end], text[end + 2 :]
+        if ":" not in host:  # brackets are for IPv6 only, as Go's net.SplitHostPort
+            raise ValueError(f"{text!r} has no valid host")
     else:
         host, sep, port_text = text.rpartition(":")
         if not sep or ":" in host:
             raise ValueError(f"{text!r} is not host:port ([ipv6]:port for IPv6)")
-    if not host or len(host) > _MAX_HOST_LENGTH or _SEPARATORS.intersection(host):
+    if not _valid_host(host):
         raise ValueError(f"{text!r} has no valid host")
-    if not (port_text.isascii() and port_text.isdigit() and 0 < int(port_text) < 65536):
+    if not (
+        port_text.isascii()
+        and port_text.isdigit()
+        and len(port_text) <= _MAX_PORT_DIGITS
+        and 0 < int(port_text) < 65536
+    ):
         raise ValueError(f"{text!r} has no valid port (1-65535)")
     return Address(host, int(port_text))
 
@@ -102,23 +139,39 @@ def parse_address_list(text: str) -> list[Address]:
 
 
 def _valid_id(server_id: str) -> bool:
-    return bool(server_id) and not _SEPARATORS.intersection(server_id)
+    """A server ID the header can carry: visible ASCII (an HTTP/2 field value refuses
+    control characters, and one bad value would fail the whole Connect stream), no list
+    separator, bounded."""
+    return (
+        0 < len(server_id) <= MAX_SERVER_ID_LENGTH
+        and server_id.isascii()
+        and server_id.isprintable()
+        and not _SEPARATORS.intersection(server_id)
+    )
+
+
+def _valid_entry(server_id: str, address: Address) -> bool:
+    return _valid_id(server_id) and _valid_host(address.host) and 0 < address.port < 65536
 
 
 def format_server_endpoints(endpoints: Mapping[str, Address]) -> str:
     """The ``kf-server-endpoints`` value: sorted by server ID so every stream gets the same
-    text; IDs the list syntax cannot carry are left out, and the text stays within
-    ``MAX_SERVER_ENDPOINTS_LENGTH``."""
+    text. Entries the list syntax cannot carry (an ID with a separator or a control
+    character, an address ``parse_address`` would refuse) are left out, as are those past
+    ``MAX_SERVER_ENDPOINTS`` entries or ``MAX_SERVER_ENDPOINTS_LENGTH`` characters."""
     parts: list[str] = []
-    length = 0
+    length = -1  # the first entry has no comma before it
     for server_id in sorted(endpoints):
-        if not _valid_id(server_id) or len(parts) >= MAX_SERVER_ENDPOINTS:
+        address = endpoints[server_id]
+        if not _valid_entry(server_id, address):
             continue
-        part = f"{server_id}={endpoints[server_id]}"
-        if length + len(part) + 1 > MAX_SERVER_ENDPOINTS_LENGTH:
-            break
+        part = f"{server_id}={address}"
+        if length + 1 + len(part) > MAX_SERVER_ENDPOINTS_LENGTH:
+            continue  # a shorter one after it may still fit
         parts.append(part)
-        length += len(part) + 1
+        length += 1 + len(part)
+        if len(parts) == MAX_SERVER_ENDPOINTS:
+            break
     return ",".join(parts)
 
 
@@ -130,7 +183,7 @@ def parse_server_endpoints(values: Iterable[str]) -> dict[str, Address]:
     for value in values:
         text = value
         if len(value) > budget:  # cut, and drop the entry the cut went through
-            text = value[:budget].rpartition(",")[0]
+            text = value[: budget + 1].rpartition(",")[0]
         budget -= len(value)
         for item in text.split(","):
             server_id, sep, address = item.strip(" \t").partition("=")

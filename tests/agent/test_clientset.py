@@ -10,9 +10,9 @@ import random
 
 import pytest
 
-from konnectivity_fast.agent import clientset as clientset_module
-from konnectivity_fast.agent.policy import Backoff, ServerCounter
+from konnectivity_fast.agent.policy import Backoff, ServerCounter, StickyDetector
 from konnectivity_fast.metrics import agent as agent_metrics
+from konnectivity_fast.metrics import discovery as discovery_metrics
 from konnectivity_fast.wire.packets import Drain, Packet, PacketType
 
 from .conftest import Certs, RunFn
@@ -90,15 +90,20 @@ def test_sticky_balancer_is_reported(
             cs = await stack.enter_async_context(
                 agent(certs, lb_port, sync_interval=0.01, sync_interval_cap=0.05)
             )
-            target = clientset_module.STICKY_WARN_AFTER
-            await until(lambda: cs.duplicates_in_a_row >= target, what="duplicates")
+            await until(lambda: cs.sticky.suspected, what="sticky suspected")
+            assert cs.duplicates_in_a_row >= StickyDetector.window(3)
             assert list(cs.clients) == ["s1"]
+            assert agent_metrics.REGISTRY.registered(discovery_metrics.LB_STICKY_SUSPECTED)
+            assert discovery_metrics.LB_STICKY_SUSPECTED.value == 1
             assert agent_metrics.OPEN_SERVER_CONNECTIONS.labels().value == 1
             assert agent_metrics.KNOWN_SERVER_COUNT.value == 3
 
     with caplog.at_level(logging.WARNING, logger="konnectivity_fast.agent.clientset"):
         run(main())
-    assert any("looks sticky" in r.getMessage() for r in caplog.records)
+    warnings = [r.getMessage() for r in caplog.records if "looks sticky" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # once, not per duplicate
+    assert "127.0.0.1" in warnings[0] and "mostly s1" in warnings[0]
+    assert "1 of 3 proxy-servers, 2 missing" in warnings[0]
 
 
 def test_sync_forever_keeps_dialing_and_closes_duplicates(

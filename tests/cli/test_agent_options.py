@@ -59,6 +59,10 @@ DEFAULTS: list[tuple[str, Any, type]] = [  # (field, value, type); durations in 
     ("api_content_type", "application/vnd.kubernetes.protobuf", str),
     # Ours (cli/extensions.py): off, as upstream has no such thing.
     ("enable_tunnel_flow_control", False, bool),
+    ("proxy_server_list", "", str),
+    ("server_discovery", "", str),
+    ("proxy_server_service", "", str),
+    ("proxy_server_tls_name", "", str),
 ]
 
 

@@ -7,10 +7,12 @@ import pytest
 
 from konnectivity_fast.cli import agent_options, server_options
 from konnectivity_fast.cli.extensions import (
+    AGENT_EXTENSION_FLAGS,
     EXTENSION_FLAGS,
     EXTENSION_MARK,
     SERVER_EXTENSION_FLAGS,
     offered_extensions,
+    offered_server_extensions,
 )
 from konnectivity_fast.wire.contract import NO_EXTENSIONS, Extension
 
@@ -18,7 +20,7 @@ from . import read_golden
 
 PROGRAMS = [(server_options, "proxy-server.txt"), (agent_options, "proxy-agent.txt")]
 # Each program's own extension flags, beside the ones both have.
-OWN = {"proxy-server.txt": SERVER_EXTENSION_FLAGS, "proxy-agent.txt": ()}
+OWN = {"proxy-server.txt": SERVER_EXTENSION_FLAGS, "proxy-agent.txt": AGENT_EXTENSION_FLAGS}
 
 
 @pytest.mark.parametrize(("options", "golden"), PROGRAMS, ids=["server", "agent"])
@@ -45,3 +47,14 @@ def test_flow_control_flag_offers_flow(options: object, golden: str) -> None:
         ["--enable-tunnel-flow-control"], environ={}
     )
     assert offered_extensions(parsed.options) == {Extension.FLOW}
+
+
+def test_advertise_address_offers_server_endpoints() -> None:
+    parsed = server_options.parse_args(["--agent-advertise-address=10.0.0.5:8091"], environ={})
+    assert offered_server_extensions(parsed.options) == {Extension.SERVER_ENDPOINTS}
+    both = server_options.parse_args(
+        ["--agent-advertise-address=lb:8141", "--enable-tunnel-flow-control"], environ={}
+    )
+    assert offered_server_extensions(both.options) == {Extension.SERVER_ENDPOINTS, Extension.FLOW}
+    plain = server_options.parse_args([], environ={})
+    assert offered_server_extensions(plain.options) == NO_EXTENSIONS

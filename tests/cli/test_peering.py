@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 
 from konnectivity_fast.cli.server_options import ProxyRunOptions, parse_args
-from konnectivity_fast.server.peering import parse_peer_endpoints, static_peers, union_peers
+from konnectivity_fast.server.peering import (
+    parse_peer_endpoints,
+    peer_advertised,
+    static_peers,
+    union_peers,
+)
 from konnectivity_fast.wire.endpoints import Address
 from tests.support.net import Certs, free_ports
 
@@ -154,3 +159,24 @@ def test_unreadable_peer_certificate_is_one_clean_startup_error(
     assert done.returncode == 1, done.stderr
     assert b"failed to run the peer server: failed to load X509 key pair" in done.stderr
     assert b"Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "published"),
+    [
+        ([], None),
+        (["--peer-port=8133"], None),  # bound to every address: nothing to publish
+        (["--peer-port=8133", "--peer-bind-address=10.0.0.2"], Address("10.0.0.2", 8133)),
+        (["--peer-bind-address=10.0.0.2"], None),  # no listener
+    ],
+)
+def test_published_peer_endpoint(pem: str, args: list[str], published: Address | None) -> None:
+    parsed = options(
+        "--enable-peer-forwarding",
+        f"--peer-cert={pem}",
+        f"--peer-key={pem}",
+        f"--peer-ca-cert={pem}",
+        *args,
+    )
+    assert parsed.validate() is None
+    assert peer_advertised(parsed) == published

@@ -71,6 +71,7 @@ DEFAULTS: list[tuple[str, Any, type]] = [  # (field, value, type); durations in 
     # Ours (cli/extensions.py): off, as upstream has no such thing.
     ("enable_tunnel_flow_control", False, bool),
     ("dial_balance", "random", str),
+    ("agent_advertise_address", "", str),
     ("enable_peer_forwarding", False, bool),
     ("peer_port", 0, int),
     ("peer_bind_address", "", str),
@@ -358,6 +359,17 @@ VALIDATION: list[tuple[dict[str, Any], str | None]] = [
     ({"enable_lease_controller": True, "lease_label": "a = b, c=d"}, None),
     ({"backend_dial_timeout": -0.5}, "backend-dial-timeout must be >= 0, got -500ms"),
     ({"graceful_shutdown_timeout": -90.0}, "graceful-shutdown-timeout must be >= 0, got -1m30s"),
+    # Ours (cli/extensions.py).
+    ({"agent_advertise_address": "lb.example:8141"}, None),
+    ({"agent_advertise_address": "[2001:db8::1]:8091"}, None),
+    (
+        {"agent_advertise_address": "lb.example"},
+        "--agent-advertise-address: 'lb.example' is not host:port ([ipv6]:port for IPv6)",
+    ),
+    (
+        {"agent_advertise_address": "lb.example:0"},
+        "--agent-advertise-address: 'lb.example:0' has no valid port (1-65535)",
+    ),
 ]
 
 

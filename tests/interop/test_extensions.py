@@ -8,7 +8,8 @@ carries DIAL_REQ, DIAL_RSP, DATA both ways, CLOSE_REQ and CLOSE_RSP. Then:
 
 - what our server sends upstream's agent has the same header keys and the same sequence
   of packet types as what upstream's server sends it, also when our server offers an
-  extension (no ``kf-capabilities`` goes back to an agent that advertised none);
+  extension (no ``kf-capabilities`` goes back to an agent that advertised none), flow.v1
+  or server-endpoints.v1 (no ``kf-server-endpoints`` either);
 - what our agent sends upstream's server has the same header keys and packet types as
   what upstream's agent sends it; offering an extension adds exactly the
   ``kf-capabilities`` request key (grpc-go passes unknown metadata through, upstream's
@@ -34,7 +35,8 @@ import pytest
 
 from konnectivity_fast.agent.client import AgentClient, ClientConfig
 from konnectivity_fast.agent.endpoint import EndpointPool
-from konnectivity_fast.wire.contract import CONNECT_PATH, MD_CAPABILITIES, PROXY_PATH
+from konnectivity_fast.wire.contract import CONNECT_PATH, MD_CAPABILITIES, PROXY_PATH, Extension
+from konnectivity_fast.wire.endpoints import MD_SERVER_ENDPOINTS
 from tests.support.net import Certs
 from tests.support.upstream import (
     LOOPBACK,
@@ -65,14 +67,21 @@ WAIT_SECONDS = 30.0
 
 
 FLOW_FLAG = "--enable-tunnel-flow-control"  # ours: offers flow.v1 (docs/flow-control.md)
+# Ours: offers server-endpoints.v1 and tells agents this address (docs/high-availability.md).
+ADVERTISE_FLAG = f"--agent-advertise-address={LOOPBACK}:8091"
 FLOW_CREDIT = "FLOW_CREDIT"  # ours (PacketType 100), never upstream's
 
 
 def command(program: str, which: str, upstream: Upstream) -> list[str]:
-    """``which``: "upstream", "ours", "ours+test" (ours, offering TEST) or "ours+flow"
-    (ours with flow.v1 enabled by its real flag)."""
+    """``which``: "upstream", "ours", "ours+test" (ours, offering TEST), "ours+flow"
+    (ours with flow.v1 enabled by its real flag) or "ours+endpoints" (a server with
+    ``--agent-advertise-address``; an agent offering server-endpoints.v1)."""
     if which == "ours+test":
         return [sys.executable, str(OFFERING), program, TEST]
+    if which == "ours+endpoints":
+        if program == "agent":
+            return [sys.executable, str(OFFERING), program, Extension.SERVER_ENDPOINTS]
+        return [*server_command("ours", upstream), ADVERTISE_FLAG]
     pick = server_command if program == "server" else agent_command
     if which == "ours+flow":
         return [*pick("ours", upstream), FLOW_FLAG]
@@ -171,9 +180,10 @@ def test_our_server_shows_upstream_agent_what_upstream_server_does(
 
     theirs = run("upstream")
     assert theirs.to_agent == ["DIAL_REQ", "DATA", "CLOSE_REQ"], theirs
-    for ours in (run("ours"), run("ours+test"), run("ours+flow")):
+    for ours in (run("ours"), run("ours+test"), run("ours+flow"), run("ours+endpoints")):
         assert ours.response_keys == theirs.response_keys
         assert MD_CAPABILITIES not in ours.response_keys
+        assert MD_SERVER_ENDPOINTS not in ours.response_keys
         assert ours.to_agent == theirs.to_agent
         assert ours.to_server == theirs.to_server  # upstream's agent answered the same
 
@@ -323,3 +333,21 @@ def test_flow_credit_is_on_the_wire_between_ours_only(
     for mixed in (run("ours+flow", "upstream"), run("upstream", "ours+flow")):
         assert MD_CAPABILITIES not in mixed.response_keys
         assert FLOW_CREDIT not in mixed.to_agent and FLOW_CREDIT not in mixed.to_server
+
+
+def test_server_endpoints_reach_our_agent_only(
+    upstream: Upstream, certs: Certs, processes: Processes, tmp_path: Path
+) -> None:
+    """The other side of the first test: our server with ``--agent-advertise-address``
+    answers an agent that offers server-endpoints.v1 with ``kf-server-endpoints``; it is
+    the same server that showed upstream's agent upstream's headers above."""
+    ours = observe(
+        "ours+endpoints",
+        "ours+endpoints",
+        upstream=upstream,
+        certs=certs,
+        processes=processes,
+        tmp=tmp_path,
+    )
+    assert MD_CAPABILITIES in ours.response_keys
+    assert MD_SERVER_ENDPOINTS in ours.response_keys
