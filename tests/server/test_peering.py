@@ -15,11 +15,13 @@ import os
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from random import Random
 
 from konnectivity_fast.metrics import peering as peer_metrics
 from konnectivity_fast.server import ProxyServer, ServerHandle
 from konnectivity_fast.server.buffering import RATIONED_WINDOW, BufferBudget
+from konnectivity_fast.server.directory import ServerDirectory
 from konnectivity_fast.server.http_connect import RESPONSE_200, start_http_connect_uds
 from konnectivity_fast.server.listeners import (
     DEFAULT_TLS,
@@ -31,6 +33,7 @@ from konnectivity_fast.server.peering import (
     peer_client_context,
     start_peer_listener,
     static_peers,
+    union_peers,
 )
 from konnectivity_fast.transport import grpc as kgrpc
 from konnectivity_fast.tunnel import ERR_NO_AGENT
@@ -47,6 +50,7 @@ from konnectivity_fast.wire.packets import (
 )
 
 from .conftest import Certs, RunFn
+from .test_directory import lease
 from .test_no_hol import CHUNK, StreamingAgent, pattern
 
 STALLED_BYTES = 6 << 20  # within the default tunnel budget of either server
@@ -107,10 +111,16 @@ class Pair:
 
 @contextlib.asynccontextmanager
 async def peered(
-    sock_dir: str, certs: Certs, tunnel_budget: int = 0, extra: dict[str, Address] | None = None
+    sock_dir: str,
+    certs: Certs,
+    tunnel_budget: int = 0,
+    extra: dict[str, Address] | None = None,
+    *,
+    leases: bool = False,
 ) -> AsyncIterator[Pair]:
     """``tunnel_budget``: both servers' per-tunnel budget (0: the default). ``extra``: more
-    peers in both lists."""
+    peers in both lists. ``leases``: the peers come from each server's ``ServerDirectory``
+    fed the other's Lease (its peer-endpoint annotation), not from a static list."""
     servers = [
         ProxyServer(
             server_id=f"s{i}",
@@ -145,9 +155,15 @@ async def peered(
         peers.update(extra or {})
         context = peer_client_context(certs.ca, certs.server_cert, certs.server_key, DEFAULT_TLS)
         for server in servers:
-            forwarder = PeerForwarder(
-                server, server_id=server.server_id, peers=static_peers(peers), ssl=context
-            )
+            source = static_peers(peers)
+            if leases:
+                directory = ServerDirectory(server.server_id)
+                now = datetime.now(UTC)
+                directory.update(
+                    [lease(sid, peer=str(address), renewed=now) for sid, address in peers.items()]
+                )
+                source = union_peers(static_peers({}), directory.peer_endpoints)
+            forwarder = PeerForwarder(server, server_id=server.server_id, peers=source, ssl=context)
             server.forwarder = forwarder
             forwarders.append(forwarder)
         agents = await start_agent_listener(
@@ -217,6 +233,20 @@ def test_http_agent_closes_first(arun: RunFn, sock_dir: str, certs: Certs) -> No
             reader, writer = await http_tunnel(pair, "once-5-300000:80")
             assert await reader.readexactly(300000) == pattern(5, 300000)
             assert await reader.read() == b""  # the agent's close reached the client
+            writer.close()
+            await writer.wait_closed()
+            await wait_until(pair.idle, "both servers forget the tunnel")
+
+    arun(main())
+
+
+def test_peers_from_the_leases(arun: RunFn, sock_dir: str, certs: Certs) -> None:
+    """The peer-endpoint annotation of the other server's Lease is a source of peers."""
+
+    async def main() -> None:
+        async with peered(sock_dir, certs, leases=True) as pair:
+            reader, writer = await http_tunnel(pair, "once-8-5000:80")
+            assert await reader.readexactly(5000) == pattern(8, 5000)
             writer.close()
             await writer.wait_closed()
             await wait_until(pair.idle, "both servers forget the tunnel")
