@@ -1,5 +1,6 @@
 """Server peering, the asyncio side (ours, beyond upstream; docs/high-availability.md,
-"Server peering"): the peer listener, and the streams this server opens to its peers.
+"Server peering"): the streams this server opens to its peers, where peers come from, and
+the start-up of the whole (the listener itself is ``server.peer_listener``).
 
 When no agent here can take a dial, ``tunnel.peering.PeeringRouter`` emits ``ForwardDial``
 and ``PeerForwarder.forward`` offers the dial to the peers, one at a time, in random order:
@@ -18,10 +19,8 @@ and ``PeerForwarder.forward`` offers the dial to the peers, one at a time, in ra
    the same backpressure toward the peer (``CALL_SEND_HIGH_WATER`` pauses the frontend).
    When every peer failed, the frontend gets upstream's ``No agent available`` at once.
 
-The peer listener (``start_peer_listener``) serves ``ProxyService`` over TCP with mTLS: a
-peer must present a certificate chaining to the peer CA, and we verify the peers we dial
-against the same CA. Every stream it accepts is *forwarded*: its dials are served by this
-server's agents only, never forwarded again (hop limit 1), whatever its metadata says.
+We verify the peers we dial against the peer CA (``peer_client_context``), as the peer
+listener (``server.peer_listener``) verifies the servers that dial it.
 
 Peers come from a ``PeerSource``, a function returning server ID -> address (read at each
 forwarded dial, so a source may change at run time); ``static_peers`` wraps
@@ -46,19 +45,20 @@ from random import Random
 from typing import Any, Protocol
 
 from konnectivity_fast.metrics import peering as peer_metrics
-from konnectivity_fast.server.listeners import FRONTEND_ENGINE_DEFAULTS, TlsSettings
+from konnectivity_fast.server.listeners import TlsSettings
+from konnectivity_fast.server.peer_listener import start_peer_listener
 from konnectivity_fast.server.proxy import ProxyServer
 from konnectivity_fast.server.startup import check_tls_files, host_port, listen_error
 from konnectivity_fast.transport import tls
-from konnectivity_fast.transport.call import CallSink, GrpcCall, GrpcError
-from konnectivity_fast.transport.grpc import GrpcProtocol, GrpcServer, connect, serve
+from konnectivity_fast.transport.call import GrpcCall, GrpcError
+from konnectivity_fast.transport.grpc import GrpcProtocol, GrpcServer, connect
 from konnectivity_fast.tunnel import Backend, PeerBackend, PeeringRouter, PendingDial
 from konnectivity_fast.tunnel.peering import is_no_agent
 from konnectivity_fast.verbosity import V
 from konnectivity_fast.wire.codec import decode_packet, encode_packet, peek_packet
-from konnectivity_fast.wire.contract import PROXY_PATH, PROXY_SERVICE
+from konnectivity_fast.wire.contract import PROXY_PATH
 from konnectivity_fast.wire.endpoints import MD_FORWARDED_FROM, Address, parse_address
-from konnectivity_fast.wire.errors import CodecError, StatusCode
+from konnectivity_fast.wire.errors import CodecError
 from konnectivity_fast.wire.packets import (
     CloseDial,
     CloseRequest,
@@ -468,65 +468,6 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
     """Mark a connect task's failure as seen (its waiters may all have gone)."""
     if not task.cancelled():
         task.exception()
-
-
-# --- the peer listener ------------------------------------------------------------------
-
-
-class _RefusedSink:
-    __slots__ = ()
-
-    def on_message(self, call: GrpcCall, message: bytes) -> None:
-        pass
-
-    def on_end(self, call: GrpcCall) -> None:
-        pass
-
-    def on_closed(self, call: GrpcCall, error_code: int) -> None:
-        pass
-
-
-class _PeerService:
-    """``ProxyService`` for peers: every stream is a forwarded frontend."""
-
-    __slots__ = ("proxy",)
-
-    def __init__(self, proxy: ProxyServer) -> None:
-        self.proxy = proxy
-
-    def open_call(self, call: GrpcCall) -> CallSink:
-        if call.path != PROXY_PATH:
-            call.finish(StatusCode.UNIMPLEMENTED, f"unknown service {call.path} ({PROXY_SERVICE})")
-            return _RefusedSink()
-        origin = next((v for k, v in call.metadata if k == MD_FORWARDED_FROM), "?")
-        log.log(V(3), "stream %d forwarded by peer %s", call.stream_id, origin)
-        # The frontend's own sink, unwrapped: the data path recognises it by its class
-        # (its buffer toward the peer is charged and budgeted as any frontend's).
-        sink = self.proxy._open_frontend(call, forwarded=True)
-        peer_metrics.stream_opened(peer_metrics.FORWARDED)
-        call.closed.add_done_callback(_forwarded_closed)
-        return sink
-
-
-def _forwarded_closed(_: asyncio.Future[int]) -> None:
-    peer_metrics.stream_closed(peer_metrics.FORWARDED)
-
-
-async def start_peer_listener(
-    proxy: ProxyServer,
-    *,
-    host: str | None,
-    port: int,
-    cert_file: str,
-    key_file: str,
-    ca_file: str,
-    tls_settings: TlsSettings,
-) -> GrpcServer:
-    """The peer listener: ``ProxyService`` on TCP, mTLS with ``ca_file`` always."""
-    ctx = tls_settings.server_context(cert_file, key_file, ca_file)  # CERT_REQUIRED
-    return await serve(
-        _PeerService(proxy), host=host, port=port, ssl=ctx, name="peer", **FRONTEND_ENGINE_DEFAULTS
-    )
 
 
 # --- start-up -----------------------------------------------------------------------------
