@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from konnectivity_fast.cli.flags import BOOL, STRING, FlagSet, ValueType
+from konnectivity_fast.cli.flags import BOOL, INT, STRING, FlagSet, ValueType
 from konnectivity_fast.wire.contract import NO_EXTENSIONS, DialBalance, Extension, ExtensionSet
 from konnectivity_fast.wire.endpoints import parse_address
 
@@ -21,6 +21,7 @@ __all__ = [
     "DISCOVERY_SOURCES",
     "EXTENSION_FLAGS",
     "EXTENSION_MARK",
+    "PEER_EXTENSION_FLAGS",
     "SERVER_EXTENSION_FLAGS",
     "ExtensionOptions",
     "ServerExtensionOptions",
@@ -73,6 +74,55 @@ SERVER_EXTENSION_FLAGS: tuple[tuple[str, str, ValueType, str], ...] = (
 )
 
 
+#: Server peering's (docs/high-availability.md, "Server peering"), among the proxy-server's
+#: own; checked by ``cli.peering.check_peering``.
+PEER_EXTENSION_FLAGS: tuple[tuple[str, str, ValueType, str], ...] = (
+    (
+        "enable-peer-forwarding",
+        "enable_peer_forwarding",
+        BOOL,
+        "Forward a dial no agent of this server can take to a peer server that has one "
+        "(one hop; the client gets 'No agent available' at once when no peer has one "
+        "either), so agents connected to some servers only are reachable through all.",
+    ),
+    (
+        "peer-port",
+        "peer_port",
+        INT,
+        "Port of the peer listener, where peer servers forward dials (gRPC ProxyService "
+        "over mTLS); 0 means no peer listener. Needs --enable-peer-forwarding.",
+    ),
+    (
+        "peer-bind-address",
+        "peer_bind_address",
+        STRING,
+        "Address the peer listener binds to; empty means all addresses.",
+    ),
+    (
+        "peer-endpoints",
+        "peer_endpoints",
+        STRING,
+        "Peer servers to forward dials to: <server-id>=<host:port> of their peer listeners, "
+        "comma-separated (this server's own ID is skipped, so every server may get the "
+        "same list).",
+    ),
+    (
+        "peer-cert",
+        "peer_cert",
+        STRING,
+        "Certificate this server presents to peers, on the peer listener and when dialling "
+        "them; empty means --server-cert. It must be valid for both server and client "
+        "authentication.",
+    ),
+    ("peer-key", "peer_key", STRING, "Key of --peer-cert; empty means --server-key."),
+    (
+        "peer-ca-cert",
+        "peer_ca_cert",
+        STRING,
+        "CA a peer's certificate must chain to, both ways; empty means --server-ca-cert.",
+    ),
+)
+SERVER_EXTENSION_FLAGS = SERVER_EXTENSION_FLAGS + PEER_EXTENSION_FLAGS
 #: ``--server-discovery`` values: where the agent learns each server's direct address.
 DISCOVERY_SOURCES = ("headers", "leases", "service")
 

@@ -42,6 +42,7 @@ from konnectivity_fast.cli.flags import (
 )
 from konnectivity_fast.cli.goparse import format_duration, go_quote, new_uuid, seconds_to_ns
 from konnectivity_fast.cli.klog import KlogOptions, V, register_klog_flags
+from konnectivity_fast.cli.peering import check_peering
 from konnectivity_fast.kube.labels import parse_lease_labels
 from konnectivity_fast.wire.contract import FrontendMode, ProxyStrategy, parse_proxy_strategies
 
@@ -167,6 +168,14 @@ class ProxyRunOptions:
     enable_tunnel_flow_control: bool = False
     dial_balance: str = "random"
     agent_advertise_address: str = ""
+    # Server peering (cli/peering.py); the peer TLS files default to the server's.
+    enable_peer_forwarding: bool = False
+    peer_port: int = 0
+    peer_bind_address: str = ""
+    peer_endpoints: str = ""
+    peer_cert: str = ""
+    peer_key: str = ""
+    peer_ca_cert: str = ""
 
     def validate(self) -> str | None:
         """The first failing check's message, in upstream's order, or ``None``."""
@@ -186,8 +195,10 @@ class ProxyRunOptions:
 
     def _check_extensions(self) -> str | None:
         """Our flags (cli/extensions.py), after all of upstream's checks."""
-        return check_dial_balance(self.dial_balance) or check_advertise_address(
-            self.agent_advertise_address
+        return (
+            check_dial_balance(self.dial_balance)
+            or check_advertise_address(self.agent_advertise_address)
+            or check_peering(self)
         )
 
     def _check_files(self) -> str | None:

@@ -31,6 +31,7 @@ from typing import Protocol
 from konnectivity_fast.kube import ConfigError, KubeClient, load_config
 from konnectivity_fast.metrics import accept as accept_metrics
 from konnectivity_fast.metrics import flow as flow_metrics
+from konnectivity_fast.metrics import peering as peer_metrics
 from konnectivity_fast.metrics import server as server_metrics
 from konnectivity_fast.server.auth import TokenAuthenticator
 from konnectivity_fast.server.directory import ServerDirectory
@@ -43,6 +44,12 @@ from konnectivity_fast.server.listeners import (
     start_agent_listener,
     start_frontend_tcp,
     start_frontend_uds,
+)
+from konnectivity_fast.server.peering import (
+    PeerForwarder,
+    PeeringRunOptions,
+    peer_advertised,
+    start_peering,
 )
 from konnectivity_fast.server.proxy import ProxyServer
 from konnectivity_fast.server.startup import (
@@ -76,8 +83,9 @@ UDS_UMASK = 0o007
 GRACEFUL_FRONTEND_LIMIT = 30.0
 
 
-class RunOptions(Protocol):
-    """The fields of ``ProxyRunOptions`` the process uses."""
+class RunOptions(PeeringRunOptions, Protocol):
+    """The fields of ``ProxyRunOptions`` the process uses (peering's in
+    ``server.peering``)."""
 
     mode: str
     uds_name: str
@@ -297,9 +305,12 @@ async def run(
         authenticator=_authenticator(options, kube),
         extensions=extensions,
         dial_balance=dial_balance,
+        forward_dials=options.enable_peer_forwarding,
     )
     directory = _directory(options, proxy.server_id)
     proxy.server_endpoints = directory.agent_endpoints
+    if options.enable_peer_forwarding:
+        peer_metrics.enable(server_metrics.REGISTRY)
     if dial_balance is not DialBalance.RANDOM:
         log.info("Dials go to the candidate agent with the fewest open tunnels (%s).", dial_balance)
     try:
@@ -317,7 +328,9 @@ def _directory(options: RunOptions, server_id: str) -> ServerDirectory:
         endpoint = parse_address(advertised) if advertised else None
     except ValueError as exc:  # the command line checks it first; an embedder may not
         raise StartupError(f"invalid --agent-advertise-address: {exc}") from None
-    directory = ServerDirectory(server_id, agent_endpoint=endpoint)
+    directory = ServerDirectory(
+        server_id, agent_endpoint=endpoint, peer_endpoint=peer_advertised(options)
+    )
     if advertised:
         log.info("Agents are told to reach this server at %s.", directory.agent_endpoint)
     return directory
@@ -331,6 +344,7 @@ async def _serve(
     directory: ServerDirectory,
 ) -> int:
     handle = await _listen(proxy, options)
+    forwarder = await _start_peering(proxy, options, handle, directory)
     leases: LeaseController | None = None
     try:
         labels = parse_lease_labels(options.lease_label)  # step 5, even when unused
@@ -365,8 +379,30 @@ async def _serve(
     await _stop_listeners(handle, timeout)
     if timeout > 0 and leases is not None:
         await leases.stop()
+    if forwarder is not None:
+        await forwarder.close()
     log.info("Proxy server stopped.")
     return 0
+
+
+async def _start_peering(
+    proxy: ProxyServer, options: RunOptions, handle: ServerHandle, directory: ServerDirectory
+) -> PeerForwarder | None:
+    """Server peering (``server.peering``), with ``--enable-peer-forwarding``: the
+    forwarder (peers: ``--peer-endpoints``, then the other servers' Leases), and the peer
+    listener (stopped with the agent listener)."""
+    if not options.enable_peer_forwarding:
+        return None
+    try:
+        forwarder, listener = await start_peering(
+            proxy, options, _tls_settings(options), extra_peers=directory.peer_endpoints
+        )
+    except ValueError as exc:
+        await _stop_listeners(handle, 0.0)
+        raise StartupError(f"failed to run the peer server: {exc}") from None
+    if listener is not None:
+        handle.servers.append(listener)
+    return forwarder
 
 
 async def _stop_listeners(handle: ServerHandle, timeout: float) -> None:

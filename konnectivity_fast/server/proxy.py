@@ -55,8 +55,12 @@ from konnectivity_fast.tunnel import (
     DialDuration,
     DialFailure,
     Effect,
+    EndPeer,
+    ForwardDial,
     Frontend,
     Message,
+    PeeringRouter,
+    PendingDial,
     RetireBackend,
     Router,
     SendToAgent,
@@ -89,7 +93,12 @@ from konnectivity_fast.wire.contract import (
     negotiate_extensions,
     unmarshal_error,
 )
-from konnectivity_fast.wire.endpoints import MD_SERVER_ENDPOINTS, Address, format_server_endpoints
+from konnectivity_fast.wire.endpoints import (
+    MD_FORWARDED_FROM,
+    MD_SERVER_ENDPOINTS,
+    Address,
+    format_server_endpoints,
+)
 from konnectivity_fast.wire.errors import CodecError, StatusCode
 from konnectivity_fast.wire.packets import FlowCredit, Packet, PacketType
 
@@ -102,6 +111,15 @@ _log_refused = RateLimitedLog(log)
 # Packets an agent may send before its token review ends: it waits for our headers first,
 # so anything beyond a handful is a broken or hostile peer.
 MAX_PACKETS_BEFORE_AUTH = 16
+
+
+class DialForwarder(Protocol):
+    """Server peering's adapter (``server.peering.PeerForwarder``): carries out
+    ``ForwardDial`` and ``EndPeer``."""
+
+    def forward(self, dial: PendingDial, protocol: str) -> None: ...
+
+    def end(self, backend: Backend) -> None: ...
 
 
 class Authenticator(Protocol):
@@ -423,6 +441,8 @@ class ProxyServer:
     choice by default). ``server_endpoints``: every replica's agent-facing address, this
     one's included (``server.directory.ServerDirectory.agent_endpoints``), read for each
     agent stream that negotiated ``server-endpoints.v1``; None or empty: no header.
+    ``forward_dials``: server peering (``tunnel.peering``); dials no agent takes go to
+    ``forwarder``, set before the listeners start.
     """
 
     def __init__(
@@ -439,15 +459,18 @@ class ProxyServer:
         extensions: ExtensionSet = NO_EXTENSIONS,
         dial_balance: DialBalance = DialBalance.RANDOM,
         server_endpoints: Callable[[], Mapping[str, Address]] | None = None,
+        forward_dials: bool = False,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
         self.extensions = check_extensions(extensions)
         self.server_id = server_id or str(uuid.uuid4())
         self.server_count = server_count
         self.server_endpoints = server_endpoints
-        self.router = Router(
+        router_class = PeeringRouter if forward_dials else Router
+        self.router = router_class(
             strategies, rng or Random(), dial_timeout=dial_timeout, balance=dial_balance
         )
+        self.forwarder: DialForwarder | None = None
         self.frontend_service = _FrontendService(self)
         self.agent_service = _AgentService(self)
         self._timer: asyncio.TimerHandle | None = None
@@ -461,8 +484,12 @@ class ProxyServer:
 
     # --- streams --------------------------------------------------------------------------
 
-    def _open_frontend(self, call: GrpcCall) -> CallSink:
+    def _open_frontend(self, call: GrpcCall, *, forwarded: bool = False) -> CallSink:
+        """``forwarded``: from the peer listener; a stream naming ``kf-forwarded-from`` is
+        forwarded too, wherever it came (server peering's hop limit)."""
         metrics.grpc_connection_opened(metrics.PROXY)
+        if self.forwarder is not None and not forwarded:
+            forwarded = any(key == MD_FORWARDED_FROM for key, _ in call.metadata)
         accepted = self._negotiate(call)
         if accepted:  # else the headers go out with the first message, as upstream's
             try:
@@ -470,7 +497,7 @@ class ProxyServer:
             except (KeyError, RuntimeError) as exc:  # the stream is already gone
                 log.log(V(2), "frontend stream: sending headers failed: %s", exc)
                 return _NullSink(metrics.PROXY)
-        frontend = self.router.add_frontend(FrontendMode.GRPC, call, accepted)
+        frontend = self.router.add_frontend(FrontendMode.GRPC, call, accepted, forwarded=forwarded)
         return _FrontendStream(self, frontend)
 
     def _negotiate(self, call: GrpcCall) -> ExtensionSet:
@@ -630,6 +657,8 @@ class ProxyServer:
     def _apply(self, effects: list[Effect]) -> None:
         for effect in effects:
             if isinstance(effect, SendToAgent):
+                if effect.backend.conn is None:  # a peer stream not open yet (tunnel.peering)
+                    continue
                 self._send(
                     effect.backend.conn,
                     effect.message,
@@ -661,8 +690,26 @@ class ProxyServer:
                 backend.conn.finish(StatusCode.OK)
                 self._apply(self.router.remove_backend(backend, self.loop.time()))
                 self._update_backend_gauges()
+            elif isinstance(effect, ForwardDial):
+                self._forward(effect)
+            elif isinstance(effect, EndPeer) and self.forwarder is not None:
+                for message in effect.final:
+                    self._send(
+                        effect.backend.conn,
+                        message,
+                        metrics.SEGMENT_TO_AGENT,
+                        self._message_type(message),
+                    )
+                self.forwarder.end(effect.backend)
         self._arm_timer()
         self._update_gauges()
+
+    def _forward(self, effect: ForwardDial) -> None:
+        """Server peering: offer the dial to the peers, or fail it at once without any."""
+        if self.forwarder is not None:
+            self.forwarder.forward(effect.dial, effect.protocol)
+        elif isinstance(self.router, PeeringRouter):
+            self._apply(self.router.peer_unavailable(effect.dial))
 
     def _update_gauges(self) -> None:
         """Set the routing gauges that changed. Like upstream's, the pending-dial and
@@ -713,7 +760,9 @@ class ProxyServer:
         stalled = {
             dial.backend
             for dial in self.router.dials_due(now)
-            if not dial.backend.closed and dial.backend.conn.send_blocked()
+            if not dial.backend.closed
+            and dial.backend.conn is not None
+            and dial.backend.conn.send_blocked()
         }
         self._apply(self.router.handle_timer(now))
         for backend in stalled:

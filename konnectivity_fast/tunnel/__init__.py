@@ -4,6 +4,7 @@
 ``backends``: the ``--proxy-strategies`` chain that picks an agent stream; ``balance``: the
 opt-in least-loaded choice among a strategy's candidates (ours).
 ``router``: the packet rules (``Router``). ``events``: the effects it returns.
+``peering``: ``PeeringRouter``, which hands dials no agent here takes to peer servers.
 No sockets, no event loop, no clock: time is an argument, randomness is injected.
 The names the router shares with the wire (strategies, modes, agent identifiers) are
 ``wire.contract``'s; the types among them are re-exported here for the router's callers.
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
         DialFailure,
         DialFailureReason,
         Effect,
+        EndPeer,
+        ForwardDial,
         Message,
         RawMessage,
         RetireBackend,
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
         SendToFrontend,
         TunnelEstablished,
     )
+    from konnectivity_fast.tunnel.peering import PeerBackend, PeeringRouter
     from konnectivity_fast.tunnel.records import (
         Backend,
         Frontend,
@@ -89,6 +93,8 @@ _EXPORTS = {
         "DialFailure",
         "DialFailureReason",
         "Effect",
+        "EndPeer",
+        "ForwardDial",
         "Message",
         "RawMessage",
         "RetireBackend",
@@ -96,6 +102,7 @@ _EXPORTS = {
         "SendToFrontend",
         "TunnelEstablished",
     ),
+    "konnectivity_fast.tunnel.peering": ("PeerBackend", "PeeringRouter"),
     "konnectivity_fast.tunnel.records": (
         "Backend",
         "Frontend",
@@ -156,9 +163,13 @@ __all__ = [
     "DialFailure",
     "DialFailureReason",
     "Effect",
+    "EndPeer",
+    "ForwardDial",
     "Frontend",
     "FrontendMode",
     "Message",
+    "PeerBackend",
+    "PeeringRouter",
     "PendingDial",
     "ProxyClientConnection",
     "ProxyStrategy",

@@ -13,6 +13,11 @@ values, in the order they must happen. The adapter performs them in that order:
   stream: upstream keeps reading until the client closes it.)
 - ``RetireBackend``: end the agent's ``Connect`` call with status OK (it will reconnect),
   then report the stream gone with ``Router.remove_backend`` as for any stream end.
+- ``ForwardDial`` (server peering, ``tunnel.peering``): no agent here takes the dial; ask
+  the peer servers, then report the outcome (``PeeringRouter.peer_answered`` or
+  ``peer_unavailable``).
+- ``EndPeer``: a peer stream carries nothing any more: send its ``final`` messages, then
+  half-close it (if it was opened).
 - ``DialFailure``, ``DialDuration``, ``ConnectionDuration``: metric observations, named
   after upstream's ``dial_failure_count{reason}`` and ``dial_duration_seconds``
   (pkg/server/metrics/metrics.go) and the ``connection_duration_seconds`` of its later
@@ -28,7 +33,7 @@ from typing import TYPE_CHECKING, TypeAlias
 from konnectivity_fast.wire.packets import Packet
 
 if TYPE_CHECKING:
-    from konnectivity_fast.tunnel.records import Backend, Frontend
+    from konnectivity_fast.tunnel.records import Backend, Frontend, PendingDial
 
 __all__ = [
     "CloseFrontend",
@@ -38,6 +43,8 @@ __all__ = [
     "DialFailure",
     "DialFailureReason",
     "Effect",
+    "EndPeer",
+    "ForwardDial",
     "Message",
     "RawMessage",
     "RetireBackend",
@@ -129,6 +136,24 @@ class RetireBackend:
 
 
 @dataclass(frozen=True, slots=True)
+class ForwardDial:
+    """``dial`` (pending on a ``PeerBackend`` not yet attached) must be offered to the peer
+    servers with ``protocol`` and ``dial.address``."""
+
+    dial: PendingDial
+    protocol: str
+
+
+@dataclass(frozen=True, slots=True)
+class EndPeer:
+    """The router forgot ``backend``, a peer stream: send it ``final`` (in order), then end
+    it (``conn`` None: never opened; ``final`` is then empty)."""
+
+    backend: Backend
+    final: tuple[Message, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class DialFailure:
     reason: DialFailureReason
 
@@ -153,6 +178,8 @@ Effect: TypeAlias = (
     | TunnelEstablished
     | CloseFrontend
     | RetireBackend
+    | ForwardDial
+    | EndPeer
     | DialFailure
     | DialDuration
     | ConnectionDuration

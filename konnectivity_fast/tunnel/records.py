@@ -97,6 +97,9 @@ class Frontend:
     DATA: payload bytes for HTTP-CONNECT, whole DATA messages for gRPC (the payload plus a
     few bytes of protobuf framing each: the fast path never decodes them). A gRPC stream
     carries one tunnel in practice (konnectivity-client's), so these are its tunnel's.
+
+    ``forwarded``: a stream another proxy-server forwarded to us (server peering,
+    ``tunnel.peering``); its dials are never forwarded again.
     """
 
     __slots__ = (
@@ -109,6 +112,7 @@ class Frontend:
         "connections",
         "dials",
         "extensions",
+        "forwarded",
         "id",
         "mode",
         "stopped",
@@ -120,11 +124,13 @@ class Frontend:
         mode: FrontendMode,
         conn: Any = None,
         extensions: ExtensionSet = NO_EXTENSIONS,
+        forwarded: bool = False,
     ) -> None:
         self.id = frontend_id
         self.mode = mode
         self.conn: Any = conn
         self.extensions = extensions
+        self.forwarded = forwarded
         self.backend: Backend | None = None
         self.connect_id = 0
         self.stopped = False

@@ -219,11 +219,16 @@ class Router:
     # --- registration -------------------------------------------------------------------
 
     def add_frontend(
-        self, mode: FrontendMode, conn: Any = None, extensions: ExtensionSet = NO_EXTENSIONS
+        self,
+        mode: FrontendMode,
+        conn: Any = None,
+        extensions: ExtensionSet = NO_EXTENSIONS,
+        *,
+        forwarded: bool = False,
     ) -> Frontend:
         """A new ``Proxy`` stream or HTTP-CONNECT request, with the extensions negotiated
-        on it."""
-        frontend = Frontend(next(self._ids), mode, conn, extensions)
+        on it; ``forwarded``: a stream a peer server forwarded (never forwarded again)."""
+        frontend = Frontend(next(self._ids), mode, conn, extensions, forwarded)
         self._frontends[frontend.id] = frontend
         return frontend
 
@@ -353,11 +358,14 @@ class Router:
         if frontend.closed or frontend.backend is not None:
             raise ValueError(f"{frontend!r} has already dialled")
         backend = self.backend_managers.backend(address)
-        if backend is None:  # not counted as a dial failure in this mode
+        if backend is None and not self._forwards(frontend):
+            # not counted as a dial failure in this mode
             return [self._close_http(frontend, CloseReason.NO_AGENT, ERR_NO_AGENT)]
         random = self._rng.getrandbits(HTTP_RANDOM_BITS)
         while random in self._pending:
             random = self._rng.getrandbits(HTTP_RANDOM_BITS)
+        if backend is None:
+            return self._forward_dial(frontend, random, "tcp", address, now)
         frontend.backend = backend
         self._add_pending(PendingDial(random, frontend, backend, address, now))
         request = DialRequest(protocol="tcp", address=address, random=random)
@@ -409,6 +417,10 @@ class Router:
             return [reply(frontend, dial_rsp(request.random, ERR_TOO_MANY_DIALS))]
         backend = self.backend_managers.backend(request.address)
         if backend is None:
+            if self._forwards(frontend):
+                return self._forward_dial(
+                    frontend, request.random, request.protocol, request.address, now
+                )
             frontend.stopped = True
             return [
                 DialFailure(DialFailureReason.NO_AGENT),
@@ -558,6 +570,19 @@ class Router:
     ) -> list[Effect]:  # DRAIN
         backend.draining = True
         return []
+
+    # --- forwarding to a peer server (tunnel.peering) ------------------------------------
+
+    def _forwards(self, frontend: Frontend) -> bool:
+        """Whether a dial of ``frontend`` no agent here can take goes to a peer server
+        (``tunnel.peering.PeeringRouter``); upstream's router never forwards."""
+        return False
+
+    def _forward_dial(
+        self, frontend: Frontend, random: int, protocol: str, address: str, now: float
+    ) -> list[Effect]:
+        """Hand the dial to a peer server (only called when ``_forwards``)."""
+        raise NotImplementedError
 
     # --- bookkeeping ----------------------------------------------------------------------
 

@@ -72,6 +72,13 @@ DEFAULTS: list[tuple[str, Any, type]] = [  # (field, value, type); durations in 
     ("enable_tunnel_flow_control", False, bool),
     ("dial_balance", "random", str),
     ("agent_advertise_address", "", str),
+    ("enable_peer_forwarding", False, bool),
+    ("peer_port", 0, int),
+    ("peer_bind_address", "", str),
+    ("peer_endpoints", "", str),
+    ("peer_cert", "", str),
+    ("peer_key", "", str),
+    ("peer_ca_cert", "", str),
 ]
 
 
