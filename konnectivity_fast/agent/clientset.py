@@ -32,8 +32,12 @@ addresses (``EndpointBook.due``), at most ``MAX_DIRECT_ATTEMPTS`` at once, each 
 ``ClientConfig.server_name`` unchanged so certificates verify against the name users
 already have. It wakes when a source or the set of held servers changes, or when a
 backed-off address becomes due. Sources are polled each turn (``sources``); the header
-source is the union of the ``kf-server-endpoints`` of the servers held (kept while none
-is). With no book, and a non-empty ``--proxy-server-host``, this is upstream's agent.
+source is the union of the latest ``kf-server-endpoints`` of the servers held (every
+connection's answer counts, a duplicate's too; the last ones are kept while none is
+held). A server learns of new replicas after agents met it, so an agent that holds every
+server it knows of still dials the balancer once after ``HEADER_REFRESH_FIRST``, then at
+doubling pauses up to ``HEADER_REFRESH_CAP`` while nothing changes. With no book, and a
+non-empty ``--proxy-server-host``, this is upstream's agent.
 
 Invariants: at most one ``AgentClient`` per server ID whatever the path;
 ``open_server_connections`` follows the map on every add and remove.
@@ -60,6 +64,8 @@ from konnectivity_fast.wire.endpoints import MD_SERVER_ENDPOINTS, Address, parse
 
 __all__ = [
     "DUPLICATE_RETRY_DELAY",
+    "HEADER_REFRESH_CAP",
+    "HEADER_REFRESH_FIRST",
     "MAX_DIRECT_ATTEMPTS",
     "STICKY_LOG_INTERVAL",
     "ClientSet",
@@ -76,6 +82,13 @@ DUPLICATE_RETRY_DELAY = 0.05
 #: The sticky warning is repeated this often (seconds) while the balancer stays suspect:
 #: visible in any log window, not a flood.
 STICKY_LOG_INTERVAL = 600.0
+#: Seconds before an agent with header discovery first re-reads the servers' endpoint lists
+#: once it holds every server it knows of: servers list each other's Leases every 15 s, so
+#: a server an agent met at its start knows its peers about this much later.
+HEADER_REFRESH_FIRST = 15.0
+#: The re-reading pause doubles while the held servers stay the same, up to this (seconds):
+#: one extra connection per agent every 10 minutes is cheap even for thousands of agents.
+HEADER_REFRESH_CAP = 600.0
 #: Direct dials in flight at once: a few replicas answer at once, and unreachable ones
 #: (each up to the 20 s connect timeout) do not hold up the others.
 MAX_DIRECT_ATTEMPTS = 8
@@ -130,6 +143,10 @@ class ClientSet:
         self.sources: dict[Source, EndpointSource] = dict(sources or {})
         self._via: dict[AgentClient, Address] = {}
         self._header_endpoints: dict[Address, str] = {}
+        # Server ID -> the endpoint list it sent last (kf-server-endpoints).
+        self._answers: dict[str, dict[Address, str]] = {}
+        self._refresh_interval = HEADER_REFRESH_FIRST
+        self._next_refresh: float | None = None
         self._wake = asyncio.Event()
 
     # -- state -----------------------------------------------------------------------------
@@ -189,6 +206,8 @@ class ClientSet:
 
     def _changed(self) -> None:
         """The set of held servers changed: refresh what depends on it."""
+        self._refresh_interval = HEADER_REFRESH_FIRST
+        self._next_refresh = None
         if self.book is not None:
             self._refresh_header_source()
             if len(self.clients) >= self.known_count():
@@ -242,7 +261,7 @@ class ClientSet:
             return
         count = self.known_count()
         metrics.set_server_count(count)
-        if not self.sync_forever and len(self.clients) >= count:
+        if not self.sync_forever and len(self.clients) >= count and not self._refresh_due():
             self._satisfied()
             return
         self.attempts += 1
@@ -255,8 +274,11 @@ class ClientSet:
         if self._stop.is_set():
             client.close("stopping")
             return
+        self._learn_endpoints(client)
         if client.server_id in self.clients:
             client.close("duplicate")
+            self._refresh_header_source()
+            self._wake.set()
             self._count_attempt(discovery_metrics.PATH_LB, discovery_metrics.RESULT_DUPLICATE)
             self._note_duplicate(client.server_id, count)
             raise DuplicateServerError(client.server_id)
@@ -313,22 +335,43 @@ class ClientSet:
 
     # -- direct endpoints ------------------------------------------------------------------
 
+    def _learn_endpoints(self, client: AgentClient) -> None:
+        """Keep the endpoint list of a server that answered (held or a duplicate)."""
+        if Extension.SERVER_ENDPOINTS not in client.extensions:
+            return
+        values = [v for k, v in client.response_headers if k == MD_SERVER_ENDPOINTS]
+        listed = parse_server_endpoints(values)
+        self._answers[client.server_id] = {address: sid for sid, address in listed.items()}
+
     def _refresh_header_source(self) -> None:
-        """The header source: what the servers held now list (kept while none is held, so
-        a reconnect can use the last answer)."""
+        """The header source: the latest lists of the servers held now (all the last ones
+        heard while none is held, so a reconnect can use them)."""
+        held = [sid for sid in self.clients if sid in self._answers]
+        if held:
+            self._answers = {sid: self._answers[sid] for sid in held}
         found: dict[Address, str] = {}
-        answered = False
-        for client in self.clients.values():
-            if Extension.SERVER_ENDPOINTS not in client.extensions:
-                continue
-            answered = True
-            values = [v for k, v in client.response_headers if k == MD_SERVER_ENDPOINTS]
-            for server_id, address in parse_server_endpoints(values).items():
+        for answer in self._answers.values():
+            for address, server_id in answer.items():
                 found.setdefault(address, server_id)
-        if answered or not self.clients:
-            if answered:
-                self._header_endpoints = found
-            self.sources[Source.HEADER] = lambda: self._header_endpoints
+        self._header_endpoints = found
+        self.sources[Source.HEADER] = lambda: self._header_endpoints
+
+    def _refresh_due(self) -> bool:
+        """Whether to dial the balancer once more although every known server is held: the
+        servers' lists come only with a connection, and a server learns of new replicas
+        after an agent connected (from Leases, within about HEADER_REFRESH_FIRST). The
+        pause doubles while nothing changes, up to HEADER_REFRESH_CAP."""
+        if Extension.SERVER_ENDPOINTS not in self.config.extensions or self.book is None:
+            return False
+        now = asyncio.get_running_loop().time()
+        if self._next_refresh is None:
+            self._next_refresh = now + self._refresh_interval
+        if now < self._next_refresh:
+            return False
+        self._refresh_interval = min(self._refresh_interval * 2, HEADER_REFRESH_CAP)
+        self._next_refresh = now + self._refresh_interval
+        log.log(V(4), "dialling the balancer to refresh the servers' endpoint lists")
+        return True
 
     async def _run_direct(self) -> None:
         assert self.book is not None
@@ -381,8 +424,10 @@ class ClientSet:
         finally:
             self._connecting.discard(client)
             self._wake.set()
+        self._learn_endpoints(client)
         if self._stop.is_set() or self.draining or client.server_id in self.clients:
             client.close("duplicate")
+            self._refresh_header_source()
             self._count_attempt(discovery_metrics.PATH_DIRECT, discovery_metrics.RESULT_DUPLICATE)
             log.log(V(4), "direct endpoint %s: duplicate server: %s", address, client.server_id)
             self.book.connected(address, client.server_id, kept=False)

@@ -17,10 +17,12 @@ from typing import Any
 import pytest
 import trustme
 
+from konnectivity_fast.agent import clientset as clientset_module
 from konnectivity_fast.agent.clientset import ClientSet
 from konnectivity_fast.agent.discovery import EndpointBook, Source
 from konnectivity_fast.metrics import agent as agent_metrics
 from konnectivity_fast.metrics import discovery as discovery_metrics
+from konnectivity_fast.wire.contract import Extension
 from konnectivity_fast.wire.endpoints import Address
 
 from .conftest import Certs, RunFn
@@ -237,3 +239,46 @@ def test_an_endpoint_with_a_foreign_certificate_gets_no_credentials(
     else:
         assert all(cert is None for cert in seen)
         assert received == bytearray()
+
+
+def test_header_discovery_learns_replicas_the_server_meets_later(
+    run: RunFn, sock_dir: str, certs: Certs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent meets s1 alone (the balancer's pool has only s1) while s1 knows of no other
+    server; s1 then learns of s2 and s3 (from Leases, in a cluster). The agent re-reads the
+    list through the balancer and dials both directly."""
+    monkeypatch.setattr(clientset_module, "HEADER_REFRESH_FIRST", 0.2)
+    offered = frozenset({Extension.SERVER_ENDPOINTS})
+
+    async def main() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            servers = [
+                await stack.enter_async_context(
+                    proxy_server(sock_dir, certs, server_id=f"s{i}", extensions=offered)
+                )
+                for i in (1, 2, 3)
+            ]
+            known = {"s1": Address(LOOPBACK, servers[0].agent_port)}
+            for server in servers:
+                server.proxy.server_endpoints = lambda: dict(known)
+            lb = Forwarder([servers[0].agent_port], mode="sticky")
+            lb_port = await lb.start()
+            stack.push_async_callback(lb.close)
+            cs = ClientSet(
+                agent_config(certs, lb_port, extensions=offered),
+                sync_interval=0.05,
+                sync_interval_cap=0.2,
+                rng=random.Random(7),
+                book=EndpointBook(0.05, 0.2, random.Random(8)),
+                sources={},
+            )
+            cs.start()
+            stack.push_async_callback(cs.stop)
+            await until(lambda: list(cs.clients) == ["s1"], what="s1")
+            await asyncio.sleep(0.5)  # a few refreshes: s1 still lists itself alone
+            assert list(cs.clients) == ["s1"]
+            known.update({f"s{i}": Address(LOOPBACK, servers[i - 1].agent_port) for i in (2, 3)})
+            await until(lambda: sorted(cs.clients) == ["s1", "s2", "s3"], what="3/3")
+            assert discovery_metrics.SERVER_ENDPOINTS.labels("header").value == 3
+
+    run(main())
