@@ -15,8 +15,10 @@ three replicas, for both nodes.
    (``konnectivity_fast_agent_lb_sticky_suspected`` 1, "looks sticky" in the log).
 4. ``--server-discovery=headers``, our servers with ``--agent-advertise-address=<their own
    HAProxy port>`` and the lease controller: once the servers know each other, agents
-   through the sticky port hold 3/3 within 10 s. An agent that joined while its server
-   knew only itself learns the others when it re-reads that server's list.
+   through the sticky port hold 3/3 within 10 s. Agents that joined while their server
+   knew only itself suspect the balancer (gauge 1), learn the others from a later answer,
+   hold 3/3 and clear the gauge (0); with no server count to say more exist, they learn
+   them when they re-read the list.
 5. ``--server-discovery=leases`` against the same servers: 3/3, every replica answers;
    in the long form a 4th server joins (every agent within 30 s) and is killed (missing
    count back at 0 once its Lease expired).
@@ -184,9 +186,30 @@ def test_header_discovery_reaches_every_server(plane: Plane, harness: Harness) -
 
 def test_header_discovery_learns_servers_known_later(plane: Plane, harness: Harness) -> None:
     """Our agents join at once, through a balancer whose pool holds s0 alone (started first,
-    so its first Lease list knew no other server): they hold s0 and nothing says more
-    exist, until s0 lists the others' Leases and the agents re-read its list
-    (``HEADER_REFRESH_FIRST`` after they met it)."""
+    so its first Lease list knew no other server). Short of the 3 servers s0 counts, they
+    suspect the balancer (gauge 1), and keep dialling it; once s0 lists the others'
+    Leases, the next answer names them, the agents dial them directly, hold 3/3, and the
+    gauge goes back to 0."""
+    run = plane.start(
+        harness,
+        servers="ours",
+        server_flags=ADVERTISING,
+        agent_flags=["--server-discovery=headers"],
+        via="s0",
+    )
+    run.wait_agents(STICKY, 1)
+    run.wait_agents(OPEN, REPLICAS, timeout=LATER_HEADERS_SECONDS)
+    run.wait_agents(STICKY, 0)
+    run.wait_all_answer()
+    for node in run.agents:
+        assert run.agent_metric(node, MISSING) == 0, run.state()
+        assert "looks sticky" in run.agent_log(node)
+
+
+def test_header_discovery_refreshes_when_nothing_is_missing(plane: Plane, harness: Harness) -> None:
+    """As above, but every server counts only itself (no --server-count): nothing tells
+    the agents that more exist until they re-read s0's list (``HEADER_REFRESH_FIRST``
+    after they met it)."""
     run = plane.start(
         harness,
         servers="ours",
