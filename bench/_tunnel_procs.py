@@ -307,6 +307,24 @@ def server_flags(
     ]
 
 
+def agent_flags(
+    certs: Certs, server_port: int, *, health: int, admin: int, host: str = LOOPBACK
+) -> list[str]:
+    """A proxy-agent's flags for benchmarks, the same for ours and upstream's: mTLS to the
+    proxy-server (or balancer) at ``host:server_port``, health and admin on loopback."""
+    return [
+        f"--ca-cert={certs.ca}",
+        f"--agent-cert={certs.client_cert}",
+        f"--agent-key={certs.client_key}",
+        f"--proxy-server-host={host}",
+        f"--proxy-server-port={server_port}",
+        f"--health-server-host={LOOPBACK}",
+        f"--health-server-port={health}",
+        f"--admin-bind-address={LOOPBACK}",
+        f"--admin-server-port={admin}",
+    ]
+
+
 def start_pair(
     procs: Procs,
     *,
@@ -337,15 +355,7 @@ def start_pair(
         f"{impl}-{mode}-agent",
         [
             *agent_cmd,
-            f"--ca-cert={certs.ca}",
-            f"--agent-cert={certs.client_cert}",
-            f"--agent-key={certs.client_key}",
-            f"--proxy-server-host={LOOPBACK}",
-            f"--proxy-server-port={agent_port}",
-            f"--health-server-host={LOOPBACK}",
-            f"--health-server-port={a_health}",
-            f"--admin-bind-address={LOOPBACK}",
-            f"--admin-server-port={a_admin}",
+            *agent_flags(certs, agent_port, health=a_health, admin=a_admin),
             f"--v={verbosity}",
         ],
     )

@@ -41,6 +41,7 @@ from bench._tunnel_procs import (
     Certs,
     Proc,
     Procs,
+    agent_flags,
     build_upstream,
     free_ports,
     make_certs,
@@ -66,21 +67,13 @@ class Result:
     converge_max_s: float
 
 
-def _agent_argv(kind: str, upstream_bin: Path | None, certs: Certs, lb: int) -> list[str]:
+def _agent_argv(kind: str, upstream_bin: Path | None) -> list[str]:
     if kind == "upstream":
         assert upstream_bin is not None
         command = [str(upstream_bin / "proxy-agent")]
     else:
         command = [sys.executable, "-m", "konnectivity_fast.agent"]
-    return [
-        *command,
-        f"--ca-cert={certs.ca}",
-        f"--agent-cert={certs.client_cert}",
-        f"--agent-key={certs.client_key}",
-        f"--proxy-server-host={LOOPBACK}",
-        f"--proxy-server-port={lb}",
-        f"--v={VERBOSITY}",
-    ]
+    return [*command, f"--v={VERBOSITY}"]
 
 
 def _kind_flags(kind: str, server_ports: list[int]) -> list[str]:
@@ -91,10 +84,11 @@ def _kind_flags(kind: str, server_ports: list[int]) -> list[str]:
     return []
 
 
-def measure(
-    procs: Procs, kind: str, argv: list[str], agents: int
+def measure(  # noqa: PLR0917
+    procs: Procs, kind: str, argv: list[str], agents: int, certs: Certs, lb: int
 ) -> tuple[list[float], list[float]]:
-    """Start ``agents`` agents at once; per agent (launch->all, first->all) seconds."""
+    """Start ``agents`` agents at once, dialling the balancer at ``lb``; per agent
+    (launch->all, first->all) seconds."""
     started: list[tuple[Proc, int]] = []
     t0 = time.monotonic()
     for i in range(agents):
@@ -103,11 +97,8 @@ def measure(
             f"{kind}-{i}",
             [
                 *argv,
+                *agent_flags(certs, lb, health=health, admin=admin),
                 f"--agent-id={kind}-{i}",
-                f"--health-server-host={LOOPBACK}",
-                f"--health-server-port={health}",
-                f"--admin-bind-address={LOOPBACK}",
-                f"--admin-server-port={admin}",
             ],
         )
         started.append((child, health))
@@ -165,8 +156,8 @@ def run(kinds: Sequence[str], agents: int, log_dir: Path) -> list[Result]:
         )
         balancer.read_line(READY_TIMEOUT)
         for kind in kinds:
-            argv = [*_agent_argv(kind, upstream_bin, certs, lb), *_kind_flags(kind, server_ports)]
-            launch, converge = measure(procs, kind, argv, agents)
+            argv = [*_agent_argv(kind, upstream_bin), *_kind_flags(kind, server_ports)]
+            launch, converge = measure(procs, kind, argv, agents, certs, lb)
             result = Result(
                 kind,
                 agents,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
-from konnectivity_fast.server.peering import parse_peer_endpoints
+from konnectivity_fast.server.peering import PeeringRunOptions, parse_peer_endpoints
 
 __all__ = ["MAX_PORT", "PeeringOptions", "check_peering"]
 
@@ -23,16 +23,10 @@ __all__ = ["MAX_PORT", "PeeringOptions", "check_peering"]
 MAX_PORT = 65535
 
 
-class PeeringOptions(Protocol):
-    """The fields of ``ProxyRunOptions`` peering reads (and the TLS ones it fills in)."""
+class PeeringOptions(PeeringRunOptions, Protocol):
+    """The fields of ``ProxyRunOptions`` peering reads: its own flags, and the server TLS
+    files the empty peer ones default to."""
 
-    enable_peer_forwarding: bool
-    peer_port: int
-    peer_bind_address: str
-    peer_endpoints: str
-    peer_cert: str
-    peer_key: str
-    peer_ca_cert: str
     server_cert: str
     server_key: str
     server_ca_cert: str
