@@ -3,7 +3,10 @@ by our option parsers and passes their validation (with the files it names prese
 probes point at the health ports the arguments set, the egress selector configurations
 agree with the servers they describe, the agents' tokens carry the audience the servers
 check, and every object is accepted by a real kube-apiserver (server-side dry run with
-strict field validation, in a namespace of the test's own)."""
+strict field validation, in a namespace of the test's own). ha/ holds one alternative per
+high-availability topology (docs/high-availability.md): each is checked against what its
+topology needs (direct endpoint sources, the agents' Roles, peering and advertised
+addresses)."""
 
 from __future__ import annotations
 
@@ -30,7 +33,11 @@ MANIFESTS = ROOT / "deploy" / "kubernetes"
 SERVER_IMAGE = "konnectivity-fast/proxy-server:"
 AGENT_IMAGE = "konnectivity-fast/proxy-agent:"
 # Values the kubelet would give the fieldRef variables the arguments use.
-FIELD_VALUES = {"status.hostIP": "192.0.2.10", "metadata.name": "konnectivity-server-7d9f"}
+FIELD_VALUES = {
+    "status.hostIP": "192.0.2.10",
+    "status.podIP": "192.0.2.20",
+    "metadata.name": "konnectivity-server-7d9f",
+}
 # Upstream's health ports: the probes must use them.
 SERVER_HEALTH_PORT = 8092
 AGENT_HEALTH_PORT = 8093
@@ -43,12 +50,26 @@ RESOURCES = {
     "ServiceAccount": ("/api/v1", "serviceaccounts", True),
     "Deployment": ("/apis/apps/v1", "deployments", True),
     "DaemonSet": ("/apis/apps/v1", "daemonsets", True),
+    "StatefulSet": ("/apis/apps/v1", "statefulsets", True),
     "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles", True),
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings", True),
     "ClusterRole": ("/apis/rbac.authorization.k8s.io/v1", "clusterroles", False),
     "ClusterRoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "clusterrolebindings", False),
 }
 EGRESS_KIND = "EgressSelectorConfiguration"
+# The files running each image: one container in each (ha/: one per topology, alternatives
+# to agent/ and standalone/; docs/high-availability.md).
+SERVER_FILES = {
+    "sidecar/kube-apiserver.yaml",
+    "standalone/konnectivity-server.yaml",
+    "ha/hosted-control-plane.yaml",
+}
+AGENT_FILES = {
+    "agent/konnectivity-agent.yaml",
+    "ha/static-list.yaml",
+    "ha/service-discovery.yaml",
+    "ha/hosted-control-plane.yaml",
+}
 # kube-apiserver's egress selection names (master is the old name of controlplane).
 EGRESS_NAMES = {"cluster", "controlplane", "master", "etcd"}
 
@@ -67,7 +88,7 @@ def documents() -> list[tuple[str, Doc]]:
 def pod_spec(doc: Doc) -> Doc | None:
     if doc["kind"] == "Pod":
         return dict(doc["spec"])
-    if doc["kind"] in ("Deployment", "DaemonSet"):
+    if doc["kind"] in ("Deployment", "DaemonSet", "StatefulSet"):
         return dict(doc["spec"]["template"]["spec"])
     return None
 
@@ -114,14 +135,30 @@ def with_files_under(args: list[str], root: Path) -> list[str]:
 
 def server_containers() -> list[tuple[str, Doc, Doc]]:
     found = list(containers(SERVER_IMAGE))
-    assert {name.split("/")[0] for name, _, _ in found} == {"sidecar", "standalone"}
+    assert sorted(name for name, _, _ in found) == sorted(SERVER_FILES)
     return found
 
 
 def agent_containers() -> list[tuple[str, Doc, Doc]]:
     found = list(containers(AGENT_IMAGE))
-    assert len(found) == 1
+    assert sorted(name for name, _, _ in found) == sorted(AGENT_FILES)
     return found
+
+
+def server_in(name: str) -> tuple[Doc, server_options.ProxyRunOptions]:
+    """The server container of file ``name`` and its options."""
+    ((_, _, container),) = [c for c in server_containers() if c[0] == name]
+    return container, server_options.parse_args(args_of(container), environ={}).options
+
+
+def agent_in(name: str) -> tuple[Doc, Doc, agent_options.GrpcProxyAgentOptions]:
+    """The pod spec and agent container of file ``name``, and the agent's options."""
+    ((_, spec, container),) = [c for c in agent_containers() if c[0] == name]
+    return spec, container, agent_options.parse_args(args_of(container), environ={}).options
+
+
+def docs_in(name: str, kind: str) -> list[Doc]:
+    return [d for n, d in documents() if n == name and d["kind"] == kind]
 
 
 def test_every_document_is_an_object_we_know() -> None:
@@ -212,7 +249,7 @@ def test_standalone_egress_selector_matches_its_server() -> None:
     assert options.mode == "http-connect"
     assert url.port == options.server_port
     assert options.server_ca_cert  # mutual TLS: client certificates are required
-    service = next(d for _, d in documents() if d["kind"] == "Service")
+    (service,) = docs_in("standalone/konnectivity-server.yaml", "Service")
     assert (
         url.hostname == f"{service['metadata']['name']}.{service['metadata']['namespace']}"
         ".svc.cluster.local"
@@ -223,23 +260,143 @@ def test_standalone_egress_selector_matches_its_server() -> None:
     }
 
 
+def token_auth(options: server_options.ProxyRunOptions) -> bool:
+    return bool(options.authentication_audience)
+
+
 def test_agent_token_fits_the_servers() -> None:
-    ((_, spec, container),) = agent_containers()
-    options = agent_options.parse_args(args_of(container), environ={}).options
-    (volume,) = [v for v in spec["volumes"] if "projected" in v]
-    (source,) = volume["projected"]["sources"]
-    token = source["serviceAccountToken"]
-    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
-    assert options.service_account_token_path == f"{mount['mountPath']}/{token['path']}"
-    for _, _, server in server_containers():
-        server_opts = server_options.parse_args(args_of(server), environ={}).options
-        assert token["audience"] == server_opts.authentication_audience
-        assert spec["serviceAccountName"] == server_opts.agent_service_account
-        assert server_opts.agent_namespace == "kube-system"
-    # The agent counts servers from Leases: its Role must allow reading them.
-    role = next(d for n, d in documents() if n.startswith("agent") and d["kind"] == "Role")
-    (rule,) = role["rules"]
-    assert rule["resources"] == ["leases"] and {"get", "list", "watch"} <= set(rule["verbs"])
+    token_servers = [
+        server_options.parse_args(args_of(c), environ={}).options for _, _, c in server_containers()
+    ]
+    token_servers = [o for o in token_servers if token_auth(o)]
+    assert len(token_servers) == 2  # sidecar and standalone; hosted agents use certificates
+    token_agents = 0
+    for name, spec, container in agent_containers():
+        options = agent_options.parse_args(args_of(container), environ={}).options
+        if not options.service_account_token_path:
+            continue
+        token_agents += 1
+        (volume,) = [v for v in spec["volumes"] if "projected" in v]
+        (source,) = volume["projected"]["sources"]
+        token = source["serviceAccountToken"]
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+        assert options.service_account_token_path == f"{mount['mountPath']}/{token['path']}"
+        for server_opts in token_servers:
+            assert token["audience"] == server_opts.authentication_audience, name
+            assert spec["serviceAccountName"] == server_opts.agent_service_account, name
+            assert server_opts.agent_namespace == "kube-system"
+    assert token_agents == len(AGENT_FILES) - 1
+
+
+def rules_of(name: str, spec: Doc) -> list[Doc]:
+    """The rules of the Roles bound to the pod's service account in file ``name``."""
+    account = spec.get("serviceAccountName", "default")
+    bound = {
+        b["roleRef"]["name"]
+        for b in docs_in(name, "RoleBinding")
+        if b["roleRef"]["kind"] == "Role"
+        and {"kind": "ServiceAccount", "name": account, "namespace": "kube-system"} in b["subjects"]
+    }
+    return [
+        r
+        for role in docs_in(name, "Role")
+        if role["metadata"]["name"] in bound
+        for r in role["rules"]
+    ]
+
+
+def allowed(rules: list[Doc], group: str, resource: str) -> set[str]:
+    return {
+        verb
+        for rule in rules
+        if group in rule["apiGroups"] and resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def test_agent_roles_allow_what_the_agents_read() -> None:
+    for name, spec, container in agent_containers():
+        options = agent_options.parse_args(args_of(container), environ={}).options
+        rules = rules_of(name, spec)
+        want = []
+        if options.count_server_leases:
+            want.append(("coordination.k8s.io", "leases", {"get", "list", "watch"}))
+        if "service" in options.server_discovery:
+            want.append(("discovery.k8s.io", "endpointslices", {"list", "watch"}))
+        for group, resource, verbs in want:
+            assert verbs <= allowed(rules, group, resource), (name, resource)
+        # Nothing beyond what the agent reads.
+        assert len(rules) == len(want), name
+    # The base agent counts Leases (the standalone servers run the lease controller).
+    assert agent_in("agent/konnectivity-agent.yaml")[2].count_server_leases
+
+
+def test_static_list_agent() -> None:
+    _, _, options = agent_in("ha/static-list.yaml")
+    assert options.proxy_server_host and options.proxy_server_tls_name
+    listed = options.proxy_server_list.split(",")
+    assert len(listed) >= 2 and all(a.endswith(f":{options.proxy_server_port}") for a in listed)
+    # Nothing is asked of the servers beyond upstream's: the list works with theirs.
+    assert not options.server_discovery and not options.count_server_leases
+
+
+def test_service_discovery_agent_follows_the_standalone_servers() -> None:
+    _, _, options = agent_in("ha/service-discovery.yaml")
+    _, server = server_in("standalone/konnectivity-server.yaml")
+    assert options.server_discovery == "service"
+    (service,) = docs_in("standalone/konnectivity-server.yaml", "Service")
+    meta = service["metadata"]
+    assert options.proxy_server_service == f"{meta['namespace']}/{meta['name']}"
+    # The EndpointSlices carry target ports: the agent takes the one numbered
+    # --proxy-server-port, which must be where the servers listen for agents.
+    assert any(
+        p["targetPort"] == options.proxy_server_port == server.agent_port
+        for p in service["spec"]["ports"]
+    )
+    assert options.count_server_leases and server.enable_lease_controller
+
+
+def test_hosted_control_plane_servers_peer_and_advertise() -> None:
+    name = "ha/hosted-control-plane.yaml"
+    container, server = server_in(name)
+    (statefulset,) = docs_in(name, "StatefulSet")
+    replicas = statefulset["spec"]["replicas"]
+    assert replicas == 3
+    assert server.enable_lease_controller and server.server_id == FIELD_VALUES["metadata.name"]
+    assert server.enable_peer_forwarding and server.peer_port
+    # Bound to the pod's own address, so the peer endpoint is published on the Lease.
+    assert server.peer_bind_address == FIELD_VALUES["status.podIP"]
+    assert {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in (
+        container["env"]
+    )
+    assert server.peer_port in {p["containerPort"] for p in container["ports"]}
+    assert server.cluster_ca_cert and not token_auth(server)
+    # Each replica advertises its own name, on the agents' port.
+    agent_spec, agent_container, agent = agent_in(name)
+    host, _, port = server.agent_advertise_address.rpartition(":")
+    assert host == f"{FIELD_VALUES['metadata.name']}.{agent.proxy_server_host}"
+    assert int(port) == agent.proxy_server_port
+    assert agent.server_discovery == "headers"
+    assert agent.agent_cert and agent.agent_key and agent.ca_cert
+    assert not agent.service_account_token_path and not agent.count_server_leases
+    # Its certificates come from a mounted Secret.
+    secrets = {v["name"] for v in agent_spec["volumes"] if "secret" in v}
+    mounted = {m["mountPath"] for m in agent_container["volumeMounts"] if m["name"] in secrets}
+    for path in (agent.agent_cert, agent.agent_key, agent.ca_cert):
+        assert str(Path(path).parent) in mounted, path
+    # One Service per replica, to the agent port.
+    pod_names = {f"{statefulset['metadata']['name']}-{i}" for i in range(replicas)}
+    per_replica = [
+        d
+        for d in docs_in(name, "Service")
+        if "statefulset.kubernetes.io/pod-name" in d["spec"]["selector"]
+    ]
+    assert {d["spec"]["selector"]["statefulset.kubernetes.io/pod-name"] for d in per_replica} == (
+        pod_names
+    )
+    for service in per_replica:
+        (p,) = service["spec"]["ports"]
+        assert (p["port"], p["targetPort"]) == (agent.proxy_server_port, server.agent_port)
 
 
 def test_kube_apiserver_accepts_every_object(kube_cluster: KubeCluster) -> None:
@@ -262,11 +419,12 @@ def test_kube_apiserver_accepts_every_object(kube_cluster: KubeCluster) -> None:
             # Pods need their service accounts to exist (no controller-manager makes them).
             await admin.create_service_account(namespace, "default")
             docs = [(n, localized(d)) for n, d in documents() if d["kind"] != EGRESS_KIND]
-            for _, doc in docs:
-                if doc["kind"] == "ServiceAccount":
-                    await admin.request(
-                        "POST", f"/api/v1/namespaces/{namespace}/serviceaccounts", body=doc
-                    )
+            # ha/ redeclares agent/'s and standalone/'s accounts: create each once.
+            accounts = {d["metadata"]["name"]: d for _, d in docs if d["kind"] == "ServiceAccount"}
+            for doc in accounts.values():
+                await admin.request(
+                    "POST", f"/api/v1/namespaces/{namespace}/serviceaccounts", body=doc
+                )
             for name, doc in docs:
                 if doc["kind"] == "ServiceAccount":
                     continue  # created above
