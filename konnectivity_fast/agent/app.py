@@ -7,7 +7,8 @@ asked (the seam below), start the ``ClientSet`` sync loop, then the health serve
 the admin server (``/metrics``'s redirect and our tunnel listing; a listen failure is
 only logged). Then:
 
-- ``drain`` set (first SIGTERM/SIGINT): one DRAIN on every server stream, no new server
+- ``drain`` set (first SIGTERM/SIGINT): the node-to-control-plane listeners close first
+  (``node_to_cp``, agent/reverse.py), then one DRAIN on every server stream, no new server
   connections; existing streams keep serving dials; readiness is unchanged;
 - ``stop`` set (second signal): close the HTTP servers and every server connection and
   return 0.
@@ -42,10 +43,17 @@ from konnectivity_fast.agent.clientset import ClientSet, EndpointSource
 from konnectivity_fast.agent.discovery import EndpointBook, Source
 from konnectivity_fast.agent.health import admin_routes, health_routes, start_http
 from konnectivity_fast.agent.policy import ServerCounter
+from konnectivity_fast.agent.reverse import (
+    ListenError,
+    LocalListeners,
+    NodeToCpConfig,
+    ReverseStream,
+)
 from konnectivity_fast.agent.tunnel_list import tunnels_handler
 from konnectivity_fast.metrics import accept as accept_metrics
 from konnectivity_fast.metrics import agent as agent_metrics
 from konnectivity_fast.metrics import flow as flow_metrics
+from konnectivity_fast.metrics import reverse as reverse_metrics
 from konnectivity_fast.transport.accept import Listener, set_exhaustion_observer
 from konnectivity_fast.transport.tls import H2_ALPN
 from konnectivity_fast.wire.contract import NO_EXTENSIONS, Extension, ExtensionSet
@@ -200,8 +208,38 @@ def client_config(
     )
 
 
-async def _drain_when(drain: asyncio.Event, clients: ClientSet) -> None:
+def _capable_streams(clients: ClientSet) -> list[ReverseStream]:
+    """Server streams that negotiated node-to-cp.v1 and may take a new connection."""
+    return [
+        client.reverse
+        for client in clients.clients.values()
+        if client.reverse is not None and not client.closed and not client.server_draining
+    ]
+
+
+def _start_listeners(
+    node_to_cp: NodeToCpConfig | None, clients: ClientSet
+) -> LocalListeners | None:
+    """Node-to-control-plane: its metrics and listeners, before any server connection, so
+    that a local port in use fails start-up."""
+    if node_to_cp is None:
+        return None
+    reverse_metrics.enable(agent_metrics.REGISTRY)
+    listeners = LocalListeners(node_to_cp, lambda: _capable_streams(clients))
+    try:
+        listeners.start()
+    except ListenError as exc:
+        raise SetupError(str(exc)) from None
+    return listeners
+
+
+async def _drain_when(
+    drain: asyncio.Event, clients: ClientSet, listeners: LocalListeners | None = None
+) -> None:
     await drain.wait()
+    if listeners is not None:
+        log.info("Received drain signal: closing the node-to-control-plane listeners.")
+        listeners.close()
     log.info("Received drain signal: sending DRAIN to every server, no new connections.")
     clients.drain()
 
@@ -238,9 +276,12 @@ async def run(
     lease_counter: LeaseCounter | None = None,
     service_watcher: EndpointWatcher | None = None,
     extensions: ExtensionSet = NO_EXTENSIONS,
+    node_to_cp: NodeToCpConfig | None = None,
 ) -> int:
     """Serve until ``stop`` is set; the process's exit code. Raises ``SetupError``.
-    ``extensions``: what the agent offers each server (``wire.contract``)."""
+    ``extensions``: what the agent offers each server (``wire.contract``);
+    ``node_to_cp``: the node-to-control-plane listeners, when the feature is active (the
+    caller then offers ``node-to-cp.v1``)."""
     ctx = build_ssl_context(options)
     # Failed accepts (descriptor exhaustion) are counted; nothing shows until one.
     accept_metrics.enable(agent_metrics.REGISTRY)
@@ -268,6 +309,7 @@ async def run(
         else None,
         sources=sources,
     )
+    listeners = _start_listeners(node_to_cp, clients)
     clients.start()
     http: list[Listener] = []
     health = await start_http(
@@ -292,7 +334,9 @@ async def run(
         options.proxy_server_host,
         options.proxy_server_port,
     )
-    drainer = asyncio.get_running_loop().create_task(_drain_when(drain or asyncio.Event(), clients))
+    drainer = asyncio.get_running_loop().create_task(
+        _drain_when(drain or asyncio.Event(), clients, listeners)
+    )
     try:
         await stop.wait()
     finally:
@@ -302,6 +346,8 @@ async def run(
             await drainer
         for server in http:
             server.close()
+        if listeners is not None:
+            await listeners.stop()
         await clients.stop()
         for server in http:
             await server.wait_closed()

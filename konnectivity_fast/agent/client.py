@@ -13,14 +13,20 @@ extensions the server echoed back that we offered are this stream's
 After that the client is a ``CallSink``: packets are handled as they arrive, with no task
 per stream or per tunnel (the packet rules of upstream's ``Client.Serve``):
 
-- DIAL_REQ: a new connectID (1, 2, ... per stream, a failed dial uses one up), a dial task,
+- DIAL_REQ: a new connectID (1, 2, ... per stream, a failed dial uses one up; 2, 4, ...
+  when ``node-to-cp.v1`` was negotiated, so the server's odd reverse IDs never collide),
+  a dial task,
   then DIAL_RSP; the endpoint is registered before the DIAL_RSP is sent and read only
   after it.
 - DATA: written to the endpoint (docs/data-path.md explains the buffering), or
   ``CLOSE_RSP{"unrecognized connectID"}`` when there is none; connectID 0 is ignored.
 - CLOSE_REQ: ``CLOSE_RSP{""}`` and the endpoint closes, or ``CLOSE_RSP{"Unknown
   connectID"}``.
-- DIAL_CLS, DRAIN, CLOSE_RSP, DIAL_RSP and unknown types: ignored, as upstream.
+- DIAL_CLS, DRAIN, CLOSE_RSP, DIAL_RSP and unknown types: ignored, as upstream (a DRAIN
+  is remembered: ``server_draining``).
+- With ``node-to-cp.v1`` negotiated, the stream also carries node-to-control-plane
+  connections (``reverse.ReverseStream``, ``self.reverse``): DIAL_RSP, and DATA, CLOSE_RSP
+  and CLOSE_REQ for the server's (odd) connectIDs go there.
 
 A backend that closes gets an unsolicited ``CLOSE_RSP{""}`` after all its DATA (both go
 through the same ordered stream queue). When the stream or connection ends, exactly this
@@ -40,6 +46,7 @@ from dataclasses import dataclass, field
 
 from konnectivity_fast.agent.dialerr import DialError
 from konnectivity_fast.agent.endpoint import Endpoint, EndpointPool, dial
+from konnectivity_fast.agent.reverse import ReverseStream
 from konnectivity_fast.agent.sender import FairSender
 from konnectivity_fast.metrics import agent as metrics
 from konnectivity_fast.metrics._common import grpc_code_name
@@ -103,6 +110,9 @@ _DATA = int(PacketType.DATA)
 _DIAL_REQ = int(PacketType.DIAL_REQ)
 _CLOSE_REQ = int(PacketType.CLOSE_REQ)
 _FLOW_CREDIT = int(PacketType.FLOW_CREDIT)
+_DIAL_RSP = int(PacketType.DIAL_RSP)
+_CLOSE_RSP = int(PacketType.CLOSE_RSP)
+_DRAIN = int(PacketType.DRAIN)
 
 
 class ConnectError(Exception):
@@ -203,6 +213,11 @@ class AgentClient:
         self.endpoints: dict[int, Endpoint] = {}
         self._dials: set[asyncio.Task[None]] = set()
         self._next_id = 0
+        self._id_step = 1  # 2 with node-to-cp.v1: even forward IDs
+        #: node-to-cp.v1 was negotiated: this stream's node-to-control-plane connections.
+        self.reverse: ReverseStream | None = None
+        #: The server sent DRAIN: no new node-to-control-plane connection through it.
+        self.server_draining = False
         self._probe: asyncio.TimerHandle | None = None
         self._inbound_paused = False
         self.drain_sent = False
@@ -291,6 +306,9 @@ class AgentClient:
         self.response_headers = headers
         self.extensions = negotiate_extensions(headers, cfg.extensions)
         self.flow = Extension.FLOW in self.extensions
+        if Extension.NODE_TO_CP in self.extensions:
+            self._id_step = 2
+            self.reverse = ReverseStream(self)
         if self.extensions:
             log.log(
                 V(2),
@@ -348,6 +366,10 @@ class AgentClient:
             log.log(V(5), "send to server %s dropped: %s", self.server_id, exc)
             return False
         return True
+
+    def send_packet(self, packet: Packet) -> bool:
+        """Queue ``packet`` on the stream; False when the stream is gone."""
+        return self._send(packet)
 
     def send_drain(self) -> None:
         """Tell the server this agent is going away (once per stream)."""
@@ -410,7 +432,11 @@ class AgentClient:
         call = self.call
         if call is None:
             return
-        pause = self.pool.exhausted or any(ep.over_budget for ep in self.endpoints.values())
+        pause = (
+            self.pool.exhausted
+            or any(ep.over_budget for ep in self.endpoints.values())
+            or (self.reverse is not None and self.reverse.over_budget)
+        )
         if pause == self._inbound_paused:
             return
         self._inbound_paused = pause
@@ -446,6 +472,11 @@ class AgentClient:
             self._on_dial_request(message)
         elif ptype == _CLOSE_REQ:
             self._on_close_request(message)
+        elif ptype == _DRAIN:
+            self.server_draining = True
+            log.log(V(2), "server %s is draining", self.server_id)
+        elif self.reverse is not None and ptype in (_DIAL_RSP, _CLOSE_RSP):
+            self._on_reverse(message, ptype)
         else:
             log.log(V(5), "ignoring packet of type %d from server %s", ptype, self.server_id)
 
@@ -485,6 +516,8 @@ class AgentClient:
             return
         endpoint = self.endpoints.get(connect_id)
         if endpoint is None:
+            if self.reverse is not None and self.reverse.on_data(connect_id, data[1]):
+                return
             self._send(
                 Packet(
                     PacketType.CLOSE_RSP,
@@ -510,6 +543,18 @@ class AgentClient:
             return None
         return payload
 
+    def _on_reverse(self, message: bytes, ptype: int) -> None:
+        reverse = self.reverse
+        assert reverse is not None
+        if ptype == _DIAL_RSP:
+            rsp = self._decode(message, DialResponse)
+            if isinstance(rsp, DialResponse):
+                reverse.on_dial_response(rsp)
+            return
+        close = self._decode(message, CloseResponse)
+        if isinstance(close, CloseResponse):
+            reverse.on_close(close.connect_id, request=False)
+
     def _on_flow_credit(self, message: bytes, connect_id: int) -> None:
         credit = self._decode(message, FlowCredit)
         if not isinstance(credit, FlowCredit):
@@ -530,7 +575,7 @@ class AgentClient:
         req = self._decode(message, DialRequest)
         if not isinstance(req, DialRequest):
             return
-        self._next_id += 1
+        self._next_id += self._id_step
         task = self.loop.create_task(self._dial(req, self._next_id))
         self._dials.add(task)
         task.add_done_callback(self._dials.discard)
@@ -582,6 +627,8 @@ class AgentClient:
         cid = req.connect_id
         endpoint = self.endpoints.pop(cid, None)
         log.log(V(3), "CLOSE_REQ for connection %d from server %s", cid, self.server_id)
+        if endpoint is None and self.reverse is not None and self.reverse.on_close(cid, True):
+            return
         if endpoint is None:
             self._send(
                 Packet(
@@ -619,6 +666,8 @@ class AgentClient:
             endpoint.abort()
         for task in list(self._dials):
             task.cancel()
+        if self.reverse is not None:
+            self.reverse.lost()
         if self.call is not None:
             with contextlib.suppress(KeyError, RuntimeError, GrpcError):
                 self.call.cancel()

@@ -27,8 +27,10 @@ from konnectivity_fast.cli.command import CommandLine, parse_command
 from konnectivity_fast.cli.extensions import (
     AGENT_EXTENSION_FLAGS,
     EXTENSION_FLAGS,
+    NODE_TO_CP_FLAGS,
     add_extension_flags,
     check_discovery,
+    check_node_to_cp,
 )
 from konnectivity_fast.cli.flags import (
     BOOL,
@@ -129,6 +131,11 @@ class GrpcProxyAgentOptions:
     server_discovery: str = ""
     proxy_server_service: str = ""
     proxy_server_tls_name: str = ""
+    # Node-to-control-plane tunneling (docs/node-to-control-plane.md).
+    apiserver_port_mappings: list[str] = field(default_factory=list)
+    bind_address: str = "127.0.0.1"
+    feature_gates: str = ""
+    apiserver_port_mapping_dial_timeout: float = 10.0
 
     def validate(self) -> str | None:
         """The first failing check's message, in upstream's order, or ``None``."""
@@ -180,7 +187,11 @@ class GrpcProxyAgentOptions:
                 "--server-count-source must be one of '', 'default', 'max', got "
                 f"{self.server_count_source}"
             )
-        return self._validate_direct()
+        return self._validate_direct() or check_node_to_cp(
+            self.apiserver_port_mappings,
+            self.feature_gates,
+            self.apiserver_port_mapping_dial_timeout,
+        )
 
     def _validate_direct(self) -> str | None:
         """Our direct-endpoint flags (cli/extensions.py AGENT_EXTENSION_FLAGS)."""
@@ -538,7 +549,7 @@ def build_flagset(
             dest=dest,
             env=AGENT_ID_ENV if dest == "agent_id" else "",
         )
-    add_extension_flags(fs, defaults, EXTENSION_FLAGS + AGENT_EXTENSION_FLAGS)
+    add_extension_flags(fs, defaults, EXTENSION_FLAGS + AGENT_EXTENSION_FLAGS + NODE_TO_CP_FLAGS)
     register_klog_flags(fs, klog_defaults)
     fs.add("help", BOOL, False, f"Show this help for {PROGRAM} and exit.", shorthand="h")
     return fs

@@ -12,7 +12,16 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from konnectivity_fast.cli.flags import BOOL, INT, STRING, FlagSet, ValueType
+from konnectivity_fast.agent.portmap import node_to_master_gate, parse_mappings
+from konnectivity_fast.cli.flags import (
+    BOOL,
+    DURATION,
+    INT,
+    STRING,
+    STRING_SLICE,
+    FlagSet,
+    ValueType,
+)
 from konnectivity_fast.wire.contract import NO_EXTENSIONS, DialBalance, Extension, ExtensionSet
 from konnectivity_fast.wire.endpoints import parse_address
 
@@ -21,6 +30,7 @@ __all__ = [
     "DISCOVERY_SOURCES",
     "EXTENSION_FLAGS",
     "EXTENSION_MARK",
+    "NODE_TO_CP_FLAGS",
     "PEER_EXTENSION_FLAGS",
     "SERVER_EXTENSION_FLAGS",
     "ExtensionOptions",
@@ -29,6 +39,8 @@ __all__ = [
     "check_advertise_address",
     "check_dial_balance",
     "check_discovery",
+    "check_node_to_cp",
+    "node_to_cp_active",
     "offered_extensions",
     "offered_server_extensions",
 ]
@@ -163,6 +175,63 @@ AGENT_EXTENSION_FLAGS: tuple[tuple[str, str, ValueType, str], ...] = (
         "replica addresses verify the certificates the load balancer name already has.",
     ),
 )
+
+
+#: Node-to-control-plane tunneling, the agent's half (docs/node-to-control-plane.md):
+#: the names of upstream's closed PR #176 and of the k0s fork, so their command lines parse.
+NODE_TO_CP_FLAGS: tuple[tuple[str, str, ValueType, str], ...] = (
+    (
+        "apiserver-port-mapping",
+        "apiserver_port_mappings",
+        STRING_SLICE,
+        "<local_port>:<host>:<port> (repeatable; an IPv6 host in brackets): listen on "
+        "--bind-address local_port and carry each connection to host:port through a "
+        "proxy-server that allows it (node-to-cp.v1, its --allowed-destination). Local "
+        "ports 1024-49151. None: the agent listens on nothing, as upstream.",
+    ),
+    (
+        "bind-address",
+        "bind_address",
+        STRING,
+        "The address the --apiserver-port-mapping listeners bind to.",
+    ),
+    (
+        "feature-gates",
+        "feature_gates",
+        STRING,
+        "Kubernetes-style gates, Name=bool comma-separated; only NodeToMasterTraffic is "
+        "known (k0s's manifests set it): NodeToMasterTraffic=false turns "
+        "--apiserver-port-mapping off. Default: on whenever a mapping is given.",
+    ),
+    (
+        "apiserver-port-mapping-dial-timeout",
+        "apiserver_port_mapping_dial_timeout",
+        DURATION,
+        "How long a local connection waits for its server's answer (the server's dial "
+        "of the destination) before it is reset.",
+    ),
+)
+
+
+def check_node_to_cp(mappings: list[str], gates: str, dial_timeout: float) -> str | None:
+    """The validation error for the node-to-control-plane flags, or None."""
+    try:
+        parse_mappings(mappings)
+    except ValueError as exc:
+        return f"--apiserver-port-mapping: {exc}"
+    try:
+        node_to_master_gate(gates)
+    except ValueError as exc:
+        return f"--feature-gates: {exc}"
+    if dial_timeout <= 0:
+        return "--apiserver-port-mapping-dial-timeout must be greater than 0"
+    return None
+
+
+def node_to_cp_active(mappings: list[str], gates: str) -> bool:
+    """The agent listens and offers ``node-to-cp.v1``: a mapping is given and the gate is
+    not explicitly false (the options were validated)."""
+    return bool(mappings) and node_to_master_gate(gates) is not False
 
 
 def check_discovery(sources: str, service: str, count_leases: bool) -> str | None:

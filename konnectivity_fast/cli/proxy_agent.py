@@ -29,6 +29,8 @@ from konnectivity_fast.agent.app import (
     discovery_names,
     run,
 )
+from konnectivity_fast.agent.portmap import parse_mappings
+from konnectivity_fast.agent.reverse import NodeToCpConfig
 from konnectivity_fast.cli.agent_options import (
     PROGRAM,
     GrpcProxyAgentOptions,
@@ -37,7 +39,7 @@ from konnectivity_fast.cli.agent_options import (
     usage,
 )
 from konnectivity_fast.cli.command import Program, run_program
-from konnectivity_fast.cli.extensions import offered_extensions
+from konnectivity_fast.cli.extensions import node_to_cp_active, offered_extensions
 from konnectivity_fast.wire.contract import Extension, ExtensionSet
 
 __all__ = ["main"]
@@ -67,6 +69,7 @@ async def _serve(options: GrpcProxyAgentOptions, extensions: ExtensionSet | None
             lease_counter=_lease_counter(options),
             service_watcher=_service_watcher(options),
             extensions=_offered(options) if extensions is None else extensions,
+            node_to_cp=_node_to_cp(options),
         )
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -92,12 +95,25 @@ def _service_watcher(options: GrpcProxyAgentOptions) -> EndpointWatcher | None:
     )
 
 
+def _node_to_cp(options: GrpcProxyAgentOptions) -> NodeToCpConfig | None:
+    """The node-to-control-plane listeners, when the feature is active."""
+    if not node_to_cp_active(options.apiserver_port_mappings, options.feature_gates):
+        return None
+    return NodeToCpConfig(
+        mappings=parse_mappings(options.apiserver_port_mappings),
+        bind_address=options.bind_address,
+        dial_timeout=options.apiserver_port_mapping_dial_timeout,
+    )
+
+
 def _offered(options: GrpcProxyAgentOptions) -> ExtensionSet:
     """What the agent offers each server: the shared extension flags, and the servers'
     endpoint lists when it discovers servers from them."""
     offered = offered_extensions(options)
     if "headers" in discovery_names(options.server_discovery):
         offered = offered | {Extension.SERVER_ENDPOINTS}
+    if node_to_cp_active(options.apiserver_port_mappings, options.feature_gates):
+        offered = offered | {Extension.NODE_TO_CP}
     return offered
 
 
