@@ -27,7 +27,6 @@ from konnectivity_fast.cli.command import CommandLine, parse_command
 from konnectivity_fast.cli.extensions import (
     AGENT_EXTENSION_FLAGS,
     EXTENSION_FLAGS,
-    NODE_TO_CP_FLAGS,
     add_extension_flags,
     check_discovery,
     check_node_to_cp,
@@ -549,7 +548,7 @@ def build_flagset(
             dest=dest,
             env=AGENT_ID_ENV if dest == "agent_id" else "",
         )
-    add_extension_flags(fs, defaults, EXTENSION_FLAGS + AGENT_EXTENSION_FLAGS + NODE_TO_CP_FLAGS)
+    add_extension_flags(fs, defaults, EXTENSION_FLAGS + AGENT_EXTENSION_FLAGS)
     register_klog_flags(fs, klog_defaults)
     fs.add("help", BOOL, False, f"Show this help for {PROGRAM} and exit.", shorthand="h")
     return fs

@@ -212,6 +212,8 @@ NODE_TO_CP_FLAGS: tuple[tuple[str, str, ValueType, str], ...] = (
     ),
 )
 
+AGENT_EXTENSION_FLAGS = AGENT_EXTENSION_FLAGS + NODE_TO_CP_FLAGS
+
 
 def check_node_to_cp(mappings: list[str], gates: str, dial_timeout: float) -> str | None:
     """The validation error for the node-to-control-plane flags, or None."""
