@@ -88,6 +88,11 @@ LISTEN_BACKLOG = 1024
 #: Bytes the server may send on a connection between its DIAL_RSP and the moment the
 #: local socket is handed to its endpoint (a few loop turns): one endpoint budget.
 EARLY_DATA_LIMIT = ENDPOINT_WRITE_BUDGET
+#: Seconds between refreshes of ``konnectivity_fast_agent_capable_servers`` (also set at
+#: every accepted connection): servers come and go at the sync loop's pace, seconds.
+CAPABLE_REFRESH_INTERVAL = 1.0
+#: Seconds an accept loop waits after a failed accept (descriptors exhausted): no spin.
+ACCEPT_RETRY_DELAY = 0.1
 # struct linger {int l_onoff; int l_linger;}: on, 0 s: close() sends RST.
 _LINGER_RESET = struct.pack("ii", 1, 0)
 # Outcomes of one attempt on one server.
@@ -293,7 +298,7 @@ class ReverseStream:
         fd = sock.fileno()
         loop.add_reader(fd, _peek, loop, sock, gone)
         try:
-            await asyncio.wait((future, gone), timeout=timeout, return_when="FIRST_COMPLETED")
+            await asyncio.wait((future, gone), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             self._abandon(rnd, future)
             raise
@@ -386,7 +391,8 @@ class LocalListeners:
         self.config = config
         self._streams = streams
         self._sockets: list[socket.socket] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._accepting: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()  # connections being set up
         self.closed = False
 
     def start(self) -> None:
@@ -409,12 +415,11 @@ class LocalListeners:
                     f"bind: {reason}"
                 ) from None
             self._sockets.append(sock)
-            task = loop.create_task(self._accept_loop(sock, mapping))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._accepting.append(loop.create_task(self._accept_loop(sock, mapping)))
             log.info(
                 "listening on %s:%d for %s", self.config.bind_address, mapping.local_port, mapping
             )
+        self._accepting.append(loop.create_task(self._refresh_capable()))
 
     def _listen(self, port: int) -> socket.socket:
         host = self.config.bind_address
@@ -435,15 +440,19 @@ class LocalListeners:
         if self.closed:
             return
         self.closed = True
+        for task in self._accepting:
+            task.cancel()
+        # Closed once the accepts are cancelled (their wake-ups are queued first), so no
+        # loop watches a closed descriptor.
+        loop = asyncio.get_running_loop()
         for sock in self._sockets:
-            with contextlib.suppress(OSError):
-                sock.close()
+            loop.call_soon(sock.close)
         self._sockets.clear()
 
     async def stop(self) -> None:
         """Close the listeners and end every connection still being set up."""
         self.close()
-        tasks = list(self._tasks)
+        tasks = [*self._accepting, *self._tasks]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -459,12 +468,17 @@ class LocalListeners:
                 if self.closed:
                     return
                 log.warning("accepting on port %d failed: %s", mapping.local_port, exc)
-                await asyncio.sleep(0.1)  # descriptors exhausted: do not spin
+                await asyncio.sleep(ACCEPT_RETRY_DELAY)
                 continue
             sock.setblocking(False)
             task = loop.create_task(self._carry(mapping, sock))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def _refresh_capable(self) -> None:
+        while not self.closed:
+            self.capable()
+            await asyncio.sleep(CAPABLE_REFRESH_INTERVAL)
 
     def capable(self) -> list[ReverseStream]:
         streams = list(self._streams())
