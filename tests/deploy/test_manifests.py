@@ -21,7 +21,9 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from konnectivity_fast.agent.portmap import parse_mappings
 from konnectivity_fast.cli import agent_options, server_options
+from konnectivity_fast.cli.extensions import node_to_cp_active
 from tests.support import kubeapi
 from tests.support.kubeapi import KubeCluster, admin_client
 
@@ -69,6 +71,7 @@ AGENT_FILES = {
     "ha/static-list.yaml",
     "ha/service-discovery.yaml",
     "ha/hosted-control-plane.yaml",
+    "node-to-control-plane/agent.yaml",
 }
 # kube-apiserver's egress selection names (master is the old name of controlplane).
 EGRESS_NAMES = {"cluster", "controlplane", "master", "etcd"}
@@ -329,6 +332,20 @@ def test_agent_roles_allow_what_the_agents_read() -> None:
         assert len(rules) == len(want), name
     # The base agent counts Leases (the standalone servers run the lease controller).
     assert agent_in("agent/konnectivity-agent.yaml")[2].count_server_leases
+
+
+def test_node_to_control_plane_agent() -> None:
+    """Pattern 2 of docs/node-to-control-plane.md: on the host network, listening on the
+    node's address, never reaching the API server through itself."""
+    spec, container, options = agent_in("node-to-control-plane/agent.yaml")
+    assert node_to_cp_active(options.apiserver_port_mappings, options.feature_gates)
+    (mapping,) = parse_mappings(options.apiserver_port_mappings)
+    assert options.bind_address == FIELD_VALUES["status.hostIP"]
+    assert spec["hostNetwork"] is True
+    assert {"name": "apiserver", "containerPort": mapping.local_port} in container["ports"]
+    # Lease counting would read the API through the `kubernetes` Service: itself.
+    assert not options.count_server_leases and not options.kubeconfig_path
+    assert options.proxy_server_host and not options.proxy_server_host.endswith(".svc")
 
 
 def test_static_list_agent() -> None:
