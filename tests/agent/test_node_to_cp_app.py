@@ -28,12 +28,13 @@ def metrics_text(port: int) -> str:
 
 
 def reset_at_once(port: int) -> None:
-    with socket.create_connection((LOOPBACK, port), timeout=5) as sock:
-        start = time.monotonic()
-        with pytest.raises(ConnectionResetError):
+    start = time.monotonic()
+    # The reset may come before connect() has returned: it is that quick.
+    with pytest.raises(ConnectionResetError):
+        with socket.create_connection((LOOPBACK, port), timeout=5) as sock:
             data = sock.recv(1)
             pytest.fail(f"read {data!r}, not a reset")
-        assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 1.0
 
 
 def test_k0s_command_line_no_server_metrics_and_drain(certs: Certs, tmp_path: Path) -> None:
@@ -85,11 +86,10 @@ def test_gate_false_listens_on_nothing_and_shows_no_metric(certs: Certs, tmp_pat
 
 
 def test_local_port_in_use_fails_start(certs: Certs) -> None:
-    closed, health, admin = free_ports(3)
+    closed, health, admin, port = free_ports(4)  # a local port must be 1024-49151
     with socket.socket() as taken:
-        taken.bind((LOOPBACK, 0))
+        taken.bind((LOOPBACK, port))
         taken.listen()
-        port = taken.getsockname()[1]
         done = subprocess.run(
             [
                 sys.executable,

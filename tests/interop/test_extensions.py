@@ -26,8 +26,11 @@ make them offer one).
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +40,7 @@ from konnectivity_fast.agent.client import AgentClient, ClientConfig
 from konnectivity_fast.agent.endpoint import EndpointPool
 from konnectivity_fast.wire.contract import CONNECT_PATH, MD_CAPABILITIES, PROXY_PATH, Extension
 from konnectivity_fast.wire.endpoints import MD_SERVER_ENDPOINTS
-from tests.support.net import Certs
+from tests.support.net import Certs, free_ports
 from tests.support.upstream import (
     LOOPBACK,
     Processes,
@@ -70,6 +73,14 @@ FLOW_FLAG = "--enable-tunnel-flow-control"  # ours: offers flow.v1 (docs/flow-co
 # Ours: offers server-endpoints.v1 and tells agents this address (docs/high-availability.md).
 ADVERTISE_FLAG = f"--agent-advertise-address={LOOPBACK}:8091"
 FLOW_CREDIT = "FLOW_CREDIT"  # ours (PacketType 100), never upstream's
+# Ours: node-to-control-plane (docs/node-to-control-plane.md); the agent offers
+# node-to-cp.v1 and listens on this port.
+(N2CP_PORT,) = free_ports(1)
+N2CP_FLAGS = [
+    "--feature-gates=NodeToMasterTraffic=true",
+    f"--bind-address={LOOPBACK}",
+    f"--apiserver-port-mapping={N2CP_PORT}:{LOOPBACK}:6443",
+]
 
 
 def command(program: str, which: str, upstream: Upstream) -> list[str]:
@@ -83,6 +94,8 @@ def command(program: str, which: str, upstream: Upstream) -> list[str]:
             return [sys.executable, str(OFFERING), program, Extension.SERVER_ENDPOINTS]
         return [*server_command("ours", upstream), ADVERTISE_FLAG]
     pick = server_command if program == "server" else agent_command
+    if which == "ours+n2cp" and program == "agent":
+        return [*pick("ours", upstream), *N2CP_FLAGS]
     if which == "ours+flow":
         return [*pick("ours", upstream), FLOW_FLAG]
     return pick(which, upstream)
@@ -130,6 +143,7 @@ def observe(
     tmp: Path,
     size: int = ECHO_SIZE,
     rounds: int = 1,
+    before: Callable[[], None] | None = None,
 ) -> Seen:
     """Run ``server`` and ``agent`` through the relay, one echo tunnel, and read the wire."""
     uds = str(tmp / f"{server}-{agent}.sock")
@@ -148,6 +162,8 @@ def observe(
         try:
             wait_for(agent_proc, aports.health, "/readyz", what=f"{agent} proxy-agent")
             wait_metric(ports.admin, READY_BACKENDS, lambda v: v == 1, f"{server} server's agent")
+            if before is not None:
+                before()
             with echo_server() as echo:
                 code, result = run_goclient(
                     upstream,
@@ -351,3 +367,35 @@ def test_server_endpoints_reach_our_agent_only(
     )
     assert MD_CAPABILITIES in ours.response_keys
     assert MD_SERVER_ENDPOINTS in ours.response_keys
+
+
+def test_our_node_to_cp_agent_sends_upstream_server_no_dial(
+    upstream: Upstream, certs: Certs, processes: Processes, tmp_path: Path
+) -> None:
+    """Our agent with an --apiserver-port-mapping, against upstream's server: it offers
+    node-to-cp.v1, nothing is negotiated, a client of the local port is reset at once, no
+    DIAL_REQ goes to the server (the recorded stream carries what upstream's agent sends),
+    and the forward tunnel works."""
+
+    def local_client_is_reset() -> None:
+        start = time.monotonic()
+        # The reset may come before connect() has returned: it is that quick.
+        with pytest.raises(ConnectionResetError):
+            with socket.create_connection((LOOPBACK, N2CP_PORT), timeout=5) as sock:
+                sock.sendall(b"GET /version HTTP/1.1\r\n\r\n")
+                sock.recv(1)
+        assert time.monotonic() - start < 1.0
+
+    ours = observe(
+        "upstream",
+        "ours+n2cp",
+        upstream=upstream,
+        certs=certs,
+        processes=processes,
+        tmp=tmp_path,
+        before=local_client_is_reset,
+    )
+    assert MD_CAPABILITIES in ours.request_keys
+    assert MD_CAPABILITIES not in ours.response_keys
+    assert ours.to_server == ["DIAL_RSP", "DATA", "CLOSE_RSP"], ours
+    assert ours.to_agent == ["DIAL_REQ", "DATA", "CLOSE_REQ"], ours
