@@ -213,7 +213,7 @@ def _capable_streams(clients: ClientSet) -> list[ReverseStream]:
     return [
         client.reverse
         for client in clients.clients.values()
-        if client.reverse is not None and not client.closed and not client.server_draining
+        if client.reverse is not None and client.ready and not client.server_draining
     ]
 
 

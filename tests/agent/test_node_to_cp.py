@@ -165,6 +165,35 @@ def data(cid: int, payload: bytes) -> Packet:
     return Packet(PacketType.DATA, Data(connect_id=cid, data=payload))
 
 
+def unread_on_accepted(port: int) -> int:
+    """Bytes waiting in the kernel on the agent's accepted socket of local port ``port``
+    (/proc/net/tcp's rx_queue of the established connection whose local port it is)."""
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    (queue,) = [row[4] for row in rows if int(row[1].split(":")[1], 16) == port and row[3] == "01"]
+    return int(queue.split(":")[1], 16)
+
+
+async def echo_server_side(call: GrpcCall, conns: int, size: int) -> None:
+    """Play the server for ``conns`` reverse connections of ``size`` bytes each: accept
+    every DIAL_REQ with an odd connectID, echo DATA back, answer CLOSE_REQ."""
+    next_id, seen, closed = 1, {}, 0
+    while closed < conns:
+        packet = await recv(call)
+        payload = packet.payload
+        if isinstance(payload, DialRequest):
+            send(call, rsp(payload.random, cid=next_id))
+            seen[next_id] = 0
+            next_id += 2
+        elif isinstance(payload, Data):
+            seen[payload.connect_id] += len(payload.data)
+            send(call, data(payload.connect_id, payload.data))
+        elif isinstance(payload, CloseRequest):
+            assert seen.pop(payload.connect_id) == size
+            send(call, Packet(PacketType.CLOSE_RSP, CloseResponse(connect_id=payload.connect_id)))
+            closed += 1
+
+
 def count(port: int, result: str) -> float:
     return rmetrics.LOCAL_CONNECTIONS_TOTAL.labels(str(port), result).value
 
@@ -186,6 +215,7 @@ def test_reverse_connection_byte_exact_both_ways(run: RunFn, certs: Certs) -> No
             assert (req.protocol, req.address) == ("tcp", DEST)
             assert req.random != 0
             await silent(call)  # nothing read, nothing sent before the DIAL_RSP
+            assert unread_on_accepted(r.port) == len(b"first bytes")  # still in the kernel
             send(call, rsp(req.random, cid=5))
             got = bytearray()
             sender = asyncio.ensure_future(_write_all(writer, up))
@@ -217,6 +247,26 @@ async def _write_all(writer: asyncio.StreamWriter, payload: bytes) -> None:
     for offset in range(0, len(payload), 1 << 16):
         writer.write(payload[offset : offset + (1 << 16)])
         await writer.drain()
+
+
+def test_many_concurrent_reverse_connections(run: RunFn, certs: Certs) -> None:
+    conns, size = 24, 256 << 10
+
+    async def one(r: Rig, payload: bytes) -> None:
+        reader, writer = await r.local()
+        writer.write(payload)
+        assert await asyncio.wait_for(reader.readexactly(len(payload)), 30) == payload
+        writer.close()
+
+    async def main() -> None:
+        async with rig(certs) as r:
+            server = asyncio.ensure_future(echo_server_side(r.calls[0], conns, size))
+            await asyncio.gather(*(one(r, os.urandom(size)) for _ in range(conns)))
+            await asyncio.wait_for(server, 30)
+            assert r.clients[0].reverse is not None
+            assert r.clients[0].reverse.load == 0
+
+    run(main())
 
 
 @pytest.mark.parametrize("how", [PacketType.CLOSE_RSP, PacketType.CLOSE_REQ])
