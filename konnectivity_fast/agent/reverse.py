@@ -393,6 +393,7 @@ class LocalListeners:
         self._sockets: list[socket.socket] = []
         self._accepting: list[asyncio.Task[None]] = []
         self._tasks: set[asyncio.Task[None]] = set()  # connections being set up
+        self._warned: set[int] = set()  # local ports whose refusal was logged as a warning
         self.closed = False
 
     def start(self) -> None:
@@ -524,6 +525,16 @@ class LocalListeners:
                 )
                 if outcome == _DENIED:
                     result = metrics.REJECTED
+                    if mapping.local_port not in self._warned:
+                        # A refusal is a configuration mismatch (the mapping is not on
+                        # the server's allow-list): say it once per mapping, loudly.
+                        self._warned.add(mapping.local_port)
+                        log.warning(
+                            "server %s refuses %s: %s (check its --allowed-destination)",
+                            stream.client.server_id,
+                            mapping.address,
+                            text,
+                        )
                     break
                 if outcome == _TIMEOUT:
                     result = metrics.TIMEOUT
