@@ -58,8 +58,11 @@ class Way:
         return [f"-mode={self.mode}"] + ([f"-uds={self.uds}"] if self.uds else [])
 
 
-def start_floor(procs: Procs, folder: Path, certs: Certs | None) -> Way:
-    """The two bare relays (with TLS between them when ``certs``)."""
+def start_floor_procs(
+    procs: Procs, folder: Path, certs: Certs | None
+) -> tuple[str, dict[str, int]]:
+    """The two bare relays (with TLS between them when ``certs``): the front relay's Unix
+    socket, and the relays' pids."""
     kind = "floor-tls" if certs else "floor"
     (port,) = free_ports(1)
     uds = str(folder / f"{kind}.sock")
@@ -72,11 +75,15 @@ def start_floor(procs: Procs, folder: Path, certs: Certs | None) -> Way:
     back = procs.start(f"{kind}-back", [*relay, "back", f"--port={port}", *tls_back])
     back.expect("READY", READY_TIMEOUT)
     front = procs.start(
-        f"{kind}-front",
-        [*relay, "front", f"--uds={uds}", f"--back-port={port}", *tls_front],
+        f"{kind}-front", [*relay, "front", f"--uds={uds}", f"--back-port={port}", *tls_front]
     )
     front.expect("READY", READY_TIMEOUT)
-    return Way(kind, "http-connect", uds)
+    return uds, {"front": front.pid, "back": back.pid}
+
+
+def start_floor(procs: Procs, folder: Path, certs: Certs | None) -> Way:
+    uds, _ = start_floor_procs(procs, folder, certs)
+    return Way("floor-tls" if certs else "floor", "http-connect", uds)
 
 
 def measure(

@@ -118,10 +118,16 @@ class EndpointPool:
         # Endpoints with DATA held for one write (``Endpoint.write``), flushed once the
         # packets of the current read from the server are all dispatched.
         self._dirty: list[Endpoint] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def schedule_flush(self, endpoint: Endpoint) -> None:
         if not self._dirty:
-            asyncio.get_running_loop().call_soon(self._flush)
+            # asyncio.get_running_loop() makes a getpid() system call: once per read from
+            # the server, it was one call in seven of a round trip (bench/rtt_syscalls.py).
+            loop = self._loop
+            if loop is None or loop.is_closed():
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self._flush)
         self._dirty.append(endpoint)
 
     def _flush(self) -> None:
