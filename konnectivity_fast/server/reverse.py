@@ -27,8 +27,10 @@ Invariants:
 - Tables are this stream's only: its loss (``close``) aborts its connections and cancels
   its pending dials, and touches no other stream's.
 - Connection IDs are odd and never reused on a stream; the agent's forward IDs on such a
-  stream are even, so the two never collide. An unknown or foreign ID is answered on the
-  wire (a per-connection protocol error), never raised.
+  stream are even, so the two never collide. DATA for an ID of ours that is closed is
+  dropped (it crossed the CLOSE_RSP); an ID never allocated is answered with
+  ``CLOSE_RSP{error: "unrecognized connectID"}`` (a per-connection protocol error), never
+  raised.
 - Every dial task ends with its connection either registered (and answered) or closed.
 """
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import cast
 
 from konnectivity_fast.metrics import node_to_cp as metrics
 from konnectivity_fast.transport.call import GrpcCall, GrpcError
@@ -120,10 +123,8 @@ class _Destination(asyncio.Protocol):
         self.paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.pause_reading()  # nothing is read before the DIAL_RSP is sent
-        transport.set_write_buffer_limits(REVERSE_WRITE_BUDGET)
+        self.transport = t = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        t.pause_reading()  # nothing is read before the DIAL_RSP is sent
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -244,6 +245,8 @@ class ReverseTunnels:
     def data(self, connect_id: int, payload: bytes | memoryview) -> None:
         dest = self.connections.get(connect_id)
         if dest is None:
+            if connect_id < self._next_id:
+                return  # ours, closed meanwhile: DATA that crossed its CLOSE_RSP
             self._send(
                 PacketType.CLOSE_RSP,
                 CloseResponse(error=ERR_UNRECOGNIZED_CONNECT_ID, connect_id=connect_id),
