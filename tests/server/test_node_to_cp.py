@@ -196,7 +196,10 @@ def test_offered_only_with_an_allow_list(run: RunFn) -> None:
     async def main() -> None:
         assert NODE_TO_CP not in ProxyServer().extensions
         off = NodeToCpConfig(parse_allowed_destinations([]))
-        assert NODE_TO_CP not in ProxyServer(node_to_cp=off, extensions=frozenset({NODE_TO_CP})).extensions
+        assert (
+            NODE_TO_CP
+            not in ProxyServer(node_to_cp=off, extensions=frozenset({NODE_TO_CP})).extensions
+        )
         on = NodeToCpConfig(parse_allowed_destinations(["localhost:6443"]))
         assert NODE_TO_CP in ProxyServer(node_to_cp=on).extensions
 
