@@ -24,6 +24,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from konnectivity_fast.metrics import node_to_cp as node_to_cp_metrics
+from konnectivity_fast.metrics.registry import Registry
 from konnectivity_fast.server import CONNECT_PATH, ProxyServer, ServerHandle, start
 from konnectivity_fast.server.reverse import REVERSE_WRITE_BUDGET, NodeToCpConfig
 from konnectivity_fast.transport import grpc as kgrpc
@@ -490,5 +492,86 @@ def test_destination_that_does_not_read_holds_only_itself(
                 await agent.close()
                 await stalled.close()
                 await echo.close()
+
+    run(main())
+
+
+def test_busy_destination_does_not_starve_its_neighbours(
+    run: RunFn, sock_dir: str, certs: Certs
+) -> None:
+    """A destination that sends as fast as it can shares the stream: a round trip on
+    another connection of the same stream stays short, and every byte arrives in order."""
+
+    async def main() -> None:
+        flood = os.urandom(32 << 20)
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(flood)
+            await writer.drain()
+            await reader.read()
+            writer.close()
+
+        server = await asyncio.start_server(serve, LOOPBACK, 0)
+        busy = f"{LOOPBACK}:{server.sockets[0].getsockname()[1]}"
+        echo = await Echo().start()
+        async with our_server(sock_dir, certs, [busy, echo.address]) as (_, port):
+            agent = await hand_agent(certs, port)
+            try:
+                assert (await agent.dial(echo.address, 1)).connect_id == 1
+                assert (await agent.dial(busy, 2)).connect_id == 3
+                worst = 0.0
+                for i in range(20):
+                    started = time.monotonic()
+                    await agent.send_bytes(1, b"%04d" % i)
+                    await agent.received(1, 4 * (i + 1))
+                    worst = max(worst, time.monotonic() - started)
+                assert worst < 1.0
+                got = await agent.received(3, len(flood))
+                assert hashlib.sha256(got).digest() == hashlib.sha256(flood).digest()
+            finally:
+                await agent.close()
+                await echo.close()
+                server.close()
+
+    run(main())
+
+
+def test_metrics_count_dials_connections_and_bytes(run: RunFn, sock_dir: str, certs: Certs) -> None:
+    async def main() -> None:
+        registry = Registry()
+        node_to_cp_metrics.enable(registry)
+        text = registry.expose().decode()
+        for name in ("dials_total", "dial_duration_seconds", "connections", "bytes_total"):
+            assert f"# TYPE konnectivity_fast_server_agent_{name} " in text
+        dials = node_to_cp_metrics.AGENT_DIALS
+        before = {r: dials.labels(r).value for r in node_to_cp_metrics.DIAL_RESULTS}
+        open_before = node_to_cp_metrics.AGENT_CONNECTIONS.value
+        up = node_to_cp_metrics.AGENT_BYTES.labels(node_to_cp_metrics.TO_DESTINATION).value
+        echo = await Echo().start()
+        async with our_server(sock_dir, certs, [echo.address], max_per_agent=1) as (_, port):
+            agent = await hand_agent(certs, port)
+            try:
+                assert (await agent.dial(echo.address, 1)).connect_id == 1
+                assert node_to_cp_metrics.AGENT_CONNECTIONS.value == open_before + 1
+                await agent.dial(echo.address, 2)  # limit
+                await agent.dial("localhost:1", 3)  # not allowed
+                await agent.send_bytes(1, b"abc")
+                await agent.received(1, 3)
+                agent.send(PacketType.CLOSE_REQ, CloseRequest(connect_id=1))
+                await asyncio.wait_for(agent.close_rsp[1], WAIT)
+            finally:
+                await agent.close()
+                await echo.close()
+        after = {r: dials.labels(r).value for r in node_to_cp_metrics.DIAL_RESULTS}
+        assert {r: after[r] - before[r] for r in after} == {
+            "ok": 1,
+            "not_allowed": 1,
+            "dial_error": 0,
+            "timeout": 0,
+            "canceled": 0,
+            "limit": 1,
+        }
+        assert node_to_cp_metrics.AGENT_CONNECTIONS.value == open_before
+        assert node_to_cp_metrics.AGENT_BYTES.labels("to_destination").value == up + 3
 
     run(main())
