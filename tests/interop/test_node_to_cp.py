@@ -2,14 +2,18 @@
 (``--allowed-destination``): the agent advertises nothing, so its stream negotiates
 nothing and forward tunnels work as always, in both frontend modes; the server's
 node-to-cp metrics are shown (registered with the feature on) and count no dial, since an
-upstream agent never asks for one."""
+upstream agent never asks for one. On the wire (test_extensions.py's TLS relay), the
+upstream agent sees the same headers and packet types from our server with the feature on
+as from upstream's server."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
+from tests.interop import test_extensions as wire
 from tests.support.net import Certs
 from tests.support.upstream import (
     LOOPBACK,
@@ -68,3 +72,31 @@ def test_upstream_agent_forward_tunnels_with_the_feature_on(
             "konnectivity_fast_server_agent_bytes_total",
         ):
             assert name in families
+
+
+def test_upstream_agent_sees_nothing_new_on_the_wire(
+    monkeypatch: pytest.MonkeyPatch,
+    upstream: Upstream,
+    certs: Certs,
+    processes: Processes,
+    tmp_path: Path,
+) -> None:
+    plain = wire.command
+
+    def command(program: str, which: str, upstream: Upstream) -> list[str]:
+        if which == "ours+n2cp":
+            return [*server_command("ours", upstream), f"--allowed-destination={LOOPBACK}:6443"]
+        return plain(program, which, upstream)
+
+    monkeypatch.setattr(wire, "command", command)
+
+    def run(server: str) -> wire.Seen:
+        return wire.observe(
+            server, "upstream", upstream=upstream, certs=certs, processes=processes, tmp=tmp_path
+        )
+
+    theirs, ours = run("upstream"), run("ours+n2cp")
+    assert ours.response_keys == theirs.response_keys
+    assert wire.MD_CAPABILITIES not in ours.response_keys
+    assert ours.to_agent == theirs.to_agent
+    assert ours.to_server == theirs.to_server
