@@ -384,6 +384,7 @@ async def _serve(
     )
     await stop.wait()
     log.info("Shutting down server.")
+    proxy.drain_agents()  # node-to-cp.v1 streams only
     timeout = options.graceful_shutdown_timeout
     await _close_http(http)  # health goes away at once, in both modes
     if timeout <= 0 and leases is not None:

@@ -804,6 +804,12 @@ class ProxyServer:
             log.info("agent %s does not read its stream: retiring it", backend.agent_id)
             self._apply(self.router.retire_backend(backend))
 
+    def drain_agents(self) -> None:
+        """Shutting down: tell the agent streams that negotiated node-to-cp.v1 to send
+        their new dials elsewhere (``DRAIN``; upstream's agents get nothing)."""
+        for reverse in self.reverse.values():
+            reverse.drain()
+
     def close(self) -> None:
         """Stop the timer and close agent-initiated connections (the listeners are closed by
         their handles)."""

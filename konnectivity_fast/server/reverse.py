@@ -15,7 +15,8 @@ stream's DIAL_REQ and DIAL_CLS, and the DATA and CLOSE_REQ of odd connectIDs. Pe
   closed, and no DIAL_RSP is sent;
 - ``DATA{X}``: written to the destination; ``CLOSE_REQ{X}``: the destination gets what is
   queued (within ``CLOSE_FLUSH_TIMEOUT``) and is closed, and ``CLOSE_RSP{X}`` answers;
-- the destination closing: ``CLOSE_RSP{X}`` unsolicited, after all its DATA.
+- the destination closing: ``CLOSE_RSP{X}`` unsolicited, after all its DATA;
+- this server shutting down (``drain``): ``DRAIN``, so the agent dials through others.
 
 Buffering (docs/data-path.md, "Agent-initiated connections"): destination -> agent, a
 destination is not read while the agent stream's queue is above
@@ -54,6 +55,7 @@ from konnectivity_fast.wire.packets import (
     CloseResponse,
     DialRequest,
     DialResponse,
+    Drain,
     Packet,
     PacketType,
 )
@@ -268,6 +270,11 @@ class ReverseTunnels:
             dest.close()
         self._send(PacketType.CLOSE_RSP, CloseResponse(connect_id=connect_id))
 
+    def drain(self) -> None:
+        """This server is shutting down: ``DRAIN``, so the agent sends its new dials to
+        other servers (the connections open carry on until the stream ends)."""
+        self._send(PacketType.DRAIN, Drain())
+
     def close(self) -> None:
         """The agent stream is gone: abort its connections, cancel its dials."""
         self._closed = True
@@ -362,7 +369,7 @@ class ReverseTunnels:
         if self.connections.pop(dest.connect_id, None) is not None:
             metrics.AGENT_CONNECTIONS.dec()
 
-    def _send(self, ptype: PacketType, payload: DialResponse | CloseResponse) -> None:
+    def _send(self, ptype: PacketType, payload: DialResponse | CloseResponse | Drain) -> None:
         if self._closed:
             return
         try:

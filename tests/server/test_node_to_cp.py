@@ -575,3 +575,23 @@ def test_metrics_count_dials_connections_and_bytes(run: RunFn, sock_dir: str, ce
         assert node_to_cp_metrics.AGENT_BYTES.labels("to_destination").value == up + 3
 
     run(main())
+
+
+def test_shutdown_drains_negotiated_streams_only(run: RunFn, sock_dir: str, certs: Certs) -> None:
+    async def main() -> None:
+        async with our_server(sock_dir, certs, ["localhost:6443"]) as (proxy, port):
+            ours = await hand_agent(certs, port)
+            plain = await hand_agent(certs, port, None)
+            try:
+                proxy.drain_agents()
+                deadline = time.monotonic() + WAIT
+                while not ours.others and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                assert [p.type for p in ours.others] == [PacketType.DRAIN]
+                await asyncio.sleep(0.2)
+                assert plain.others == []
+            finally:
+                await ours.close()
+                await plain.close()
+
+    run(main())
