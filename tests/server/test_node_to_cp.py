@@ -113,14 +113,15 @@ class HandAgent:
         while (message := await self.call.recv()) is not None:
             packet = decode_packet(message)
             payload = packet.payload
+            future: asyncio.Future[DialResponse] | asyncio.Future[CloseResponse] | None = None
             if isinstance(payload, DialResponse):
-                self.dial_rsp[payload.random].set_result(payload)
+                future = self.dial_rsp[payload.random]
             elif isinstance(payload, CloseResponse):
                 future = self.close_rsp[payload.connect_id]
-                if future.done():  # only one is expected: keep the rest for the test
-                    self.others.append(packet)
-                else:
-                    future.set_result(payload)
+            if future is not None and not future.done():
+                future.set_result(payload)  # type: ignore[arg-type]
+            elif future is not None:
+                self.others.append(packet)  # one is expected: keep the rest for the test
             elif isinstance(payload, Data):
                 self.data[payload.connect_id] += payload.data
             else:
@@ -593,5 +594,52 @@ def test_shutdown_drains_negotiated_streams_only(run: RunFn, sock_dir: str, cert
             finally:
                 await ours.close()
                 await plain.close()
+
+    run(main())
+
+
+def test_random_packets_never_break_the_stream(run: RunFn, sock_dir: str, certs: Certs) -> None:
+    """Whatever a negotiated agent sends (addresses, randoms, IDs of any parity, closes of
+    unknown connections, cancels of unknown dials), the server answers or ignores it per
+    packet, and the stream still dials and carries bytes afterwards."""
+
+    async def main() -> None:
+        rng = random.Random(18)
+        echo = await Echo().start()
+        addresses = [echo.address, "localhost:1", "", "[::1", "x" * 300, "*:1", "a:b:c", ":"]
+        async with our_server(sock_dir, certs, [echo.address], max_per_agent=8) as (proxy, port):
+            agent = await hand_agent(certs, port)
+            try:
+                for _ in range(400):
+                    kind = rng.randrange(5)
+                    conn = rng.randrange(0, 40)
+                    if kind == 0:
+                        request = DialRequest(
+                            protocol=rng.choice(["tcp", "udp", ""]),
+                            address=rng.choice(addresses),
+                            random=rng.randrange(0, 50),
+                        )
+                        agent.send(PacketType.DIAL_REQ, request)
+                    elif kind == 1:
+                        agent.send(PacketType.DIAL_CLS, CloseDial(random=rng.randrange(0, 50)))
+                    elif kind == 2:
+                        agent.send(PacketType.DATA, Data(connect_id=conn, data=b"junk"))
+                    elif kind == 3:
+                        agent.send(PacketType.CLOSE_REQ, CloseRequest(connect_id=conn))
+                    else:
+                        agent.send(PacketType.CLOSE_RSP, CloseResponse(connect_id=conn))
+                await asyncio.sleep(0.5)
+                for reverse in list(proxy.reverse.values()):
+                    for connect_id in list(reverse.connections):
+                        agent.send(PacketType.CLOSE_REQ, CloseRequest(connect_id=connect_id))
+                await asyncio.sleep(0.2)
+                rsp = await agent.dial(echo.address, 1 << 40)
+                assert rsp.error == "" and rsp.connect_id % 2 == 1
+                await agent.send_bytes(rsp.connect_id, b"alive")
+                data = await agent.received(rsp.connect_id, 5)
+                assert data.endswith(b"alive")
+            finally:
+                await agent.close()
+                await echo.close()
 
     run(main())
