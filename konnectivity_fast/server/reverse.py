@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from konnectivity_fast.metrics import node_to_cp as metrics
-from konnectivity_fast.transport.call import GrpcCall, GrpcError
+from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER, GrpcCall, GrpcError
 from konnectivity_fast.transport.dial import dial
 from konnectivity_fast.transport.dialerr import DialError
 from konnectivity_fast.tunnel.allowlist import AllowList
@@ -83,7 +83,7 @@ MAX_AGENT_INITIATED_CONNECTIONS = 1000
 #: The agent stream's queued output above which destinations stop being read (the
 #: transport's own per-call high-water mark): what a slow agent makes us hold is this, per
 #: stream, plus one read per destination.
-REVERSE_SEND_HIGH_WATER = 1 << 20
+REVERSE_SEND_HIGH_WATER = CALL_SEND_HIGH_WATER
 #: Agent -> destination bytes one destination may leave unread before its connection is
 #: closed: four times the forward direction's per-backend budget is far beyond what an API
 #: request body needs, and with the cap above bounds one agent's share of our memory.
@@ -91,8 +91,6 @@ REVERSE_WRITE_BUDGET = 16 << 20
 #: Seconds a destination closed by CLOSE_REQ may take to accept what is queued for it
 #: before its socket is aborted (as the agent's ``CLOSE_FLUSH_TIMEOUT``).
 CLOSE_FLUSH_TIMEOUT = 5.0
-#: Bytes read from a destination at a time: one read is one DATA packet, as the agent's.
-READ_SIZE = 128 << 10
 
 ERR_TOO_SLOW = f"destination too slow: more than {REVERSE_WRITE_BUDGET} bytes unread"
 
@@ -112,7 +110,9 @@ def _not_allowed(address: str) -> str:
 
 
 class _Destination(asyncio.Protocol):
-    """One destination socket of one agent-initiated connection."""
+    """One destination socket of one agent-initiated connection. One read is one DATA
+    packet (the loop's read size, at most 256 KiB: far inside the 4 MiB gRPC message
+    limit)."""
 
     __slots__ = ("closed", "connect_id", "early", "owner", "paused", "transport")
 
