@@ -7,10 +7,10 @@ creates one for each agent stream that negotiated ``node-to-cp.v1`` and hands it
 stream's DIAL_REQ and DIAL_CLS, and the DATA and CLOSE_REQ of odd connectIDs. Per packet:
 
 - ``DIAL_REQ{address, random:R}``: refused at once with ``DIAL_RSP{random:R, error}`` when
-  the address is not on the allow-list or the stream's cap is reached; else dialled in a
-  task (never in the receive path) within the dial timeout, answered with
-  ``DIAL_RSP{random:R, connectID:X}`` (X odd: 1, 3, 5, ... per stream) or the dial's
-  Go-shaped error;
+  the address is not on the allow-list or the stream's cap is reached; else its normalised
+  form (``tunnel.allowlist``), the one that was checked, is dialled in a task (never in
+  the receive path) within the dial timeout, and answered with ``DIAL_RSP{random:R,
+  connectID:X}`` (X odd: 1, 3, 5, ... per stream) or the dial's Go-shaped error;
 - ``DIAL_CLS{random:R}``: the pending dial is cancelled; a connection it made anyway is
   closed, and no DIAL_RSP is sent;
 - ``DATA{X}``: written to the destination; ``CLOSE_REQ{X}``: the destination gets what is
@@ -216,7 +216,8 @@ class ReverseTunnels:
         if random == 0 or random in self.pending:
             log.log(V(2), "agent %s: DIAL_REQ with bad random %d ignored", self.agent, random)
             return
-        if self.config.allowed.match(address) is None:
+        allowed = self.config.allowed.match(address)
+        if allowed is None:
             log.log(V(2), "agent %s: destination %r not allowed", self.agent, address)
             metrics.AGENT_DIALS.labels("not_allowed").inc()
             self._send(
@@ -229,10 +230,13 @@ class ReverseTunnels:
             log.log(V(2), "agent %s: %s", self.agent, error)
             self._send(PacketType.DIAL_RSP, DialResponse(error=error, random=random))
             return
-        dial_ = _PendingDial(address)
+        # Dial exactly what was checked: the normalised form (``LocalHost.:6443`` is
+        # dialled as ``localhost:6443``, ``[FD00:0::1]:443`` as ``[fd00::1]:443``).
+        target = str(allowed)
+        dial_ = _PendingDial(target)
         self.pending[random] = dial_
         loop = asyncio.get_running_loop()
-        dial_.task = loop.create_task(self._dial(protocol, address, random, dial_))
+        dial_.task = loop.create_task(self._dial(protocol, target, random, dial_))
 
     def dial_close(self, random: int) -> None:
         dial_ = self.pending.pop(random, None)

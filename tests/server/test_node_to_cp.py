@@ -643,3 +643,26 @@ def test_random_packets_never_break_the_stream(run: RunFn, sock_dir: str, certs:
                 await echo.close()
 
     run(main())
+
+
+def test_host_name_entry_is_resolved_when_dialling(run: RunFn, sock_dir: str, certs: Certs) -> None:
+    """``localhost:<port>`` (each server's own kube-apiserver, k0s style): allowed by its
+    exact entry, resolved by the server; its address written as a literal is not allowed."""
+
+    async def main() -> None:
+        echo = await Echo().start()
+        name = f"localhost:{echo.port}"
+        async with our_server(sock_dir, certs, [name]) as (_, port):
+            agent = await hand_agent(certs, port)
+            try:
+                rsp = await agent.dial(f"LocalHost.:{echo.port}", 1)
+                assert (rsp.error, rsp.connect_id) == ("", 1)
+                await agent.send_bytes(1, b"hi")
+                assert await agent.received(1, 2) == b"hi"
+                denied = await agent.dial(echo.address, 2)
+                assert denied.error == f'destination "{echo.address}" not allowed'
+            finally:
+                await agent.close()
+                await echo.close()
+
+    run(main())
