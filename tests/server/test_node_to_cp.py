@@ -32,7 +32,7 @@ from konnectivity_fast.transport import grpc as kgrpc
 from konnectivity_fast.transport import tls
 from konnectivity_fast.tunnel.allowlist import parse_allowed_destinations
 from konnectivity_fast.wire.codec import decode_packet, encode_packet
-from konnectivity_fast.wire.contract import MD_CAPABILITIES, Extension
+from konnectivity_fast.wire.contract import MD_CAPABILITIES, PROXY_PATH, Extension
 from konnectivity_fast.wire.packets import (
     CloseDial,
     CloseRequest,
@@ -664,5 +664,67 @@ def test_host_name_entry_is_resolved_when_dialling(run: RunFn, sock_dir: str, ce
             finally:
                 await agent.close()
                 await echo.close()
+
+    run(main())
+
+
+def test_forward_tunnel_shares_the_stream_with_busy_reverse_connections(
+    run: RunFn, sock_dir: str, certs: Certs
+) -> None:
+    """A forward tunnel (kube-apiserver -> agent, even connectID) and agent-initiated
+    connections (odd) on one agent stream: while one destination floods the stream and
+    another takes nothing, forward round trips stay short and intact."""
+
+    async def main() -> None:
+        flood = os.urandom(32 << 20)
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(flood)
+            await writer.drain()
+            await reader.read()
+            writer.close()
+
+        server = await asyncio.start_server(serve, LOOPBACK, 0)
+        busy = f"{LOOPBACK}:{server.sockets[0].getsockname()[1]}"
+        stalled = await Echo(hold=True).start()
+        async with our_server(sock_dir, certs, [busy, stalled.address]) as (_, port):
+            agent = await hand_agent(certs, port)
+            frontend = await kgrpc.connect(path=os.path.join(sock_dir, "s1.sock"))
+            try:
+                proxy_call = frontend.start_call(PROXY_PATH, metadata=[])
+                request = DialRequest(protocol="tcp", address="backend:80", random=77)
+                proxy_call.send(encode_packet(Packet(PacketType.DIAL_REQ, request)))
+                deadline = time.monotonic() + WAIT
+                while not agent.others and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+                (dial_req,) = agent.others
+                assert dial_req.type == PacketType.DIAL_REQ
+                agent.send(PacketType.DIAL_RSP, DialResponse(connect_id=2, random=77))
+                answer = decode_packet(await asyncio.wait_for(proxy_call.recv(), WAIT) or b"")
+                assert isinstance(answer.payload, DialResponse)
+                assert answer.payload.connect_id == 2
+
+                assert (await agent.dial(busy, 1)).connect_id == 1
+                assert (await agent.dial(stalled.address, 2)).connect_id == 3
+                await agent.send_bytes(3, os.urandom(4 << 20))  # taken by nobody
+                worst = 0.0
+                for i in range(20):
+                    started = time.monotonic()
+                    text = b"%04d" % i
+                    data = Data(connect_id=2, data=text)
+                    proxy_call.send(encode_packet(Packet(PacketType.DATA, data)))
+                    await agent.received(2, 4 * (i + 1))
+                    agent.send(PacketType.DATA, Data(connect_id=2, data=text))
+                    back = decode_packet(await asyncio.wait_for(proxy_call.recv(), WAIT) or b"")
+                    assert isinstance(back.payload, Data) and back.payload.data == text
+                    worst = max(worst, time.monotonic() - started)
+                assert worst < 1.0
+                got = await agent.received(1, len(flood))
+                assert hashlib.sha256(got).digest() == hashlib.sha256(flood).digest()
+            finally:
+                await frontend.aclose()
+                await agent.close()
+                await stalled.close()
+                server.close()
 
     run(main())
