@@ -7,7 +7,10 @@ close from either side; a denied destination is answered at once and never conne
 a destination that does not answer times out; DIAL_CLS while pending; the per-agent cap;
 one agent stream's loss closes its own connections only; a stream that did not negotiate
 gets upstream's behaviour (DIAL_REQ ignored); a destination that does not read slows
-neither the other connections of its stream nor is allowed unbounded memory.
+neither the other connections of its stream nor is allowed unbounded memory; a flooding
+destination shares the stream with forward tunnels and other connections; host-name
+entries are resolved when dialling; shutdown DRAINs negotiated streams only; random packet
+sequences never break the stream; the metrics count what happened.
 """
 
 from __future__ import annotations
