@@ -313,6 +313,8 @@ class Extension(StrEnum):
     FLOW = "flow.v1"
     #: Servers list every replica's direct address for agents (wire/endpoints.py).
     SERVER_ENDPOINTS = "server-endpoints.v1"
+    #: Agents dial allow-listed control-plane destinations through the server (docs/node-to-control-plane.md).
+    NODE_TO_CP = "node-to-cp.v1"
 
 
 # A set of extension tokens. ``Extension`` members are strings, so
