@@ -44,13 +44,13 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from konnectivity_fast.agent.dialerr import DialError
 from konnectivity_fast.agent.endpoint import Endpoint, EndpointPool, dial
 from konnectivity_fast.agent.reverse import ReverseStream
 from konnectivity_fast.agent.sender import FairSender
 from konnectivity_fast.metrics import agent as metrics
 from konnectivity_fast.metrics._common import grpc_code_name
 from konnectivity_fast.transport.call import GrpcCall, GrpcError
+from konnectivity_fast.transport.dialerr import DialError
 from konnectivity_fast.transport.grpc import CLOSE_TIMEOUT, SSL_SHUTDOWN_TIMEOUT, GrpcProtocol
 from konnectivity_fast.verbosity import V
 from konnectivity_fast.wire.codec import decode_packet, encode_packet, peek_data, peek_packet

@@ -1,5 +1,6 @@
 """The agent's side of one tunneled connection: the backend TCP socket (``Endpoint``), the
-dial that opens it (``dial``) and the memory budget all endpoints share (``EndpointPool``).
+dial that opens it (``dial``, from ``transport.dial``) and the memory budget all endpoints
+share (``EndpointPool``).
 
 Backend -> server, an endpoint reads into the pool's one shared buffer (``READ_SIZE``, or
 ``CONGESTED_READ_SIZE`` while its stream is congested) and offers each read to its owner
@@ -23,14 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-from collections.abc import Callable
 from typing import Protocol, cast
 
-from konnectivity_fast.agent import dialerr
-from konnectivity_fast.agent.dialerr import DialError
 from konnectivity_fast.metrics import flow as flow_metrics
 from konnectivity_fast.transport.buffers import zeroed_buffer
+from konnectivity_fast.transport.dial import DIAL_TIMEOUT, dial
 from konnectivity_fast.tunnel.flow import GrowthBudget, ReceiveWindow, SendCredit
 
 __all__ = [
@@ -47,11 +45,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Upstream's fixed ``dialTimeout``: name lookup plus connect, for all addresses tried.
-DIAL_TIMEOUT = 5.0
-# Go gives each of several resolved addresses an equal share of what is left of the dial
-# budget, but at least this much (net.Dialer's partialDeadline).
-MIN_ATTEMPT_TIMEOUT = 2.0
 #: Largest backend read, i.e. largest DATA payload the agent sends. Upstream reads 4 KiB;
 #: bigger reads mean far fewer packets per byte, and 128 KiB stays well inside the 4 MiB
 #: gRPC message limit of every receiver and the 10-packet read queue of the Go client.
@@ -118,10 +111,16 @@ class EndpointPool:
         # Endpoints with DATA held for one write (``Endpoint.write``), flushed once the
         # packets of the current read from the server are all dispatched.
         self._dirty: list[Endpoint] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def schedule_flush(self, endpoint: Endpoint) -> None:
         if not self._dirty:
-            asyncio.get_running_loop().call_soon(self._flush)
+            # asyncio.get_running_loop() makes a getpid() system call: once per read from
+            # the server, it was one call in seven of a round trip (bench/rtt_syscalls.py).
+            loop = self._loop
+            if loop is None or loop.is_closed():
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self._flush)
         self._dirty.append(endpoint)
 
     def _flush(self) -> None:
@@ -435,106 +434,3 @@ class Endpoint(asyncio.BufferedProtocol):
         self._pending, self._pending_size = None, 0
         if self.transport is not None:
             self.transport.abort()
-
-
-# -- dialing ---------------------------------------------------------------------------------
-
-
-def _families(protocol: str) -> int:
-    return {"tcp4": socket.AF_INET, "tcp6": socket.AF_INET6}.get(protocol, socket.AF_UNSPEC)
-
-
-def _parse_port(protocol: str, port: str) -> int:
-    if port.isdigit():
-        value = int(port)
-        if value > 65535:
-            raise dialerr.address_error(protocol, f"address {port}: invalid port")
-        return value
-    try:
-        return socket.getservbyname(port, "tcp")
-    except OSError:
-        raise DialError(f"dial {protocol}: lookup {protocol}/{port}: unknown port") from None
-
-
-def _ip_version(host: str) -> int:
-    """4 or 6 if ``host`` is an IP literal (an IPv6 zone allowed), else 0. ``inet_pton``
-    instead of ``ipaddress``: this runs on every dial."""
-    for family, version in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
-        try:
-            socket.inet_pton(family, host.split("%", 1)[0])
-        except OSError:
-            continue
-        return version
-    return 0
-
-
-async def _resolve(protocol: str, host: str, port: int, deadline: float) -> list[tuple[str, int]]:
-    family = _families(protocol)
-    version = _ip_version(host)
-    if version:
-        if (family == socket.AF_INET and version != 4) or (
-            family == socket.AF_INET6 and version != 6
-        ):
-            raise DialError(f"dial {protocol}: address {host}: no suitable address found")
-        return [(host, port)]
-    loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout_at(deadline):
-            infos = await loop.getaddrinfo(
-                host or None, port, family=family, type=socket.SOCK_STREAM
-            )
-    except TimeoutError:
-        raise dialerr.lookup_error(protocol, host, None) from None
-    except OSError as exc:
-        raise dialerr.lookup_error(protocol, host, exc) from None
-    seen: list[tuple[str, int]] = []
-    for _family, _type, _proto, _name, sockaddr in infos:
-        addr = (str(sockaddr[0]), int(sockaddr[1]))
-        if addr not in seen:
-            seen.append(addr)
-    if not seen:
-        raise dialerr.lookup_error(protocol, host, socket.gaierror(socket.EAI_NONAME, ""))
-    return seen
-
-
-async def dial(
-    protocol: str,
-    address: str,
-    factory: Callable[[], Endpoint],
-    timeout: float = DIAL_TIMEOUT,
-) -> Endpoint:
-    """Open a TCP connection to ``address`` (``host:port``) as Go's ``net.DialTimeout``
-    would: every resolved address in turn within ``timeout``; the first error is the one
-    reported. Raises ``DialError`` with Go's text."""
-    if protocol not in dialerr.ALLOWED_PROTOCOLS:
-        raise dialerr.unknown_network_error(protocol)
-    try:
-        host, port_text = dialerr.split_host_port(address)
-    except ValueError as exc:
-        raise dialerr.address_error(protocol, str(exc)) from None
-    port = _parse_port(protocol, port_text)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    addrs = await _resolve(protocol, host, port, deadline)
-    first: DialError | None = None
-    for index, (ip, ip_port) in enumerate(addrs):
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            break
-        share = remaining / (len(addrs) - index)
-        attempt = min(remaining, max(share, MIN_ATTEMPT_TIMEOUT))
-        target = dialerr.join_host_port(ip, ip_port)
-        try:
-            # A timeout scope, not wait_for: no second task per dial.
-            async with asyncio.timeout(attempt):
-                _, endpoint = await loop.create_connection(factory, ip, ip_port)
-            return endpoint
-        except TimeoutError:
-            error = dialerr.timeout_error(protocol, target)
-        except OSError as exc:
-            error = dialerr.connect_error(protocol, target, exc)
-        first = first or error
-    if first is None:
-        ip, ip_port = addrs[0]
-        first = dialerr.timeout_error(protocol, dialerr.join_host_port(ip, ip_port))
-    raise first

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from konnectivity_fast.cli.command import Program, run_program
 from konnectivity_fast.cli.extensions import offered_server_extensions
+from konnectivity_fast.cli.node_to_cp import node_to_cp_config
 from konnectivity_fast.cli.server_options import (
     PROGRAM,
     ProxyRunOptions,
@@ -52,7 +53,13 @@ async def _serve(options: ProxyRunOptions, extensions: ExtensionSet | None = Non
     try:
         offered = offered_server_extensions(options) if extensions is None else extensions
         balance = DialBalance(options.dial_balance)
-        return await run(options, stop, extensions=offered, dial_balance=balance)
+        return await run(
+            options,
+            stop,
+            extensions=offered,
+            dial_balance=balance,
+            node_to_cp=node_to_cp_config(options),
+        )
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)

@@ -42,6 +42,12 @@ from konnectivity_fast.cli.flags import (
 )
 from konnectivity_fast.cli.goparse import format_duration, go_quote, new_uuid, seconds_to_ns
 from konnectivity_fast.cli.klog import KlogOptions, V, register_klog_flags
+from konnectivity_fast.cli.node_to_cp import (
+    DEFAULT_DIAL_TIMEOUT,
+    DEFAULT_MAX_PER_AGENT,
+    NODE_TO_CP_SERVER_FLAGS,
+    check_node_to_cp,
+)
 from konnectivity_fast.cli.peering import check_peering
 from konnectivity_fast.kube.labels import parse_lease_labels
 from konnectivity_fast.wire.contract import FrontendMode, ProxyStrategy, parse_proxy_strategies
@@ -176,6 +182,10 @@ class ProxyRunOptions:
     peer_cert: str = ""
     peer_key: str = ""
     peer_ca_cert: str = ""
+    # Node-to-control-plane tunneling (cli/node_to_cp.py); off without a destination.
+    allowed_destination: list[str] = field(default_factory=list)
+    agent_initiated_dial_timeout: float = DEFAULT_DIAL_TIMEOUT
+    max_agent_initiated_connections_per_agent: int = DEFAULT_MAX_PER_AGENT
 
     def validate(self) -> str | None:
         """The first failing check's message, in upstream's order, or ``None``."""
@@ -199,6 +209,7 @@ class ProxyRunOptions:
             check_dial_balance(self.dial_balance)
             or check_advertise_address(self.agent_advertise_address)
             or check_peering(self)
+            or check_node_to_cp(self)
         )
 
     def _check_files(self) -> str | None:
@@ -582,7 +593,9 @@ def build_flagset(
         )
     for name, kind, default, text, message in _DEPRECATED:
         fs.add(name, kind, default, text, deprecated=message)
-    add_extension_flags(fs, defaults, EXTENSION_FLAGS + SERVER_EXTENSION_FLAGS)
+    add_extension_flags(
+        fs, defaults, EXTENSION_FLAGS + SERVER_EXTENSION_FLAGS + NODE_TO_CP_SERVER_FLAGS
+    )
     register_klog_flags(fs, klog_defaults)
     fs.add("help", BOOL, False, f"Show this help for {PROGRAM} and exit.", shorthand="h")
     return fs

@@ -31,6 +31,7 @@ from typing import Protocol
 from konnectivity_fast.kube import ConfigError, KubeClient, load_config
 from konnectivity_fast.metrics import accept as accept_metrics
 from konnectivity_fast.metrics import flow as flow_metrics
+from konnectivity_fast.metrics import node_to_cp as node_to_cp_metrics
 from konnectivity_fast.metrics import peering as peer_metrics
 from konnectivity_fast.metrics import server as server_metrics
 from konnectivity_fast.server.auth import TokenAuthenticator
@@ -52,6 +53,7 @@ from konnectivity_fast.server.peering import (
     start_peering,
 )
 from konnectivity_fast.server.proxy import ProxyServer
+from konnectivity_fast.server.reverse import NodeToCpConfig
 from konnectivity_fast.server.startup import (
     StartupError,
     check_tls_files,
@@ -281,11 +283,13 @@ async def run(
     *,
     extensions: ExtensionSet = NO_EXTENSIONS,
     dial_balance: DialBalance = DialBalance.RANDOM,
+    node_to_cp: NodeToCpConfig | None = None,
 ) -> int:
     """Serve until ``stop`` is set; the process's exit code. A start-up failure raises
     ``StartupError`` with upstream's message. ``extensions``: what the server offers to
     agents and frontends (``wire.contract``). ``dial_balance``: how dials choose among a
-    strategy's candidate agents (``tunnel.balance``)."""
+    strategy's candidate agents (``tunnel.balance``). ``node_to_cp``: agent-initiated
+    connections (``server.reverse``), None when off."""
     try:
         kube = _kube_client(options)
     except ConfigError as exc:
@@ -306,7 +310,15 @@ async def run(
         extensions=extensions,
         dial_balance=dial_balance,
         forward_dials=options.enable_peer_forwarding,
+        node_to_cp=node_to_cp,
     )
+    if proxy.node_to_cp is not None:
+        node_to_cp_metrics.enable(server_metrics.REGISTRY)
+        log.info(
+            "Agents may dial %s through this server (%s).",
+            proxy.node_to_cp.allowed,
+            Extension.NODE_TO_CP,
+        )
     directory = _directory(options, proxy.server_id)
     proxy.server_endpoints = directory.agent_endpoints
     if options.enable_peer_forwarding:
@@ -372,6 +384,7 @@ async def _serve(
     )
     await stop.wait()
     log.info("Shutting down server.")
+    proxy.drain_agents()  # node-to-cp.v1 streams only
     timeout = options.graceful_shutdown_timeout
     await _close_http(http)  # health goes away at once, in both modes
     if timeout <= 0 and leases is not None:

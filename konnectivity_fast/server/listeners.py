@@ -63,12 +63,12 @@ class ServerHandle:
 
 #: Control frames an agent connection may send at once, and per second after that, before
 #: it is refused (the engine's flood guard, csrc/h2_flood.pxi): the engine's defaults, as
-#: on the frontends. An agent's control frames are its SETTINGS, its keepalive PINGs, and
-#: the WINDOW_UPDATEs and PINGs that answer our data; each DATA frame we send earns one
-#: back, but a peer may answer with more than one per frame (a grpcio agent carrying 1000
-#: tunnels spent a budget of a tenth of this in a second: tests/server/
-#: test_scenarios_bulk.py). A reset flood costs little beyond the budget: streams reset in
-#: the read that opened them never become calls.
+#: on the frontends. An agent's control frames are mostly its SETTINGS and PINGs
+#: (keepalive, and those that answer our data: grpc-go's BDP pings); WINDOW_UPDATEs are
+#: not counted (grpcio sends two per message, and they only ever let us send more). A
+#: grpcio agent carrying 1000 tunnels spent a budget of a tenth of this in a second
+#: (tests/server/test_scenarios_bulk.py). A reset flood costs little beyond the budget:
+#: streams reset in the read that opened them never become calls.
 AGENT_CONTROL_FRAME_BURST = 10000
 AGENT_CONTROL_FRAME_RATE = 1000.0
 

@@ -20,7 +20,11 @@ intersected with what this server offers (``ProxyServer.extensions``); a non-emp
 is echoed in the stream's response headers and kept on its ``Backend`` or ``Frontend``.
 An empty result sends nothing, so upstream's peers see upstream's headers. An agent stream
 that negotiated ``server-endpoints.v1`` also gets ``kf-server-endpoints`` in those headers
-(``wire.endpoints``), from ``ProxyServer.server_endpoints``.
+(``wire.endpoints``), from ``ProxyServer.server_endpoints``. An agent stream that
+negotiated ``node-to-cp.v1`` (offered only with a non-empty allow-list, ``node_to_cp``)
+gets a ``server.reverse.ReverseTunnels``, which takes its DIAL_REQ and DIAL_CLS and the
+DATA and CLOSE_REQ of odd connectIDs (agent-initiated connections); on other streams those
+go to the router as always (an agent's DIAL_REQ is ignored, as upstream).
 
 Invariants:
 - ``Backend.conn`` and a gRPC ``Frontend.conn`` are the ``GrpcCall`` to write to; an
@@ -45,6 +49,8 @@ from typing import Any, Protocol
 from konnectivity_fast.metrics import server as metrics
 from konnectivity_fast.server.buffering import TUNNEL_WRITE_HIGH_WATER, BufferBudget, TunnelBuffer
 from konnectivity_fast.server.flow import FlowControl, FlowTunnel, data_size, payload_size
+from konnectivity_fast.server.reverse import NodeToCpConfig, ReverseTunnels
+from konnectivity_fast.server.reverse import receive as receive_reverse
 from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER
 from konnectivity_fast.transport.grpc import CallSink, GrpcCall, GrpcError
 from konnectivity_fast.transport.ratelog import RateLimitedLog
@@ -131,6 +137,8 @@ class Authenticator(Protocol):
 
 _DATA = int(PacketType.DATA)
 _FLOW_CREDIT = int(PacketType.FLOW_CREDIT)
+# Packets an agent sends only for node-to-cp.v1 (server.reverse), whatever their connectID.
+_REVERSE_CONTROL = frozenset({int(PacketType.DIAL_REQ), int(PacketType.DIAL_CLS)})
 
 
 def _unknown_path(path: str, service: str) -> str:
@@ -290,12 +298,15 @@ class _FrontendStream:
 class _AgentStream:
     """The sink of one ``Connect`` call."""
 
-    __slots__ = ("backend", "ended", "server")
+    __slots__ = ("backend", "ended", "reverse", "server")
 
-    def __init__(self, server: ProxyServer, backend: Backend) -> None:
+    def __init__(
+        self, server: ProxyServer, backend: Backend, reverse: ReverseTunnels | None = None
+    ) -> None:
         self.server = server
         self.backend = backend
         self.ended = False
+        self.reverse = reverse  # node-to-cp.v1 negotiated (server.reverse)
 
     def on_message(self, call: GrpcCall, message: bytes) -> None:
         server = self.server
@@ -310,6 +321,14 @@ class _AgentStream:
             return
         metrics.observe_packet(metrics.SEGMENT_FROM_AGENT, ptype)
         server.budget.received(call)
+        reverse = self.reverse
+        if reverse is not None and (connect_id & 1 or ptype in _REVERSE_CONTROL):
+            try:
+                if receive_reverse(reverse, ptype, connect_id, message):
+                    return
+            except CodecError as exc:
+                server._backend_failed(backend, StatusCode.INTERNAL, unmarshal_error(exc))
+                return
         if ptype == _DATA:
             frontend = server.router.route_agent_data(backend, connect_id)
             if frontend is not None:
@@ -442,7 +461,9 @@ class ProxyServer:
     one's included (``server.directory.ServerDirectory.agent_endpoints``), read for each
     agent stream that negotiated ``server-endpoints.v1``; None or empty: no header.
     ``forward_dials``: server peering (``tunnel.peering``); dials no agent takes go to
-    ``forwarder``, set before the listeners start.
+    ``forwarder``, set before the listeners start. ``node_to_cp``: agent-initiated
+    connections (``server.reverse``); ``node-to-cp.v1`` is offered iff it is given with a
+    non-empty allow-list, whatever ``extensions`` says.
     """
 
     def __init__(
@@ -460,8 +481,16 @@ class ProxyServer:
         dial_balance: DialBalance = DialBalance.RANDOM,
         server_endpoints: Callable[[], Mapping[str, Address]] | None = None,
         forward_dials: bool = False,
+        node_to_cp: NodeToCpConfig | None = None,
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
+        if node_to_cp is not None and node_to_cp.allowed:
+            extensions = extensions | {Extension.NODE_TO_CP}
+        else:
+            node_to_cp = None
+            extensions = extensions - {Extension.NODE_TO_CP}
+        self.node_to_cp = node_to_cp
+        self.reverse: dict[Backend, ReverseTunnels] = {}
         self.extensions = check_extensions(extensions)
         self.server_id = server_id or str(uuid.uuid4())
         self.server_count = server_count
@@ -547,8 +576,11 @@ class ProxyServer:
         backend = self.router.add_backend(agent_id, identifiers, call, accepted)
         if Extension.FLOW in accepted:
             self.flow.agents.add(call)
+        reverse = None
+        if Extension.NODE_TO_CP in accepted and self.node_to_cp is not None:
+            reverse = self.reverse[backend] = ReverseTunnels(call, agent_id, self.node_to_cp)
         self._update_backend_gauges()
-        return _AgentStream(self, backend)
+        return _AgentStream(self, backend, reverse)
 
     def _endpoints_metadata(self, accepted: ExtensionSet) -> list[tuple[str, str]]:
         """``kf-server-endpoints`` for an agent stream that negotiated it, else nothing."""
@@ -563,6 +595,9 @@ class ProxyServer:
 
     def _remove_backend(self, backend: Backend) -> None:
         self.flow.agents.discard(backend.conn)
+        reverse = self.reverse.pop(backend, None)
+        if reverse is not None:
+            reverse.close()
         if not backend.closed:
             self._apply(self.router.remove_backend(backend, self.loop.time()))
             self._update_backend_gauges()
@@ -769,9 +804,19 @@ class ProxyServer:
             log.info("agent %s does not read its stream: retiring it", backend.agent_id)
             self._apply(self.router.retire_backend(backend))
 
+    def drain_agents(self) -> None:
+        """Shutting down: tell the agent streams that negotiated node-to-cp.v1 to send
+        their new dials elsewhere (``DRAIN``; upstream's agents get nothing)."""
+        for reverse in self.reverse.values():
+            reverse.drain()
+
     def close(self) -> None:
-        """Stop the timer (the listeners are closed by their handles)."""
+        """Stop the timer and close agent-initiated connections (the listeners are closed by
+        their handles)."""
         self._closed = True
+        for reverse in self.reverse.values():
+            reverse.close()
+        self.reverse.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

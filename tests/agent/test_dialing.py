@@ -10,8 +10,8 @@ import socket
 
 import pytest
 
-from konnectivity_fast.agent import dialerr
 from konnectivity_fast.agent.endpoint import Endpoint, EndpointPool, dial
+from konnectivity_fast.transport import dialerr
 
 from .conftest import RunFn
 from .support import LOOPBACK, closed_port

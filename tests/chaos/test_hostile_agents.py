@@ -176,8 +176,8 @@ async def hostile(chaos: Chaos, impl: str, echo_backend: Backend) -> str:
     agent = await bogus_packets(port, chaos.certs, BOGUS_KINDS, BOGUS_EACH)
     cpu = await settled(v.server) - cpu
     handled = await packets_from_agents(v.server) - counted
-    # grpcio's flow-control frames (WINDOW_UPDATE, PING) in answer to ours may exceed the
-    # agent listener's budget (server/listeners.py): then the server says so and cuts it.
+    # grpcio's PINGs in answer to our data may exceed the agent listener's control-frame
+    # budget (server/listeners.py): then the server says so and cuts it.
     refused = v.server.log().count(CONTROL_FLOOD_LINE) > refusals
     cut = ", then cut with GOAWAY too_many_control_frames" if refused else ""
     await agent.close()

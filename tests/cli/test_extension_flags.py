@@ -14,13 +14,17 @@ from konnectivity_fast.cli.extensions import (
     offered_extensions,
     offered_server_extensions,
 )
+from konnectivity_fast.cli.node_to_cp import NODE_TO_CP_SERVER_FLAGS
 from konnectivity_fast.wire.contract import NO_EXTENSIONS, Extension
 
 from . import read_golden
 
 PROGRAMS = [(server_options, "proxy-server.txt"), (agent_options, "proxy-agent.txt")]
 # Each program's own extension flags, beside the ones both have.
-OWN = {"proxy-server.txt": SERVER_EXTENSION_FLAGS, "proxy-agent.txt": AGENT_EXTENSION_FLAGS}
+OWN = {
+    "proxy-server.txt": SERVER_EXTENSION_FLAGS + NODE_TO_CP_SERVER_FLAGS,
+    "proxy-agent.txt": AGENT_EXTENSION_FLAGS,
+}
 
 
 @pytest.mark.parametrize(("options", "golden"), PROGRAMS, ids=["server", "agent"])

@@ -79,6 +79,9 @@ DEFAULTS: list[tuple[str, Any, type]] = [  # (field, value, type); durations in 
     ("peer_cert", "", str),
     ("peer_key", "", str),
     ("peer_ca_cert", "", str),
+    ("allowed_destination", [], list),
+    ("agent_initiated_dial_timeout", 5.0, float),
+    ("max_agent_initiated_connections_per_agent", 1000, int),
 ]
 
 
