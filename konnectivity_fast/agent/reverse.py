@@ -48,6 +48,7 @@ from konnectivity_fast.agent.endpoint import ENDPOINT_WRITE_BUDGET, Endpoint
 from konnectivity_fast.agent.portmap import PortMapping
 from konnectivity_fast.metrics import reverse as metrics
 from konnectivity_fast.verbosity import V
+from konnectivity_fast.wire.contract import is_refusal
 from konnectivity_fast.wire.packets import (
     CloseDial,
     CloseRequest,
@@ -62,7 +63,6 @@ if TYPE_CHECKING:
     from konnectivity_fast.agent.client import AgentClient
 
 __all__ = [
-    "DENIAL_MARKERS",
     "DIAL_RETRIES",
     "LISTEN_BACKLOG",
     "ListenError",
@@ -78,10 +78,6 @@ log = logging.getLogger(__name__)
 #: route to its API server should not fail the node's clients, and more tries would only
 #: stretch a real outage past the clients' own timeouts.
 DIAL_RETRIES = 1
-#: Texts in a DIAL_RSP error that mean the server refused, not failed: its allow-list
-#: (``destination "<addr>" not allowed``) or its per-agent cap. Another server has the
-#: same configuration, so a refusal is never retried.
-DENIAL_MARKERS = ("not allowed", "too many", "limit")
 #: Pending accepts per listener: node-local clients (kubelet, pods) reconnect in bursts
 #: after a server restart; the kernel caps it at somaxconn anyway.
 LISTEN_BACKLOG = 1024
@@ -128,11 +124,6 @@ def _reset_endpoint(endpoint: Endpoint) -> None:
             with contextlib.suppress(OSError, AttributeError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     endpoint.abort()
-
-
-def _is_denial(error: str) -> bool:
-    lowered = error.lower()
-    return any(marker in lowered for marker in DENIAL_MARKERS)
 
 
 @dataclass
@@ -311,7 +302,7 @@ class ReverseStream:
             return _LOST, str(future.exception())
         rsp = future.result()
         if rsp.error:
-            return (_DENIED if _is_denial(rsp.error) else _FAILED), rsp.error
+            return (_DENIED if is_refusal(rsp.error) else _FAILED), rsp.error
         return await self._establish(mapping, sock, rsp.connect_id)
 
     def _abandon(self, rnd: int, future: asyncio.Future[DialResponse]) -> None:

@@ -49,7 +49,11 @@ from konnectivity_fast.transport.dialerr import DialError
 from konnectivity_fast.tunnel.allowlist import AllowList
 from konnectivity_fast.verbosity import V
 from konnectivity_fast.wire.codec import decode_packet, encode_packet, peek_data
-from konnectivity_fast.wire.contract import ERR_UNRECOGNIZED_CONNECT_ID
+from konnectivity_fast.wire.contract import (
+    ERR_AGENT_DIAL_LIMIT,
+    ERR_DESTINATION_NOT_ALLOWED,
+    ERR_UNRECOGNIZED_CONNECT_ID,
+)
 from konnectivity_fast.wire.packets import (
     CloseDial,
     CloseResponse,
@@ -106,7 +110,7 @@ class NodeToCpConfig:
 
 
 def _not_allowed(address: str) -> str:
-    return f'destination "{address}" not allowed'
+    return ERR_DESTINATION_NOT_ALLOWED.format(address=address)
 
 
 class _Destination(asyncio.Protocol):
@@ -226,7 +230,7 @@ class ReverseTunnels:
             return
         if len(self.pending) + len(self.connections) >= self.config.max_per_agent:
             metrics.AGENT_DIALS.labels("limit").inc()
-            error = f"too many agent-initiated connections (limit {self.config.max_per_agent})"
+            error = ERR_AGENT_DIAL_LIMIT.format(limit=self.config.max_per_agent)
             log.log(V(2), "agent %s: %s", self.agent, error)
             self._send(PacketType.DIAL_RSP, DialResponse(error=error, random=random))
             return

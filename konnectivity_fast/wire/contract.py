@@ -59,6 +59,8 @@ __all__ = [
     "BEARER_PREFIX",
     "CONNECT_METHOD",
     "CONNECT_PATH",
+    "ERR_AGENT_DIAL_LIMIT",
+    "ERR_DESTINATION_NOT_ALLOWED",
     "ERR_IO_TIMEOUT",
     "ERR_NO_PROXY_STRATEGIES",
     "ERR_TOO_MANY_OPEN_FILES",
@@ -92,6 +94,7 @@ __all__ = [
     "capabilities_metadata",
     "check_extensions",
     "decode_agent_identifiers",
+    "is_refusal",
     "negotiate_extensions",
     "parse_agent_identifiers",
     "parse_proxy_strategies",
@@ -136,6 +139,18 @@ ERR_IO_TIMEOUT = "i/o timeout"
 ERR_TOO_MANY_OPEN_FILES = "too many open files"
 # pkg/server/proxystrategies ParseProxyStrategies, for a list with no name in it.
 ERR_NO_PROXY_STRATEGIES = "proxy strategies cannot be empty"
+# node-to-cp.v1 (docs/node-to-control-plane.md): a server's DIAL_RSP errors when it refuses
+# an agent-initiated dial (its allow-list, its per-agent cap) rather than fails it. The
+# agent never retries a refusal on another server: they share the configuration.
+ERR_DESTINATION_NOT_ALLOWED = 'destination "{address}" not allowed'
+ERR_AGENT_DIAL_LIMIT = "too many agent-initiated connections (limit {limit})"
+_REFUSAL_ENDS = ('" not allowed',)
+_REFUSAL_STARTS = ("too many agent-initiated connections",)
+
+
+def is_refusal(error: str) -> bool:
+    """Whether a node-to-cp.v1 DIAL_RSP error is one of the refusals above."""
+    return error.endswith(_REFUSAL_ENDS) or error.startswith(_REFUSAL_STARTS)
 
 
 def unmarshal_error(exc: Exception) -> str:

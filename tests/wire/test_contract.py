@@ -11,6 +11,8 @@ from konnectivity_fast.wire import contract
 from konnectivity_fast.wire.contract import (
     CONNECT_METHOD,
     CONNECT_PATH,
+    ERR_AGENT_DIAL_LIMIT,
+    ERR_DESTINATION_NOT_ALLOWED,
     IMPLEMENTED_EXTENSIONS,
     MAX_CAPABILITIES_LENGTH,
     MAX_EXTENSION_TOKEN_LENGTH,
@@ -25,6 +27,7 @@ from konnectivity_fast.wire.contract import (
     agent_from_metadata,
     capabilities_metadata,
     check_extensions,
+    is_refusal,
     negotiate_extensions,
     parse_agent_identifiers,
 )
@@ -225,3 +228,12 @@ def test_capabilities_metadata() -> None:
 
 def test_module_exports_exist() -> None:
     assert all(hasattr(contract, name) for name in contract.__all__)
+
+
+def test_node_to_cp_refusals_are_told_from_failures() -> None:
+    """The agent retries a failed agent-initiated dial on another server, never a refusal."""
+    assert is_refusal(ERR_DESTINATION_NOT_ALLOWED.format(address="127.0.0.1:2379"))
+    assert is_refusal(ERR_AGENT_DIAL_LIMIT.format(limit=1000))
+    assert not is_refusal("dial tcp 127.0.0.1:6443: connect: connection refused")
+    assert not is_refusal("dial tcp 10.0.0.1:6443: i/o timeout")
+    assert not is_refusal("")
