@@ -28,7 +28,7 @@ from typing import Protocol, cast
 
 from konnectivity_fast.metrics import flow as flow_metrics
 from konnectivity_fast.transport.buffers import zeroed_buffer
-from konnectivity_fast.transport.dial import DIAL_TIMEOUT, dial
+from konnectivity_fast.transport.dial import DIAL_TIMEOUT, close_after_flush, dial
 from konnectivity_fast.tunnel.flow import GrowthBudget, ReceiveWindow, SendCredit
 
 __all__ = [
@@ -62,9 +62,8 @@ ENDPOINT_WRITE_BUDGET = 4 << 20
 AGENT_WRITE_BUDGET = 32 << 20
 # Streams resume once the queued total is back under this (hysteresis).
 AGENT_WRITE_RESUME = AGENT_WRITE_BUDGET // 2
-#: Seconds a backend closed by CLOSE_REQ may take to accept what is queued for it before
-#: its socket is aborted (upstream closes at once and may drop it; we flush, boundedly).
-CLOSE_FLUSH_TIMEOUT = 5.0
+# A backend closed by CLOSE_REQ gets transport.dial.CLOSE_FLUSH_TIMEOUT to take what is
+# queued for it (upstream closes at once and may drop it; we flush, boundedly).
 
 
 class EndpointOwner(Protocol):
@@ -420,13 +419,7 @@ class Endpoint(asyncio.BufferedProtocol):
         then close."""
         self.flush()  # what came before the CLOSE_REQ still goes out
         self.closing = True
-        t = self.transport
-        if t is None or t.is_closing():
-            return
-        t.pause_reading()
-        if t.get_write_buffer_size():
-            asyncio.get_running_loop().call_later(CLOSE_FLUSH_TIMEOUT, t.abort)
-        t.close()
+        close_after_flush(self.transport)
 
     def abort(self) -> None:
         """The server stream is gone: drop the backend connection at once."""

@@ -14,7 +14,8 @@ stream's DIAL_REQ and DIAL_CLS, and the DATA and CLOSE_REQ of odd connectIDs. Pe
 - ``DIAL_CLS{random:R}``: the pending dial is cancelled; a connection it made anyway is
   closed, and no DIAL_RSP is sent;
 - ``DATA{X}``: written to the destination; ``CLOSE_REQ{X}``: the destination gets what is
-  queued (within ``CLOSE_FLUSH_TIMEOUT``) and is closed, and ``CLOSE_RSP{X}`` answers;
+  queued (within ``transport.dial.CLOSE_FLUSH_TIMEOUT``) and is closed, and
+  ``CLOSE_RSP{X}`` answers;
 - the destination closing: ``CLOSE_RSP{X}`` unsolicited, after all its DATA;
 - this server shutting down (``drain``): ``DRAIN``, so the agent dials through others.
 
@@ -44,7 +45,7 @@ from typing import cast
 
 from konnectivity_fast.metrics import node_to_cp as metrics
 from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER, GrpcCall, GrpcError
-from konnectivity_fast.transport.dial import dial
+from konnectivity_fast.transport.dial import close_after_flush, dial
 from konnectivity_fast.transport.dialerr import DialError
 from konnectivity_fast.tunnel.allowlist import AllowList
 from konnectivity_fast.verbosity import V
@@ -66,7 +67,6 @@ from konnectivity_fast.wire.packets import (
 
 __all__ = [
     "AGENT_INITIATED_DIAL_TIMEOUT",
-    "CLOSE_FLUSH_TIMEOUT",
     "MAX_AGENT_INITIATED_CONNECTIONS",
     "REVERSE_SEND_HIGH_WATER",
     "REVERSE_WRITE_BUDGET",
@@ -92,9 +92,6 @@ REVERSE_SEND_HIGH_WATER = CALL_SEND_HIGH_WATER
 #: closed: four times the forward direction's per-backend budget is far beyond what an API
 #: request body needs, and with the cap above bounds one agent's share of our memory.
 REVERSE_WRITE_BUDGET = 16 << 20
-#: Seconds a destination closed by CLOSE_REQ may take to accept what is queued for it
-#: before its socket is aborted (as the agent's ``CLOSE_FLUSH_TIMEOUT``).
-CLOSE_FLUSH_TIMEOUT = 5.0
 
 ERR_TOO_SLOW = f"destination too slow: more than {REVERSE_WRITE_BUDGET} bytes unread"
 
@@ -176,13 +173,7 @@ class _Destination(asyncio.Protocol):
     def close(self) -> None:
         """Flush what is queued, boundedly, then close."""
         self.closed = True
-        t = self.transport
-        if t is None or t.is_closing():
-            return
-        t.pause_reading()
-        if t.get_write_buffer_size():
-            asyncio.get_running_loop().call_later(CLOSE_FLUSH_TIMEOUT, t.abort)
-        t.close()
+        close_after_flush(self.transport)
 
     def abort(self) -> None:
         self.closed = True

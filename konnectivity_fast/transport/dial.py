@@ -18,7 +18,13 @@ from typing import TypeVar
 from konnectivity_fast.transport import dialerr
 from konnectivity_fast.transport.dialerr import DialError
 
-__all__ = ["DIAL_TIMEOUT", "MIN_ATTEMPT_TIMEOUT", "dial"]
+__all__ = [
+    "CLOSE_FLUSH_TIMEOUT",
+    "DIAL_TIMEOUT",
+    "MIN_ATTEMPT_TIMEOUT",
+    "close_after_flush",
+    "dial",
+]
 
 #: Upstream's fixed ``dialTimeout``: name lookup plus connect, for all addresses tried.
 DIAL_TIMEOUT = 5.0
@@ -26,7 +32,21 @@ DIAL_TIMEOUT = 5.0
 # budget, but at least this much (net.Dialer's partialDeadline).
 MIN_ATTEMPT_TIMEOUT = 2.0
 
+#: Seconds a dialled connection being closed gets to write what is queued for it before
+#: its socket is aborted: a peer that stopped reading cannot keep it open.
+CLOSE_FLUSH_TIMEOUT = 5.0
+
 _P = TypeVar("_P", bound=asyncio.BaseProtocol)
+
+
+def close_after_flush(transport: asyncio.Transport | None) -> None:
+    """Stop reading, let what is queued go out within ``CLOSE_FLUSH_TIMEOUT``, close."""
+    if transport is None or transport.is_closing():
+        return
+    transport.pause_reading()
+    if transport.get_write_buffer_size():
+        asyncio.get_running_loop().call_later(CLOSE_FLUSH_TIMEOUT, transport.abort)
+    transport.close()
 
 
 def _families(protocol: str) -> int:
