@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import socket
 from collections.abc import AsyncIterator
@@ -15,7 +14,7 @@ from typing import Any
 
 from konnectivity_fast.agent.client import ClientConfig
 from konnectivity_fast.agent.clientset import ClientSet
-from konnectivity_fast.server import PROXY_PATH, ProxyServer, ServerHandle, start
+from konnectivity_fast.server import PROXY_PATH, ProxyServer, ServerHandle
 from konnectivity_fast.server.buffering import BufferBudget
 from konnectivity_fast.transport import grpc as kgrpc
 from konnectivity_fast.transport import tls
@@ -30,6 +29,7 @@ from konnectivity_fast.wire.packets import (
     Packet,
     PacketType,
 )
+from tests.support.inproc import serving, uds_path
 from tests.support.net import Certs
 
 LOOPBACK = "127.0.0.1"
@@ -67,20 +67,8 @@ async def proxy_server(
         budget=budget,
         extensions=extensions,
     )
-    uds = os.path.join(sock_dir, f"{server_id}.sock")
-    handle = await start(
-        proxy,
-        uds_path=uds,
-        agent_host=LOOPBACK,
-        agent_port=agent_port,
-        cert_file=certs.server_cert,
-        key_file=certs.server_key,
-        client_ca_file=certs.ca,
-    )
-    try:
-        yield Server(proxy, handle, uds)
-    finally:
-        await handle.close()
+    async with serving(proxy, sock_dir, certs, agent_port) as handle:
+        yield Server(proxy, handle, uds_path(sock_dir, proxy))
 
 
 def agent_config(

@@ -8,7 +8,6 @@ default offer is checked to send nothing at all."""
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 from collections.abc import AsyncIterator
 
@@ -16,13 +15,14 @@ import pytest
 
 from konnectivity_fast.agent.client import AgentClient
 from konnectivity_fast.agent.endpoint import EndpointPool
-from konnectivity_fast.server import ProxyServer, ServerHandle, start
+from konnectivity_fast.server import ProxyServer
 from konnectivity_fast.tunnel import Backend
 from konnectivity_fast.wire.contract import MD_CAPABILITIES, NO_EXTENSIONS, ExtensionSet
+from tests.support.inproc import serving
 
 from .conftest import Certs, RunFn
 from .fake_server import fake_server
-from .support import LOOPBACK, agent_config
+from .support import agent_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -36,20 +36,9 @@ async def our_server(
     sock_dir: str, certs: Certs, extensions: ExtensionSet
 ) -> AsyncIterator[tuple[ProxyServer, int]]:
     proxy = ProxyServer(server_id="s1", rng=random.Random(1), extensions=extensions)
-    handle: ServerHandle = await start(
-        proxy,
-        uds_path=os.path.join(sock_dir, "s1.sock"),
-        agent_host=LOOPBACK,
-        agent_port=0,
-        cert_file=certs.server_cert,
-        key_file=certs.server_key,
-        client_ca_file=certs.ca,
-    )
-    assert handle.agent_port is not None
-    try:
+    async with serving(proxy, sock_dir, certs) as handle:
+        assert handle.agent_port is not None
         yield proxy, handle.agent_port
-    finally:
-        await handle.close()
 
 
 def only_backend(proxy: ProxyServer) -> Backend:

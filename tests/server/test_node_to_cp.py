@@ -29,7 +29,7 @@ import pytest
 
 from konnectivity_fast.metrics import node_to_cp as node_to_cp_metrics
 from konnectivity_fast.metrics.registry import Registry
-from konnectivity_fast.server import CONNECT_PATH, ProxyServer, ServerHandle, start
+from konnectivity_fast.server import CONNECT_PATH, ProxyServer
 from konnectivity_fast.server.reverse import REVERSE_WRITE_BUDGET, NodeToCpConfig
 from konnectivity_fast.transport import grpc as kgrpc
 from konnectivity_fast.transport import tls
@@ -46,6 +46,7 @@ from konnectivity_fast.wire.packets import (
     Packet,
     PacketType,
 )
+from tests.support.inproc import serving
 
 from .conftest import Certs, RunFn
 
@@ -169,20 +170,9 @@ async def our_server(
 ) -> AsyncIterator[tuple[ProxyServer, int]]:
     config = NodeToCpConfig(parse_allowed_destinations(allowed), dial_timeout, max_per_agent)
     proxy = ProxyServer(server_id="s1", rng=random.Random(1), node_to_cp=config)
-    handle: ServerHandle = await start(
-        proxy,
-        uds_path=os.path.join(sock_dir, "s1.sock"),
-        agent_host=LOOPBACK,
-        agent_port=0,
-        cert_file=certs.server_cert,
-        key_file=certs.server_key,
-        client_ca_file=certs.ca,
-    )
-    assert handle.agent_port is not None
-    try:
+    async with serving(proxy, sock_dir, certs) as handle:
+        assert handle.agent_port is not None
         yield proxy, handle.agent_port
-    finally:
-        await handle.close()
 
 
 async def hand_agent(certs: Certs, port: int, offer: str | None = NODE_TO_CP) -> HandAgent:

@@ -23,7 +23,7 @@ import pytest
 
 from konnectivity_fast.agent.client import AgentClient, ClientConfig
 from konnectivity_fast.agent.endpoint import EndpointPool
-from konnectivity_fast.server import CONNECT_PATH, ProxyServer, ServerHandle, start
+from konnectivity_fast.server import CONNECT_PATH, ProxyServer
 from konnectivity_fast.server.directory import ServerDirectory
 from konnectivity_fast.server.leases import format_micro_time
 from konnectivity_fast.transport import grpc as kgrpc
@@ -42,6 +42,7 @@ from konnectivity_fast.wire.endpoints import (
     Address,
     parse_server_endpoints,
 )
+from tests.support.inproc import serving
 
 from .conftest import Certs, RunFn
 from .test_app import LOOPBACK, WAIT_SECONDS, Running, command, free_ports, wait_healthy
@@ -76,20 +77,9 @@ async def our_server(
         extensions=extensions,
         server_endpoints=directory.agent_endpoints,
     )
-    handle: ServerHandle = await start(
-        proxy,
-        uds_path=os.path.join(sock_dir, "s1.sock"),
-        agent_host=LOOPBACK,
-        agent_port=0,
-        cert_file=certs.server_cert,
-        key_file=certs.server_key,
-        client_ca_file=certs.ca,
-    )
-    assert handle.agent_port is not None
-    try:
+    async with serving(proxy, sock_dir, certs) as handle:
+        assert handle.agent_port is not None
         yield directory, handle.agent_port
-    finally:
-        await handle.close()
 
 
 async def connect_headers(certs: Certs, port: int, offer: str | None) -> list[tuple[str, str]]:
