@@ -142,12 +142,13 @@ class ClientSet:
         self.book = book
         self.sources: dict[Source, EndpointSource] = dict(sources or {})
         self._via: dict[AgentClient, Address] = {}
-        self._header_endpoints: dict[Address, str] = {}
         # Server ID -> the endpoint list it sent last (kf-server-endpoints).
         self._answers: dict[str, dict[Address, str]] = {}
         self._refresh_interval = HEADER_REFRESH_FIRST
         self._next_refresh: float | None = None
         self._wake = asyncio.Event()
+        if book is not None and Extension.SERVER_ENDPOINTS in config.extensions:
+            self.sources[Source.HEADER] = self.header_endpoints
 
     # -- state -----------------------------------------------------------------------------
 
@@ -209,7 +210,7 @@ class ClientSet:
         self._refresh_interval = HEADER_REFRESH_FIRST
         self._next_refresh = None
         if self.book is not None:
-            self._refresh_header_source()
+            self._prune_answers()
             if len(self.clients) >= self.known_count():
                 self._satisfied()
             self._wake.set()
@@ -277,7 +278,7 @@ class ClientSet:
         self._learn_endpoints(client)
         if client.server_id in self.clients:
             client.close("duplicate")
-            self._refresh_header_source()
+            self._prune_answers()
             self._wake.set()
             self._count_attempt(discovery_metrics.PATH_LB, discovery_metrics.RESULT_DUPLICATE)
             self._note_duplicate(client.server_id, count)
@@ -343,18 +344,20 @@ class ClientSet:
         listed = parse_server_endpoints(values)
         self._answers[client.server_id] = {address: sid for sid, address in listed.items()}
 
-    def _refresh_header_source(self) -> None:
-        """The header source: the latest lists of the servers held now (all the last ones
-        heard while none is held, so a reconnect can use them)."""
+    def _prune_answers(self) -> None:
+        """Keep the lists of the servers held now (all the last ones heard while none is
+        held, so a reconnect can use them)."""
         held = [sid for sid in self.clients if sid in self._answers]
         if held:
             self._answers = {sid: self._answers[sid] for sid in held}
+
+    def header_endpoints(self) -> dict[Address, str]:
+        """The header source: the union of the lists kept (``_prune_answers``)."""
         found: dict[Address, str] = {}
         for answer in self._answers.values():
             for address, server_id in answer.items():
                 found.setdefault(address, server_id)
-        self._header_endpoints = found
-        self.sources[Source.HEADER] = lambda: self._header_endpoints
+        return found
 
     def _refresh_due(self) -> bool:
         """Whether to dial the balancer once more although every known server is held: the
@@ -427,7 +430,7 @@ class ClientSet:
         self._learn_endpoints(client)
         if self._stop.is_set() or self.draining or client.server_id in self.clients:
             client.close("duplicate")
-            self._refresh_header_source()
+            self._prune_answers()
             self._count_attempt(discovery_metrics.PATH_DIRECT, discovery_metrics.RESULT_DUPLICATE)
             log.log(V(4), "direct endpoint %s: duplicate server: %s", address, client.server_id)
             self.book.connected(address, client.server_id, kept=False)
