@@ -89,7 +89,7 @@ class Worker:
         return ["ip", "netns", "exec", self.ns, *argv]
 
 
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=False)
     if check and done.returncode != 0:
         raise AssertionError(f"ip {' '.join(args)}: {done.stderr.strip()}")
@@ -97,7 +97,7 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 def _free_subnet() -> str:
-    routes = _ip("route", "show", "table", "all").stdout
+    routes = run_ip("route", "show", "table", "all").stdout
     start = os.getpid() % 200
     for i in range(200):
         third = 20 + (start + i) % 200
@@ -123,33 +123,33 @@ def worker_namespace(suffix: str = "", via: str = "") -> Iterator[Worker]:
     w = Worker(f"kf-worker-{tag}", f"{net}.0/24", f"{net}.1", f"{net}.2", f"{net}.10")
     root_if, worker_if = f"kfr{tag}", f"kfw{tag}"
     # The guard first, before any address of the subnet exists anywhere.
-    _ip("route", "add", "unreachable", w.subnet)
+    run_ip("route", "add", "unreachable", w.subnet)
     try:
-        _ip("netns", "add", w.ns)
+        run_ip("netns", "add", w.ns)
         try:
-            _ip("link", "add", root_if, "type", "veth", "peer", "name", worker_if, "netns", w.ns)
-            _ip("addr", "add", f"{w.root_ip}/32", "dev", root_if)
-            _ip("link", "set", root_if, "up")
-            _ip("route", "add", f"{w.worker_ip}/32", "dev", root_if, "src", w.root_ip)
-            _ip("-n", w.ns, "link", "set", "lo", "up")
-            _ip("-n", w.ns, "addr", "add", f"{w.worker_ip}/24", "dev", worker_if)
-            _ip("-n", w.ns, "link", "set", worker_if, "up")
-            _ip("-n", w.ns, "addr", "add", f"{w.kubelet_ip}/32", "dev", "lo")
+            run_ip("link", "add", root_if, "type", "veth", "peer", "name", worker_if, "netns", w.ns)
+            run_ip("addr", "add", f"{w.root_ip}/32", "dev", root_if)
+            run_ip("link", "set", root_if, "up")
+            run_ip("route", "add", f"{w.worker_ip}/32", "dev", root_if, "src", w.root_ip)
+            run_ip("-n", w.ns, "link", "set", "lo", "up")
+            run_ip("-n", w.ns, "addr", "add", f"{w.worker_ip}/24", "dev", worker_if)
+            run_ip("-n", w.ns, "link", "set", worker_if, "up")
+            run_ip("-n", w.ns, "addr", "add", f"{w.kubelet_ip}/32", "dev", "lo")
             check_kubelet_unroutable(w)
             if via:
-                _ip("-n", w.ns, "route", "add", f"{via}/32", "via", w.root_ip, "dev", worker_if)
+                run_ip("-n", w.ns, "route", "add", f"{via}/32", "via", w.root_ip, "dev", worker_if)
                 w = dataclasses.replace(w, root_ip=via)
             yield w
         finally:
-            _ip("netns", "del", w.ns, check=False)  # takes the veth pair with it
-            _ip("link", "del", root_if, check=False)
+            run_ip("netns", "del", w.ns, check=False)  # takes the veth pair with it
+            run_ip("link", "del", root_if, check=False)
     finally:
-        _ip("route", "del", "unreachable", w.subnet, check=False)
+        run_ip("route", "del", "unreachable", w.subnet, check=False)
 
 
 def check_kubelet_unroutable(w: Worker) -> None:
     """The root namespace has no route to the kubelet (asked of the kernel; nothing sent)."""
-    done = _ip("route", "get", w.kubelet_ip, check=False)
+    done = run_ip("route", "get", w.kubelet_ip, check=False)
     assert done.returncode != 0 or "unreachable" in done.stdout, done.stdout
     assert "unreachable" in (done.stdout + done.stderr).lower() or "No route" in done.stderr
 
