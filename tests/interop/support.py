@@ -224,6 +224,14 @@ class Topology:
     uds: str
 
 
+#: Node-to-control-plane tunneling on (issue 18): what the matrix's "ours+n2cp" cells add.
+#: No step dials the destination; the feature is on so that every step runs on streams
+#: that negotiated it (even forward connectIDs) or that an upstream peer declined.
+N2CP = f"{LOOPBACK}:6443"
+N2CP_SERVER_FLAGS = [f"--allowed-destination={N2CP}"]
+N2CP_AGENT_FLAGS = ["--feature-gates=NodeToMasterTraffic=true"]
+
+
 def start_topology(
     *,
     server: str,
@@ -237,10 +245,16 @@ def start_topology(
     agent_count: int = 2,
 ) -> Topology:
     """One proxy-server (``server`` = ours or upstream) in ``mode`` with its frontend on a
-    Unix socket or TCP+mTLS, and ``agent_count`` proxy-agents connected over mTLS."""
+    Unix socket or TCP+mTLS, and ``agent_count`` proxy-agents connected over mTLS.
+    ``ours+n2cp``: ours with node-to-control-plane tunneling on (N2CP_SERVER_FLAGS, or
+    each agent with N2CP_AGENT_FLAGS and a local port of its own)."""
+    server, _, server_feature = server.partition("+")
+    agent, _, agent_feature = agent.partition("+")
     ports = server_ports()
     uds = os.path.join(sock_dir, "konnectivity.sock")
     args = server_args(uds, certs, ports, mode=mode)
+    if server_feature == "n2cp":
+        args += N2CP_SERVER_FLAGS
     if transport == "mtls":
         (frontend_port,) = free_ports(1)
         args = [a for a in args if not a.startswith(("--uds-name=", "--server-port="))]
@@ -270,6 +284,8 @@ def start_topology(
             *agent_args(certs, ports.agent, aports),
             f"--agent-id={agent_id}",
         ]
+        if agent_feature == "n2cp":
+            command += [*N2CP_AGENT_FLAGS, f"--apiserver-port-mapping={free_ports(1)[0]}:{N2CP}"]
         proc = processes.start(agent_id, command)
         agents.append(Agent(agent_id, proc, aports.admin, aports.health))
     for a in agents:

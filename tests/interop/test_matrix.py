@@ -2,7 +2,10 @@
 {gRPC, HTTP-CONNECT} x {Unix socket, TCP+mTLS}, with goclient (konnectivity-client
 v0.36.0, or a plain HTTP CONNECT) as the frontend; plus goclient built on
 konnectivity-client v0.37.0's reusable tunnel (one gRPC connection, a stream per dial)
-against the gRPC frontend. Upstream's server with upstream's agents is the baseline of
+against the gRPC frontend; plus, on Unix sockets, our server and agents with
+node-to-control-plane tunneling on ("ours+n2cp") beside upstream's agent and server and
+with each other (negotiated: even forward connectIDs). Upstream's server with upstream's
+agents is the baseline of
 each row: when it fails too, the harness is at fault, not our programs.
 
 One cell is one test: one server, two agents (agent-a, agent-b), then these steps in
@@ -95,8 +98,8 @@ HELD = 20  # tunnels held open at once by the one-connection check
 
 @dataclass(frozen=True)
 class Case:
-    server: str  # "ours" or "upstream"
-    agent: str  # "ours" or "upstream"
+    server: str  # "ours", "upstream" or "ours+n2cp" (support.start_topology)
+    agent: str  # "ours", "upstream" or "ours+n2cp"
     mode: str  # "grpc" or "http-connect"
     transport: str  # "uds" or "mtls"
     client: str = "single"  # "single" (v0.36.0) or "reusable" (v0.37.0 reusable tunnel)
@@ -107,16 +110,29 @@ class Case:
 
 
 PAIRS = [("upstream", "upstream"), ("ours", "ours"), ("ours", "upstream"), ("upstream", "ours")]
-CASES = [
-    Case(server, agent, mode, transport)
-    for mode in ("grpc", "http-connect")
-    for transport in ("uds", "mtls")
-    for server, agent in PAIRS
-] + [
-    Case(server, agent, "grpc", transport, "reusable")
-    for transport in ("uds", "mtls")
-    for server, agent in (("upstream", "upstream"), ("ours", "ours"), ("ours", "upstream"))
-]
+CASES = (
+    [
+        Case(server, agent, mode, transport)
+        for mode in ("grpc", "http-connect")
+        for transport in ("uds", "mtls")
+        for server, agent in PAIRS
+    ]
+    + [
+        # Node-to-control-plane tunneling on, beside upstream and negotiated between ours.
+        Case(server, agent, mode, "uds")
+        for mode in ("grpc", "http-connect")
+        for server, agent in (
+            ("ours+n2cp", "upstream"),
+            ("upstream", "ours+n2cp"),
+            ("ours+n2cp", "ours+n2cp"),
+        )
+    ]
+    + [
+        Case(server, agent, "grpc", transport, "reusable")
+        for transport in ("uds", "mtls")
+        for server, agent in (("upstream", "upstream"), ("ours", "ours"), ("ours", "upstream"))
+    ]
+)
 
 
 @dataclass(frozen=True)
