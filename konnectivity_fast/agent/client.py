@@ -462,7 +462,7 @@ class AgentClient:
         except CodecError as exc:
             self._recv_failed(StatusCode.INTERNAL, unmarshal_error(exc))
             return
-        if ptype == _FLOW_CREDIT and self.flow:
+        if ptype == _FLOW_CREDIT and (self.flow or self.reverse is not None):
             self._on_flow_credit(message, connect_id)
             return
         metrics.observe_packet(metrics.SEGMENT_TO_AGENT, ptype)
@@ -558,6 +558,10 @@ class AgentClient:
     def _on_flow_credit(self, message: bytes, connect_id: int) -> None:
         credit = self._decode(message, FlowCredit)
         if not isinstance(credit, FlowCredit):
+            return
+        if self.reverse is not None and connect_id & 1:
+            # Reverse connections always have credit; forward ones with flow.v1 only.
+            self.reverse.on_credit(connect_id, credit.bytes)
             return
         endpoint = self.endpoints.get(connect_id)
         if endpoint is not None:  # else: closed meanwhile, the credit is moot

@@ -9,8 +9,11 @@ the one with the fewest open reverse connections, ties random:
 1. ``DIAL_REQ{protocol:"tcp", address:<the mapping's host:port>, random:R}``, R non-zero
    and unique among the stream's pending dials;
 2. ``DIAL_RSP{random:R, connectID:X}`` (X odd, the server's numbering): the socket becomes
-   an ``Endpoint`` with X, and DATA flows both ways with forward tunnels' buffering and
-   turn-taking (``endpoint``, ``sender``); ``DIAL_RSP{random:R, error}``: a denial (the
+   an ``Endpoint`` with X, and DATA flows both ways with forward tunnels' turn-taking
+   (``endpoint``, ``sender``) and ``flow.v1``'s per-connection credit, which every reverse
+   connection has whatever the stream negotiated for its forward tunnels (both ends of a
+   node-to-cp.v1 stream are ours): a client that stops reading holds its own window,
+   never the stream; ``DIAL_RSP{random:R, error}``: a denial (the
    allow-list or the server's cap) resets the client; a dial failure is tried once more
    on another capable server, then the client is reset;
 3. the local client closes: ``CLOSE_REQ{X}`` after its last DATA; the server closes
@@ -55,6 +58,7 @@ from konnectivity_fast.wire.packets import (
     CloseResponse,
     DialRequest,
     DialResponse,
+    FlowCredit,
     Packet,
     PacketType,
 )
@@ -166,7 +170,15 @@ class ReverseStream:
         return self.client.endpoint_data(endpoint, data)
 
     def endpoint_credit(self, endpoint: Endpoint, nbytes: int) -> None:
-        pass  # flow.v1 is not used on reverse connections
+        self.client.send_packet(
+            Packet(PacketType.FLOW_CREDIT, FlowCredit(endpoint.connect_id, nbytes))
+        )
+
+    def on_credit(self, connect_id: int, nbytes: int) -> None:
+        """FLOW_CREDIT for a reverse connection: its client may send ``nbytes`` more."""
+        endpoint = self.endpoints.get(connect_id)
+        if endpoint is not None:  # else closed meanwhile: the credit is moot
+            endpoint.add_credit(nbytes)
 
     def update_inbound(self) -> None:
         self.client.update_inbound()
@@ -331,6 +343,7 @@ class ReverseStream:
             return _FAILED, f"bad connectID {cid}"
         loop = asyncio.get_running_loop()
         endpoint = Endpoint(client.pool, self, cid, mapping.address, loop.time())
+        endpoint.enable_flow()  # credit both ways from the DIAL_RSP, as the server counts
         try:
             await loop.connect_accepted_socket(lambda: endpoint, sock)
         except BaseException:

@@ -316,19 +316,23 @@ class _AgentStream:
         except CodecError as exc:
             server._backend_failed(backend, StatusCode.INTERNAL, unmarshal_error(exc))
             return
-        if ptype == _FLOW_CREDIT and call in server.flow.agents:
-            server._flow_credit(backend, message, connect_id)
-            return
+        reverse = self.reverse
+        if ptype == _FLOW_CREDIT:
+            # Reverse connections (odd IDs) always have credit; forward ones with flow.v1.
+            if reverse is not None and connect_id & 1:
+                self._to_reverse(reverse, ptype, connect_id, message)
+                return
+            if call in server.flow.agents:
+                server._flow_credit(backend, message, connect_id)
+                return
         metrics.observe_packet(metrics.SEGMENT_FROM_AGENT, ptype)
         server.budget.received(call)
-        reverse = self.reverse
-        if reverse is not None and (connect_id & 1 or ptype in _REVERSE_CONTROL):
-            try:
-                if receive_reverse(reverse, ptype, connect_id, message):
-                    return
-            except CodecError as exc:
-                server._backend_failed(backend, StatusCode.INTERNAL, unmarshal_error(exc))
-                return
+        if (
+            reverse is not None
+            and (connect_id & 1 or ptype in _REVERSE_CONTROL)
+            and self._to_reverse(reverse, ptype, connect_id, message)
+        ):
+            return
         if ptype == _DATA:
             frontend = server.router.route_agent_data(backend, connect_id)
             if frontend is not None:
@@ -342,6 +346,16 @@ class _AgentStream:
         server._apply(
             server.router.receive_from_agent(backend, packet, server.loop.time(), message)
         )
+
+    def _to_reverse(
+        self, reverse: ReverseTunnels, ptype: int, connect_id: int, message: bytes
+    ) -> bool:
+        """``server.reverse.receive``; a message that does not decode fails the stream."""
+        try:
+            return receive_reverse(reverse, ptype, connect_id, message)
+        except CodecError as exc:
+            self.server._backend_failed(self.backend, StatusCode.INTERNAL, unmarshal_error(exc))
+            return True
 
     def on_end(self, call: GrpcCall) -> None:
         # Receive EOF: the handler returns OK, then the stream's cleanup (upstream's
@@ -578,7 +592,8 @@ class ProxyServer:
             self.flow.agents.add(call)
         reverse = None
         if Extension.NODE_TO_CP in accepted and self.node_to_cp is not None:
-            reverse = self.reverse[backend] = ReverseTunnels(call, agent_id, self.node_to_cp)
+            reverse = ReverseTunnels(call, agent_id, self.node_to_cp, self.flow)
+            self.reverse[backend] = reverse
         self._update_backend_gauges()
         return _AgentStream(self, backend, reverse)
 

@@ -19,11 +19,15 @@ stream's DIAL_REQ and DIAL_CLS, and the DATA and CLOSE_REQ of odd connectIDs. Pe
 - the destination closing: ``CLOSE_RSP{X}`` unsolicited, after all its DATA;
 - this server shutting down (``drain``): ``DRAIN``, so the agent dials through others.
 
-Buffering (docs/data-path.md, "Agent-initiated connections"): destination -> agent, a
-destination is not read while the agent stream's queue is above
-``REVERSE_SEND_HIGH_WATER``; agent -> destination, what the destination has not taken is
-bounded by ``REVERSE_WRITE_BUDGET`` per connection, and a connection beyond it is closed
-with an error (only it pays; the agent stream is never paused for it).
+Flow control: every reverse connection has ``flow.v1``'s per-connection credit both ways
+(docs/flow-control.md), whether or not the stream negotiated ``flow.v1`` for its forward
+tunnels: both ends of a node-to-cp.v1 stream are ours, so the credit is part of the
+extension. Destination -> agent, a destination is read while its credit lasts and the
+agent stream's queue is under ``REVERSE_SEND_HIGH_WATER``; agent -> destination, the agent
+sends within the window this server grants as the destination takes the bytes
+(``server.flow.FlowControl``). So a local client that stops reading holds its own window
+and never the agent's stream, nor does a destination that stops reading; an agent that
+sends far past its credit (``tunnel.flow.OVERSHOOT_LIMIT``) loses that connection only.
 
 Invariants:
 - Tables are this stream's only: its loss (``close``) aborts its connections and cancels
@@ -40,10 +44,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
 from konnectivity_fast.metrics import node_to_cp as metrics
+from konnectivity_fast.server.flow import FlowControl, FlowTunnel
 from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER, GrpcCall, GrpcError
 from konnectivity_fast.transport.dial import close_after_flush, dial
 from konnectivity_fast.transport.dialerr import DialError
@@ -61,6 +67,7 @@ from konnectivity_fast.wire.packets import (
     DialRequest,
     DialResponse,
     Drain,
+    FlowCredit,
     Packet,
     PacketType,
 )
@@ -69,7 +76,6 @@ __all__ = [
     "AGENT_INITIATED_DIAL_TIMEOUT",
     "MAX_AGENT_INITIATED_CONNECTIONS",
     "REVERSE_SEND_HIGH_WATER",
-    "REVERSE_WRITE_BUDGET",
     "NodeToCpConfig",
     "ReverseTunnels",
     "receive",
@@ -88,12 +94,7 @@ MAX_AGENT_INITIATED_CONNECTIONS = 1000
 #: transport's own per-call high-water mark): what a slow agent makes us hold is this, per
 #: stream, plus one read per destination.
 REVERSE_SEND_HIGH_WATER = CALL_SEND_HIGH_WATER
-#: Agent -> destination bytes one destination may leave unread before its connection is
-#: closed: four times the forward direction's per-backend budget is far beyond what an API
-#: request body needs, and with the cap above bounds one agent's share of our memory.
-REVERSE_WRITE_BUDGET = 16 << 20
-
-ERR_TOO_SLOW = f"destination too slow: more than {REVERSE_WRITE_BUDGET} bytes unread"
+ERR_PAST_CREDIT = "agent sent past its credit"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,11 +112,21 @@ def _not_allowed(address: str) -> str:
 
 
 class _Destination(asyncio.Protocol):
-    """One destination socket of one agent-initiated connection. One read is one DATA
-    packet (the loop's read size, at most 256 KiB: far inside the 4 MiB gRPC message
-    limit)."""
+    """One destination socket of one agent-initiated connection, and its credit's
+    ``server.flow.FlowSource``. One read is one DATA packet (the loop's read size, at most
+    256 KiB: far inside the 4 MiB gRPC message limit)."""
 
-    __slots__ = ("closed", "connect_id", "early", "owner", "paused", "transport")
+    __slots__ = (
+        "closed",
+        "connect_id",
+        "credit_paused",
+        "early",
+        "emptied",
+        "flow",
+        "owner",
+        "paused",
+        "transport",
+    )
 
     def __init__(self, owner: ReverseTunnels) -> None:
         self.owner = owner
@@ -123,11 +134,17 @@ class _Destination(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.early: list[bytes] | None = []  # read before the DIAL_RSP went out
         self.closed = False  # closed by us or the agent: nothing more on the wire
-        self.paused = False
+        self.paused = False  # the agent stream's queue is full
+        self.credit_paused = False  # the agent granted no more for this connection
+        self.flow: FlowTunnel | None = None  # set once answered
+        self.emptied: Callable[[], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = t = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         t.pause_reading()  # nothing is read before the DIAL_RSP is sent
+        # pause_writing/resume_writing then say "holds bytes" / "took everything": the
+        # moment to grant credit again (``when_emptied``).
+        t.set_write_buffer_limits(0, 0)
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -143,32 +160,66 @@ class _Destination(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.owner.destination_lost(self)
 
-    def established(self, connect_id: int) -> None:
+    def established(self, connect_id: int, flow: FlowTunnel) -> None:
         self.connect_id = connect_id
+        self.flow = flow
         early, self.early = self.early, None
         for data in early or ():
             self.owner.send_data(self, data)
-        if self.transport is not None and not self.paused:
-            self.transport.resume_reading()
+        self._update_reading()
 
-    def write(self, payload: bytes | memoryview) -> bool:
-        """Agent -> destination; False when it is beyond its budget (closed)."""
+    def write(self, payload: bytes | memoryview) -> None:
+        """Agent -> destination: what it has not taken is bounded by the credit window."""
         t = self.transport
-        if t is None or self.closed or t.is_closing():
-            return True
-        t.write(payload)
-        return t.get_write_buffer_size() <= REVERSE_WRITE_BUDGET
+        if t is not None and not self.closed and not t.is_closing():
+            t.write(payload)
 
     def pause(self) -> None:
-        if not self.paused and self.transport is not None:
+        if not self.paused:
             self.paused = True
-            self.transport.pause_reading()
+            self._update_reading()
 
     def resume(self) -> None:
-        if self.paused and self.transport is not None:
+        if self.paused:
             self.paused = False
-            if not self.closed and self.early is None:
-                self.transport.resume_reading()
+            self._update_reading()
+
+    def _update_reading(self) -> None:
+        t = self.transport
+        if t is None or self.closed or self.early is not None:
+            return
+        if self.paused or self.credit_paused:
+            t.pause_reading()
+        else:
+            t.resume_reading()
+
+    # -- server.flow.FlowSource --
+
+    def flow_backlog(self) -> int:
+        t = self.transport
+        return 0 if t is None or self.closed else t.get_write_buffer_size()
+
+    def when_emptied(self, callback: Callable[[], None]) -> None:
+        self.emptied = callback
+
+    def pause_writing(self) -> None:
+        pass  # see connection_made
+
+    def resume_writing(self) -> None:
+        callback, self.emptied = self.emptied, None
+        if callback is not None:
+            callback()
+
+    def pause_for_credit(self) -> None:
+        self.credit_paused = True
+        self._update_reading()
+
+    def resume_for_credit(self) -> None:
+        self.credit_paused = False
+        self._update_reading()
+
+    def flow_breached(self) -> None:
+        self.owner.breached(self)
 
     def close(self) -> None:
         """Flush what is queued, boundedly, then close."""
@@ -195,10 +246,13 @@ class ReverseTunnels:
     """One agent stream's agent-initiated connections (module docstring). ``call``: the
     agent stream; ``agent``: its agent ID, for logs."""
 
-    def __init__(self, call: GrpcCall, agent: str, config: NodeToCpConfig) -> None:
+    def __init__(
+        self, call: GrpcCall, agent: str, config: NodeToCpConfig, flow: FlowControl
+    ) -> None:
         self.call = call
         self.agent = agent
         self.config = config
+        self.flow = flow  # the server's: its growth budget is shared with forward tunnels
         self.pending: dict[int, _PendingDial] = {}
         self.connections: dict[int, _Destination] = {}
         self._next_id = 1
@@ -254,13 +308,25 @@ class ReverseTunnels:
             )
             return
         metrics.AGENT_BYTES.labels(metrics.TO_DESTINATION).add(len(payload))
-        if not dest.write(payload):
-            log.log(V(2), "agent %s: connection %d: %s", self.agent, connect_id, ERR_TOO_SLOW)
-            self._forget(dest)
-            dest.abort()
-            self._send(
-                PacketType.CLOSE_RSP, CloseResponse(error=ERR_TOO_SLOW, connect_id=connect_id)
-            )
+        dest.write(payload)
+        if dest.flow is not None:
+            self.flow.received(dest.flow, len(payload))
+
+    def credit(self, connect_id: int, nbytes: int) -> None:
+        """FLOW_CREDIT: the agent's client took ``nbytes`` more of this connection."""
+        dest = self.connections.get(connect_id)
+        if dest is not None and dest.flow is not None:  # else closed: the credit is moot
+            self.flow.credit(dest.flow, nbytes)
+
+    def breached(self, dest: _Destination) -> None:
+        """The agent sent far past its credit (``server.flow``): only this connection pays."""
+        if dest.connect_id not in self.connections:
+            return
+        log.log(V(2), "agent %s: connection %d: %s", self.agent, dest.connect_id, ERR_PAST_CREDIT)
+        self._forget(dest)
+        dest.abort()
+        error = CloseResponse(error=ERR_PAST_CREDIT, connect_id=dest.connect_id)
+        self._send(PacketType.CLOSE_RSP, error)
 
     def close_request(self, connect_id: int) -> None:
         dest = self.connections.get(connect_id)
@@ -328,7 +394,7 @@ class ReverseTunnels:
         metrics.AGENT_CONNECTIONS.inc()
         log.log(V(3), "agent %s: connection %d to %s open", self.agent, connect_id, address)
         self._send(PacketType.DIAL_RSP, DialResponse(connect_id=connect_id, random=random))
-        dest.established(connect_id)
+        dest.established(connect_id, self.flow.tunnel(self.call, connect_id, dest))
 
     # --- from the destinations ------------------------------------------------------------
 
@@ -340,6 +406,8 @@ class ReverseTunnels:
             self.call.send_data_packet(dest.connect_id, data)
         except GrpcError:
             return  # the stream is gone: its end closes everything
+        if dest.flow is not None:
+            self.flow.sent(dest.flow, len(data))
         if self.call.outbound_pending() >= REVERSE_SEND_HIGH_WATER:
             dest.pause()
             if not self._paused:
@@ -367,6 +435,9 @@ class ReverseTunnels:
     def _forget(self, dest: _Destination) -> None:
         if self.connections.pop(dest.connect_id, None) is not None:
             metrics.AGENT_CONNECTIONS.dec()
+        if dest.flow is not None:
+            self.flow.close(dest.flow)
+            dest.flow = None
 
     def _send(self, ptype: PacketType, payload: DialResponse | CloseResponse | Drain) -> None:
         if self._closed:
@@ -381,13 +452,20 @@ _DATA = int(PacketType.DATA)
 _CLOSE_REQ = int(PacketType.CLOSE_REQ)
 _DIAL_REQ = int(PacketType.DIAL_REQ)
 _DIAL_CLS = int(PacketType.DIAL_CLS)
+_FLOW_CREDIT = int(PacketType.FLOW_CREDIT)
 
 
 def receive(reverse: ReverseTunnels, ptype: int, connect_id: int, message: bytes) -> bool:
     """Give ``reverse`` a packet of its agent stream if it is node-to-cp.v1's: DIAL_REQ,
-    DIAL_CLS, and DATA or CLOSE_REQ of an odd connectID. False: not ours, the router's.
+    DIAL_CLS, and DATA, CLOSE_REQ or FLOW_CREDIT of an odd connectID. False: not ours, the
+    router's.
     Raises ``CodecError`` for a message that does not decode."""
     if connect_id & 1:
+        if ptype == _FLOW_CREDIT:
+            packet = decode_packet(message)
+            if isinstance(packet.payload, FlowCredit):
+                reverse.credit(connect_id, packet.payload.bytes)
+            return True
         if ptype == _DATA:
             peeked = peek_data(message)
             if peeked is not None:

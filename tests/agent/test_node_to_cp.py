@@ -1,7 +1,9 @@
 """Node-to-control-plane tunneling, the agent's half (agent/reverse.py), against scripted
 servers (``fake_server``: real gRPC over TLS on loopback) that answer as our server's half
 does: ``kf-capabilities: node-to-cp.v1``, odd connectIDs, DATA, CLOSE_RSP, denial texts,
-or silence. Real local clients connect to the agent's real listeners."""
+or silence, and keep the reverse connections' credit as our server does (``recv``: DATA
+from the agent is granted back at once, FLOW_CREDIT from the agent is counted in
+``GRANTED``). Real local clients connect to the agent's real listeners."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from konnectivity_fast.agent.portmap import PortMapping
 from konnectivity_fast.agent.reverse import ListenError, LocalListeners, NodeToCpConfig
 from konnectivity_fast.metrics import reverse as rmetrics
 from konnectivity_fast.transport.call import GrpcCall
+from konnectivity_fast.tunnel.flow import INITIAL_WINDOW
 from konnectivity_fast.wire.contract import Extension
 from konnectivity_fast.wire.packets import (
     CloseDial,
@@ -29,13 +32,15 @@ from konnectivity_fast.wire.packets import (
     Data,
     DialRequest,
     DialResponse,
+    FlowCredit,
     Packet,
     PacketType,
 )
 from tests.support.net import free_ports
 
 from .conftest import Certs, RunFn
-from .fake_server import FakeServer, fake_server, recv, send
+from .fake_server import FakeServer, fake_server, send
+from .fake_server import recv as recv_packet
 from .support import LOOPBACK, EchoServer, agent_config
 
 pytestmark = pytest.mark.timeout(90)
@@ -46,6 +51,26 @@ DEST = "10.96.0.1:6443"
 # Fast enough to show "at once", slack enough for a loaded 2-core machine.
 QUICK = 1.0
 QUIET = 0.3
+
+
+#: FLOW_CREDIT the agent granted, per (server stream, connectID): what its local clients took.
+GRANTED: dict[tuple[int, int], int] = {}
+
+
+async def recv(call: GrpcCall, timeout: float = 10.0) -> Packet:
+    """The next packet from the agent other than FLOW_CREDIT (counted in ``GRANTED``);
+    reverse DATA is granted back at once, as a destination that reads everything."""
+    while True:
+        packet = await recv_packet(call, timeout)
+        payload = packet.payload
+        if isinstance(payload, FlowCredit):
+            key = (id(call), payload.connect_id)
+            GRANTED[key] = GRANTED.get(key, 0) + payload.bytes
+            continue
+        if isinstance(payload, Data) and payload.connect_id & 1:
+            grant = FlowCredit(payload.connect_id, len(payload.data))
+            send(call, Packet(PacketType.FLOW_CREDIT, grant))
+        return packet
 
 
 def headers(sid: str, capable: bool = True) -> list[tuple[str, str]]:
@@ -230,6 +255,8 @@ def test_reverse_connection_byte_exact_both_ways(run: RunFn, certs: Certs) -> No
             assert bytes(got) == b"first bytes" + up
             assert await received == down
             await sender
+            # The client took everything: all but the last part of a window was granted.
+            await until_granted(call, 5, len(down) - INITIAL_WINDOW)
             assert r.clients[0].reverse is not None
             assert set(r.clients[0].reverse.endpoints) == {5}
             writer.close()
@@ -247,6 +274,47 @@ async def _write_all(writer: asyncio.StreamWriter, payload: bytes) -> None:
     for offset in range(0, len(payload), 1 << 16):
         writer.write(payload[offset : offset + (1 << 16)])
         await writer.drain()
+
+
+async def until_granted(call: GrpcCall, cid: int, at_least: int) -> None:
+    for _ in range(100):
+        if GRANTED.get((id(call), cid), 0) >= at_least:
+            return
+        with contextlib.suppress(TimeoutError):
+            await recv(call, 0.05)
+    raise AssertionError(f"granted {GRANTED.get((id(call), cid), 0)} of {at_least}")
+
+
+def test_local_client_that_reads_nothing_holds_only_its_window(run: RunFn, certs: Certs) -> None:
+    """A local client that reads nothing while the server sends it more than an endpoint
+    budget: the agent grants only what the client's socket took, and its stream is never
+    paused for it, so another reverse connection of the stream still gets its bytes."""
+    # Past ENDPOINT_WRITE_BUDGET by far, inside the window plus the overshoot limit.
+    flood = os.urandom(8 << 20)
+
+    async def main() -> None:
+        async with rig(certs) as r:
+            call, client = r.calls[0], r.clients[0]
+            # A small receive buffer: the kernel cannot hide the flood from the agent.
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((LOOPBACK, r.port))
+            _, stalled = await asyncio.open_connection(sock=sock)
+            send(call, rsp(dial_req(await recv(call)).random, cid=1))
+            for offset in range(0, len(flood), 64 << 10):
+                send(call, data(1, flood[offset : offset + (64 << 10)]))
+            reader, writer = await r.local()
+            send(call, rsp(dial_req(await recv(call)).random, cid=3))
+            send(call, data(3, b"still flowing"))
+            got = await asyncio.wait_for(reader.readexactly(len(b"still flowing")), 10)
+            assert got == b"still flowing"
+            assert not client.inbound_paused
+            granted = GRANTED.get((id(call), 1), 0)
+            assert granted < len(flood) - INITIAL_WINDOW, granted
+            writer.close()
+            stalled.close()
+
+    run(main())
 
 
 def test_many_concurrent_reverse_connections(run: RunFn, certs: Certs) -> None:

@@ -7,7 +7,9 @@ close from either side; a denied destination is answered at once and never conne
 a destination that does not answer times out; DIAL_CLS while pending; the per-agent cap;
 one agent stream's loss closes its own connections only; a stream that did not negotiate
 gets upstream's behaviour (DIAL_REQ ignored); a destination that does not read slows
-neither the other connections of its stream nor is allowed unbounded memory; a flooding
+neither the other connections of its stream nor holds more than its credit window, and an
+agent far past its credit loses that connection only; a local client that reads nothing
+holds its destination at the window while the stream flows on; a flooding
 destination shares the stream with forward tunnels and other connections; host-name
 entries are resolved when dialling; shutdown DRAINs negotiated streams only; random packet
 sequences never break the stream; the metrics count what happened.
@@ -30,10 +32,11 @@ import pytest
 from konnectivity_fast.metrics import node_to_cp as node_to_cp_metrics
 from konnectivity_fast.metrics.registry import Registry
 from konnectivity_fast.server import CONNECT_PATH, ProxyServer
-from konnectivity_fast.server.reverse import REVERSE_WRITE_BUDGET, NodeToCpConfig
+from konnectivity_fast.server.reverse import ERR_PAST_CREDIT, NodeToCpConfig
 from konnectivity_fast.transport import grpc as kgrpc
 from konnectivity_fast.transport import tls
 from konnectivity_fast.tunnel.allowlist import parse_allowed_destinations
+from konnectivity_fast.tunnel.flow import INITIAL_WINDOW, OVERSHOOT_LIMIT
 from konnectivity_fast.wire.codec import decode_packet, encode_packet
 from konnectivity_fast.wire.contract import MD_CAPABILITIES, PROXY_PATH, Extension
 from konnectivity_fast.wire.packets import (
@@ -43,6 +46,7 @@ from konnectivity_fast.wire.packets import (
     Data,
     DialRequest,
     DialResponse,
+    FlowCredit,
     Packet,
     PacketType,
 )
@@ -97,11 +101,16 @@ class Echo:
 
 
 class HandAgent:
-    """One agent stream driven by hand: packets out, packets in by kind."""
+    """One agent stream driven by hand: packets out, packets in by kind. It keeps the
+    reverse connections' credit as our agent does (docs/flow-control.md): ``send_bytes``
+    waits for credit, and DATA received is granted back at once unless ``granting`` is
+    off (a local client that reads nothing)."""
 
     def __init__(self, proto: kgrpc.GrpcProtocol, call: kgrpc.GrpcCall) -> None:
         self.proto = proto
         self.call = call
+        self.credit: dict[int, int] = {}  # what we may still send, per connection
+        self.granting = True
         self.dial_rsp: dict[int, asyncio.Future[DialResponse]] = defaultdict(
             asyncio.get_running_loop().create_future
         )
@@ -120,6 +129,11 @@ class HandAgent:
             future: asyncio.Future[DialResponse] | asyncio.Future[CloseResponse] | None = None
             if isinstance(payload, DialResponse):
                 future = self.dial_rsp[payload.random]
+                if payload.connect_id and not payload.error:
+                    self.credit[payload.connect_id] = INITIAL_WINDOW
+            elif isinstance(payload, FlowCredit):
+                self.credit[payload.connect_id] = self.credit.get(payload.connect_id, 0)
+                self.credit[payload.connect_id] += payload.bytes
             elif isinstance(payload, CloseResponse):
                 future = self.close_rsp[payload.connect_id]
             if future is not None and not future.done():
@@ -128,6 +142,9 @@ class HandAgent:
                 self.others.append(packet)  # one is expected: keep the rest for the test
             elif isinstance(payload, Data):
                 self.data[payload.connect_id] += payload.data
+                if self.granting and payload.connect_id & 1:
+                    grant = FlowCredit(payload.connect_id, len(payload.data))
+                    self.send(PacketType.FLOW_CREDIT, grant)
             else:
                 self.others.append(packet)
             self.changed.set()
@@ -139,10 +156,27 @@ class HandAgent:
         self.send(PacketType.DIAL_REQ, DialRequest(protocol="tcp", address=address, random=random_))
         return await asyncio.wait_for(self.dial_rsp[random_], WAIT)
 
-    async def send_bytes(self, connect_id: int, data: bytes) -> None:
-        for i in range(0, len(data), CHUNK):
-            self.send(PacketType.DATA, Data(connect_id=connect_id, data=data[i : i + CHUNK]))
+    async def send_bytes(self, connect_id: int, data: bytes, *, wait: bool = True) -> int:
+        """Send ``data`` within the connection's credit, waiting for more (bounded) or,
+        without ``wait``, stopping when it is spent; the bytes sent."""
+        sent = 0
+        deadline = time.monotonic() + WAIT
+        while sent < len(data):
+            if self.credit.get(connect_id, 0) <= 0:
+                if not wait:
+                    break
+                self.changed.clear()
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"no credit for connection {connect_id} after {sent}"
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.changed.wait(), remaining)
+                continue
+            chunk = data[sent : sent + CHUNK]
+            self.send(PacketType.DATA, Data(connect_id=connect_id, data=chunk))
+            self.credit[connect_id] -= len(chunk)
+            sent += len(chunk)
             await self.call.drain()
+        return sent
 
     async def received(self, connect_id: int, size: int) -> bytes:
         deadline = time.monotonic() + WAIT
@@ -458,7 +492,42 @@ def test_unknown_odd_connection_is_answered_not_raised(
     run(main())
 
 
-def test_destination_that_does_not_read_holds_only_itself(
+def test_destination_that_does_not_read_holds_only_its_window(
+    run: RunFn, sock_dir: str, certs: Certs
+) -> None:
+    """A destination that reads nothing: the agent's credit for it stops at the window
+    (plus what the destination's socket took before it filled), the connection stays
+    open, and the stream's other connections keep flowing."""
+
+    async def main() -> None:
+        stalled = await Echo(hold=True).start()
+        echo = await Echo().start()
+        async with our_server(sock_dir, certs, [stalled.address, echo.address]) as (_, port):
+            agent = await hand_agent(certs, port)
+            try:
+                assert (await agent.dial(stalled.address, 1)).connect_id == 1
+                assert (await agent.dial(echo.address, 2)).connect_id == 3
+                flood = os.urandom(32 << 20)
+                sent = await agent.send_bytes(1, flood, wait=False)
+                for _ in range(50):  # grants for what the kernel took, until none come
+                    await asyncio.sleep(0.05)
+                    sent += await agent.send_bytes(1, flood[sent:], wait=False)
+                # The window, what the loopback socket pair buffers, and one grant more.
+                assert INITIAL_WINDOW <= sent < 16 << 20, sent
+                started = time.monotonic()
+                await agent.send_bytes(3, b"hello")
+                assert await agent.received(3, 5) == b"hello"
+                assert time.monotonic() - started < 1.0
+                assert not agent.close_rsp[1].done()  # never closed for being slow
+            finally:
+                await agent.close()
+                await stalled.close()
+                await echo.close()
+
+    run(main())
+
+
+def test_agent_far_past_its_credit_loses_that_connection_only(
     run: RunFn, sock_dir: str, certs: Certs
 ) -> None:
     async def main() -> None:
@@ -469,23 +538,66 @@ def test_destination_that_does_not_read_holds_only_itself(
             try:
                 assert (await agent.dial(stalled.address, 1)).connect_id == 1
                 assert (await agent.dial(echo.address, 2)).connect_id == 3
-                # Fill the stalled destination past its budget; the stream keeps flowing.
                 flood = os.urandom(CHUNK)
-                for _ in range((REVERSE_WRITE_BUDGET * 2) // CHUNK):
+                for _ in range((INITIAL_WINDOW + 2 * OVERSHOOT_LIMIT) // CHUNK):
                     agent.send(PacketType.DATA, Data(connect_id=1, data=flood))
                     await agent.call.drain()
                     if agent.close_rsp[1].done():
                         break
-                started = time.monotonic()
+                rsp = await asyncio.wait_for(agent.close_rsp[1], WAIT)
+                assert rsp.error == ERR_PAST_CREDIT
                 await agent.send_bytes(3, b"hello")
                 assert await agent.received(3, 5) == b"hello"
-                assert time.monotonic() - started < 1.0
-                rsp = await asyncio.wait_for(agent.close_rsp[1], WAIT)
-                assert "destination too slow" in rsp.error
             finally:
                 await agent.close()
                 await stalled.close()
                 await echo.close()
+
+    run(main())
+
+
+def test_local_client_that_reads_nothing_holds_only_its_window(
+    run: RunFn, sock_dir: str, certs: Certs
+) -> None:
+    """The other direction: the agent grants nothing for a connection (its local client
+    reads nothing); the server stops reading that destination at the credit, and another
+    connection of the stream keeps its round trips."""
+
+    async def main() -> None:
+        flood = os.urandom(32 << 20)
+        taken: list[int] = []
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            for offset in range(0, len(flood), CHUNK):
+                writer.write(flood[offset : offset + CHUNK])
+                await writer.drain()
+                taken.append(CHUNK)
+            await reader.read()
+            writer.close()
+
+        server = await asyncio.start_server(serve, LOOPBACK, 0)
+        busy = f"{LOOPBACK}:{server.sockets[0].getsockname()[1]}"
+        echo = await Echo().start()
+        async with our_server(sock_dir, certs, [busy, echo.address]) as (_, port):
+            agent = await hand_agent(certs, port)
+            try:
+                agent.granting = False
+                assert (await agent.dial(busy, 1)).connect_id == 1
+                await asyncio.sleep(0.5)
+                got = len(agent.data[1])
+                # The window, plus one read past the credit.
+                assert INITIAL_WINDOW <= got < INITIAL_WINDOW + (256 << 10), got
+                agent.granting = True
+                assert (await agent.dial(echo.address, 2)).connect_id == 3
+                for i in range(10):
+                    await agent.send_bytes(3, b"%04d" % i)
+                    await agent.received(3, 4 * (i + 1))
+                assert len(agent.data[1]) == got  # still nothing granted for it
+                assert sum(taken) < len(flood)  # and the destination is held back
+            finally:
+                await agent.close()
+                await echo.close()
+                server.close()
 
     run(main())
 
@@ -699,7 +811,7 @@ def test_forward_tunnel_shares_the_stream_with_busy_reverse_connections(
 
                 assert (await agent.dial(busy, 1)).connect_id == 1
                 assert (await agent.dial(stalled.address, 2)).connect_id == 3
-                await agent.send_bytes(3, os.urandom(4 << 20))  # taken by nobody
+                await agent.send_bytes(3, os.urandom(4 << 20), wait=False)  # taken by nobody
                 worst = 0.0
                 for i in range(20):
                     started = time.monotonic()
