@@ -132,6 +132,27 @@ class Program:
         parts = head.split(b" ")
         return (int(parts[1]), body) if len(parts) > 1 and parts[1].isdigit() else (0, b"")
 
+    async def metric(self, name: str, labels: str = "") -> float | None:
+        """One sample of the program's ``/metrics`` (health port), ``name{labels}`` as
+        exposed (``labels='result="ok"'``); None if absent or not answered."""
+        status, body = await self.get("/metrics")
+        key = f"{name}{{{labels}}} " if labels else f"{name} "
+        for line in body.decode(errors="replace").splitlines() if status == 200 else ():
+            if line.startswith(key):
+                return float(line[len(key) :])
+        return None
+
+    async def wait_metric(
+        self, name: str, value: float, labels: str = "", timeout: float = START_TIMEOUT
+    ) -> None:
+        """Wait until ``name{labels}`` equals ``value``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (got := await self.metric(name, labels)) != value:
+            assert self.alive(), f"{self.name} exited:\n{self.log()[-3000:]}"
+            assert loop.time() < deadline, f"{self.name}: {name}{{{labels}}} stayed {got}"
+            await asyncio.sleep(POLL)
+
     async def wait_for(self, path: str, status: int = 200, timeout: float = START_TIMEOUT) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

@@ -8,6 +8,7 @@ checked with SHA-256, and probes that keep making round trips beside an attack.
   the tunnel closes it.
 - ``download``: one tunnel to a backend (HTTP-CONNECT or gRPC frontend), reading until
   the tunnel ends; its bytes, their hash and how it ended.
+  ``read_to_end``: the same on any connection already open.
 - ``Prober``: an echo round trip through a fresh tunnel every ``PROBE_INTERVAL``, with its
   latencies and failures; ``flowing()`` waits for a few more successes.
 """
@@ -136,6 +137,11 @@ async def download(uds: str, address: str, mode: str = "http-connect") -> Transf
         reader, writer = await http_tunnel(uds, address)
     except ConnectionError as exc:
         return Transfer(b"", str(exc))
+    return await read_to_end(reader, writer)
+
+
+async def read_to_end(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Transfer:
+    """Read one connection until it ends (EOF, reset, or ``STALL`` without a byte)."""
     got = bytearray()
     ended = "eof"
     try:
