@@ -49,7 +49,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -506,7 +506,7 @@ def summarize_rtt(by_way: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return out
 
 
-def _median_or_none(values: Iterator[float | None] | Any) -> float | None:
+def _median_or_none(values: Iterable[float | None]) -> float | None:
     kept = [v for v in values if v is not None]
     return round(statistics.median(kept), 2) if kept else None
 
