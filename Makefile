@@ -6,7 +6,7 @@ BUILD_LOCK := /tmp/konnectivity-fast-build.lock
 # Every target is a command, none is a file (tests/test_makefile.py checks the list).
 .PHONY: bootstrap bootstrap-runtime bootstrap-bench build debug asan vendored wheel run test \
 	test-quick lint fuzz fuzz-long bench bench-tunnel bench-echo bench-micro bench-agent-rss \
-	clean images interop chaos ha bench-abuse
+	clean images interop chaos ha bench-abuse bench-n2cp
 
 bootstrap:
 	scripts/bootstrap.sh test
@@ -133,3 +133,8 @@ ha: build
 # CPU per bogus packet and per agent connect.
 bench-abuse: build
 	$(PY) -m bench.abuse
+
+# Node-to-control-plane tunnels against the forward direction, ours only, same run
+# (bench/node_to_cp.py): throughput, 1 KiB round trip, forward beside a stalled reverse client.
+bench-n2cp: build
+	$(PY) -m bench.node_to_cp --json bench/results/node-to-cp.json
