@@ -71,7 +71,8 @@ AGENT_FILES = {
     "ha/static-list.yaml",
     "ha/service-discovery.yaml",
     "ha/hosted-control-plane.yaml",
-    "node-to-control-plane/agent.yaml",
+    "node-to-control-plane/service-endpoints.yaml",
+    "node-to-control-plane/node-local-address.yaml",
 }
 # kube-apiserver's egress selection names (master is the old name of controlplane).
 EGRESS_NAMES = {"cluster", "controlplane", "master", "etcd"}
@@ -337,7 +338,7 @@ def test_agent_roles_allow_what_the_agents_read() -> None:
 def test_node_to_control_plane_agent() -> None:
     """Pattern 2 of docs/node-to-control-plane.md: on the host network, listening on the
     node's address, never reaching the API server through itself."""
-    spec, container, options = agent_in("node-to-control-plane/agent.yaml")
+    spec, container, options = agent_in("node-to-control-plane/service-endpoints.yaml")
     assert node_to_cp_active(options.apiserver_port_mappings, options.feature_gates)
     (mapping,) = parse_mappings(options.apiserver_port_mappings)
     assert options.bind_address == FIELD_VALUES["status.hostIP"]
@@ -346,6 +347,22 @@ def test_node_to_control_plane_agent() -> None:
     # Lease counting would read the API through the `kubernetes` Service: itself.
     assert not options.count_server_leases and not options.kubeconfig_path
     assert options.proxy_server_host and not options.proxy_server_host.endswith(".svc")
+
+
+def test_node_to_control_plane_node_local_address() -> None:
+    """Pattern 1: the init container puts one address on a host-scoped dummy interface,
+    the agent listens there and the servers dial their own kube-apiserver."""
+    spec, container, options = agent_in("node-to-control-plane/node-local-address.yaml")
+    assert node_to_cp_active(options.apiserver_port_mappings, options.feature_gates)
+    (mapping,) = parse_mappings(options.apiserver_port_mappings)
+    assert (mapping.host, mapping.port) == ("127.0.0.1", mapping.local_port)
+    assert spec["hostNetwork"] is True
+    (init,) = spec["initContainers"]
+    script = " ".join(init["command"])
+    assert f"ip addr replace {options.bind_address}/32 dev kf0 scope host" in script
+    assert init["securityContext"]["capabilities"]["add"] == ["NET_ADMIN"]
+    assert {"name": "apiserver", "containerPort": mapping.local_port} in container["ports"]
+    assert not options.count_server_leases and not options.kubeconfig_path
 
 
 def test_static_list_agent() -> None:
