@@ -251,34 +251,42 @@ def test_kill9_server_reverse_failover(chaos: Chaos) -> None:
     chaos.run(main())
 
 
+async def one_pair(chaos: Chaos, destination: str) -> tuple[ServerSpec, Program, Program, int]:
+    """One server (HTTP-CONNECT frontend) allowing ``destination`` and one agent mapping
+    a local port to it, once the agent holds a capable stream: (spec, server, agent, the
+    local port)."""
+    spec = ServerSpec(
+        "ours",
+        chaos.certs,
+        chaos.workdir,
+        mode="http-connect",
+        extra=(f"--allowed-destination={destination}",),
+    )
+    server = chaos.keep(await start_server(spec))
+    (local,) = free_ports(1)
+    agent = chaos.keep(
+        await start_agent(
+            "ours",
+            chaos.certs,
+            chaos.workdir,
+            spec.ports.agent,
+            "node",
+            GATE,
+            mapping(local, destination),
+        )
+    )
+    await server.wait_for("/readyz")
+    await agent.wait_metric(CAPABLE, 1)
+    return spec, server, agent, local
+
+
 def test_forward_and_reverse_transfers_at_once(chaos: Chaos) -> None:
     """50 forward and 50 reverse downloads at once through one server and one agent,
     every one byte-exact."""
 
     async def main() -> None:
         source = chaos.closing(await Source(random_blob(TRANSFER_SIZE)).start())
-        spec = ServerSpec(
-            "ours",
-            chaos.certs,
-            chaos.workdir,
-            mode="http-connect",
-            extra=(f"--allowed-destination={source.address}",),
-        )
-        server = chaos.keep(await start_server(spec))
-        (local,) = free_ports(1)
-        agent = chaos.keep(
-            await start_agent(
-                "ours",
-                chaos.certs,
-                chaos.workdir,
-                spec.ports.agent,
-                "node",
-                GATE,
-                mapping(local, source.address),
-            )
-        )
-        await server.wait_for("/readyz")
-        await agent.wait_metric(CAPABLE, 1)
+        spec, server, agent, local = await one_pair(chaos, source.address)
         baselines = [p.stats().fds for p in (server, agent)]
         started = time.perf_counter()
         forward = [
@@ -321,28 +329,7 @@ def test_stalled_reverse_client_beside_forward_transfers(chaos: Chaos) -> None:
         blob = random_blob(STALLED_SIZE)
         big = chaos.closing(await Source(blob).start())
         small = chaos.closing(await Source(random_blob(FORWARD_SIZE)).start())
-        spec = ServerSpec(
-            "ours",
-            chaos.certs,
-            chaos.workdir,
-            mode="http-connect",
-            extra=(f"--allowed-destination={big.address}",),
-        )
-        server = chaos.keep(await start_server(spec))
-        (local,) = free_ports(1)
-        agent = chaos.keep(
-            await start_agent(
-                "ours",
-                chaos.certs,
-                chaos.workdir,
-                spec.ports.agent,
-                "node",
-                GATE,
-                mapping(local, big.address),
-            )
-        )
-        await server.wait_for("/readyz")
-        await agent.wait_metric(CAPABLE, 1)
+        spec, server, agent, local = await one_pair(chaos, big.address)
         warm = await download(spec.uds, small.address)  # both programs warm, nothing held
         assert warm.sha256 == small.sha256
         baselines = [p.stats() for p in (server, agent)]

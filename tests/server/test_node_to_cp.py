@@ -514,10 +514,9 @@ def test_destination_that_does_not_read_holds_only_its_window(
                     sent += await agent.send_bytes(1, flood[sent:], wait=False)
                 # The window, what the loopback socket pair buffers, and one grant more.
                 assert INITIAL_WINDOW <= sent < 16 << 20, sent
-                started = time.monotonic()
+                # The stream still flows: were it paused, this echo would never come.
                 await agent.send_bytes(3, b"hello")
                 assert await agent.received(3, 5) == b"hello"
-                assert time.monotonic() - started < 1.0
                 assert not agent.close_rsp[1].done()  # never closed for being slow
             finally:
                 await agent.close()
