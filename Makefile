@@ -6,7 +6,7 @@ BUILD_LOCK := /tmp/konnectivity-fast-build.lock
 # Every target is a command, none is a file (tests/test_makefile.py checks the list).
 .PHONY: bootstrap bootstrap-runtime bootstrap-bench build debug asan vendored wheel run test \
 	test-quick lint fuzz fuzz-long bench bench-tunnel bench-echo bench-micro bench-agent-rss \
-	clean images interop chaos ha bench-abuse bench-n2cp
+	clean images interop chaos ha bench-abuse bench-n2cp bench-scale
 
 bootstrap:
 	scripts/bootstrap.sh test
@@ -138,3 +138,10 @@ bench-abuse: build
 # (bench/node_to_cp.py): throughput, 1 KiB round trip, forward beside a stalled reverse client.
 bench-n2cp: build
 	$(PY) -m bench.node_to_cp --json bench/results/node-to-cp.json
+
+# The proxy-server at cluster scale, ours against upstream v0.36.0 (bench/server_scale.py):
+# a swarm of fake agents (bench/loadgen swarm.go) for N = 1,000 and 3,000 (memory per
+# agent, connect CPU, connect storm, tunnel set-ups over all agents), then 20 rounds of
+# 2,000 agents joining and leaving (RSS per round). About 15 minutes.
+bench-scale: build
+	$(PY) -m bench.server_scale --agents 1000 3000 --churn 20 --churn-agents 2000 --json bench/results/server-scale.json

@@ -4,6 +4,7 @@
 //
 //	loadgen backend                        a TCP backend on 127.0.0.1 (see serveConn)
 //	loadgen bulk|setup|rtt|idle|hol|slow [...]  clients, through a proxy-server or direct
+//	loadgen swarm [...]                    fake agents of a proxy-server (see swarm.go)
 //
 // Clients reach the backend in one of three ways (-mode): "direct" (a TCP connection to
 // -target, the physical limit), "http-connect" (an HTTP/1.1 CONNECT on the proxy-server's
@@ -87,12 +88,16 @@ type options struct {
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: loadgen backend|bulk|setup|rtt|idle|hol|slow [flags]")
+		fmt.Fprintln(os.Stderr, "usage: loadgen backend|bulk|setup|rtt|idle|hol|slow|swarm [flags]")
 		os.Exit(2)
 	}
 	cmd := os.Args[1]
 	if cmd == "backend" {
 		runBackend()
+		return
+	}
+	if cmd == "swarm" { // lives until the orchestrator says QUIT (swarm.go)
+		runSwarm(os.Args[2:])
 		return
 	}
 	o := parseFlags(os.Args[2:])
