@@ -186,6 +186,17 @@ def _status_text(status: int, message: str) -> str:
     return f"rpc error: code = {grpc_code_name(status)} desc = {message}"
 
 
+def _check_alpn(proto: GrpcProtocol, target: str) -> None:
+    """grpc-go's check that the TLS handshake chose a protocol (ALPN), on a connection that
+    may already be lost again."""
+    transport = proto.transport
+    if transport is None:  # lost before the connecting coroutine resumed
+        raise ConnectError(f"connecting to {target}: connection lost")
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None or ssl_object.selected_alpn_protocol() is None:
+        raise ConnectError("credentials: cannot check peer: missing selected ALPN property")
+
+
 class AgentClient:
     """One proxy-server connection of this agent. Not reusable: one ``connect()``."""
 
@@ -279,10 +290,7 @@ class AgentClient:
             await proto.connected
         except ConnectionError as exc:
             raise ConnectError(f"connecting to {target}: {exc}") from None
-        assert proto.transport is not None
-        ssl_object = proto.transport.get_extra_info("ssl_object")
-        if ssl_object is None or ssl_object.selected_alpn_protocol() is None:
-            raise ConnectError("credentials: cannot check peer: missing selected ALPN property")
+        _check_alpn(proto, target)
         try:
             call = proto.start_call(
                 CONNECT_PATH, metadata, authority=cfg.server_name or cfg.host, scheme="https"

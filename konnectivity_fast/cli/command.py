@@ -17,6 +17,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from konnectivity_fast.cli.flags import FlagError, FlagSet
 from konnectivity_fast.cli.klog import KLOG_PREFIX, KlogOptions, setup_logging
 from konnectivity_fast.cli.malloc import idle_trimmer, tune_malloc
+from konnectivity_fast.transport.grpc import GrpcProtocol
 
 T = TypeVar("T")
 
@@ -94,7 +95,7 @@ class Program(Generic[OptionsT]):
 
 async def _serving(serve: Coroutine[Any, Any, int]) -> int:
     """``serve``, with the idle trimmer (cli/malloc.py) running beside it."""
-    trimmer = idle_trimmer()
+    trimmer = idle_trimmer(closed=lambda: GrpcProtocol.closed_total)
     task = asyncio.get_running_loop().create_task(trimmer.run()) if trimmer else None
     try:
         return await serve

@@ -14,7 +14,7 @@ POLL = 0.1
 #: Memory given back: resident set within this fraction above its pre-burst value...
 RSS_BACK_WITHIN = 0.20
 #: ... within this many seconds of idleness (the issue's minute; the idle trimmer,
-#: cli/malloc.py, looks every 10 s).
+#: cli/malloc.py, looks every 2 s).
 RSS_BACK_TIMEOUT = 60.0
 
 

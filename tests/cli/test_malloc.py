@@ -165,3 +165,50 @@ def test_the_idle_trimmer_collects_cyclic_garbage_first() -> None:
     start, burst, after = (int(x) for x in out)
     assert burst >= start + 100, (start, burst)  # the cycles are still there
     assert after <= start + 20, (start, burst, after)
+
+
+# The same burst in a process that is never idle, as a server whose agents join and leave
+# in rounds: a busy look trims only once TRIM_AFTER_CLOSED connections closed since the
+# last trim. Prints whether each look trimmed, and RSS (MiB) at the start and at the end.
+_CHURN = r"""
+from konnectivity_fast.cli.malloc import (
+    TRIM_AFTER_CLOSED, IdleTrimmer, _malloc_trim, _rss_bytes, tune_malloc,
+)
+
+class Fake:
+    def __init__(self):
+        self.now = 0
+    def __call__(self):
+        return self.now
+
+tune_malloc()
+clock, cpu, closed = Fake(), Fake(), Fake()
+trimmer = IdleTrimmer(_malloc_trim(), cpu=cpu, clock=clock, closed=closed)
+mib = lambda: _rss_bytes() >> 20
+start = mib()
+held = [bytes(128 << 10) for _ in range(1600)]
+kept = held[::100]
+del held
+closed.now = TRIM_AFTER_CLOSED - 1  # a few connections closed: no reason yet
+clock.now, cpu.now = 10, 5
+few = trimmer.check()
+closed.now = TRIM_AFTER_CLOSED + 10  # a round of agents left
+clock.now, cpu.now = 20, 10
+many = trimmer.check()
+print(few, many, start, mib())
+"""
+
+
+def test_a_busy_process_is_trimmed_after_many_connections_closed() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _CHURN],
+        env={**os.environ, "GLIBC_TUNABLES": ""},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.split()
+    few, many = out[0] == "True", out[1] == "True"
+    start, end = int(out[2]), int(out[3])
+    assert not few
+    assert many and end <= start + 20, (start, end)

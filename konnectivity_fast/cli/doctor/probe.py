@@ -110,7 +110,8 @@ async def probe(config: ProbeConfig) -> Attempt:
 
 
 async def _ask(proto: GrpcProtocol, config: ProbeConfig) -> Attempt:
-    assert proto.transport is not None
+    if proto.transport is None:  # the server hung up right after the handshake
+        return Attempt(error=f"connecting to {config.host}:{config.port}: connection lost")
     ssl_object = proto.transport.get_extra_info("ssl_object")
     cert = facts(ssl_object.getpeercert()) if ssl_object is not None else None
     metadata = [(MD_AGENT_ID, config.agent_id)]
