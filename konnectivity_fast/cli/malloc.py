@@ -173,10 +173,19 @@ class IdleTrimmer:
         )
         return True
 
+    def look(self) -> bool:
+        """``check``, where a process out of descriptors cannot read /proc: that look is
+        skipped (the trimmer must outlive the exhaustion it may follow)."""
+        try:
+            return self.check()
+        except OSError as exc:
+            log.log(V(4), "memory trimmer: look skipped: %s", exc)
+            return False
+
     async def run(self) -> None:
         while True:
             await asyncio.sleep(TRIM_CHECK_INTERVAL)
-            self.check()
+            self.look()
 
 
 def idle_trimmer(closed: Callable[[], int] = lambda: 0) -> IdleTrimmer | None:

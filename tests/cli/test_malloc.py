@@ -212,3 +212,24 @@ def test_a_busy_process_is_trimmed_after_many_connections_closed() -> None:
     start, end = int(out[2]), int(out[3])
     assert not few
     assert many and end <= start + 20, (start, end)
+
+
+def test_a_look_without_descriptors_is_skipped_not_fatal() -> None:
+    """Out of descriptors, /proc cannot be opened: the look is skipped, the next one
+    works (the trimmer task must outlive an exhaustion; it once ended the server with
+    exit code 1 at shutdown)."""
+    from konnectivity_fast.cli.malloc import IdleTrimmer
+
+    reads: list[int] = []
+
+    def rss() -> int:
+        reads.append(1)
+        if len(reads) == 2:
+            raise OSError(24, "Too many open files")
+        return 100 << 20
+
+    trimmed: list[int] = []
+    trimmer = IdleTrimmer(lambda: trimmed.append(1) or 0, rss=rss, cpu=lambda: 0.0)
+    assert trimmer.look() is False  # the failed read
+    assert trimmer.look() is False  # a normal look: idle but not grown
+    assert len(reads) == 3 and not trimmed
