@@ -102,15 +102,21 @@ print(busy_trimmed, idle_trimmed, start, burst, after_busy, mib())
 """
 
 
-def test_an_idle_process_gives_a_burst_back_and_a_busy_one_keeps_it() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", _BURST],
+def run_script(script: str) -> list[str]:
+    """``script`` in a fresh interpreter with the thresholds free to apply: its printed
+    words."""
+    return subprocess.run(
+        [sys.executable, "-c", script],
         env={**os.environ, "GLIBC_TUNABLES": ""},
         capture_output=True,
         text=True,
         check=True,
         timeout=60,
     ).stdout.split()
+
+
+def test_an_idle_process_gives_a_burst_back_and_a_busy_one_keeps_it() -> None:
+    out = run_script(_BURST)
     busy_trimmed, idle_trimmed = out[0] == "True", out[1] == "True"
     start, burst, after_busy, after_idle = (int(x) for x in out[2:])
     assert burst >= start + 100  # most of the 200 MiB burst is still resident
@@ -154,14 +160,7 @@ print(start, burst, mib())
 
 
 def test_the_idle_trimmer_collects_cyclic_garbage_first() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", _CYCLES],
-        env={**os.environ, "GLIBC_TUNABLES": ""},
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout.split()
+    out = run_script(_CYCLES)
     start, burst, after = (int(x) for x in out)
     assert burst >= start + 100, (start, burst)  # the cycles are still there
     assert after <= start + 20, (start, burst, after)
@@ -200,14 +199,7 @@ print(few, many, start, mib())
 
 
 def test_a_busy_process_is_trimmed_after_many_connections_closed() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", _CHURN],
-        env={**os.environ, "GLIBC_TUNABLES": ""},
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout.split()
+    out = run_script(_CHURN)
     few, many = out[0] == "True", out[1] == "True"
     start, end = int(out[2]), int(out[3])
     assert not few
