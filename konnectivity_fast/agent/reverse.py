@@ -58,7 +58,6 @@ from konnectivity_fast.wire.packets import (
     CloseResponse,
     DialRequest,
     DialResponse,
-    FlowCredit,
     Packet,
     PacketType,
 )
@@ -170,9 +169,7 @@ class ReverseStream:
         return self.client.endpoint_data(endpoint, data)
 
     def endpoint_credit(self, endpoint: Endpoint, nbytes: int) -> None:
-        self.client.send_packet(
-            Packet(PacketType.FLOW_CREDIT, FlowCredit(endpoint.connect_id, nbytes))
-        )
+        self.client.endpoint_credit(endpoint, nbytes)
 
     def on_credit(self, connect_id: int, nbytes: int) -> None:
         """FLOW_CREDIT for a reverse connection: its client may send ``nbytes`` more."""
