@@ -278,7 +278,7 @@ class Pair:
     health: int = 0  # the server's health port (/metrics)
 
 
-def _command(side: str, program: str, upstream_bin: Path | None) -> list[str]:
+def program_command(side: str, program: str, upstream_bin: Path | None) -> list[str]:
     """The command of one side ("ours" or "upstream") of ``program`` (server or agent)."""
     if side == "upstream":
         assert upstream_bin is not None
@@ -338,8 +338,8 @@ def start_pair(
     """Start a proxy-server (frontend ``mode`` on a Unix socket) and one proxy-agent
     connected to it over mTLS; return once both say ready."""
     server_side, agent_side = SIDES[impl]
-    server_cmd = [*_command(server_side, "server", upstream_bin), *FLAGS.get(impl, ())]
-    agent_cmd = [*_command(agent_side, "agent", upstream_bin), *FLAGS.get(impl, ())]
+    server_cmd = [*program_command(server_side, "server", upstream_bin), *FLAGS.get(impl, ())]
+    agent_cmd = [*program_command(agent_side, "agent", upstream_bin), *FLAGS.get(impl, ())]
     agent_port, health, admin, a_health, a_admin = free_ports(5)
     uds = str(sock_dir / f"{impl}-{mode}-{agent_port}.sock")
     server = procs.start(

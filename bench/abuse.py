@@ -44,6 +44,7 @@ from bench._tunnel_procs import (
     build_upstream,
     free_ports,
     make_certs,
+    program_command,
     server_flags,
     wait_ready,
 )
@@ -82,13 +83,6 @@ class Figures:
             self.rates.setdefault((scenario, impl), []).append(rate)
 
 
-def _program(impl: str, program: str, upstream_bin: Path | None) -> list[str]:
-    if impl == "upstream":
-        assert upstream_bin is not None
-        return [str(upstream_bin / f"proxy-{program}")]
-    return [sys.executable, "-m", f"konnectivity_fast.{program}"]
-
-
 def start_server(
     procs: Procs, impl: str, certs: Certs, tmp: Path, upstream: Path | None
 ) -> tuple[Proc, int]:
@@ -97,7 +91,7 @@ def start_server(
     server = procs.start(
         f"{impl}-server",
         [
-            *_program(impl, "server", upstream),
+            *program_command(impl, "server", upstream),
             *server_flags(
                 "grpc",
                 f"{tmp}/{impl}-{agent_port}.sock",
@@ -117,7 +111,7 @@ def start_agent(procs: Procs, impl: str, certs: Certs, port: int, upstream: Path
     agent = procs.start(
         f"{impl}-agent",
         [
-            *_program(impl, "agent", upstream),
+            *program_command(impl, "agent", upstream),
             f"--agent-id={LIVE_AGENT}",
             f"--ca-cert={certs.ca}",
             f"--agent-cert={certs.client_cert}",

@@ -49,6 +49,7 @@ from bench._tunnel_procs import (
     build_upstream,
     free_ports,
     make_certs,
+    program_command,
     server_flags,
     wait_ready,
 )
@@ -95,11 +96,7 @@ def progress(line: str) -> None:
 def start_server(s: Setup, impl: str) -> Server:
     agent_port, health, admin = free_ports(3)
     uds = str(s.tmp / f"{impl}-{agent_port}.sock")
-    program = (
-        [str(s.upstream / "proxy-server")]
-        if impl == "upstream" and s.upstream is not None
-        else [sys.executable, "-m", "konnectivity_fast.server"]
-    )
+    program = program_command(impl, "server", s.upstream)
     flags = server_flags("grpc", uds, s.certs, agent_port=agent_port, health=health, admin=admin)
     proc = s.procs.start(f"{impl}-server", [*program, *flags])
     wait_ready(proc, health, "/healthz")
