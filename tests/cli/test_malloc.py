@@ -78,12 +78,6 @@ _BURST = r"""
 import sys
 from konnectivity_fast.cli.malloc import IdleTrimmer, _malloc_trim, _rss_bytes, tune_malloc
 
-class Fake:
-    def __init__(self):
-        self.now = 0.0
-    def __call__(self):
-        return self.now
-
 tune_malloc()
 clock, cpu = Fake(), Fake()
 trimmer = IdleTrimmer(_malloc_trim(), cpu=cpu, clock=clock)
@@ -102,11 +96,21 @@ print(busy_trimmed, idle_trimmed, start, burst, after_busy, mib())
 """
 
 
+# What the scripts below read for a clock, a CPU time or a count: the value set last.
+_FAKE = r"""
+class Fake:
+    def __init__(self):
+        self.now = 0
+    def __call__(self):
+        return self.now
+"""
+
+
 def run_script(script: str) -> list[str]:
-    """``script`` in a fresh interpreter with the thresholds free to apply: its printed
-    words."""
+    """``script`` (with ``Fake``) in a fresh interpreter with the thresholds free to apply:
+    its printed words."""
     return subprocess.run(
-        [sys.executable, "-c", script],
+        [sys.executable, "-c", _FAKE + script],
         env={**os.environ, "GLIBC_TUNABLES": ""},
         capture_output=True,
         text=True,
@@ -132,12 +136,6 @@ def test_an_idle_process_gives_a_burst_back_and_a_busy_one_keeps_it() -> None:
 _CYCLES = r"""
 import gc
 from konnectivity_fast.cli.malloc import IdleTrimmer, _malloc_trim, _rss_bytes, tune_malloc
-
-class Fake:
-    def __init__(self):
-        self.now = 0.0
-    def __call__(self):
-        return self.now
 
 class Conn:
     def __init__(self):
@@ -173,12 +171,6 @@ _CHURN = r"""
 from konnectivity_fast.cli.malloc import (
     TRIM_AFTER_CLOSED, IdleTrimmer, _malloc_trim, _rss_bytes, tune_malloc,
 )
-
-class Fake:
-    def __init__(self):
-        self.now = 0
-    def __call__(self):
-        return self.now
 
 tune_malloc()
 clock, cpu, closed = Fake(), Fake(), Fake()
