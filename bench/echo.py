@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import signal
 import sys
@@ -47,6 +45,7 @@ from bench._echo_report import (
     render,
     summarize,
 )
+from bench._machine import describe_machine
 
 SERVERS = ("ours", "grpcio")
 SIZES = (1024, 32 * 1024)
@@ -281,23 +280,7 @@ class Bench:
 
 
 def _machine() -> dict[str, Any]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "nproc": os.cpu_count(),
-        "cpu_model": model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "uvloop": version("uvloop"),
-        "grpcio": version("grpcio"),
-    }
+    return {**describe_machine(), "uvloop": version("uvloop"), "grpcio": version("grpcio")}
 
 
 @contextmanager

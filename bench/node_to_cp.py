@@ -41,11 +41,9 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import socket
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,7 +53,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench._echo_proc import REPO_ROOT, ChildError, cpu_seconds
+from bench._echo_proc import ChildError, cpu_seconds
+from bench._machine import describe_machine
 from bench._tunnel_procs import (
     LOOPBACK,
     READY_TIMEOUT,
@@ -410,7 +409,7 @@ def run(settings: Settings, folder: Path, verbosity: int = 0) -> dict[str, Any]:
     started = time.monotonic()
     report: dict[str, Any] = {
         "settings": asdict(settings),
-        "machine": machine(),
+        "machine": describe_machine(),
         "load_before": os.getloadavg(),
     }
     with contextlib.ExitStack() as stack:
@@ -552,24 +551,6 @@ def byte_exact(report: dict[str, Any]) -> bool:
 
 
 # -- report ---------------------------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=False,
-    ).stdout.strip()
-    return {
-        "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "commit": commit,
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-    }
 
 
 def progress(line: str) -> None:

@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +32,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench._echo_proc import REPO_ROOT, ChildError, machine_busy_seconds, rss_kib
+from bench._echo_proc import ChildError, machine_busy_seconds, rss_kib
+from bench._machine import describe_machine, source_state
 from bench._tunnel_procs import (
     FLOW,
     IMPLS,
@@ -218,7 +216,7 @@ class Bench:
     def __post_init__(self) -> None:
         self.procs = Procs(self.dir)
         # Other sessions may edit the working tree during a long run: say what it was then.
-        self.source_at_start = _source()
+        self.source_at_start = source_state()
         self.loadavg_at_start = _loadavg().split()
         self.loadgen = str(build_loadgen())
         uses_upstream = any("upstream" in SIDES[impl] for impl in self.config.impls)
@@ -504,9 +502,9 @@ class Bench:
                         names = [s for s in group if runs_scenario(impl, s)]
                         if names:
                             self._fresh_pair(run, names, impl, mode, runs)
-        machine = _machine(self.upstream_bin)
+        machine = describe_machine(self.upstream_bin)
         machine["loadavg"] = self.loadavg_at_start
-        if self.source_at_start != _source():
+        if self.source_at_start != source_state():
             machine["source_at_start"] = self.source_at_start
         return summarize(asdict(c), machine, runs)
 
@@ -544,41 +542,6 @@ class Bench:
 
 def _brief(name: str, r: dict[str, Any]) -> str:
     return brief(name, r).splitlines()[0][:300]
-
-
-def _machine(upstream_bin: Path | None) -> dict[str, Any]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "nproc": os.cpu_count(),
-        "cpu_model": model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "upstream": "apiserver-network-proxy v0.36.0" if upstream_bin else None,
-        "loadavg": Path("/proc/loadavg").read_text().split()[:3],
-        **_source(),
-    }
-
-
-def _source() -> dict[str, Any]:
-    """The commit measured, and the files of konnectivity_fast/ that differ from it (the
-    working tree is what runs)."""
-
-    def git(*args: str) -> str:
-        done = subprocess.run(
-            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=False
-        )
-        return done.stdout.strip()
-
-    dirty = git("status", "--porcelain", "--", "konnectivity_fast").splitlines()
-    return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": [d.split()[-1] for d in dirty]}
 
 
 @contextmanager
