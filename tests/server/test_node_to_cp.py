@@ -492,6 +492,24 @@ def test_unknown_odd_connection_is_answered_not_raised(
     run(main())
 
 
+@contextlib.asynccontextmanager
+async def stalled_and_echo(sock_dir: str, certs: Certs) -> AsyncIterator[HandAgent]:
+    """Our server allowing a destination that reads nothing and an echo, and a hand agent
+    with connection 1 open to the first and 3 to the second."""
+    stalled = await Echo(hold=True).start()
+    echo = await Echo().start()
+    async with our_server(sock_dir, certs, [stalled.address, echo.address]) as (_, port):
+        agent = await hand_agent(certs, port)
+        try:
+            assert (await agent.dial(stalled.address, 1)).connect_id == 1
+            assert (await agent.dial(echo.address, 2)).connect_id == 3
+            yield agent
+        finally:
+            await agent.close()
+            await stalled.close()
+            await echo.close()
+
+
 def test_destination_that_does_not_read_holds_only_its_window(
     run: RunFn, sock_dir: str, certs: Certs
 ) -> None:
@@ -500,28 +518,18 @@ def test_destination_that_does_not_read_holds_only_its_window(
     open, and the stream's other connections keep flowing."""
 
     async def main() -> None:
-        stalled = await Echo(hold=True).start()
-        echo = await Echo().start()
-        async with our_server(sock_dir, certs, [stalled.address, echo.address]) as (_, port):
-            agent = await hand_agent(certs, port)
-            try:
-                assert (await agent.dial(stalled.address, 1)).connect_id == 1
-                assert (await agent.dial(echo.address, 2)).connect_id == 3
-                flood = os.urandom(32 << 20)
-                sent = await agent.send_bytes(1, flood, wait=False)
-                for _ in range(50):  # grants for what the kernel took, until none come
-                    await asyncio.sleep(0.05)
-                    sent += await agent.send_bytes(1, flood[sent:], wait=False)
-                # The window, what the loopback socket pair buffers, and one grant more.
-                assert INITIAL_WINDOW <= sent < 16 << 20, sent
-                # The stream still flows: were it paused, this echo would never come.
-                await agent.send_bytes(3, b"hello")
-                assert await agent.received(3, 5) == b"hello"
-                assert not agent.close_rsp[1].done()  # never closed for being slow
-            finally:
-                await agent.close()
-                await stalled.close()
-                await echo.close()
+        async with stalled_and_echo(sock_dir, certs) as agent:
+            flood = os.urandom(32 << 20)
+            sent = await agent.send_bytes(1, flood, wait=False)
+            for _ in range(50):  # grants for what the kernel took, until none come
+                await asyncio.sleep(0.05)
+                sent += await agent.send_bytes(1, flood[sent:], wait=False)
+            # The window, what the loopback socket pair buffers, and one grant more.
+            assert INITIAL_WINDOW <= sent < 16 << 20, sent
+            # The stream still flows: were it paused, this echo would never come.
+            await agent.send_bytes(3, b"hello")
+            assert await agent.received(3, 5) == b"hello"
+            assert not agent.close_rsp[1].done()  # never closed for being slow
 
     run(main())
 
@@ -530,27 +538,17 @@ def test_agent_far_past_its_credit_loses_that_connection_only(
     run: RunFn, sock_dir: str, certs: Certs
 ) -> None:
     async def main() -> None:
-        stalled = await Echo(hold=True).start()
-        echo = await Echo().start()
-        async with our_server(sock_dir, certs, [stalled.address, echo.address]) as (_, port):
-            agent = await hand_agent(certs, port)
-            try:
-                assert (await agent.dial(stalled.address, 1)).connect_id == 1
-                assert (await agent.dial(echo.address, 2)).connect_id == 3
-                flood = os.urandom(CHUNK)
-                for _ in range((INITIAL_WINDOW + 2 * OVERSHOOT_LIMIT) // CHUNK):
-                    agent.send(PacketType.DATA, Data(connect_id=1, data=flood))
-                    await agent.call.drain()
-                    if agent.close_rsp[1].done():
-                        break
-                rsp = await asyncio.wait_for(agent.close_rsp[1], WAIT)
-                assert rsp.error == ERR_PAST_CREDIT
-                await agent.send_bytes(3, b"hello")
-                assert await agent.received(3, 5) == b"hello"
-            finally:
-                await agent.close()
-                await stalled.close()
-                await echo.close()
+        async with stalled_and_echo(sock_dir, certs) as agent:
+            flood = os.urandom(CHUNK)
+            for _ in range((INITIAL_WINDOW + 2 * OVERSHOOT_LIMIT) // CHUNK):
+                agent.send(PacketType.DATA, Data(connect_id=1, data=flood))
+                await agent.call.drain()
+                if agent.close_rsp[1].done():
+                    break
+            rsp = await asyncio.wait_for(agent.close_rsp[1], WAIT)
+            assert rsp.error == ERR_PAST_CREDIT
+            await agent.send_bytes(3, b"hello")
+            assert await agent.received(3, 5) == b"hello"
 
     run(main())
 
