@@ -162,7 +162,11 @@ class IdleTrimmer:
             self._collect()
         self._trim()
         after = self._rss()
-        self.baseline = after
+        # An idle trim gave back all it could: growth is counted from here. A busy one ran
+        # with connections still alive, so the lower of the two stays the reference: when
+        # those go, the idle look gives their memory back too (a reset flood trimmed while
+        # it lasted kept 41 MiB of 30 for good when this was ``after``).
+        self.baseline = after if idle else min(self.baseline, after)
         log.log(
             V(2),
             "%s: gave %d MiB back to the system (RSS %d -> %d MiB)",

@@ -217,3 +217,36 @@ def test_a_look_without_descriptors_is_skipped_not_fatal() -> None:
     assert trimmer.look() is False  # the failed read
     assert trimmer.look() is False  # a normal look: idle but not grown
     assert len(reads) == 3 and not trimmed
+
+
+# A busy trim while the burst is still alive (a reset flood whose connections come and go),
+# then the burst freed and the process idle: the idle look gives it back, as without the
+# busy trim. Prints whether each look trimmed, and RSS (MiB) at the start and at the end.
+_LIVE_DURING_BUSY_TRIM = r"""
+from konnectivity_fast.cli.malloc import (
+    TRIM_AFTER_CLOSED, IdleTrimmer, _malloc_trim, _rss_bytes, tune_malloc,
+)
+
+tune_malloc()
+clock, cpu, closed = Fake(), Fake(), Fake()
+trimmer = IdleTrimmer(_malloc_trim(), cpu=cpu, clock=clock, closed=closed)
+mib = lambda: _rss_bytes() >> 20
+start = mib()
+held = [bytes(128 << 10) for _ in range(1600)]
+closed.now = TRIM_AFTER_CLOSED + 10
+clock.now, cpu.now = 10, 5
+busy = trimmer.check()  # the burst is alive: little to give back
+kept = held[::100]
+del held
+clock.now, cpu.now = 20, 5.01  # idle since
+idle = trimmer.check()
+print(busy, idle, start, mib())
+"""
+
+
+def test_an_idle_look_gives_back_a_burst_that_lived_through_a_busy_trim() -> None:
+    out = run_script(_LIVE_DURING_BUSY_TRIM)
+    busy, idle = out[0] == "True", out[1] == "True"
+    start, end = int(out[2]), int(out[3])
+    assert busy
+    assert idle and end <= start + 20, (start, end)
