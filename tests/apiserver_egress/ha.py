@@ -50,7 +50,6 @@ import contextlib
 import dataclasses
 import http.client
 import os
-import shutil
 import ssl
 import subprocess
 import sys
@@ -59,11 +58,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
+from tests.support.haproxy import Section, haproxy_config, require_haproxy
 from tests.support.kubeapi import KubeCluster, running_apiserver
 from tests.support.net import free_ports
-from tests.support.upstream import in_ci, stop
+from tests.support.upstream import stop
 
 from .support import (
     KUBELET_PORT,
@@ -82,7 +80,6 @@ from .support import (
 
 #: The long form (``KF_HA=long``): a longer guard window and every server/agent pairing.
 LONG = os.environ.get("KF_HA", "") == "long"
-HAPROXY = shutil.which("haproxy")
 REPLICAS = 3
 ETCD_PREFIX = "/registry-ha"
 MODE = "grpc-uds"  # each apiserver's egress: its own server's Unix socket
@@ -205,8 +202,7 @@ class Plane:
         """``servers`` ("ours" | "upstream") beside each replica with ``server_flags``,
         then HAProxy. ``server_count`` None leaves ``--server-count`` out (e.g. with the
         lease controller)."""
-        if HAPROXY is None:  # checked by ha_plane already; kept for the type checker
-            pytest.skip("haproxy is not installed")
+        haproxy = require_haproxy()
         rr, sticky, *direct = free_ports(2 + REPLICAS, self.dial)
         ports = Ports(rr, sticky, tuple(direct), tuple(free_ports(REPLICAS)))
         run = Run(self, harness, ports, new_namespace(self.replicas[0], "ha"))
@@ -241,30 +237,23 @@ class Plane:
                 )
             )
         config = harness.folder / "haproxy.cfg"
-        config.write_text(haproxy_config(self.dial, ports, [s.agent_port for s in run.servers]))
-        run.haproxy = harness.procs.start("haproxy", [HAPROXY, "-f", str(config), "-db"])
+        sections = haproxy_sections(self.dial, ports, [s.agent_port for s in run.servers])
+        config.write_text(haproxy_config(sections))
+        run.haproxy = harness.procs.start("haproxy", [haproxy, "-f", str(config), "-db"])
         return run
 
 
-def haproxy_config(dial: str, ports: Ports, backends: list[int]) -> str:
+def haproxy_sections(dial: str, ports: Ports, backends: list[int]) -> list[Section]:
     """TCP frontends on ``dial``: round robin, ``balance source`` and one per server."""
     servers = [f"    server s{i} 127.0.0.1:{p} check inter 1s" for i, p in enumerate(backends)]
-    lines = [
-        "defaults",
-        "    mode tcp",
-        "    timeout connect 5s",
-        "    timeout client 1h",
-        "    timeout server 1h",
+    sections: list[Section] = [
+        ("rr", f"{dial}:{ports.rr}", "roundrobin", servers),
+        ("sticky", f"{dial}:{ports.sticky}", "source", servers),
     ]
-    sections = [
-        ("rr", ports.rr, "roundrobin", servers),
-        ("sticky", ports.sticky, "source", servers),
+    sections += [
+        (f"s{i}", f"{dial}:{p}", "first", [servers[i]]) for i, p in enumerate(ports.direct)
     ]
-    sections += [(f"s{i}", p, "first", [servers[i]]) for i, p in enumerate(ports.direct)]
-    for name, port, balance, members in sections:
-        lines += [f"frontend {name}", f"    bind {dial}:{port}", f"    default_backend {name}"]
-        lines += [f"backend {name}", f"    balance {balance}", *members]
-    return "\n".join(lines) + "\n"
+    return sections
 
 
 @dataclass
@@ -412,11 +401,7 @@ class Run:
 def ha_plane(k8s: Harness, folder: Path) -> Iterator[Plane]:
     """Worker B with its kubelet, three kube-apiservers on the session's etcd, both Nodes
     registered; the single apiserver of the other tests is stopped first (two cores)."""
-    if HAPROXY is None:
-        message = "haproxy is not installed (scripts/bootstrap.sh installs it)"
-        if in_ci():
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+    require_haproxy()
     k8s.apiservers.stop_current()
     sock_dir = os.path.dirname(k8s.uds)
     uds = tuple(f"{sock_dir}/ha-{i}.sock" for i in range(REPLICAS))

@@ -39,11 +39,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
+from tests.support.haproxy import haproxy_config, require_haproxy
 from tests.support.kubeapi import KubeCluster, running_apiserver
 from tests.support.net import free_ports
-from tests.support.upstream import in_ci
 
 from .support import (
     Harness,
@@ -57,7 +55,6 @@ from .support import (
     wait,
 )
 
-HAPROXY = shutil.which("haproxy")
 ETCD_PREFIX = "/registry-n2cp"
 #: The agent's local ports in the worker (its namespace has nothing else listening).
 API_PORT = 6443
@@ -176,11 +173,7 @@ def pod_kubeconfig(cluster: KubeCluster, pod: Pod, folder: Path, tls_name: str |
 def n2cp_plane(k8s: Harness, folder: Path) -> Iterator[Plane]:
     """The module's control plane, pod, server, HAProxy and agent (see the docstring);
     the session's single apiserver is stopped first (two cores)."""
-    if HAPROXY is None:
-        message = "haproxy is not installed (scripts/bootstrap.sh installs it)"
-        if in_ci():
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+    require_haproxy()
     k8s.apiservers.stop_current()
     harness = dataclasses.replace(k8s, folder=folder)
     sock_dir = tempfile.mkdtemp(prefix="kf-n2cp-")
@@ -225,15 +218,10 @@ def _start(
     )
     (lb_port,) = free_ports(1, harness.worker.root_ip)
     config = harness.folder / "haproxy.cfg"
-    config.write_text(
-        "defaults\n    mode tcp\n    timeout connect 5s\n"
-        "    timeout client 1h\n    timeout server 1h\n"
-        f"frontend agents\n    bind {harness.worker.root_ip}:{lb_port}\n"
-        "    default_backend servers\n"
-        f"backend servers\n    server s0 127.0.0.1:{server.agent_port}\n"
-    )
-    assert HAPROXY is not None
-    harness.procs.start("haproxy", [HAPROXY, "-f", str(config), "-db"])
+    server_line = f"    server s0 127.0.0.1:{server.agent_port}"
+    bind = f"{harness.worker.root_ip}:{lb_port}"
+    config.write_text(haproxy_config([("agents", bind, "roundrobin", [server_line])]))
+    harness.procs.start("haproxy", [require_haproxy(), "-f", str(config), "-db"])
     denied_port = denied.getsockname()[1]
     agent = harness.start_agent(
         "ours",
