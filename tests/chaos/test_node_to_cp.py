@@ -37,7 +37,7 @@ from tests.support.net import free_ports
 from .checks import alive, clean_log, fds_back, rss_back
 from .conftest import LONG, Chaos
 from .programs import LOOPBACK, Program, ServerSpec, start_agent, start_server
-from .traffic import STALL, Source, download, http_tunnel, random_blob, read_to_end
+from .traffic import Source, consume, download, http_tunnel, random_blob, read_to_end
 
 pytestmark = pytest.mark.timeout(900 if LONG else 120)
 
@@ -136,20 +136,15 @@ async def hashed(opening: Awaitable[Conn], expected: int) -> tuple[str, int, str
         reader, writer = await opening
     except (ConnectionError, OSError) as exc:
         return "", 0, f"refused: {exc}"
-    digest, size, ended = hashlib.sha256(), 0, "eof"
-    try:
-        while chunk := await asyncio.wait_for(reader.read(1 << 20), STALL):
-            digest.update(chunk)
-            size += len(chunk)
-            if size > expected:
-                ended = "too long"
-                break
-    except TimeoutError:
-        ended = "stalled"
-    except (ConnectionError, OSError):
-        ended = "reset"
-    finally:
-        writer.close()
+    digest, size = hashlib.sha256(), 0
+
+    def take(chunk: bytes) -> bool:
+        nonlocal size
+        digest.update(chunk)
+        size += len(chunk)
+        return size <= expected
+
+    ended = await consume(reader, writer, take)
     return digest.hexdigest(), size, ended
 
 

@@ -22,6 +22,7 @@ import socket
 import statistics
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,22 +141,34 @@ async def download(uds: str, address: str, mode: str = "http-connect") -> Transf
     return await read_to_end(reader, writer)
 
 
+async def consume(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, take: Callable[[bytes], bool]
+) -> str:
+    """Hand what one connection gives to ``take`` until it ends, then close it; how it
+    ended: ``eof``, ``reset``, ``stalled`` (``STALL`` without a byte), or ``too long``
+    (``take`` returned False)."""
+    try:
+        while chunk := await asyncio.wait_for(reader.read(1 << 20), STALL):
+            if not take(chunk):
+                return "too long"
+    except TimeoutError:
+        return "stalled"
+    except (ConnectionError, OSError):
+        return "reset"
+    finally:
+        writer.close()
+    return "eof"
+
+
 async def read_to_end(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Transfer:
     """Read one connection until it ends (EOF, reset, or ``STALL`` without a byte)."""
     got = bytearray()
-    ended = "eof"
-    try:
-        while True:
-            chunk = await asyncio.wait_for(reader.read(1 << 20), STALL)
-            if not chunk:
-                break
-            got += chunk
-    except TimeoutError:
-        ended = "stalled"
-    except (ConnectionError, OSError):
-        ended = "reset"
-    finally:
-        writer.close()
+
+    def take(chunk: bytes) -> bool:
+        got.extend(chunk)
+        return True
+
+    ended = await consume(reader, writer, take)
     return Transfer(bytes(got), ended)
 
 
