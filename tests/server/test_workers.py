@@ -63,12 +63,16 @@ def alive(pid: int) -> bool:
 
 
 def start_server(
-    processes: Processes, upstream: Upstream, certs: Certs, uds: str, *extra: str
+    processes: Processes, upstream: Upstream, certs: Certs, uds: str, mode: str = "grpc"
 ) -> tuple[subprocess.Popen[bytes], int, int]:
     """Our server with ``WORKERS`` workers: the process, its health and agent ports."""
     ports = server_ports()
-    args = [*server_args(uds, certs, ports), f"--workers={WORKERS}", f"--server-id={SERVER_ID}"]
-    server = processes.start("server", [*server_command("ours", upstream), *args, *extra])
+    args = [
+        *server_args(uds, certs, ports, mode=mode),
+        f"--workers={WORKERS}",
+        f"--server-id={SERVER_ID}",
+    ]
+    server = processes.start("server", [*server_command("ours", upstream), *args])
     wait_for(server, ports.health, "/healthz", what="our proxy-server with workers")
     return server, ports.health, ports.agent
 
@@ -88,10 +92,10 @@ def start_agent(
     return aports.health
 
 
-def tunnels_work(upstream: Upstream, uds: str, echo_port: int) -> None:
+def tunnels_work(upstream: Upstream, uds: str, echo_port: int, mode: str = "grpc") -> None:
     code, result = run_goclient(
         upstream,
-        "-mode=grpc",
+        f"-mode={mode}",
         f"-uds={uds}",
         f"-target={LOOPBACK}:{echo_port}",
         "-connections=8",
@@ -101,12 +105,13 @@ def tunnels_work(upstream: Upstream, uds: str, echo_port: int) -> None:
     assert (code, result["ok"]) == (0, True), result
 
 
-@pytest.mark.parametrize("which", ["ours", "upstream"])
+@pytest.mark.parametrize("which_mode", ["ours/grpc", "upstream/grpc", "ours/http-connect"])
 def test_agents_hold_every_worker_and_any_worker_serves_tunnels(
-    which: str, processes: Processes, upstream: Upstream, certs: Certs, sock_dir: str
+    which_mode: str, processes: Processes, upstream: Upstream, certs: Certs, sock_dir: str
 ) -> None:
+    which, mode = which_mode.split("/")
     uds = os.path.join(sock_dir, "k.sock")
-    server, health, agent_port = start_server(processes, upstream, certs, uds)
+    server, health, agent_port = start_server(processes, upstream, certs, uds, mode)
     assert len(children(server.pid)) == WORKERS
     assert http_get(health, "/readyz")[0] == 500  # no agent yet
     start_agent(processes, upstream, certs, which, agent_port)
@@ -114,7 +119,7 @@ def test_agents_hold_every_worker_and_any_worker_serves_tunnels(
     # Each worker holds the agent: the merged gauge counts one per worker.
     assert total(health, READY_BACKENDS) == WORKERS
     with echo_server() as echo_port:
-        tunnels_work(upstream, uds, echo_port)
+        tunnels_work(upstream, uds, echo_port, mode)
     log = processes.log("server")
     for index in range(WORKERS):
         assert f"Proxy server {SERVER_ID}-{index} ready" in log
