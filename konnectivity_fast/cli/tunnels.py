@@ -120,6 +120,8 @@ def _header(document: dict[str, Any]) -> list[str]:
     )
     if document.get(peer):
         first += f" ({peer} {document[peer]})"
+    if document.get("workers"):  # a proxy-server with --workers: every worker's tunnels
+        first += f"; {_plural(len(document['workers']), 'worker')}"
     if document.get("dial_balance", "random") != "random":
         first += f"; dials: {document['dial_balance']}"
     peers = document.get(peer + "s", [])
@@ -143,13 +145,18 @@ def _state(row: dict[str, Any]) -> str:
 
 def _table(document: dict[str, Any]) -> list[str]:
     peer = _peer_kind(document)
-    columns = ["CONN", peer.upper(), "DESTINATION"]
+    by_worker = bool(document.get("workers"))
+    columns = ["CONN", "WORKER"] if by_worker else ["CONN"]
+    columns += [peer.upper(), "DESTINATION"]
     if peer == "agent":
         columns.append("FRONTEND")
     columns += ["UP", "DOWN", "BUFFERED", "STATE", "WINDOW", "AGE"]
     rows = [columns]
     for row in document["tunnels"]:
-        cells = [str(row["connection_id"]), row[peer + "_id"] or "(empty)", row["destination"]]
+        cells = [str(row["connection_id"])]
+        if by_worker:
+            cells.append(row.get("server_id") or "-")
+        cells += [row[peer + "_id"] or "(empty)", row["destination"]]
         if peer == "agent":
             cells.append(row.get("frontend") or "-")
         window = row.get("window")

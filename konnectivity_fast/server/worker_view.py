@@ -171,7 +171,8 @@ def merge_listings(
 ) -> dict[str, Any]:
     """The tunnel listing of the whole host from its workers' (``server.tunnel_list``'s
     document each): rows marked with their worker's ``server_id``, sorted as ``query``
-    asks and cut to its limit; totals and per-agent entries added up."""
+    asks and cut to its limit; totals and per-agent entries added up, but for the count
+    of agents (each is held by every worker)."""
     rows: list[dict[str, Any]] = []
     agents: dict[str, dict[str, Any]] = {}
     totals: dict[str, int] = {}
@@ -188,6 +189,10 @@ def merge_listings(
         rows.sort(key=lambda row: float(row["age_seconds"]), reverse=True)
     rows = rows[: query.limit]
     totals["listed"] = len(rows)
+    # Every agent connects to every worker: the host has as many agents as the worker
+    # that has the most, not their sum.
+    most = max((int(d.get("totals", {}).get("agents", 0)) for d in documents), default=0)
+    totals["agents"] = max(most, len(agents))
     first = documents[0] if documents else {}
     return {
         "program": first.get("program", "proxy-server"),

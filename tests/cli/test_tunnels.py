@@ -20,6 +20,7 @@ from konnectivity_fast.cli import tunnels
 from konnectivity_fast.cli.main import main as kf_main
 from konnectivity_fast.server.proxy import ProxyServer
 from konnectivity_fast.server.tunnel_list import server_listing
+from konnectivity_fast.server.worker_view import merge_listings
 from konnectivity_fast.tunnel import AgentIdentifiers, FrontendMode
 from konnectivity_fast.tunnel.listing import TunnelQuery
 from konnectivity_fast.wire.contract import TunnelSort
@@ -138,6 +139,27 @@ def test_server_table() -> None:
         ["3", "node-b", "10.96.0.1:443", "grpc", "2.0KiB", "3.0GiB", "0B", "-", "-", "6m20s"],
         ["1", "node-a", "10.0.0.1:10250", "grpc", "5.0MiB", "200B", "0B", "-", "-", "4m20s"],
         ["2", "node-a", "10.0.0.2:443", "http-connect", "10B", "20B", "0B", "-", "-", "5m20s"],
+    ]
+
+
+def test_server_with_workers_table_names_each_rows_worker() -> None:
+    """A ``--workers`` host's listing (server/worker_view.py ``merge_listings``): one
+    table, a WORKER column, the workers counted in the header."""
+    one, two = server_document(), server_document()
+    one["server_id"], two["server_id"] = "srv-0", "srv-1"
+    document = merge_listings([one, two], TunnelQuery(limit=4), "srv")
+    head, peers, _, titles, *rows = tunnels.render(document).splitlines()
+    assert head == (
+        "proxy-server srv: 6 tunnels on 2 agents, 0 pending dials; "
+        "up 10MiB, down 6.0GiB; by bytes, 4 of 6 shown; 2 workers"
+    )
+    assert peers == "agents: node-a 4, node-b 2"
+    assert titles.split()[:3] == ["CONN", "WORKER", "AGENT"]
+    assert [row.split()[:3] for row in rows] == [
+        ["3", "srv-0", "node-b"],
+        ["3", "srv-1", "node-b"],
+        ["1", "srv-0", "node-a"],
+        ["1", "srv-1", "node-a"],
     ]
 
 

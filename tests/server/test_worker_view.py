@@ -139,7 +139,7 @@ def test_listings_merge_rows_sorted_and_cut(sort: TunnelSort, order: list[int]) 
     assert [r["connection_id"] for r in merged["tunnels"]] == order
     by_id = {r["connection_id"]: r["server_id"] for r in merged["tunnels"]}
     assert by_id.get(3, "h-1") == "h-1" and by_id.get(2, "h-0") == "h-0"
-    assert merged["totals"] == {"tunnels": 4, "agents": 2, "listed": 3}
+    assert merged["totals"] == {"tunnels": 4, "agents": 1, "listed": 3}
     assert merged["agents"] == [
         {"agent_id": "a1", "streams": 2, "tunnels": 4, "paused": True},
     ]
