@@ -63,12 +63,16 @@ FETCH_TIMEOUT = 10.0
 #: label values; anything larger is not a worker's.
 MAX_ANSWER_BYTES = 16 << 20
 
-#: Process figures that are not amounts: the merged value is the smallest (start time:
-#: when the oldest worker started) or the largest (limits every worker has alike).
+#: Process figures that are not amounts of each process: the merged value is the
+#: smallest (start time: when the oldest process started) or the largest (limits every
+#: process has alike, and the network counters, which are the network namespace's, read
+#: alike by every process of the host).
 NOT_ADDED: dict[str, Callable[[float, float], float]] = {
     "process_start_time_seconds": min,
     "process_max_fds": max,
     "process_virtual_memory_max_bytes": max,
+    "process_network_receive_bytes_total": max,
+    "process_network_transmit_bytes_total": max,
 }
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)$")
