@@ -23,7 +23,8 @@ package main
 //	       "JOINED <json>": connected (agents holding all K), failures, dials (connections
 //	       made in all, duplicates included), seconds (first start to last header),
 //	       p50_ms and max_ms of one agent's connect (dial + TLS + Connect + headers, K
-//	       times and more), servers (connections held per server ID)
+//	       times and more), servers (connections held per server ID), server_counts
+//	       (connections held per `servercount` header value)
 //	LEAVE  close every agent's connections; "LEFT <seconds>"
 //	QUIT   (or stdin closed) exit
 //
@@ -64,8 +65,12 @@ const swarmConnectTimeout = 60 * time.Second
 // missing, or the address not balancing at all) instead of dialling forever.
 const maxDialsPerServer = 20
 
-// The response header naming the server (upstream's pkg/server: header.ServerID).
-const serverIDHeader = "serverid"
+// The response headers naming the server and telling how many there are (upstream's
+// pkg/server: header.ServerID, header.ServerCount).
+const (
+	serverIDHeader    = "serverid"
+	serverCountHeader = "servercount"
+)
 
 var connectDesc = &grpc.StreamDesc{StreamName: "Connect", ServerStreams: true, ClientStreams: true}
 
@@ -76,9 +81,10 @@ type swarmFlags struct {
 
 // agentConn is one connection of a fake agent to one server.
 type agentConn struct {
-	cc       *grpc.ClientConn
-	cancel   context.CancelFunc
-	serverID string
+	cc          *grpc.ClientConn
+	cancel      context.CancelFunc
+	serverID    string
+	serverCount string
 }
 
 func (c *agentConn) close() {
@@ -186,13 +192,14 @@ func join(f swarmFlags, cfg *tls.Config) ([]*fakeAgent, map[string]any) {
 	seconds := time.Since(start).Seconds()
 	var ok []time.Duration
 	var held []*fakeAgent
-	servers := map[string]int{}
+	servers, counts := map[string]int{}, map[string]int{}
 	for i, a := range agents {
 		if a != nil {
 			ok = append(ok, lat[i])
 			held = append(held, a)
 			for _, c := range a.conns {
 				servers[c.serverID]++
+				counts[c.serverCount]++
 			}
 		}
 	}
@@ -204,7 +211,7 @@ func join(f swarmFlags, cfg *tls.Config) ([]*fakeAgent, map[string]any) {
 	r := map[string]any{
 		"connected": len(held), "failures": failures.Load(), "seconds": seconds,
 		"p50_ms": p50, "max_ms": worst.Seconds() * 1e3, "dials": dials.Load(),
-		"servers": servers,
+		"servers": servers, "server_counts": counts,
 	}
 	if e := firstErr.Load(); e != nil {
 		r["error"] = e
@@ -267,11 +274,15 @@ func connectAgent(target string, cfg *tls.Config, id string) (*agentConn, error)
 		return nil, err
 	}
 	go serveAgent(stream)
-	serverID := ""
-	if v := header.Get(serverIDHeader); len(v) > 0 {
-		serverID = v[0]
+	return &agentConn{cc: cc, cancel: cancel,
+		serverID: firstValue(header, serverIDHeader), serverCount: firstValue(header, serverCountHeader)}, nil
+}
+
+func firstValue(md metadata.MD, key string) string {
+	if v := md.Get(key); len(v) > 0 {
+		return v[0]
 	}
-	return &agentConn{cc: cc, cancel: cancel, serverID: serverID}, nil
+	return ""
 }
 
 type headerResult struct {
