@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -242,6 +243,7 @@ def scale_run(s: Setup, variant: Variant, agents: int, args: argparse.Namespace)
         report, spent = join(swarm, server)
         held = settled_rss(server)
         connected = max(int(report["connected"]), 1)
+        dials = int(report.get("dials", report["connected"]))
         out: dict[str, Any] = {
             "connected": int(report["connected"]),
             "rss_base_mib": round(base / 1024, 1),
@@ -251,7 +253,11 @@ def scale_run(s: Setup, variant: Variant, agents: int, args: argparse.Namespace)
             "storm_s": round(float(report["seconds"]), 2),
             "worst_connect_ms": round(float(report["max_ms"]), 1),
             "p50_connect_ms": round(float(report["p50_ms"]), 1),
-            "dials": int(report.get("dials", 0)),
+            "dials": dials,
+            # Per connection made (duplicates included): with W workers an agent's connect
+            # is W connections and more, so these are the figures comparable across W.
+            "dials_per_s": round(dials / max(float(report["seconds"]), 1e-9), 1),
+            "connect_cpu_ms_per_dial": round(spent / max(dials, 1) * 1e3, 3),
             "servers": report.get("servers", {}),
             "server_counts": report.get("server_counts", {}),
             "storm_busy": report["busy"],
@@ -347,6 +353,8 @@ WORKER_FIGURES = [
     ("worst_connect_ms", "slowest connect, ms", "lower"),
     ("p50_connect_ms", "median connect, ms", "lower"),
     ("connect_cpu_ms", "connect CPU, ms/agent", "lower"),
+    ("dials_per_s", "connections/s, storm", "higher"),
+    ("connect_cpu_ms_per_dial", "connect CPU, ms/conn", "lower"),
     ("kib_per_agent", "KiB per agent", "lower"),
     ("tunnels_per_s", "tunnels/s", "higher"),
     ("server_cpu_ms_per_tunnel", "server CPU, ms/tunnel", "lower"),
@@ -392,6 +400,9 @@ def workers_table(results: dict[str, Any]) -> str:
         + " worker processes, upstream v0.36.0 for reference, same run "
         + f"(fake agents: loadgen swarm -servers=W; {os.cpu_count()} CPUs shared with it)"
     ]
+    repeats = results["workers_compare"].get("repeats", 1)
+    if repeats > 1:
+        lines.append(f"medians of {repeats} runs each, interleaved")
     for n, by_variant in sorted(
         results["workers_compare"]["by_agents"].items(), key=lambda kv: int(kv[0])
     ):
@@ -419,17 +430,39 @@ def workers_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant's figures over its repeats: the median of each number, the last run's
+    other values (its connections per server ID), ``all_workers_held`` only if every run
+    held all workers; the runs themselves under ``runs``."""
+    out: dict[str, Any] = {}
+    for key, last in runs[-1].items():
+        values = [r.get(key) for r in runs]
+        numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+        if len(numbers) == len(values):
+            out[key] = statistics.median(numbers)
+        elif key == "all_workers_held":
+            out[key] = all(values)
+        else:
+            out[key] = last
+    return out | ({"runs": runs} if len(runs) > 1 else {})
+
+
 def workers_compare(s: Setup, args: argparse.Namespace) -> dict[str, Any]:
-    """Every variant of ``worker_variants`` held by each N of ``--agents``, in turn."""
+    """Every variant of ``worker_variants`` held by each N of ``--agents``, ``--repeats``
+    times, the order reversed every other repeat (the machine's load drifts)."""
     by_agents: dict[str, dict[str, Any]] = {}
+    variants = worker_variants(args.workers_compare, args.impls)
     for n in args.agents:
-        for variant in worker_variants(args.workers_compare, args.impls):
-            r = scale_run(s, variant, n, args)
-            if variant.workers:
-                r["all_workers_held"] = all_workers_held(r, n, variant.workers)
-            by_agents.setdefault(str(n), {})[variant.name] = r
-            progress(f"N={n} {variant.name}: {r}")
-    return {"counts": list(args.workers_compare), "by_agents": by_agents}
+        runs: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
+        for i in range(args.repeats):
+            for variant in variants if i % 2 == 0 else variants[::-1]:
+                r = scale_run(s, variant, n, args)
+                if variant.workers:
+                    r["all_workers_held"] = all_workers_held(r, n, variant.workers)
+                runs[variant.name].append(r)
+                progress(f"N={n} {variant.name} run {i + 1}/{args.repeats}: {r}")
+        by_agents[str(n)] = {name: median_run(rs) for name, rs in runs.items()}
+    return {"counts": list(args.workers_compare), "repeats": args.repeats, "by_agents": by_agents}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -450,6 +483,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         nargs="+",
         metavar="W",
         help="instead: our server with --workers=W for each W (e.g. 1 2), upstream for reference",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="--workers-compare: runs of each, medians"
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
