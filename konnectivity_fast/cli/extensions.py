@@ -40,6 +40,7 @@ __all__ = [
     "check_dial_balance",
     "check_discovery",
     "check_node_to_cp",
+    "check_workers",
     "node_to_cp_active",
     "offered_extensions",
     "offered_server_extensions",
@@ -134,7 +135,20 @@ PEER_EXTENSION_FLAGS: tuple[tuple[str, str, ValueType, str], ...] = (
         "CA a peer's certificate must chain to, both ways; empty means --server-ca-cert.",
     ),
 )
-SERVER_EXTENSION_FLAGS = SERVER_EXTENSION_FLAGS + PEER_EXTENSION_FLAGS
+#: ``--workers`` (docs/workers.md), checked by ``check_workers``.
+WORKER_FLAGS: tuple[tuple[str, str, ValueType, str], ...] = (
+    (
+        "workers",
+        "workers",
+        INT,
+        "Worker processes, each a proxy-server with its own server ID (<server-id>-<i>), "
+        "sharing the frontend socket and the agent port, so agent handshakes and tunnel "
+        "set-ups use that many cores. Agents are told a server count of --server-count "
+        "times this and connect to every worker; the health and admin ports answer for "
+        "all workers together. 1: one process, as upstream.",
+    ),
+)
+SERVER_EXTENSION_FLAGS = SERVER_EXTENSION_FLAGS + PEER_EXTENSION_FLAGS + WORKER_FLAGS
 #: ``--server-discovery`` values: where the agent learns each server's direct address.
 DISCOVERY_SOURCES = ("headers", "leases", "service")
 
@@ -261,6 +275,31 @@ def check_advertise_address(value: str) -> str | None:
         parse_address(value)
     except ValueError as exc:
         return f"--agent-advertise-address: {exc}"
+    return None
+
+
+class WorkerOptions(Protocol):
+    """The option fields ``--workers`` is checked with."""
+
+    workers: int
+    agent_advertise_address: str
+    enable_peer_forwarding: bool
+
+
+def check_workers(options: WorkerOptions) -> str | None:
+    """The validation error for ``--workers``, or None. Workers share one agent port, so
+    none of them has an address of its own to advertise, nor a peer port of its own."""
+    # Here, not at the top: the agent's command line imports this module too.
+    from konnectivity_fast.server.workers import MAX_WORKERS
+
+    if not 1 <= options.workers <= MAX_WORKERS:
+        return f"--workers must be between 1 and {MAX_WORKERS}, got {options.workers}"
+    if options.workers == 1:
+        return None
+    if options.agent_advertise_address:
+        return "--agent-advertise-address cannot be used with --workers above 1"
+    if options.enable_peer_forwarding:
+        return "--enable-peer-forwarding cannot be used with --workers above 1"
     return None
 
 

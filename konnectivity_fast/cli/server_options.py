@@ -28,6 +28,7 @@ from konnectivity_fast.cli.extensions import (
     add_extension_flags,
     check_advertise_address,
     check_dial_balance,
+    check_workers,
 )
 from konnectivity_fast.cli.flags import (
     BOOL,
@@ -186,6 +187,8 @@ class ProxyRunOptions:
     allowed_destination: list[str] = field(default_factory=list)
     agent_initiated_dial_timeout: float = DEFAULT_DIAL_TIMEOUT
     max_agent_initiated_connections_per_agent: int = DEFAULT_MAX_PER_AGENT
+    # Worker processes (server/workers.py); 1: one process, as upstream.
+    workers: int = 1
 
     def validate(self) -> str | None:
         """The first failing check's message, in upstream's order, or ``None``."""
@@ -210,6 +213,7 @@ class ProxyRunOptions:
             or check_advertise_address(self.agent_advertise_address)
             or check_peering(self)
             or check_node_to_cp(self)
+            or check_workers(self)
         )
 
     def _check_files(self) -> str | None:

@@ -19,6 +19,11 @@ handshake included, in a task of its own); the listener keeps the sockets' creat
 ``loop.create_server`` and ``create_unix_server`` do it (one socket per address of the host,
 ``SO_REUSEADDR``, IPv6-only IPv6 sockets, a stale Unix socket file replaced, Go's backlog).
 
+Sockets bound by another process can be handed over (``adopt_sockets``): a listener asked
+for an address that has one listens on it instead of binding, so that the proxy-server's
+worker processes (``--workers``) accept from the sockets their supervisor bound once.
+``bind_tcp`` and ``bind_unix`` are the binding half of ``listen_tcp`` and ``listen_unix``.
+
 Invariants: a listener accepts only while started and not closed; while it waits after an
 exhaustion its socket is not watched at all (no busy loop); every handshake task is kept
 until it ends and cancelled by ``close()``; an accepted socket is owned by its transport
@@ -46,6 +51,9 @@ __all__ = [
     "ACCEPT_RETRY_FIRST",
     "ACCEPT_RETRY_MAX",
     "Listener",
+    "adopt_sockets",
+    "bind_tcp",
+    "bind_unix",
     "listen_tcp",
     "listen_unix",
     "set_exhaustion_observer",
@@ -72,6 +80,21 @@ ExhaustionObserver = Callable[[str, str], None]
 # The process's observer, if any (its metric: transport/ imports no metrics, the programs
 # set it).
 _observers: list[ExhaustionObserver] = []
+
+
+#: The address of a listening socket, as the listener is asked for it: ("tcp", host, port)
+#: (host "" for every interface) or ("unix", path, 0).
+SocketKey = tuple[str, str, int]
+
+# Sockets bound elsewhere and handed to this process, by the address they were bound for;
+# each is taken by the first listener asked for that address.
+_adopted: dict[SocketKey, list[socket.socket]] = {}
+
+
+def adopt_sockets(key: SocketKey, sockets: list[socket.socket]) -> None:
+    """Have the next listener asked for ``key`` listen on ``sockets`` (bound, listening)
+    instead of binding its own."""
+    _adopted[key] = sockets
 
 
 def set_exhaustion_observer(observer: ExhaustionObserver | None) -> None:
@@ -257,25 +280,14 @@ class Listener:
             log.debug("%s listener: connection not set up: %r", self.name, exc)
 
 
-async def listen_tcp(
-    name: str,
-    factory: ProtocolFactory,
-    host: str | None,
-    port: int,
-    *,
-    backlog: int,
-    ssl: ssl_module.SSLContext | None = None,
-    ssl_handshake_timeout: float | None = None,
-    ssl_shutdown_timeout: float | None = None,
-    listener_class: type[Listener] = Listener,
-) -> Listener:
-    """Listen on every address of ``host`` (None: all interfaces) as
-    ``loop.create_server`` would, and start accepting (with ``listener_class``: a
-    ``Listener`` that does more per connection, such as ``transport.gotls``'s)."""
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
+def bind_tcp(host: str | None, port: int, *, backlog: int) -> list[socket.socket]:
+    """Listening sockets on every address of ``host`` (None: all interfaces), as
+    ``listen_tcp`` binds them."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return _bind_all(infos, backlog)
+
+
+def _bind_all(infos: list[Any], backlog: int) -> list[socket.socket]:
     sockets: list[socket.socket] = []
     try:
         for family, kind, proto, _, address in dict.fromkeys(infos):
@@ -297,6 +309,33 @@ async def listen_tcp(
         for sock in sockets:
             sock.close()
         raise
+    return sockets
+
+
+async def listen_tcp(
+    name: str,
+    factory: ProtocolFactory,
+    host: str | None,
+    port: int,
+    *,
+    backlog: int,
+    ssl: ssl_module.SSLContext | None = None,
+    ssl_handshake_timeout: float | None = None,
+    ssl_shutdown_timeout: float | None = None,
+    listener_class: type[Listener] = Listener,
+) -> Listener:
+    """Listen on every address of ``host`` (None: all interfaces) as
+    ``loop.create_server`` would, and start accepting (with ``listener_class``: a
+    ``Listener`` that does more per connection, such as ``transport.gotls``'s)."""
+    sockets = _adopted.pop(("tcp", host or "", port), None)
+    if sockets is None:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        sockets = _bind_all(infos, backlog)
+    else:
+        for sock in sockets:
+            sock.listen(backlog)  # the adopting listener's backlog, not the binder's
     listener = listener_class(
         name,
         sockets,
@@ -309,18 +348,9 @@ async def listen_tcp(
     return listener
 
 
-async def listen_unix(
-    name: str,
-    factory: ProtocolFactory,
-    path: str,
-    *,
-    backlog: int,
-    ssl: ssl_module.SSLContext | None = None,
-    ssl_handshake_timeout: float | None = None,
-    ssl_shutdown_timeout: float | None = None,
-) -> Listener:
-    """Listen on the Unix socket ``path`` as ``loop.create_unix_server`` would (a stale
-    socket file there is replaced, any other file is an error), and start accepting."""
+def bind_unix(path: str, *, backlog: int) -> socket.socket:
+    """A listening Unix socket at ``path``, as ``listen_unix`` binds it (a stale socket
+    file there is replaced, any other file is an error)."""
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(os.stat(path).st_mode):
             os.remove(path)
@@ -336,6 +366,27 @@ async def listen_unix(
     except BaseException:
         sock.close()
         raise
+    return sock
+
+
+async def listen_unix(
+    name: str,
+    factory: ProtocolFactory,
+    path: str,
+    *,
+    backlog: int,
+    ssl: ssl_module.SSLContext | None = None,
+    ssl_handshake_timeout: float | None = None,
+    ssl_shutdown_timeout: float | None = None,
+) -> Listener:
+    """Listen on the Unix socket ``path`` as ``loop.create_unix_server`` would (a stale
+    socket file there is replaced, any other file is an error), and start accepting."""
+    adopted = _adopted.pop(("unix", path, 0), None)
+    if adopted is None:
+        sock = bind_unix(path, backlog=backlog)
+    else:
+        (sock,) = adopted
+        sock.listen(backlog)
     listener = Listener(
         name,
         [sock],

@@ -13,6 +13,7 @@ a request body is never read. Dates are written by hand:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -71,7 +72,9 @@ class Request:
 
 # (status, content type, body, extra headers)
 Response = tuple[int, str, bytes, tuple[tuple[str, str], ...]]
-Handler = Callable[[Request], Response]
+#: A route's handler; one that must ask elsewhere first (the proxy-server supervisor's
+#: routes ask its workers) returns an awaitable of the response.
+Handler = Callable[[Request], Response | Awaitable[Response]]
 
 
 def http_date(now: float | None = None) -> str:
@@ -135,7 +138,7 @@ async def _read_head(reader: asyncio.StreamReader) -> bytes | None:
     return bytes(buf[:end])
 
 
-def _respond(routes: Mapping[str, Handler], head: bytes | None) -> bytes:
+async def _respond(routes: Mapping[str, Handler], head: bytes | None) -> bytes:
     if head is None:
         return error_response(TOO_LARGE)
     try:
@@ -143,7 +146,10 @@ def _respond(routes: Mapping[str, Handler], head: bytes | None) -> bytes:
     except HeadError as exc:
         return error_response(exc.status)
     handler = routes.get(request.path)
-    status, ctype, body, extra = handler(request) if handler else _not_found()
+    answer = handler(request) if handler else _not_found()
+    if inspect.isawaitable(answer):
+        answer = await answer
+    status, ctype, body, extra = answer
     return _render(status, ctype, body, extra, head=request.method == "HEAD", http10=request.http10)
 
 
@@ -158,7 +164,7 @@ def _connection_handler(
                 return
             if head == b"":
                 return  # the client left before sending a whole request
-            writer.write(_respond(routes, head))
+            writer.write(await _respond(routes, head))
             await writer.drain()
         except (ConnectionError, OSError, RuntimeError) as exc:
             # RuntimeError: uvloop's "handler is closed" when the client reset first.

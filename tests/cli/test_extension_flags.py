@@ -11,6 +11,7 @@ from konnectivity_fast.cli.extensions import (
     EXTENSION_FLAGS,
     EXTENSION_MARK,
     SERVER_EXTENSION_FLAGS,
+    check_workers,
     offered_extensions,
     offered_server_extensions,
 )
@@ -62,3 +63,29 @@ def test_advertise_address_offers_server_endpoints() -> None:
     assert offered_server_extensions(both.options) == {Extension.SERVER_ENDPOINTS, Extension.FLOW}
     plain = server_options.parse_args([], environ={})
     assert offered_server_extensions(plain.options) == NO_EXTENSIONS
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--workers=0"], "--workers must be between 1 and 64, got 0"),
+        (["--workers=65"], "--workers must be between 1 and 64, got 65"),
+        (
+            ["--workers=2", "--agent-advertise-address=10.0.0.5:8091"],
+            "--agent-advertise-address cannot be used with --workers above 1",
+        ),
+        (
+            ["--workers=2", "--enable-peer-forwarding"],
+            "--enable-peer-forwarding cannot be used with --workers above 1",
+        ),
+    ],
+)
+def test_workers_flag_is_checked(args: list[str], error: str) -> None:
+    parsed = server_options.parse_args(args, environ={})
+    assert check_workers(parsed.options) == error
+
+
+def test_workers_flag_defaults_to_one_process() -> None:
+    assert server_options.parse_args([], environ={}).options.workers == 1
+    parsed = server_options.parse_args(["--workers=4", "--dial-balance=least-tunnels"], environ={})
+    assert (parsed.options.workers, check_workers(parsed.options)) == (4, None)

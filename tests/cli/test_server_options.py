@@ -82,6 +82,7 @@ DEFAULTS: list[tuple[str, Any, type]] = [  # (field, value, type); durations in 
     ("allowed_destination", [], list),
     ("agent_initiated_dial_timeout", 5.0, float),
     ("max_agent_initiated_connections_per_agent", 1000, int),
+    ("workers", 1, int),
 ]
 
 
