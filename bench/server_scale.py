@@ -504,6 +504,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.workers_compare:
                 results["machine"] = describe_machine(up)
                 results["workers_compare"] = workers_compare(s, args)
+                # Other work on the machine skews the comparison (a server of W processes
+                # gets a larger share of contended CPUs): the load after, beside before.
+                results["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
             scale: dict[str, dict[str, Any]] = {}
             for n in args.agents if not args.workers_compare else ():
                 for impl in args.impls:
