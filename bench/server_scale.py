@@ -166,17 +166,39 @@ def start_swarm(s: Setup, server: Server, agents: int) -> Proc:
     return swarm
 
 
+class Phase:
+    """CPU seconds over one phase of a run: the server's process tree, the benchmark's
+    clients (``pids``: the swarm, the set-up generator), and the whole machine; ``busy``
+    is the machine's use and ``others`` that of everything else on it (other work, which
+    skews the figures), each as a fraction of all its CPUs."""
+
+    def __init__(self, server: Server, *pids: int) -> None:
+        self.root, self.pids = server.proc.pid, pids
+        self.t0, self.machine = time.monotonic(), machine_busy_seconds()
+        self.server_s = tree_cpu_seconds(self.root)
+        self.clients_s = sum(cpu_seconds(p) for p in pids)
+        self.busy = self.others = 0.0
+
+    def end(self) -> Phase:
+        self.server_s = tree_cpu_seconds(self.root) - self.server_s
+        self.clients_s = sum(cpu_seconds(p) for p in self.pids) - self.clients_s
+        machine = machine_busy_seconds() - self.machine
+        capacity = max(time.monotonic() - self.t0, 1e-9) * (os.cpu_count() or 1)
+        self.busy = round(machine / capacity, 2)
+        self.others = round(max(machine - self.server_s - self.clients_s, 0.0) / capacity, 2)
+        return self
+
+
 def join(swarm: Proc, server: Server) -> tuple[dict[str, Any], float]:
-    """One round of the swarm connecting: its report (with ``swarm_cpu_s`` and ``busy``,
-    the machine's CPU use over the round, 0-1 of all its CPUs), and the server's CPU
-    seconds."""
-    before, swarm_before = tree_cpu_seconds(server.proc.pid), cpu_seconds(swarm.pid)
-    busy_before, t0 = machine_busy_seconds(), time.monotonic()
+    """One round of the swarm connecting: its report (with ``swarm_cpu_s``, and ``busy``
+    and ``others`` of ``Phase``), and the server's CPU seconds."""
+    phase = Phase(server, swarm.pid)
     swarm.write_line("JOIN")
     report: dict[str, Any] = json.loads(swarm.expect("JOINED", JOIN_TIMEOUT))
-    spent = tree_cpu_seconds(server.proc.pid) - before
-    report["swarm_cpu_s"] = cpu_seconds(swarm.pid) - swarm_before
-    report["busy"] = _busy(busy_before, t0)
+    phase.end()
+    spent = phase.server_s
+    report["swarm_cpu_s"] = phase.clients_s
+    report["busy"], report["others"] = phase.busy, phase.others
     if report.get("failures"):
         progress(f"{server.impl}: {report['failures']} agents failed: {report.get('error')}")
     return report, spent
@@ -187,18 +209,12 @@ def leave(swarm: Proc) -> None:
     swarm.expect("LEFT", LEAVE_TIMEOUT)
 
 
-def _busy(busy_before: float, t0: float) -> float:
-    """The machine's CPU use since ``t0``, as a fraction of all its CPUs."""
-    wall = max(time.monotonic() - t0, 1e-9)
-    return round((machine_busy_seconds() - busy_before) / wall / (os.cpu_count() or 1), 2)
-
-
 def settled_rss(server: Server) -> int:
     time.sleep(SETTLE)
     return tree_rss_kib(server.proc.pid)
 
 
-def tunnels(s: Setup, server: Server, loops: int, seconds: float) -> dict[str, float]:
+def tunnels(s: Setup, server: Server, swarm: Proc, loops: int, seconds: float) -> dict[str, float]:
     """Tunnel set-ups through the frontend while the swarm holds the agents."""
     gen = s.procs.start(
         f"setup-{server.impl}",
@@ -213,15 +229,11 @@ def tunnels(s: Setup, server: Server, loops: int, seconds: float) -> dict[str, f
         ],
     )
     gen.expect("READY", READY_TIMEOUT)
-    before, busy_before, t0 = (
-        tree_cpu_seconds(server.proc.pid),
-        machine_busy_seconds(),
-        time.monotonic(),
-    )
+    phase = Phase(server, gen.pid, swarm.pid)
     gen.write_line("GO")
     r = json.loads(gen.expect("RESULT", seconds + JOIN_TIMEOUT))
-    spent = tree_cpu_seconds(server.proc.pid) - before
-    busy = _busy(busy_before, t0)
+    phase.end()
+    spent = phase.server_s
     s.procs.finish(gen, READY_TIMEOUT)
     if "error" in r and not r.get("tunnels"):
         raise ChildError(f"{server.impl}: tunnel set-ups failed: {r['error']}")
@@ -230,7 +242,8 @@ def tunnels(s: Setup, server: Server, loops: int, seconds: float) -> dict[str, f
         "tunnels_per_s": round(made / float(r["seconds"]), 1),
         "server_cpu_ms_per_tunnel": round(spent / max(made, 1) * 1e3, 3),
         "failures": int(r.get("failures", 0)),
-        "tunnels_busy": busy,
+        "tunnels_busy": phase.busy,
+        "tunnels_others": phase.others,
     }
 
 
@@ -261,11 +274,12 @@ def scale_run(s: Setup, variant: Variant, agents: int, args: argparse.Namespace)
             "servers": report.get("servers", {}),
             "server_counts": report.get("server_counts", {}),
             "storm_busy": report["busy"],
+            "storm_others": report["others"],
             "swarm_cpu_ms_per_agent": round(report["swarm_cpu_s"] / connected * 1e3, 3),
             "processes": len(tree_pids(server.proc.pid)),
         }
         if args.setup_seconds > 0:
-            out |= tunnels(s, server, args.setup_loops, args.setup_seconds)
+            out |= tunnels(s, server, swarm, args.setup_loops, args.setup_seconds)
         leave(swarm)
         quit_swarm(s, swarm)
         return out
@@ -359,7 +373,9 @@ WORKER_FIGURES = [
     ("tunnels_per_s", "tunnels/s", "higher"),
     ("server_cpu_ms_per_tunnel", "server CPU, ms/tunnel", "lower"),
     ("storm_busy", "machine busy, storm", None),
+    ("storm_others", "  other work, storm", None),
     ("tunnels_busy", "machine busy, tunnels", None),
+    ("tunnels_others", "  other work, tunnels", None),
 ]
 
 
@@ -427,6 +443,18 @@ def workers_table(results: dict[str, Any]) -> str:
             if name.startswith("ours-")
         ]
         lines.append("connections per server ID: " + "; ".join(held))
+        for key, label, other in (
+            ("dials_per_s", "connections/s in the storm", "storm_others"),
+            ("tunnels_per_s", "tunnels/s", "tunnels_others"),
+        ):
+            each = [
+                f"  {name:11s} "
+                + " ".join(f"{r.get(key, 0):g} ({r.get(other, 0):g})" for r in runs)
+                for name in names
+                if len(runs := by_variant[name].get("runs", [])) > 1
+            ]
+            if each:
+                lines += [f"each run's {label} (other work on the machine, of its CPUs):", *each]
     return "\n".join(lines)
 
 
