@@ -149,6 +149,6 @@ bench-scale: build
 # proxy-server --workers on this machine: our server with 1 and 2 worker processes, upstream
 # v0.36.0 for reference, same run, 2,000 fake agents each holding one connection per worker
 # (bench/server_scale.py --workers-compare): connect storm, connect CPU, memory per agent,
-# tunnel set-ups; medians of 3 interleaved runs, each 2-worker / 1-worker ratio. ~4 minutes.
+# tunnel set-ups; medians of 5 interleaved runs, each 2-worker / 1-worker ratio. ~3 minutes.
 bench-workers: build
-	$(PY) -m bench.server_scale --workers-compare 1 2 --agents 2000 --repeats 3 --json bench/results/server-workers.json
+	$(PY) -m bench.server_scale --workers-compare 1 2 --agents 2000 --repeats 5 --json bench/results/server-workers.json
