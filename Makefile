@@ -6,7 +6,7 @@ BUILD_LOCK := /tmp/konnectivity-fast-build.lock
 # Every target is a command, none is a file (tests/test_makefile.py checks the list).
 .PHONY: bootstrap bootstrap-runtime bootstrap-bench build debug asan vendored wheel run test \
 	test-quick lint fuzz fuzz-long bench bench-tunnel bench-echo bench-micro bench-agent-rss \
-	clean images interop chaos ha bench-abuse bench-n2cp bench-scale
+	clean images interop chaos ha bench-abuse bench-n2cp bench-scale bench-workers
 
 bootstrap:
 	scripts/bootstrap.sh test
@@ -145,3 +145,10 @@ bench-n2cp: build
 # 2,000 agents joining and leaving (RSS per round). About 15 minutes.
 bench-scale: build
 	$(PY) -m bench.server_scale --agents 1000 3000 --churn 20 --churn-agents 2000 --json bench/results/server-scale.json
+
+# proxy-server --workers on this machine: our server with 1 and 2 worker processes, upstream
+# v0.36.0 for reference, same run, 2,000 fake agents each holding one connection per worker
+# (bench/server_scale.py --workers-compare): connect storm, connect CPU, memory per agent,
+# tunnel set-ups; medians of 5 interleaved runs, each 2-worker / 1-worker ratio. ~3 minutes.
+bench-workers: build
+	$(PY) -m bench.server_scale --workers-compare 1 2 --agents 2000 --repeats 5 --json bench/results/server-workers.json

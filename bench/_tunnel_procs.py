@@ -132,6 +132,60 @@ def cpu_split(pid: int) -> tuple[float, float]:
     return int(rest[11]) / CLK_TCK, int(rest[12]) / CLK_TCK
 
 
+def tree_pids(root: int) -> list[int]:
+    """``root`` and its descendants alive now (a proxy-server with ``--workers`` runs its
+    workers as child processes), from the parent pids of /proc (the kernel here has no
+    /proc/<pid>/task/<tid>/children)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:  # exited meanwhile
+            continue
+        ppid = int(raw[raw.rindex(b")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds (user + system) of ``root`` and its descendants: those alive, and those
+    that exited and were waited for (the cutime and cstime of their parents)."""
+    total = 0.0
+    for pid in tree_pids(root):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        rest = raw[raw.rindex(b")") + 2 :].split()
+        total += sum(int(x) for x in rest[11:15]) / CLK_TCK
+    return total
+
+
+def tree_rss_kib(root: int) -> int:
+    """VmRSS of ``root`` and its descendants, summed, KiB (pages shared between them, as
+    after a fork, are counted in each)."""
+    total = 0
+    for pid in tree_pids(root):
+        try:
+            with open(f"/proc/{pid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"VmRSS:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            continue
+    return total
+
+
 # -- builds -----------------------------------------------------------------------------
 
 

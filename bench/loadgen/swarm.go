@@ -8,14 +8,24 @@ package main
 // connectID of its own), DATA by the backend's protocol (opSetup: a setupReply-byte reply;
 // anything else echoed), CLOSE_REQ with CLOSE_RSP.
 //
-//	loadgen swarm -target=127.0.0.1:PORT -ca=F -cert=F -key=F -conns=N -batch=B
+//	loadgen swarm -target=127.0.0.1:PORT -ca=F -cert=F -key=F -conns=N -batch=B [-servers=K]
+//
+// -servers=K (K > 1): the address is K proxy-servers behind one address (replicas behind a
+// load balancer, or one proxy-server's K worker processes sharing its listening sockets), and
+// each fake agent does what a real agent does there: it dials, reads the server's `serverid`
+// response header, and dials again (at once, not after a real agent's backoff) until it holds
+// K connections to K distinct server IDs, closing each duplicate; at most
+// maxDialsPerServer*K dials (see there). One agent's connect lasts until it holds all K.
 //
 // Protocol with the orchestrator, in lines on stdin / stdout:
 //
-//	JOIN   connect every agent, at most -batch connecting at once; then
-//	       "JOINED <json>": connected, failures, seconds (first start to last header),
-//	       p50_ms and max_ms of one agent's connect (dial + TLS + Connect + headers)
-//	LEAVE  close every agent's connection; "LEFT <seconds>"
+//	JOIN   connect every agent, at most -batch agents connecting at once; then
+//	       "JOINED <json>": connected (agents holding all K), failures, dials (connections
+//	       made in all, duplicates included), seconds (first start to last header),
+//	       p50_ms and max_ms of one agent's connect (dial + TLS + Connect + headers, K
+//	       times and more), servers (connections held per server ID), server_counts
+//	       (connections held per `servercount` header value)
+//	LEAVE  close every agent's connections; "LEFT <seconds>"
 //	QUIT   (or stdin closed) exit
 //
 // Rounds of JOIN / LEAVE are agents churning; the agent IDs are the same every round
@@ -45,16 +55,46 @@ import (
 // Bound on one agent's connect (dial, TLS, Connect, the server's headers).
 const swarmConnectTimeout = 60 * time.Second
 
+// With -servers=K, an agent gives up after maxDialsPerServer*K dials without holding K
+// distinct server IDs. Which server a dial lands on is not the agent's choice: a balancer's
+// round robin is shared by all the agents dialling at once, and worker processes sharing
+// one listening socket take connections as they come (a busy one less often). Were it
+// random and even, collecting K distinct IDs takes K*(1 + 1/2 + ... + 1/K) dials on
+// average (3 for K = 2), and needing more than 20*K is a (1/2)^39 chance for K = 2; a
+// bound far above that average still ends an agent that can never see all K (a server
+// missing, or the address not balancing at all) instead of dialling forever.
+const maxDialsPerServer = 20
+
+// The response headers naming the server and telling how many there are (upstream's
+// pkg/server: header.ServerID, header.ServerCount).
+const (
+	serverIDHeader    = "serverid"
+	serverCountHeader = "servercount"
+)
+
 var connectDesc = &grpc.StreamDesc{StreamName: "Connect", ServerStreams: true, ClientStreams: true}
 
 type swarmFlags struct {
-	target, ca, cert, key string
-	agents, batch         int
+	target, ca, cert, key  string
+	agents, batch, servers int
 }
 
+// agentConn is one connection of a fake agent to one server.
+type agentConn struct {
+	cc          *grpc.ClientConn
+	cancel      context.CancelFunc
+	serverID    string
+	serverCount string
+}
+
+func (c *agentConn) close() {
+	c.cancel()
+	c.cc.Close()
+}
+
+// fakeAgent is one agent: one connection per server (-servers of them).
 type fakeAgent struct {
-	cc     *grpc.ClientConn
-	cancel context.CancelFunc
+	conns []*agentConn
 }
 
 func runSwarm(args []string) {
@@ -96,7 +136,12 @@ func parseSwarmFlags(args []string) swarmFlags {
 	fs.StringVar(&f.key, "key", "", "its key")
 	fs.IntVar(&f.agents, "conns", 1000, "agents")
 	fs.IntVar(&f.batch, "batch", 100, "agents connecting at once")
+	fs.IntVar(&f.servers, "servers", 1, "servers behind the address: each agent holds one connection to each")
 	_ = fs.Parse(args)
+	if f.servers < 1 {
+		fmt.Fprintln(os.Stderr, "swarm: -servers must be at least 1")
+		os.Exit(2)
+	}
 	return f
 }
 
@@ -120,7 +165,7 @@ func swarmTLS(f swarmFlags) (*tls.Config, error) {
 func join(f swarmFlags, cfg *tls.Config) ([]*fakeAgent, map[string]any) {
 	agents := make([]*fakeAgent, f.agents)
 	lat := make([]time.Duration, f.agents)
-	var failures atomic.Int64
+	var failures, dials atomic.Int64
 	var firstErr atomic.Value
 	sem := make(chan struct{}, max(f.batch, 1))
 	var wg sync.WaitGroup
@@ -132,7 +177,8 @@ func join(f swarmFlags, cfg *tls.Config) ([]*fakeAgent, map[string]any) {
 			defer wg.Done()
 			defer func() { <-sem }()
 			t0 := time.Now()
-			a, err := connectAgent(f.target, cfg, fmt.Sprintf("swarm-%d", i))
+			a, n, err := connectAll(f, cfg, fmt.Sprintf("swarm-%d", i))
+			dials.Add(int64(n))
 			if err != nil {
 				failures.Add(1)
 				firstErr.CompareAndSwap(nil, err.Error())
@@ -146,10 +192,15 @@ func join(f swarmFlags, cfg *tls.Config) ([]*fakeAgent, map[string]any) {
 	seconds := time.Since(start).Seconds()
 	var ok []time.Duration
 	var held []*fakeAgent
+	servers, counts := map[string]int{}, map[string]int{}
 	for i, a := range agents {
 		if a != nil {
 			ok = append(ok, lat[i])
 			held = append(held, a)
+			for _, c := range a.conns {
+				servers[c.serverID]++
+				counts[c.serverCount]++
+			}
 		}
 	}
 	p50, _ := percentiles(ok)
@@ -159,7 +210,8 @@ func join(f swarmFlags, cfg *tls.Config) ([]*fakeAgent, map[string]any) {
 	}
 	r := map[string]any{
 		"connected": len(held), "failures": failures.Load(), "seconds": seconds,
-		"p50_ms": p50, "max_ms": worst.Seconds() * 1e3,
+		"p50_ms": p50, "max_ms": worst.Seconds() * 1e3, "dials": dials.Load(),
+		"servers": servers, "server_counts": counts,
 	}
 	if e := firstErr.Load(); e != nil {
 		r["error"] = e
@@ -167,9 +219,43 @@ func join(f swarmFlags, cfg *tls.Config) ([]*fakeAgent, map[string]any) {
 	return held, r
 }
 
+// connectAll: one agent's connections, one to each of -servers distinct server IDs, and
+// the number of dials it took (duplicates and failed dials included). With -servers=1,
+// one dial, whatever the server's ID. On an error, or without K distinct IDs after
+// maxDialsPerServer*K dials, every connection it held is closed.
+func connectAll(f swarmFlags, cfg *tls.Config, id string) (*fakeAgent, int, error) {
+	a := &fakeAgent{}
+	seen := map[string]bool{}
+	limit := maxDialsPerServer * f.servers
+	if f.servers == 1 {
+		limit = 1
+	}
+	dials := 0
+	for len(a.conns) < f.servers && dials < limit {
+		dials++
+		c, err := connectAgent(f.target, cfg, id)
+		if err != nil {
+			leave([]*fakeAgent{a})
+			return nil, dials, err
+		}
+		if f.servers > 1 && seen[c.serverID] {
+			c.close()
+			continue
+		}
+		seen[c.serverID] = true
+		a.conns = append(a.conns, c)
+	}
+	if len(a.conns) < f.servers {
+		got := len(a.conns)
+		leave([]*fakeAgent{a})
+		return nil, dials, fmt.Errorf("%s: %d of %d distinct server IDs after %d dials", id, got, f.servers, dials)
+	}
+	return a, dials, nil
+}
+
 // connectAgent: one TLS connection and its Connect stream, returned once the server's
-// headers came (the server has registered the agent by then).
-func connectAgent(target string, cfg *tls.Config, id string) (*fakeAgent, error) {
+// headers came (the server has registered the agent by then), with the server's ID.
+func connectAgent(target string, cfg *tls.Config, id string) (*agentConn, error) {
 	cc, err := grpc.NewClient("passthrough:///"+target,
 		grpc.WithTransportCredentials(credentials.NewTLS(cfg.Clone())))
 	if err != nil {
@@ -178,8 +264,9 @@ func connectAgent(target string, cfg *tls.Config, id string) (*fakeAgent, error)
 	ctx, cancel := context.WithCancel(context.Background())
 	md := metadata.Pairs("agentid", id)
 	stream, err := cc.NewStream(metadata.NewOutgoingContext(ctx, md), connectDesc, "/AgentService/Connect")
+	var header metadata.MD
 	if err == nil {
-		err = waitHeaders(stream)
+		header, err = waitHeaders(stream)
 	}
 	if err != nil {
 		cancel()
@@ -187,20 +274,33 @@ func connectAgent(target string, cfg *tls.Config, id string) (*fakeAgent, error)
 		return nil, err
 	}
 	go serveAgent(stream)
-	return &fakeAgent{cc: cc, cancel: cancel}, nil
+	return &agentConn{cc: cc, cancel: cancel,
+		serverID: firstValue(header, serverIDHeader), serverCount: firstValue(header, serverCountHeader)}, nil
 }
 
-func waitHeaders(stream grpc.ClientStream) error {
-	done := make(chan error, 1)
+func firstValue(md metadata.MD, key string) string {
+	if v := md.Get(key); len(v) > 0 {
+		return v[0]
+	}
+	return ""
+}
+
+type headerResult struct {
+	md  metadata.MD
+	err error
+}
+
+func waitHeaders(stream grpc.ClientStream) (metadata.MD, error) {
+	done := make(chan headerResult, 1)
 	go func() {
-		_, err := stream.Header()
-		done <- err
+		md, err := stream.Header()
+		done <- headerResult{md, err}
 	}()
 	select {
-	case err := <-done:
-		return err
+	case r := <-done:
+		return r.md, r.err
 	case <-time.After(swarmConnectTimeout):
-		return errors.New("no headers within the connect bound")
+		return nil, errors.New("no headers within the connect bound")
 	}
 }
 
@@ -242,7 +342,8 @@ func answer(in *pb.Packet, next *int64) *pb.Packet {
 
 func leave(agents []*fakeAgent) {
 	for _, a := range agents {
-		a.cancel()
-		a.cc.Close()
+		for _, c := range a.conns {
+			c.close()
+		}
 	}
 }
