@@ -10,9 +10,10 @@ import asyncio
 import json
 import os
 import signal
-from pathlib import Path
 
 import pytest
+
+from tests.support.procs import child_pids
 
 from .checks import alive
 from .conftest import LONG, Chaos
@@ -32,9 +33,7 @@ READY_BACKENDS = "konnectivity_network_proxy_server_ready_backend_connections"
 
 
 def workers_of(server: Program) -> list[int]:
-    return [
-        int(p) for p in Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
-    ]
+    return child_pids(server.pid)
 
 
 async def rows_by_worker(server: Program) -> dict[str, int]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.net import Certs
+from tests.support.procs import child_pids
 from tests.support.upstream import (
     LOOPBACK,
     Processes,
@@ -41,11 +42,6 @@ READY_BACKENDS = "konnectivity_network_proxy_server_ready_backend_connections"
 AGENT_SERVERS = "konnectivity_network_proxy_agent_open_server_connections"
 # Bound on a process's exit after SIGTERM or after its supervisor died.
 EXIT_SECONDS = 30.0
-
-
-def children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
 def total(port: int, family: str) -> float:
@@ -112,7 +108,7 @@ def test_agents_hold_every_worker_and_any_worker_serves_tunnels(
     which, mode = which_mode.split("/")
     uds = os.path.join(sock_dir, "k.sock")
     server, health, agent_port = start_server(processes, upstream, certs, uds, mode)
-    assert len(children(server.pid)) == WORKERS
+    assert len(child_pids(server.pid)) == WORKERS
     assert http_get(health, "/readyz")[0] == 500  # no agent yet
     start_agent(processes, upstream, certs, which, agent_port)
     wait_for(server, health, "/readyz")
@@ -159,13 +155,13 @@ def test_a_killed_worker_is_started_again_and_agents_return_to_it(
     uds = os.path.join(sock_dir, "k.sock")
     server, health, agent_port = start_server(processes, upstream, certs, uds)
     agent_health = start_agent(processes, upstream, certs, "ours", agent_port)
-    victim, survivor = children(server.pid)
+    victim, survivor = child_pids(server.pid)
     os.kill(victim, signal.SIGKILL)
     wait_until(
-        lambda: len(children(server.pid)) == WORKERS and victim not in children(server.pid),
+        lambda: len(child_pids(server.pid)) == WORKERS and victim not in child_pids(server.pid),
         "the supervisor to start the killed worker again",
     )
-    assert survivor in children(server.pid)
+    assert survivor in child_pids(server.pid)
     wait_until(
         lambda: total(agent_health, AGENT_SERVERS) == WORKERS,
         "the agent to connect to the new worker",
@@ -180,7 +176,7 @@ def test_sigterm_stops_every_worker_and_exits_0(
     processes: Processes, upstream: Upstream, certs: Certs, sock_dir: str
 ) -> None:
     server, _, _ = start_server(processes, upstream, certs, os.path.join(sock_dir, "k"))
-    workers = children(server.pid)
+    workers = child_pids(server.pid)
     server.send_signal(signal.SIGTERM)
     assert server.wait(EXIT_SECONDS) == 0
     assert not any(alive(pid) for pid in workers)
@@ -193,7 +189,7 @@ def test_workers_exit_when_their_supervisor_is_killed(
     processes: Processes, upstream: Upstream, certs: Certs, sock_dir: str
 ) -> None:
     server, _, _ = start_server(processes, upstream, certs, os.path.join(sock_dir, "k"))
-    workers = children(server.pid)
+    workers = child_pids(server.pid)
     server.kill()
     server.wait(EXIT_SECONDS)
     wait_until(lambda: not any(alive(pid) for pid in workers), "the workers to exit")
