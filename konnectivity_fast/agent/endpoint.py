@@ -18,6 +18,8 @@ Invariants:
   ``pause_writing`` whenever bytes stay queued and ``resume_writing`` once they are all
   written. Between those events an endpoint's count is the queue size at its last write, an
   upper bound; the process total is recounted exactly before it is declared exhausted.
+  With flow.v1 the budgets are not used and the low mark is where the next grant is due
+  (``_grant``).
 """
 
 from __future__ import annotations
@@ -114,13 +116,16 @@ class EndpointPool:
 
     def schedule_flush(self, endpoint: Endpoint) -> None:
         if not self._dirty:
-            # asyncio.get_running_loop() makes a getpid() system call: once per read from
-            # the server, it was one call in seven of a round trip (bench/rtt_syscalls.py).
-            loop = self._loop
-            if loop is None or loop.is_closed():
-                loop = self._loop = asyncio.get_running_loop()
-            loop.call_soon(self._flush)
+            self.running_loop().call_soon(self._flush)
         self._dirty.append(endpoint)
+
+    def running_loop(self) -> asyncio.AbstractEventLoop:
+        # asyncio.get_running_loop() makes a getpid() system call: once per read from the
+        # server, it was one call in seven of a round trip (bench/rtt_syscalls.py).
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def _flush(self) -> None:
         dirty, self._dirty = self._dirty, []
@@ -405,14 +410,23 @@ class Endpoint(asyncio.BufferedProtocol):
 
     def _grant(self) -> None:
         """flow.v1: give the server back what the backend took (at most once per loop
-        turn: after ``flush``, and when the backend's queue empties)."""
+        turn: after ``flush``, and when the backend's queue is down to where a quarter
+        window is free, ``resume_writing``)."""
         window = self.window
         if window is None or self.closing or self._lost:
             return
-        nbytes = window.grant(self.queued())
+        queued = self.queued()
+        nbytes = window.grant(queued, self.pool.running_loop().time())
         if nbytes:
             flow_metrics.granted(nbytes)
             self.owner.endpoint_credit(self, nbytes)
+        t = self.transport
+        if queued and t is not None:
+            # resume_writing (and so the next grant) once the backend's queue is down to
+            # where a quarter window is free, not only once it is empty: the server then
+            # has credit before the backend runs dry.
+            level = window.drain_target()
+            t.set_write_buffer_limits(high=level, low=level)
 
     def close(self) -> None:
         """CLOSE_REQ: stop reading, give the backend a bounded time for what is queued,

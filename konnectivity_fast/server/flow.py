@@ -6,8 +6,9 @@ first DATA or credit passes:
 
 - agent -> frontend: DATA is queued on the frontend with no budget (server/buffering.py is
   for agents without flow.v1) and the agent's credit is given back (``FLOW_CREDIT``) as the
-  frontend takes the bytes: at the end of the loop turn that queued them, and again each
-  time the frontend's queue empties (``FlowSource.when_emptied``).
+  frontend takes the bytes: at the end of the loop turn that queued them, and again when
+  the frontend's queue falls to where a quarter window is free
+  (``ReceiveWindow.drain_target``, ``FlowSource.when_drained_to``).
 - frontend -> agent: each DATA spends the tunnel's credit; at zero the frontend's own source
   is paused until the agent grants more.
 
@@ -60,9 +61,10 @@ class FlowSource(Protocol):
         """Bytes queued toward the frontend and not yet taken."""
         ...
 
-    def when_emptied(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` once the queue toward the frontend is empty (an adapter whose
-        transport reports that by itself may ignore this)."""
+    def when_drained_to(self, level: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the queue toward the frontend holds at most ``level``
+        bytes. A later call may replace an earlier one's callback, or not (both then run:
+        a callback only asks for a grant decision)."""
         ...
 
     def pause_for_credit(self) -> None: ...
@@ -75,7 +77,7 @@ class FlowSource(Protocol):
 class FlowTunnel:
     """One tunnel's credit both ways."""
 
-    __slots__ = ("agent", "connect_id", "credit", "source", "waiting", "window")
+    __slots__ = ("agent", "connect_id", "credit", "drain_level", "source", "window")
 
     def __init__(
         self, agent: GrpcCall, connect_id: int, source: FlowSource, growth: GrowthBudget
@@ -85,8 +87,8 @@ class FlowTunnel:
         self.source = source
         self.credit = SendCredit()
         self.window = ReceiveWindow(growth)
-        #: A ``when_emptied`` callback is registered.
-        self.waiting = False
+        #: The backlog level a ``when_drained_to`` callback waits for, if one does.
+        self.drain_level: int | None = None
 
 
 class FlowControl:
@@ -97,6 +99,8 @@ class FlowControl:
         self.agents: set[GrpcCall] = set()
         self.growth = GrowthBudget()
         self._dirty: set[FlowTunnel] = set()
+        # Cached: asyncio.get_running_loop() makes a getpid() system call.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def tunnel(self, agent: GrpcCall, connect_id: int, source: FlowSource) -> FlowTunnel:
         return FlowTunnel(agent, connect_id, source, self.growth)
@@ -119,8 +123,14 @@ class FlowControl:
     def drained(self, tunnel: FlowTunnel) -> None:
         """The frontend may have taken something: grant at the end of this loop turn."""
         if not self._dirty:
-            asyncio.get_running_loop().call_soon(self._grant_dirty)
+            self._running_loop().call_soon(self._grant_dirty)
         self._dirty.add(tunnel)
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def _grant_dirty(self) -> None:
         dirty, self._dirty = self._dirty, set()
@@ -129,7 +139,7 @@ class FlowControl:
 
     def _grant(self, tunnel: FlowTunnel) -> None:
         backlog = tunnel.source.flow_backlog()
-        nbytes = tunnel.window.grant(backlog)
+        nbytes = tunnel.window.grant(backlog, self._running_loop().time())
         if nbytes:
             packet = Packet(PacketType.FLOW_CREDIT, FlowCredit(tunnel.connect_id, nbytes))
             try:
@@ -137,19 +147,32 @@ class FlowControl:
             except GrpcError:
                 return  # the agent stream is gone: its end closes the tunnel
             flow_metrics.granted(nbytes)
-        if backlog and not tunnel.waiting:
-            tunnel.waiting = True
-            tunnel.source.when_emptied(lambda: self._emptied(tunnel))
+        if backlog:
+            self._watch(tunnel)
 
-    def _emptied(self, tunnel: FlowTunnel) -> None:
-        tunnel.waiting = False
+    def _watch(self, tunnel: FlowTunnel) -> None:
+        """Decide again once the frontend has taken enough for a grant: unless a callback
+        already waits for that level or a higher one (it comes first)."""
+        level = tunnel.window.drain_target()
+        waiting = tunnel.drain_level
+        if waiting is not None and waiting >= level:
+            return
+        tunnel.drain_level = level
+        tunnel.source.when_drained_to(level, lambda: self._drained_to(tunnel, level))
+
+    def _drained_to(self, tunnel: FlowTunnel, level: int) -> None:
+        if tunnel.drain_level == level:
+            tunnel.drain_level = None
         self.drained(tunnel)
 
     # -- frontend -> agent --
 
     def sent(self, tunnel: FlowTunnel, nbytes: int) -> None:
-        """``nbytes`` of DATA went to the agent: at zero credit, pause the source."""
-        if not tunnel.credit.spend(nbytes):
+        """``nbytes`` of DATA went to the agent: at zero credit, pause the source. A source
+        that was already paused (a gRPC frontend's read delivers every message it holds)
+        is paused and counted once."""
+        credit = tunnel.credit
+        if not credit.spend(nbytes) and credit.credit + nbytes > 0:
             flow_metrics.stalled()
             tunnel.source.pause_for_credit()
 

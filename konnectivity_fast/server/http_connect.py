@@ -475,15 +475,22 @@ class HttpConnectProtocol(asyncio.Protocol):
         if tunnel is None:
             tunnel = self.flow = self.server.flow.tunnel(agent, connect_id, self)
             if self.transport is not None:
-                # resume_writing now reports every emptied queue: when_emptied's event.
+                # resume_writing now reports every emptied queue (when_drained_to moves
+                # the level).
                 self.transport.set_write_buffer_limits(0, 0)
         return tunnel
 
     def flow_backlog(self) -> int:
         return self._backlog()
 
-    def when_emptied(self, callback: Callable[[], None]) -> None:
+    def when_drained_to(self, level: int, callback: Callable[[], None]) -> None:
         self._on_emptied = callback
+        if self.transport is not None:
+            # resume_writing comes once the queue is down to ``level`` (uvloop checks as
+            # each write completes); pause_writing, above it, only marks the buffer
+            # blocked, which a flow.v1 tunnel never charges. A closed handle refuses.
+            with contextlib.suppress(RuntimeError):
+                self.transport.set_write_buffer_limits(high=level, low=level)
 
     def pause_for_credit(self) -> None:
         self._credit_paused = True

@@ -247,9 +247,9 @@ class _FrontendStream:
         call: GrpcCall = self.frontend.conn
         return call.outbound_pending()
 
-    def when_emptied(self, callback: Callable[[], None]) -> None:
+    def when_drained_to(self, level: int, callback: Callable[[], None]) -> None:
         call: GrpcCall = self.frontend.conn
-        call.when_drained(callback, below=1)
+        call.when_drained(callback, below=level + 1)
 
     def pause_for_credit(self) -> None:
         self.credit_paused = True

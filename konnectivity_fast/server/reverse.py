@@ -43,6 +43,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -143,7 +144,7 @@ class _Destination(asyncio.Protocol):
         self.transport = t = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         t.pause_reading()  # nothing is read before the DIAL_RSP is sent
         # pause_writing/resume_writing then say "holds bytes" / "took everything": the
-        # moment to grant credit again (``when_emptied``).
+        # moment to grant credit again (``when_drained_to`` moves the level).
         t.set_write_buffer_limits(0, 0)
 
     def data_received(self, data: bytes) -> None:
@@ -199,8 +200,14 @@ class _Destination(asyncio.Protocol):
         t = self.transport
         return 0 if t is None or self.closed else t.get_write_buffer_size()
 
-    def when_emptied(self, callback: Callable[[], None]) -> None:
+    def when_drained_to(self, level: int, callback: Callable[[], None]) -> None:
         self.emptied = callback
+        t = self.transport
+        if t is not None and not self.closed:
+            # resume_writing comes once the queue is down to ``level`` (see
+            # connection_made). A closed handle refuses.
+            with contextlib.suppress(RuntimeError):
+                t.set_write_buffer_limits(high=level, low=level)
 
     def pause_writing(self) -> None:
         pass  # see connection_made
