@@ -57,8 +57,8 @@ from konnectivity_fast.server.reverse import NodeToCpConfig
 from konnectivity_fast.server.startup import (
     StartupError,
     check_tls_files,
-    host_port,
-    listen_error,
+    tcp_listen_failure,
+    unix_listen_failure,
 )
 from konnectivity_fast.server.tunnel_list import tunnels_handler
 from konnectivity_fast.transport import tls
@@ -146,9 +146,7 @@ async def _frontend_uds(proxy: ProxyServer, options: RunOptions) -> GrpcServer |
                     proxy, path, keepalive_time=options.frontend_keepalive_time
                 )
     except OSError as exc:
-        raise ValueError(
-            f"failed to listen(unix) name {path}: {listen_error('unix', path, exc)}"
-        ) from None
+        raise unix_listen_failure(path, exc) from None
     finally:
         os.umask(old)
 
@@ -182,8 +180,7 @@ async def _frontend_tcp(proxy: ProxyServer, options: RunOptions) -> GrpcServer |
                     keepalive_time=options.frontend_keepalive_time,
                 )
     except OSError as exc:
-        addr = host_port(options.server_bind_address, port)
-        raise ValueError(f"failed to listen on {addr}: {listen_error('tcp', addr, exc)}") from None
+        raise tcp_listen_failure(options.server_bind_address, port, exc) from None
 
 
 async def _agent_listener(proxy: ProxyServer, options: RunOptions) -> GrpcServer:
@@ -200,8 +197,7 @@ async def _agent_listener(proxy: ProxyServer, options: RunOptions) -> GrpcServer
             keepalive_time=options.keepalive_time,
         )
     except OSError as exc:
-        addr = host_port(options.agent_bind_address, options.agent_port)
-        raise ValueError(f"failed to listen on {addr}: {listen_error('tcp', addr, exc)}") from None
+        raise tcp_listen_failure(options.agent_bind_address, options.agent_port, exc) from None
 
 
 async def _listen(proxy: ProxyServer, options: RunOptions) -> ServerHandle:

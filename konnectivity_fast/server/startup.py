@@ -12,7 +12,15 @@ from __future__ import annotations
 import os
 import ssl
 
-__all__ = ["StartupError", "check_tls_files", "host_port", "listen_error", "os_error_text"]
+__all__ = [
+    "StartupError",
+    "check_tls_files",
+    "host_port",
+    "listen_error",
+    "os_error_text",
+    "tcp_listen_failure",
+    "unix_listen_failure",
+]
 
 
 class StartupError(Exception):
@@ -68,3 +76,14 @@ def listen_error(network: str, address: str, exc: OSError) -> str:
 def host_port(host: str, port: int) -> str:
     """Go's ``net.JoinHostPort``."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def unix_listen_failure(path: str, exc: OSError) -> ValueError:
+    """The frontend's Unix socket could not listen (the caller adds which server)."""
+    return ValueError(f"failed to listen(unix) name {path}: {listen_error('unix', path, exc)}")
+
+
+def tcp_listen_failure(host: str, port: int, exc: OSError) -> ValueError:
+    """A TCP listener could not listen on ``host``:``port`` (the caller adds which)."""
+    addr = host_port(host, port)
+    return ValueError(f"failed to listen on {addr}: {listen_error('tcp', addr, exc)}")

@@ -43,9 +43,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from konnectivity_fast.server.app import UDS_UMASK
+from konnectivity_fast.server.app import UDS_UMASK, RunOptions
 from konnectivity_fast.server.health import start_http
-from konnectivity_fast.server.startup import StartupError, check_tls_files, host_port, listen_error
+from konnectivity_fast.server.startup import (
+    StartupError,
+    check_tls_files,
+    tcp_listen_failure,
+    unix_listen_failure,
+)
 from konnectivity_fast.server.worker_view import (
     WorkerAnswer,
     fetch,
@@ -98,28 +103,10 @@ LOOPBACK = "127.0.0.1"
 _PRIVATE_BACKLOG = 64
 
 
-class SupervisorOptions(Protocol):
-    """The flags the supervisor reads (``server.app.RunOptions`` has them all)."""
+class SupervisorOptions(RunOptions, Protocol):
+    """The server's options (``server.app.RunOptions``) and ``--workers``."""
 
     workers: int
-    uds_name: str
-    delete_uds_file: bool
-    server_port: int
-    server_bind_address: str
-    server_cert: str
-    server_key: str
-    server_ca_cert: str
-    agent_port: int
-    agent_bind_address: str
-    cluster_cert: str
-    cluster_key: str
-    cluster_ca_cert: str
-    admin_port: int
-    admin_bind_address: str
-    health_port: int
-    health_bind_address: str
-    server_id: str
-    server_count: int
 
 
 @dataclass(frozen=True)
@@ -214,9 +201,7 @@ def _bind_shared(options: SupervisorOptions) -> list[tuple[SocketKey, list[socke
                 try:
                     sock = bind_unix(path, backlog=backlog)
                 except OSError as exc:
-                    raise ValueError(
-                        f"failed to listen(unix) name {path}: {listen_error('unix', path, exc)}"
-                    ) from None
+                    raise unix_listen_failure(path, exc) from None
                 finally:
                     os.umask(old)
                 shared.append((("unix", path, 0), [sock]))
@@ -244,8 +229,7 @@ def _bind(host: str, port: int, backlog: int) -> list[socket.socket]:
     try:
         return bind_tcp(host or None, port, backlog=backlog)
     except OSError as exc:
-        addr = host_port(host, port)
-        raise ValueError(f"failed to listen on {addr}: {listen_error('tcp', addr, exc)}") from None
+        raise tcp_listen_failure(host, port, exc) from None
 
 
 def _private_port() -> socket.socket:
