@@ -164,10 +164,9 @@ def test_the_idle_trimmer_collects_cyclic_garbage_first() -> None:
     assert after <= start + 20, (start, burst, after)
 
 
-# The same burst in a process that is never idle, as a server whose agents join and leave
-# in rounds: a busy look trims only once TRIM_AFTER_CLOSED connections closed since the
-# last trim. Prints whether each look trimmed, and RSS (MiB) at the start and at the end.
-_CHURN = r"""
+# A trimmer on fake clocks (and a fake count of closed connections), and a 200 MiB burst
+# held in ``held``: how the churn scripts below begin. ``start`` is RSS (MiB) before it.
+_TRIMMER_AND_BURST = r"""
 from konnectivity_fast.cli.malloc import (
     TRIM_AFTER_CLOSED, IdleTrimmer, _malloc_trim, _rss_bytes, tune_malloc,
 )
@@ -178,6 +177,15 @@ trimmer = IdleTrimmer(_malloc_trim(), cpu=cpu, clock=clock, closed=closed)
 mib = lambda: _rss_bytes() >> 20
 start = mib()
 held = [bytes(128 << 10) for _ in range(1600)]
+"""
+
+
+# The same burst in a process that is never idle, as a server whose agents join and leave
+# in rounds: a busy look trims only once TRIM_AFTER_CLOSED connections closed since the
+# last trim. Prints whether each look trimmed, and RSS (MiB) at the start and at the end.
+_CHURN = (
+    _TRIMMER_AND_BURST
+    + r"""
 kept = held[::100]
 del held
 closed.now = TRIM_AFTER_CLOSED - 1  # a few connections closed: no reason yet
@@ -188,6 +196,7 @@ clock.now, cpu.now = 20, 10
 many = trimmer.check()
 print(few, many, start, mib())
 """
+)
 
 
 def test_a_busy_process_is_trimmed_after_many_connections_closed() -> None:
@@ -222,17 +231,9 @@ def test_a_look_without_descriptors_is_skipped_not_fatal() -> None:
 # A busy trim while the burst is still alive (a reset flood whose connections come and go),
 # then the burst freed and the process idle: the idle look gives it back, as without the
 # busy trim. Prints whether each look trimmed, and RSS (MiB) at the start and at the end.
-_LIVE_DURING_BUSY_TRIM = r"""
-from konnectivity_fast.cli.malloc import (
-    TRIM_AFTER_CLOSED, IdleTrimmer, _malloc_trim, _rss_bytes, tune_malloc,
-)
-
-tune_malloc()
-clock, cpu, closed = Fake(), Fake(), Fake()
-trimmer = IdleTrimmer(_malloc_trim(), cpu=cpu, clock=clock, closed=closed)
-mib = lambda: _rss_bytes() >> 20
-start = mib()
-held = [bytes(128 << 10) for _ in range(1600)]
+_LIVE_DURING_BUSY_TRIM = (
+    _TRIMMER_AND_BURST
+    + r"""
 closed.now = TRIM_AFTER_CLOSED + 10
 clock.now, cpu.now = 10, 5
 busy = trimmer.check()  # the burst is alive: little to give back
@@ -242,6 +243,7 @@ clock.now, cpu.now = 20, 5.01  # idle since
 idle = trimmer.check()
 print(busy, idle, start, mib())
 """
+)
 
 
 def test_an_idle_look_gives_back_a_burst_that_lived_through_a_busy_trim() -> None:
