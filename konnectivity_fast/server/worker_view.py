@@ -110,7 +110,7 @@ async def _get(port: int, target: str) -> WorkerAnswer:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(f"GET {target} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
-        answer = await reader.read(MAX_ANSWER_BYTES + 1)
+        answer = b""
         while chunk := await reader.read(MAX_ANSWER_BYTES + 1 - len(answer)):
             answer += chunk
             if len(answer) > MAX_ANSWER_BYTES:

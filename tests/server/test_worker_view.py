@@ -4,10 +4,13 @@ expositions and tunnel listings, and the worker's part passed in its environment
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from konnectivity_fast.server import worker_view
 from konnectivity_fast.server.worker_view import merge_listings, merge_metrics
 from konnectivity_fast.server.workers import WorkerSpec, worker_spec
 from konnectivity_fast.tunnel.listing import TunnelQuery
@@ -156,3 +159,31 @@ def test_worker_spec_round_trips_through_the_environment() -> None:
 def test_a_worker_spec_not_written_by_a_supervisor_is_refused(text: str) -> None:
     with pytest.raises(ValueError, match="invalid KONNECTIVITY_FAST_WORKER"):
         WorkerSpec.decode(text)
+
+
+@pytest.mark.parametrize("extra", [0, 1], ids=["at-the-bound", "one-byte-over"])
+def test_a_workers_answer_is_read_up_to_its_bound(
+    extra: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An answer over ``MAX_ANSWER_BYTES`` counts as no answer, even one that arrives in a
+    single read; one at the bound is read whole."""
+    bound = 4096
+    monkeypatch.setattr(worker_view, "MAX_ANSWER_BYTES", bound)
+    head = b"HTTP/1.0 200 OK\r\n\r\n"
+    body = b"x" * (bound - len(head) + extra)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head + body)
+        writer.close()
+
+    async def main() -> tuple[int, bytes]:
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        try:
+            return await worker_view.fetch(server.sockets[0].getsockname()[1], "/metrics")
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    got = asyncio.run(main())
+    assert got == ((0, b"") if extra else (200, body))
