@@ -11,13 +11,12 @@ the test is skipped, except in CI where it fails.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 from bench import node_to_cp
+from bench._smoke import need_go
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -35,15 +34,8 @@ TINY = [
 ]
 
 
-def _need_go() -> None:
-    if shutil.which("go") is None and not os.environ.get("GO"):
-        if os.environ.get("CI"):
-            pytest.fail("Go is needed for the load generator")
-        pytest.skip("no Go toolchain: the load generator cannot be built")
-
-
 def test_every_figure_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    _need_go()
+    need_go()
     out = tmp_path / "n2cp.json"
     assert node_to_cp.main([*TINY, "--json", str(out)]) == 0
     report = json.loads(out.read_text())

@@ -11,13 +11,12 @@ except in CI where it fails.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 from bench import server_scale
+from bench._smoke import need_go
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -35,10 +34,7 @@ TINY = [
 
 
 def test_one_and_two_workers_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    if shutil.which("go") is None and not os.environ.get("GO"):
-        if os.environ.get("CI"):
-            pytest.fail("Go is needed for the load generator")
-        pytest.skip("no Go toolchain: the load generator cannot be built")
+    need_go()
     out = tmp_path / "workers.json"
     assert server_scale.main([*TINY, f"--json={out}"]) == 0
     report = json.loads(out.read_text())
