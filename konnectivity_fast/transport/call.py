@@ -40,6 +40,9 @@ if TYPE_CHECKING:  # only a type here: the engine is loaded, checked, by transpo
 CALL_RECV_HIGH_WATER = 1 << 20
 # Bytes of application output queued on one call above which ``GrpcCall.drain()`` waits.
 CALL_SEND_HIGH_WATER = 1 << 20
+# What a drain callback waits for (``when_drained``, ``when_room``): queued output, the part
+# of it the peer does not let out now, or room for a message to go out at once.
+_PENDING, _UNSENT, _ROOM = 0, 1, 2
 # The code ``closed`` resolves with when the connection was lost rather than the stream
 # closed (RST_STREAM codes are unsigned).
 CLOSED_LOST = -1
@@ -134,7 +137,7 @@ class GrpcCall:
         self._paused = False
         self._eof = False
         self._waiter: asyncio.Future[None] | None = None
-        self._drain_cbs: list[tuple[int, bool, Callable[[], None]]] | None = None
+        self._drain_cbs: list[tuple[int, int, Callable[[], None]]] | None = None
         self._headers_fut: asyncio.Future[Metadata] | None = None
         self._headers_seen = False
         self._closed_fut: asyncio.Future[int] | None = None
@@ -239,9 +242,17 @@ class GrpcCall:
         ``unsent``: when what the peer does not let out now, ``unsent()``, is) or the call
         is gone (soon, if that is already so). Any number of callbacks may wait: several
         tunnels share one agent's call."""
+        self._watch(below, _UNSENT if unsent else _PENDING, callback)
+
+    def when_room(self, callback: Callable[[], None], room: int) -> None:
+        """Call ``callback`` once, when a message of ``room`` bytes queued now would go out
+        at once (``send_room() >= room``), or the call is gone."""
+        self._watch(room, _ROOM, callback)
+
+    def _watch(self, level: int, kind: int, callback: Callable[[], None]) -> None:
         if self._drain_cbs is None:
             self._drain_cbs = []
-        self._drain_cbs.append((below, unsent, callback))
+        self._drain_cbs.append((level, kind, callback))
         self._host.watch_drain(self)
 
     def outbound_pending(self) -> int:
@@ -431,15 +442,18 @@ class GrpcCall:
         pending = self.outbound_pending()
         unsent = -1  # measured when some callback asks for it
         ready: list[Callable[[], None]] = []
-        keep: list[tuple[int, bool, Callable[[], None]]] = []
+        keep: list[tuple[int, int, Callable[[], None]]] = []
+        closed = self._closed_code is not None
         for entry in waiting:
-            below, of_unsent, callback = entry
-            if of_unsent:
+            level, kind, callback = entry
+            if kind == _PENDING:
+                done = pending < level
+            elif kind == _UNSENT:
                 if unsent < 0:
                     unsent = self.unsent() if pending else 0
-                done = unsent < below
+                done = unsent < level
             else:
-                done = pending < below
+                done = closed or self.send_room() >= level
             if done:
                 ready.append(callback)
             else:

@@ -210,6 +210,61 @@ def test_metrics_follow_the_traffic(run: RunFn, sock_dir: str, certs: Certs) -> 
     run(main())
 
 
+# A frontend that stopped reading altogether, without flow.v1: its tunnel holds the agent's
+# stream on the server (rationed, never closed here: the stall timeout is out of reach) and
+# nothing it is owed will ever be taken. A 1 KiB echo on another tunnel and a new tunnel's
+# DIAL_RSP still pass, in the end of the window the agent's bulk reads leave free
+# (agent.sender.RESERVED_WINDOW); the hold is still on afterwards. An agent that lets the
+# bulk tunnel spend the whole window (or queue ahead of the reply) never answers.
+@pytest.mark.timeout(60)
+def test_reply_passes_a_stopped_frontend_holding_the_stream(
+    run: RunFn, sock_dir: str, certs: Certs
+) -> None:
+    async def main() -> None:
+        async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            chunk = b"f" * (256 << 10)
+            with contextlib.suppress(ConnectionError, OSError):
+                while True:
+                    writer.write(chunk)
+                    await writer.drain()
+
+        flood_server = await asyncio.start_server(flood, LOOPBACK, 0)
+        flood_port = flood_server.sockets[0].getsockname()[1]
+        echo = EchoServer()
+        echo_port = await echo.start()
+        budget = BufferBudget(tunnel_budget=SLOW_BUDGET, stall_timeout=3600.0)
+        http_uds = os.path.join(sock_dir, "connect.sock")
+        async with (
+            proxy_server(sock_dir, certs, budget=budget) as server,
+            agent(certs, server.agent_port),
+        ):
+            http = await start_http_connect_uds(server.proxy, http_uds)
+            await until(lambda: server_has_agent(server))
+            (backend,) = server.proxy.router.backends.values()
+            # Never read after the response: the stream reader stops its socket at 2 x limit.
+            stopped_reader, stopped_writer = await asyncio.open_unix_connection(
+                http_uds, limit=SLOW_STEP
+            )
+            target = f"{LOOPBACK}:{flood_port}"
+            stopped_writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+            assert await stopped_reader.readexactly(len(RESPONSE_200)) == RESPONSE_200
+            await until(lambda: budget.paused(backend.conn), what="the stopped tunnel holds")
+            for rnd in (2, 3):  # a second tunnel after the first: the reserve came back
+                fast = await Tunnel.open(server.uds)
+                await fast.dial(f"{LOOPBACK}:{echo_port}", rnd=rnd)
+                for _ in range(4):
+                    fast.write(b"e" * 1024)
+                    assert await fast.read_exactly(1024) == b"e" * 1024
+                await fast.aclose()
+            assert budget.paused(backend.conn)
+            stopped_writer.close()
+            http.close()
+        await echo.close()
+        flood_server.close()
+
+    run(main())
+
+
 # Our agent's tunnels take turns on its server stream (agent.sender): behind a slow
 # frontend whose tunnel holds the stream on the server, a 1 KiB echo on another tunnel
 # waits for the slow reader to take only what is in flight to it, not a queue of the fast
