@@ -317,7 +317,7 @@ class Bench:
         impl = [] if pair.impl == "ours" else [pair.impl]
         tag = "-".join([command, *impl, target.mode, *(a.lstrip("-").split("=")[-1] for a in args)])
         spies = []
-        for role, proc in (("server", target.pair.server), ("agent", target.pair.agent)):
+        for role, proc in (("server", pair.server), ("agent", pair.agent)):
             spy = self.procs.start(
                 f"py-spy-{role}",
                 [
@@ -479,9 +479,11 @@ class Bench:
         ]
         step, total = 0, c.runs * len(plan)
         # Interleaved (run 1 of every cell, then run 2, ...): a slow spell of the shared
-        # machine does not fall on one implementation only.
-        for _run in range(c.runs):
-            for name, target in plan:
+        # machine does not fall on one implementation only. Every other run goes through
+        # the cells backwards, so that no cell always follows the same one (a transfer
+        # leaves the machine warm or busy for the next).
+        for run in range(c.runs):
+            for name, target in plan if run % 2 == 0 else plan[::-1]:
                 step += 1
                 busy = self.wait_quiet()
                 result = self.scenario(name, target)
@@ -498,7 +500,7 @@ class Bench:
         for run in range(c.runs):
             for group in groups:
                 for mode in c.modes:
-                    for impl in c.impls:
+                    for impl in c.impls if run % 2 == 0 else c.impls[::-1]:
                         names = [s for s in group if runs_scenario(impl, s)]
                         if names:
                             self._fresh_pair(run, names, impl, mode, runs)
