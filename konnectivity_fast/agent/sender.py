@@ -23,9 +23,10 @@ Invariants:
 - An endpoint's DATA go out in the order they were read, and before its CLOSE_RSP
   (``flush`` sends a waiting read first).
 - At most one read (the data in hand when it paused) per endpoint waits here.
-- A bulk read never waits for more window than the stream has shown it can have (the
-  reserve and the room asked for are cut to the largest window seen), so a peer with a
-  small window (upstream's 64 KiB) is never waited on forever.
+- A bulk read never waits for more window than the stream has shown it can have: the
+  reserve is at most a quarter of the largest window seen, and a read larger than the
+  rest goes out once the window is that open (crossing it: upstream's server starts at
+  64 KiB), so no peer is waited on forever.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ class FairSender:
         the largest window the stream has shown (see the invariants)."""
         peak = self._peak = max(self._peak, self.call.send_room())
         reserve = min(RESERVED_WINDOW, peak // 4)
-        return reserve + min(size, CONGESTED_READ_SIZE, peak - reserve)
+        return reserve + min(size, peak - reserve)
 
     def _arm(self) -> None:
         if self._armed:
