@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import os
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -17,12 +19,21 @@ from konnectivity_fast.server import PROXY_PATH
 from konnectivity_fast.server.buffering import BufferBudget
 from konnectivity_fast.server.http_connect import RESPONSE_200, start_http_connect_uds
 from konnectivity_fast.transport import grpc as kgrpc
-from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER
+from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER, GrpcCall
 from konnectivity_fast.wire.packets import DialRequest, Packet, PacketType
 
 from .conftest import Certs, RunFn
 from .fake_server import fake_server, recv, send
-from .support import LOOPBACK, EchoServer, Tunnel, agent, proxy_server, server_has_agent, until
+from .support import (
+    LOOPBACK,
+    EchoServer,
+    Server,
+    Tunnel,
+    agent,
+    proxy_server,
+    server_has_agent,
+    until,
+)
 
 MIB = 1 << 20
 
@@ -210,67 +221,11 @@ def test_metrics_follow_the_traffic(run: RunFn, sock_dir: str, certs: Certs) -> 
     run(main())
 
 
-# A frontend that stopped reading altogether, without flow.v1: its tunnel holds the agent's
-# stream on the server (rationed, never closed here: the stall timeout is out of reach) and
-# nothing it is owed will ever be taken. A 1 KiB echo on another tunnel and a new tunnel's
-# DIAL_RSP still pass, in the end of the window the agent's bulk reads leave free
-# (agent.sender.RESERVED_WINDOW); the hold is still on afterwards. An agent that lets the
-# bulk tunnel spend the whole window (or queue ahead of the reply) never answers.
-@pytest.mark.timeout(60)
-def test_reply_passes_a_stopped_frontend_holding_the_stream(
-    run: RunFn, sock_dir: str, certs: Certs
-) -> None:
-    async def main() -> None:
-        async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            chunk = b"f" * (256 << 10)
-            with contextlib.suppress(ConnectionError, OSError):
-                while True:
-                    writer.write(chunk)
-                    await writer.drain()
-
-        flood_server = await asyncio.start_server(flood, LOOPBACK, 0)
-        flood_port = flood_server.sockets[0].getsockname()[1]
-        echo = EchoServer()
-        echo_port = await echo.start()
-        budget = BufferBudget(tunnel_budget=SLOW_BUDGET, stall_timeout=3600.0)
-        http_uds = os.path.join(sock_dir, "connect.sock")
-        async with (
-            proxy_server(sock_dir, certs, budget=budget) as server,
-            agent(certs, server.agent_port),
-        ):
-            http = await start_http_connect_uds(server.proxy, http_uds)
-            await until(lambda: server_has_agent(server))
-            (backend,) = server.proxy.router.backends.values()
-            # Never read after the response: the stream reader stops its socket at 2 x limit.
-            stopped_reader, stopped_writer = await asyncio.open_unix_connection(
-                http_uds, limit=SLOW_STEP
-            )
-            target = f"{LOOPBACK}:{flood_port}"
-            stopped_writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-            assert await stopped_reader.readexactly(len(RESPONSE_200)) == RESPONSE_200
-            await until(lambda: budget.paused(backend.conn), what="the stopped tunnel holds")
-            for rnd in (2, 3):  # a second tunnel after the first: the reserve came back
-                fast = await Tunnel.open(server.uds)
-                await fast.dial(f"{LOOPBACK}:{echo_port}", rnd=rnd)
-                for _ in range(4):
-                    fast.write(b"e" * 1024)
-                    assert await fast.read_exactly(1024) == b"e" * 1024
-                await fast.aclose()
-            assert budget.paused(backend.conn)
-            stopped_writer.close()
-            http.close()
-        await echo.close()
-        flood_server.close()
-
-    run(main())
-
-
-# Our agent's tunnels take turns on its server stream (agent.sender): behind a slow
-# frontend whose tunnel holds the stream on the server, a 1 KiB echo on another tunnel
-# waits for the slow reader to take only what is in flight to it, not a queue of the fast
-# backend's bytes. Counted in bytes the slow reader takes, not in seconds. The slow reader
-# is an HTTP-CONNECT client with a small read buffer, so that little sits unread on its
-# side.
+# Our agent's tunnels take turns on its server stream (agent.sender). Both tests below open
+# an HTTP-CONNECT tunnel to a backend that sends without end, from a client with a small
+# read buffer (little sits unread on its side) that reads nothing until its tunnel holds
+# the agent's stream on the server (server.buffering); then a 1 KiB echo runs on another
+# tunnel.
 SLOW_BUDGET = 8 << 20
 SLOW_STEP = 16 << 10
 # The rationed window on the server, the agent's small queue (UNSENT_LIMIT), a few 16 KiB
@@ -279,57 +234,108 @@ SLOW_STEP = 16 << 10
 ECHO_BEHIND_SLOW_READER_MAX = 1 << 20
 
 
+@dataclasses.dataclass
+class HeldStream:
+    server: Server
+    budget: BufferBudget
+    agent_call: GrpcCall
+    echo_port: int
+    reader: asyncio.StreamReader
+
+    @property
+    def held(self) -> bool:
+        return self.budget.paused(self.agent_call)
+
+    async def echo(self, rnd: int, rounds: int = 1) -> None:
+        """A new tunnel to the echo backend, ``rounds`` 1 KiB round trips, closed."""
+        fast = await Tunnel.open(self.server.uds)
+        await fast.dial(f"{LOOPBACK}:{self.echo_port}", rnd=rnd)
+        for _ in range(rounds):
+            fast.write(b"e" * 1024)
+            assert await fast.read_exactly(1024) == b"e" * 1024
+        await fast.aclose()
+
+
+@contextlib.asynccontextmanager
+async def stream_held_by_a_flood(
+    sock_dir: str, certs: Certs, budget: BufferBudget
+) -> AsyncIterator[HeldStream]:
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        chunk = b"f" * (256 << 10)
+        with contextlib.suppress(ConnectionError, OSError):
+            while True:
+                writer.write(chunk)
+                await writer.drain()
+
+    flood_server = await asyncio.start_server(flood, LOOPBACK, 0)
+    flood_port = flood_server.sockets[0].getsockname()[1]
+    echo = EchoServer()
+    echo_port = await echo.start()
+    http_uds = os.path.join(sock_dir, "connect.sock")
+    async with (
+        proxy_server(sock_dir, certs, budget=budget) as server,
+        agent(certs, server.agent_port),
+    ):
+        http = await start_http_connect_uds(server.proxy, http_uds)
+        await until(lambda: server_has_agent(server))
+        (backend,) = server.proxy.router.backends.values()
+        # Unread, the stream reader stops its socket at 2 x limit.
+        reader, writer = await asyncio.open_unix_connection(http_uds, limit=SLOW_STEP)
+        target = f"{LOOPBACK}:{flood_port}"
+        writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        assert await reader.readexactly(len(RESPONSE_200)) == RESPONSE_200
+        held = HeldStream(server, budget, backend.conn, echo_port, reader)
+        await until(lambda: held.held, what="the flooded tunnel holds its agent's stream")
+        yield held
+        writer.close()
+        http.close()
+    await echo.close()
+    flood_server.close()
+
+
+# A frontend that stopped reading altogether, without flow.v1: nothing it is owed will
+# ever be taken, and it is never closed here (the stall timeout is out of reach). A 1 KiB
+# echo on another tunnel and a new tunnel's DIAL_RSP still pass, in the end of the window
+# the agent's bulk reads leave free (agent.sender.RESERVED_WINDOW), twice (the reserve
+# comes back); the hold is still on afterwards. An agent that lets the bulk tunnel spend
+# the whole window (or queue ahead of the reply) never answers.
+@pytest.mark.timeout(60)
+def test_reply_passes_a_stopped_frontend_holding_the_stream(
+    run: RunFn, sock_dir: str, certs: Certs
+) -> None:
+    async def main() -> None:
+        budget = BufferBudget(tunnel_budget=SLOW_BUDGET, stall_timeout=3600.0)
+        async with stream_held_by_a_flood(sock_dir, certs, budget) as stream:
+            for rnd in (2, 3):
+                await stream.echo(rnd, rounds=4)
+            assert stream.held
+
+    run(main())
+
+
+# A slow frontend: the echo waits for the slow reader to take only what is in flight to
+# it, not a queue of the fast backend's bytes. Counted in bytes the slow reader takes, not
+# in seconds.
 @pytest.mark.timeout(60)
 def test_slow_frontend_does_not_queue_its_agents_other_tunnels(
     run: RunFn, sock_dir: str, certs: Certs
 ) -> None:
     async def main() -> None:
-        async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            chunk = b"f" * (256 << 10)
-            with contextlib.suppress(ConnectionError, OSError):
-                while True:
-                    writer.write(chunk)
-                    await writer.drain()
-
-        flood_server = await asyncio.start_server(flood, LOOPBACK, 0)
-        flood_port = flood_server.sockets[0].getsockname()[1]
-        echo = EchoServer()
-        echo_port = await echo.start()
         budget = BufferBudget(tunnel_budget=SLOW_BUDGET)
-        http_uds = os.path.join(sock_dir, "connect.sock")
-        async with (
-            proxy_server(sock_dir, certs, budget=budget) as server,
-            agent(certs, server.agent_port),
-        ):
-            http = await start_http_connect_uds(server.proxy, http_uds)
-            await until(lambda: server_has_agent(server))
-            (backend,) = server.proxy.router.backends.values()
-            slow_reader, slow_writer = await asyncio.open_unix_connection(http_uds, limit=SLOW_STEP)
-            target = f"{LOOPBACK}:{flood_port}"
-            slow_writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-            assert await slow_reader.readexactly(len(RESPONSE_200)) == RESPONSE_200
-            await until(lambda: budget.paused(backend.conn), what="the slow tunnel holds")
+        async with stream_held_by_a_flood(sock_dir, certs, budget) as stream:
             taken = 0
 
             async def read_steadily() -> None:
                 nonlocal taken
                 while True:
-                    taken += len(await slow_reader.read(SLOW_STEP))
+                    taken += len(await stream.reader.read(SLOW_STEP))
                     await asyncio.sleep(0.001)
 
             reader = asyncio.get_running_loop().create_task(read_steadily())
-            fast = await Tunnel.open(server.uds)
-            await fast.dial(f"{LOOPBACK}:{echo_port}", rnd=2)
-            fast.write(b"e" * 1024)
-            assert await fast.read_exactly(1024) == b"e" * 1024
+            await stream.echo(rnd=2)
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
             assert taken < ECHO_BEHIND_SLOW_READER_MAX, taken
-            await fast.aclose()
-            slow_writer.close()
-            http.close()
-        await echo.close()
-        flood_server.close()
 
     run(main())
