@@ -91,7 +91,7 @@ class FairSender:
                 self._send(endpoint.connect_id, data)
                 return True
             self._short[endpoint] = data
-        elif not self._bulk and self.call.send_room() >= self._bulk_need(len(data)):
+        elif not self._bulk and self._bulk_fits(data):
             self._send(endpoint.connect_id, data)
             return True
         else:
@@ -121,10 +121,16 @@ class FairSender:
 
     # -- turns --
 
-    def _bulk_need(self, size: int) -> int:
-        """The room a bulk read of ``size`` bytes waits for: itself and the reserve, cut to
-        the largest window the stream has shown (see the invariants)."""
-        peak = self._peak = max(self._peak, self.call.send_room())
+    def _bulk_fits(self, data: bytes) -> bool:
+        """Whether the bulk read ``data`` may go on the stream now."""
+        room = self.call.send_room()  # read once: it asks the engine
+        return room >= self._bulk_need(len(data), room)
+
+    def _bulk_need(self, size: int, room: int) -> int:
+        """The room a bulk read of ``size`` bytes waits for, given the ``room`` there is
+        now: itself and the reserve, cut to the largest window the stream has shown (see
+        the invariants)."""
+        peak = self._peak = max(self._peak, room)
         reserve = min(RESERVED_WINDOW, peak // 4)
         return reserve + min(size, peak - reserve)
 
@@ -137,7 +143,7 @@ class FairSender:
         elif self._bulk:
             self._armed = True
             first = next(iter(self._bulk.values()))
-            self.call.when_room(self._serve, self._bulk_need(len(first)))
+            self.call.when_room(self._serve, self._bulk_need(len(first), self.call.send_room()))
 
     def _serve(self) -> None:
         """Send what may go now, in turn: short reads first (they are small), then bulk
@@ -147,7 +153,7 @@ class FairSender:
         short, bulk = self._short, self._bulk
         while short and call.unsent() < UNSENT_LIMIT:
             self._take(short)
-        while bulk and call.send_room() >= self._bulk_need(len(next(iter(bulk.values())))):
+        while bulk and self._bulk_fits(next(iter(bulk.values()))):
             self._take(bulk)
         self._arm()
 
