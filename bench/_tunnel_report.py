@@ -515,7 +515,9 @@ def render(results: dict[str, Any]) -> str:
         f"Tunnel benchmark, {m['date']}: {m['nproc']} CPUs ({m['cpu_model']}), Linux "
         f"{m['kernel']}, Python {m['python']}; load average before {' '.join(m['loadavg'])}"
         f", after {' '.join(m.get('loadavg_after', []))}. Median (min-max) of "
-        f"{c['runs']} run(s). Commit {m.get('commit', '?')}"
+        f"{c['runs']} run(s)"
+        + (f" over {c['pairs']} pairs of each pairing" if c.get("pairs", 1) > 1 else "")
+        + f". Commit {m.get('commit', '?')}"
         + (f" + uncommitted {', '.join(m['dirty'])}" if m.get("dirty") else "")
         + "."
     )

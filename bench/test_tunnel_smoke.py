@@ -140,11 +140,13 @@ def test_slow_readers_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
 @pytest.mark.timeout(600)
 def test_flow_on_off_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The bulk transfers with flow.v1 on and off in the same run: both pairings ran, the
-    flow.v1 one exchanged credit each way, and the on-vs-off rows are there."""
+    """The bulk transfers with flow.v1 on and off in the same run, on two pairs of each
+    pairing (``--pairs``): both pairings ran on both of their pairs, the flow.v1 one
+    exchanged credit each way, and the on-vs-off rows are there."""
     _need_go()
     out = tmp_path / "flow.json"
     args = ["--quick", "--impls", "ours", FLOW, "--no-direct", "--scenarios", "down1", "up1"]
+    args += ["--runs=2", "--pairs=2"]
     code = tunnel.main([*args, "--single-mib=4", "--settle=0", "--json", str(out)])
     printed = capsys.readouterr()
     assert code == 0, printed.err
@@ -152,9 +154,11 @@ def test_flow_on_off_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     for name, direction in (("down1", "granted"), ("up1", "received")):
         cell = results["cells"][name]
         assert set(cell) == {f"{i}/{m}" for i in ("ours", FLOW) for m in tunnel.MODES}
+        for key in cell:
+            assert [run["pair"] for run in cell[key]["runs"]] == [0, 1], (name, key)
         for mode in tunnel.MODES:
-            run = cell[f"{FLOW}/{mode}"]["runs"][0]
-            assert run[f"flow_credit_{direction}_bytes"] > 0, (name, mode, run)
+            for run in cell[f"{FLOW}/{mode}"]["runs"]:
+                assert run[f"flow_credit_{direction}_bytes"] > 0, (name, mode, run)
     on_off = {(r["scenario"], r["mode"]) for r in results["rows"] if r["kind"] == "off_min"}
     assert on_off == {(n, m) for n in ("down1", "up1") for m in tunnel.MODES}
     assert "flow.v1 on vs off" in printed.out and "flow/ours" in printed.out

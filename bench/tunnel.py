@@ -153,6 +153,12 @@ class Config:
     modes: tuple[str, ...] = MODES
     scenarios: tuple[str, ...] = SCENARIOS
     direct: bool = True
+    # Long-lived pairs per pairing for the transfer, set-up and round-trip scenarios; run
+    # N uses pair N mod ``pairs``. Two pairs of the same build, started the same way, keep
+    # a bias of their own for their whole life (528 vs 618 MB/s median over 15 uploads
+    # each, 2026-12-07): with one pair per pairing, a ratio between two pairings carries
+    # both pairs' biases however many runs there are.
+    pairs: int = 1
     profile: str = ""  # a folder: py-spy records our server and agent per scenario
     profile_native: bool = False  # py-spy --native (pauses the process at each sample)
 
@@ -447,35 +453,37 @@ class Bench:
 
     # -- the plan --
 
-    def targets(self, shared: list[str]) -> list[Target]:
-        """The long-lived pairs (and direct TCP): a pairing only if it runs one of
-        ``shared``."""
+    def targets(self, shared: list[str]) -> list[list[Target]]:
+        """The long-lived pairs (and direct TCP), ``Config.pairs`` of each pairing: a
+        pairing only if it runs one of ``shared``."""
         c = self.config
-        out = [Target("direct", "direct")] if c.direct else []
+        out = [[Target("direct", "direct")]] if c.direct else []
         for mode in c.modes:
             for impl in c.impls:
                 if any(runs_scenario(impl, s) for s in shared):
-                    out.append(Target(f"{impl}/{mode}", mode, self.pair(impl, mode)))
+                    key = f"{impl}/{mode}"
+                    out.append([Target(key, mode, self.pair(impl, mode)) for _ in range(c.pairs)])
         return out
 
     def run(self) -> dict[str, Any]:
         c = self.config
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
         shared = [s for s in SHARED if s in c.scenarios]
-        targets = self.targets(shared) if shared else []
+        pairings = self.targets(shared) if shared else []
         self.progress(
             "pairs up: "
             + ", ".join(
                 f"{t.key} server {t.pair.server.pid} agent {t.pair.agent.pid}"
-                for t in targets
+                for pool in pairings
+                for t in pool
                 if t.pair
             )
         )
         plan = [
-            (name, target)
+            (name, pool)
             for name in shared
-            for target in targets
-            if target.pair is None or runs_scenario(target.pair.impl, name)
+            for pool in pairings
+            if pool[0].pair is None or runs_scenario(pool[0].pair.impl, name)
         ]
         step, total = 0, c.runs * len(plan)
         # Interleaved (run 1 of every cell, then run 2, ...): a slow spell of the shared
@@ -483,17 +491,21 @@ class Bench:
         # the cells backwards, so that no cell always follows the same one (a transfer
         # leaves the machine warm or busy for the next).
         for run in range(c.runs):
-            for name, target in plan if run % 2 == 0 else plan[::-1]:
+            for name, pool in plan if run % 2 == 0 else plan[::-1]:
                 step += 1
+                target = pool[run % len(pool)]
                 busy = self.wait_quiet()
                 result = self.scenario(name, target)
                 result["busy_before_pct"] = busy
+                if len(pool) > 1:
+                    result["pair"] = run % len(pool)
                 runs.setdefault(name, {}).setdefault(target.key, []).append(result)
                 self.progress(f"[{step}/{total}] {name:8s} {target.key:22s} {_brief(name, result)}")
                 self._revive(target)
-        for target in targets:
-            if target.pair is not None:
-                stop_pair(self.procs, target.pair)
+        for pool in pairings:
+            for target in pool:
+                if target.pair is not None:
+                    stop_pair(self.procs, target.pair)
         # One pair for idle, holsmall and hol (in that order); one for each slow reader.
         groups = [[s for s in FRESH if s in c.scenarios and s not in SLOW]]
         groups += [[s] for s in FRESH if s in c.scenarios and s in SLOW]
@@ -582,6 +594,13 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--chart", type=Path, help="write a PNG chart here (needs matplotlib)")
     p.add_argument("--runs", type=int)
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=1,
+        help="long-lived pairs per pairing for transfers, set-up and round trips; run N "
+        "uses pair N mod PAIRS, spreading a pair's own bias over the runs (1)",
+    )
     p.add_argument("--single-mib", type=int, help="MiB of a single-tunnel transfer (256)")
     p.add_argument("--multi-mib", type=int, help="MiB per tunnel of the 8-tunnel download (64)")
     p.add_argument("--setup-seconds", type=float, help="seconds per set-up rate run (2)")
@@ -659,8 +678,10 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     config.verbosity = a.verbosity
     config.direct = config.direct and not a.no_direct
     config.profile = a.profile
+    config.pairs = a.pairs
     config.profile_native = a.profile_native
-    if not (1 <= config.runs <= 20 and config.idle_tunnels >= 1 and config.rtt_count >= 1):
+    ranges = (1 <= config.runs <= 20, 1 <= config.pairs <= 5)
+    if not (all(ranges) and config.idle_tunnels >= 1 and config.rtt_count >= 1):
         p.error("a parameter is out of its range")
     return config, a
 
