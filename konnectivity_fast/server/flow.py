@@ -55,7 +55,7 @@ def payload_size(message: Message) -> int:
 
 class FlowSource(Protocol):
     """The frontend adapter's side of one tunnel (``HttpConnectProtocol``,
-    ``_FrontendStream``)."""
+    ``server.streams.FrontendStream``)."""
 
     def flow_backlog(self) -> int:
         """Bytes queued toward the frontend and not yet taken."""

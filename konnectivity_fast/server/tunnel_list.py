@@ -4,7 +4,7 @@ document is described in ``tunnel/listing.py``).
 One row per established connection (pending dials are counted, not listed), read from the
 router's records: its agent stream (``Backend``), its frontend (``Frontend``, whose
 ``bytes_up``/``bytes_down`` the data path counts) and the frontend's side of the
-buffering (``_FrontendStream`` for gRPC, ``HttpConnectProtocol`` for HTTP-CONNECT; both
+buffering (``streams.FrontendStream`` for gRPC, ``HttpConnectProtocol`` for HTTP-CONNECT; both
 have a ``TunnelBuffer`` and ``source_paused``, see ``TunnelSide``). Per agent: its streams,
 tunnels, pending dials and bytes, whether one of its streams drains, and whether the
 buffering holds or pauses one (``BufferBudget.paused``).
