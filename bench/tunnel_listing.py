@@ -27,8 +27,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from random import Random
 
-from konnectivity_fast.agent.client import AgentClient, ClientConfig
+from konnectivity_fast.agent.client import AgentClient
 from konnectivity_fast.agent.clientset import ClientSet
+from konnectivity_fast.agent.connect import ClientConfig
 from konnectivity_fast.agent.endpoint import Endpoint, EndpointPool
 from konnectivity_fast.agent.tunnel_list import tunnels_handler as agent_handler
 from konnectivity_fast.server.buffering import TunnelBuffer

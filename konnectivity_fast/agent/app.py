@@ -38,8 +38,8 @@ from collections.abc import Mapping
 from random import Random
 from typing import Protocol
 
-from konnectivity_fast.agent.client import ClientConfig
 from konnectivity_fast.agent.clientset import ClientSet, EndpointSource
+from konnectivity_fast.agent.connect import ClientConfig
 from konnectivity_fast.agent.discovery import EndpointBook, Source
 from konnectivity_fast.agent.health import admin_routes, health_routes, start_http
 from konnectivity_fast.agent.policy import ServerCounter

@@ -42,37 +42,37 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
+from konnectivity_fast.agent.connect import (
+    CONNECT_TIMEOUT,
+    HEADERS_TIMEOUT,
+    KEEPALIVE_TIMEOUT,
+    MIN_KEEPALIVE_TIME,
+    ClientConfig,
+    ConnectError,
+    check_alpn,
+    parse_server_headers,
+    status_text,
+)
 from konnectivity_fast.agent.endpoint import Endpoint, EndpointPool, dial
 from konnectivity_fast.agent.reverse import ReverseStream
 from konnectivity_fast.agent.sender import FairSender
 from konnectivity_fast.metrics import agent as metrics
-from konnectivity_fast.metrics._common import grpc_code_name
 from konnectivity_fast.transport.call import GrpcCall, GrpcError
 from konnectivity_fast.transport.dialerr import DialError
 from konnectivity_fast.transport.grpc import CLOSE_TIMEOUT, SSL_SHUTDOWN_TIMEOUT, GrpcProtocol
 from konnectivity_fast.verbosity import V
 from konnectivity_fast.wire.codec import decode_packet, encode_packet, peek_data, peek_packet
 from konnectivity_fast.wire.contract import (
-    BEARER_PREFIX,
     CONNECT_PATH,
     ERR_UNRECOGNIZED_CONNECT_ID,
-    MD_AGENT_ID,
-    MD_AGENT_IDENTIFIERS,
-    MD_AUTHORIZATION,
-    MD_SERVER_COUNT,
-    MD_SERVER_ID,
     NO_EXTENSIONS,
     Extension,
     ExtensionSet,
-    capabilities_metadata,
-    check_extensions,
     negotiate_extensions,
     unmarshal_error,
 )
 from konnectivity_fast.wire.errors import CodecError, StatusCode
-from konnectivity_fast.wire.gotext import go_slice
 from konnectivity_fast.wire.packets import (
     CloseRequest,
     CloseResponse,
@@ -84,27 +84,12 @@ from konnectivity_fast.wire.packets import (
     PacketType,
 )
 
-__all__ = [
-    "AgentClient",
-    "ClientConfig",
-    "ConnectError",
-]
+__all__ = ["AgentClient"]
 
 log = logging.getLogger(__name__)
 
 # Upstream's agent's CLOSE_RSP error for a CLOSE_REQ of a connectID it does not know.
 ERR_UNKNOWN_CONNECT_ID = "Unknown connectID"
-
-#: Seconds for TCP connect plus TLS handshake: grpc-go's minimum connect timeout.
-CONNECT_TIMEOUT = 20.0
-#: Seconds to wait for the server's response headers. Upstream waits forever
-#: (pkg/agent/client.go serverID, with a TODO), which lets one mute server freeze the
-#: agent's whole (sequential) sync loop; a deliberate difference (docs/differences.md).
-HEADERS_TIMEOUT = 30.0
-#: grpc-go's keepalive: an unanswered PING closes the connection after 20 s, and no client
-#: pings more often than every 10 s whatever it is configured to.
-KEEPALIVE_TIMEOUT = 20.0
-MIN_KEEPALIVE_TIME = 10.0
 
 _DATA = int(PacketType.DATA)
 _DIAL_REQ = int(PacketType.DIAL_REQ)
@@ -113,88 +98,6 @@ _FLOW_CREDIT = int(PacketType.FLOW_CREDIT)
 _DIAL_RSP = int(PacketType.DIAL_RSP)
 _CLOSE_RSP = int(PacketType.CLOSE_RSP)
 _DRAIN = int(PacketType.DRAIN)
-
-
-class ConnectError(Exception):
-    """A failed connection attempt; the text is what the sync loop logs."""
-
-
-@dataclass
-class ClientConfig:
-    """What every connection attempt needs (built once at start-up)."""
-
-    host: str
-    port: int
-    ssl_context: ssl.SSLContext
-    agent_id: str
-    agent_identifiers: str = ""
-    token_path: str = ""
-    keepalive_time: float = 3600.0
-    probe_interval: float = 1.0
-    # The TLS server name and :authority (``--proxy-server-host``).
-    server_name: str = ""
-    # ``--warn-on-channel-limit``: warn when a slow backend pauses its server stream.
-    warn_on_channel_limit: bool = False
-    extra_metadata: list[tuple[str, str]] = field(default_factory=list)
-    # The extensions this agent offers each server (``wire.contract``).
-    extensions: ExtensionSet = NO_EXTENSIONS
-
-    def __post_init__(self) -> None:
-        self.extensions = check_extensions(self.extensions)
-
-    def metadata(self) -> list[tuple[str, str]]:
-        """This attempt's request metadata; the token file is read now, on every attempt
-        (upstream's pkg/agent/client.go Client.initializeAuthContext)."""
-        md = [(MD_AGENT_ID, self.agent_id), (MD_AGENT_IDENTIFIERS, self.agent_identifiers)]
-        if self.token_path:
-            try:
-                with open(self.token_path, "rb") as f:
-                    token = f.read()
-            except OSError as exc:
-                raise ConnectError(
-                    f"failed to read token from {self.token_path}: {exc.strerror or exc}"
-                ) from None
-            # Upstream sends the file verbatim; a trailing newline would make grpc-go refuse
-            # the header, so trimming trailing whitespace is a harmless deviation.
-            md.append((MD_AUTHORIZATION, BEARER_PREFIX + token.decode("latin-1").rstrip()))
-        md.extend(capabilities_metadata(self.extensions))
-        md.extend(self.extra_metadata)
-        return md
-
-
-def _one(metadata: list[tuple[str, str]], key: str) -> list[str]:
-    return [v for k, v in metadata if k == key]
-
-
-def parse_server_headers(metadata: list[tuple[str, str]]) -> tuple[str, int]:
-    """``serverid`` and ``servercount`` from response headers, with upstream's errors."""
-    ids = _one(metadata, MD_SERVER_ID)
-    if len(ids) != 1:
-        raise ConnectError(f"expected one server ID in the context, got {go_slice(ids)}")
-    counts = _one(metadata, MD_SERVER_COUNT)
-    if len(counts) != 1:
-        raise ConnectError(f"expected one server count, got {len(counts)}")
-    text = counts[0]
-    digits = text[1:] if text[:1] in "+-" else text
-    if not digits.isascii() or not digits.isdigit():
-        raise ConnectError(f'strconv.Atoi: parsing "{text}": invalid syntax')
-    return ids[0], int(text)
-
-
-def _status_text(status: int, message: str) -> str:
-    """grpc-go's status error text."""
-    return f"rpc error: code = {grpc_code_name(status)} desc = {message}"
-
-
-def _check_alpn(proto: GrpcProtocol, target: str) -> None:
-    """grpc-go's check that the TLS handshake chose a protocol (ALPN), on a connection that
-    may already be lost again."""
-    transport = proto.transport
-    if transport is None:  # lost before the connecting coroutine resumed
-        raise ConnectError(f"connecting to {target}: connection lost")
-    ssl_object = transport.get_extra_info("ssl_object")
-    if ssl_object is None or ssl_object.selected_alpn_protocol() is None:
-        raise ConnectError("credentials: cannot check peer: missing selected ALPN property")
 
 
 class AgentClient:
@@ -290,7 +193,7 @@ class AgentClient:
             await proto.connected
         except ConnectionError as exc:
             raise ConnectError(f"connecting to {target}: {exc}") from None
-        _check_alpn(proto, target)
+        check_alpn(proto, target)
         try:
             call = proto.start_call(
                 CONNECT_PATH, metadata, authority=cfg.server_name or cfg.host, scheme="https"
@@ -307,9 +210,9 @@ class AgentClient:
                 f"no response headers from {target} within {HEADERS_TIMEOUT:g}s"
             ) from None
         except GrpcError as exc:
-            raise ConnectError(_status_text(exc.status, exc.message)) from None
+            raise ConnectError(status_text(exc.status, exc.message)) from None
         if not headers and call.status is not None:
-            raise ConnectError(_status_text(call.status, call.message))
+            raise ConnectError(status_text(call.status, call.message))
         self.server_id, self.server_count = parse_server_headers(headers)
         self.response_headers = headers
         self.extensions = negotiate_extensions(headers, cfg.extensions)
@@ -502,7 +405,7 @@ class AgentClient:
             metrics.observe_stream_error_no_packet(metrics.SEGMENT_TO_AGENT, status)
             metrics.observe_server_failure_deprecated(metrics.DIRECTION_FROM_SERVER)
             log.error(
-                "stream to server %s ended: %s", self.server_id, _status_text(status, call.message)
+                "stream to server %s ended: %s", self.server_id, status_text(status, call.message)
             )
         self.close("stream ended")
 

@@ -52,7 +52,8 @@ import logging
 from collections.abc import Callable, Mapping
 from random import Random
 
-from konnectivity_fast.agent.client import AgentClient, ClientConfig, ConnectError
+from konnectivity_fast.agent.client import AgentClient
+from konnectivity_fast.agent.connect import ClientConfig, ConnectError
 from konnectivity_fast.agent.discovery import EndpointBook, Source
 from konnectivity_fast.agent.endpoint import EndpointPool
 from konnectivity_fast.agent.policy import Backoff, ServerCounter, StickyDetector, jitter

@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from konnectivity_fast.agent.client import ClientConfig
 from konnectivity_fast.agent.clientset import ClientSet
+from konnectivity_fast.agent.connect import ClientConfig
 from konnectivity_fast.server import PROXY_PATH, ProxyServer, ServerHandle
 from konnectivity_fast.server.buffering import BufferBudget
 from konnectivity_fast.transport import grpc as kgrpc

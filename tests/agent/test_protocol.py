@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from konnectivity_fast.agent.client import AgentClient, ConnectError
+from konnectivity_fast.agent.client import AgentClient
+from konnectivity_fast.agent.connect import ConnectError
 from konnectivity_fast.agent.endpoint import EndpointPool
 from konnectivity_fast.wire.packets import (
     CloseDial,

@@ -30,7 +30,7 @@ from collections.abc import Awaitable
 
 import pytest
 
-from konnectivity_fast.agent.client import KEEPALIVE_TIMEOUT
+from konnectivity_fast.agent.connect import KEEPALIVE_TIMEOUT
 from tests.support.agent_peer import backend, echo
 from tests.support.net import free_ports
 

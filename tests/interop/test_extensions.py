@@ -36,7 +36,8 @@ from pathlib import Path
 
 import pytest
 
-from konnectivity_fast.agent.client import AgentClient, ClientConfig
+from konnectivity_fast.agent.client import AgentClient
+from konnectivity_fast.agent.connect import ClientConfig
 from konnectivity_fast.agent.endpoint import EndpointPool
 from konnectivity_fast.wire.contract import CONNECT_PATH, MD_CAPABILITIES, PROXY_PATH, Extension
 from konnectivity_fast.wire.endpoints import MD_SERVER_ENDPOINTS

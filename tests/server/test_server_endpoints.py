@@ -21,7 +21,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from konnectivity_fast.agent.client import AgentClient, ClientConfig
+from konnectivity_fast.agent.client import AgentClient
+from konnectivity_fast.agent.connect import ClientConfig
 from konnectivity_fast.agent.endpoint import EndpointPool
 from konnectivity_fast.server import CONNECT_PATH, ProxyServer
 from konnectivity_fast.server.directory import ServerDirectory

@@ -25,7 +25,7 @@ import secrets
 import ssl
 from dataclasses import dataclass
 
-from konnectivity_fast.agent.client import ConnectError, parse_server_headers
+from konnectivity_fast.agent.connect import ConnectError, parse_server_headers
 from konnectivity_fast.cli.doctor.tlscheck import CertFacts, facts
 from konnectivity_fast.transport.grpc import GrpcProtocol
 from konnectivity_fast.transport.tls import client_context
