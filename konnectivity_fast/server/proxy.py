@@ -52,12 +52,11 @@ from konnectivity_fast.server.buffering import TUNNEL_WRITE_HIGH_WATER, BufferBu
 from konnectivity_fast.server.flow import FlowControl, data_size
 from konnectivity_fast.server.reverse import NodeToCpConfig, ReverseTunnels
 from konnectivity_fast.server.streams import (
-    AgentService,
     AgentStream,
     AuthenticatingSink,
     Authenticator,
-    FrontendService,
     FrontendStream,
+    MethodService,
     NullSink,
     log_refused,
 )
@@ -84,12 +83,16 @@ from konnectivity_fast.tunnel import (
 from konnectivity_fast.verbosity import V
 from konnectivity_fast.wire.codec import decode_packet, encode_packet, peek_packet
 from konnectivity_fast.wire.contract import (
+    AGENT_SERVICE,
+    CONNECT_PATH,
     MD_AGENT_ID,
     MD_AGENT_IDENTIFIERS,
     MD_AUTHORIZATION,
     MD_SERVER_COUNT,
     MD_SERVER_ID,
     NO_EXTENSIONS,
+    PROXY_PATH,
+    PROXY_SERVICE,
     AgentIdentifiers,
     AgentMetadataError,
     DialBalance,
@@ -183,8 +186,8 @@ class ProxyServer:
             strategies, rng or Random(), dial_timeout=dial_timeout, balance=dial_balance
         )
         self.forwarder: DialForwarder | None = None
-        self.frontend_service = FrontendService(self)
-        self.agent_service = AgentService(self)
+        self.frontend_service = MethodService(PROXY_PATH, PROXY_SERVICE, self._open_frontend)
+        self.agent_service = MethodService(CONNECT_PATH, AGENT_SERVICE, self._open_agent)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when: float | None = None
         self._closed = False

@@ -1,6 +1,6 @@
 """The sinks of the proxy-server's gRPC calls (``transport.grpc.CallSink``): what
 ``server.proxy.ProxyServer`` gives each ``/ProxyService/Proxy`` and ``/AgentService/Connect``
-call it accepts, and the two services that choose them by path.
+call it accepts, and the services that choose them by path (``MethodService``).
 
 - ``FrontendStream``: one frontend's ``Proxy`` call; DATA takes the router's fast path to
   its agent, anything else is decoded and routed. It is the call's buffer toward the
@@ -37,10 +37,6 @@ from konnectivity_fast.transport.ratelog import RateLimitedLog
 from konnectivity_fast.tunnel import Backend, Frontend
 from konnectivity_fast.wire.codec import decode_packet, peek_packet
 from konnectivity_fast.wire.contract import (
-    AGENT_SERVICE,
-    CONNECT_PATH,
-    PROXY_PATH,
-    PROXY_SERVICE,
     AgentIdentifiers,
     unmarshal_error,
 )
@@ -52,12 +48,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_PACKETS_BEFORE_AUTH",
-    "AgentService",
     "AgentStream",
     "AuthenticatingSink",
     "Authenticator",
-    "FrontendService",
     "FrontendStream",
+    "MethodService",
     "NullSink",
     "log_refused",
 ]
@@ -377,27 +372,19 @@ class AuthenticatingSink:
                 self.task.cancel()
 
 
-class FrontendService:
-    __slots__ = ("server",)
+class MethodService:
+    """A gRPC service of one method: a call to ``path`` (of ``service``) is opened by
+    ``open_call``; any other path ends UNIMPLEMENTED with grpc-go's text."""
 
-    def __init__(self, server: ProxyServer) -> None:
-        self.server = server
+    __slots__ = ("_open", "_path", "_service")
 
-    def open_call(self, call: GrpcCall) -> CallSink:
-        if call.path != PROXY_PATH:
-            call.finish(StatusCode.UNIMPLEMENTED, _unknown_path(call.path, PROXY_SERVICE))
-            return NullSink()
-        return self.server._open_frontend(call)
-
-
-class AgentService:
-    __slots__ = ("server",)
-
-    def __init__(self, server: ProxyServer) -> None:
-        self.server = server
+    def __init__(self, path: str, service: str, open_call: Callable[[GrpcCall], CallSink]) -> None:
+        self._path = path
+        self._service = service
+        self._open = open_call
 
     def open_call(self, call: GrpcCall) -> CallSink:
-        if call.path != CONNECT_PATH:
-            call.finish(StatusCode.UNIMPLEMENTED, _unknown_path(call.path, AGENT_SERVICE))
+        if call.path != self._path:
+            call.finish(StatusCode.UNIMPLEMENTED, _unknown_path(call.path, self._service))
             return NullSink()
-        return self.server._open_agent(call)
+        return self._open(call)
