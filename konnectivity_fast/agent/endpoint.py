@@ -31,6 +31,7 @@ from typing import Protocol, cast
 from konnectivity_fast.metrics import flow as flow_metrics
 from konnectivity_fast.transport.buffers import zeroed_buffer
 from konnectivity_fast.transport.dial import DIAL_TIMEOUT, close_after_flush, dial
+from konnectivity_fast.transport.loop import RunningLoop, resume_writing_at
 from konnectivity_fast.tunnel.flow import GrowthBudget, ReceiveWindow, SendCredit
 
 __all__ = [
@@ -112,20 +113,12 @@ class EndpointPool:
         # Endpoints with DATA held for one write (``Endpoint.write``), flushed once the
         # packets of the current read from the server are all dispatched.
         self._dirty: list[Endpoint] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.running_loop = RunningLoop()
 
     def schedule_flush(self, endpoint: Endpoint) -> None:
         if not self._dirty:
             self.running_loop().call_soon(self._flush)
         self._dirty.append(endpoint)
-
-    def running_loop(self) -> asyncio.AbstractEventLoop:
-        # asyncio.get_running_loop() makes a getpid() system call: once per read from the
-        # server, it was one call in seven of a round trip (bench/rtt_syscalls.py).
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            loop = self._loop = asyncio.get_running_loop()
-        return loop
 
     def _flush(self) -> None:
         dirty, self._dirty = self._dirty, []
@@ -425,8 +418,7 @@ class Endpoint(asyncio.BufferedProtocol):
             # resume_writing (and so the next grant) once the backend's queue is down to
             # where a quarter window is free, not only once it is empty: the server then
             # has credit before the backend runs dry.
-            level = window.drain_target()
-            t.set_write_buffer_limits(high=level, low=level)
+            resume_writing_at(t, window.drain_target())
 
     def close(self) -> None:
         """CLOSE_REQ: stop reading, give the backend a bounded time for what is queued,

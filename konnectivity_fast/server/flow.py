@@ -23,13 +23,13 @@ Invariants:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from typing import Protocol
 
 from konnectivity_fast.metrics import flow as flow_metrics
 from konnectivity_fast.transport.call import GrpcCall, GrpcError
+from konnectivity_fast.transport.loop import RunningLoop
 from konnectivity_fast.tunnel.events import Message
 from konnectivity_fast.tunnel.flow import GrowthBudget, ReceiveWindow, SendCredit
 from konnectivity_fast.wire.codec import encode_packet, peek_data
@@ -99,8 +99,7 @@ class FlowControl:
         self.agents: set[GrpcCall] = set()
         self.growth = GrowthBudget()
         self._dirty: set[FlowTunnel] = set()
-        # Cached: asyncio.get_running_loop() makes a getpid() system call.
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._running_loop = RunningLoop()
 
     def tunnel(self, agent: GrpcCall, connect_id: int, source: FlowSource) -> FlowTunnel:
         return FlowTunnel(agent, connect_id, source, self.growth)
@@ -125,12 +124,6 @@ class FlowControl:
         if not self._dirty:
             self._running_loop().call_soon(self._grant_dirty)
         self._dirty.add(tunnel)
-
-    def _running_loop(self) -> asyncio.AbstractEventLoop:
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            loop = self._loop = asyncio.get_running_loop()
-        return loop
 
     def _grant_dirty(self) -> None:
         dirty, self._dirty = self._dirty, set()

@@ -57,6 +57,7 @@ from konnectivity_fast.transport.httphead import (
     leading_blank_bytes,
     parse_head,
 )
+from konnectivity_fast.transport.loop import resume_writing_at
 from konnectivity_fast.tunnel import CloseReason, Frontend
 from konnectivity_fast.tunnel.events import Message
 from konnectivity_fast.wire.codec import peek_data
@@ -486,11 +487,9 @@ class HttpConnectProtocol(asyncio.Protocol):
     def when_drained_to(self, level: int, callback: Callable[[], None]) -> None:
         self._on_emptied = callback
         if self.transport is not None:
-            # resume_writing comes once the queue is down to ``level`` (uvloop checks as
-            # each write completes); pause_writing, above it, only marks the buffer
-            # blocked, which a flow.v1 tunnel never charges. A closed handle refuses.
-            with contextlib.suppress(RuntimeError):
-                self.transport.set_write_buffer_limits(high=level, low=level)
+            # pause_writing, while the queue is above ``level``, only marks the buffer
+            # blocked, which a flow.v1 tunnel never charges.
+            resume_writing_at(self.transport, level)
 
     def pause_for_credit(self) -> None:
         self._credit_paused = True

@@ -43,7 +43,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ from konnectivity_fast.server.flow import FlowControl, FlowTunnel
 from konnectivity_fast.transport.call import CALL_SEND_HIGH_WATER, GrpcCall, GrpcError
 from konnectivity_fast.transport.dial import close_after_flush, dial
 from konnectivity_fast.transport.dialerr import DialError
+from konnectivity_fast.transport.loop import resume_writing_at
 from konnectivity_fast.tunnel.allowlist import AllowList
 from konnectivity_fast.verbosity import V
 from konnectivity_fast.wire.codec import decode_packet, encode_packet, peek_data
@@ -204,10 +204,7 @@ class _Destination(asyncio.Protocol):
         self.emptied = callback
         t = self.transport
         if t is not None and not self.closed:
-            # resume_writing comes once the queue is down to ``level`` (see
-            # connection_made). A closed handle refuses.
-            with contextlib.suppress(RuntimeError):
-                t.set_write_buffer_limits(high=level, low=level)
+            resume_writing_at(t, level)  # see connection_made
 
     def pause_writing(self) -> None:
         pass  # see connection_made
