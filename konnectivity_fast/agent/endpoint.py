@@ -403,8 +403,8 @@ class Endpoint(asyncio.BufferedProtocol):
 
     def _grant(self) -> None:
         """flow.v1: give the server back what the backend took (at most once per loop
-        turn: after ``flush``, and when the backend's queue is down to where a quarter
-        window is free, ``resume_writing``)."""
+        turn: after ``flush``, and when the backend's queue is down to where a grant's
+        worth is free, ``resume_writing``)."""
         window = self.window
         if window is None or self.closing or self._lost:
             return
@@ -414,11 +414,12 @@ class Endpoint(asyncio.BufferedProtocol):
             flow_metrics.granted(nbytes)
             self.owner.endpoint_credit(self, nbytes)
         t = self.transport
-        if queued and t is not None:
+        level = window.drain_target() if queued else None
+        if level is not None and t is not None:
             # resume_writing (and so the next grant) once the backend's queue is down to
-            # where a quarter window is free, not only once it is empty: the server then
+            # where a grant's worth is free, not only once it is empty: the server then
             # has credit before the backend runs dry.
-            resume_writing_at(t, window.drain_target())
+            resume_writing_at(t, level)
 
     def close(self) -> None:
         """CLOSE_REQ: stop reading, give the backend a bounded time for what is queued,

@@ -7,7 +7,7 @@ first DATA or credit passes:
 - agent -> frontend: DATA is queued on the frontend with no budget (server/buffering.py is
   for agents without flow.v1) and the agent's credit is given back (``FLOW_CREDIT``) as the
   frontend takes the bytes: at the end of the loop turn that queued them, and again when
-  the frontend's queue falls to where a quarter window is free
+  the frontend's queue falls to where a grant's worth is free
   (``ReceiveWindow.drain_target``, ``FlowSource.when_drained_to``).
 - frontend -> agent: each DATA spends the tunnel's credit; at zero the frontend's own source
   is paused until the agent grants more.
@@ -148,7 +148,7 @@ class FlowControl:
         already waits for that level or a higher one (it comes first)."""
         level = tunnel.window.drain_target()
         waiting = tunnel.drain_level
-        if waiting is not None and waiting >= level:
+        if level is None or (waiting is not None and waiting >= level):
             return
         tunnel.drain_level = level
         tunnel.source.when_drained_to(level, lambda: self._drained_to(tunnel, level))

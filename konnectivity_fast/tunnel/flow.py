@@ -8,20 +8,20 @@ established connection has a credit window in each direction (docs/flow-control.
   payload size, each ``FLOW_CREDIT`` from the peer adds to it. A sender sends a DATA only
   while its credit is positive, so it overshoots by less than one packet (plus what its own
   source had in flight when it paused it; ``OVERSHOOT_LIMIT`` bounds both).
-- ``ReceiveWindow``: what this side lets its peer send for one connection. It keeps
-  ``in flight + buffered <= window`` (in flight: granted and not yet received; buffered:
-  received and not yet taken by the consumer) and grants the rest, in pieces of at least a
-  quarter window, as the consumer drains; ``drain_target`` is the consumer's backlog at
-  which the next grant is due, which the adapters wait for (not an empty queue: the peer
-  would get credit only once the consumer had run dry). The window *turns* when the
-  consumer has taken a whole window. It doubles, up to ``MAX_WINDOW``, when it turned
-  within ``TURN_TIME`` (it holds less than that much of the tunnel's rate), or when the
-  consumer holds little and the peer has spent most of its credit; it halves back toward
-  ``INITIAL_WINDOW`` when the consumer holds most of it and it has not turned for
-  ``TURN_TIME`` (a slow consumer is the limit: a bigger window would only sit in its
-  queue). A fast consumer that is merely behind for a moment keeps its window: halving on
-  that collapsed a download's 4 MiB to 256 KiB in 12 ms, and the frontend then ran dry
-  between grants. Growth beyond the initial window is shared process-wide
+- ``ReceiveWindow``: what this side lets its peer send for one connection. It keeps ``in
+  flight + buffered <= window`` (in flight: granted and not yet received; buffered:
+  received and not yet taken by the consumer) and grants the rest, in pieces of at least
+  half the window (``GRANT_DIVISOR``), as the consumer drains; ``drain_target`` is the
+  consumer's backlog at which the next grant is due, which the adapters wait for (not an
+  empty queue: the peer would get credit only once the consumer had run dry). The window
+  *turns* when the consumer has taken a whole window. It doubles, up to ``MAX_WINDOW``,
+  when it turned within ``TURN_TIME`` (it holds less than that much of the tunnel's
+  rate), or when the consumer holds little and the peer has spent most of its credit; it
+  halves back toward ``INITIAL_WINDOW`` when the consumer holds most of it and it has not
+  turned for ``TURN_TIME`` (a slow consumer is the limit: a bigger window would only sit
+  in its queue). A fast consumer that is merely behind for a moment keeps its window:
+  halving on that collapsed a download's 4 MiB to 256 KiB in 12 ms, and the frontend then
+  ran dry between grants. Growth beyond the initial window is shared process-wide
   (``GrowthBudget``), which bounds what all tunnels together can hold.
 
 Sans-IO: sizes in, decisions out; the adapters (server/flow.py, agent/) move the bytes.
@@ -35,6 +35,7 @@ Invariants:
 from __future__ import annotations
 
 __all__ = [
+    "GRANT_DIVISOR",
     "GROWTH_BUDGET",
     "INITIAL_WINDOW",
     "MAX_WINDOW",
@@ -48,6 +49,11 @@ __all__ = [
 #: Credit of a new connection in each direction: an interactive tunnel (exec, logs) never
 #: waits for credit, and 10,000 idle tunnels promise at most 2.5 GiB they will not use.
 INITIAL_WINDOW = 256 << 10
+#: A grant is at least this share of the window (``window // GRANT_DIVISOR``): every credit
+#: packet wakes the peer and costs both sides a TLS record, so grants come in halves of
+#: the window, not quarters; the peer still has the other half to send while the grant
+#: travels (2 MiB at MAX_WINDOW: ~4 ms at 500 MB/s, against a credit round trip under 1 ms).
+GRANT_DIVISOR = 2
 #: Largest window of one connection: a bulk transfer at ~2 GB/s with a 2 ms credit round
 #: trip needs 4 MiB in flight; more only buys memory a stalled reader can hold.
 MAX_WINDOW = 4 << 20
@@ -147,18 +153,21 @@ class ReceiveWindow:
         worth a packet yet."""
         self._adapt(buffered, now)
         room = self.window - buffered - self.in_flight
-        if room < self.window // 4:
+        if room < self.window // GRANT_DIVISOR:
             return 0
         self.granted += room
         return room
 
-    def drain_target(self) -> int:
-        """The consumer's backlog at or below which a grant is due (at least a quarter of
-        the window is then free): the adapter asks its consumer to say when it gets
-        there, so that a peer waiting for credit gets it while the consumer still has
-        bytes to take, not once it has run dry."""
+    def drain_target(self) -> int | None:
+        """The consumer's backlog at or below which a grant is due (a grant's worth of the
+        window is then free): the adapter asks its consumer to say when it gets there, so
+        that a peer waiting for credit gets it while the consumer still has bytes to take,
+        not once it has run dry. None while no draining can make a grant due (the peer
+        holds more than the rest of the window in flight): the DATA still to come brings
+        the next decision, and a watch would only cost a callback."""
         window = self.window
-        return max(0, window - window // 4 - self.in_flight)
+        level = window - window // GRANT_DIVISOR - self.in_flight
+        return level if level >= 0 else None
 
     def release(self) -> None:
         """The connection ended: give the window's growth back."""

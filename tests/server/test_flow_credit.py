@@ -1,7 +1,7 @@
 """The server's flow.v1 adapter (server/flow.py ``FlowControl``) against a fake frontend and
 agent call, no sockets: a source is paused once when its credit runs out, however many
 messages its last read still delivers; and a grant is asked for when the frontend's queue
-is down to where a quarter window is free, not only once it is empty."""
+is down to where a grant's worth is free, not only once it is empty."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import cast
 from konnectivity_fast.metrics import flow as flow_metrics
 from konnectivity_fast.server.flow import FlowControl
 from konnectivity_fast.transport.call import GrpcCall
-from konnectivity_fast.tunnel.flow import INITIAL_WINDOW
+from konnectivity_fast.tunnel.flow import GRANT_DIVISOR, INITIAL_WINDOW
 from konnectivity_fast.wire.codec import decode_packet
 from konnectivity_fast.wire.packets import FlowCredit
 
@@ -83,8 +83,8 @@ def test_a_source_is_paused_once_per_spent_credit() -> None:
 
 def test_a_grant_is_asked_for_before_the_frontend_runs_dry() -> None:
     """The agent filled the window and the frontend holds all of it: the server asks to
-    hear back once the frontend's queue is down to three quarters of the window, and then
-    grants that quarter, while the frontend still has bytes to take."""
+    hear back once the frontend's queue is down to where a grant's worth is free, and then
+    grants it, while the frontend still has bytes to take."""
 
     async def main() -> None:
         flow = FlowControl()
@@ -95,11 +95,11 @@ def test_a_grant_is_asked_for_before_the_frontend_runs_dry() -> None:
         await asyncio.sleep(0)  # the grant decision at the end of the loop turn
         assert agent.sent == []  # nothing free yet
         [(level, callback)] = source.waits
-        assert level == INITIAL_WINDOW - INITIAL_WINDOW // 4
+        assert level == INITIAL_WINDOW - INITIAL_WINDOW // GRANT_DIVISOR
         source.backlog = level
         callback()
         await asyncio.sleep(0)
-        assert agent.credits() == [INITIAL_WINDOW // 4]
-        assert 0 < source.waits[-1][0] < level  # and the next quarter after that
+        assert agent.credits() == [INITIAL_WINDOW // GRANT_DIVISOR]
+        assert source.waits[-1][0] < level  # and the next grant after that
 
     asyncio.run(main())

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from konnectivity_fast.tunnel.flow import (
+    GRANT_DIVISOR,
     INITIAL_WINDOW,
     MAX_WINDOW,
     OVERSHOOT_LIMIT,
@@ -33,11 +34,13 @@ def test_send_credit_closes_at_zero_and_reopens_on_a_grant() -> None:
     assert not credit.add(5)  # already open: not a reopening
 
 
-def test_a_fresh_window_grants_nothing_until_a_quarter_is_used() -> None:
+def test_a_fresh_window_grants_nothing_until_a_grants_worth_is_used() -> None:
     window = ReceiveWindow(GrowthBudget())
     assert window.in_flight == INITIAL_WINDOW
-    window.receive(INITIAL_WINDOW // 4 - 1)
-    assert window.grant(buffered=INITIAL_WINDOW // 4 - 1, now=0.0) == 0
+    window.receive(INITIAL_WINDOW // GRANT_DIVISOR - 1)
+    assert window.grant(buffered=0, now=0.0) == 0
+    window.receive(1)
+    assert window.grant(buffered=0, now=0.0) == INITIAL_WINDOW // GRANT_DIVISOR
 
 
 def test_a_slow_consumer_gets_nothing_more_until_it_drains() -> None:
@@ -93,8 +96,8 @@ def test_a_window_bound_tunnel_grows_to_its_cap() -> None:
     """256 KiB per 2 ms tick, 8 ticks of credit round trip: 4 MiB in flight keep it busy.
     Its credit is always on its way back, so the receiver never sees the peer out of it;
     what tells the window is the limit is that it turns (the consumer takes all of it) in
-    less than TURN_TIME. Once grown, its grants come in quarter windows: about one credit
-    packet per MiB."""
+    less than TURN_TIME. Once grown, its grants come in half windows: about one credit
+    packet per 2 MiB."""
     window, delivered = _pipeline(rate=256 << 10, delay=4, ticks=400, tick=0.002)
     assert window.window == MAX_WINDOW
     late = delivered[200:]
@@ -109,7 +112,7 @@ def test_a_window_bound_tunnel_grows_to_its_cap() -> None:
             packets += 1
             credit.add(granted)
     assert window.window == MAX_WINDOW
-    assert packets <= 1.25 * window.received / MIB
+    assert packets <= 1.25 * window.received / (MAX_WINDOW // GRANT_DIVISOR)
 
 
 def test_a_slow_sender_keeps_the_initial_window() -> None:
@@ -149,16 +152,29 @@ def test_a_slow_consumer_halves_its_window_once_per_turn_time() -> None:
 
 
 def test_a_grant_is_due_at_the_drain_target() -> None:
-    """The consumer's backlog at ``drain_target`` frees a quarter window: the level the
-    adapters wait for, instead of an empty queue."""
+    """The consumer's backlog at ``drain_target`` frees a grant's worth of the window: the
+    level the adapters wait for, instead of an empty queue."""
     window = ReceiveWindow(GrowthBudget())
     window.receive(INITIAL_WINDOW)
     assert window.grant(buffered=INITIAL_WINDOW, now=0.0) == 0
     target = window.drain_target()
-    assert target == INITIAL_WINDOW - INITIAL_WINDOW // 4
+    assert target == INITIAL_WINDOW - INITIAL_WINDOW // GRANT_DIVISOR
     assert window.grant(buffered=target + 1, now=0.0) == 0
-    assert window.grant(buffered=target, now=0.0) == INITIAL_WINDOW // 4
-    assert window.drain_target() < target  # the next one once a quarter more is taken
+    assert window.grant(buffered=target, now=0.0) == INITIAL_WINDOW // GRANT_DIVISOR
+    next_target = window.drain_target()
+    assert next_target is not None and next_target < target  # once the rest is taken
+
+
+def test_no_drain_target_while_only_arrivals_can_make_a_grant_due() -> None:
+    """The peer holds more than the window less a grant in flight: even an empty queue
+    frees less than a grant, so nothing should watch the consumer (the DATA to come will
+    bring the next decision)."""
+    window = ReceiveWindow(GrowthBudget())
+    window.receive(INITIAL_WINDOW // GRANT_DIVISOR - 1)
+    assert window.grant(buffered=INITIAL_WINDOW // GRANT_DIVISOR - 1, now=0.0) == 0
+    assert window.drain_target() is None
+    window.receive(1)
+    assert window.drain_target() == 0
 
 
 def test_growth_stops_at_the_process_budget() -> None:
