@@ -54,8 +54,9 @@ INITIAL_WINDOW = 256 << 10
 #: the window, not quarters; the peer still has the other half to send while the grant
 #: travels (2 MiB at MAX_WINDOW: ~4 ms at 500 MB/s, against a credit round trip under 1 ms).
 GRANT_DIVISOR = 2
-#: Largest window of one connection: a bulk transfer at ~2 GB/s with a 2 ms credit round
-#: trip needs 4 MiB in flight; more only buys memory a stalled reader can hold.
+#: Largest window of one connection: when a grant is sent, its peer still has half of it
+#: (2 MiB, ``GRANT_DIVISOR``) to send, enough for ~1 GB/s across a 2 ms credit round trip;
+#: more only buys memory a stalled reader can hold.
 MAX_WINDOW = 4 << 20
 #: What a peer may send past its credit before it is in breach: the rest of the HTTP/2
 #: window of its own source (1 MiB) plus one gRPC message of the largest default size
