@@ -12,8 +12,9 @@ call it accepts, and the services that choose them by path (``MethodService``).
 - ``NullSink``: a refused call.
 
 Invariants:
-- A sink reports its call's end to the server once, after every message it received was
-  handed on (``ProxyServer._remove_frontend``/``_remove_backend`` are idempotent).
+- A call's end removes its frontend or agent once, after every message the call delivered
+  was handed on: a sink may report both the clean end and the close, and the server's
+  ``_remove_frontend``/``_remove_backend`` are idempotent.
 - A frontend's reading is paused only while its agent's call is behind
   (``CALL_SEND_HIGH_WATER``) or, with ``flow.v1``, while its credit is spent; it resumes
   when neither holds.
